@@ -1,0 +1,181 @@
+"""Engine configuration: frozen dataclasses, built once from EngineArgs and passed down explicitly.
+
+Every part of the engine reads its limits from here, so a limit checked at admission (for example
+`max_model_len`) is the same number the scheduler and the KV cache were sized with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype: unsupported value {name!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the executor needs to know about a checkpoint, read from its config.json.
+
+    Field names follow Hugging Face's config so a reader can map them one to one.
+    """
+
+    path: str
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    hf_config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @staticmethod
+    def from_pretrained(path: str, dtype: str = "auto", max_model_len: int | None = None,
+                        device: str = "cpu") -> "ModelConfig":
+        with open(os.path.join(path, "config.json")) as f:
+            cfg: dict[str, Any] = json.load(f)
+        from carpool.models.registry import resolve_architecture
+
+        architecture = resolve_architecture(cfg.get("architectures") or [])
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        # transformers >= 5 nests rope settings in `rope_parameters`; 4.x uses rope_theta + rope_scaling.
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_theta = float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = dict(rope_params)
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if rope_type == "default":
+                rope_scaling = None
+            else:
+                rope_scaling["rope_type"] = rope_type
+        max_pos = int(cfg.get("max_position_embeddings", 2048))
+        if cfg.get("mlp_bias"):
+            raise ValueError("model: checkpoints with mlp_bias=true are not supported")
+        # Attention here is full (no sliding window): cap the length where a window would start to bite.
+        window = cfg.get("sliding_window")
+        if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not cfg.get("use_sliding_window"):
+            window = None
+        if window:
+            if max_model_len is not None and max_model_len > window:
+                raise ValueError(f"max_model_len: {max_model_len} exceeds the model's sliding_window "
+                                 f"({window}), which carpool does not implement")
+            max_pos = min(max_pos, int(window))
+        if max_model_len is None:
+            max_model_len = max_pos
+        elif max_model_len < 1:
+            raise ValueError(f"max_model_len: must be >= 1, got {max_model_len}")
+        elif max_model_len > max_pos:
+            raise ValueError(
+                f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings ({max_pos})")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                gen_eos = json.load(f).get("eos_token_id")
+            if gen_eos is not None:
+                extra = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+                eos_ids = tuple(dict.fromkeys([*eos_ids, *extra]))
+        return ModelConfig(
+            path=path,
+            architecture=architecture,
+            dtype=_resolve_dtype(dtype, cfg, device),
+            max_model_len=int(max_model_len),
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", architecture == "Qwen2ForCausalLM")),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            bos_token_id=cfg.get("bos_token_id"),
+            hf_config=cfg,
+        )
+
+
+def _resolve_dtype(dtype: str, cfg: dict[str, Any], device: str) -> torch.dtype:
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    ckpt = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    resolved = parse_dtype(ckpt)
+    # Half precision matmuls on CPU are slow or missing; CPU serving runs in float32 unless asked.
+    if device == "cpu" and resolved != torch.float32:
+        return torch.float32
+    return resolved
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # exact override; otherwise sized from memory
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    max_num_queued_reqs: int | None = None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: str
+    kernel_backend: str  # "torch" | "triton"
+    seed: int = 0
+    enforce_eager: bool = False
+    tokenizer: str | None = None

@@ -1,0 +1,220 @@
+"""Scheduler: one token-budget rule for prefill, chunked prefill, decode and prefix hits.
+
+Each step gives every running request, oldest first, up to (num_tokens - num_computed_tokens) new
+tokens under `max_num_batched_tokens`; then admits waiting requests in arrival order while budget,
+`max_num_seqs` and KV blocks allow. A long prompt simply gets a chunk of the remaining budget.
+
+When blocks run out for a running request, the newest running request is preempted: its blocks are
+freed, its progress counter resets to 0 and it returns to the head of the waiting queue, keeping the
+tokens it generated; it is recomputed (prompt + outputs) when memory frees up. The oldest request is
+never preempted for a newer one, so every admitted request finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+
+from carpool.config import SchedulerConfig
+from carpool.core.kv_cache_manager import KVCacheManager, cdiv
+from carpool.core.sched_output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
+                                       NewRequestData, SchedulerOutput)
+from carpool.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Requests that the runner holds state for (scheduled at least once since last admitted).
+        self._in_runner: set[str] = set()
+        self._finished_req_ids: set[str] = set()
+        self.num_preemptions = 0  # total since start
+
+    # ---- admission -----------------------------------------------------------------------------
+    def check_request(self, request: Request) -> None:
+        """Refuse up front a request that could never run to completion (it would otherwise wait forever)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        max_len = self.config.max_model_len
+        total = request.num_prompt_tokens + request.max_tokens
+        if request.num_prompt_tokens > max_len:
+            raise ValueError(f"prompt: {request.num_prompt_tokens} tokens exceed max_model_len={max_len}")
+        if total > max_len:
+            raise ValueError(f"max_tokens: prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                             f"({request.max_tokens}) = {total} exceeds max_model_len={max_len}")
+        blocks_needed = cdiv(total, self.kv.block_size)
+        if blocks_needed > self.kv.num_blocks:
+            raise ValueError(f"max_tokens: the request needs {blocks_needed} KV blocks of "
+                             f"{self.kv.block_size} tokens but the cache has only {self.kv.num_blocks}")
+
+    def add_request(self, request: Request) -> None:
+        self.check_request(request)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached_reqs: list[CachedRequestData] = []
+        new_reqs: list[NewRequestData] = []
+        preempted_now = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new > 0, "a running request always has at least one token to compute"
+            new_block_ids = self.kv.allocate_slots(request, num_new)
+            while new_block_ids is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_now = True
+                if victim is request:
+                    break
+                new_block_ids = self.kv.allocate_slots(request, num_new)
+            if new_block_ids is None:
+                break
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            if request.request_id in self._in_runner:
+                cached_reqs.append(CachedRequestData(request.request_id, new_block_ids,
+                                                     request.num_computed_tokens))
+            else:
+                new_reqs.append(self._new_request_data(request))
+            i += 1
+
+        # Admit waiting requests only when nothing was preempted: memory is tight otherwise.
+        while (self.waiting and budget > 0 and not preempted_now
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if self.kv.allocate_slots(request, num_new, hit_blocks) is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(self._new_request_data(request))
+
+        for req_id in num_scheduled:
+            self._in_runner.add(req_id)
+        finished, self._finished_req_ids = self._finished_req_ids, set()
+        return SchedulerOutput(new_reqs=new_reqs, cached_reqs=cached_reqs,
+                               num_scheduled_tokens=num_scheduled,
+                               total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+                               finished_req_ids=finished)
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                              output_token_ids=list(request.output_token_ids),
+                              sampling_params=request.sampling_params,
+                              block_ids=self.kv.block_ids(request.request_id),
+                              num_computed_tokens=request.num_computed_tokens)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._forget_in_runner(request.request_id)
+        self.waiting.appendleft(request)
+
+    def _forget_in_runner(self, req_id: str) -> None:
+        if req_id in self._in_runner:
+            self._in_runner.discard(req_id)
+            self._finished_req_ids.add(req_id)
+
+    # ---- results -------------------------------------------------------------------------------
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advance progress counters, append sampled tokens, finish requests that hit a stop."""
+        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                request.num_computed_tokens += n
+        outputs: list[EngineCoreOutput] = []
+        for req_id, token, logprobs in zip(runner_output.req_ids, runner_output.sampled_token_ids,
+                                           runner_output.logprobs):
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.output_token_ids.append(token)
+            self._check_stop(request, token)
+            outputs.append(EngineCoreOutput(
+                request_id=req_id, new_token_ids=[token], new_logprobs=[logprobs],
+                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0)))
+            if request.status.finished:
+                self._remove(request)
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        params = request.sampling_params
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in params.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+            if token in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token
+                return
+        if num_out >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus,
+                        stop_reason: int | str | None = None) -> None:
+        """End requests from outside the step (abort, or a stop string found in the text)."""
+        assert status.finished
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            request.status = status
+            if stop_reason is not None:
+                request.stop_reason = stop_reason
+            self._remove(request)
+
+    def _remove(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        self.kv.free(request)
+        self._forget_in_runner(request.request_id)
+        del self.requests[request.request_id]
+
+    # ---- introspection -------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity(live_request_ids=[r.request_id for r in self.running])
+        for request in self.running:
+            held = len(self.kv.block_ids(request.request_id))
+            assert held * self.kv.block_size >= request.num_computed_tokens, (
+                f"{request.request_id} computed {request.num_computed_tokens} tokens in {held} blocks")

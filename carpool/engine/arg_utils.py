@@ -1,0 +1,131 @@
+"""EngineArgs: the user-facing knobs, one field per CLI flag (vLLM's names), turned into an EngineConfig.
+
+`LLM(model, **kwargs)` takes the same names in snake_case, so a flag and a keyword never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+
+from carpool.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from carpool.platform import default_device, kernel_backend_for
+from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    seed: int = 0
+    max_num_queued_reqs: int | None = None
+    kernel_backend: str | None = None  # "torch" | "triton"; default follows the device
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> "EngineArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def _validate(self) -> None:
+        positive = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+                    "block_size": self.block_size, "tensor_parallel_size": self.tensor_parallel_size}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes: must be >= 1, got {self.kv_cache_memory_bytes}")
+        if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 1:
+            raise ValueError(f"max_num_queued_reqs: must be >= 1, got {self.max_num_queued_reqs}")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device: must be 'cpu' or 'cuda', got {self.device!r}")
+
+    def create_engine_config(self) -> EngineConfig:
+        self._validate()
+        from carpool.demo import demo_model_path
+        from carpool.models.loader import resolve_model_path
+
+        device = self.device or default_device()
+        path = resolve_model_path(self.model) if self.model else demo_model_path()
+        model = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, device="cpu"
+                                            if device == "cpu" else "cuda")
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                              kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                              gpu_memory_utilization=self.gpu_memory_utilization,
+                              enable_prefix_caching=self.enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                                      max_num_batched_tokens=self.max_num_batched_tokens,
+                                      max_model_len=model.max_model_len,
+                                      max_num_queued_reqs=self.max_num_queued_reqs),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            device=device,
+            kernel_backend=self.kernel_backend or kernel_backend_for(device),
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
+            tokenizer=self.tokenizer,
+        )
+
+    # ---- CLI -----------------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, model_flag: bool = True) -> argparse.ArgumentParser:
+        g = parser.add_argument_group("engine")
+        if model_flag:
+            g.add_argument("--model", default=None,
+                           help="checkpoint directory or Hugging Face repo id (default: the built-in demo model)")
+        g.add_argument("--tokenizer", default=None, help="tokenizer directory or repo id (default: the model's)")
+        g.add_argument("--dtype", default="auto",
+                       choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
+                       help="weight and activation dtype; auto = the checkpoint's (float32 on CPU)")
+        g.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                       help="where to run (default: cuda if available, else cpu)")
+        g.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
+        g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step (default: 256)")
+        g.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                       help="token budget of one step; longer prompts are chunked (default: 8192)")
+        g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: 16)")
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
+        g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                       help=f"KV cache size in bytes (CPU default: {DEFAULT_CPU_KV_CACHE_BYTES // 2**20} MiB; "
+                            "GPU default: what gpu-memory-utilization leaves)")
+        g.add_argument("--num-kv-blocks", type=int, default=None,
+                       help="exact number of KV blocks (overrides the memory-based sizing)")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV blocks of shared prompt prefixes (default: on)")
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="number of GPUs (or CPU processes) to split the model over (default: 1)")
+        g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+        g.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling (default: 0)")
+        g.add_argument("--kernel-backend", default=None, choices=["torch", "triton"],
+                       help="kernels: torch reference or Triton (default: triton on GPU, torch on CPU)")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
+        values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+        return cls(**values)
+
+    def replace(self, **changes: object) -> "EngineArgs":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

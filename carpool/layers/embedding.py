@@ -1,0 +1,46 @@
+"""Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the vocabulary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from carpool.distributed import SINGLE, TPGroup
+from carpool.layers.linear import load_narrow, loaded_shape
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.shard_size = -(-vocab_size // tp.size)  # the last shard is padded with zero rows
+        self.vocab_start = tp.rank * self.shard_size
+        self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        rows = max(0, min(self.shard_size, loaded_shape(loaded)[0] - self.vocab_start))
+        if rows:
+            param.data[:rows].copy_(load_narrow(loaded, 0, self.vocab_start, rows))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mask = (local >= 0) & (local < self.shard_size)
+        out = nn.functional.embedding(local.clamp(0, self.shard_size - 1), self.weight)
+        out = out * mask.unsqueeze(-1).to(out.dtype)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """logits = h W^T over this rank's vocab slice, gathered across ranks and cut to the real vocab."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.linear(hidden, self.weight)
+        logits = self.tp.all_gather_last_dim(logits)
+        return logits[..., :self.vocab_size]

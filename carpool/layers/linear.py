@@ -1,0 +1,155 @@
+"""Linear layers that know how to load their own shard (Megatron-style tensor parallelism).
+
+Column-parallel layers split the output dimension across ranks and need no communication; row-parallel
+layers split the input dimension and all-reduce their partial sums. Each parameter carries a
+`weight_loader(param, loaded, shard_id=None)` that takes the checkpoint tensor (or a lazy safetensors
+slice) and copies in only this rank's part, so each rank reads only its slice from disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from carpool.distributed import SINGLE, TPGroup
+
+
+def load_narrow(loaded: Any, dim: int, start: int, length: int) -> torch.Tensor:
+    """`loaded[start:start+length]` along `dim`, for a tensor or a lazy safetensors slice."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, length)
+    index = [slice(None)] * len(loaded.get_shape())
+    index[dim] = slice(start, start + length)
+    return loaded[tuple(index)]
+
+
+def load_full(loaded: Any) -> torch.Tensor:
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+def loaded_shape(loaded: Any) -> list[int]:
+    return list(loaded.shape) if isinstance(loaded, torch.Tensor) else list(loaded.get_shape())
+
+
+def default_weight_loader(param: nn.Parameter, loaded: Any) -> None:
+    tensor = load_full(loaded)
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit parameter "
+                         f"of shape {tuple(param.shape)}")
+    param.data.copy_(tensor)
+
+
+def _set_loader(param: nn.Parameter, loader: Any) -> nn.Parameter:
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    return param
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(in_features, out_features, bias, dtype)
+        _set_loader(self.weight, default_weight_loader)
+        if self.bias is not None:
+            _set_loader(self.bias, default_weight_loader)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T with W's rows (outputs) split across ranks; each rank keeps its slice of y."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE) -> None:
+        if out_features % tp.size:
+            raise ValueError(f"output size {out_features} does not divide by tensor_parallel_size={tp.size}")
+        self.tp = tp
+        super().__init__(in_features, out_features // tp.size, bias, dtype)
+        _set_loader(self.weight, self.weight_loader)
+        if self.bias is not None:
+            _set_loader(self.bias, self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        size = param.shape[0]
+        param.data.copy_(load_narrow(loaded, 0, self.tp.rank * size, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate and up): checkpoint shard k goes to rows
+    [sum(sizes[:k]), sum(sizes[:k+1])) of this rank's slice."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE) -> None:
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias, dtype, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        assert isinstance(shard_id, int)
+        size = self.output_sizes[shard_id] // self.tp.size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp.size
+        param.data.narrow(0, offset, size).copy_(load_narrow(loaded, 0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul. Heads are split across ranks; when there are fewer KV heads
+    than ranks, each KV head is replicated on the ranks that share it."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE) -> None:
+        if num_heads % tp.size:
+            raise ValueError(f"num_attention_heads={num_heads} does not divide by "
+                             f"tensor_parallel_size={tp.size}")
+        if num_kv_heads % tp.size and tp.size % num_kv_heads:
+            raise ValueError(f"num_key_value_heads={num_kv_heads} and tensor_parallel_size={tp.size}: "
+                             "one must divide the other")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.kv_replicas = max(1, tp.size // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
+        super().__init__(hidden_size, out, bias, dtype, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, start = 0, q_size, self.tp.rank * q_size
+        elif shard_id in ("k", "v"):
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, start = kv_size, (self.tp.rank // self.kv_replicas) * kv_size
+        else:
+            raise ValueError(f"unknown qkv shard {shard_id!r}")
+        param.data.narrow(0, offset, size).copy_(load_narrow(loaded, 0, start, size))
+
+
+class RowParallelLinear(LinearBase):
+    """y = x W^T with W's columns (inputs) split across ranks; partial sums are all-reduced. The bias is
+    added once, after the reduction."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE) -> None:
+        if in_features % tp.size:
+            raise ValueError(f"input size {in_features} does not divide by tensor_parallel_size={tp.size}")
+        self.tp = tp
+        super().__init__(in_features // tp.size, out_features, bias, dtype)
+        _set_loader(self.weight, self.weight_loader)
+        if self.bias is not None:
+            _set_loader(self.bias, default_weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        size = param.shape[1]
+        param.data.copy_(load_narrow(loaded, 1, self.tp.rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight)
+        y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,135 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a packed batch and a paged KV cache.
+
+Read top to bottom: embedding -> N x (RMSNorm, attention with RoPE, RMSNorm, gated MLP) -> RMSNorm ->
+LM head. Differences between the families are flags read from the config: Qwen2 has q/k/v biases;
+Qwen3 (qwen3.py) adds a per-head RMSNorm on q and k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from carpool.config import ModelConfig
+from carpool.distributed import SINGLE, TPGroup
+from carpool.forward_batch import ForwardBatch
+from carpool.layers.activation import SiluAndMul
+from carpool.layers.attention import Attention
+from carpool.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from carpool.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from carpool.layers.norm import RMSNorm
+from carpool.layers.rotary import RotaryEmbedding
+from carpool.ops import KernelOps
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
+        super().__init__()
+        dtype = config.dtype
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.attention_bias,
+                                          dtype=dtype, tp=tp)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
+        o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
+        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
+                                        bias=o_bias, dtype=dtype, tp=tp)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                          config.rope_theta, config.rope_scaling, ops)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ops)
+
+    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k  # Llama/Mistral/Qwen2 have none; Qwen3 overrides
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.qk_norm(q, k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, batch)
+        return self.o_proj(out.view(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       dtype=config.dtype, tp=tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
+                                           dtype=config.dtype, tp=tp)
+        self.act_fn = SiluAndMul(ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
+    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
+        super().__init__()
+        self.self_attn = self.attention_cls(config, ops, tp)
+        self.mlp = LlamaMLP(config, ops, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup,
+                 layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype, tp)
+        self.layers = nn.ModuleList([layer_cls(config, ops, tp) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our fused parameter, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
+    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, ops, tp, self.layer_cls)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype, tp)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]

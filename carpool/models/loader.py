@@ -1,0 +1,105 @@
+"""Load a Hugging Face checkpoint into a carpool model, tensor by tensor.
+
+Each checkpoint tensor is read lazily from its safetensors file and handed to the parameter's own
+`weight_loader`, which copies in only this rank's part: no second full copy of the model is ever held
+in memory, and a tensor-parallel rank reads only its slices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from carpool.config import ModelConfig
+from carpool.distributed import SINGLE, TPGroup
+from carpool.layers.linear import default_weight_loader
+from carpool.models.registry import get_model_class
+from carpool.ops import KernelOps
+
+logger = logging.getLogger(__name__)
+
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as is; anything else is a Hugging Face repo id, fetched (or found in the
+    local hub cache) with huggingface_hub."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"model: {model!r} is a file, not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                        "*.jinja", "tokenizer*"])
+    except Exception as e:  # network down, unknown repo, gated model...
+        raise ValueError(f"model: {model!r} is not a local directory and could not be fetched from the "
+                         f"Hugging Face Hub ({type(e).__name__}: {e})") from e
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names = sorted(n for n in os.listdir(path)
+                       if n.endswith(".safetensors") and not n.startswith("consolidated"))
+    if not names:
+        raise ValueError(f"model: no *.safetensors weights found in {path}")
+    return [os.path.join(path, n) for n in names]
+
+
+def load_model(config: ModelConfig, ops: KernelOps, device: torch.device | str,
+               tp: TPGroup = SINGLE) -> nn.Module:
+    cls = get_model_class(config.architecture)
+    with torch.device(device):
+        model = cls(config, ops, tp)
+    load_weights(model, config.path)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    mapping: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    loaded: set[str] = set()
+    files = checkpoint_files(path)
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    with tqdm(total=total_bytes, desc="Loading weights", unit="B", unit_scale=True,
+              disable=total_bytes < (1 << 30)) as progress:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                        continue
+                    target, shard_id = name, None
+                    for ckpt_part, (ours, shard) in mapping.items():
+                        if f".{ckpt_part}." in name:
+                            target, shard_id = name.replace(ckpt_part, ours), shard
+                            break
+                    param = params.get(target)
+                    if param is None:
+                        raise ValueError(f"checkpoint tensor {name!r} matches no parameter of "
+                                         f"{type(model).__name__}")
+                    loader = getattr(param, "weight_loader", None)
+                    sl = f.get_slice(name)
+                    if shard_id is not None:
+                        loader(param, sl, shard_id)
+                    elif loader is not None:
+                        loader(param, sl)
+                    else:
+                        default_weight_loader(param, sl)
+                    loaded.add(target)
+            progress.update(os.path.getsize(file))
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint at {path} lacks weights for: {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))

@@ -1,0 +1,29 @@
+"""Qwen3: the Llama decoder plus a per-head RMSNorm on q and k before RoPE (and no qkv bias)."""
+
+from __future__ import annotations
+
+import torch
+
+from carpool.config import ModelConfig
+from carpool.distributed import TPGroup
+from carpool.layers.norm import RMSNorm
+from carpool.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from carpool.ops import KernelOps
+
+
+class Qwen3Attention(LlamaAttention):
+    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
+        super().__init__(config, ops, tp)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, config.dtype)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, config.dtype)
+
+    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_norm(q), self.k_norm(k)
+
+
+class Qwen3DecoderLayer(LlamaDecoderLayer):
+    attention_cls = Qwen3Attention
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    layer_cls = Qwen3DecoderLayer

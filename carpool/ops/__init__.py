@@ -1,0 +1,32 @@
+"""Kernel backends: one set of op signatures, two implementations (torch_ref and triton).
+
+The model is built with a `KernelOps` and calls only these functions, so switching backend changes
+kernels and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    name: str
+    paged_attention: Callable
+    rms_norm: Callable
+    fused_add_rms_norm: Callable
+    silu_and_mul: Callable
+    rotary_embedding: Callable
+
+
+def get_kernel_ops(name: str) -> KernelOps:
+    if name == "torch":
+        from carpool.ops import torch_ref as impl
+    elif name == "triton":
+        from carpool.ops import triton as impl  # type: ignore[no-redef]
+    else:
+        raise ValueError(f"kernel backend: unknown {name!r}; choose 'torch' or 'triton'")
+    return KernelOps(name=name, paged_attention=impl.paged_attention, rms_norm=impl.rms_norm,
+                     fused_add_rms_norm=impl.fused_add_rms_norm, silu_and_mul=impl.silu_and_mul,
+                     rotary_embedding=impl.rotary_embedding)

@@ -1,0 +1,46 @@
+"""Executors run the model runner: in this process, or (tensor parallel) one process per rank.
+
+The engine talks only to this interface, so adding ranks changes nothing above it.
+"""
+
+from __future__ import annotations
+
+from carpool.config import EngineConfig
+from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from carpool.worker.model_runner import ModelRunner
+
+
+class Executor:
+    def determine_num_blocks(self) -> int:
+        raise NotImplementedError
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        raise NotImplementedError
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass
+
+
+class UniProcExecutor(Executor):
+    """The whole model in this process, on one device."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.runner = ModelRunner(config)
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(scheduler_output)
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    if config.parallel.tensor_parallel_size > 1:
+        raise ValueError("tensor_parallel_size: only 1 is supported so far")
+    return UniProcExecutor(config)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from checkpoints import build_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests build the demo model into a private cache, never the user's."""
+    os.environ.setdefault("CARPOOL_CACHE_DIR", str(tmp_path_factory.mktemp("carpool-cache")))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
+    made: dict[tuple, str] = {}
+
+    def make(arch: str, **overrides) -> str:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            made[key] = build_checkpoint(str(tmp_path_factory.mktemp(f"ckpt-{arch}")), arch, **overrides)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_path(checkpoint_factory) -> str:
+    return checkpoint_factory("llama")
