@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -46,3 +47,33 @@ def allocate_kv_cache(layers: list[Attention], num_blocks: int, block_size: int,
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
                 cache.numel() * cache.element_size() / 2**20)
     return cache
+
+
+CUDA_GRAPH_RESERVE_BYTES = 512 << 20  # graph pools and allocator slack, kept out of the KV budget
+
+
+def gpu_num_blocks(cache: CacheConfig, per_block: int, device: torch.device,
+                   profile_run: Callable[[], None]) -> int:
+    """KV blocks for a GPU: an explicit count or byte budget if given; otherwise what is left of
+    gpu_memory_utilization x total memory after the weights and the peak activations of a profiled
+    forward at the largest step."""
+    if cache.num_kv_blocks is not None:
+        return cache.num_kv_blocks
+    if cache.kv_cache_memory_bytes is not None:
+        return num_blocks_for_budget(cache.kv_cache_memory_bytes, per_block)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    profile_run()
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    # Memory held outside this process's torch allocator (other processes, CUDA context, NCCL).
+    non_torch = (total - free) - torch.cuda.memory_reserved(device)
+    budget = int(total * cache.gpu_memory_utilization) - peak - non_torch - CUDA_GRAPH_RESERVE_BYTES
+    torch.cuda.empty_cache()
+    logger.info("GPU memory: total %.1f GiB, peak torch %.2f GiB, other %.2f GiB -> KV budget %.2f GiB",
+                total / 2**30, peak / 2**30, non_torch / 2**30, budget / 2**30)
+    if budget < per_block:
+        raise ValueError(f"gpu_memory_utilization: {cache.gpu_memory_utilization} leaves no room for the KV "
+                         f"cache (weights and activations peak at {peak / 2**30:.2f} GiB of "
+                         f"{total / 2**30:.1f} GiB); raise it or lower max_num_batched_tokens")
+    return num_blocks_for_budget(budget, per_block)
