@@ -179,3 +179,4 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     tokenizer: str | None = None
+    load_format: str = "auto"  # "auto": safetensors from the checkpoint; "dummy": random weights (benchmarks)

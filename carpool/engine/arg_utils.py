@@ -33,6 +33,7 @@ class EngineArgs:
     seed: int = 0
     max_num_queued_reqs: int | None = None
     kernel_backend: str | None = None  # "torch" | "triton"; default follows the device
+    load_format: str = "auto"
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "EngineArgs":
@@ -56,6 +57,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_memory_bytes: must be >= 1, got {self.kv_cache_memory_bytes}")
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 1:
             raise ValueError(f"max_num_queued_reqs: must be >= 1, got {self.max_num_queued_reqs}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device: must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -84,6 +87,7 @@ class EngineArgs:
             seed=self.seed,
             enforce_eager=self.enforce_eager,
             tokenizer=self.tokenizer,
+            load_format=self.load_format,
         )
 
     # ---- CLI -----------------------------------------------------------------------------------
@@ -120,6 +124,9 @@ class EngineArgs:
         g.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling (default: 0)")
         g.add_argument("--kernel-backend", default=None, choices=["torch", "triton"],
                        help="kernels: torch reference or Triton (default: triton on GPU, torch on CPU)")
+        g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                       help="auto: load the checkpoint's safetensors; dummy: random weights from config.json "
+                            "only (for benchmarks)")
         return parser
 
     @classmethod

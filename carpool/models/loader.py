@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 
 import torch
 from safetensors import safe_open
@@ -58,12 +59,27 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def load_model(config: ModelConfig, ops: KernelOps, device: torch.device | str,
-               tp: TPGroup = SINGLE) -> nn.Module:
+               tp: TPGroup = SINGLE, load_format: str = "auto") -> nn.Module:
     cls = get_model_class(config.architecture)
     with torch.device(device):
         model = cls(config, ops, tp)
-    load_weights(model, config.path)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, config.path)
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights where no checkpoint is needed (benchmarks of a model shape): norms at 1, the rest
+    normal(0, std). Drawn on the parameters' own device, so an 8B model takes seconds, not a disk write."""
+    for name, param in model.named_parameters():
+        gen = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std, generator=gen)
 
 
 def load_weights(model: nn.Module, path: str) -> None:

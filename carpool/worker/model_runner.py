@@ -9,6 +9,7 @@ replay CUDA graphs; every other step runs eagerly.
 from __future__ import annotations
 
 import logging
+import time
 from typing import cast
 
 import numpy as np
@@ -37,7 +38,7 @@ class ModelRunner:
         self.device = torch.device(device or config.device)
         self.block_size = config.cache.block_size
         self.ops = get_kernel_ops(config.kernel_backend)
-        self.model = load_model(config.model, self.ops, self.device, tp)
+        self.model = load_model(config.model, self.ops, self.device, tp, config.load_format)
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
         self.input_batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len,
@@ -45,6 +46,9 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.graph_runner: CUDAGraphRunner | None = None
+        # Opt-in step timings for benchmarks: (seconds blocked waiting for the device, device seconds).
+        self.collect_timings = False
+        self.timings: list[tuple[float, float]] = []
 
     # ---- KV memory -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -180,11 +184,21 @@ class ModelRunner:
         req_ids = list(so.num_scheduled_tokens)
         counts = list(so.num_scheduled_tokens.values())
         inputs = self.input_batch.prepare(req_ids, counts)
+        timed = self.collect_timings and self.device.type == "cuda"
+        if timed:
+            start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_ev.record()
         logits = self._forward(inputs)
         sampled: list[int] = []
         logprobs: list = []
         if logits is not None:
             tokens, logprobs = self.sampler(logits, self._sampling_metadata(inputs.sample_rows))
+        if timed:
+            end_ev.record()
+            wait_start = time.perf_counter()
+            end_ev.synchronize()
+            self.timings.append((time.perf_counter() - wait_start, start_ev.elapsed_time(end_ev) / 1e3))
+        if logits is not None:
             sampled = tokens.tolist()
         self.input_batch.advance(inputs.rows, counts, inputs.sample_rows, sampled)
         ids = self.input_batch.req_ids

@@ -1,0 +1,111 @@
+"""Batch-1 decode latency: ms per output token against the weight-bandwidth limit (weight bytes / B,
+B measured in the same run), with HF transformers `generate` side by side.
+
+Default: the Llama-3-8B shape with random bf16 weights (--load-format dummy: no 16 GB checkpoint on
+disk), a 128-token prompt and 256 generated tokens. Prints one JSON object (and writes it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (SHAPES, ModelArithmetic, device_name, emit, measure_copy_bandwidth,  # noqa: E402
+                    write_config)
+
+
+def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
+                engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    from carpool import LLM, SamplingParams
+
+    llm = LLM(model, **engine_kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
+    per_token, ttft = [], []
+    for _ in range(repeats):
+        llm.reset_prefix_cache()
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        m = out.metrics
+        assert len(out.outputs[0].token_ids) == new_tokens
+        per_token.append((m.finished_time - m.first_token_time) / (new_tokens - 1))
+        ttft.append(m.time_to_first_token)
+    return {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
+            "repeats": repeats}
+
+
+def run_hf(model: str, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([prompt], device="cuda")
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed(4)  # warm-up
+    full, one = timed(new_tokens), timed(1)
+    del hf
+    torch.cuda.empty_cache()
+    return {"ms_per_token": 1e3 * (full - one) / (new_tokens - 1), "seconds_total": full}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: random weights of --shape)")
+    ap.add_argument("--checkpoint-dir", default="/tmp/carpool-bench")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    random.seed(0)
+    prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
+    dummy = args.model is None
+    model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
+    engine_kwargs: dict[str, Any] = dict(max_num_seqs=8, max_model_len=args.prompt_len + args.new_tokens + 16,
+                                         enforce_eager=args.enforce_eager,
+                                         tensor_parallel_size=args.tensor_parallel_size)
+    if dummy:
+        engine_kwargs["load_format"] = "dummy"
+    bandwidth = measure_copy_bandwidth()
+    result: dict[str, Any] = {"benchmark": "latency/batch1", "device": device_name(),
+                              "model": args.model or f"{args.shape} (random bf16 weights)",
+                              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                              "tensor_parallel_size": args.tensor_parallel_size,
+                              "copy_bandwidth_bytes_per_s": bandwidth}
+    result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs)
+    result["ms_per_token"] = result["carpool"]["ms_per_token"]
+    if dummy:
+        weight_bytes = ModelArithmetic.of(args.shape).weight_bytes
+        # with TP each GPU reads its share of the weights, in parallel, at its own bandwidth
+        result["roofline_ms_per_token"] = 1e3 * weight_bytes / (bandwidth * args.tensor_parallel_size)
+        result["roofline_ratio"] = result["ms_per_token"] / result["roofline_ms_per_token"]
+    if args.hf:
+        result["hf"] = run_hf(model, prompt, args.new_tokens)
+        result["hf_ms_per_token"] = result["hf"]["ms_per_token"]
+        result["speedup_vs_hf"] = result["hf_ms_per_token"] / result["ms_per_token"]
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Offline throughput, reported against the roofline measured in the same run and against HF
+transformers side by side.
+
+Workloads:
+- random (nano-vllm's bench.py): random.seed(0); 256 prompts of randint(0, 10000) token ids with lengths
+  randint(100, 1024); then 256 output lengths randint(100, 1024) as max_tokens, ignore_eos, temperature 0.6.
+- shared-prefix: 256 requests = one 2,000-token system prefix + distinct 50-300-token suffixes, 128 output
+  tokens each, run with prefix caching on and then off.
+
+Roofline time = (sum over requests of K/V bytes read by all its decode steps + weight bytes x number of
+decode steps) / B + (prefill FLOPs + decode FLOPs) / F, with B the measured copy bandwidth and F the
+measured bf16 matmul rate. Prints one JSON object (and writes it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (ModelArithmetic, device_name, emit, measure_copy_bandwidth,  # noqa: E402
+                    measure_matmul_flops, write_random_checkpoint)
+
+
+def random_workload(num_prompts: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    random.seed(seed)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(num_prompts)]
+    out_lens = [random.randint(100, 1024) for _ in range(num_prompts)]
+    return prompts, out_lens
+
+
+def shared_prefix_workload(num_prompts: int = 256, prefix_len: int = 2000, seed: int = 0,
+                           vocab: int = 10000) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prefix = [rng.randint(0, vocab - 1) for _ in range(prefix_len)]
+    prompts = [prefix + [rng.randint(0, vocab - 1) for _ in range(rng.randint(50, 300))] for _ in range(num_prompts)]
+    return prompts, [128] * num_prompts
+
+
+def roofline(shape: str, prompts: list[list[int]], out_lens: list[int], bandwidth: float, flops: float,
+             max_num_seqs: int, cached_prefix: int = 0) -> dict[str, float]:
+    """Lower bound on the run time: the bytes every step must move and the FLOPs it must do."""
+    m = ModelArithmetic.of(shape)
+    kv_bytes = 0
+    prefill_flops = 0
+    decode_flops = 0
+    for prompt, out in zip(prompts, out_lens):
+        p = len(prompt)
+        new = p - cached_prefix
+        # prefill: every new prompt token through the layers; attention over keys 1..p; one LM head row
+        prefill_flops += new * m.linear_flops_per_token + m.lm_head_flops
+        prefill_flops += m.attn_flops_per_key * (p * (p + 1) // 2 - cached_prefix * (cached_prefix + 1) // 2)
+        # decode step i (1..out-1) computes 1 token attending p + i keys and reads their K/V
+        steps = out - 1
+        keys = steps * p + steps * (steps + 1) // 2
+        kv_bytes += keys * m.kv_bytes_per_token
+        decode_flops += steps * (m.linear_flops_per_token + m.lm_head_flops) + keys * m.attn_flops_per_key
+    # decode steps when every request decodes in the same step (up to max_num_seqs at a time)
+    order = sorted(out_lens, reverse=True)
+    decode_steps = sum(order[i] - 1 for i in range(0, len(order), max_num_seqs))
+    seconds = (kv_bytes + m.weight_bytes * decode_steps) / bandwidth + (prefill_flops + decode_flops) / flops
+    return {"roofline_seconds": seconds, "kv_bytes": kv_bytes, "weight_bytes": m.weight_bytes,
+            "decode_steps": decode_steps, "prefill_flops": prefill_flops, "decode_flops": decode_flops}
+
+
+def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], temperature: float,
+                engine_kwargs: dict[str, Any], warm_prefix_runs: int = 0) -> dict[str, Any]:
+    from carpool import LLM, SamplingParams
+
+    llm = LLM(model, **engine_kwargs)
+    engine = llm.engine
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    runner = getattr(engine.executor, "runner", None)
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, detokenize=False)
+              for n in out_lens]
+    from carpool.sampling_params import RequestOutputKind
+
+    for p in params:
+        p.output_kind = RequestOutputKind.FINAL_ONLY
+    if runner is not None:
+        runner.collect_timings = True
+        runner.timings.clear()
+    step_walls: list[tuple[float, int, bool]] = []
+    finished = []
+    start = time.perf_counter()
+    for prompt, p in zip(prompts, params):
+        engine.add_request(None, {"prompt_token_ids": prompt}, p)
+    while engine.has_unfinished_requests():
+        so_decode = engine.scheduler.num_waiting == 0
+        t0 = time.perf_counter()
+        outs = engine.step()
+        step_walls.append((time.perf_counter() - t0, engine.scheduler.num_running, so_decode))
+        finished.extend(o for o in outs if o.finished)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(c.token_ids) for o in finished for c in o.outputs)
+    result: dict[str, Any] = {"seconds": elapsed, "output_tokens": out_tokens, "tokens_per_s": out_tokens / elapsed,
+                              "num_steps": len(step_walls), "num_preemptions": engine.stats().num_preemptions,
+                              "num_kv_blocks": engine.stats().num_kv_blocks,
+                              "mean_ttft_s": statistics.mean(o.metrics.time_to_first_token for o in finished),
+                              "prefix_cache_hits": engine.stats().prefix_cache_hits}
+    if runner is not None and runner.timings and len(runner.timings) == len(step_walls):
+        # host time of a step = wall time minus the time spent blocked waiting for the device
+        decode = [(w, wait, gpu) for (w, _, dec), (wait, gpu) in zip(step_walls, runner.timings) if dec]
+        if decode:
+            result["host_ms_per_step"] = 1e3 * statistics.mean(w - wait for w, wait, _ in decode)
+            result["gpu_ms_per_step"] = 1e3 * statistics.mean(gpu for _, _, gpu in decode)
+            result["host_over_gpu"] = result["host_ms_per_step"] / result["gpu_ms_per_step"]
+    return result
+
+
+def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperature: float) -> dict[str, Any]:
+    """HF transformers continuous batching (paged attention over SDPA), per-request max_new_tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="paged|sdpa",
+                                              device_map="cuda")
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max(out_lens),
+                           eos_token_id=-1, pad_token_id=0)
+    start = time.perf_counter()
+    out_tokens = 0
+    with hf.continuous_batching_context_manager(generation_config=gen, block=True, timeout=60) as manager:
+        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, out_lens)]
+        done = 0
+        while done < len(ids):
+            r = manager.get_result(timeout=5)
+            if r is None:
+                if not manager.is_running():
+                    raise RuntimeError("HF continuous batching stopped early")
+                continue
+            if r.is_finished():
+                done += 1
+                out_tokens += len(r.generated_tokens)
+    elapsed = time.perf_counter() - start
+    del hf
+    torch.cuda.empty_cache()
+    return {"seconds": elapsed, "output_tokens": out_tokens, "tokens_per_s": out_tokens / elapsed,
+            "attn_implementation": "paged|sdpa"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["random", "shared-prefix"], default="random")
+    ap.add_argument("--model", default=None, help="checkpoint dir; default: a random checkpoint of --shape")
+    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--checkpoint-dir", default="/tmp/carpool-bench")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--prefix-len", type=int, default=2000)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--hf", action="store_true", help="also run HF transformers on the same workload")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    model = args.model or write_random_checkpoint(os.path.join(args.checkpoint_dir, args.shape), args.shape)
+    if args.model is None and not on_gpu:
+        raise SystemExit("on CPU pass --model (e.g. the demo model path)")
+    engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                         enforce_eager=args.enforce_eager)
+    if args.device:
+        engine_kwargs["device"] = args.device
+    result: dict[str, Any] = {"benchmark": f"throughput/{args.workload}", "device": device_name(),
+                              "model": args.model or f"{args.shape} (random bf16 weights)",
+                              "num_prompts": args.num_prompts, "engine_args": engine_kwargs}
+    if on_gpu:
+        result["copy_bandwidth_bytes_per_s"] = bandwidth = measure_copy_bandwidth()
+        result["bf16_matmul_flops"] = flops = measure_matmul_flops()
+    import json
+
+    with open(os.path.join(model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    if args.workload == "random":
+        prompts, out_lens = random_workload(args.num_prompts)
+        if vocab <= 10000:  # small models (the CPU demo): fold ids into the vocabulary
+            prompts = [[t % vocab for t in p] for p in prompts]
+        result["total_output_tokens"] = sum(out_lens)
+        result["carpool"] = run_carpool(model, prompts, out_lens, args.temperature, engine_kwargs)
+        result["tokens_per_s"] = result["carpool"]["tokens_per_s"]
+        for key in ("host_ms_per_step", "gpu_ms_per_step"):
+            if key in result["carpool"]:
+                result[key] = result["carpool"][key]
+        if on_gpu and args.model is None:
+            rl = roofline(args.shape, prompts, out_lens, bandwidth, flops, args.max_num_seqs)
+            result["roofline"] = rl
+            result["roofline_tokens_per_s"] = sum(out_lens) / rl["roofline_seconds"]
+            result["roofline_ratio"] = result["tokens_per_s"] / result["roofline_tokens_per_s"]
+        if args.hf:
+            result["hf"] = run_hf(model, prompts, out_lens, args.temperature)
+            result["hf_tokens_per_s"] = result["hf"]["tokens_per_s"]
+            result["speedup_vs_hf"] = result["tokens_per_s"] / result["hf_tokens_per_s"]
+    else:
+        prompts, out_lens = shared_prefix_workload(args.num_prompts, args.prefix_len, vocab=min(vocab, 10000))
+        on = run_carpool(model, prompts, out_lens, args.temperature, {**engine_kwargs, "enable_prefix_caching": True})
+        off = run_carpool(model, prompts, out_lens, args.temperature, {**engine_kwargs, "enable_prefix_caching": False})
+        result.update({"prefix_len": args.prefix_len, "caching_on": on, "caching_off": off,
+                       "tokens_per_s": on["tokens_per_s"], "speedup": on["tokens_per_s"] / off["tokens_per_s"],
+                       "ttft_ratio_off_over_on": off["mean_ttft_s"] / on["mean_ttft_s"]})
+        if on_gpu and args.model is None:
+            best = roofline(args.shape, prompts, out_lens, bandwidth, flops, args.max_num_seqs,
+                            cached_prefix=args.prefix_len // 16 * 16)
+            result["roofline_tokens_per_s"] = sum(out_lens) / best["roofline_seconds"]
+            result["roofline_ratio"] = on["tokens_per_s"] / result["roofline_tokens_per_s"]
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

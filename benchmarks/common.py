@@ -1,0 +1,162 @@
+"""Shared pieces of the benchmarks: model shapes, random checkpoints, the two hardware ceilings measured
+in the same run (copy bandwidth, bf16 matmul rate), and the roofline arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Shapes named in the issues (random weights: only the arithmetic and the bytes matter).
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
+                       hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0),
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+                      hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
+    "qwen3-14b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
+                      hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                      max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0),
+}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def write_config(path: str, shape: str, dtype: str = "bfloat16") -> str:
+    os.makedirs(path, exist_ok=True)
+    cfg = {**SHAPES[shape], "torch_dtype": dtype, "bos_token_id": 0, "eos_token_id": 1}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path
+
+
+def write_random_checkpoint(path: str, shape: str, seed: int = 0, std: float = 0.02) -> str:
+    """A real safetensors checkpoint with Hugging Face names and random bf16 weights, drawn on the GPU
+    when there is one (fast) and saved to disk, so the engine loads it through its real loader."""
+    from safetensors.torch import save_file
+
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    write_config(path, shape)
+    cfg = SHAPES[shape]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def rnd(*shape_: int) -> torch.Tensor:
+        return (torch.randn(*shape_, generator=gen, device=dev) * std).to(torch.bfloat16).cpu()
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.bfloat16)
+
+    sd = {"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": ones(h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.q_proj.weight": rnd(nh * hd, h), p + "self_attn.k_proj.weight": rnd(nkv * hd, h),
+                   p + "self_attn.v_proj.weight": rnd(nkv * hd, h), p + "self_attn.o_proj.weight": rnd(h, nh * hd),
+                   p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
+                   p + "mlp.down_proj.weight": rnd(h, inter), p + "input_layernorm.weight": ones(h),
+                   p + "post_attention_layernorm.weight": ones(h)})
+        if cfg["model_type"] == "qwen3":
+            sd[p + "self_attn.q_norm.weight"] = ones(hd)
+            sd[p + "self_attn.k_norm.weight"] = ones(hd)
+    if not cfg["tie_word_embeddings"]:
+        sd["lm_head.weight"] = rnd(v, h)
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@dataclass
+class ModelArithmetic:
+    """Bytes and FLOPs of one model shape, from its config."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    linear_flops_per_token: int  # all decoder-layer matmuls, per token
+    lm_head_flops: int  # per sampled token
+    attn_flops_per_key: int  # per (query token, key) pair: QK^T and PV
+
+    @staticmethod
+    def of(shape: str, dtype_bytes: int = 2) -> "ModelArithmetic":
+        c = SHAPES[shape]
+        h, inter, v, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+        hd, nh, nkv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
+        layer_params = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * inter
+        embed = v * h
+        head = 0 if c["tie_word_embeddings"] else v * h
+        # a decode step reads every layer, the LM head (the embedding too when tied), not the lookup table
+        weight_params = L * layer_params + (embed if c["tie_word_embeddings"] else head)
+        return ModelArithmetic(weight_bytes=weight_params * dtype_bytes,
+                               kv_bytes_per_token=2 * L * nkv * hd * dtype_bytes,
+                               linear_flops_per_token=2 * L * layer_params, lm_head_flops=2 * v * h,
+                               attn_flops_per_key=4 * L * nh * hd)
+
+
+def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 32) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return nbytes / times[len(times) // 2]
+
+
+def measure_matmul_flops(device: str = "cuda", n: int = 8192) -> float:
+    """bf16 matmul n^3 on random data, FLOP/s (median of 10 after warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * n ** 3 / times[len(times) // 2]
+
+
+def emit(result: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
