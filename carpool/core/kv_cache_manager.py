@@ -85,8 +85,16 @@ class KVCacheManager:
         """Make room for `num_new_tokens` beyond what is computed (plus any cache-hit blocks being
         adopted now). Returns the ids of freshly allocated blocks, or None if memory is short, in
         which case nothing changed."""
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks is not None and not new_computed_blocks:
+            # Hot path (a decode): the tokens still fit in the blocks held; nothing new becomes full.
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(blocks) * self.block_size and (
+                    not self.enable_caching
+                    or total // self.block_size <= self.num_hashed_blocks[request.request_id]):
+                return []
         new_computed_blocks = new_computed_blocks or []
-        blocks = self.req_blocks.get(request.request_id, [])
+        blocks = blocks if blocks is not None else []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_needed = cdiv(total, self.block_size) - len(blocks) - len(new_computed_blocks)

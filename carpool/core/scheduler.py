@@ -142,39 +142,46 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Advance progress counters, append sampled tokens, finish requests that hit a stop."""
+        running = RequestStatus.RUNNING
+        requests = self.requests
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests.get(req_id)
-            if request is not None and request.status == RequestStatus.RUNNING:
+            request = requests.get(req_id)
+            if request is not None and request.status is running:
                 request.num_computed_tokens += n
         outputs: list[EngineCoreOutput] = []
+        finished: list[Request] = []
         for req_id, token, logprobs in zip(runner_output.req_ids, runner_output.sampled_token_ids,
                                            runner_output.logprobs):
-            request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(req_id)
+            if request is None or request.status is not running:
                 continue  # aborted while the step ran
             request.output_token_ids.append(token)
-            self._check_stop(request, token)
+            reason = self._check_stop(request, token)
             outputs.append(EngineCoreOutput(
-                request_id=req_id, new_token_ids=[token], new_logprobs=[logprobs],
-                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-                num_cached_tokens=max(request.num_cached_tokens, 0)))
-            if request.status.finished:
-                self._remove(request)
+                request_id=req_id, new_token_ids=[token], new_logprobs=[logprobs], finish_reason=reason,
+                stop_reason=request.stop_reason, num_cached_tokens=max(request.num_cached_tokens, 0)))
+            if reason is not None:
+                finished.append(request)
+        for request in finished:
+            self._remove(request)
         return outputs
 
-    def _check_stop(self, request: Request, token: int) -> None:
+    def _check_stop(self, request: Request, token: int) -> str | None:
+        """Set the finished status if this token ends the request; returns the finish reason."""
         params = request.sampling_params
         num_out = len(request.output_token_ids)
         if num_out >= params.min_tokens:
             if not params.ignore_eos and token in params.eos_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
-                return
+                return "stop"
             if token in params.stop_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token
-                return
+                return "stop"
         if num_out >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
+            return "length"
+        return None
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus,
                         stop_reason: int | str | None = None) -> None:
@@ -194,7 +201,7 @@ class Scheduler:
             self._remove(request)
 
     def _remove(self, request: Request) -> None:
-        if request in self.running:
+        if request in self.running:  # (a finished request is still in running; an aborted one may not be)
             self.running.remove(request)
         self.kv.free(request)
         self._forget_in_runner(request.request_id)

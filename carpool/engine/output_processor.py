@@ -44,10 +44,11 @@ class ParentState:
     sequences: list[SequenceState]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    num_finished: int = 0  # sequences with a finish_reason
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.sequences)
+        return self.num_finished == len(self.sequences)
 
 
 class OutputProcessor:
@@ -121,8 +122,9 @@ class OutputProcessor:
                     finished = True
                     out.finish_reason, out.stop_reason = "stop", stop
                     stopped.append((seq.request_id, stop))
-            if finished:
+            if finished and seq.finish_reason is None:
                 seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+                parent.num_finished += 1
             touched[parent.request_id] = parent
         results = []
         for parent in touched.values():
