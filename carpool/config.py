@@ -179,4 +179,5 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     tokenizer: str | None = None
+    async_scheduling: bool = False  # schedule step N+1 while the device runs step N
     load_format: str = "auto"  # "auto": safetensors from the checkpoint; "dummy": random weights (benchmarks)

@@ -45,6 +45,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens being sampled by a step still in flight (async scheduling): their positions are scheduled
+    # and their K/V will be computed, but their values are not known on the host yet.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit length at first admission; -1 until scheduled
     num_preemptions: int = 0
     stop_reason: int | str | None = None

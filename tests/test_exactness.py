@@ -30,37 +30,47 @@ def run(path: str, prompts: list[list[int]], **engine_args) -> tuple[list[list[i
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every exactness test runs twice: steps resolved one at a time, and the next step scheduled while
+    the previous one is still in flight (its sampled tokens fed to the next step on the device)."""
+    return request.param
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_hf_default_settings(checkpoint_factory, arch):
+def test_greedy_matches_hf_default_settings(checkpoint_factory, arch, async_scheduling):
     path = checkpoint_factory(arch)
     prompts = prompts_of_lengths(LENGTHS)
-    got, llm = run(path, prompts)
+    got, llm = run(path, prompts, async_scheduling=async_scheduling)
     assert got == reference(path, prompts)
     assert all(len(t) == MAX_NEW for t in got)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_hf_with_chunked_prefill(checkpoint_factory, arch):
+def test_greedy_matches_hf_with_chunked_prefill(checkpoint_factory, arch, async_scheduling):
     path = checkpoint_factory(arch)
     prompts = prompts_of_lengths(LENGTHS)
-    got, llm = run(path, prompts, max_num_batched_tokens=32)
+    got, llm = run(path, prompts, max_num_batched_tokens=32, async_scheduling=async_scheduling)
     assert got == reference(path, prompts)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_hf_under_preemption(checkpoint_factory, arch):
+def test_greedy_matches_hf_under_preemption(checkpoint_factory, arch, async_scheduling):
     path = checkpoint_factory(arch)
     prompts = prompts_of_lengths(LENGTHS)
     # The longest request needs ceil((200 + 12) / 16) = 14 blocks; 16 blocks cannot hold the batch.
-    got, llm = run(path, prompts, num_kv_blocks=16, enable_prefix_caching=False)
+    got, llm = run(path, prompts, num_kv_blocks=16, enable_prefix_caching=False,
+                   async_scheduling=async_scheduling)
     assert llm.engine.stats().num_preemptions > 0
     assert got == reference(path, prompts)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_greedy_matches_hf_with_chunking_preemption_and_prefix_cache(checkpoint_factory, arch):
+def test_greedy_matches_hf_with_chunking_preemption_and_prefix_cache(checkpoint_factory, arch,
+                                                                  async_scheduling):
     path = checkpoint_factory(arch)
     prompts = prompts_of_lengths(LENGTHS)
-    got, llm = run(path, prompts, num_kv_blocks=18, max_num_batched_tokens=24, enable_prefix_caching=True)
+    got, llm = run(path, prompts, num_kv_blocks=18, max_num_batched_tokens=24, enable_prefix_caching=True,
+                   async_scheduling=async_scheduling)
     assert llm.engine.stats().num_preemptions > 0
     assert got == reference(path, prompts)

@@ -26,8 +26,7 @@ def req(rid: str, n_prompt: int, max_tokens: int = 4, **kw) -> Request:
 def fake_step(s: Scheduler, token: int = 7) -> tuple[SchedulerOutput, list]:
     """Run one schedule/update cycle; every request whose tokens are all computed samples `token`."""
     so = s.schedule()
-    ids = [rid for rid, n in so.num_scheduled_tokens.items()
-           if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens]
+    ids = [rid for rid in so.num_scheduled_tokens if s.requests[rid].num_output_placeholders]
     out = s.update_from_output(so, ModelRunnerOutput(ids, [token] * len(ids), [None] * len(ids)))
     s.check_integrity()
     return so, out

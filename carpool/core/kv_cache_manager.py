@@ -90,8 +90,8 @@ class KVCacheManager:
             # Hot path (a decode): the tokens still fit in the blocks held; nothing new becomes full.
             total = request.num_computed_tokens + num_new_tokens
             if total <= len(blocks) * self.block_size and (
-                    not self.enable_caching
-                    or total // self.block_size <= self.num_hashed_blocks[request.request_id]):
+                    not self.enable_caching or min(total, request.num_tokens) // self.block_size
+                    <= self.num_hashed_blocks[request.request_id]):
                 return []
         new_computed_blocks = new_computed_blocks or []
         blocks = blocks if blocks is not None else []
@@ -111,8 +111,8 @@ class KVCacheManager:
             self.num_hashed_blocks[request.request_id] = len(blocks)
         fresh = self.pool.get_new_blocks(max(num_needed, 0))
         blocks.extend(fresh)
-        if self.enable_caching:
-            self._cache_full_blocks(request, blocks, total // self.block_size)
+        if self.enable_caching:  # only blocks whose every token value is known can be hashed
+            self._cache_full_blocks(request, blocks, min(total, request.num_tokens) // self.block_size)
         return [b.block_id for b in fresh]
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_full: int) -> None:

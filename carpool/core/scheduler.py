@@ -68,7 +68,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if (request.num_output_placeholders
+                    and len(request.output_token_ids) + request.num_output_placeholders >= request.max_tokens):
+                i += 1  # its last token is already being sampled: nothing more to compute
+                continue
+            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
+                          budget)
             assert num_new > 0, "a running request always has at least one token to compute"
             new_block_ids = self.kv.allocate_slots(request, num_new)
             while new_block_ids is None:
@@ -87,6 +92,7 @@ class Scheduler:
                                                      request.num_computed_tokens))
             else:
                 new_reqs.append(self._new_request_data(request))
+            self._advance(request, num_new)
             i += 1
 
         # Admit waiting requests only when nothing was preempted: memory is tight otherwise.
@@ -108,6 +114,7 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
+            self._advance(request, num_new)
 
         for req_id in num_scheduled:
             self._in_runner.add(req_id)
@@ -116,6 +123,15 @@ class Scheduler:
                                num_scheduled_tokens=num_scheduled,
                                total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
                                finished_req_ids=finished)
+
+    @staticmethod
+    def _advance(request: Request, num_new: int) -> None:
+        """Progress counts at schedule time: the step's tokens are as good as computed for the next
+        schedule(). A step that reaches the end of the known tokens samples one more (a placeholder
+        until its value arrives)."""
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            request.num_output_placeholders += 1
 
     def _new_request_data(self, request: Request) -> NewRequestData:
         return NewRequestData(req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
@@ -128,6 +144,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # an in-flight token of a preempted request is dropped
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._forget_in_runner(request.request_id)
@@ -141,20 +158,19 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Advance progress counters, append sampled tokens, finish requests that hit a stop."""
+        """Append sampled tokens and finish requests that hit a stop. Progress counters already moved
+        when the step was scheduled; outputs of requests that finished or were preempted since then
+        (possible with async scheduling) are dropped."""
         running = RequestStatus.RUNNING
         requests = self.requests
-        for req_id, n in scheduler_output.num_scheduled_tokens.items():
-            request = requests.get(req_id)
-            if request is not None and request.status is running:
-                request.num_computed_tokens += n
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
         for req_id, token, logprobs in zip(runner_output.req_ids, runner_output.sampled_token_ids,
                                            runner_output.logprobs):
             request = requests.get(req_id)
-            if request is None or request.status is not running:
-                continue  # aborted while the step ran
+            if request is None or request.status is not running or not request.num_output_placeholders:
+                continue  # aborted, finished or preempted while the step ran
+            request.num_output_placeholders -= 1
             request.output_token_ids.append(token)
             reason = self._check_stop(request, token)
             outputs.append(EngineCoreOutput(

@@ -34,6 +34,7 @@ class EngineArgs:
     max_num_queued_reqs: int | None = None
     kernel_backend: str | None = None  # "torch" | "triton"; default follows the device
     load_format: str = "auto"
+    async_scheduling: bool | None = None  # default: on for GPUs
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "EngineArgs":
@@ -88,6 +89,7 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             tokenizer=self.tokenizer,
             load_format=self.load_format,
+            async_scheduling=device != "cpu" if self.async_scheduling is None else self.async_scheduling,
         )
 
     # ---- CLI -----------------------------------------------------------------------------------
@@ -124,6 +126,9 @@ class EngineArgs:
         g.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling (default: 0)")
         g.add_argument("--kernel-backend", default=None, choices=["torch", "triton"],
                        help="kernels: torch reference or Triton (default: triton on GPU, torch on CPU)")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                       help="schedule the next step while the device runs the current one, hiding host work "
+                            "(default: on for GPUs, off on CPU)")
         g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="auto: load the checkpoint's safetensors; dummy: random weights from config.json "
                             "only (for benchmarks)")

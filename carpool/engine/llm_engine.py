@@ -25,7 +25,8 @@ from carpool.engine.output_processor import OutputProcessor, child_request_id
 from carpool.outputs import RequestOutput
 from carpool.request import Request, RequestStatus
 from carpool.sampling_params import RequestOutputKind, SamplingParams
-from carpool.worker.executor import Executor, make_executor
+from carpool.core.sched_output import SchedulerOutput
+from carpool.worker.executor import Executor, StepHandle, make_executor
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Engine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = self._eos_token_ids()
         self._ids = itertools.count()
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -155,15 +157,38 @@ class Engine:
 
     # ---- stepping --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step. With async scheduling the step launched here is resolved by the next call, so
+        the host schedules and post-processes while the device computes; outputs then trail by one step."""
+        if self._in_flight is not None and not self._can_overlap():
+            return self._finish_step(*self._drain())
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
-            return []
-        now = time.monotonic()
-        for new in scheduler_output.new_reqs:
-            self.output_processor.mark_scheduled(new.req_id, now)
-        runner_output = self.executor.execute_model(scheduler_output)
-        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        self.generation_tokens_total += sum(len(o.new_token_ids) for o in core_outputs)
+        launched = None
+        if not scheduler_output.is_empty or scheduler_output.finished_req_ids:
+            now = time.monotonic()
+            for new in scheduler_output.new_reqs:
+                self.output_processor.mark_scheduled(new.req_id, now)
+            launched = (scheduler_output, self.executor.launch(scheduler_output))
+        outputs = self._finish_step(*self._drain()) if self._in_flight is not None else []
+        if launched is not None:
+            if self._can_overlap():
+                self._in_flight = launched
+            else:
+                outputs += self._finish_step(*launched)
+        return outputs
+
+    def _drain(self) -> tuple[SchedulerOutput, StepHandle]:
+        assert self._in_flight is not None
+        in_flight, self._in_flight = self._in_flight, None
+        return in_flight
+
+    def _can_overlap(self) -> bool:
+        # Penalties read every earlier token on the host, so a step using them waits for the one before.
+        return self.config.async_scheduling and not any(
+            r.sampling_params.has_penalties for r in self.scheduler.running)
+
+    def _finish_step(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        core_outputs = self.scheduler.update_from_output(scheduler_output, handle.resolve())
+        self.generation_tokens_total += len(core_outputs)
         outputs, stopped = self.output_processor.process_outputs(core_outputs)
         for seq_id, stop in stopped:
             self.scheduler.finish_requests([seq_id], RequestStatus.FINISHED_STOPPED, stop_reason=stop)
@@ -179,7 +204,7 @@ class Engine:
             self.output_processor.remove(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()

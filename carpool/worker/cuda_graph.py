@@ -78,7 +78,7 @@ class CUDAGraphRunner:
     def can_run(self, inputs: StepInputs) -> bool:
         return bool(self.graphs) and inputs.max_query_len == 1 and len(inputs.rows) <= self.max_bs
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
+    def run(self, inputs: StepInputs, fixup: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Replay the graph for this decode step; returns logits of the sampling rows."""
         b = len(inputs.rows)
         bs = next(s for s in self.batch_sizes if s >= b)
@@ -88,6 +88,8 @@ class CUDAGraphRunner:
         self.seq_lens[:b].copy_(torch.from_numpy(inputs.seq_lens), non_blocking=True)
         width = inputs.block_tables.shape[1]
         self.block_tables[:b, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
+        if fixup is not None:  # tokens sampled by the previous step, still on the device
+            self.input_ids.index_copy_(0, fixup[0], fixup[1])
         if bs > b:  # padded rows: one token of context in block 0, nothing stored
             self.slot_mapping[b:bs].fill_(-1)
             self.seq_lens[b:bs].fill_(1)

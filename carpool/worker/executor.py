@@ -5,9 +5,25 @@ The engine talks only to this interface, so adding ranks changes nothing above i
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from carpool.worker.model_runner import ModelRunner
+
+
+class StepHandle(Protocol):
+    def resolve(self) -> ModelRunnerOutput: ...
+
+
+class ResolvedStep:
+    """A step that already finished (executors that cannot overlap steps)."""
+
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self.output = output
+
+    def resolve(self) -> ModelRunnerOutput:
+        return self.output
 
 
 class Executor:
@@ -19,6 +35,10 @@ class Executor:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         raise NotImplementedError
+
+    def launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Start a step; the engine resolves it later (after launching the next one, if it can)."""
+        return ResolvedStep(self.execute_model(scheduler_output))
 
     def shutdown(self) -> None:
         pass
@@ -38,6 +58,9 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return self.runner.launch(scheduler_output)
 
 
 def make_executor(config: EngineConfig) -> Executor:

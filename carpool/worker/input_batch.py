@@ -31,6 +31,8 @@ class StepInputs:
     logits_indices: np.ndarray  # [num_sample] index into T of each sampling request's last token
     max_query_len: int
     max_seq_len: int
+    pending_token_index: np.ndarray  # packed index of each token whose value comes from the device
+    pending_rows: np.ndarray  # the row each of those tokens belongs to
 
 
 class InputBatch:
@@ -43,6 +45,8 @@ class InputBatch:
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        # Tokens sampled by launched steps whose values have not reached the host yet (async scheduling).
+        self.num_pending = np.zeros(max_num_reqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_reqs, self.max_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.params: list[SamplingParams | None] = [None] * max_num_reqs
@@ -64,6 +68,7 @@ class InputBatch:
         self.num_tokens[row] = n
         self.num_prompt_tokens[row] = len(new.prompt_token_ids)
         self.num_computed_tokens[row] = new.num_computed_tokens
+        self.num_pending[row] = 0
         self.num_blocks[row] = 0
         self._append_blocks(row, new.block_ids)
         self.params[row] = new.sampling_params
@@ -112,19 +117,28 @@ class InputBatch:
         slots = self.block_table[token_row, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = start + n
         max_blocks = int(self.num_blocks[rows].max())
-        sampling = seq_lens == self.num_tokens[rows]
+        sampling = seq_lens == self.num_tokens[rows] + self.num_pending[rows]
+        # Tokens whose value is still on the device (sampled by the step in flight): a running request
+        # decodes exactly one such token, the first of its chunk.
+        pending = positions[qsl[:-1]] >= self.num_tokens[rows]
         return StepInputs(rows=rows, input_ids=input_ids, positions=positions, slot_mapping=slots,
                           query_start_loc=qsl.astype(np.int32), seq_lens=seq_lens.astype(np.int32),
                           block_tables=self.block_table[rows, :max_blocks], sample_rows=rows[sampling],
                           logits_indices=qsl[1:][sampling] - 1, max_query_len=int(n.max()),
-                          max_seq_len=int(seq_lens.max()))
+                          max_seq_len=int(seq_lens.max()), pending_token_index=qsl[:-1][pending],
+                          pending_rows=rows[pending])
 
-    def advance(self, rows: np.ndarray, counts: list[int], sample_rows: np.ndarray, sampled: list[int]) -> None:
-        """After a step: progress counters move on and sampled tokens are appended."""
+    def launched(self, rows: np.ndarray, counts: list[int], sample_rows: np.ndarray) -> None:
+        """A step was launched: progress counters move on; its sampled tokens are pending."""
         self.num_computed_tokens[rows] += np.asarray(counts, dtype=np.int64)
-        if len(sample_rows):
-            self.token_ids[sample_rows, self.num_tokens[sample_rows]] = sampled
-            self.num_tokens[sample_rows] += 1
+        self.num_pending[sample_rows] += 1
+
+    def append_sampled(self, rows: np.ndarray, sampled: list[int]) -> None:
+        """Sampled token values reached the host."""
+        if len(rows):
+            self.token_ids[rows, self.num_tokens[rows]] = sampled
+            self.num_tokens[rows] += 1
+            self.num_pending[rows] -= 1
 
     def output_token_ids(self, row: int) -> list[int]:
         return self.token_ids[row, self.num_prompt_tokens[row]:self.num_tokens[row]].tolist()

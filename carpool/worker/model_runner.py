@@ -49,6 +49,8 @@ class ModelRunner:
         # Opt-in step timings for benchmarks: (seconds blocked waiting for the device, device seconds).
         self.collect_timings = False
         self.timings: list[tuple[float, float]] = []
+        # Sampled tokens (on the device) and their rows, of the last launched step.
+        self._last_sampled: tuple[torch.Tensor | None, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
 
     # ---- KV memory -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -101,7 +103,8 @@ class ModelRunner:
                             positions=positions.astype(np.int64), slot_mapping=slots, query_start_loc=qsl,
                             seq_lens=np.asarray(per_seq, dtype=np.int32), block_tables=tables,
                             sample_rows=np.arange(num_seqs), logits_indices=qsl[1:].astype(np.int64) - 1,
-                            max_query_len=max(per_seq), max_seq_len=max(per_seq))
+                            max_query_len=max(per_seq), max_seq_len=max(per_seq),
+                            pending_token_index=np.zeros(0, dtype=np.int64), pending_rows=np.zeros(0, dtype=np.int64))
         batch = self._to_device(inputs)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(inputs.logits_indices)
@@ -161,7 +164,8 @@ class ModelRunner:
             md.repetition_penalty = column([p.repetition_penalty for p in params])
             md.prompt_token_ids = [batch.prompt_token_ids(r) for r in rows]
             md.output_token_ids = [batch.output_token_ids(r) for r in rows]
-        num_out = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+        # index of the token being sampled: known outputs plus those still in flight
+        num_out = batch.num_tokens[rows] + batch.num_pending[rows] - batch.num_prompt_tokens[rows]
         for i, (row, p) in enumerate(zip(rows, params)):
             if num_out[i] < p.min_tokens:
                 banned = [t for t in p.all_stop_token_ids() if t < self.vocab_size]
@@ -176,42 +180,99 @@ class ModelRunner:
                 md.generators[i] = gen
         return md
 
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(so).resolve()
+
+    @torch.inference_mode()
+    def launch(self, so: SchedulerOutput) -> "PendingStep":
+        """Queue one step on the device and return without waiting for it. Tokens sampled by the step
+        launched before this one may still be on the device: they are fed to this step's inputs there."""
         self._update_states(so)
         if so.is_empty:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], logprobs=[])
+            return PendingStep(self, [], np.zeros(0, dtype=np.int64), None, [], None)
         req_ids = list(so.num_scheduled_tokens)
         counts = list(so.num_scheduled_tokens.values())
         inputs = self.input_batch.prepare(req_ids, counts)
-        timed = self.collect_timings and self.device.type == "cuda"
-        if timed:
-            start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start_ev.record()
-        logits = self._forward(inputs)
-        sampled: list[int] = []
-        logprobs: list = []
+        timing = None
+        if self.collect_timings and self.device.type == "cuda":
+            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timing[0].record()
+        logits = self._forward(inputs, self._pending_fixup(inputs))
+        tokens, logprobs = None, []
         if logits is not None:
             tokens, logprobs = self.sampler(logits, self._sampling_metadata(inputs.sample_rows))
-        if timed:
-            end_ev.record()
-            wait_start = time.perf_counter()
-            end_ev.synchronize()
-            self.timings.append((time.perf_counter() - wait_start, start_ev.elapsed_time(end_ev) / 1e3))
-        if logits is not None:
-            sampled = tokens.tolist()
-        self.input_batch.advance(inputs.rows, counts, inputs.sample_rows, sampled)
+        if timing is not None:
+            timing[1].record()
+        self.input_batch.launched(inputs.rows, counts, inputs.sample_rows)
+        self._last_sampled = (tokens, inputs.sample_rows)
         ids = self.input_batch.req_ids
-        return ModelRunnerOutput(req_ids=[ids[r] for r in inputs.sample_rows],  # type: ignore[misc]
-                                 sampled_token_ids=sampled, logprobs=logprobs)
+        return PendingStep(self, [ids[r] for r in inputs.sample_rows], inputs.sample_rows,  # type: ignore[misc]
+                           tokens, logprobs, timing)
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
+    def _pending_fixup(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(packed index, device token) for input tokens sampled by the previous, unresolved step."""
+        if not len(inputs.pending_token_index):
+            return None
+        tokens, rows = self._last_sampled
+        assert tokens is not None, "a pending token without a launched step that sampled it"
+        index_of_row = {int(r): i for i, r in enumerate(rows)}
+        src = torch.tensor([index_of_row[int(r)] for r in inputs.pending_rows], dtype=torch.long)
+        dst = torch.from_numpy(inputs.pending_token_index)
+        return dst.to(self.device, non_blocking=True), tokens.index_select(0, src.to(self.device))
+
+    def _forward(self, inputs: StepInputs, fixup: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> torch.Tensor | None:
         """Logits of the sampling requests (None if no request samples this step)."""
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
-            return self.graph_runner.run(inputs)
+            return self.graph_runner.run(inputs, fixup)
         batch = self._to_device(inputs)
+        if fixup is not None:
+            batch.input_ids.index_copy_(0, fixup[0], fixup[1])
         hidden = self.model(batch.input_ids, batch.positions, batch)
         if not len(inputs.logits_indices):
             return None
         index = torch.from_numpy(inputs.logits_indices).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, index))
+
+
+class PendingStep:
+    """A launched step. Its sampled tokens are copied to pinned host memory as soon as the device has
+    them, so resolving waits for this step only, never for the steps launched after it."""
+
+    def __init__(self, runner: ModelRunner, req_ids: list[str], rows: np.ndarray, tokens: torch.Tensor | None,
+                 logprobs: list, timing: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> None:
+        self.runner = runner
+        self.req_ids = req_ids
+        self.rows = rows
+        self.logprobs = logprobs
+        self.timing = timing
+        self.host_tokens: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        if tokens is not None:
+            if tokens.is_cuda:
+                self.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                self.host_tokens.copy_(tokens, non_blocking=True)
+                self.ready = torch.cuda.Event()
+                self.ready.record()
+            else:
+                self.host_tokens = tokens
+
+    def resolve(self) -> ModelRunnerOutput:
+        sampled: list[int] = []
+        if self.host_tokens is not None:
+            wait_start = time.perf_counter()
+            if self.ready is not None:
+                self.ready.synchronize()
+            if self.timing is not None:
+                self.runner.timings.append((time.perf_counter() - wait_start,
+                                            self.timing[0].elapsed_time(self.timing[1]) / 1e3))
+            sampled = self.host_tokens.tolist()
+        batch = self.runner.input_batch
+        # A row may have been handed to another request since launch: only append where the owner is
+        # still the request that sampled.
+        keep = [i for i, (r, rid) in enumerate(zip(self.rows, self.req_ids)) if batch.req_ids[r] == rid]
+        if len(keep) == len(sampled):
+            batch.append_sampled(self.rows, sampled)
+        else:
+            batch.append_sampled(self.rows[keep], [sampled[i] for i in keep])
+        return ModelRunnerOutput(req_ids=self.req_ids, sampled_token_ids=sampled, logprobs=self.logprobs)
