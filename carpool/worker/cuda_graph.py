@@ -30,7 +30,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CUDAGraphRunner:
-    def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_req: int,
+    def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
                  device: torch.device) -> None:
         self.model = model
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
@@ -41,15 +41,17 @@ class CUDAGraphRunner:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.max_model_len = max_model_len
+        max_blocks_per_req = -(-max_model_len // block_size)
         self.block_tables = torch.zeros(n, max_blocks_per_req, dtype=torch.int32, device=device)
-        self.max_blocks_per_req = max_blocks_per_req
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
     def _batch(self, bs: int) -> ForwardBatch:
         meta = AttentionMetadata(query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
                                  block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
-                                 max_query_len=1, max_seq_len=self.max_blocks_per_req,
+                                 # the longest possible context: kernels size their plans for any replay
+                                 max_query_len=1, max_seq_len=self.max_model_len,
                                  query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
                                  extra={"cuda_graph": True})
         return ForwardBatch(input_ids=self.input_ids[:bs], positions=self.positions[:bs], attn=meta)

@@ -68,7 +68,8 @@ class ModelRunner:
                                           self.config.model.dtype, self.device)
         if self.use_cuda_graphs:
             self.graph_runner = CUDAGraphRunner(self.model, self.config.scheduler.max_num_seqs,
-                                                self.input_batch.max_blocks_per_req, self.device)
+                                                self.config.scheduler.max_model_len, self.block_size,
+                                                self.device)
             self.graph_runner.capture()
 
     @property
