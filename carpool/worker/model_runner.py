@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from carpool.config import EngineConfig
-from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, TPGroup
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
 from carpool.layers.sampler import Sampler, SamplingMetadata
@@ -164,6 +164,12 @@ class ModelRunner:
                 md.generators[row] = state.generator
         return md
 
+    def sample(self, logits: torch.Tensor, states: list[CachedRequestState]
+               ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """One token per row (+ logprobs). A hook: under tensor parallelism rank 0 samples and broadcasts
+        the tokens (worker/tp_worker.py), so every rank's request state appends the same tokens."""
+        return self.sampler(logits, self._sampling_metadata(states))
+
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(so)
@@ -176,7 +182,7 @@ class ModelRunner:
         if sampling_states:
             index = torch.tensor(logits_indices, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden.index_select(0, index))
-            tokens, logprobs = self.sampler(logits, self._sampling_metadata(sampling_states))
+            tokens, logprobs = self.sample(logits, sampling_states)
             sampled = tokens.tolist()
         for req_id, n in so.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
