@@ -49,6 +49,10 @@ LIVENESS_POLL_S = 0.1  # how often a waiting engine checks that every worker is 
 class TPWorkerError(RuntimeError):
     """A tensor-parallel worker failed or died; the engine cannot continue."""
 
+    def __init__(self, message: str, value_error: str | None = None) -> None:
+        super().__init__(message)
+        self.value_error = value_error  # the message of a ValueError the worker raised, if it was one
+
 
 def check_tensor_parallel(model: ModelConfig, tp_size: int) -> None:
     """Refuse, before any process starts, a model that cannot be split `tp_size` ways."""
@@ -182,7 +186,8 @@ class LocalWorkers:
             time.sleep(LIVENESS_POLL_S)
             causes = [self.describe_death(j) for j in self.dead() if j != i]
             raise TPWorkerError("; ".join([*causes, f"tensor-parallel worker rank {self.ranks[i]} failed: "
-                                                     f"{msg['error']}"]))
+                                                     f"{msg['error']}"]),
+                                value_error=msg.get("message") if msg.get("type") == "ValueError" else None)
         return msg
 
     def stop(self) -> None:
@@ -227,6 +232,8 @@ class MultiprocExecutor(Executor):
                 self.workers.recv(i)  # {"ready": true} once the rank has loaded its shard
         except TPWorkerError as e:
             self.workers.stop()
+            if e.value_error is not None:  # a bad checkpoint or setting: the same error as with one process
+                raise ValueError(e.value_error) from None
             raise TPWorkerError(f"tensor-parallel startup failed: {e}") from None
         except BaseException:  # Ctrl-C while the shards load
             self.workers.stop()

@@ -192,7 +192,8 @@ def main() -> None:
     except BaseException as e:  # noqa: BLE001 - any failure ends this rank, and with it the engine
         traceback.print_exc(file=sys.stderr)
         try:
-            conn.send_bytes(tp_codec.dumps({"error": f"{type(e).__name__}: {e}"}))
+            conn.send_bytes(tp_codec.dumps({"error": f"{type(e).__name__}: {e}", "type": type(e).__name__,
+                                            "message": str(e)}))
         except OSError:
             pass
         sys.stderr.flush()
