@@ -65,5 +65,7 @@ class UniProcExecutor(Executor):
 
 def make_executor(config: EngineConfig) -> Executor:
     if config.parallel.tensor_parallel_size > 1:
-        raise ValueError("tensor_parallel_size: only 1 is supported so far")
+        from carpool.worker.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config)
     return UniProcExecutor(config)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from carpool.config import EngineConfig
-from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, TPGroup
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
 from carpool.layers.sampler import Sampler, SamplingMetadata
@@ -181,6 +181,12 @@ class ModelRunner:
                 md.generators[i] = gen
         return md
 
+    def sample(self, logits: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """One token per sampling row (+ logprobs). A hook: under tensor parallelism rank 0 samples and
+        broadcasts the tokens (worker/tp_worker.py), so every rank appends the same tokens."""
+        return self.sampler(logits, self._sampling_metadata(rows))
+
+    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.launch(so).resolve()
 
@@ -201,7 +207,7 @@ class ModelRunner:
         logits = self._forward(inputs, self._pending_fixup(inputs))
         tokens, logprobs = None, []
         if logits is not None:
-            tokens, logprobs = self.sampler(logits, self._sampling_metadata(inputs.sample_rows))
+            tokens, logprobs = self.sample(logits, inputs.sample_rows)
         if timing is not None:
             timing[1].record()
         self.input_batch.launched(inputs.rows, counts, inputs.sample_rows)
