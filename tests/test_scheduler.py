@@ -163,3 +163,45 @@ def test_prefix_hit_starts_num_computed_tokens_at_the_cached_length():
     so, _ = fake_step(s)
     assert so.num_scheduled_tokens["b"] == 2  # 8 tokens (2 blocks) came from the cache
     assert so.new_reqs[0].num_computed_tokens == 8
+
+
+def test_async_step_is_scheduled_before_the_previous_tokens_arrive():
+    """With a step in flight, a request that will sample there is scheduled again for its placeholder
+    token; the in-flight output then fills the placeholder, and a finished request's extra output is
+    dropped."""
+    s = make(budget=64)
+    s.add_request(req("a", 5, max_tokens=2))
+    so1 = s.schedule()
+    assert s.requests["a"].num_output_placeholders == 1
+    so2 = s.schedule()  # step 1 still in flight
+    assert so2.num_scheduled_tokens == {"a": 1}
+    assert s.requests["a"].num_output_placeholders == 2
+    so3 = s.schedule()  # both outputs pending: max_tokens=2 reached, nothing more to schedule
+    assert so3.is_empty
+    out1 = s.update_from_output(so1, ModelRunnerOutput(["a"], [11], [None]))
+    assert out1[0].new_token_ids == [11] and out1[0].finish_reason is None
+    out2 = s.update_from_output(so2, ModelRunnerOutput(["a"], [12], [None]))
+    assert out2[0].finish_reason == "length"
+    assert not s.has_unfinished_requests()
+    assert s.kv.pool.num_free_blocks == s.kv.num_blocks
+
+
+def test_output_of_a_request_preempted_while_in_flight_is_dropped():
+    s = make(num_blocks=5, block_size=4, budget=64)
+    s.add_request(req("old", 8, max_tokens=8))
+    s.add_request(req("new", 8, max_tokens=8))
+    prev = None
+    for _ in range(30):
+        so = s.schedule()
+        if prev is not None:
+            ids = [r for r in prev.num_scheduled_tokens if r in s.requests]
+            s.update_from_output(prev, ModelRunnerOutput(ids, [9] * len(ids), [None] * len(ids)))
+            s.check_integrity()
+        prev = so
+        if s.num_preemptions:
+            break
+    victim = s.waiting[0]
+    assert victim.num_output_placeholders == 0 and victim.num_computed_tokens == 0
+    kept = list(victim.output_token_ids)
+    s.update_from_output(prev, ModelRunnerOutput([victim.request_id], [99], [None]))
+    assert victim.output_token_ids == kept  # the in-flight token of the preempted request was dropped
