@@ -77,7 +77,8 @@ def make_batch(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int,
     meta = AttentionMetadata(
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=block_tables.to(device), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=block_tables.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         max_query_len=max(q for _, q in reqs), max_seq_len=max(seq_lens),
         query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
     return q, k, v, k_cache, v_cache, meta
@@ -182,7 +183,8 @@ def test_mixed_batch_of_decodes_chunks_and_prefix_hits(block_size: int) -> None:
     check_attention(reqs, 4, 2, 64, block_size=block_size, pad_tokens=3)
 
 
-@pytest.mark.parametrize("config", [PrefillConfig(block_m=128, block_n=64), PrefillConfig(block_m=16, block_n=16)])
+@pytest.mark.parametrize("config", [PrefillConfig(block_m=128, block_n=64),
+                                    PrefillConfig(block_m=16, block_n=16)])
 def test_prefill_kernel_alone_handles_single_queries(config: PrefillConfig) -> None:
     # Without the decode kernel: 1-query requests go through the prefill kernel as 1-row tiles.
     q, k, v, kc, vc, meta = make_batch([(120, 1), (70, 70), (200, 33), (5, 1)], 4, 2, 32, 16, torch.float32)

@@ -173,7 +173,8 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     In place is safe for the model: q and k are fresh views of this layer's qkv projection.
     """
     if q.dim() != 3 or k.dim() != 3 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
-        raise ValueError(f"q, k: expected [T, H, D] with equal T and D, got {tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(f"q, k: expected [T, H, D] with equal T and D, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
     head_dim = q.shape[-1]
     if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim:
         raise ValueError(f"cos_sin_cache: expected [max_pos, {head_dim}] with even head_dim, "

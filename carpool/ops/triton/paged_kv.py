@@ -84,8 +84,8 @@ def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start
     load_mask = key_ok[:, None]
     if BLOCK_D != HEAD_DIM:
         load_mask = load_mask & (offs_d[None, :] < HEAD_DIM)
-    k_ptrs = k_cache_ptr + kv_head_off_k + page[:, None] * stride_kb + row[:, None] * stride_ks + offs_d[None, :]
-    k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+    k_ptrs = k_cache_ptr + kv_head_off_k + page[:, None] * stride_kb + row[:, None] * stride_ks
+    k = tl.load(k_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASK == 1:
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -95,7 +95,7 @@ def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v_ptrs = v_cache_ptr + kv_head_off_v + page[:, None] * stride_vb + row[:, None] * stride_vs + offs_d[None, :]
-    v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+    v_ptrs = v_cache_ptr + kv_head_off_v + page[:, None] * stride_vb + row[:, None] * stride_vs
+    v = tl.load(v_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
