@@ -251,6 +251,27 @@ def test_rotary_embedding_in_place_on_qkv_views(head_dim: int) -> None:
     assert torch.equal(qkv[:, (hq + hkv) * head_dim:], v_before)  # v untouched
 
 
+# ---- in the model ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # head_dim 16; head_dim 24 with q/k norms on views
+def test_engine_with_triton_kernels_gives_the_same_greedy_tokens(checkpoint_factory, arch: str) -> None:
+    from checkpoints import prompts_of_lengths
+
+    from carpool import LLM, SamplingParams
+
+    path = checkpoint_factory(arch)
+    prompts = prompts_of_lengths([1, 17, 40, 70])
+    prompts.append(prompts[3][:50] + [1, 2, 3])  # a prefix-cache hit on prompt 3's first blocks
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        # 32-token steps: chunked prefill, and steps mixing decodes with prefill chunks.
+        llm = LLM(path, device=DEVICE, kernel_backend=backend, max_num_batched_tokens=32)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        tokens[backend] = [o.outputs[0].token_ids for o in outs]
+    assert tokens["triton"] == tokens["torch"]
+
+
 # ---- GPU, bf16 ------------------------------------------------------------------------------------
 
 BF16_TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs, probabilities rounded to bf16 before P @ V
