@@ -29,7 +29,8 @@ from carpool.forward_batch import AttentionMetadata
 from carpool.ops import torch_ref
 from carpool.ops import triton as tri
 from carpool.ops.triton.attention import decode_num_splits
-from carpool.ops.triton.decode_attention import DecodeConfig, decode_attention, decode_scratch
+from carpool.ops.triton.decode_attention import (DecodeConfig, decode_attention, decode_scratch,
+                                                 default_decode_config)
 
 HQ, HKV, HEAD_DIM, PAGE = 16, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -47,7 +48,7 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)
 
 
-def time_in_graph(calls: list[Callable[[], object]], trials: int = 5, min_ms: float = 30.0) -> float:
+def time_in_graph(calls: list[Callable[[], object]], trials: int = 3, min_ms: float = 25.0) -> float:
     """Median seconds per call, each graph replay running all `calls` once in order."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -124,9 +125,10 @@ def time_decode_op(inp: dict) -> float:
 
 def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quick: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    configs = [DecodeConfig()] if quick else [
-        DecodeConfig(block_n=64, num_stages=2), DecodeConfig(block_n=64, num_stages=3),
-        DecodeConfig(block_n=32, num_stages=2), DecodeConfig(block_n=128, num_stages=2)]
+    default_config = default_decode_config(HEAD_DIM, DTYPE)
+    others = [DecodeConfig(block_n=64, num_stages=3), DecodeConfig(block_n=32, num_stages=2),
+              DecodeConfig(block_n=128, num_stages=2), DecodeConfig(block_n=128, num_warps=8, num_stages=2)]
+    configs = [default_config] + ([] if quick else [c for c in others if c != default_config])
     split_choices = [1, 2, 4, 8, 16, 32]
     results = []
     for batch in batches:
@@ -135,7 +137,7 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
             nbytes = kv_bytes + 2 * batch * HQ * HEAD_DIM * 2
             inp = decode_inputs(batch, context, num_sets(nbytes), gen)
             default_splits = decode_num_splits(batch, HKV, context)
-            sweep = []
+            sweep: list[dict] = []
             for config in configs:
                 for splits in sorted({default_splits, *split_choices}):
                     if splits > 1 and context // splits < config.block_n:
@@ -144,11 +146,11 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
                     if quick and not near_default:
                         continue
                     sec = time_decode(inp, splits, config)
-                    sweep.append(dict(num_splits=splits, block_n=config.block_n, num_stages=config.num_stages,
+                    sweep.append(dict(num_splits=splits, block_n=config.block_n, num_warps=config.num_warps,
+                                      num_stages=config.num_stages,
                                       us=round(sec * 1e6, 2), gb_per_s=round(nbytes / sec / 1e9, 1),
                                       roofline_ratio=round(nbytes / sec / bandwidth, 3)))
-            default = next(s for s in sweep if s["num_splits"] == default_splits and s["block_n"]
-                           == configs[0].block_n and s["num_stages"] == configs[0].num_stages)
+            default = sweep[[s["num_splits"] for s in sweep].index(default_splits)]  # configs[0] runs first
             best = max(sweep, key=lambda s: s["gb_per_s"])
             op_sec = time_decode_op(inp)
             results.append(dict(batch=batch, context=context, bytes=nbytes, num_splits=default_splits,
@@ -253,19 +255,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one tile config, fewer split counts")
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--contexts", default="1024,2048,4096,8192")
+    parser.add_argument("--parts", default="decode,prefill,elementwise", help="comma-separated subset")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     print(json.dumps({"copy_gb_per_s": round(bandwidth / 1e9, 1)}), flush=True)
     decode = bench_decode(bandwidth, [int(b) for b in args.batches.split(",")],
-                          [int(c) for c in args.contexts.split(",")], args.quick)
+                          [int(c) for c in args.contexts.split(",")], args.quick) if "decode" in parts else []
     big = [d["roofline_ratio"] for d in decode if d["batch"] >= 64]
     best_splits: dict[str, dict[str, int]] = {}
     for d in decode:
         best_splits.setdefault(str(d["batch"]), {})[str(d["context"])] = d["best"]["num_splits"]
     prefill = [bench_prefill([(1024, 1024)] * 16), bench_prefill([(4096, 512)] * 4),
-               bench_prefill([(300, 300)] * 16 + [(2000, 1)] * 64)]
-    elementwise = bench_elementwise(256) + bench_elementwise(8192)
+               bench_prefill([(300, 300)] * 16 + [(2000, 1)] * 64)] if "prefill" in parts else []
+    elementwise = bench_elementwise(256) + bench_elementwise(8192) if "elementwise" in parts else []
     report = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         copy_gb_per_s=round(bandwidth / 1e9, 1),
