@@ -183,6 +183,18 @@ def test_mixed_batch_of_decodes_chunks_and_prefix_hits(block_size: int) -> None:
     check_attention(reqs, 4, 2, 64, block_size=block_size, pad_tokens=3)
 
 
+def test_metadata_refilled_for_the_next_step_gets_a_fresh_plan() -> None:
+    q, k, v, kc, vc, meta = make_batch([(40, 40), (90, 1), (70, 30)], 4, 2, 32, 16, torch.float32)
+    tri.paged_attention(q, k, v, kc, vc, meta, 0.25)  # caches this step's plans in meta.extra
+    q2, k2, v2, kc2, vc2, meta2 = make_batch([(33, 1), (100, 64)], 4, 2, 32, 16, torch.float32, seed=1)
+    for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping", "max_query_len",
+                 "max_seq_len", "query_start_loc_cpu", "seq_lens_cpu"):
+        setattr(meta, name, getattr(meta2, name))  # the same object, refilled; meta.extra kept
+    expected = torch_ref.paged_attention(q2, k2, v2, kc2.clone(), vc2.clone(), meta2, 0.25)
+    torch.testing.assert_close(tri.paged_attention(q2, k2, v2, kc2, vc2, meta, 0.25), expected,
+                               atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("config", [PrefillConfig(block_m=128, block_n=64),
                                     PrefillConfig(block_m=16, block_n=16)])
 def test_prefill_kernel_alone_handles_single_queries(config: PrefillConfig) -> None:

@@ -10,7 +10,7 @@ meta.extra keys read here (all optional; the model runner sets them for captured
 - "decode_scratch": (part_out [>=B, Hq, >=S, D], part_lse [>=B, Hq, >=S]) float32 buffers for the split
   partials, B = number of requests (see decode_attention.decode_scratch); without them they are
   allocated per call, which is also graph safe (capture allocates from the graph's private pool).
-Keys starting with "triton_" are written here to cache per-step plans across layers.
+"triton_plans" is written here: host-side plans of the step, shared by its layers (see utils.step_plan).
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         num_splits = meta.extra.get("num_splits")
         if num_splits is None:
             num_splits = decode_num_splits(num_decodes, k_cache.shape[2], meta.max_seq_len)
+        elif int(num_splits) < 1:
+            raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, int(num_splits), scratch=meta.extra.get("decode_scratch"))
     if not decode_only:
@@ -88,9 +90,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 
 def _count_single_queries(meta: AttentionMetadata) -> int:
-    count = meta.extra.get("triton_num_single_queries")
-    if count is None:
-        qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
-        count = sum(1 for a, b in zip(qsl, qsl[1:]) if b - a == 1)
-        meta.extra["triton_num_single_queries"] = count
-    return count
+    return utils.step_plan(meta, "num_single_queries",
+                           lambda qsl, _: sum(1 for a, b in zip(qsl, qsl[1:]) if b - a == 1))

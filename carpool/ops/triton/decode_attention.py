@@ -3,8 +3,8 @@
 Grid: (num_reqs, num_kv_heads, num_splits) -- it depends on nothing that changes between graph
 replays. Programs of requests whose query length is not 1 (prefill chunks of a mixed batch, which the
 prefill kernel handles, or graph padding with none) do nothing. Program (i, h, s) stacks the GROUP
-query heads that share KV head h into the rows of one [BLOCK_G, D] tile, so every K/V byte is read once per step and each KV tile costs one `tl.dot` for
-the whole group. Request i's context is cut into `num_splits` ranges of whole tiles; the program reads
+query heads that share KV head h into the rows of one [BLOCK_G, D] tile, so every K/V byte is read
+once per step and each KV tile costs one `tl.dot` for the whole group. Request i's context is cut into `num_splits` ranges of whole tiles; the program reads
 seq_lens[i] on the device and walks only its own range. With one split it writes the output directly;
 otherwise each split writes a normalized partial output and its log2-sum-exp into scratch rows indexed
 by request, and `_merge_kernel` (grid (num_reqs, num_q_heads)) combines the splits:

@@ -8,7 +8,7 @@ keys every row of the tile may see (no mask), then the few tiles along the causa
 
 The program -> (request, first query) map is built on the host from `query_start_loc_cpu` /
 `seq_lens_cpu` (prefill steps are not graph-captured), longest work first so the tail of the grid is
-short, and cached in `meta.extra` so all layers of a step share one upload. Requests with a single
+short, and cached per step (utils.step_plan) so all layers of a step share one upload. Requests with a single
 query can be left out of it (`skip_single_queries`): the dispatcher gives those to the decode kernel,
 which splits long contexts and wastes no tile rows.
 """
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from carpool.forward_batch import AttentionMetadata
+from carpool.ops.triton import utils
 from carpool.ops.triton.paged_kv import attend_tile
 
 
@@ -98,15 +99,14 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
 
 def prefill_plan(meta: AttentionMetadata, block_q: int, device: torch.device,
                  skip_single_queries: bool) -> torch.Tensor:
-    """[2, num_tiles] int32: (request, first query index) of each program, heaviest first.
+    """[2, num_tiles] int32 on `device`: (request, first query index) of each program, heaviest first."""
+    def build(qsl: list[int], seq_lens: list[int]) -> torch.Tensor:
+        return _build_plan(qsl, seq_lens, block_q, device, skip_single_queries)
+    return utils.step_plan(meta, f"prefill_{block_q}_{int(skip_single_queries)}", build)
 
-    Cached in meta.extra, so the layers of one step share it."""
-    key = f"triton_prefill_plan_{block_q}_{int(skip_single_queries)}"
-    plan = meta.extra.get(key)
-    if plan is not None:
-        return plan
-    qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
-    seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+
+def _build_plan(qsl: list[int], seq_lens: list[int], block_q: int, device: torch.device,
+                skip_single_queries: bool) -> torch.Tensor:
     work: list[tuple[int, int, int]] = []
     for i, seq_len in enumerate(seq_lens):
         q_len = qsl[i + 1] - qsl[i]
@@ -117,9 +117,7 @@ def prefill_plan(meta: AttentionMetadata, block_q: int, device: torch.device,
             work.append((seq_len - q_len + min(first + block_q, q_len), i, first))
     work.sort(key=lambda w: -w[0])
     plan = torch.tensor([[w[1] for w in work], [w[2] for w in work]], dtype=torch.int32).reshape(2, -1)
-    plan = plan.to(device)
-    meta.extra[key] = plan
-    return plan
+    return plan.to(device)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
