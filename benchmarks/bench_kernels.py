@@ -1,5 +1,6 @@
 """Kernel benchmark: decode attention bandwidth against measured copy bandwidth, plus prefill attention
-and the elementwise kernels against torch eager and torch.compile. Prints one JSON object.
+and the elementwise kernels against torch eager and torch.compile. Prints one JSON object (progress
+on stderr).
 
     python benchmarks/bench_kernels.py --out results.json [--quick]
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import Counter
 from collections.abc import Callable
 
@@ -37,6 +39,11 @@ DTYPE = torch.bfloat16
 DEVICE = "cuda"
 ROTATE_BYTES = 512 << 20  # each timed graph touches at least this much distinct memory
 MAX_SETS = 64
+
+
+def progress(row: dict) -> None:
+    """Partial results go to stderr; stdout carries only the final JSON object."""
+    print(json.dumps(row), file=sys.stderr, flush=True)
 
 
 def copy_bandwidth() -> float:
@@ -157,7 +164,7 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
                                 gb_per_s=default["gb_per_s"], roofline_ratio=default["roofline_ratio"],
                                 us=default["us"], op_us_with_kv_store=round(op_sec * 1e6, 2),
                                 best=best, sweep=sweep))
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "sweep"}), flush=True)
+            progress({k: v for k, v in results[-1].items() if k != "sweep"})
             del inp
             torch.cuda.empty_cache()
     return results
@@ -245,7 +252,7 @@ def bench_elementwise(tokens: int) -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 row[f"{impl_name}_error"] = repr(e)[:200]
         results.append(row)
-        print(json.dumps(row), flush=True)
+        progress(row)
     return results
 
 
@@ -260,7 +267,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
-    print(json.dumps({"copy_gb_per_s": round(bandwidth / 1e9, 1)}), flush=True)
+    progress({"copy_gb_per_s": round(bandwidth / 1e9, 1)})
     decode = bench_decode(bandwidth, [int(b) for b in args.batches.split(",")],
                           [int(c) for c in args.contexts.split(",")], args.quick) if "decode" in parts else []
     big = [d["roofline_ratio"] for d in decode if d["batch"] >= 64]
