@@ -4,6 +4,12 @@ import os
 import sys
 
 import pytest
+import torch
+
+# Triton kernels run on CPU through the interpreter when there is no GPU. Triton reads this when a
+# kernel is decorated, so it must be set before any test module imports carpool.ops.triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -1,0 +1,10 @@
+"""Triton GPU kernels with the op signatures of `ops/torch_ref` (which stays their test oracle).
+
+Run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) for
+tests; compiled for CUDA GPUs otherwise.
+"""
+
+from carpool.ops.triton.attention import paged_attention
+from carpool.ops.triton.elementwise import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+
+__all__ = ["paged_attention", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"]

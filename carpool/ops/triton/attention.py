@@ -1,0 +1,94 @@
+"""paged_attention for Triton: the torch_ref contract, dispatched to a decode or a prefill kernel.
+
+Decode-only steps (meta.max_query_len == 1) go to the split-K decode kernel alone, whose launch is
+CUDA-graph safe. Other steps (prefill chunks, prefix hits, mixed batches) run the prefill kernel over
+the requests with several queries and, when there are any, the decode kernel over those with one.
+
+meta.extra keys read here (all optional; the model runner sets them for captured graphs):
+- "num_splits": int, decode split count; a captured graph must fix it, because it shapes the grid.
+  Default: `decode_num_splits(number of 1-query requests, num_kv_heads, meta.max_seq_len)`.
+- "decode_scratch": (part_out [>=B, Hq, >=S, D], part_lse [>=B, Hq, >=S]) float32 buffers for the split
+  partials, B = number of requests (see decode_attention.decode_scratch); without them they are
+  allocated per call, which is also graph safe (capture allocates from the graph's private pool).
+"triton_plans" is written here: host-side plans of the step, shared by its layers (see utils.step_plan).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from carpool.forward_batch import AttentionMetadata
+from carpool.ops.triton import utils
+from carpool.ops.triton.decode_attention import decode_attention
+from carpool.ops.triton.paged_kv import store_kvcache
+from carpool.ops.triton.prefill_attention import prefill_attention
+
+# Decode split count by "units" = num_reqs * num_kv_heads, the programs there would be without
+# splitting. An H100/H200 has 132 SMs and needs a few hundred programs in flight to saturate HBM, so
+# few units get many splits. (at most this many units, splits); more units than the last row: 1 split.
+# Tune from benchmarks/bench_kernels.py, which reports the best split count per (batch, context).
+DECODE_SPLIT_TABLE: tuple[tuple[int, int], ...] = ((8, 32), (32, 16), (128, 8), (256, 4), (1024, 2))
+MAX_DECODE_SPLITS = 32
+# With a context-length hint, a split gets at least this many tokens: more splits would only add
+# merge work.
+MIN_TOKENS_PER_SPLIT = 128
+
+
+def decode_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int | None = None) -> int:
+    units = num_reqs * num_kv_heads
+    splits = 1
+    for max_units, s in DECODE_SPLIT_TABLE:
+        if units <= max_units:
+            splits = s
+            break
+    if max_seq_len is not None and max_seq_len > 0:
+        splits = min(splits, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT))
+    return max(1, min(splits, MAX_DECODE_SPLITS))
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"q, k, v: expected [T, H, D] with k and v alike, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"k_cache, v_cache: expected [num_blocks, block_size, {k.shape[1]}, {k.shape[2]}], "
+                         f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q: head_dim must equal k's and heads be a multiple of {k.shape[1]}, "
+                         f"got {tuple(q.shape)}")
+    if any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache)):
+        raise ValueError("q, k, v, k_cache, v_cache: last dim must be contiguous")
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Store the new K/V, then attend causally over each request's whole context (see torch_ref).
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
+    Returns a contiguous [T, Hq, D] in q's dtype."""
+    _check_shapes(q, k, v, k_cache, v_cache)
+    store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = utils.empty_output(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    decode_only = meta.max_query_len == 1
+    # Host-side count of 1-query requests; a decode-only step needs none (no host work under graphs).
+    num_decodes = meta.seq_lens.shape[0] if decode_only else _count_single_queries(meta)
+    if num_decodes:
+        num_splits = meta.extra.get("num_splits")
+        if num_splits is None:
+            num_splits = decode_num_splits(num_decodes, k_cache.shape[2], meta.max_seq_len)
+        elif int(num_splits) < 1:
+            raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
+        decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                         scale, int(num_splits), scratch=meta.extra.get("decode_scratch"))
+    if not decode_only:
+        prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True)
+    return out
+
+
+def _count_single_queries(meta: AttentionMetadata) -> int:
+    return utils.step_plan(meta, "num_single_queries",
+                           lambda qsl, _: sum(1 for a, b in zip(qsl, qsl[1:]) if b - a == 1))

@@ -1,0 +1,178 @@
+"""Split-K paged decode attention for the requests with exactly one query token, CUDA-graph safe.
+
+Grid: (num_reqs, num_kv_heads, num_splits) -- it depends on nothing that changes between graph
+replays. Programs of requests whose query length is not 1 (prefill chunks of a mixed batch, which the
+prefill kernel handles, or graph padding with none) do nothing. Program (i, h, s) stacks the GROUP
+query heads that share KV head h into the rows of one [BLOCK_G, D] tile, so every K/V byte is read
+once per step and each KV tile costs one `tl.dot` for the whole group. Request i's context is cut into `num_splits` ranges of whole tiles; the program reads
+seq_lens[i] on the device and walks only its own range. With one split it writes the output directly;
+otherwise each split writes a normalized partial output and its log2-sum-exp into scratch rows indexed
+by request, and `_merge_kernel` (grid (num_reqs, num_q_heads)) combines the splits:
+    out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from carpool.ops.triton import utils
+from carpool.ops.triton.paged_kv import attend_tile
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split kernel (no autotuning: benchmarks/bench_kernels.py sweeps them)."""
+    block_n: int = 64  # keys per tile; may span pages
+    num_warps: int = 4
+    num_stages: int = 2
+    min_split_tiles: int = 1  # a split gets at least this many tiles, so short contexts use fewer splits
+
+
+def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    if dtype == torch.float32:  # correctness runs only: keep fp32 tiles out of local memory
+        return DecodeConfig(block_n=32, num_stages=1)
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
+                   out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
+                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                   stride_bt, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_row = tl.load(qsl_ptr + req)
+    is_decode = tl.load(qsl_ptr + req + 1) - q_row == 1
+    # Any other request attends to nothing here and writes nothing.
+    seq_len = tl.where(is_decode, tl.load(seq_lens_ptr + req), 0)
+
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    used_splits = tl.minimum(tl.maximum(tl.cdiv(num_tiles, MIN_SPLIT_TILES), 1), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, used_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)  # < tile_lo for idle splits: empty loop
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_g
+    # Integer bounds instead of `& is_decode`: the interpreter mistypes a broadcast scalar bool.
+    row_ok = offs_g < tl.where(is_decode, GROUP, 0)
+    mask_qd = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_row64 = q_row.to(tl.int64)
+    q = tl.load(q_ptr + q_row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_qd,
+                other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    bt_ptr = block_tables_ptr + req.to(tl.int64) * stride_bt
+    kv_off_k = kv_head.to(tl.int64) * stride_kh
+    kv_off_v = kv_head.to(tl.int64) * stride_vh
+    for tile in range(tile_lo, tile_hi):
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
+                                    seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
+                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION)
+    # Idle splits have l_i = 0: write o = 0 and lse = -inf so the merge gives them weight 0.
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + q_row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mask_qd)
+    else:
+        req64 = req.to(tl.int64)
+        part = part_out_ptr + req64 * stride_pt + heads[:, None] * stride_ph + split * stride_ps
+        tl.store(part + offs_d[None, :], o, mask=mask_qd)
+        lse = m_i + tl.log2(l_i)
+        tl.store(part_lse_ptr + req64 * stride_lt + heads * stride_lh + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(qsl_ptr, part_out_ptr, part_lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps,
+                  stride_lt, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(qsl_ptr + req)
+    is_decode = tl.load(qsl_ptr + req + 1) - q_row == 1
+    q_row64 = q_row.to(tl.int64)
+    req64 = req.to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < tl.where(is_decode, NUM_SPLITS, 0)  # integer bound: see _decode_kernel
+    lse = tl.load(part_lse_ptr + req64 * stride_lt + head * stride_lh + offs_s, mask=s_ok,
+                  other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0): weights 0, output 0
+    w = tl.exp2(lse - m)
+    mask = s_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    part = tl.load(part_out_ptr + req64 * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
+                   + offs_d[None, :], mask=mask, other=0.0)
+    denom = tl.sum(w, axis=0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + q_row64 * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
+             mask=offs_d < tl.where(is_decode, HEAD_DIM, 0))
+
+
+def decode_scratch(num_reqs: int, num_q_heads: int, num_splits: int, head_dim: int,
+                   device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial outputs [num_reqs, Hq, S, D] and their log2-sum-exp [num_reqs, Hq, S], float32."""
+    return (utils.empty_output((num_reqs, num_q_heads, num_splits, head_dim), torch.float32, device),
+            utils.empty_output((num_reqs, num_q_heads, num_splits), torch.float32, device))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                     scale: float, num_splits: int, config: DecodeConfig | None = None,
+                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention of each 1-query request over its whole cached context; writes those rows of `out`.
+
+    K/V of the new tokens must already be in the cache. `scratch` (see decode_scratch) may be larger
+    than needed in its request and split dims; without it, one is allocated here (inside a CUDA graph
+    capture that memory comes from the graph's pool, so replays reuse it)."""
+    num_reqs = seq_lens.shape[0]
+    num_tokens, num_q_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    if num_reqs == 0 or num_tokens == 0:
+        return out
+    config = config or default_decode_config(head_dim, k_cache.dtype)
+    if num_splits > 1:
+        part_out, part_lse = scratch if scratch is not None else decode_scratch(
+            num_reqs, num_q_heads, num_splits, head_dim, q.device)
+        if (part_out.shape[0] < num_reqs or part_out.shape[2] < num_splits
+                or part_lse.shape[0] < num_reqs or part_lse.shape[2] < num_splits):
+            raise ValueError(f"decode scratch: need >= [{num_reqs}, {num_q_heads}, {num_splits}, ...], "
+                             f"got {tuple(part_out.shape)} and {tuple(part_lse.shape)}")
+        if part_out.stride(-1) != 1 or part_lse.stride(-1) != 1 or part_out.dtype != torch.float32:
+            raise ValueError("decode scratch: float32 with a contiguous last dim expected")
+    else:
+        part_out, part_lse = out, out  # unused: the kernel writes `out` directly
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # tl.dot needs at least 16 rows: a GQA group smaller than that is padded with masked rows.
+    block_g = max(16, triton.next_power_of_2(group))
+    precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
+        MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
+        DOT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+    if num_splits > 1:
+        _merge_kernel[(num_reqs, num_q_heads)](
+            query_start_loc, part_out, part_lse, out, part_out.stride(0), part_out.stride(1),
+            part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2)
+    return out

@@ -1,0 +1,192 @@
+"""Norms, SiLU-and-mul and rotary embedding as Triton kernels.
+
+Each one is a single pass over memory (these ops are bandwidth-bound), computes in float32 and rounds
+where the torch reference rounds, so float32 results match `ops/torch_ref/elementwise.py` to rounding
+and bf16 results differ from it by at most one bf16 ulp per rounding step.
+
+Rows: inputs are `[N, D]` or `[N, H, D]` with a contiguous last dim but any row strides (q and k arrive
+as views of the fused qkv projection), so a row index r is split into (r // H, r % H) and each part
+gets its own stride instead of forcing a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from carpool.ops.triton import utils
+
+
+def _rows_view(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(num_rows, inner, stride_outer, stride_inner) of a 2D or 3D tensor with a unit last stride."""
+    if x.stride(-1) != 1:
+        raise ValueError(f"input: last dim must be contiguous, got strides {tuple(x.stride())}")
+    if x.dim() == 2:
+        return x.shape[0], 1, x.stride(0), 0
+    if x.dim() == 3:
+        return x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1)
+    raise ValueError(f"input: expected 2 or 3 dims, got shape {tuple(x.shape)}")
+
+
+def _rows_per_program(block_d: int) -> int:
+    # Short rows (per-head q/k norm, D = 128) would leave each program nearly idle: pack several.
+    return max(1, min(16, 2048 // block_d))
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_inner,
+                     sx_outer, sx_inner, sr_outer, sr_inner, eps,
+                     D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """out = weight * rms_norm(x [+ residual]); with a residual also res_out = x + residual.
+
+    Outputs are contiguous [n_rows, D]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < D)
+    rows64 = rows.to(tl.int64)
+    x_off = (rows64 // n_inner) * sx_outer + (rows64 % n_inner) * sx_inner
+    x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0)
+    out_off = rows64[:, None] * D + cols[None, :]
+    if HAS_RESIDUAL:
+        r_off = (rows64 // n_inner) * sr_outer + (rows64 % n_inner) * sr_inner
+        r = tl.load(res_ptr + r_off[:, None] + cols[None, :], mask=mask, other=0.0)
+        # The reference adds in the input dtype, so round the sum before normalizing it.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + out_off, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0)
+    # Reference: weight * (x * rstd).to(x.dtype) -- round to the input dtype, then scale.
+    y = (xf * rstd[:, None]).to(x.dtype).to(tl.float32) * w.to(tl.float32)[None, :]
+    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+          eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    d = x.shape[-1]
+    if weight.shape != (d,):
+        raise ValueError(f"weight: expected shape ({d},), got {tuple(weight.shape)}")
+    n_rows, n_inner, sx_o, sx_i = _rows_view(x)
+    out = utils.empty_output(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    res_out = None
+    sr_o = sr_i = 0
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual: expected {tuple(x.shape)} {x.dtype}, got "
+                             f"{tuple(residual.shape)} {residual.dtype}")
+        _, _, sr_o, sr_i = _rows_view(residual)
+        res_out = utils.empty_output(x.shape, dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return out, res_out
+    block_d = triton.next_power_of_2(d)
+    block_r = _rows_per_program(block_d)
+    grid = (triton.cdiv(n_rows, block_r),)
+    _rms_norm_kernel[grid](x, residual if residual is not None else x, weight, out,
+                           res_out if res_out is not None else out, n_rows, n_inner, sx_o, sx_i,
+                           sr_o, sr_i, eps, D=d, HAS_RESIDUAL=residual is not None, BLOCK_R=block_r,
+                           BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8)
+    return out, res_out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rms_norm(x) over the last dim; x is [N, D] or [N, H, D] (rows may be strided)."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass; the inputs are left untouched."""
+    out, res_out = _norm(x, residual, weight, eps)
+    assert res_out is not None
+    return out, res_out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # The reference rounds silu(gate) to the input dtype before the multiply; so do we.
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    tl.store(out_ptr + row * d + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] along the last dim -> silu(gate) * up, shape [..., d]."""
+    two_d = x.shape[-1]
+    if two_d % 2:
+        raise ValueError(f"x: last dim must be even ([gate | up]), got {two_d}")
+    d = two_d // 2
+    x2 = x.reshape(-1, two_d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = utils.empty_output((x2.shape[0], d), dtype=x.dtype, device=x.device)
+    if x2.shape[0] and d:
+        block = min(1024, triton.next_power_of_2(d))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, d, x2.stride(0), BLOCK=block,
+                                                                   num_warps=4)
+    return out.view(*x.shape[:-1], d)
+
+
+@triton.jit
+def _rotate_heads(ptr, base, stride_h, n_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):
+    """Rotate-half RoPE of one token's heads, in place: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < n_heads) & (cols[None, :] < HALF)
+    p1 = ptr + base + heads[:, None] * stride_h + cols[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    tl.store(p1, (x1f * cos[None, :] - x2f * sin[None, :]).to(x1.dtype), mask=mask)
+    tl.store(p1 + HALF, (x2f * cos[None, :] + x1f * sin[None, :]).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, n_q_heads, n_k_heads, stride_qt, stride_qh,
+                   stride_kt, stride_kh, stride_cs, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                   BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One program per token: cos/sin are loaded once and applied to all its q and k heads."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    cmask = cols < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + cols, mask=cmask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + cols, mask=cmask, other=0.0)
+    _rotate_heads(q_ptr, t * stride_qt, stride_qh, n_q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(k_ptr, t * stride_kt, stride_kh, n_k_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox rotate-half RoPE applied IN PLACE to q [T, Hq, D] and k [T, Hkv, D]; returns (q, k).
+
+    cos_sin_cache: [max_pos, D] float32, cos in the first D/2 columns, sin in the last D/2.
+    In place is safe for the model: q and k are fresh views of this layer's qkv projection.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"q, k: expected [T, H, D] with equal T and D, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    head_dim = q.shape[-1]
+    if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim:
+        raise ValueError(f"cos_sin_cache: expected [max_pos, {head_dim}] with even head_dim, "
+                         f"got {tuple(cos_sin_cache.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("q, k, cos_sin_cache: last dim must be contiguous")
+    n_tokens = q.shape[0]
+    if n_tokens:
+        half = head_dim // 2
+        _rotary_kernel[(n_tokens,)](positions, q, k, cos_sin_cache, q.shape[1], k.shape[1], q.stride(0),
+                                    q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+                                    HALF=half, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
+                                    BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+                                    BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)
+    return q, k

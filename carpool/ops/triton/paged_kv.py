@@ -1,0 +1,101 @@
+"""Paged KV cache primitives shared by the decode and prefill attention kernels.
+
+- `store_kvcache`: write each new token's K/V to its cache slot (slots < 0 are padding, skipped).
+- `attend_tile`: one step of online-softmax attention over a BLOCK_N-token tile of a request's context,
+  gathered through its block table. Scores live in the log2 domain (`qk_scale` = scale * log2(e)) so
+  the softmax uses exp2, and the running max starts at a large finite negative value instead of -inf:
+  a row with no visible key yet then keeps alpha = 1 and p = 0 rather than computing -inf - -inf = nan.
+
+Cache layout: [num_blocks, page_size, num_kv_heads, head_dim], last dim contiguous; token n of a request
+lives at page `block_table[n // page_size]`, row `n % page_size`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile kinds for attend_tile's MASK argument.
+MASK_NONE = 0  # every key of the tile is valid and visible to every query row
+MASK_LENGTH = 1  # keys at or beyond seq_len are invalid (decode)
+MASK_CAUSAL = 2  # key n is visible to query row r iff n <= q_pos[r] and n < seq_len (prefill diagonal)
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, n_heads,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    # Padding (slot < 0) gets no heads to write. (An integer bound rather than `scalar_bool & mask`:
+    # the interpreter mistypes that broadcast.)
+    n_heads = tl.where(slot >= 0, n_heads, 0)
+    slot = tl.maximum(slot, 0)
+    page = slot // PAGE_SIZE
+    row = slot % PAGE_SIZE
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < n_heads) & (dims[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask, other=0.0)
+    kc = k_cache_ptr + page * stride_kcb + row * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
+    vc = v_cache_ptr + page * stride_vcb + row * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
+    tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """k_cache/v_cache[slot // page_size, slot % page_size] = k/v[t] for every t with slot >= 0.
+
+    One program per token, so the grid depends only on the number of tokens (CUDA-graph safe)."""
+    n_tokens, n_heads, head_dim = k.shape
+    if n_tokens == 0:
+        return
+    page_size = k_cache.shape[1]
+    _store_kv_kernel[(n_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, n_heads, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+
+
+@triton.jit
+def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start_n, seq_len,
+                kv_head_off_k, kv_head_off_v, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
+                HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold keys [start_n, start_n + BLOCK_N) into the running (acc, l_i, m_i) of query rows q.
+
+    q: [M, BLOCK_D] in the cache dtype; q_pos: [M] absolute positions (used by MASK_CAUSAL only);
+    bt_ptr points at this request's block-table row. Returns the updated (acc, l_i, m_i)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if MASK == 0:
+        key_ok = offs_n >= 0  # all true; keeps one code path for the masks below
+    else:
+        key_ok = offs_n < seq_len
+    # A tile may span several pages (BLOCK_N > PAGE_SIZE): look up each key's page on its own.
+    page = tl.load(bt_ptr + offs_n // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+    row = offs_n % PAGE_SIZE
+    load_mask = key_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        load_mask = load_mask & (offs_d[None, :] < HEAD_DIM)
+    k_ptrs = k_cache_ptr + kv_head_off_k + page[:, None] * stride_kb + row[:, None] * stride_ks
+    k = tl.load(k_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASK == 1:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    if MASK == 2:
+        s = tl.where(key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_ptrs = v_cache_ptr + kv_head_off_v + page[:, None] * stride_vb + row[:, None] * stride_vs
+    v = tl.load(v_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new

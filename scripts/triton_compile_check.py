@@ -1,0 +1,109 @@
+"""Compile every Triton kernel of carpool.ops.triton for an H100/H200 (sm_90) on a machine with no GPU,
+and report registers, spills and whether the loads are pipelined. Prints one JSON object.
+
+    python scripts/triton_compile_check.py [--dtype bfloat16]
+
+The ops are called on CPU tensors with TRITON_INTERPRET unset; each launch is intercepted, its
+arguments specialized as the real launcher would (16-byte alignment, divisibility by 16), compiled
+with the bundled ptxas, and not run. Catches compile errors and register spills before a GPU run.
+Uses Triton's private launch helpers (written against Triton 3.9); it is a developer tool, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+TARGET = GPUTarget("cuda", 90, 32)
+compiled: dict[str, dict] = {}
+
+
+def _compile_instead_of_launch(self: JITFunction, grid: object):
+    def launch(*args, **kwargs):
+        backend = make_backend(TARGET)
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        kwargs["debug"] = False
+        bound, specialization, options = binder(*args, **kwargs)
+        options, sig, consts, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+        named = {self.arg_names[path[0]]: str(v) for path, v in consts.items()}
+        key = f"{self.fn.__name__} {sorted(named.items())} {sig} w{options.num_warps} s{options.num_stages}"
+        if key in compiled:
+            return
+        kernel = triton.compile(ASTSource(self, sig, consts, attrs), target=TARGET, options=options.__dict__)
+        compiled[key] = dict(kernel=self.fn.__name__, constexprs=named, num_warps=options.num_warps,
+                             num_stages=options.num_stages, shared_bytes=kernel.metadata.shared,
+                             **_resource_usage(kernel.asm["cubin"]), cp_async="cp.async" in kernel.asm["ptx"],
+                             wgmma="wgmma" in kernel.asm["ptx"])
+    return launch
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(part.split(":", 1) for line in text.splitlines() if "REG:" in line for part in line.split()
+                  if ":" in part)
+    return dict(registers=int(fields.get("REG", -1)), stack_bytes=int(fields.get("STACK", -1)))
+
+
+def call_every_op(dtype: torch.dtype) -> None:
+    from carpool.forward_batch import AttentionMetadata
+    from carpool.ops import triton as tri
+
+    for hq, hkv, d in ((16, 8, 128), (32, 8, 128), (8, 8, 64)):
+        page, reqs = 16, [(100, 1), (2000, 1), (300, 50)]
+        nb = [-(-s // page) for s, _ in reqs]
+        table = torch.arange(sum(nb), dtype=torch.int32)
+        tables = torch.zeros(len(reqs), max(nb), dtype=torch.int32)
+        for i, (start, n) in enumerate(zip([0] + list(torch.tensor(nb).cumsum(0)[:-1]), nb)):
+            tables[i, :n] = table[start:start + n]
+        qsl = [0, 1, 2, 52]
+        k_cache = torch.zeros(sum(nb), page, hkv, d, dtype=dtype)
+        q, k = torch.zeros(52, hq, d, dtype=dtype), torch.zeros(52, hkv, d, dtype=dtype)
+        for max_q, reqs_now in ((1, reqs[:2]), (50, reqs)):  # decode-only, then mixed
+            n_reqs = len(reqs_now)
+            seq_lens = [s for s, _ in reqs_now]
+            meta = AttentionMetadata(torch.tensor(qsl[:n_reqs + 1], dtype=torch.int32),
+                                     torch.tensor(seq_lens, dtype=torch.int32), tables[:n_reqs].contiguous(),
+                                     torch.zeros(qsl[n_reqs], dtype=torch.int64), max_query_len=max_q,
+                                     max_seq_len=2000, query_start_loc_cpu=qsl[:n_reqs + 1], seq_lens_cpu=seq_lens)
+            for splits in (1, 8):
+                meta.extra = {"num_splits": splits}
+                n = qsl[n_reqs]
+                tri.paged_attention(q[:n], k[:n], k[:n], k_cache, k_cache.clone(), meta, d ** -0.5)
+        tri.rms_norm(q, torch.zeros(d, dtype=dtype), 1e-6)
+        tri.rotary_embedding(torch.arange(52), q, k, torch.zeros(4096, d))
+    for hidden in (1024, 4096):
+        x = torch.zeros(8, hidden, dtype=dtype)
+        w = torch.zeros(hidden, dtype=dtype)
+        tri.rms_norm(x, w, 1e-6)
+        tri.fused_add_rms_norm(x, x, w, 1e-6)
+        tri.silu_and_mul(torch.zeros(8, 2 * 3 * hidden, dtype=dtype))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: this script compiles the kernels")
+    JITFunction.__getitem__ = _compile_instead_of_launch  # type: ignore[method-assign]
+    call_every_op(getattr(torch, args.dtype))
+    rows = list(compiled.values())
+    print(json.dumps(dict(target="sm_90", triton=triton.__version__, dtype=args.dtype,
+                          spilling=[r for r in rows if r["stack_bytes"] > 0], kernels=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Triton kernels against their torch_ref twins.
+
+Without a GPU they run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1) in
+float32 (and float16; bf16 `tl.dot` is wrong in the interpreter); with a GPU the same unmarked tests run
+compiled in float32, and the `gpu` tests compare bf16 kernels with torch_ref on upcast float32 inputs.
+Outputs are allocated poisoned with NaN, so a kernel that skips an element fails.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from carpool.forward_batch import AttentionMetadata  # noqa: E402
+from carpool.ops import torch_ref  # noqa: E402
+from carpool.ops import triton as tri  # noqa: E402
+from carpool.ops.triton import utils  # noqa: E402
+from carpool.ops.triton.attention import decode_num_splits  # noqa: E402
+from carpool.ops.triton.decode_attention import DecodeConfig, decode_attention  # noqa: E402
+from carpool.ops.triton.paged_kv import store_kvcache  # noqa: E402
+from carpool.ops.triton.prefill_attention import PrefillConfig, prefill_attention  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+gpu = pytest.mark.gpu
+# Idle decode splits compute log2(0) = -inf on purpose; numpy warns about it in the interpreter.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(utils, "empty_output", poisoned)
+
+
+def make_batch(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int, head_dim: int,
+               block_size: int, dtype: torch.dtype, device: str = DEVICE, pad_tokens: int = 0,
+               seed: int = 0):
+    """Random q/k/v and a random cache for requests given as (seq_len, q_len).
+
+    Each request gets distinct, shuffled blocks; its cached prefix holds random K/V already, and its
+    q_len new tokens are stored by the op through slot_mapping. `pad_tokens` extra rows at the end
+    belong to no request and carry slot -1."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_req = [-(-s // block_size) for s, _ in reqs]
+    num_blocks = sum(blocks_per_req) + 3
+    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    max_blocks = max(blocks_per_req + [1])
+    block_tables = torch.zeros(len(reqs), max_blocks, dtype=torch.int32)
+    slots: list[int] = []
+    qsl = [0]
+    for i, ((seq_len, q_len), nb) in enumerate(zip(reqs, blocks_per_req)):
+        table = [ids.pop() for _ in range(nb)]
+        block_tables[i, :nb] = torch.tensor(table, dtype=torch.int32)
+        for pos in range(seq_len - q_len, seq_len):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        qsl.append(qsl[-1] + q_len)
+    slots += [-1] * pad_tokens
+    n = len(slots)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    q, k, v = rand(n, num_q_heads, head_dim), rand(n, num_kv_heads, head_dim), rand(n, num_kv_heads, head_dim)
+    k_cache = rand(num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = rand(num_blocks, block_size, num_kv_heads, head_dim)
+    seq_lens = [s for s, _ in reqs]
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=block_tables.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        max_query_len=max(q for _, q in reqs), max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+    return q, k, v, k_cache, v_cache, meta
+
+
+def check_attention(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int, head_dim: int,
+                    block_size: int = 16, dtype: torch.dtype = torch.float32, pad_tokens: int = 0,
+                    num_splits: int | None = None, atol: float = 2e-5, rtol: float = 1e-4,
+                    device: str = DEVICE) -> None:
+    q, k, v, kc, vc, meta = make_batch(reqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
+                                       device, pad_tokens)
+    if num_splits is not None:
+        meta.extra["num_splits"] = num_splits
+    scale = head_dim ** -0.5
+    kc_ref, vc_ref = kc.float().clone(), vc.float().clone()
+    expected = torch_ref.paged_attention(q.float(), k.float(), v.float(), kc_ref, vc_ref, meta, scale)
+    out = tri.paged_attention(q, k, v, kc, vc, meta, scale)
+    n = meta.query_start_loc_cpu[-1]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out[:n].isnan().any(), "some output elements were never written"
+    torch.testing.assert_close(out[:n].float(), expected[:n], atol=atol, rtol=rtol)
+    # The store: new tokens land in their slots, padding (slot -1) writes nothing.
+    torch.testing.assert_close(kc.float(), kc_ref, atol=0, rtol=0)
+    torch.testing.assert_close(vc.float(), vc_ref, atol=0, rtol=0)
+
+
+# ---- decode path (max_query_len == 1) -------------------------------------------------------------
+
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (2, 24, 32), (4, 128, 16), (2, 16, 16)])
+def test_decode_matches_reference(group: int, head_dim: int, block_size: int) -> None:
+    contexts = [1, 17, 64, 100, 333]
+    check_attention([(s, 1) for s in contexts], 2 * group, 2, head_dim, block_size)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_splits_merge_to_the_same_result(num_splits: int) -> None:
+    # 8 splits over <= 6 tiles: some splits idle, and the 1-token context uses one split only.
+    check_attention([(1, 1), (129, 1), (330, 1)], 4, 2, 32, num_splits=num_splits)
+
+
+def test_decode_skips_padding_slots_and_empty_requests() -> None:
+    # Request 1 schedules no token (q_len 0); two trailing rows carry slot -1.
+    check_attention([(40, 1), (25, 0), (70, 1)], 4, 1, 64, pad_tokens=2, num_splits=4)
+
+
+def test_decode_float16() -> None:
+    check_attention([(5, 1), (200, 1)], 4, 2, 64, dtype=torch.float16, num_splits=2, atol=2e-3, rtol=2e-3)
+
+
+def test_decode_uses_scratch_from_meta() -> None:
+    q, k, v, kc, vc, meta = make_batch([(90, 1), (150, 1)], 2, 1, 32, 16, torch.float32)
+    part_out = torch.full((8, 2, 16, 32), float("nan"), device=DEVICE)  # larger than needed
+    part_lse = torch.full((8, 2, 16), float("nan"), device=DEVICE)
+    meta.extra.update(num_splits=3, decode_scratch=(part_out, part_lse))
+    expected = torch_ref.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.2)
+    out = tri.paged_attention(q, k, v, kc, vc, meta, 0.2)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    assert not part_out[:2, :, :3].isnan().any()
+
+
+def test_decode_grid_ignores_host_lengths() -> None:
+    """What a CUDA graph replays: the same launch with new seq_lens on the device gives new results."""
+    q, _, _, kc, vc, meta = make_batch([(300, 1), (40, 1)], 4, 2, 32, 16, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    meta.seq_lens.copy_(torch.tensor([35, 290], dtype=torch.int32))  # the host copies are stale now
+    decode_attention(q, kc, vc, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, 4)
+    meta.seq_lens_cpu = [35, 290]
+    torch.testing.assert_close(out, attention_without_store(q, kc, vc, meta, 0.3), atol=2e-5, rtol=1e-4)
+
+
+def attention_without_store(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata,
+                            scale: float) -> torch.Tensor:
+    """torch_ref attention over the cache as it is (no new K/V stored)."""
+    no_kv = torch.empty(0, kc.shape[2], kc.shape[3], dtype=q.dtype, device=q.device)
+    no_store = AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                 torch.empty(0, dtype=torch.int64, device=q.device), meta.max_query_len,
+                                 meta.max_seq_len, meta.query_start_loc_cpu, meta.seq_lens_cpu)
+    return torch_ref.paged_attention(q, no_kv, no_kv, kc.clone(), vc.clone(), no_store, scale)
+
+
+def test_split_table_gives_few_reqs_many_splits() -> None:
+    assert decode_num_splits(1, 8) > decode_num_splits(64, 8) >= decode_num_splits(256, 8) == 1
+    assert decode_num_splits(1, 8, max_seq_len=100) == 1  # a short context is not split
+
+
+# ---- prefill / extend path ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (2, 16, 32), (4, 24, 16), (2, 128, 16)])
+def test_prefill_matches_reference(group: int, head_dim: int, block_size: int) -> None:
+    check_attention([(1, 1), (37, 37), (130, 130)], 2 * group, 2, head_dim, block_size)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_with_cached_prefix(group: int) -> None:
+    # (seq_len, q_len): chunks that start mid-page, at a page boundary, and a long prefix.
+    check_attention([(300, 45), (64, 48), (77, 5), (200, 128)], 2 * group, 2, 32, block_size=16)
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_mixed_batch_of_decodes_chunks_and_prefix_hits(block_size: int) -> None:
+    reqs = [(120, 1), (9, 1), (260, 1), (50, 50), (180, 70), (33, 2)]
+    check_attention(reqs, 4, 2, 64, block_size=block_size, pad_tokens=3)
+
+
+def test_metadata_refilled_for_the_next_step_gets_a_fresh_plan() -> None:
+    q, k, v, kc, vc, meta = make_batch([(40, 40), (90, 1), (70, 30)], 4, 2, 32, 16, torch.float32)
+    tri.paged_attention(q, k, v, kc, vc, meta, 0.25)  # caches this step's plans in meta.extra
+    q2, k2, v2, kc2, vc2, meta2 = make_batch([(33, 1), (100, 64)], 4, 2, 32, 16, torch.float32, seed=1)
+    for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping", "max_query_len",
+                 "max_seq_len", "query_start_loc_cpu", "seq_lens_cpu"):
+        setattr(meta, name, getattr(meta2, name))  # the same object, refilled; meta.extra kept
+    expected = torch_ref.paged_attention(q2, k2, v2, kc2.clone(), vc2.clone(), meta2, 0.25)
+    torch.testing.assert_close(tri.paged_attention(q2, k2, v2, kc2, vc2, meta, 0.25), expected,
+                               atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [PrefillConfig(block_m=128, block_n=64),
+                                    PrefillConfig(block_m=16, block_n=16)])
+def test_prefill_kernel_alone_handles_single_queries(config: PrefillConfig) -> None:
+    # Without the decode kernel: 1-query requests go through the prefill kernel as 1-row tiles.
+    q, k, v, kc, vc, meta = make_batch([(120, 1), (70, 70), (200, 33), (5, 1)], 4, 2, 32, 16, torch.float32)
+    expected = torch_ref.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.25)
+    store_kvcache(k, v, kc, vc, meta.slot_mapping)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, kc, vc, out, meta, 0.25, skip_single_queries=False, config=config)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [DecodeConfig(block_n=64), DecodeConfig(block_n=16, min_split_tiles=2)])
+def test_decode_kernel_configs(config: DecodeConfig) -> None:
+    q, _, _, kc, vc, meta = make_batch([(300, 1), (1, 1), (77, 1)], 8, 2, 32, 16, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, kc, vc, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, 5, config)
+    torch.testing.assert_close(out, attention_without_store(q, kc, vc, meta, 0.3), atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_float16() -> None:
+    check_attention([(90, 90), (150, 40)], 4, 2, 64, dtype=torch.float16, atol=2e-3, rtol=2e-3)
+
+
+# ---- elementwise ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+def test_rms_norm_on_strided_heads(dtype: torch.dtype, tol: float) -> None:
+    base = torch.randn(7, 5 * 24, device=DEVICE).to(dtype)
+    x = base[:, :3 * 24].view(7, 3, 24)  # like q inside a fused qkv row: strided rows
+    w = torch.randn(24, device=DEVICE).to(dtype)
+    torch.testing.assert_close(tri.rms_norm(x, w, 1e-6), torch_ref.rms_norm(x, w, 1e-6), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+def test_fused_add_rms_norm(dtype: torch.dtype, tol: float) -> None:
+    x, r = (torch.randn(5, 100, device=DEVICE).to(dtype) for _ in range(2))
+    w = torch.randn(100, device=DEVICE).to(dtype)
+    x0, r0 = x.clone(), r.clone()
+    out, res = tri.fused_add_rms_norm(x, r, w, 1e-5)
+    ref_out, ref_res = torch_ref.fused_add_rms_norm(x, r, w, 1e-5)
+    torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    assert torch.equal(x, x0) and torch.equal(r, r0)  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+def test_silu_and_mul(dtype: torch.dtype, tol: float) -> None:
+    x = (3 * torch.randn(4, 3, 2 * 1500, device=DEVICE)).to(dtype)  # d = 1500: two column tiles
+    torch.testing.assert_close(tri.silu_and_mul(x), torch_ref.silu_and_mul(x), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("head_dim", [24, 64])
+def test_rotary_embedding_in_place_on_qkv_views(head_dim: int) -> None:
+    t, hq, hkv = 6, 4, 2
+    qkv = torch.randn(t, (hq + 2 * hkv) * head_dim, device=DEVICE)
+    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
+    cos_sin = torch.randn(50, head_dim, device=DEVICE)
+    positions = torch.tensor([0, 3, 49, 7, 7, 20], device=DEVICE)
+    ref_q, ref_k = torch_ref.rotary_embedding(positions, q, k, cos_sin)
+    v_before = qkv[:, (hq + hkv) * head_dim:].clone()
+    out_q, out_k = tri.rotary_embedding(positions, q, k, cos_sin)
+    torch.testing.assert_close(out_q, ref_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out_k, ref_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv[:, (hq + hkv) * head_dim:], v_before)  # v untouched
+
+
+# ---- in the model ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # head_dim 16; head_dim 24 with q/k norms on views
+def test_engine_with_triton_kernels_gives_the_same_greedy_tokens(checkpoint_factory, arch: str) -> None:
+    from checkpoints import prompts_of_lengths
+
+    from carpool import LLM, SamplingParams
+
+    path = checkpoint_factory(arch)
+    prompts = prompts_of_lengths([1, 17, 40, 70])
+    prompts.append(prompts[3][:50] + [1, 2, 3])  # a prefix-cache hit on prompt 3's first blocks
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        # 32-token steps: chunked prefill, and steps mixing decodes with prefill chunks.
+        llm = LLM(path, device=DEVICE, kernel_backend=backend, max_num_batched_tokens=32)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        tokens[backend] = [o.outputs[0].token_ids for o in outs]
+    assert tokens["triton"] == tokens["torch"]
+
+
+# ---- GPU, bf16 ------------------------------------------------------------------------------------
+
+BF16_TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs, probabilities rounded to bf16 before P @ V
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("reqs", [
+    [(s, 1) for s in (1, 17, 300, 1000, 2049)],  # decode
+    [(37, 37), (300, 300), (1000, 200)],  # prefill, with a cached prefix
+    [(120, 1), (900, 1), (50, 50), (600, 130)],  # mixed
+])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (2, 128), (4, 128)])
+def test_gpu_attention_bf16(reqs: list[tuple[int, int]], group: int, head_dim: int) -> None:
+    check_attention(reqs, 8 * group, 8, head_dim, dtype=torch.bfloat16, device="cuda", **BF16_TOL)
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_long_contexts_batch_64() -> None:
+    rng = random.Random(0)
+    reqs = [(rng.randint(1024, 8192), 1) for _ in range(64)]
+    check_attention(reqs, 16, 8, 128, dtype=torch.bfloat16, device="cuda", **BF16_TOL)
+
+
+@gpu
+@needs_cuda
+def test_gpu_elementwise_bf16() -> None:
+    dev, dt = "cuda", torch.bfloat16
+    x, r = (torch.randn(300, 4096, device=dev, dtype=dt) for _ in range(2))
+    w = torch.randn(4096, device=dev, dtype=dt)
+    out, res = tri.fused_add_rms_norm(x, r, w, 1e-6)
+    ref_out, ref_res = torch_ref.fused_add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(tri.rms_norm(x, w, 1e-6).float(), torch_ref.rms_norm(x, w, 1e-6).float(),
+                               atol=2e-2, rtol=1e-2)
+    g = torch.randn(300, 2 * 3072, device=dev, dtype=dt)
+    torch.testing.assert_close(tri.silu_and_mul(g).float(), torch_ref.silu_and_mul(g).float(),
+                               atol=2e-2, rtol=1e-2)
+    q, k = torch.randn(300, 16, 128, device=dev, dtype=dt), torch.randn(300, 8, 128, device=dev, dtype=dt)
+    cos_sin = torch.randn(4096, 128, device=dev)
+    pos = torch.randint(0, 4096, (300,), device=dev)
+    ref_q, ref_k = torch_ref.rotary_embedding(pos, q.float(), k.float(), cos_sin)
+    out_q, out_k = tri.rotary_embedding(pos, q, k, cos_sin)
+    torch.testing.assert_close(out_q.float(), ref_q, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(out_k.float(), ref_k, atol=3e-2, rtol=2e-2)
