@@ -16,7 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
 
 step python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -o addopts="" --junitxml="$out/gpu_tests.xml" -s
-step python3 benchmarks/bench_kernels.py --out "$out/kernels.json"
+if [ "$mode" = quick ]; then kq=--quick; else kq=; fi
+step python3 benchmarks/bench_kernels.py $kq --out "$out/kernels.json"
 if [ "$mode" = quick ]; then
   step python3 benchmarks/bench_latency.py --out "$out/latency.json"
   step python3 benchmarks/bench_throughput.py --num-prompts 64 --out "$out/throughput_quick.json"
