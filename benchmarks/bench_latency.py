@@ -22,7 +22,7 @@ from common import (SHAPES, ModelArithmetic, device_name, emit, measure_copy_ban
 
 
 def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
-                engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+                engine_kwargs: dict[str, Any], profile: bool = False) -> dict[str, Any]:
     from carpool import LLM, SamplingParams
 
     llm = LLM(model, **engine_kwargs)
@@ -36,8 +36,23 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
         assert len(out.outputs[0].token_ids) == new_tokens
         per_token.append((m.finished_time - m.first_token_time) / (new_tokens - 1))
         ttft.append(m.time_to_first_token)
-    return {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
-            "repeats": repeats}
+    result = {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
+              "repeats": repeats}
+    if profile:
+        from profile_util import profile_steps
+
+        engine = llm.engine
+        engine.add_request(None, {"prompt_token_ids": prompt}, params)
+        for _ in range(8):  # past the prefill
+            engine.step()
+        result["profile"] = profile_steps(engine, 50)
+        while engine.has_unfinished_requests():
+            engine.step()
+    del llm
+    import torch
+
+    torch.cuda.empty_cache()
+    return result
 
 
 def run_hf(model: str, prompt: list[int], new_tokens: int) -> dict[str, Any]:
@@ -75,6 +90,7 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="add a torch.profiler summary of 50 decode steps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -93,7 +109,7 @@ def main() -> None:
                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "tensor_parallel_size": args.tensor_parallel_size,
                               "copy_bandwidth_bytes_per_s": bandwidth}
-    result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs)
+    result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile)
     result["ms_per_token"] = result["carpool"]["ms_per_token"]
     if dummy:
         weight_bytes = ModelArithmetic.of(args.shape).weight_bytes

@@ -70,7 +70,7 @@ def roofline(shape: str, prompts: list[list[int]], out_lens: list[int], bandwidt
 
 
 def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], temperature: float,
-                engine_kwargs: dict[str, Any], warm_prefix_runs: int = 0) -> dict[str, Any]:
+                engine_kwargs: dict[str, Any], profile: bool = False) -> dict[str, Any]:
     from carpool import LLM, SamplingParams
 
     llm = LLM(model, **engine_kwargs)
@@ -110,10 +110,34 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
         result["host_ms_per_step"] = 1e3 * max(elapsed - gpu_total, 0.0) / num_steps
         result["host_over_gpu"] = result["host_ms_per_step"] / result["gpu_ms_per_step"]
         result["gpu_busy_fraction"] = gpu_total / elapsed
+    if profile:
+        # decode steps with every request running: all prompts in, then a profiled window
+        from profile_util import profile_steps
+
+        runner.collect_timings = False
+        for prompt, p in zip(prompts, params):
+            engine.add_request(None, {"prompt_token_ids": prompt}, p)
+        while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                                                  for r in engine.scheduler.running):
+            engine.step()
+        for _ in range(20):
+            engine.step()
+        result["profile_batch"] = engine.scheduler.num_running
+        result["profile"] = profile_steps(engine, 30)
+        for r in list(engine.scheduler.requests):
+            engine.abort(r)
+        while engine.has_unfinished_requests():
+            engine.step()
+    del llm, engine, runner
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return result
 
 
-def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperature: float) -> dict[str, Any]:
+def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperature: float,
+           max_seconds: float = 240.0) -> dict[str, Any]:
     """HF transformers continuous batching (paged attention over SDPA), per-request max_new_tokens."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -124,10 +148,19 @@ def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperatur
                            eos_token_id=-1, pad_token_id=0)
     start = time.perf_counter()
     out_tokens = 0
+    partial = False
     with hf.continuous_batching_context_manager(generation_config=gen, block=True, timeout=60) as manager:
-        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, out_lens)]
+        ids = []
+        for p, n in zip(prompts, out_lens):
+            try:
+                ids.append(manager.add_request(p, max_new_tokens=n, eos_token_id=-1))
+            except TypeError:  # older transformers: no per-request eos argument
+                ids.append(manager.add_request(p, max_new_tokens=n))
         done = 0
         while done < len(ids):
+            if time.perf_counter() - start > max_seconds:
+                partial = True  # report the rate over the requests that finished in time
+                break
             r = manager.get_result(timeout=5)
             if r is None:
                 if not manager.is_running():
@@ -140,7 +173,7 @@ def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperatur
     del hf
     torch.cuda.empty_cache()
     return {"seconds": elapsed, "output_tokens": out_tokens, "tokens_per_s": out_tokens / elapsed,
-            "attn_implementation": "paged|sdpa"}
+            "attn_implementation": "paged|sdpa", "finished_requests": done, "partial": partial}
 
 
 def main() -> None:
@@ -157,6 +190,7 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--device", default=None)
     ap.add_argument("--hf", action="store_true", help="also run HF transformers on the same workload")
+    ap.add_argument("--profile", action="store_true", help="add a torch.profiler summary of 30 decode steps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -185,7 +219,7 @@ def main() -> None:
         if vocab <= 10000:  # small models (the CPU demo): fold ids into the vocabulary
             prompts = [[t % vocab for t in p] for p in prompts]
         result["total_output_tokens"] = sum(out_lens)
-        result["carpool"] = run_carpool(model, prompts, out_lens, args.temperature, engine_kwargs)
+        result["carpool"] = run_carpool(model, prompts, out_lens, args.temperature, engine_kwargs, args.profile)
         result["tokens_per_s"] = result["carpool"]["tokens_per_s"]
         for key in ("host_ms_per_step", "gpu_ms_per_step", "host_over_gpu"):
             if key in result["carpool"]:

@@ -16,14 +16,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
 
 step python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -o addopts="" --junitxml="$out/gpu_tests.xml" -s
-if [ "$mode" = quick ]; then kq=--quick; else kq=; fi
-step python3 benchmarks/bench_kernels.py $kq --out "$out/kernels.json"
 if [ "$mode" = quick ]; then
   step python3 benchmarks/bench_latency.py --out "$out/latency.json"
   step python3 benchmarks/bench_throughput.py --num-prompts 64 --out "$out/throughput_quick.json"
 else
-  step python3 benchmarks/bench_latency.py --hf --out "$out/latency.json"
-  step python3 benchmarks/bench_throughput.py --hf --out "$out/throughput.json"
+  step python3 benchmarks/bench_latency.py --hf --profile --out "$out/latency.json"
+  step python3 benchmarks/bench_throughput.py --hf --profile --out "$out/throughput.json"
   step python3 benchmarks/bench_throughput.py --workload shared-prefix --out "$out/shared_prefix.json"
 fi
+# the full split/tile sweep takes 5-8 minutes; --quick sweeps enough to check the split table
+step python3 benchmarks/bench_kernels.py --quick --out "$out/kernels.json"
 exit $status

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.gpu,
 
 FIRST_TOKENS = 4
 LOGPROB_TOL = 0.15  # bf16 weights/activations vs float32: |logprob difference| of the top tokens
+NEAR_TIE = 2 * LOGPROB_TOL  # a top-1/top-2 logprob gap bf16 may not resolve
 LENGTHS = [1, 7, 16, 33, 100, 257, 600]
 
 
@@ -39,19 +40,36 @@ def run(path: str, prompts, **kwargs):
     return [o.outputs[0] for o in outs]
 
 
+def compare_until_near_tie(ref, fast, num_tokens: int) -> tuple[float, int, int]:
+    """Walk each prompt's tokens; they must agree until the reference's top two candidates are closer
+    than what bf16 can resolve (NEAR_TIE), after which the sequences may legitimately part. Returns the
+    worst |logprob difference| seen before any parting, the number of prompts that parted, and the
+    number of tokens compared."""
+    worst, parted, compared = 0.0, 0, 0
+    for r, f in zip(ref, fast):
+        for step in range(num_tokens):
+            ranked = sorted(r.logprobs[step].values(), key=lambda lp: -lp.logprob)
+            for tok, lp in r.logprobs[step].items():
+                if tok in f.logprobs[step]:
+                    worst = max(worst, abs(f.logprobs[step][tok].logprob - lp.logprob))
+            compared += 1
+            if f.token_ids[step] != r.token_ids[step]:
+                gap = ranked[0].logprob - ranked[1].logprob
+                assert gap < NEAR_TIE, f"token {step} differs although the reference leads by {gap:.3f}"
+                parted += 1
+                break
+    return worst, parted, compared
+
+
 def test_triton_bf16_with_cuda_graphs_matches_float32_torch_reference(gpu_checkpoint):
     prompts = prompts_of_lengths(LENGTHS, seed=3)
     ref = run(gpu_checkpoint, prompts, dtype="float32", kernel_backend="torch", enforce_eager=True)
     fast = run(gpu_checkpoint, prompts, dtype="bfloat16", kernel_backend="triton")
-    worst = 0.0
-    for r, f in zip(ref, fast):
-        assert f.token_ids[:FIRST_TOKENS] == r.token_ids[:FIRST_TOKENS]
-        for step in range(FIRST_TOKENS):
-            for tok, lp in r.logprobs[step].items():
-                if tok in f.logprobs[step]:
-                    worst = max(worst, abs(f.logprobs[step][tok].logprob - lp.logprob))
-    print(f"max |logprob bf16 triton - fp32 torch_ref| over the first {FIRST_TOKENS} tokens: {worst:.4f}")
+    worst, parted, compared = compare_until_near_tie(ref, fast, FIRST_TOKENS * 2)
+    print(f"bf16 Triton+graphs vs fp32 torch_ref: max |logprob diff| {worst:.4f} over {compared} tokens; "
+          f"{parted}/{len(prompts)} prompts parted at a near tie")
     assert worst < LOGPROB_TOL
+    assert parted <= len(prompts) // 2
 
 
 def test_triton_float32_matches_torch_reference_tokens(gpu_checkpoint):
@@ -73,8 +91,10 @@ def test_gpu_kv_cache_is_sized_from_memory_and_chunked_preempted_runs_agree(gpu_
     llm = LLM(gpu_checkpoint, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.5)
     assert llm.engine.stats().num_kv_blocks > 1000
     del llm
+    torch.cuda.empty_cache()
+    # float32 so that only scheduling (chunks, preemption, graphs vs eager) could change the tokens
     prompts = prompts_of_lengths(LENGTHS, seed=6)
-    base = run(gpu_checkpoint, prompts, dtype="bfloat16")
-    tight = run(gpu_checkpoint, prompts, dtype="bfloat16", num_kv_blocks=60, max_num_batched_tokens=64)
+    base = run(gpu_checkpoint, prompts, dtype="float32")
+    tight = run(gpu_checkpoint, prompts, dtype="float32", num_kv_blocks=60, max_num_batched_tokens=64)
     for a, b in zip(base, tight):
-        assert a.token_ids[:FIRST_TOKENS] == b.token_ids[:FIRST_TOKENS]
+        assert a.token_ids[:8] == b.token_ids[:8]

@@ -263,6 +263,23 @@ def test_rotary_embedding_in_place_on_qkv_views(head_dim: int) -> None:
     assert torch.equal(qkv[:, (hq + hkv) * head_dim:], v_before)  # v untouched
 
 
+@pytest.mark.parametrize("head_dim", [24, 64])
+def test_qk_norm_rotary_matches_norm_then_rope(head_dim: int) -> None:
+    t, hq, hkv = 5, 4, 2
+    qkv = 3 * torch.randn(t, (hq + 2 * hkv) * head_dim, device=DEVICE)
+    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
+    cos_sin = torch.randn(40, head_dim, device=DEVICE)
+    positions = torch.tensor([0, 5, 39, 5, 11], device=DEVICE)
+    qw, kw = torch.rand(head_dim, device=DEVICE) + 0.5, torch.rand(head_dim, device=DEVICE) + 0.5
+    ref_q, ref_k = torch_ref.qk_norm_rotary(positions, q.clone(), k.clone(), cos_sin, qw, kw, 1e-6)
+    v_before = qkv[:, (hq + hkv) * head_dim:].clone()
+    out_q, out_k = tri.qk_norm_rotary(positions, q, k, cos_sin, qw, kw, 1e-6)
+    torch.testing.assert_close(out_q, ref_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_k, ref_k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(qkv[:, (hq + hkv) * head_dim:], v_before)  # v untouched
+
+
 # ---- in the model ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # head_dim 16; head_dim 24 with q/k norms on views
@@ -331,3 +348,57 @@ def test_gpu_elementwise_bf16() -> None:
     out_q, out_k = tri.rotary_embedding(pos, q, k, cos_sin)
     torch.testing.assert_close(out_q.float(), ref_q, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(out_k.float(), ref_k, atol=3e-2, rtol=2e-2)
+
+
+# ---- one-pass sampling ---------------------------------------------------------------------------
+
+def test_sampling_kernel_greedy_rows_take_the_argmax_lowest_index_on_ties() -> None:
+    logits = torch.randn(5, 3000, device=DEVICE)
+    logits[2, 10] = logits[2, 2500] = 50.0  # a tie: the lower index wins, as in torch.argmax
+    temperature = torch.zeros(5, device=DEVICE)
+    seeds = torch.arange(5, dtype=torch.int64, device=DEVICE)
+    out = tri.sample_from_logits(logits, temperature, seeds)
+    assert out.tolist() == logits.argmax(dim=-1).tolist()
+    assert out[2].item() == 10
+
+
+def test_sampling_kernel_draw_depends_only_on_the_row_seed() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 700, device=DEVICE, dtype=torch.float16)
+    temperature = torch.full((6,), 0.8, device=DEVICE)
+    seeds = torch.tensor([11, 22, 33, 44, 55, 66], dtype=torch.int64, device=DEVICE)
+    full = tri.sample_from_logits(logits, temperature, seeds)
+    perm = torch.tensor([3, 0, 5, 1], device=DEVICE)
+    part = tri.sample_from_logits(logits[perm], temperature[perm], seeds[perm])
+    assert part.tolist() == full[perm].tolist()
+    other = tri.sample_from_logits(logits, temperature, seeds + 1000)
+    assert other.tolist() != full.tolist()
+
+
+def test_sampling_kernel_follows_the_softmax_distribution() -> None:
+    n = 3000
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], device=DEVICE)
+    logits = base.repeat(n, 1)
+    for temperature, name in ((1.0, "T=1"), (0.5, "T=0.5")):
+        temp = torch.full((n,), temperature, device=DEVICE)
+        seeds = torch.randint(0, 1 << 40, (n,), dtype=torch.int64, device=DEVICE)
+        counts = torch.bincount(tri.sample_from_logits(logits, temp, seeds), minlength=6).float()
+        expected = torch.softmax(base / temperature, dim=0) * n
+        # every class within 5 standard deviations of its binomial count
+        std = (expected * (1 - expected / n)).sqrt()
+        assert bool(((counts - expected).abs() <= 5 * std + 1).all()), (name, counts, expected)
+
+
+def test_engine_seeded_sampling_with_the_one_pass_kernel_is_batch_independent(checkpoint_factory) -> None:
+    from checkpoints import prompts_of_lengths
+
+    from carpool import LLM, SamplingParams
+
+    llm = LLM(checkpoint_factory("llama"), device="cpu", kernel_backend="triton")
+    assert llm.engine.executor.runner.sampler.fast_sample is not None
+    prompts = prompts_of_lengths([5, 12, 30])
+    seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=4, ignore_eos=True)
+    other = SamplingParams(temperature=0.9, max_tokens=4, ignore_eos=True)
+    alone = llm.generate([{"prompt_token_ids": prompts[1]}], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    batch = llm.generate([{"prompt_token_ids": p} for p in prompts], [other, seeded, other], use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone

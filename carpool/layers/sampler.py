@@ -9,6 +9,7 @@ Logprobs are those of the raw model distribution (before any processing).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,11 +33,19 @@ class SamplingMetadata:
     output_token_ids: list[list[int]] = field(default_factory=list)  # for penalties only
     banned_token_ids: dict[int, list[int]] = field(default_factory=dict)  # row -> ids (min_tokens)
     num_logprobs: list[int | None] = field(default_factory=list)  # per row; None = not asked
+    # Per-row noise seeds when the whole batch can take the one-pass kernel (set by the runner only then).
+    seeds: torch.Tensor | None = None
 
 
 class Sampler(nn.Module):
+    def __init__(self, fast_sample: Callable | None = None) -> None:
+        super().__init__()
+        self.fast_sample = fast_sample  # backend kernel for batches with nothing but temperature
+
     def forward(self, logits: torch.Tensor, md: SamplingMetadata
                 ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        if md.seeds is not None and self.fast_sample is not None:
+            return self.fast_sample(logits, md.temperature, md.seeds), [None] * logits.shape[0]
         logits = logits.float()
         want_logprobs = any(n is not None for n in md.num_logprobs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None

@@ -42,8 +42,10 @@ class LlamaAttention(nn.Module):
                                           config.rope_theta, config.rope_scaling, ops)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ops)
 
-    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return q, k  # Llama/Mistral/Qwen2 have none; Qwen3 overrides
+    def position_encode(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q and k (Qwen3 overrides this to normalize them first, in the same kernel)."""
+        return self.rotary_emb(positions, q, k)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -51,8 +53,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.qk_norm(q, k)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.position_encode(positions, q, k)
         out = self.attn(q, k, v, batch)
         return self.o_proj(out.view(-1, self.q_size))
 

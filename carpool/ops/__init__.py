@@ -18,6 +18,10 @@ class KernelOps:
     fused_add_rms_norm: Callable
     silu_and_mul: Callable
     rotary_embedding: Callable
+    qk_norm_rotary: Callable
+    # One-pass sampling for batches without top-k/top-p/min-p, penalties or logprobs; None: the
+    # general sampler does everything (the CPU reference path).
+    sample_from_logits: Callable | None = None
 
 
 def get_kernel_ops(name: str) -> KernelOps:
@@ -29,4 +33,5 @@ def get_kernel_ops(name: str) -> KernelOps:
         raise ValueError(f"kernel backend: unknown {name!r}; choose 'torch' or 'triton'")
     return KernelOps(name=name, paged_attention=impl.paged_attention, rms_norm=impl.rms_norm,
                      fused_add_rms_norm=impl.fused_add_rms_norm, silu_and_mul=impl.silu_and_mul,
-                     rotary_embedding=impl.rotary_embedding)
+                     rotary_embedding=impl.rotary_embedding, qk_norm_rotary=impl.qk_norm_rotary,
+                     sample_from_logits=getattr(impl, "sample_from_logits", None))

@@ -40,7 +40,8 @@ class ModelRunner:
         self.ops = get_kernel_ops(config.kernel_backend)
         self.model = load_model(config.model, self.ops, self.device, tp, config.load_format)
         self.vocab_size = config.model.vocab_size
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.ops.sample_from_logits)
+        self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)
         self.input_batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len,
                                       self.block_size)
         self.kv_cache: torch.Tensor | None = None
@@ -167,18 +168,28 @@ class ModelRunner:
             md.output_token_ids = [batch.output_token_ids(r) for r in rows]
         # index of the token being sampled: known outputs plus those still in flight
         num_out = batch.num_tokens[rows] + batch.num_pending[rows] - batch.num_prompt_tokens[rows]
-        for i, (row, p) in enumerate(zip(rows, params)):
+        for i, p in enumerate(params):
             if num_out[i] < p.min_tokens:
                 banned = [t for t in p.all_stop_token_ids() if t < self.vocab_size]
                 if banned:
                     md.banned_token_ids[i] = banned
-            gen = batch.generators.get(int(row))
-            if gen is not None:
-                # Seeded from (seed, output index): the draw for token i is the same whatever the batch,
-                # and again after preemption and recompute.
-                assert p.seed is not None
-                gen.manual_seed((p.seed * 1_000_003 + int(num_out[i])) % (1 << 63))
-                md.generators[i] = gen
+        # Seeds derive from (seed, output index): the draw for token i is the same whatever the batch, and
+        # again after preemption and recompute.
+        seeded = [(i, (p.seed * 1_000_003 + int(num_out[i])) % (1 << 62))
+                  for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+        fast = (self.sampler.fast_sample is not None and md.top_k is None and md.top_p is None
+                and md.min_p is None and md.repetition_penalty is None and not md.banned_token_ids
+                and all(p.logprobs is None for p in params))
+        if fast:
+            seeds = self._noise_rng.integers(0, 1 << 62, size=len(params), dtype=np.int64)
+            for i, seed in seeded:
+                seeds[i] = seed
+            md.seeds = torch.from_numpy(seeds).to(dev, non_blocking=True)
+            return md
+        for i, seed in seeded:
+            gen = batch.generators[int(rows[i])]
+            gen.manual_seed(seed)
+            md.generators[i] = gen
         return md
 
     def sample(self, logits: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:

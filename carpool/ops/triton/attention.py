@@ -27,8 +27,9 @@ from carpool.ops.triton.prefill_attention import prefill_attention
 # Decode split count by "units" = num_reqs * num_kv_heads, the programs there would be without
 # splitting. An H100/H200 has 132 SMs and needs a few hundred programs in flight to saturate HBM, so
 # few units get many splits. (at most this many units, splits); more units than the last row: 1 split.
+# Measured on an H200 (benchmarks/results): batch 1 best at 16-32 splits, batch 8 at 8, batch >= 64 at 1.
 # Tune from benchmarks/bench_kernels.py, which reports the best split count per (batch, context).
-DECODE_SPLIT_TABLE: tuple[tuple[int, int], ...] = ((8, 32), (32, 16), (128, 8), (256, 4), (1024, 2))
+DECODE_SPLIT_TABLE: tuple[tuple[int, int], ...] = ((8, 32), (32, 16), (128, 8), (256, 4))
 MAX_DECODE_SPLITS = 32
 # With a context-length hint, a split gets at least this many tokens: more splits would only add
 # merge work.

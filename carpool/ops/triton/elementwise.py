@@ -135,9 +135,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_heads(ptr, base, stride_h, n_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr):
-    """Rotate-half RoPE of one token's heads, in place: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
+def _rotate_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Rotate-half RoPE of one token's heads, in place: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s].
+    With HAS_NORM each head is first RMS-normalized with weight w (Qwen3's q/k norm), rounded as the
+    reference rounds: normalize in fp32, cast to the input dtype, multiply by the weight, cast again."""
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < n_heads) & (cols[None, :] < HALF)
@@ -146,14 +148,20 @@ def _rotate_heads(ptr, base, stride_h, n_heads, cos, sin, HALF: tl.constexpr, BL
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
+    if HAS_NORM:
+        inv = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF) + eps)
+        w1 = tl.load(w_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        x1f = ((x1f * inv[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]).to(x1.dtype).to(tl.float32)
+        x2f = ((x2f * inv[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(x1.dtype).to(tl.float32)
     tl.store(p1, (x1f * cos[None, :] - x2f * sin[None, :]).to(x1.dtype), mask=mask)
     tl.store(p1 + HALF, (x2f * cos[None, :] + x1f * sin[None, :]).to(x1.dtype), mask=mask)
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, n_q_heads, n_k_heads, stride_qt, stride_qh,
-                   stride_kt, stride_kh, stride_cs, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                   BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, n_q_heads, n_k_heads, stride_qt,
+                   stride_qh, stride_kt, stride_kh, stride_cs, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                   BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     """One program per token: cos/sin are loaded once and applied to all its q and k heads."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -161,8 +169,10 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, n_q_heads, n_k_heads, str
     cmask = cols < HALF
     cos = tl.load(cos_sin_ptr + pos * stride_cs + cols, mask=cmask, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + cols, mask=cmask, other=0.0)
-    _rotate_heads(q_ptr, t * stride_qt, stride_qh, n_q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
-    _rotate_heads(k_ptr, t * stride_kt, stride_kh, n_k_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+    _rotate_heads(q_ptr, t * stride_qt, stride_qh, n_q_heads, cos, sin, qw_ptr, eps, HALF, BLOCK_HQ, BLOCK_HALF,
+                  HAS_NORM)
+    _rotate_heads(k_ptr, t * stride_kt, stride_kh, n_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK, BLOCK_HALF,
+                  HAS_NORM)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -172,6 +182,18 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     cos_sin_cache: [max_pos, D] float32, cos in the first D/2 columns, sin in the last D/2.
     In place is safe for the model: q and k are fresh views of this layer's qkv projection.
     """
+    return _rotary(positions, q, k, cos_sin_cache, None, None, 0.0)
+
+
+def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                   q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (Qwen3) followed by RoPE, in one pass, in place; returns (q, k)."""
+    return _rotary(positions, q, k, cos_sin_cache, q_weight, k_weight, eps)
+
+
+def _rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+            q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.dim() != 3 or k.dim() != 3 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
         raise ValueError(f"q, k: expected [T, H, D] with equal T and D, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}")
@@ -181,12 +203,15 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          f"got {tuple(cos_sin_cache.shape)}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("q, k, cos_sin_cache: last dim must be contiguous")
+    has_norm = q_weight is not None
     n_tokens = q.shape[0]
     if n_tokens:
         half = head_dim // 2
-        _rotary_kernel[(n_tokens,)](positions, q, k, cos_sin_cache, q.shape[1], k.shape[1], q.stride(0),
-                                    q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        qw = q_weight if q_weight is not None else cos_sin_cache
+        kw = k_weight if k_weight is not None else cos_sin_cache
+        _rotary_kernel[(n_tokens,)](positions, q, k, cos_sin_cache, qw, kw, eps, q.shape[1], k.shape[1],
+                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
                                     HALF=half, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
                                     BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-                                    BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)
+                                    BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4)
     return q, k
