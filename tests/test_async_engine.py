@@ -1,15 +1,20 @@
 """AsyncEngine: the Engine stepped on its own thread, one stream per request; abort when a stream is
-left; and what happens to streams when the step loop dies."""
+left; and what happens (to streams, to /health, to the process) when the step loop dies."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
 
+import httpx
 import pytest
 
 from carpool import LLM, Engine, EngineArgs, RequestOutputKind, SamplingParams
 from carpool.engine.async_engine import AsyncEngine, EngineDeadError
+from carpool.entrypoints.cli import build_parser
+from carpool.entrypoints.openai.api_server import CarpoolServer, build_app
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -113,3 +118,46 @@ def test_a_dead_loop_fails_every_stream_and_every_new_request(llama_path):
         await engine.shutdown()
 
     asyncio.run(run())
+
+
+def _server(path: str) -> CarpoolServer:
+    return CarpoolServer(build_parser().parse_args(["serve", path, "--device", "cpu", "--port", "0"]))
+
+
+def test_health_is_503_once_the_engine_loop_died(llama_path):
+    async def run() -> None:
+        server = _server(llama_path)
+        server.sock.close()
+        server.engine.engine.step = boom  # type: ignore[method-assign]
+        dead = asyncio.Event()
+        app = build_app(server.ctx, server.metrics, on_engine_dead=dead.set)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                assert (await client.get("/health")).status_code == 200
+                r = await client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 5})
+                assert r.status_code == 503 and "secret" not in r.text
+                await asyncio.wait_for(dead.wait(), 5)
+                assert (await client.get("/health")).status_code == 503
+
+    asyncio.run(run())
+
+
+def test_server_with_a_dead_engine_ends_streams_and_exits_1(llama_path):
+    server = _server(llama_path)
+    real_step, calls = server.engine.engine.step, []
+
+    def step() -> list:
+        calls.append(1)
+        return real_step() if len(calls) < 3 else boom()
+
+    server.engine.engine.step = step  # type: ignore[method-assign]
+    code: list[int] = []
+    thread = threading.Thread(target=lambda: code.append(server.run()), daemon=True)
+    thread.start()
+    body = {"prompt": [1, 2, 3], "max_tokens": 50, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["code"] == 503 and "secret" not in "".join(events)
+    thread.join(30)
+    assert code == [1]
