@@ -58,6 +58,31 @@ def test_concurrent_streams_get_the_offline_tokens(llama_path):
     assert asyncio.run(run()) == expected
 
 
+def test_a_slow_consumer_gets_the_missed_deltas_merged(llama_path):
+    prompt = [5, 6, 7]
+    (expected,) = LLM(model=llama_path, device="cpu").generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=1), use_tqdm=False)
+
+    async def run() -> list:
+        engine = AsyncEngine(engine_for(llama_path))
+        engine.start()
+        params = greedy(30)
+        params.logprobs = 1
+        outs = []
+        async for out in engine.generate(prompt, params, "slow"):
+            outs.append(out)
+            if len(outs) == 1:
+                await until(lambda: engine.stats().num_running == 0)  # everything else arrives meanwhile
+        await engine.shutdown()
+        return outs
+
+    outs = asyncio.run(run())
+    assert len(outs) == 2 and outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+    assert sum((o.outputs[0].token_ids for o in outs), []) == expected.outputs[0].token_ids
+    assert "".join(o.outputs[0].text for o in outs) == expected.outputs[0].text
+    assert len(sum((o.outputs[0].logprobs for o in outs), [])) == 30
+
+
 def test_leaving_a_stream_early_aborts_the_request_and_frees_its_blocks(llama_path):
     async def run() -> None:
         engine = AsyncEngine(engine_for(llama_path))

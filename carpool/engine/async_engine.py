@@ -25,7 +25,7 @@ from typing import Protocol
 
 from carpool.engine.llm_engine import Engine, EngineStats, PromptType, QueueFullError
 from carpool.outputs import RequestMetrics, RequestOutput
-from carpool.sampling_params import SamplingParams
+from carpool.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,19 @@ class _Abort:
 
 class RequestStream:
     """The outputs of one request in order; `async for` ends after the finished one. Closing the stream
-    early (`abort()`, also called by `AsyncEngine.generate` on exit) aborts the request in the engine."""
+    early (`abort()`, also called by `AsyncEngine.generate` on exit) aborts the request in the engine.
 
-    def __init__(self, request_id: str, engine: "AsyncEngine") -> None:
+    Outputs the consumer has not picked up yet are merged into one (DELTA: texts and tokens joined;
+    otherwise the newest replaces the older), so a slow client costs one pending output, not a backlog,
+    and the event loop's work per request follows the client's pace rather than the step rate."""
+
+    def __init__(self, request_id: str, engine: "AsyncEngine", delta: bool = True) -> None:
         self.request_id = request_id
         self._engine = engine
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._delta = delta
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
         self.finished = False
         self._last_output_time: float | None = None
         self._num_output_tokens: dict[int, int] = {}
@@ -76,13 +83,16 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finished:
-            self.finished = True
-        return item
+        while self._pending is None and self._error is None:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._pending is not None:  # outputs that arrived before an error are still handed out
+            output, self._pending = self._pending, None
+            self.finished = output.finished
+            return output
+        self.finished = True
+        assert self._error is not None
+        raise self._error
 
     def abort(self) -> None:
         """Abort the request unless it already finished; idempotent, call from the event loop."""
@@ -90,9 +100,14 @@ class RequestStream:
             self.finished = True
             self._engine.abort(self.request_id)
 
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._ready.set()
+
     def _put(self, output: RequestOutput, now: float, observer: OutputObserver | None) -> None:
         for c in output.outputs:
-            self._num_output_tokens[c.index] = self._num_output_tokens.get(c.index, 0) + len(c.token_ids)
+            seen = self._num_output_tokens.get(c.index, 0) if self._delta else 0
+            self._num_output_tokens[c.index] = seen + len(c.token_ids)
         if observer is not None:
             if self._last_output_time is not None and any(c.token_ids for c in output.outputs):
                 observer.observe_inter_token_latency(now - self._last_output_time)
@@ -101,7 +116,31 @@ class RequestStream:
                 observer.observe_finished(output.metrics, max(self._num_output_tokens.values(), default=0),
                                           reason)
         self._last_output_time = now
-        self._queue.put_nowait(output)
+        if self._pending is not None and self._delta:
+            _merge_delta(self._pending, output)
+        else:
+            self._pending = output
+        self._ready.set()
+
+
+def _merge_delta(into: RequestOutput, new: RequestOutput) -> None:
+    """Append DELTA output `new` to the not yet consumed `into` (in place: both are fresh objects that
+    only this stream holds)."""
+    by_index = {c.index: c for c in into.outputs}
+    for c in new.outputs:
+        old = by_index.get(c.index)
+        if old is None:
+            into.outputs.append(c)
+            continue
+        old.text += c.text
+        old.token_ids = old.token_ids + c.token_ids
+        if c.logprobs is not None:
+            old.logprobs = (old.logprobs or []) + c.logprobs
+        old.cumulative_logprob = c.cumulative_logprob
+        old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
+    into.finished = new.finished
+    into.metrics = new.metrics
+    into.num_cached_tokens = new.num_cached_tokens
 
 
 class AsyncEngine:
@@ -160,7 +199,7 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine.start() was not called")
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        stream = RequestStream(request_id, self)
+        stream = RequestStream(request_id, self, delta=params.output_kind == RequestOutputKind.DELTA)
         command = _Add(request_id, prompt, params, time.monotonic() if arrival_time is None else arrival_time)
         self._streams[request_id] = stream
         try:
@@ -279,5 +318,5 @@ class AsyncEngine:
     def _fail_all(self, error: EngineDeadError) -> list[str]:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
-            stream._queue.put_nowait(error)
+            stream._fail(error)
         return list(streams)
