@@ -122,6 +122,20 @@ def test_batch_prompts_n_seed_and_logprobs(client, offline):
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob for t in content)
 
 
+def test_echo_and_chat_choices_stream_like_they_answer(client):
+    r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
+    plain = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert r.choices[0].text == PROMPT + plain.choices[0].text
+
+    kwargs = dict(model="demo", messages=MESSAGES, max_tokens=10, n=2, temperature=1.0, seed=3)
+    full = client.chat.completions.create(**kwargs)
+    streamed = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == {c.index: c.message.content for c in full.choices}
+
+
 def test_stop_string_cuts_the_text(client):
     text = client.completions.create(model="demo", prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
     stop = text[6:8]
@@ -298,7 +312,7 @@ def test_full_queue_is_a_503_and_clears(guarded_server):
 
 
 def test_sigterm_ends_in_flight_work_and_exits_zero():
-    s = ServerProcess("--shutdown-timeout", "1")
+    s = ServerProcess("--shutdown-timeout", "0.5")
     body = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as resp:
         lines = resp.iter_lines()
@@ -322,3 +336,12 @@ def test_oversized_body_is_refused(guarded_server):
     chunks = (b'{"prompt": "' + b"x" * 1000 + (b'"}' if i == 19 else b"") for i in range(20))
     r = httpx.post(f"{guarded_server.url}/v1/completions", content=chunks, headers=headers)  # no length
     assert r.status_code == 413
+
+
+def test_a_taken_port_is_a_clear_error(server, capsys):
+    from carpool.entrypoints.cli import main
+
+    port = server.url.rsplit(":", 1)[1]
+    assert main(["serve", "--device", "cpu", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert "port" in err and port in err and "Traceback" not in err

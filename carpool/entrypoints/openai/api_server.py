@@ -213,12 +213,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class CarpoolServer:
-    """Loads the engine and binds the socket (so the address is known before serving), then `run()`
-    serves until SIGTERM/SIGINT (returns 0) or the engine dies (returns 1)."""
+    """Binds the socket (so the address is known, and a taken port fails fast) and loads the engine;
+    then `run()` serves until SIGTERM/SIGINT (returns 0) or the engine dies (returns 1)."""
 
     def __init__(self, ns: argparse.Namespace) -> None:
         from carpool.engine.llm_engine import Engine
 
+        try:  # first, so a taken port fails before minutes of model loading
+            self.sock = bind_socket(ns.host, ns.port)
+        except OSError as e:
+            raise ValueError(f"port: cannot listen on {ns.host}:{ns.port}: {e.strerror or e}") from None
         engine_args = EngineArgs.from_cli_args(ns)
         engine = Engine.from_engine_args(engine_args)
         self.engine = AsyncEngine(engine)
@@ -232,7 +236,6 @@ class CarpoolServer:
         self.app = build_app(self.ctx, self.metrics, api_key=ns.api_key, on_engine_dead=self._request_exit)
         self.shutdown_timeout: float = ns.shutdown_timeout
         self.log_level: str = ns.uvicorn_log_level
-        self.sock = bind_socket(ns.host, ns.port)
         self._uvicorn: object | None = None
 
     @property
@@ -276,8 +279,6 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $CARPOOL_API_KEY; none = open)")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and see (default: MODEL as given, or 'demo')")
-    g.add_argument("--max-num-queued-reqs", type=int, default=None,
-                   help="most requests waiting to be scheduled; more get 503 (default: unbounded)")
     g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
     g.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
