@@ -123,9 +123,11 @@ def test_batch_prompts_n_seed_and_logprobs(client, offline):
 
 
 def test_echo_and_chat_choices_stream_like_they_answer(client):
-    r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
+    r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=0)
     plain = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0)
     assert r.choices[0].text == PROMPT + plain.choices[0].text
+    offsets, tokens = r.choices[0].logprobs.text_offset, r.choices[0].logprobs.tokens
+    assert offsets[0] == len(PROMPT) and "".join(tokens) == plain.choices[0].text
 
     kwargs = dict(model="demo", messages=MESSAGES, max_tokens=10, n=2, temperature=1.0, seed=3)
     full = client.chat.completions.create(**kwargs)

@@ -67,13 +67,13 @@ class OpenAIServingCompletion(OpenAIServing):
                 ) -> tuple[str, CompletionLogprobs | None]:
         """Fold one sequence's delta into its choice; returns the text and logprobs to send for it."""
         c = output.outputs[index]
-        text = c.text
-        if request.echo and not choice.started:
-            text = self._prompt_text(output) + text
+        echoed = self._prompt_text(output) if request.echo and not choice.started else ""
+        text = echoed + c.text
         choice.started = True
         choice.text.append(text)
         choice.num_tokens += len(c.token_ids)
-        logprobs = (completion_logprobs(c.token_ids, c.logprobs, choice.text_len)
+        # offsets of generated tokens count the echoed prompt before them (the prompt has no logprobs)
+        logprobs = (completion_logprobs(c.token_ids, c.logprobs, choice.text_len + len(echoed))
                     if c.logprobs is not None else None)
         choice.text_len += len(text)
         if c.finish_reason is not None:
