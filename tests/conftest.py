@@ -38,3 +38,21 @@ def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def llama_path(checkpoint_factory) -> str:
     return checkpoint_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def demo_server():
+    """A `carpool serve` process with the demo model, shared by the server tests; it must exit 0 on SIGTERM."""
+    from server_utils import ServerProcess
+
+    server = ServerProcess()
+    yield server
+    assert server.terminate() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def demo_llm():
+    """The demo model offline, the reference that server outputs are compared with."""
+    from carpool import LLM
+
+    return LLM(device="cpu")

@@ -99,3 +99,12 @@ def test_queue_limit_refuses_new_requests_when_full(llama_path):
         engine.add_request("c", [1], SamplingParams(max_tokens=2))
     run_checked(engine)
     engine.add_request("c", [1], SamplingParams(max_tokens=2))
+
+
+def test_prompt_that_fills_the_context_needs_room_to_generate(llama_path):
+    engine = make_engine(llama_path, max_model_len=32)
+    with pytest.raises(ValueError, match="^prompt"):
+        engine.add_request("full", [1] * 32, SamplingParams(max_tokens=None))
+    engine.add_request("fits", [1] * 31, SamplingParams(max_tokens=None, ignore_eos=True))
+    out = [o for o in run_checked(engine) if o.finished][0]
+    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"

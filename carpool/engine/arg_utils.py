@@ -124,6 +124,9 @@ class EngineArgs:
                        help="number of GPUs (or CPU processes) to split the model over (default: 1)")
         g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
         g.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling (default: 0)")
+        g.add_argument("--max-num-queued-reqs", type=int, default=None,
+                       help="most requests waiting to be scheduled; more are refused (QueueFullError; "
+                            "HTTP 503 in the server) (default: unbounded)")
         g.add_argument("--kernel-backend", default=None, choices=["torch", "triton"],
                        help="kernels: torch reference or Triton (default: triton on GPU, torch on CPU)")
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,

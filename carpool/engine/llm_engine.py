@@ -138,6 +138,9 @@ class Engine:
         if len(token_ids) > max_len:
             raise ValueError(f"prompt: {len(token_ids)} tokens exceed max_model_len={max_len}")
         if params.max_tokens is None:
+            if len(token_ids) >= max_len:
+                raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within "
+                                 f"max_model_len={max_len}")
             params.max_tokens = max_len - len(token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         requests = []

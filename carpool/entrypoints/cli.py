@@ -121,4 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Subcommand modules register into `carpool.entrypoints.cli`; run that module, not this __main__ copy.
+    from carpool.entrypoints.cli import main as _main
+
+    sys.exit(_main())

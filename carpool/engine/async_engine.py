@@ -1,0 +1,322 @@
+"""AsyncEngine: the synchronous Engine driven by one background thread, for the server.
+
+Why a thread: `Engine.step()` is blocking compute. On its own thread it leaves the event loop free to
+accept connections and stream tokens while the next step runs, and a new request wakes the idle thread
+at once (low time to first token). The Engine is not thread-safe, so this thread is the only one that
+ever touches it: `add_request` and `abort` are commands queued to it and applied between steps, in the
+order they were made; each step's outputs go back to per-request asyncio queues with a single
+`loop.call_soon_threadsafe` call.
+
+Invariants: a request that was added is aborted when its stream is closed before it finished (client
+gone, handler cancelled); if the step loop raises, the engine is marked dead, every stream and pending
+command fails with EngineDeadError, and `dead` is set so the server can stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from carpool.engine.llm_engine import Engine, EngineStats, PromptType, QueueFullError
+from carpool.outputs import RequestMetrics, RequestOutput
+from carpool.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine is not serving: its loop crashed, or the server is shutting down. The message is
+    written here (never an internal exception's text), so servers may show it to clients."""
+
+
+class OutputObserver(Protocol):
+    """Receives per-request timing as outputs are handed out (the server's Prometheus metrics)."""
+
+    def observe_inter_token_latency(self, seconds: float) -> None: ...
+
+    def observe_finished(self, metrics: RequestMetrics, num_output_tokens: int, finish_reason: str | None
+                         ) -> None: ...
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    arrival_time: float
+    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+class RequestStream:
+    """The outputs of one request in order; `async for` ends after the finished one. Closing the stream
+    early (`abort()`, also called by `AsyncEngine.generate` on exit) aborts the request in the engine.
+
+    Outputs the consumer has not picked up yet are merged into one (DELTA: texts and tokens joined;
+    otherwise the newest replaces the older), so a slow client costs one pending output, not a backlog,
+    and the event loop's work per request follows the client's pace rather than the step rate."""
+
+    def __init__(self, request_id: str, engine: "AsyncEngine", delta: bool = True) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._delta = delta
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self.finished = False
+        self._last_output_time: float | None = None
+        self._num_output_tokens: dict[int, int] = {}
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        while self._pending is None and self._error is None:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._pending is not None:  # outputs that arrived before an error are still handed out
+            output, self._pending = self._pending, None
+            self.finished = output.finished
+            return output
+        self.finished = True
+        assert self._error is not None
+        raise self._error
+
+    def abort(self) -> None:
+        """Abort the request unless it already finished; idempotent, call from the event loop."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._ready.set()
+
+    def _put(self, output: RequestOutput, now: float, observer: OutputObserver | None) -> None:
+        for c in output.outputs:
+            seen = self._num_output_tokens.get(c.index, 0) if self._delta else 0
+            self._num_output_tokens[c.index] = seen + len(c.token_ids)
+        if observer is not None:
+            if self._last_output_time is not None and any(c.token_ids for c in output.outputs):
+                observer.observe_inter_token_latency(now - self._last_output_time)
+            if output.finished and output.metrics is not None:
+                reason = next((c.finish_reason for c in output.outputs if c.finish_reason), None)
+                observer.observe_finished(output.metrics, max(self._num_output_tokens.values(), default=0),
+                                          reason)
+        self._last_output_time = now
+        if self._pending is not None and self._delta:
+            _merge_delta(self._pending, output)
+        else:
+            self._pending = output
+        self._ready.set()
+
+
+def _merge_delta(into: RequestOutput, new: RequestOutput) -> None:
+    """Append DELTA output `new` to the not yet consumed `into` (in place: both are fresh objects that
+    only this stream holds)."""
+    by_index = {c.index: c for c in into.outputs}
+    for c in new.outputs:
+        old = by_index.get(c.index)
+        if old is None:
+            into.outputs.append(c)
+            continue
+        old.text += c.text
+        old.token_ids = old.token_ids + c.token_ids
+        if c.logprobs is not None:
+            old.logprobs = (old.logprobs or []) + c.logprobs
+        old.cumulative_logprob = c.cumulative_logprob
+        old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
+    into.finished = new.finished
+    into.metrics = new.metrics
+    into.num_cached_tokens = new.num_cached_tokens
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, observer: OutputObserver | None = None) -> None:
+        self.engine = engine
+        self.observer = observer
+        self._cond = threading.Condition()
+        self._commands: list[_Add | _Abort] = []  # guarded by _cond
+        self._stopping = False  # guarded by _cond
+        self._dead_error: BaseException | None = None  # set once, under _cond
+        self._streams: dict[str, RequestStream] = {}  # touched only on the event loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stats: EngineStats = engine.stats()  # replaced (never mutated) by the engine thread
+        self._live: set[str] = set()  # request ids in the engine; touched only by the engine thread
+        self.dead: asyncio.Event | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume the outputs."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self.dead = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="carpool-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Abort every request, stop the engine thread and wait for it."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._fail_all(EngineDeadError("the server is shutting down"))
+        self.engine.shutdown()
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead_error is not None
+
+    def stats(self) -> EngineStats:
+        """The engine's counters as of its last step (a snapshot; safe from any thread)."""
+        return self._stats
+
+    @property
+    def tokenizer(self) -> object:
+        return self.engine.tokenizer
+
+    # ---- requests ----------------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                          arrival_time: float | None = None) -> RequestStream:
+        """Queue a request and return its stream once the engine accepted it. Raises what
+        Engine.add_request raises (ValueError naming the field, QueueFullError), or EngineDeadError."""
+        if self._loop is None:
+            raise RuntimeError("AsyncEngine.start() was not called")
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        stream = RequestStream(request_id, self, delta=params.output_kind == RequestOutputKind.DELTA)
+        command = _Add(request_id, prompt, params, time.monotonic() if arrival_time is None else arrival_time)
+        self._streams[request_id] = stream
+        try:
+            self._submit(command)
+            await asyncio.wrap_future(command.done)
+        except BaseException as e:
+            self._streams.pop(request_id, None)
+            stream.finished = True
+            if not isinstance(e, (ValueError, QueueFullError, EngineDeadError)) and not self.is_dead:
+                # Cancelled: the engine may have added it already; commands apply in order, so this
+                # abort follows the add.
+                self._submit(_Abort([request_id]))
+            raise
+        return stream
+
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str
+                       ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request (use RequestOutputKind.DELTA to stream); leaving the loop early or
+        being cancelled aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (event loop side); its KV blocks are freed before the next step."""
+        self._streams.pop(request_id, None)
+        if not self.is_dead:
+            try:
+                self._submit(_Abort([request_id]))
+            except EngineDeadError:
+                pass
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        with self._cond:
+            if self._dead_error is not None or self._stopping:
+                raise EngineDeadError("the engine is not running")
+            self._commands.append(command)
+            self._cond.notify()
+
+    # ---- engine thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
+                        self._cond.wait()
+                    commands, self._commands = self._commands, []
+                    stopping = self._stopping
+                for command in commands:
+                    self._apply(command)
+                if stopping:
+                    self.engine.abort(list(self._live))
+                    self._stats = self.engine.stats()
+                    return
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                self._live.difference_update(o.request_id for o in outputs if o.finished)
+                self._stats = self.engine.stats()  # before delivery: whoever sees an output sees these
+                if outputs:
+                    self._call_in_loop(self._deliver, outputs, time.monotonic())
+        except BaseException as e:  # the loop must never die silently: fail everyone, then report
+            logger.exception("the engine loop died")
+            with self._cond:
+                self._dead_error = e
+                pending, self._commands = self._commands, []
+            for command in pending:
+                if isinstance(command, _Add) and command.done.set_running_or_notify_cancel():
+                    command.done.set_exception(EngineDeadError("the engine loop died"))
+            self._call_in_loop(self._on_dead)
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            self.engine.abort(command.request_ids)
+            self._live.difference_update(command.request_ids)
+            return
+        if not command.done.set_running_or_notify_cancel():
+            return  # the caller gave up before the engine saw it
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
+        except Exception as e:  # ValueError / QueueFullError go back to the caller as they are
+            command.done.set_exception(e)
+        else:
+            self._live.add(command.request_id)
+            command.done.set_result(None)
+
+    def _call_in_loop(self, fn: object, *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    # ---- event loop side ---------------------------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted while the step ran
+            if output.finished:
+                del self._streams[output.request_id]
+            stream._put(output, now, self.observer)
+
+    def _on_dead(self) -> None:
+        self._fail_all(EngineDeadError("the engine loop died"))
+        assert self.dead is not None
+        self.dead.set()
+
+    def abort_all(self, reason: str) -> None:
+        """End every open stream now with EngineDeadError(reason) and abort its request (the server's
+        shutdown deadline passed). New requests are still accepted until shutdown()."""
+        for request_id in self._fail_all(EngineDeadError(reason)):
+            self.abort(request_id)
+
+    def _fail_all(self, error: EngineDeadError) -> list[str]:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._fail(error)
+        return list(streams)

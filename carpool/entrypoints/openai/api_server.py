@@ -1,0 +1,295 @@
+"""The OpenAI-compatible HTTP server (`carpool serve`): FastAPI routes over one AsyncEngine, run by uvicorn.
+
+Lifecycle: the model loads before the socket opens; SIGTERM/SIGINT stop accepting connections, let
+in-flight requests finish for up to --shutdown-timeout seconds, cancel (= abort) the rest and exit 0.
+If the engine loop dies, /health turns 503, the server shuts down and the process exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from carpool import __version__
+from carpool.engine.arg_utils import EngineArgs
+from carpool.engine.async_engine import AsyncEngine
+from carpool.entrypoints.cli import subcommand
+from carpool.entrypoints.openai.errors import APIError, error_response
+from carpool.entrypoints.openai.protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
+from carpool.entrypoints.openai.serving import DEFAULT_MAX_BODY_BYTES, OpenAIServing, ServerContext
+from carpool.entrypoints.openai.serving_chat import OpenAIServingChat, render_chat_prompt
+from carpool.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from carpool.metrics import CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+class APIKeyMiddleware:
+    """Guards /v1/* with `Authorization: Bearer <key>`, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = b"Bearer " + api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await error_response(401, "invalid or missing API key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(ctx: ServerContext, metrics: ServerMetrics, api_key: str | None = None,
+              on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
+    engine = ctx.engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        watchdog = asyncio.create_task(_watch_engine(engine, on_engine_dead))
+        try:
+            yield
+        finally:
+            watchdog.cancel()
+            await engine.shutdown()
+
+    app = FastAPI(title="carpool", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    _add_error_handlers(app)
+    completions = OpenAIServingCompletion(ctx)
+    chat = OpenAIServingChat(ctx)
+    common = OpenAIServing(ctx)
+
+    @app.post("/v1/completions")
+    async def create_completion(request: Request) -> Response:
+        return await completions.create_completion(request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: Request) -> Response:
+        return await chat.create_chat_completion(request)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        card = ModelCard(id=ctx.model_name, root=ctx.model_path, max_model_len=ctx.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = await common.parse_body(request, TokenizeRequest)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "prompt: give exactly one of prompt and messages", "prompt")
+        tok = engine.tokenizer
+        if req.messages is not None:
+            ids = render_chat_prompt(tok, req.messages, req.add_generation_prompt)
+        elif tok is None:
+            raise APIError(400, "prompt: this model has no tokenizer", "prompt")
+        else:
+            ids = list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])  # type: ignore
+        return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = await common.parse_body(request, DetokenizeRequest)
+        bad = next((t for t in req.tokens if not 0 <= t < ctx.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {ctx.vocab_size})", "tokens")
+        if engine.tokenizer is None:
+            raise APIError(400, "tokens: this model has no tokenizer", "tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens)})  # type: ignore[attr-defined]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_dead:
+            return error_response(503, "the engine is not running")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": __version__})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return exc.response()
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(exc.status_code, str(exc.detail))
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        return error_response(400, "invalid request")
+
+    async def internal_error(_: Request, exc: Exception) -> Response:
+        # Starlette re-raises after sending this, so the server logs the traceback; the client gets none.
+        return error_response(500, "internal server error")
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+async def _watch_engine(engine: AsyncEngine, on_dead: Callable[[], None] | None) -> None:
+    assert engine.dead is not None
+    await engine.dead.wait()
+    logger.error("the engine loop died; shutting the server down")
+    if on_dead is not None:
+        on_dead()
+
+
+# ---- running -------------------------------------------------------------------------------------------
+def _uvicorn_server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn with carpool's shutdown: in-flight requests get `drain_after` seconds to finish, then
+        `drain()` ends them cleanly (an error event, then [DONE]) so every connection closes by itself;
+        uvicorn's own cancel-everything timeout is only a backstop. SIGTERM exits 0: uvicorn would
+        re-raise the captured signal after shutting down."""
+
+        def __init__(self, config: uvicorn.Config, drain: Callable[[], None], drain_after: float) -> None:
+            super().__init__(config)
+            self.drain = drain
+            self.drain_after = drain_after
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            async def drain_later() -> None:
+                await asyncio.sleep(self.drain_after)
+                if self.server_state.tasks:
+                    logger.warning("shutdown: aborting the requests still running after %.1f s", self.drain_after)
+                self.drain()
+
+            drainer = asyncio.create_task(drain_later())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                drainer.cancel()
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+class CarpoolServer:
+    """Binds the socket (so the address is known, and a taken port fails fast) and loads the engine;
+    then `run()` serves until SIGTERM/SIGINT (returns 0) or the engine dies (returns 1)."""
+
+    def __init__(self, ns: argparse.Namespace) -> None:
+        from carpool.engine.llm_engine import Engine
+
+        try:  # first, so a taken port fails before minutes of model loading
+            self.sock = bind_socket(ns.host, ns.port)
+        except OSError as e:
+            raise ValueError(f"port: cannot listen on {ns.host}:{ns.port}: {e.strerror or e}") from None
+        engine_args = EngineArgs.from_cli_args(ns)
+        engine = Engine.from_engine_args(engine_args)
+        self.engine = AsyncEngine(engine)
+        self.model_name: str = ns.served_model_name or engine_args.model or "demo"
+        self.metrics = ServerMetrics(self.engine.stats, self.model_name)
+        self.engine.observer = self.metrics
+        self.ctx = ServerContext(engine=self.engine, model_name=self.model_name,
+                                 model_path=engine.config.model.path,
+                                 max_model_len=engine.config.scheduler.max_model_len,
+                                 vocab_size=engine.config.model.vocab_size, max_body_bytes=ns.max_request_body_bytes)
+        self.app = build_app(self.ctx, self.metrics, api_key=ns.api_key, on_engine_dead=self._request_exit)
+        self.shutdown_timeout: float = ns.shutdown_timeout
+        self.log_level: str = ns.uvicorn_log_level
+        self._uvicorn: object | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def _request_exit(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True  # type: ignore[attr-defined]
+
+    def run(self) -> int:
+        import uvicorn
+
+        timeout = max(self.shutdown_timeout, 0.0)
+        config = uvicorn.Config(self.app, log_level=self.log_level, timeout_graceful_shutdown=timeout + 5.0,
+                                access_log=self.log_level in ("debug", "trace"))
+        self._uvicorn = _uvicorn_server_class()(
+            config, drain=lambda: self.engine.abort_all("the server is shutting down"), drain_after=timeout)
+        asyncio.run(self._uvicorn.serve(sockets=[self.sock]))  # type: ignore[attr-defined]
+        return 1 if self.engine.is_dead else 0
+
+
+def run_server(ns: argparse.Namespace) -> int:
+    server = CarpoolServer(ns)
+    print(f"carpool: serving {server.model_name!r} on {server.url} (max_model_len={server.ctx.max_model_len})",
+          flush=True)
+    code = server.run()
+    if code:
+        print("carpool: the engine loop died; exiting with status 1", flush=True)
+    return code
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory or Hugging Face repo id (default: the built-in demo model)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    g.add_argument("--api-key", default=os.environ.get("CARPOOL_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $CARPOOL_API_KEY; none = open)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and see (default: MODEL as given, or 'demo')")
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    g.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                   help="on SIGTERM, seconds to let in-flight requests finish before aborting them "
+                        f"(default: {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
+    g.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level; debug and trace also log every request (default: warning)")
+    EngineArgs.add_cli_args(p, model_flag=False)
+
+
+@subcommand("serve", "serve a model over an OpenAI-compatible HTTP API", _serve_args)
+def run_serve(ns: argparse.Namespace) -> int:
+    return run_server(ns)

@@ -1,0 +1,132 @@
+"""POST /v1/chat/completions: messages -> the tokenizer's chat template -> token ids -> n choices.
+
+The template is rendered to text and tokenized without adding special tokens (templates write their own
+BOS), so the prompt is exactly what the template says. Streams start with one role chunk per choice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.responses import JSONResponse, Response
+
+from carpool.engine.async_engine import EngineDeadError, RequestStream
+from carpool.entrypoints.openai.errors import APIError
+from carpool.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                                 ChatCompletionResponse, ChatLogprobs, ChatMessage,
+                                                 ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
+                                                 UsageInfo)
+from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, SSEResponse, abort_all, chat_logprobs,
+                                                merge_streams, sse, sse_error, until_disconnected)
+from carpool.outputs import CompletionOutput
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[ChatTokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+def render_chat_prompt(tokenizer: object, messages: Sequence[ChatMessage], add_generation_prompt: bool
+                       ) -> list[int]:
+    """Token ids of the conversation under the tokenizer's chat template (APIError 400 if impossible)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "messages: this model has no chat template; use /v1/completions", "messages")
+    import jinja2
+
+    conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:  # the template rejected the conversation (e.g. role order)
+        raise APIError(400, f"messages: the chat template rejected the conversation: {e}", "messages") from None
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create_chat_completion(self, raw: Request) -> Response:
+        request = await self.parse_body(raw, ChatCompletionRequest)
+        params = self.sampling_params(request.to_sampling_params)
+        prompt_ids = render_chat_prompt(self.tokenizer, request.messages, request.add_generation_prompt)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self.submit(request_id, [prompt_ids], params)
+        num_top = request.top_logprobs or 0
+        if request.stream:
+            return SSEResponse(self._stream(request, request_id, streams, num_top),
+                               on_close=lambda: abort_all(streams))
+        try:
+            response = await until_disconnected(raw, self._collect(request, request_id, streams, num_top))
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from None
+        finally:
+            abort_all(streams)
+        if response is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return JSONResponse(response.model_dump())
+
+    @staticmethod
+    def _update(choice: _Choice, c: CompletionOutput, num_top: int) -> list[ChatTokenLogprob] | None:
+        choice.text.append(c.text)
+        choice.num_tokens += len(c.token_ids)
+        if c.finish_reason is not None:
+            choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
+        return chat_logprobs(c.token_ids, c.logprobs, num_top) if c.logprobs is not None else None
+
+    def _usage(self, prompt_tokens: int, choices: dict[int, _Choice]) -> UsageInfo:
+        completion_tokens = sum(ch.num_tokens for ch in choices.values())
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)
+
+    async def _collect(self, request: ChatCompletionRequest, request_id: str, streams: list[RequestStream],
+                       num_top: int) -> ChatCompletionResponse:
+        choices: dict[int, _Choice] = {}
+        prompt_tokens = 0
+        async for _, output in merge_streams(streams):
+            prompt_tokens = len(output.prompt_token_ids)
+            for c in output.outputs:
+                choice = choices.setdefault(c.index, _Choice())
+                logprobs = self._update(choice, c, num_top)
+                if logprobs is not None:
+                    choice.logprobs = (choice.logprobs or []) + logprobs
+        return ChatCompletionResponse(
+            id=request_id, model=self.ctx.model_name, usage=self._usage(prompt_tokens, choices),
+            choices=[ChatChoice(index=i, message=ChatResponseMessage(content="".join(ch.text)),
+                                logprobs=ChatLogprobs(content=ch.logprobs) if request.logprobs else None,
+                                finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)
+                     for i, ch in sorted(choices.items())])
+
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, streams: list[RequestStream],
+                      num_top: int) -> AsyncIterator[str]:
+        created = int(time.time())
+        model = self.ctx.model_name
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
+                                           usage=usage))
+
+        choices: dict[int, _Choice] = {}
+        prompt_tokens = 0
+        try:
+            for i in range(request.n):
+                yield chunk([ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})])
+            async for _, output in merge_streams(streams):
+                prompt_tokens = len(output.prompt_token_ids)
+                for c in output.outputs:
+                    logprobs = self._update(choices.setdefault(c.index, _Choice()), c, num_top)
+                    yield chunk([ChatStreamChoice(
+                        index=c.index, delta={"content": c.text},
+                        logprobs=ChatLogprobs(content=logprobs) if request.logprobs else None,
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+            if request.include_usage:
+                yield chunk([], self._usage(prompt_tokens, choices))
+        except Exception as e:
+            yield sse_error(e)
+        yield SSE_DONE

@@ -1,0 +1,141 @@
+"""POST /v1/completions: a prompt (or a batch of prompts), n choices each, streamed or not.
+
+Choice index = prompt index * n + sequence index, as OpenAI numbers a batch. Every engine request runs
+in DELTA mode; the non-streaming answer is the deltas joined, so both paths produce the same text.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.responses import JSONResponse, Response
+
+from carpool.engine.async_engine import EngineDeadError, RequestStream
+from carpool.entrypoints.openai.errors import APIError, bad_request_from_value_error
+from carpool.entrypoints.openai.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                                 CompletionResponse, UsageInfo)
+from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, SSEResponse, abort_all,
+                                                completion_logprobs, merge_streams, sse, sse_error,
+                                                until_disconnected)
+from carpool.outputs import RequestOutput
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: CompletionLogprobs | None = None
+    text_len: int = 0  # characters so far, for logprob text offsets
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    started: bool = False
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create_completion(self, raw: Request) -> Response:
+        request = await self.parse_body(raw, CompletionRequest)
+        params = self.sampling_params(request.to_sampling_params)
+        try:
+            prompts = request.prompts()
+        except ValueError as e:
+            raise bad_request_from_value_error(e) from None
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self.submit(request_id, prompts, params)
+        if request.stream:
+            return SSEResponse(self._stream(request, request_id, streams), on_close=lambda: abort_all(streams))
+        try:
+            response = await until_disconnected(raw, self._collect(request, request_id, streams))
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from None
+        finally:
+            abort_all(streams)
+        if response is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return JSONResponse(response.model_dump())
+
+    def _prompt_text(self, output: RequestOutput) -> str:
+        if output.prompt is not None:
+            return output.prompt
+        tok = self.tokenizer
+        return tok.decode(output.prompt_token_ids) if tok is not None else ""
+
+    def _update(self, request: CompletionRequest, choice: _Choice, output: RequestOutput, index: int
+                ) -> tuple[str, CompletionLogprobs | None]:
+        """Fold one sequence's delta into its choice; returns the text and logprobs to send for it."""
+        c = output.outputs[index]
+        echoed = self._prompt_text(output) if request.echo and not choice.started else ""
+        text = echoed + c.text
+        choice.started = True
+        choice.text.append(text)
+        choice.num_tokens += len(c.token_ids)
+        # offsets of generated tokens count the echoed prompt before them (the prompt has no logprobs)
+        logprobs = (completion_logprobs(c.token_ids, c.logprobs, choice.text_len + len(echoed))
+                    if c.logprobs is not None else None)
+        choice.text_len += len(text)
+        if c.finish_reason is not None:
+            choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
+        return text, logprobs
+
+    async def _collect(self, request: CompletionRequest, request_id: str, streams: list[RequestStream]
+                       ) -> CompletionResponse:
+        n = request.n
+        choices: dict[int, _Choice] = {}
+        prompt_tokens: dict[int, int] = {}
+        async for i, output in merge_streams(streams):
+            prompt_tokens[i] = len(output.prompt_token_ids)
+            for k, c in enumerate(output.outputs):
+                choice = choices.setdefault(i * n + c.index, _Choice())
+                _, logprobs = self._update(request, choice, output, k)
+                choice.logprobs = _extend(choice.logprobs, logprobs)
+        completion_tokens = sum(ch.num_tokens for ch in choices.values())
+        usage = UsageInfo(prompt_tokens=sum(prompt_tokens.values()), completion_tokens=completion_tokens,
+                          total_tokens=sum(prompt_tokens.values()) + completion_tokens)
+        return CompletionResponse(
+            id=request_id, model=self.ctx.model_name, usage=usage,
+            choices=[CompletionChoice(index=idx, text="".join(ch.text), logprobs=ch.logprobs,
+                                      finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)
+                     for idx, ch in sorted(choices.items())])
+
+    async def _stream(self, request: CompletionRequest, request_id: str, streams: list[RequestStream]
+                      ) -> AsyncIterator[str]:
+        n = request.n
+        created = int(time.time())
+        choices: dict[int, _Choice] = {}
+        prompt_tokens: dict[int, int] = {}
+        try:
+            async for i, output in merge_streams(streams):
+                prompt_tokens[i] = len(output.prompt_token_ids)
+                for k, c in enumerate(output.outputs):
+                    text, logprobs = self._update(request, choices.setdefault(i * n + c.index, _Choice()),
+                                                  output, k)
+                    chunk = CompletionResponse(
+                        id=request_id, created=created, model=self.ctx.model_name,
+                        choices=[CompletionChoice(index=i * n + c.index, text=text, logprobs=logprobs,
+                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+                    yield sse(chunk)
+            if request.include_usage:
+                completion_tokens = sum(ch.num_tokens for ch in choices.values())
+                total_prompt = sum(prompt_tokens.values())
+                yield sse(CompletionResponse(id=request_id, created=created, model=self.ctx.model_name,
+                                             choices=[], usage=UsageInfo(
+                                                 prompt_tokens=total_prompt, completion_tokens=completion_tokens,
+                                                 total_tokens=total_prompt + completion_tokens)))
+        except Exception as e:
+            yield sse_error(e)
+        yield SSE_DONE
+
+
+def _extend(acc: CompletionLogprobs | None, delta: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    if delta is None:
+        return acc
+    if acc is None:
+        return delta
+    acc.tokens += delta.tokens
+    acc.token_logprobs += delta.token_logprobs
+    acc.top_logprobs += delta.top_logprobs
+    acc.text_offset += delta.text_offset
+    return acc

@@ -1,0 +1,66 @@
+"""A real `carpool serve` process on 127.0.0.1 (a free port chosen by the OS) for the server tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+STARTUP_TIMEOUT_S = 240.0
+
+
+class ServerProcess:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "carpool.entrypoints.cli", "serve", "--device", "cpu", "--port", "0", *args]
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: the log can never fill it up
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                     env={**os.environ, **(env or {})})
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        match = re.search(r"on (http://\S+)", line)
+        if match is None:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log()}")
+        self.url = match.group(1)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples without labels, e.g. {"carpool:num_requests_running": 0.0}."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out.setdefault(name.split("{", 1)[0], float(value))
+        return out
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then the exit status (killed and -9 if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return -9
+        return self.proc.returncode
