@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (ModelArithmetic, device_name, emit, measure_copy_bandwidth,  # noqa: E402
-                    measure_matmul_flops, write_random_checkpoint)
+                    measure_matmul_flops, write_config, write_random_checkpoint)
 
 
 def random_workload(num_prompts: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -75,7 +75,10 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
 
     llm = LLM(model, **engine_kwargs)
     engine = llm.engine
-    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    # warm-up: a small mixed workload, so kernel compiles (one per new specialization) stay out of the run
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:32]],
+                 SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.reset_prefix_cache()
     runner = getattr(engine.executor, "runner", None)
     params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, detokenize=False)
               for n in out_lens]
@@ -188,6 +191,9 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    ap.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                    help="dummy: random weights from config.json only (no checkpoint written or read)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--hf", action="store_true", help="also run HF transformers on the same workload")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler summary of 30 decode steps")
@@ -197,19 +203,26 @@ def main() -> None:
     import torch
 
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
-    model = args.model or write_random_checkpoint(os.path.join(args.checkpoint_dir, args.shape), args.shape)
+    if args.model is None and args.load_format == "dummy":
+        model = write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
+    else:
+        model = args.model or write_random_checkpoint(os.path.join(args.checkpoint_dir, args.shape), args.shape)
     if args.model is None and not on_gpu:
         raise SystemExit("on CPU pass --model (e.g. the demo model path)")
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                         enforce_eager=args.enforce_eager)
+                                         enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                                         load_format=args.load_format)
     if args.device:
         engine_kwargs["device"] = args.device
     result: dict[str, Any] = {"benchmark": f"throughput/{args.workload}", "device": device_name(),
                               "model": args.model or f"{args.shape} (random bf16 weights)",
                               "num_prompts": args.num_prompts, "engine_args": engine_kwargs}
     if on_gpu:
-        result["copy_bandwidth_bytes_per_s"] = bandwidth = measure_copy_bandwidth()
-        result["bf16_matmul_flops"] = flops = measure_matmul_flops()
+        # With TP the limit is every GPU's bandwidth and FLOP rate together (each measured like GPU 0).
+        tp = args.tensor_parallel_size
+        result["copy_bandwidth_bytes_per_s"] = bandwidth = measure_copy_bandwidth() * tp
+        result["bf16_matmul_flops"] = flops = measure_matmul_flops() * tp
+        result["tensor_parallel_size"] = tp
     import json
 
     with open(os.path.join(model, "config.json")) as f:
@@ -224,7 +237,7 @@ def main() -> None:
         for key in ("host_ms_per_step", "gpu_ms_per_step", "host_over_gpu"):
             if key in result["carpool"]:
                 result[key] = result["carpool"][key]
-        if on_gpu and args.model is None:
+        if on_gpu and args.model is None:  # (copy bandwidth and FLOP rate above are summed over the GPUs)
             rl = roofline(args.shape, prompts, out_lens, bandwidth, flops, args.max_num_seqs)
             result["roofline"] = rl
             result["roofline_tokens_per_s"] = sum(out_lens) / rl["roofline_seconds"]

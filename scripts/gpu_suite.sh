@@ -2,7 +2,9 @@
 # The GPU suite: GPU tests, then every benchmark; JSON results go to the folder given as $1
 # (default: $OUT on the device machine, else ./gpu_out). Run from the repository root on an H100/H200:
 #   bash scripts/gpu_suite.sh /path/to/results [quick]
-# "quick" skips the HF baselines and the long throughput runs.
+# "quick" skips the HF baselines and the long throughput runs; "serve" runs the serving benchmark
+# (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
+# tensor-parallel tests and benchmarks (2+ GPUs).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -15,6 +17,31 @@ step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1;
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
 
+if [ "$mode" = serve ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  fi
+  ckpt=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import write_random_checkpoint as w; print(w('/tmp/carpool-bench/qwen3-0.6b', 'qwen3-0.6b'))")
+  python3 -m carpool.entrypoints.cli serve "$ckpt" --port 8011 --served-model-name qwen3 > "$out/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 120); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
+  common="--base-url http://127.0.0.1:8011 --random-vocab-size 10000 --seed 0"
+  step python3 benchmarks/bench_serve.py $common --request-rate 5 10 20 --num-prompts 200 \
+    --output-json "$out/serve_rates.json" --plot "$out/serve_rates.png"
+  step python3 benchmarks/bench_serve.py $common --request-rate inf --num-prompts 256 \
+    --output-json "$out/serve_saturated.json"
+  kill -TERM $server; wait $server; echo "server exit: $?"
+  step python3 benchmarks/bench_throughput.py --num-prompts 256 --out "$out/throughput_same_run.json"
+  exit $status
+fi
+if [ "$mode" = tp ]; then
+  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py -o addopts="" -s
+  step python3 benchmarks/bench_latency.py -tp 1 --out "$out/latency_tp1.json"
+  step python3 benchmarks/bench_latency.py -tp 2 --out "$out/latency_tp2.json"
+  step python3 benchmarks/bench_throughput.py --shape qwen3-14b -tp 2 --load-format dummy --out "$out/throughput_14b_tp2.json"
+  exit $status
+fi
 step python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -o addopts="" --junitxml="$out/gpu_tests.xml" -s
 if [ "$mode" = quick ]; then
   step python3 benchmarks/bench_latency.py --out "$out/latency.json"

@@ -6,7 +6,7 @@ the requests with several queries and, when there are any, the decode kernel ove
 
 meta.extra keys read here (all optional; the model runner sets them for captured graphs):
 - "num_splits": int, decode split count; a captured graph must fix it, because it shapes the grid.
-  Default: `decode_num_splits(number of 1-query requests, num_kv_heads, meta.max_seq_len)`.
+  Default: `decode_num_splits(number of 1-query requests, num_kv_heads)`, from the table alone.
 - "decode_scratch": (part_out [>=B, Hq, >=S, D], part_lse [>=B, Hq, >=S]) float32 buffers for the split
   partials, B = number of requests (see decode_attention.decode_scratch); without them they are
   allocated per call, which is also graph safe (capture allocates from the graph's private pool).
@@ -80,7 +80,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if num_decodes:
         num_splits = meta.extra.get("num_splits")
         if num_splits is None:
-            num_splits = decode_num_splits(num_decodes, k_cache.shape[2], meta.max_seq_len)
+            # From the table alone (no context hint): eager steps then use the same few split counts as
+            # the captured graphs, so no step ever waits for a fresh compile of another NUM_SPLITS; a
+            # short context simply leaves some splits idle (the kernel sizes its range on the device).
+            num_splits = decode_num_splits(num_decodes, k_cache.shape[2])
         elif int(num_splits) < 1:
             raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
