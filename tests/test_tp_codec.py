@@ -72,7 +72,8 @@ def test_engine_config_round_trip(llama_path):
     model = ModelConfig.from_pretrained(llama_path, "bfloat16")
     config = EngineConfig(model=model, cache=CacheConfig(block_size=8, kv_cache_memory_bytes=1 << 20),
                           scheduler=SchedulerConfig(max_num_seqs=3), parallel=ParallelConfig(2),
-                          device="cpu", kernel_backend="torch", seed=5, enforce_eager=True, tokenizer="tok")
+                          device="cpu", kernel_backend="torch", seed=5, enforce_eager=True, tokenizer="tok",
+                          async_scheduling=True, load_format="dummy")  # non-defaults: each must travel
     back = roundtrip(tp_codec.engine_config_to_dict, tp_codec.engine_config_from_dict, config)
     assert back == config and back.model.dtype is torch.bfloat16
     assert back.model.rope_scaling == model.rope_scaling and back.model.hf_config == model.hf_config

@@ -24,11 +24,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs")]
 
 FIRST_TOKENS = 16
-LOGPROB_TOL = 0.15  # |logprob TP=2 - logprob TP=1| over the top tokens, bf16
 PARAMS = SamplingParams(temperature=0.0, max_tokens=FIRST_TOKENS, ignore_eos=True, logprobs=5)
-# Wide enough that the random model's logits spread out (std ~5), so near-ties stay rare.
 SHAPE = dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-             num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.15)
+             num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +37,8 @@ def model_path(tmp_path_factory) -> str:
                             **SHAPE)
 
 
-def generate(path: str, tp: int, prompts: list[list[int]]) -> list:
-    llm = LLM(path, device="cuda", dtype="bfloat16", tensor_parallel_size=tp, kv_cache_memory_bytes=1 << 28,
+def generate(path: str, tp: int, prompts: list[list[int]], dtype: str = "bfloat16") -> list:
+    llm = LLM(path, device="cuda", dtype=dtype, tensor_parallel_size=tp, kv_cache_memory_bytes=1 << 28,
               gpu_memory_utilization=0.3)
     try:
         return [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS,
@@ -49,26 +47,35 @@ def generate(path: str, tp: int, prompts: list[list[int]]) -> list:
         llm.engine.shutdown()
 
 
-def test_tp2_greedy_equals_tp1_in_bf16_up_to_near_ties(model_path):
+def error_vs_reference(ref: list, out: list) -> tuple[float, list[dict]]:
+    """Max |logprob - reference logprob| over the top tokens, walking each prompt up to the first token
+    where the two differ; such a difference is only accepted at a near tie of the reference."""
+    worst, parted = 0.0, []
+    for p, (r, o) in enumerate(zip(ref, out)):
+        for i, (tr, to) in enumerate(zip(r.token_ids, o.token_ids)):
+            for t in r.logprobs[i].keys() & o.logprobs[i].keys():
+                worst = max(worst, abs(r.logprobs[i][t].logprob - o.logprobs[i][t].logprob))
+            if tr != to:
+                top = sorted((lp.logprob for lp in r.logprobs[i].values()), reverse=True)
+                parted.append({"prompt": p, "position": i, "reference_margin": top[0] - top[1]})
+                break
+    return worst, parted
+
+
+def test_tp2_bf16_is_as_close_to_float32_as_tp1_bf16(model_path):
+    """The float32 single-GPU run is the truth; TP=2 in bf16 must stay as close to it as TP=1 in bf16
+    (its all-reduce adds partial sums in another order, so it rounds differently, not worse)."""
     prompts = prompts_of_lengths([1, 7, 33, 150, 400, 1000], seed=3)
+    ref = generate(model_path, 1, prompts, dtype="float32")
+    torch.cuda.empty_cache()
     tp1 = generate(model_path, 1, prompts)
     torch.cuda.empty_cache()
     tp2 = generate(model_path, 2, prompts)
-    max_diff, compared, near_ties = 0.0, 0, []
-    for p, (a, b) in enumerate(zip(tp1, tp2)):
-        for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids)):
-            la, lb = a.logprobs[i], b.logprobs[i]
-            for t in la.keys() & lb.keys():
-                max_diff = max(max_diff, abs(la[t].logprob - lb[t].logprob))
-            compared += 1
-            if ta != tb:
-                top = sorted((lp.logprob for lp in la.values()), reverse=True)
-                margin = top[0] - top[1]
-                near_ties.append({"prompt": p, "position": i, "tp1_margin": margin})
-                assert margin < 2 * LOGPROB_TOL, (
-                    f"prompt {p}, token {i}: TP=2 chose {tb}, TP=1 chose {ta} with a clear margin {margin:.3f}")
-                break  # past a flipped token the two continuations differ by design
-    print(json.dumps({"test": "tp2_vs_tp1_bf16", "max_logprob_diff": max_diff, "tolerance": LOGPROB_TOL,
-                      "tokens_compared": compared, "near_tie_flips": near_ties}))
-    assert max_diff < LOGPROB_TOL
-    assert compared >= len(prompts) * FIRST_TOKENS // 2
+    err1, parted1 = error_vs_reference(ref, tp1)
+    err2, parted2 = error_vs_reference(ref, tp2)
+    print(json.dumps({"test": "tp2_vs_tp1_bf16", "tp1_max_logprob_err": err1, "tp2_max_logprob_err": err2,
+                      "tp1_parted": parted1, "tp2_parted": parted2}))
+    assert err2 <= 2 * err1 + 0.05
+    margin_tol = 2 * max(err1, err2) + 0.05  # a flip is legitimate only where bf16 cannot resolve the top two
+    assert all(p["reference_margin"] < margin_tol for p in parted1 + parted2), (parted1, parted2)
+    assert len(parted2) <= len(prompts) // 2

@@ -104,6 +104,9 @@ def runner_output_from_dict(d: dict[str, Any]) -> ModelRunnerOutput:
 
 
 # ---- engine config (sent once, when a worker starts) ----------------------------------------------
+_NESTED = ("model", "cache", "scheduler", "parallel")
+
+
 def engine_config_to_dict(c: EngineConfig) -> dict[str, Any]:
     m = c.model
     model = {f.name: getattr(m, f.name) for f in fields(ModelConfig)}
@@ -114,8 +117,8 @@ def engine_config_to_dict(c: EngineConfig) -> dict[str, Any]:
         "cache": {f.name: getattr(c.cache, f.name) for f in fields(CacheConfig)},
         "scheduler": {f.name: getattr(c.scheduler, f.name) for f in fields(SchedulerConfig)},
         "parallel": {f.name: getattr(c.parallel, f.name) for f in fields(ParallelConfig)},
-        "device": c.device, "kernel_backend": c.kernel_backend, "seed": c.seed,
-        "enforce_eager": c.enforce_eager, "tokenizer": c.tokenizer,
+        # every plain top-level field (device, kernels, seed, load format, ...), whatever is added later
+        **{f.name: getattr(c, f.name) for f in fields(EngineConfig) if f.name not in _NESTED},
     }
 
 
@@ -125,5 +128,4 @@ def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
     model["eos_token_ids"] = tuple(model["eos_token_ids"])
     return EngineConfig(model=ModelConfig(**model), cache=CacheConfig(**d["cache"]),
                         scheduler=SchedulerConfig(**d["scheduler"]), parallel=ParallelConfig(**d["parallel"]),
-                        device=d["device"], kernel_backend=d["kernel_backend"], seed=d["seed"],
-                        enforce_eager=d["enforce_eager"], tokenizer=d["tokenizer"])
+                        **{f.name: d[f.name] for f in fields(EngineConfig) if f.name not in _NESTED})
