@@ -78,4 +78,4 @@ def test_tp2_bf16_is_as_close_to_float32_as_tp1_bf16(model_path):
     assert err2 <= 2 * err1 + 0.05
     margin_tol = 2 * max(err1, err2) + 0.05  # a flip is legitimate only where bf16 cannot resolve the top two
     assert all(p["reference_margin"] < margin_tol for p in parted1 + parted2), (parted1, parted2)
-    assert len(parted2) <= len(prompts) // 2
+    assert len(parted2) <= len(parted1) + 1  # TP=2 parts from the reference no more often than TP=1
