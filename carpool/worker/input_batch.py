@@ -116,7 +116,9 @@ class InputBatch:
         bs = self.block_size
         slots = self.block_table[token_row, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = start + n
-        max_blocks = int(self.num_blocks[rows].max())
+        # Width rounded up to 16 columns: kernels see a block-table stride that is always a multiple of 16,
+        # so Triton compiles one variant instead of one per alignment class of the step's longest request.
+        max_blocks = min(-(-int(self.num_blocks[rows].max()) // 16) * 16, self.max_blocks_per_req)
         sampling = seq_lens == self.num_tokens[rows] + self.num_pending[rows]
         # Tokens whose value is still on the device (sampled by the step in flight): a running request
         # decodes exactly one such token, the first of its chunk.

@@ -111,8 +111,11 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, batch)
         logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(inputs.logits_indices)
                                                                 .to(self.device)))
-        self.sampler(logits, SamplingMetadata(temperature=torch.ones(num_seqs, device=self.device),
-                                              all_greedy=False, num_logprobs=[None] * num_seqs))
+        temperature = torch.ones(num_seqs, device=self.device)
+        self.sampler(logits, SamplingMetadata(temperature=temperature, all_greedy=False,
+                                              num_logprobs=[None] * num_seqs))
+        if self.sampler.fast_sample is not None:  # compile it now rather than during the first request
+            self.sampler.fast_sample(logits, temperature, torch.zeros(num_seqs, dtype=torch.long, device=self.device))
         torch.cuda.synchronize(self.device)
         for layer in self.model.attention_layers():
             layer.k_cache = layer.v_cache = torch.empty(0)

@@ -34,7 +34,7 @@ def _rows_per_program(block_d: int) -> int:
     return max(1, min(16, 2048 // block_d))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # the row count changes every step: one compiled variant
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_inner,
                      sx_outer, sx_inner, sr_outer, sr_inner, eps,
                      D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr,
