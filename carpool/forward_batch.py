@@ -13,6 +13,11 @@ from typing import Any
 import torch
 
 
+# Cascade attention (a shared prefix read once per decode batch) works on whole tiles of this many keys:
+# the runner rounds the shared prefix down to it, the kernels start their own keys after it.
+CASCADE_ALIGN = 64
+
+
 @dataclass
 class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32: request i's queries are rows qsl[i]:qsl[i+1]

@@ -2,7 +2,7 @@
 # The GPU suite: GPU tests, then every benchmark; JSON results go to the folder given as $1
 # (default: $OUT on the device machine, else ./gpu_out). Run from the repository root on an H100/H200:
 #   bash scripts/gpu_suite.sh /path/to/results [quick]
-# "quick" skips the HF baselines and the long throughput runs; "serve" runs the serving benchmark
+# "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
 # (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
 # tensor-parallel tests and benchmarks (2+ GPUs).
 set -uo pipefail
@@ -47,8 +47,9 @@ if [ "$mode" = quick ]; then
   step python3 benchmarks/bench_latency.py --out "$out/latency.json"
   step python3 benchmarks/bench_throughput.py --num-prompts 64 --out "$out/throughput_quick.json"
 else
-  step python3 benchmarks/bench_latency.py --hf --profile --out "$out/latency.json"
-  step python3 benchmarks/bench_throughput.py --hf --profile --out "$out/throughput.json"
+  hf=--hf; [ "$mode" = nohf ] && hf=  # nohf: the full suite without the (slow) HF baselines
+  step python3 benchmarks/bench_latency.py $hf --profile --out "$out/latency.json"
+  step python3 benchmarks/bench_throughput.py $hf --profile --out "$out/throughput.json"
   step python3 benchmarks/bench_throughput.py --workload shared-prefix --out "$out/shared_prefix.json"
 fi
 # the full split/tile sweep takes 5-8 minutes; --quick sweeps enough to check the split table

@@ -159,6 +159,24 @@ def attention_without_store(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     return torch_ref.paged_attention(q, no_kv, no_kv, kc.clone(), vc.clone(), no_store, scale)
 
 
+@pytest.mark.parametrize("group,prefix_len,num_splits,block_size", [
+    (2, 64, 1, 16), (4, 128, 3, 16), (1, 64, 2, 32), (2, 0, 1, 16)])
+def test_cascade_decode_over_a_shared_prefix_matches_reference(group: int, prefix_len: int, num_splits: int,
+                                                                block_size: int) -> None:
+    """Every request's first prefix_len keys sit in the same blocks (a prefix-cache hit); the prefix kernel
+    reads them once for the batch, the split kernel covers the rest, the merge joins both."""
+    contexts = [129, 200, 150, 333, 130]
+    q, k, v, kc, vc, meta = make_batch([(c, 1) for c in contexts], 2 * group, 2, 32, block_size, torch.float32)
+    shared = prefix_len // block_size
+    meta.block_tables[:, :shared] = meta.block_tables[0, :shared]
+    meta.extra.update(num_splits=num_splits,
+                      cascade_prefix_len=torch.tensor([prefix_len], dtype=torch.int32, device=DEVICE))
+    expected = torch_ref.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.3)
+    out = tri.paged_attention(q, k, v, kc, vc, meta, 0.3)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
 def test_split_table_gives_few_reqs_many_splits() -> None:
     assert decode_num_splits(1, 8) > decode_num_splits(64, 8) >= decode_num_splits(256, 8) == 1
     assert decode_num_splits(1, 8, max_seq_len=100) == 1  # a short context is not split
@@ -402,3 +420,33 @@ def test_engine_seeded_sampling_with_the_one_pass_kernel_is_batch_independent(ch
     alone = llm.generate([{"prompt_token_ids": prompts[1]}], seeded, use_tqdm=False)[0].outputs[0].token_ids
     batch = llm.generate([{"prompt_token_ids": p} for p in prompts], [other, seeded, other], use_tqdm=False)
     assert batch[1].outputs[0].token_ids == alone
+
+
+def test_engine_decodes_a_shared_prefix_with_cascade_attention(checkpoint_factory) -> None:
+    """16 requests behind one 320-token prefix: after the first computes it, the others hit its cached
+    blocks, and their decode steps read it once through the cascade kernels; tokens equal torch_ref's."""
+    from checkpoints import prompts_of_lengths
+
+    from carpool import LLM, SamplingParams
+    from carpool.worker.model_runner import ModelRunner
+
+    path = checkpoint_factory("llama")
+    prefix = prompts_of_lengths([320], seed=21)[0]
+    prompts = [prefix + tail for tail in prompts_of_lengths([5] * 16, seed=22)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    seen: list[int] = []
+    forward = ModelRunner._forward
+
+    def spy(self, inputs, fixup):
+        seen.append(inputs.cascade_prefix_len)
+        return forward(self, inputs, fixup)
+
+    ModelRunner._forward = spy  # type: ignore[method-assign]
+    try:
+        fast = LLM(path, device="cpu", kernel_backend="triton").generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        ModelRunner._forward = forward  # type: ignore[method-assign]
+    ref = LLM(path, device="cpu").generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert 320 in seen  # the decode steps took the cascade path
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in ref]

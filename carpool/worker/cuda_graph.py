@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
-from carpool.worker.input_batch import StepInputs
+from carpool.worker.input_batch import CASCADE_MIN_BATCH, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,21 @@ class CUDAGraphRunner:
         self.max_model_len = max_model_len
         max_blocks_per_req = -(-max_model_len // block_size)
         self.block_tables = torch.zeros(n, max_blocks_per_req, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        # Decode batches of at least CASCADE_MIN_BATCH get a second graph with cascade attention over a
+        # shared prefix, whose length is read from this buffer at replay.
+        self.prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, bool], torch.Tensor] = {}
 
-    def _batch(self, bs: int) -> ForwardBatch:
+    def _batch(self, bs: int, cascade: bool = False) -> ForwardBatch:
         meta = AttentionMetadata(query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
                                  block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
                                  # the longest possible context: kernels size their plans for any replay
                                  max_query_len=1, max_seq_len=self.max_model_len,
                                  query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
                                  extra={"cuda_graph": True})
+        if cascade:
+            meta.extra["cascade_prefix_len"] = self.prefix_len
         return ForwardBatch(input_ids=self.input_ids[:bs], positions=self.positions[:bs], attn=meta)
 
     @torch.inference_mode()
@@ -64,14 +69,15 @@ class CUDAGraphRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.batch_sizes):  # largest first: smaller graphs reuse its pool
-                batch = self._batch(bs)
-                for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                    self.model.compute_logits(self.model(batch.input_ids, batch.positions, batch))
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    hidden = self.model(batch.input_ids, batch.positions, batch)
-                    self.logits[bs] = self.model.compute_logits(hidden)
-                self.graphs[bs] = graph
+                for cascade in ((False, True) if bs >= CASCADE_MIN_BATCH else (False,)):
+                    batch = self._batch(bs, cascade)
+                    for _ in range(2):  # warm up: Triton compiles outside the capture
+                        self.model.compute_logits(self.model(batch.input_ids, batch.positions, batch))
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        hidden = self.model(batch.input_ids, batch.positions, batch)
+                        self.logits[(bs, cascade)] = self.model.compute_logits(hidden)
+                    self.graphs[(bs, cascade)] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.graphs),
@@ -96,8 +102,11 @@ class CUDAGraphRunner:
             self.slot_mapping[b:bs].fill_(-1)
             self.seq_lens[b:bs].fill_(1)
             self.block_tables[b:bs, 0].fill_(0)
-        self.graphs[bs].replay()
-        logits = self.logits[bs]
+        cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
+        if cascade:
+            self.prefix_len.fill_(inputs.cascade_prefix_len)
+        self.graphs[(bs, cascade)].replay()
+        logits = self.logits[(bs, cascade)]
         if len(inputs.logits_indices) == b:
             return logits[:b]
         index = torch.from_numpy(inputs.logits_indices).to(logits.device, non_blocking=True)

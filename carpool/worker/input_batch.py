@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from carpool.core.sched_output import CachedRequestData, NewRequestData
+from carpool.forward_batch import CASCADE_ALIGN
 from carpool.sampling_params import SamplingParams
 
 
@@ -33,6 +34,23 @@ class StepInputs:
     max_seq_len: int
     pending_token_index: np.ndarray  # packed index of each token whose value comes from the device
     pending_rows: np.ndarray  # the row each of those tokens belongs to
+    # Keys every request of a decode-only step shares through the same blocks (cascade attention); 0 = none.
+    cascade_prefix_len: int = 0
+
+
+CASCADE_MIN_BATCH = 16  # fewer decodes gain little from reading a shared prefix once
+CASCADE_MIN_PREFIX = 256  # tokens; a shorter shared prefix is not worth the extra kernels
+
+
+def shared_prefix_len(block_tables: np.ndarray, num_blocks: np.ndarray, seq_lens: np.ndarray,
+                      block_size: int) -> int:
+    """Leading keys that every request of a decode step reads from the very same blocks (prefix-cache
+    hits), rounded down to whole cascade tiles and kept before every request's new token."""
+    same = (block_tables == block_tables[0]).all(axis=0)
+    common = len(same) if same.all() else int(same.argmin())
+    common = min(common, int(num_blocks.min()))  # zero padding past a table's end is not sharing
+    length = min(common * block_size, int(seq_lens.min()) - 1) // CASCADE_ALIGN * CASCADE_ALIGN
+    return length if length >= CASCADE_MIN_PREFIX else 0
 
 
 class InputBatch:
@@ -123,12 +141,15 @@ class InputBatch:
         # Tokens whose value is still on the device (sampled by the step in flight): a running request
         # decodes exactly one such token, the first of its chunk.
         pending = positions[qsl[:-1]] >= self.num_tokens[rows]
+        cascade = 0
+        if total == len(rows) and len(rows) >= CASCADE_MIN_BATCH:
+            cascade = shared_prefix_len(self.block_table[rows, :max_blocks], self.num_blocks[rows], seq_lens, bs)
         return StepInputs(rows=rows, input_ids=input_ids, positions=positions, slot_mapping=slots,
                           query_start_loc=qsl.astype(np.int32), seq_lens=seq_lens.astype(np.int32),
                           block_tables=self.block_table[rows, :max_blocks], sample_rows=rows[sampling],
                           logits_indices=qsl[1:][sampling] - 1, max_query_len=int(n.max()),
                           max_seq_len=int(seq_lens.max()), pending_token_index=qsl[:-1][pending],
-                          pending_rows=rows[pending])
+                          pending_rows=rows[pending], cascade_prefix_len=cascade)
 
     def launched(self, rows: np.ndarray, counts: list[int], sample_rows: np.ndarray) -> None:
         """A step was launched: progress counters move on; its sampled tokens are pending."""

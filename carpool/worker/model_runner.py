@@ -144,6 +144,8 @@ class ModelRunner:
                                  max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len,
                                  query_start_loc_cpu=inputs.query_start_loc.tolist(),
                                  seq_lens_cpu=inputs.seq_lens.tolist())
+        if inputs.cascade_prefix_len:
+            attn.extra["cascade_prefix_len"] = put(np.array([inputs.cascade_prefix_len], dtype=np.int32))
         return ForwardBatch(input_ids=put(inputs.input_ids), positions=put(inputs.positions), attn=attn)
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:

@@ -7,6 +7,8 @@ the requests with several queries and, when there are any, the decode kernel ove
 meta.extra keys read here (all optional; the model runner sets them for captured graphs):
 - "num_splits": int, decode split count; a captured graph must fix it, because it shapes the grid.
   Default: `decode_num_splits(number of 1-query requests, num_kv_heads)`, from the table alone.
+- "cascade_prefix_len": a 1-element int32 device tensor: the number of leading keys every request of a
+  decode-only step shares (same blocks), a multiple of CASCADE_ALIGN; 0 = none. Present = cascade on.
 - "decode_scratch": (part_out [>=B, Hq, >=S, D], part_lse [>=B, Hq, >=S]) float32 buffers for the split
   partials, B = number of requests (see decode_attention.decode_scratch); without them they are
   allocated per call, which is also graph safe (capture allocates from the graph's private pool).
@@ -86,8 +88,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             num_splits = decode_num_splits(num_decodes, k_cache.shape[2])
         elif int(num_splits) < 1:
             raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
+        # Cascade (shared-prefix) attention only on decode-only steps, where the runner found the prefix.
+        prefix_len = meta.extra.get("cascade_prefix_len") if decode_only else None
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                         scale, int(num_splits), scratch=meta.extra.get("decode_scratch"))
+                         scale, int(num_splits), scratch=meta.extra.get("decode_scratch"), prefix_len=prefix_len)
     if not decode_only:
         prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True)
     return out

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from carpool.forward_batch import CASCADE_ALIGN  # prefix kernel tile; split kernel tiles divide it
 from carpool.ops.triton import utils
 from carpool.ops.triton.paged_kv import attend_tile
 
@@ -40,12 +41,13 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
+                   out_ptr, part_out_ptr, part_lse_ptr, ctx_start_ptr, qk_scale,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_bt, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   HAS_PREFIX: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -54,11 +56,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     # Any other request attends to nothing here and writes nothing.
     seq_len = tl.where(is_decode, tl.load(seq_lens_ptr + req), 0)
 
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    # With a shared prefix (cascade), this kernel covers only the keys after it: they start at a tile
+    # boundary (the runner makes the prefix length a multiple of BLOCK_N).
+    first_tile = 0
+    if HAS_PREFIX:
+        first_tile = tl.load(ctx_start_ptr) // BLOCK_N
+    num_tiles = tl.maximum(tl.cdiv(seq_len, BLOCK_N) - first_tile, 0)
     used_splits = tl.minimum(tl.maximum(tl.cdiv(num_tiles, MIN_SPLIT_TILES), 1), NUM_SPLITS)
     tiles_per_split = tl.cdiv(num_tiles, used_splits)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)  # < tile_lo for idle splits: empty loop
+    tile_lo = first_tile + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)  # empty loop for idle splits
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -83,7 +90,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                                     qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION)
     # Idle splits have l_i = 0: write o = 0 and lse = -inf so the merge gives them weight 0.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
+    if NUM_SPLITS == 1 and not HAS_PREFIX:
         tl.store(out_ptr + q_row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=mask_qd)
     else:
@@ -92,6 +99,54 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         tl.store(part + offs_d[None, :], o, mask=mask_qd)
         lse = m_i + tl.log2(l_i)
         tl.store(part_lse_ptr + req64 * stride_lt + heads * stride_lh + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, prefix_len_ptr, part_out_ptr,
+                   part_lse_ptr, num_reqs, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb,
+                   stride_vs, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, SLOT0: tl.constexpr,
+                   PREFIX_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Cascade attention, shared part: every decode query of the batch against the prefix of keys all
+    requests share (same blocks, read through request 0's block table). Rows of a tile are (request,
+    query head of this KV head) pairs, so each prefix K/V tile is read once for BLOCK_M rows instead of
+    once per request. Writes normalized partials and log2-sum-exp at split slots SLOT0.. for the merge."""
+    tile_m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    prefix_len = tl.load(prefix_len_ptr)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    req = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    q_row = tl.load(qsl_ptr + req, mask=req < num_reqs, other=0)
+    q_end = tl.load(qsl_ptr + req + 1, mask=req < num_reqs, other=0)
+    row_ok = (req < num_reqs) & (q_end - q_row == 1)  # decode queries only
+    q_row = q_row.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_qd = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=mask_qd,
+                other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    num_tiles = prefix_len // BLOCK_N  # the prefix is a whole number of tiles
+    tiles_per_split = tl.cdiv(num_tiles, PREFIX_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    for tile in range(tile_lo, tile_hi):
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                                    tile * BLOCK_N, prefix_len, kv_head.to(tl.int64) * stride_kh,
+                                    kv_head.to(tl.int64) * stride_vh, stride_kb, stride_ks, stride_vb, stride_vs,
+                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 0, DOT_PRECISION)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    req64 = req.to(tl.int64)
+    slot = SLOT0 + split
+    tl.store(part_out_ptr + req64[:, None] * stride_pt + head[:, None] * stride_ph + slot * stride_ps
+             + offs_d[None, :], o, mask=mask_qd)
+    tl.store(part_lse_ptr + req64 * stride_lt + head * stride_lh + slot, lse, mask=row_ok)
 
 
 @triton.jit
@@ -131,12 +186,19 @@ def decode_scratch(num_reqs: int, num_q_heads: int, num_splits: int, head_dim: i
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                      scale: float, num_splits: int, config: DecodeConfig | None = None,
-                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     prefix_len: torch.Tensor | None = None, prefix_splits: int = 8) -> torch.Tensor:
     """Attention of each 1-query request over its whole cached context; writes those rows of `out`.
 
     K/V of the new tokens must already be in the cache. `scratch` (see decode_scratch) may be larger
     than needed in its request and split dims; without it, one is allocated here (inside a CUDA graph
-    capture that memory comes from the graph's pool, so replays reuse it)."""
+    capture that memory comes from the graph's pool, so replays reuse it).
+
+    `prefix_len` (a 1-element int32 device tensor) turns on cascade attention: all requests share their
+    first prefix_len keys (same blocks; a multiple of 64, at most every request's context minus one),
+    which `_prefix_kernel` reads once for the whole batch while the split kernel covers each request's
+    own keys after it; the merge combines both. Zero is allowed (nothing shared), so a captured graph can
+    keep the cascade kernels for every replay."""
     num_reqs = seq_lens.shape[0]
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -144,12 +206,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_reqs == 0 or num_tokens == 0:
         return out
     config = config or default_decode_config(head_dim, k_cache.dtype)
-    if num_splits > 1:
+    cascade = prefix_len is not None
+    num_slots = num_splits + (prefix_splits if cascade else 0)
+    if num_slots > 1:
         part_out, part_lse = scratch if scratch is not None else decode_scratch(
-            num_reqs, num_q_heads, num_splits, head_dim, q.device)
-        if (part_out.shape[0] < num_reqs or part_out.shape[2] < num_splits
-                or part_lse.shape[0] < num_reqs or part_lse.shape[2] < num_splits):
-            raise ValueError(f"decode scratch: need >= [{num_reqs}, {num_q_heads}, {num_splits}, ...], "
+            num_reqs, num_q_heads, num_slots, head_dim, q.device)
+        if (part_out.shape[0] < num_reqs or part_out.shape[2] < num_slots
+                or part_lse.shape[0] < num_reqs or part_lse.shape[2] < num_slots):
+            raise ValueError(f"decode scratch: need >= [{num_reqs}, {num_q_heads}, {num_slots}, ...], "
                              f"got {tuple(part_out.shape)} and {tuple(part_lse.shape)}")
         if part_out.stride(-1) != 1 or part_lse.stride(-1) != 1 or part_out.dtype != torch.float32:
             raise ValueError("decode scratch: float32 with a contiguous last dim expected")
@@ -159,8 +223,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # tl.dot needs at least 16 rows: a GQA group smaller than that is padded with masked rows.
     block_g = max(16, triton.next_power_of_2(group))
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    ctx_start = prefix_len if cascade else seq_lens  # (unread without a prefix)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, ctx_start,
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -168,11 +233,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
-        DOT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
-    if num_splits > 1:
+        DOT_PRECISION=precision, HAS_PREFIX=cascade, num_warps=config.num_warps, num_stages=config.num_stages)
+    if cascade:
+        assert prefix_len is not None
+        block_m = 64 if k_cache.dtype == torch.float32 else 128
+        _prefix_kernel[(triton.cdiv(num_reqs * group, block_m), num_kv_heads, prefix_splits)](
+            q, k_cache, v_cache, block_tables, query_start_loc, prefix_len, part_out, part_lse, num_reqs,
+            scale * 1.4426950408889634, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SLOT0=num_splits, PREFIX_SPLITS=prefix_splits,
+            BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=CASCADE_ALIGN, DOT_PRECISION=precision,
+            num_warps=8 if block_m == 128 else 4, num_stages=2)
+    if num_slots > 1:
         _merge_kernel[(num_reqs, num_q_heads)](
             query_start_loc, part_out, part_lse, out, part_out.stride(0), part_out.stride(1),
             part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_slots, BLOCK_S=triton.next_power_of_2(num_slots),
             BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2)
     return out
