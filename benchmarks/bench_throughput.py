@@ -76,8 +76,8 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
     llm = LLM(model, **engine_kwargs)
     engine = llm.engine
     # warm-up: a small mixed workload, so kernel compiles (one per new specialization) stay out of the run
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:32]],
-                 SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:64]],
+                 SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True), use_tqdm=False)
     llm.reset_prefix_cache()
     runner = getattr(engine.executor, "runner", None)
     params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, detokenize=False)

@@ -116,8 +116,21 @@ def _build_plan(qsl: list[int], seq_lens: list[int], block_q: int, device: torch
             # Keys this tile reads: the context up to its last query.
             work.append((seq_len - q_len + min(first + block_q, q_len), i, first))
     work.sort(key=lambda w: -w[0])
-    plan = torch.tensor([[w[1] for w in work], [w[2] for w in work]], dtype=torch.int32).reshape(2, -1)
+    # Row width padded to a multiple of 4 int32s: plan[1] then always starts 16-byte aligned, and Triton
+    # (which specializes on pointer alignment) keeps one compiled variant instead of compiling a second
+    # one mid-run the first time the tile count is not a multiple of 4. Programs never read the padding.
+    width = -(-len(work) // 4) * 4
+    plan = torch.zeros(2, width, dtype=torch.int32)
+    if work:
+        plan[0, :len(work)] = torch.tensor([w[1] for w in work], dtype=torch.int32)
+        plan[1, :len(work)] = torch.tensor([w[2] for w in work], dtype=torch.int32)
     return plan.to(device)
+
+
+def _num_tiles(meta: AttentionMetadata, block_q: int, skip_single_queries: bool) -> int:
+    qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
+    q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+    return sum(-(-n // block_q) for n in q_lens if not (n == 1 and skip_single_queries))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -135,7 +148,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     # Both powers of two, so row // BLOCK_G and row % BLOCK_G in the kernel are a shift and a mask.
     block_q = max(1, config.block_m // block_g)
     plan = prefill_plan(meta, block_q, q.device, skip_single_queries)
-    num_tiles = plan.shape[1]
+    num_tiles = _num_tiles(meta, block_q, skip_single_queries)
     if num_tiles == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
