@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from carpool.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
@@ -79,6 +79,23 @@ class OpenAIServing:
             return make()
         except ValueError as e:
             raise bad_request_from_value_error(e) from None
+
+    async def respond(self, raw: Request, streams: Sequence[RequestStream], stream: bool,
+                      make_stream: Callable[[], AsyncIterator[str]],
+                      make_collect: Callable[[], Awaitable[BaseModel]]) -> Response:
+        """Stream SSE chunks, or collect the whole answer; either way the requests are aborted (their
+        blocks freed) as soon as the client goes away, and a dead engine is a 503."""
+        if stream:
+            return SSEResponse(make_stream(), on_close=lambda: abort_all(streams))
+        try:
+            response = await until_disconnected(raw, make_collect())
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from None
+        finally:
+            abort_all(streams)
+        if response is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return JSONResponse(response.model_dump())
 
     async def submit(self, request_id: str, prompts: Sequence[PromptType], params: SamplingParams
                      ) -> list[RequestStream]:

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from carpool.engine.async_engine import EngineDeadError, RequestStream
+from carpool.engine.async_engine import RequestStream
 from carpool.entrypoints.openai.errors import APIError
 from carpool.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                                  ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                                  ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
                                                  UsageInfo)
-from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, SSEResponse, abort_all, chat_logprobs,
-                                                merge_streams, sse, sse_error, until_disconnected)
+from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, chat_logprobs, merge_streams, sse,
+                                                sse_error)
 from carpool.outputs import CompletionOutput
 
 
@@ -59,18 +59,9 @@ class OpenAIServingChat(OpenAIServing):
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, [prompt_ids], params)
         num_top = request.top_logprobs or 0
-        if request.stream:
-            return SSEResponse(self._stream(request, request_id, streams, num_top),
-                               on_close=lambda: abort_all(streams))
-        try:
-            response = await until_disconnected(raw, self._collect(request, request_id, streams, num_top))
-        except EngineDeadError as e:
-            raise APIError(503, str(e)) from None
-        finally:
-            abort_all(streams)
-        if response is None:
-            return Response(status_code=499)  # the client is gone; nobody reads this
-        return JSONResponse(response.model_dump())
+        return await self.respond(raw, streams, bool(request.stream),
+                                  lambda: self._stream(request, request_id, streams, num_top),
+                                  lambda: self._collect(request, request_id, streams, num_top))
 
     @staticmethod
     def _update(choice: _Choice, c: CompletionOutput, num_top: int) -> list[ChatTokenLogprob] | None:

@@ -12,15 +12,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from carpool.engine.async_engine import EngineDeadError, RequestStream
-from carpool.entrypoints.openai.errors import APIError, bad_request_from_value_error
+from carpool.engine.async_engine import RequestStream
+from carpool.entrypoints.openai.errors import bad_request_from_value_error
 from carpool.entrypoints.openai.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                                  CompletionResponse, UsageInfo)
-from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, SSEResponse, abort_all,
-                                                completion_logprobs, merge_streams, sse, sse_error,
-                                                until_disconnected)
+from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, completion_logprobs, merge_streams,
+                                                sse, sse_error)
 from carpool.outputs import RequestOutput
 
 
@@ -45,17 +44,9 @@ class OpenAIServingCompletion(OpenAIServing):
             raise bad_request_from_value_error(e) from None
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, prompts, params)
-        if request.stream:
-            return SSEResponse(self._stream(request, request_id, streams), on_close=lambda: abort_all(streams))
-        try:
-            response = await until_disconnected(raw, self._collect(request, request_id, streams))
-        except EngineDeadError as e:
-            raise APIError(503, str(e)) from None
-        finally:
-            abort_all(streams)
-        if response is None:
-            return Response(status_code=499)  # the client is gone; nobody reads this
-        return JSONResponse(response.model_dump())
+        return await self.respond(raw, streams, bool(request.stream),
+                                  lambda: self._stream(request, request_id, streams),
+                                  lambda: self._collect(request, request_id, streams))
 
     def _prompt_text(self, output: RequestOutput) -> str:
         if output.prompt is not None:
