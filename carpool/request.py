@@ -53,7 +53,8 @@ class Request:
     stop_reason: int | str | None = None
     # Chained content hashes of this request's full blocks (prefix caching); extended lazily.
     block_hashes: list[bytes] = field(default_factory=list)
-    first_scheduled_time: float | None = None
+    # Extra hash key: requests with different salts never share cached blocks (e.g. per tenant or adapter).
+    cache_salt: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -108,6 +108,19 @@ def test_prompts_sharing_a_later_block_but_not_the_first_do_not_share_it():
     assert n == 0 and blocks == []
 
 
+def test_requests_with_different_cache_salts_do_not_share_blocks():
+    kv = KVCacheManager(num_blocks=8, block_size=2, hash_seed=SEED)
+    a = req("a", [1, 2, 3, 4, 5])
+    a.cache_salt = "tenant-1"
+    kv.allocate_slots(a, 5)
+    other = req("b", [1, 2, 3, 4, 5])
+    other.cache_salt = "tenant-2"
+    assert kv.get_computed_blocks(other)[1] == 0
+    same = req("c", [1, 2, 3, 4, 5])
+    same.cache_salt = "tenant-1"
+    assert kv.get_computed_blocks(same)[1] == 4
+
+
 def test_cache_hit_on_a_free_block_takes_it_out_of_the_eviction_queue():
     kv = KVCacheManager(num_blocks=3, block_size=2, hash_seed=SEED)
     a = req("a", [1, 2, 3])

@@ -54,7 +54,7 @@ class KVCacheManager:
         """Extend request.block_hashes to cover its first `num_full_blocks` blocks."""
         hashes = request.block_hashes
         bs = self.block_size
-        salt = getattr(request, "cache_salt", None)
+        salt = request.cache_salt
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else self.hash_seed

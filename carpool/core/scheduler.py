@@ -12,7 +12,6 @@ never preempted for a newer one, so every admitted request finishes.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -108,8 +107,6 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             num_scheduled[request.request_id] = num_new
             budget -= num_new

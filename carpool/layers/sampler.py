@@ -46,10 +46,10 @@ class Sampler(nn.Module):
                 ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
         if md.seeds is not None and self.fast_sample is not None:
             return self.fast_sample(logits, md.temperature, md.seeds), [None] * logits.shape[0]
-        logits = logits.float()
+        # One float32 copy that is ours to modify in place (float() alone would alias float32 input).
+        logits = logits.to(torch.float32, copy=True)
         want_logprobs = any(n is not None for n in md.num_logprobs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = logits.clone()
         for row, ids in md.banned_token_ids.items():
             logits[row, ids] = float("-inf")
         if md.repetition_penalty is not None:

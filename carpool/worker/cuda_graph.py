@@ -55,8 +55,7 @@ class CUDAGraphRunner:
                                  block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
                                  # the longest possible context: kernels size their plans for any replay
                                  max_query_len=1, max_seq_len=self.max_model_len,
-                                 query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
-                                 extra={"cuda_graph": True})
+                                 query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs)
         if cascade:
             meta.extra["cascade_prefix_len"] = self.prefix_len
         return ForwardBatch(input_ids=self.input_ids[:bs], positions=self.positions[:bs], attn=meta)
