@@ -131,6 +131,12 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
             engine.abort(r)
         while engine.has_unfinished_requests():
             engine.step()
+        # The whole workload once more under the profiler (device activity only, to keep its overhead
+        # low): where all of the run's device time goes, prefill steps and the shrinking tail included.
+        llm.reset_prefix_cache()
+        for prompt, p in zip(prompts, params):
+            engine.add_request(None, {"prompt_token_ids": prompt}, p)
+        result["profile_whole_run"] = profile_steps(engine, 0, top=25, cpu=False)
     del llm, engine, runner
     import torch
 

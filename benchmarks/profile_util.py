@@ -8,6 +8,7 @@ import torch
 
 CATEGORIES = (
     ("attention", ("decode_kernel", "prefill", "_merge_kernel", "attention")),
+    ("rope+kv_store", ("rope_store_kv",)),
     ("kv_store", ("store_kv",)),
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "cublas", "xmma", "splitk")),
     ("norm", ("rms_norm",)),
@@ -26,16 +27,22 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_steps(engine: Any, num_steps: int, top: int = 15) -> dict[str, Any]:
+def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) -> dict[str, Any]:
+    """Profile up to num_steps engine steps (all of them with num_steps <= 0: the whole workload)."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities) as prof:
         steps = 0
-        while steps < num_steps and engine.has_unfinished_requests():
+        while (num_steps <= 0 or steps < num_steps) and engine.has_unfinished_requests():
             engine.step()
             steps += 1
         torch.cuda.synchronize()
+    return summarize(prof, steps, top)
+
+
+def summarize(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
     kernels = []
     for e in prof.key_averages():
         device_us = getattr(e, "self_device_time_total", None)
@@ -52,6 +59,7 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15) -> dict[str, Any]:
     steps = max(steps, 1)
     return {
         "steps": steps,
+        "device_ms_total": total / 1e3,
         "device_ms_per_step": total / 1e3 / steps,
         "kernels_per_step": sum(k[2] for k in kernels) / steps,
         "share_by_category": {c: round(us / total, 4) for c, us in sorted(by_cat.items(), key=lambda x: -x[1])},

@@ -42,10 +42,9 @@ class LlamaAttention(nn.Module):
                                           config.rope_theta, config.rope_scaling, ops)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ops)
 
-    def position_encode(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on q and k (Qwen3 overrides this to normalize them first, in the same kernel)."""
-        return self.rotary_emb(positions, q, k)
+    def qk_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(q weight, k weight, eps) of a per-head q/k RMSNorm before RoPE; none here (Qwen3 has one)."""
+        return None, None, 0.0
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -53,8 +52,10 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.position_encode(positions, q, k)
-        out = self.attn(q, k, v, batch)
+        # RoPE and the KV-cache store in one op; attention then reads this step's k and v from the cache.
+        q = self.attn.rope_and_store_kv(positions, q, k, v, self.rotary_emb.cos_sin_cache, batch,
+                                        *self.qk_norm_weights())
+        out = self.attn(q, None, None, batch)
         return self.o_proj(out.view(-1, self.q_size))
 
 

@@ -16,12 +16,9 @@ class Qwen3Attention(LlamaAttention):
         super().__init__(config, ops, tp)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, config.dtype)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, config.dtype)
-        self.ops = ops
 
-    def position_encode(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ops.qk_norm_rotary(positions, q, k, self.rotary_emb.cos_sin_cache, self.q_norm.weight,
-                                       self.k_norm.weight, self.q_norm.eps)
+    def qk_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

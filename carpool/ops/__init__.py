@@ -19,6 +19,9 @@ class KernelOps:
     silu_and_mul: Callable
     rotary_embedding: Callable
     qk_norm_rotary: Callable
+    # RoPE (+ optional q/k norm) with the KV-cache store of the rotated k and v; paged_attention is then
+    # called with k = v = None.
+    rope_and_store_kv: Callable
     # One-pass sampling for batches without top-k/top-p/min-p, penalties or logprobs; None: the
     # general sampler does everything (the CPU reference path).
     sample_from_logits: Callable | None = None
@@ -34,4 +37,5 @@ def get_kernel_ops(name: str) -> KernelOps:
     return KernelOps(name=name, paged_attention=impl.paged_attention, rms_norm=impl.rms_norm,
                      fused_add_rms_norm=impl.fused_add_rms_norm, silu_and_mul=impl.silu_and_mul,
                      rotary_embedding=impl.rotary_embedding, qk_norm_rotary=impl.qk_norm_rotary,
+                     rope_and_store_kv=impl.rope_and_store_kv,
                      sample_from_logits=getattr(impl, "sample_from_logits", None))

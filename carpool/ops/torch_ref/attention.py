@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from carpool.forward_batch import AttentionMetadata
+from carpool.ops.torch_ref.elementwise import qk_norm_rotary, rotary_embedding
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -18,15 +19,33 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     v_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
+                      k_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """RoPE on q and k (after Qwen3's per-head q/k RMSNorm when weights are given), the rotated k and v
+    stored at their cache slots; returns the rotated q. One op so GPU backends can fuse the passes."""
+    if q_weight is not None:
+        assert k_weight is not None
+        q, k = qk_norm_rotary(positions, q, k, cos_sin_cache, q_weight, k_weight, eps)
+    else:
+        q, k = rotary_embedding(positions, q, k, cos_sin_cache)
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Store the new K/V, then attend causally over each request's whole context.
+    """Store the new K/V (unless k and v are None: already stored, see rope_and_store_kv), then attend
+    causally over each request's whole context.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
     Request i's queries are the last q_len positions of its seq_len-token context, so query j may see
     keys 0 .. seq_len - q_len + j.
     """
-    store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    if k is not None:
+        assert v is not None
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads

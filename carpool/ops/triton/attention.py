@@ -50,29 +50,34 @@ def decode_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int | None 
     return max(1, min(splits, MAX_DECODE_SPLITS))
 
 
-def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+def _check_shapes(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
                   v_cache: torch.Tensor) -> None:
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"q, k, v: expected [T, H, D] with k and v alike, got {tuple(q.shape)}, "
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache, v_cache: expected equal [num_blocks, block_size, Hkv, D], got "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("k, v: pass both (to store them) or neither (already stored)")
+    if k is not None and (k.dim() != 3 or v.shape != k.shape or k_cache.shape[2:] != k.shape[1:]):
+        raise ValueError(f"k, v: expected [T, {k_cache.shape[2]}, {k_cache.shape[3]}] alike, got "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
-        raise ValueError(f"k_cache, v_cache: expected [num_blocks, block_size, {k.shape[1]}, {k.shape[2]}], "
-                         f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    if q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"q: head_dim must equal k's and heads be a multiple of {k.shape[1]}, "
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
+        raise ValueError(f"q: expected [T, Hq, {head_dim}] with Hq a multiple of {num_kv_heads}, "
                          f"got {tuple(q.shape)}")
-    if any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache)):
+    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, *((k, v) if k is not None else ()))):
         raise ValueError("q, k, v, k_cache, v_cache: last dim must be contiguous")
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Store the new K/V, then attend causally over each request's whole context (see torch_ref).
+    """Store the new K/V (unless k = v = None: rope_and_store_kv did), then attend causally over each
+    request's whole context (see torch_ref).
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
     Returns a contiguous [T, Hq, D] in q's dtype."""
     _check_shapes(q, k, v, k_cache, v_cache)
-    store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    if k is not None and v is not None:
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     out = utils.empty_output(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out

@@ -135,11 +135,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Rotate-half RoPE of one token's heads, in place: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s].
-    With HAS_NORM each head is first RMS-normalized with weight w (Qwen3's q/k norm), rounded as the
-    reference rounds: normalize in fp32, cast to the input dtype, multiply by the weight, cast again."""
+def _rope_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Rotate-half RoPE of one token's heads: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], returned in float32
+    (rounded to the input dtype first, as the reference's in-dtype result is) with the input dtype's
+    zero. With HAS_NORM each head is first RMS-normalized with weight w (Qwen3's q/k norm), rounded as
+    the reference rounds: normalize in fp32, cast to the input dtype, multiply by the weight, cast again."""
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < n_heads) & (cols[None, :] < HALF)
@@ -154,8 +155,22 @@ def _rotate_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF: tl.c
         w2 = tl.load(w_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
         x1f = ((x1f * inv[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]).to(x1.dtype).to(tl.float32)
         x2f = ((x2f * inv[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(x1.dtype).to(tl.float32)
-    tl.store(p1, (x1f * cos[None, :] - x2f * sin[None, :]).to(x1.dtype), mask=mask)
-    tl.store(p1 + HALF, (x2f * cos[None, :] + x1f * sin[None, :]).to(x1.dtype), mask=mask)
+    y1 = (x1f * cos[None, :] - x2f * sin[None, :]).to(x1.dtype)
+    y2 = (x2f * cos[None, :] + x1f * sin[None, :]).to(x1.dtype)
+    return y1, y2
+
+
+@triton.jit
+def _rotate_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """_rope_heads, written back in place."""
+    y1, y2 = _rope_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF, BLOCK_H, BLOCK_HALF, HAS_NORM)
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < n_heads) & (cols[None, :] < HALF)
+    p1 = ptr + base + heads[:, None] * stride_h + cols[None, :]
+    tl.store(p1, y1, mask=mask)
+    tl.store(p1 + HALF, y2, mask=mask)
 
 
 @triton.jit
@@ -175,6 +190,43 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, n_q_
                   HAS_NORM)
 
 
+@triton.jit
+def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, slot_ptr,
+                          k_cache_ptr, v_cache_ptr, n_q_heads, n_k_heads, stride_qt, stride_qh, stride_kt,
+                          stride_kh, stride_vt, stride_vh, stride_cs, stride_kcb, stride_kcs, stride_kch,
+                          stride_vcb, stride_vcs, stride_vch, HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                          BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                          HAS_NORM: tl.constexpr):
+    """One program per token: RoPE (after the optional q/k norm) on q in place, and the rotated k with v
+    written straight to the token's cache slot, so k never makes a round trip through memory."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    cmask = cols < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + cols, mask=cmask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + cols, mask=cmask, other=0.0)
+    _rotate_heads(q_ptr, t * stride_qt, stride_qh, n_q_heads, cos, sin, qw_ptr, eps, HALF, BLOCK_HQ, BLOCK_HALF,
+                  HAS_NORM)
+    y1, y2 = _rope_heads(k_ptr, t * stride_kt, stride_kh, n_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK,
+                         BLOCK_HALF, HAS_NORM)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    # Padding (slot < 0) writes no heads. (An integer bound rather than `scalar_bool & mask`: the
+    # interpreter mistypes that broadcast.)
+    n_store = tl.where(slot >= 0, n_k_heads, 0)
+    slot = tl.maximum(slot, 0)
+    page = slot // PAGE_SIZE
+    row = slot % PAGE_SIZE
+    heads = tl.arange(0, BLOCK_HK)
+    mask = (heads[:, None] < n_store) & cmask[None, :]
+    kc = k_cache_ptr + page * stride_kcb + row * stride_kcs + heads[:, None] * stride_kch + cols[None, :]
+    tl.store(kc, y1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    vp = v_ptr + t * stride_vt + heads[:, None] * stride_vh + cols[None, :]
+    vc = v_cache_ptr + page * stride_vcb + row * stride_vcs + heads[:, None] * stride_vch + cols[None, :]
+    tl.store(vc, tl.load(vp, mask=mask, other=0.0).to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc + HALF, tl.load(vp + HALF, mask=mask, other=0.0).to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox rotate-half RoPE applied IN PLACE to q [T, Hq, D] and k [T, Hkv, D]; returns (q, k).
@@ -191,9 +243,7 @@ def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
     return _rotary(positions, q, k, cos_sin_cache, q_weight, k_weight, eps)
 
 
-def _rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-            q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
         raise ValueError(f"q, k: expected [T, H, D] with equal T and D, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}")
@@ -203,6 +253,13 @@ def _rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_c
                          f"got {tuple(cos_sin_cache.shape)}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("q, k, cos_sin_cache: last dim must be contiguous")
+
+
+def _rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+            q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_rotary(q, k, cos_sin_cache)
+    head_dim = q.shape[-1]
     has_norm = q_weight is not None
     n_tokens = q.shape[0]
     if n_tokens:
@@ -215,3 +272,34 @@ def _rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_c
                                     BLOCK_HK=triton.next_power_of_2(k.shape[1]),
                                     BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4)
     return q, k
+
+
+def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
+                      k_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """RoPE (after Qwen3's per-head q/k RMSNorm when weights are given) on q IN PLACE, and the rotated k
+    with v stored at their cache slots (slots < 0 are padding, skipped); k itself is left as it was.
+    Returns q. One kernel instead of rotary + store: the attention that follows reads k from the cache."""
+    _check_rotary(q, k, cos_sin_cache)
+    if v.shape != k.shape or v.stride(-1) != 1:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)} with a contiguous last dim, "
+                         f"got {tuple(v.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"k_cache, v_cache: expected [num_blocks, block_size, {k.shape[1]}, {k.shape[2]}], "
+                         f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache, v_cache: last dim must be contiguous")
+    n_tokens = q.shape[0]
+    if n_tokens:
+        half = q.shape[-1] // 2
+        qw = q_weight if q_weight is not None else cos_sin_cache
+        kw = k_weight if k_weight is not None else cos_sin_cache
+        _rope_store_kv_kernel[(n_tokens,)](
+            positions, q, k, v, cos_sin_cache, qw, kw, eps, slot_mapping, k_cache, v_cache, q.shape[1],
+            k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), HALF=half, PAGE_SIZE=k_cache.shape[1],
+            BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+            BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=q_weight is not None, num_warps=4)
+    return q
