@@ -80,6 +80,20 @@ def _agree(ok: bool, cpu_group: Any) -> bool:
     return bool(flag.item())
 
 
+def _nccl(x: torch.Tensor, group: Any) -> torch.Tensor:
+    y = x.clone()
+    dist.all_reduce(y, group=group)
+    torch.cuda.synchronize(x.device)
+    return y
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, world_size: int) -> bool:
+    # Two ranks: a + b is the same number in either order, so exact; more ranks may add in other orders.
+    if world_size == 2:
+        return torch.equal(a, b)
+    return torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
 class CustomAllReduce:
     """The fast path once established; `create` returns None when it is not available on every rank."""
 
@@ -101,16 +115,27 @@ class CustomAllReduce:
             logger.info("custom all-reduce off (rank %d: %s); using NCCL", rank, "; ".join(reasons) or "a peer")
             return None
         group = device_group if device_group is not None else dist.group.WORLD
+        # Each stage ends in an agreement, so a failure on one rank never leaves a peer alone inside a
+        # collective kernel: the allocation, eager use, CUDA-graph capture, then replay of the capture.
         ar: CustomAllReduce | None = None
-        error = ""
-        try:
-            ar = cls._establish(device, dtype, group, max_bytes)
-            error = ar.self_test(rank, world_size, device_group=group)
-        except Exception as e:  # noqa: BLE001 - any failure means NCCL, agreed below
-            error = f"{type(e).__name__}: {e}"
-        if not _agree(not error, cpu_group):
-            logger.warning("custom all-reduce off (rank %d: %s); using NCCL", rank, error or "a peer failed")
-            return None
+        stages = [("allocation", lambda: cls._establish(device, dtype, group, max_bytes)),
+                  ("eager self-test", lambda: ar.self_test(rank, world_size, group)),  # type: ignore[union-attr]
+                  ("graph capture", lambda: ar.capture_test()),  # type: ignore[union-attr]
+                  ("graph replay", lambda: ar.replay_test(world_size, group))]  # type: ignore[union-attr]
+        for name, stage in stages:
+            error = ""
+            try:
+                value = stage()
+                if isinstance(value, CustomAllReduce):
+                    ar = value
+                elif value:
+                    error = str(value)
+            except Exception as e:  # noqa: BLE001 - any failure means NCCL, agreed below
+                error = f"{type(e).__name__}: {e}"
+            if not _agree(not error, cpu_group):
+                logger.warning("custom all-reduce off after its %s (rank %d: %s); using NCCL", name, rank,
+                               error or "a peer failed")
+                return None
         logger.info("custom all-reduce on: one-shot over symmetric memory up to %d bytes", max_bytes)
         return ar
 
@@ -136,19 +161,33 @@ class CustomAllReduce:
 
     def self_test(self, rank: int, world_size: int, device_group: Any) -> str:
         """One small and one full-size all-reduce against NCCL; '' when they agree."""
+        self._probe = torch.empty(0)
         for numel in (4096, self.buffer.numel()):
             gen = torch.Generator(device=self.buffer.device).manual_seed(1234 + rank)
             x = torch.randn(numel, generator=gen, device=self.buffer.device).to(self.dtype)
-            got = self.all_reduce(x)
-            want = x.clone()
-            dist.all_reduce(want, group=device_group)
-            torch.cuda.synchronize(self.buffer.device)
-            # Two ranks: a + b is the same number in any order, so exact; more ranks may sum in another order.
-            same = torch.equal(got, want) if world_size == 2 else torch.allclose(got.float(), want.float(),
-                                                                                    rtol=1e-2, atol=1e-2)
-            if not same:
-                return f"self-test mismatch against NCCL at {numel} elements"
+            if numel == 4096:
+                self._probe = x
+            if not _same(self.all_reduce(x), _nccl(x, device_group), world_size):
+                return f"mismatch against NCCL at {numel} elements"
         return ""
+
+    def capture_test(self) -> str:
+        """Capture one all-reduce of the self-test's small input in a CUDA graph (not replayed yet)."""
+        stream = torch.cuda.Stream(self.buffer.device)
+        stream.wait_stream(torch.cuda.current_stream(self.buffer.device))
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(self._graph, stream=stream):
+                self._graph_out = self.all_reduce(self._probe)
+        torch.cuda.current_stream(self.buffer.device).wait_stream(stream)
+        return ""
+
+    def replay_test(self, world_size: int, device_group: Any) -> str:
+        self._probe.mul_(2)
+        self._graph.replay()
+        ok = _same(self._graph_out, _nccl(self._probe, device_group), world_size)
+        del self._graph, self._graph_out, self._probe
+        return "" if ok else "a CUDA-graph replay disagrees with NCCL"
 
     def eligible(self, x: torch.Tensor) -> bool:
         """Whether x takes the fast path. Depends only on properties equal on every rank (dtype, size,
