@@ -22,7 +22,7 @@ from common import (SHAPES, ModelArithmetic, device_name, emit, measure_copy_ban
 
 
 def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
-                engine_kwargs: dict[str, Any], profile: bool = False) -> dict[str, Any]:
+                engine_kwargs: dict[str, Any], profile: bool = False, breakdown: bool = False) -> dict[str, Any]:
     from carpool import LLM, SamplingParams
 
     llm = LLM(model, **engine_kwargs)
@@ -38,6 +38,11 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
         ttft.append(m.time_to_first_token)
     result = {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
               "repeats": repeats}
+    if breakdown:  # one more run with per-step timings (a little slower: events around every step)
+        from profile_util import step_breakdown
+
+        llm.reset_prefix_cache()
+        result["breakdown"] = step_breakdown(llm.engine, prompt, params)
     if profile:
         from profile_util import profile_steps
 
@@ -48,6 +53,7 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
         result["profile"] = profile_steps(engine, 50)
         while engine.has_unfinished_requests():
             engine.step()
+    llm.engine.shutdown()
     del llm
     import torch
 
@@ -87,6 +93,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="add per-step host/device timings (always on with -tp > 1); see profile_util.stop_timings")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler summary of 50 decode steps")
     ap.add_argument("--out", default=None)
@@ -98,7 +107,8 @@ def main() -> None:
     model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=8, max_model_len=args.prompt_len + args.new_tokens + 16,
                                          enforce_eager=args.enforce_eager,
-                                         tensor_parallel_size=args.tensor_parallel_size)
+                                         tensor_parallel_size=args.tensor_parallel_size,
+                                         disable_custom_all_reduce=args.disable_custom_all_reduce)
     if dummy:
         engine_kwargs["load_format"] = "dummy"
     bandwidth = measure_copy_bandwidth()
@@ -106,8 +116,10 @@ def main() -> None:
                               "model": args.model or f"{args.shape} (random bf16 weights)",
                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "tensor_parallel_size": args.tensor_parallel_size,
+                              "disable_custom_all_reduce": args.disable_custom_all_reduce,
                               "copy_bandwidth_bytes_per_s": bandwidth}
-    result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile)
+    result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
+                                    args.breakdown or args.tensor_parallel_size > 1)
     result["ms_per_token"] = result["carpool"]["ms_per_token"]
     if dummy:
         weight_bytes = ModelArithmetic.of(args.shape).weight_bytes

@@ -79,16 +79,17 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
     llm.generate([{"prompt_token_ids": p} for p in prompts[:64]],
                  SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True), use_tqdm=False)
     llm.reset_prefix_cache()
-    runner = getattr(engine.executor, "runner", None)
     params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, detokenize=False)
               for n in out_lens]
     from carpool.sampling_params import RequestOutputKind
 
     for p in params:
         p.output_kind = RequestOutputKind.FINAL_ONLY
-    if runner is not None:
-        runner.collect_timings = True
-        runner.timings.clear()
+    on_gpu = engine.config.device.startswith("cuda")
+    if on_gpu:
+        from profile_util import start_timings
+
+        start_timings(engine)
     num_steps = 0
     finished = []
     start = time.perf_counter()
@@ -105,19 +106,24 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
                               "num_kv_blocks": engine.stats().num_kv_blocks,
                               "mean_ttft_s": statistics.mean(o.metrics.time_to_first_token for o in finished),
                               "prefix_cache_hits": engine.stats().prefix_cache_hits}
-    if runner is not None and runner.timings:
-        # Device time is measured with events around each step's kernels; whatever wall time is not
-        # covered by device work is host time the device waited for (exposed host overhead).
-        gpu_total = sum(gpu for _, gpu in runner.timings)
-        result["gpu_ms_per_step"] = 1e3 * gpu_total / len(runner.timings)
-        result["host_ms_per_step"] = 1e3 * max(elapsed - gpu_total, 0.0) / num_steps
-        result["host_over_gpu"] = result["host_ms_per_step"] / result["gpu_ms_per_step"]
-        result["gpu_busy_fraction"] = gpu_total / elapsed
+    if on_gpu:
+        # Device time is measured with events around each step's kernels (rank 0's under TP); the wall
+        # time they do not cover is host time the device waited for (exposed host overhead).
+        from profile_util import stop_timings
+
+        bd = stop_timings(engine, elapsed, num_steps)
+        result["breakdown"] = bd
+        gpu = bd["rank0"]["gpu_ms"]["mean"]
+        if gpu:
+            gpu_total = gpu * bd["rank0"]["steps"] / 1e3
+            result["gpu_ms_per_step"] = gpu
+            result["host_ms_per_step"] = 1e3 * max(elapsed - gpu_total, 0.0) / num_steps
+            result["host_over_gpu"] = result["host_ms_per_step"] / gpu
+            result["gpu_busy_fraction"] = gpu_total / elapsed
     if profile:
         # decode steps with every request running: all prompts in, then a profiled window
         from profile_util import profile_steps
 
-        runner.collect_timings = False
         for prompt, p in zip(prompts, params):
             engine.add_request(None, {"prompt_token_ids": prompt}, p)
         while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
@@ -137,7 +143,8 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
         for prompt, p in zip(prompts, params):
             engine.add_request(None, {"prompt_token_ids": prompt}, p)
         result["profile_whole_run"] = profile_steps(engine, 0, top=25, cpu=False)
-    del llm, engine, runner
+    engine.shutdown()
+    del llm, engine
     import torch
 
     if torch.cuda.is_available():
@@ -198,6 +205,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
     ap.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                     help="dummy: random weights from config.json only (no checkpoint written or read)")
     ap.add_argument("--device", default=None)
@@ -217,7 +225,8 @@ def main() -> None:
         raise SystemExit("on CPU pass --model (e.g. the demo model path)")
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                          enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-                                         load_format=args.load_format)
+                                         load_format=args.load_format,
+                                         disable_custom_all_reduce=args.disable_custom_all_reduce)
     if args.device:
         engine_kwargs["device"] = args.device
     result: dict[str, Any] = {"benchmark": f"throughput/{args.workload}", "device": device_name(),

@@ -1,4 +1,6 @@
-"""A torch.profiler window over engine steps, summarized as JSON: where the device time goes."""
+"""Where a step's time goes, as JSON: a torch.profiler window over engine steps (device time by kernel
+category), and a per-step breakdown of host and device time (`step_breakdown`). Under tensor
+parallelism both come from rank 0, through the executor's `profile` and `timings` commands."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from typing import Any
 import torch
 
 CATEGORIES = (
+    ("communication", ("nccl", "all_reduce", "allreduce", "one_shot", "all_gather", "allgather", "broadcast",
+                       "symm_mem", "cross_device")),
     ("attention", ("decode_kernel", "prefill", "_merge_kernel", "attention")),
     ("rope+kv_store", ("rope_store_kv",)),
     ("kv_store", ("store_kv",)),
@@ -28,21 +32,21 @@ def category(name: str) -> str:
 
 
 def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) -> dict[str, Any]:
-    """Profile up to num_steps engine steps (all of them with num_steps <= 0: the whole workload)."""
+    """Profile up to num_steps engine steps (all of them with num_steps <= 0: the whole workload);
+    cpu=False records device activity only, which keeps the profiler's overhead low on long windows."""
+    executor = engine.executor
+    if hasattr(executor, "profile"):  # tensor parallel: rank 0 profiles itself
+        executor.profile("start")
+        steps = _run_steps(engine, num_steps)
+        kernels = [(k[0], k[1], k[2]) for k in executor.profile("stop") or []]
+        return summarize_kernels(kernels, steps, top)
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
     torch.cuda.synchronize()
     with profile(activities=activities) as prof:
-        steps = 0
-        while (num_steps <= 0 or steps < num_steps) and engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
+        steps = _run_steps(engine, num_steps)
         torch.cuda.synchronize()
-    return summarize(prof, steps, top)
-
-
-def summarize(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
     kernels = []
     for e in prof.key_averages():
         device_us = getattr(e, "self_device_time_total", None)
@@ -51,7 +55,20 @@ def summarize(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
         is_device = str(getattr(e, "device_type", "")).endswith("CUDA")
         if device_us and is_device:
             kernels.append((e.key, device_us, e.count))
-    kernels.sort(key=lambda k: -k[1])
+    return summarize_kernels(kernels, steps, top)
+
+
+def _run_steps(engine: Any, num_steps: int) -> int:
+    steps = 0
+    while (num_steps <= 0 or steps < num_steps) and engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return steps
+
+
+def summarize_kernels(kernels: list[tuple[str, float, int]], steps: int, top: int = 15) -> dict[str, Any]:
+    """kernels: (name, device microseconds, calls) over `steps` engine steps."""
+    kernels = sorted(kernels, key=lambda k: -k[1])
     total = sum(k[1] for k in kernels) or 1.0
     by_cat: dict[str, float] = {}
     for name, us, _ in kernels:
@@ -66,3 +83,59 @@ def summarize(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
         "top_kernels": [{"name": n[:120], "ms_per_step": us / 1e3 / steps, "calls_per_step": c / steps,
                          "share": round(us / total, 4)} for n, us, c in kernels[:top]],
     }
+
+
+def start_timings(engine: Any) -> None:
+    """Collect per-step timings from now on (rank 0's under tensor parallelism)."""
+    executor = engine.executor
+    if hasattr(executor, "timings"):
+        executor.timings(enable=True)
+    else:
+        executor.runner.timings.clear()
+        executor.runner.collect_timings = True
+
+
+def stop_timings(engine: Any, wall_s: float, num_steps: int) -> dict[str, Any]:
+    """Per-step means and medians (ms) since start_timings, with how to read them:
+    - wall_ms_per_step: engine wall time / engine steps;
+    - rank0.gpu_ms: device time of a step (first to last kernel; includes all-reduce waits);
+    - rank0.device_gap_ms: device idle between consecutive steps: host overhead the overlap did not hide;
+    - rank0.launch_ms / resolve_wait_ms: host time to enqueue a step / blocked on its tokens;
+    - (TP) rank0.recv_wait_ms: rank 0 idle waiting for the engine's next command; decode_ms / reply_ms:
+      JSON in and out; engine.send_ms / reply_wait_ms: the engine writing a step / waiting for a reply.
+    """
+    executor = engine.executor
+    out: dict[str, Any] = {"wall_ms_per_step": 1e3 * wall_s / max(num_steps, 1), "engine_steps": num_steps}
+    if hasattr(executor, "timings"):
+        out.update(executor.timings(enable=False))
+        out.update(executor.describe())
+        return out
+    import statistics
+
+    runner = executor.runner
+    runner.collect_timings = False
+    t = runner.timings
+
+    def ms(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {"mean": 0.0, "median": 0.0}
+        return {"mean": 1e3 * statistics.fmean(values), "median": 1e3 * statistics.median(values)}
+
+    out["rank0"] = {"steps": len(t), "launch_ms": ms([x.launch_s for x in t]),
+                    "resolve_wait_ms": ms([x.wait_s for x in t]), "gpu_ms": ms([x.gpu_s for x in t]),
+                    "device_gap_ms": ms([x.gap_s for x in t])}
+    return out
+
+
+def step_breakdown(engine: Any, prompt: list[int], params: Any) -> dict[str, Any]:
+    """Run one request to completion with per-step timings on (see stop_timings)."""
+    import time
+
+    start_timings(engine)
+    engine.add_request(None, {"prompt_token_ids": prompt}, params)
+    steps = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return stop_timings(engine, time.perf_counter() - start, steps)

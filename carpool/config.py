@@ -166,6 +166,9 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # Small all-reduces of a multi-GPU rank go through symmetric memory (carpool/custom_all_reduce.py)
+    # unless this is set; NCCL carries the rest, and everything when the fast path is unavailable.
+    disable_custom_all_reduce: bool = False
 
 
 @dataclass(frozen=True)

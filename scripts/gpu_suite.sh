@@ -4,18 +4,25 @@
 #   bash scripts/gpu_suite.sh /path/to/results [quick]
 # "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
 # (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
-# tensor-parallel tests and benchmarks (2+ GPUs).
+# tensor-parallel tests and benchmarks (2 GPUs, ~6-8 min): 6 JSON files + suite.log, nothing else.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# NVLink multicast stays off everywhere (mandatory on the shared hosts); carpool sets these in its workers too.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export CARPOOL_CACHE_DIR=${CARPOOL_CACHE_DIR:-/tmp/carpool-cache}
 status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; }; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
+device_file="$out/device.txt"
+if [ "$mode" = tp ]; then  # at most 8 files come back: the device goes into the log instead
+  exec > >(tee -a "$out/suite.log") 2>&1
+  device_file=/dev/null
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$device_file"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$device_file"
 
 if [ "$mode" = serve ]; then
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -36,10 +43,19 @@ if [ "$mode" = serve ]; then
   exit $status
 fi
 if [ "$mode" = tp ]; then
-  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py -o addopts="" -s
-  step python3 benchmarks/bench_latency.py -tp 1 --out "$out/latency_tp1.json"
-  step python3 benchmarks/bench_latency.py -tp 2 --out "$out/latency_tp2.json"
+  nvidia-smi topo -m
+  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
+  step python3 benchmarks/bench_all_reduce.py --out "$out/all_reduce.json"
+  # Llama-3-8B shape, batch 1: TP=1, TP=2 (one-shot all-reduce where available, rank-0 profile), TP=2 NCCL only
+  step python3 benchmarks/bench_latency.py -tp 1 --breakdown --out "$out/latency_tp1.json"
+  step python3 benchmarks/bench_latency.py -tp 2 --profile --out "$out/latency_tp2.json"
+  step python3 benchmarks/bench_latency.py -tp 2 --disable-custom-all-reduce --out "$out/latency_tp2_nccl.json"
+  # Qwen3-14B shape, 256 requests, TP=2 with and without the one-shot all-reduce
   step python3 benchmarks/bench_throughput.py --shape qwen3-14b -tp 2 --load-format dummy --out "$out/throughput_14b_tp2.json"
+  step python3 benchmarks/bench_throughput.py --shape qwen3-14b -tp 2 --load-format dummy --disable-custom-all-reduce \
+    --out "$out/throughput_14b_tp2_nccl.json"
+  echo "=== done ($(date +%T)), status $status"
+  sleep 1  # let tee write the end of the log
   exit $status
 fi
 gpu_tests="tests/test_gpu_engine.py tests/test_triton_kernels.py"  # (the server tests need fastapi/openai)

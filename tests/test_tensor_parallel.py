@@ -51,15 +51,19 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+def tp2_llm(name: str, path: str, **kwargs) -> LLM:
+    engine_kwargs: dict = {"kv_cache_memory_bytes": 1 << 22}
+    if name == "llama":  # the hardest schedule: chunks, preemption and prefix hits
+        engine_kwargs = {"kv_cache_memory_bytes": 18 * LLAMA_BLOCK_BYTES_TP2, "max_num_batched_tokens": 24}
+    return LLM(path, device="cpu", tensor_parallel_size=2, **engine_kwargs, **kwargs)
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, checkpoint_factory):
     """(name, path, TP=2 LLM) — the LLM lives for the whole module."""
     arch, overrides = CASES[request.param]
     path = checkpoint_factory(arch, **overrides)
-    kwargs: dict = {"kv_cache_memory_bytes": 1 << 22}
-    if request.param == "llama":  # the hardest schedule: chunks, preemption and prefix hits
-        kwargs = {"kv_cache_memory_bytes": 18 * LLAMA_BLOCK_BYTES_TP2, "max_num_batched_tokens": 24}
-    llm = LLM(path, device="cpu", tensor_parallel_size=2, **kwargs)
+    llm = tp2_llm(request.param, path)
     yield request.param, path, llm
     llm.engine.shutdown()
 
@@ -72,6 +76,30 @@ def test_tp2_greedy_equals_tp1_and_hf(case):
     assert got == greedy_tokens(tp1, PROMPTS)
     if name == "llama":
         assert llm.engine.stats().num_preemptions > 0  # the schedule really was the hard one
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tp2_with_async_scheduling_equals_tp1(checkpoint_factory, name):
+    """Steps overlap: each rank launches step N+1 (fed N's tokens on the device) before it replies N."""
+    arch, overrides = CASES[name]
+    path = checkpoint_factory(arch, **overrides)
+    llm = tp2_llm(name, path, async_scheduling=True)
+    try:
+        got = greedy_tokens(llm, PROMPTS)
+        assert llm.engine.config.async_scheduling
+        assert llm.engine.executor.describe()["custom_all_reduce"] is False  # gloo: no fast path on CPU
+        if name == "llama":
+            assert llm.engine.stats().num_preemptions > 0
+            seeded = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=6, ignore_eos=True, logprobs=2)
+            prompts = [{"prompt_token_ids": p} for p in PROMPTS[:4]]
+            tp1 = LLM(path, device="cpu", async_scheduling=False).generate(prompts, seeded, use_tqdm=False)
+            tp2 = llm.generate(prompts, seeded, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in tp2] == [o.outputs[0].token_ids for o in tp1]
+            assert ([[lp.keys() for lp in o.outputs[0].logprobs] for o in tp2]
+                    == [[lp.keys() for lp in o.outputs[0].logprobs] for o in tp1])
+    finally:
+        llm.engine.shutdown()
+    assert got == greedy_tokens(LLM(path, device="cpu", num_kv_blocks=64), PROMPTS)
 
 
 def test_tp2_prefix_cache_hits_give_the_same_tokens(case):
@@ -160,14 +188,16 @@ def test_check_tensor_parallel_accepts_kv_replication(checkpoint_factory):
         check_tensor_parallel(model, 8)
 
 
-@pytest.mark.parametrize("victim", [0, 1])
-def test_killed_worker_fails_the_next_step_fast_and_leaves_no_process(llama_path, victim):
-    llm = LLM(llama_path, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22)
+@pytest.mark.parametrize("victim,async_scheduling", [(0, False), (1, False), (1, True)])
+def test_killed_worker_fails_the_next_step_fast_and_leaves_no_process(llama_path, victim, async_scheduling):
+    llm = LLM(llama_path, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22,
+              async_scheduling=async_scheduling)
     engine = llm.engine
     pids = engine.executor.worker_pids
     engine.add_request("r", PROMPTS[3], SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(3):
         engine.step()
+    assert (engine._in_flight is not None) == async_scheduling  # the victim dies with a step in flight
     os.kill(pids[victim], signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(TPWorkerError, match=f"rank {victim} .*SIGKILL.*cannot continue"):
@@ -207,7 +237,7 @@ def test_shutdown_and_a_killed_engine_leave_no_worker_process(llama_path):
 def test_two_node_layout_through_env_rendezvous(llama_path, monkeypatch):
     """Two "nodes" on one host, exactly as the README tells users to start them: node 1 runs
     `python -m carpool.worker.multiproc_executor`, node 0 the engine; each holds one rank."""
-    from carpool.worker.multiproc_executor import free_port
+    from carpool.worker.tp_processes import free_port
 
     env = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     node1 = subprocess.Popen([sys.executable, "-m", "carpool.worker.multiproc_executor", "--model", llama_path,

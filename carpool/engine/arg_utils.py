@@ -29,6 +29,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    disable_custom_all_reduce: bool = False
     enforce_eager: bool = False
     seed: int = 0
     max_num_queued_reqs: int | None = None
@@ -82,7 +83,8 @@ class EngineArgs:
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_model_len=model.max_model_len,
                                       max_num_queued_reqs=self.max_num_queued_reqs),
-            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    disable_custom_all_reduce=self.disable_custom_all_reduce),
             device=device,
             kernel_backend=self.kernel_backend or kernel_backend_for(device),
             seed=self.seed,
@@ -122,6 +124,9 @@ class EngineArgs:
                        help="reuse the KV blocks of shared prompt prefixes (default: on)")
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="number of GPUs (or CPU processes) to split the model over (default: 1)")
+        g.add_argument("--disable-custom-all-reduce", action="store_true",
+                       help="tensor parallel on GPUs: all-reduce through NCCL only, not the one-shot "
+                            "symmetric-memory kernel used for small (decode) messages")
         g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
         g.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling (default: 0)")
         g.add_argument("--max-num-queued-reqs", type=int, default=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -30,6 +31,16 @@ from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block, cpu_num_
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """Where one step's time went, for benchmarks (collected only when asked: events cost a little)."""
+
+    launch_s: float  # host time to build the inputs and enqueue the forward and the sampler
+    wait_s: float  # host time blocked until the sampled tokens reached the host
+    gpu_s: float  # device time from the step's first kernel to its last
+    gap_s: float  # device idle time between the previous step's last kernel and this step's first
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE, device: str | torch.device | None = None
                  ) -> None:
@@ -47,9 +58,10 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.graph_runner: CUDAGraphRunner | None = None
-        # Opt-in step timings for benchmarks: (seconds blocked waiting for the device, device seconds).
+        # Opt-in step timings for benchmarks.
         self.collect_timings = False
-        self.timings: list[tuple[float, float]] = []
+        self.timings: list[StepTiming] = []
+        self._last_end_event: torch.cuda.Event | None = None
         # Sampled tokens (on the device) and their rows, of the last launched step.
         self._last_sampled: tuple[torch.Tensor | None, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
 
@@ -210,22 +222,28 @@ class ModelRunner:
     def launch(self, so: SchedulerOutput) -> "PendingStep":
         """Queue one step on the device and return without waiting for it. Tokens sampled by the step
         launched before this one may still be on the device: they are fed to this step's inputs there."""
+        launch_start = time.perf_counter()
         self._update_states(so)
         if so.is_empty:
             return PendingStep(self, [], np.zeros(0, dtype=np.int64), None, [], None)
         req_ids = list(so.num_scheduled_tokens)
         counts = list(so.num_scheduled_tokens.values())
         inputs = self.input_batch.prepare(req_ids, counts)
-        timing = None
+        timing: StepEvents | None = None
         if self.collect_timings and self.device.type == "cuda":
-            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            timing[0].record()
+            timing = StepEvents(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True),
+                                self._last_end_event)
+            timing.start.record()
+        else:
+            self._last_end_event = None
         logits = self._forward(inputs, self._pending_fixup(inputs))
         tokens, logprobs = None, []
         if logits is not None:
             tokens, logprobs = self.sample(logits, inputs.sample_rows)
         if timing is not None:
-            timing[1].record()
+            timing.end.record()
+            self._last_end_event = timing.end
+            timing.launch_s = time.perf_counter() - launch_start
         self.input_batch.launched(inputs.rows, counts, inputs.sample_rows)
         self._last_sampled = (tokens, inputs.sample_rows)
         ids = self.input_batch.req_ids
@@ -258,12 +276,20 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, index))
 
 
+@dataclass
+class StepEvents:
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+    previous_end: torch.cuda.Event | None  # the end of the step launched before this one
+    launch_s: float = 0.0
+
+
 class PendingStep:
     """A launched step. Its sampled tokens are copied to pinned host memory as soon as the device has
     them, so resolving waits for this step only, never for the steps launched after it."""
 
     def __init__(self, runner: ModelRunner, req_ids: list[str], rows: np.ndarray, tokens: torch.Tensor | None,
-                 logprobs: list, timing: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> None:
+                 logprobs: list, timing: StepEvents | None) -> None:
         self.runner = runner
         self.req_ids = req_ids
         self.rows = rows
@@ -287,8 +313,10 @@ class PendingStep:
             if self.ready is not None:
                 self.ready.synchronize()
             if self.timing is not None:
-                self.runner.timings.append((time.perf_counter() - wait_start,
-                                            self.timing[0].elapsed_time(self.timing[1]) / 1e3))
+                t = self.timing
+                gap = t.previous_end.elapsed_time(t.start) / 1e3 if t.previous_end is not None else 0.0
+                self.runner.timings.append(StepTiming(launch_s=t.launch_s, wait_s=time.perf_counter() - wait_start,
+                                                      gpu_s=t.start.elapsed_time(t.end) / 1e3, gap_s=gap))
             sampled = self.host_tokens.tolist()
         batch = self.runner.input_batch
         # A row may have been handed to another request since launch: only append where the owner is

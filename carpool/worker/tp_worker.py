@@ -1,12 +1,21 @@
 """One tensor-parallel rank, in its own process: a ModelRunner over its shard of the model.
 
-Every rank runs the same command loop. Rank 0 reads each command (JSON bytes) from the engine's pipe
-and broadcasts it to the other ranks over a gloo group on CPU (`ControlChannel`); then every rank runs
-it, and rank 0 writes the reply back. The model's own collectives (all-reduce after row-parallel
-layers, all-gather of the vocab-parallel logits) use the main group: gloo on CPU, NCCL on GPU.
+Every rank runs the same command loop over the same commands, in the same order. On the engine's node
+each rank reads them from its own pipe (the engine writes every command to every local rank); ranks on
+other nodes get them from rank 0 over a gloo group (`CommandSource`). Only rank 0 replies. The model's
+own collectives (all-reduce after row-parallel layers, all-gather of the vocab-parallel logits) use the
+main group: gloo on CPU, NCCL on GPU, with small all-reduces through symmetric memory when available
+(carpool/custom_all_reduce.py).
 
-Sampling agrees across ranks by construction: rank 0 samples and broadcasts the token ids, and every
-rank appends those to its request state, so the next step's inputs are identical everywhere.
+Steps overlap: the reply to step N is sent after step N+1 has been launched (see `TPWorker.serve`), the
+same one-step-in-flight scheme as the single-process runner, so the engine's host work and every
+rank's input preparation hide under the device's work on the step before.
+
+Sampling agrees across ranks by construction: rank 0 samples and broadcasts the token ids on the device,
+and every rank feeds those to the next step (pending-token fixup) and appends them to its request
+state, so every rank's next-step inputs are identical. (Every rank sampling for itself would save the
+broadcast but needs bitwise-equal sampling on every GPU, which unseeded and top-p sampling do not
+promise.)
 
 A worker that fails reports the error on its pipe and exits at once with a non-zero
 code; the engine sees the exit and takes every other rank down. Nothing here tries to recover: a rank
@@ -18,11 +27,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -33,10 +43,11 @@ import torch.distributed as dist
 
 from carpool.config import EngineConfig
 from carpool.core.sched_output import TokenLogprobs
+from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
 from carpool.platform import dist_backend_for
 from carpool.worker import tp_codec
-from carpool.worker.model_runner import ModelRunner
+from carpool.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +67,8 @@ class RankInfo:
 
 
 class ControlChannel:
-    """Rank 0 -> all ranks: one byte string per call, as a uint8 tensor over a CPU (gloo) group.
+    """Rank 0 -> the ranks on other nodes: one byte string per call, as a uint8 tensor over a CPU
+    (gloo) group.
 
     The first broadcast is a fixed-size buffer holding the length (8 bytes) and, usually, the whole
     payload; a payload that does not fit follows in a second broadcast of exactly the missing bytes.
@@ -99,13 +111,76 @@ class TPModelRunner(ModelRunner):
         else:
             tokens = torch.empty(len(rows), dtype=torch.long, device=self.device)
             logprobs = [None] * len(rows)
-        dist.broadcast(tokens, src=0)
+        dist.broadcast(tokens, src=0)  # NCCL: enqueued on the device, the host does not wait
         return tokens, logprobs
 
 
+class CommandSource:
+    """Where a rank's commands come from.
+
+    Ranks on the engine's node read their own pipe: the engine writes every command to each of them, so
+    a step costs no collective before it starts. Ranks on other nodes have no pipe to the engine; rank 0
+    passes each command on to them over a gloo group of rank 0 and those ranks (ControlChannel). That
+    group exists only in multi-node runs.
+    """
+
+    def __init__(self, conn: Connection, info: RankInfo) -> None:
+        self.conn = conn
+        self.on_engine_node = info.rank < info.local_world_size  # node 0 holds ranks 0 .. local - 1
+        self.forward_to_remote = info.rank == 0 and info.world_size > info.local_world_size
+        self.remote: ControlChannel | None = None
+        if info.world_size > info.local_world_size:
+            # new_group is collective over the whole world, members or not
+            group = dist.new_group([0, *range(info.local_world_size, info.world_size)], backend="gloo",
+                                   timeout=CONTROL_TIMEOUT)
+            if info.rank == 0 or not self.on_engine_node:
+                self.remote = ControlChannel(group, info.rank)
+
+    def recv(self) -> bytes:
+        if not self.on_engine_node:
+            assert self.remote is not None
+            return self.remote.broadcast(None)
+        payload = self.conn.recv_bytes()
+        if self.forward_to_remote:
+            assert self.remote is not None
+            self.remote.broadcast(payload)
+        return payload
+
+
+@dataclass
+class WorkerStats:
+    """Rank 0's host-side timings per step, for benchmarks: where a step's wall time goes outside the
+    runner (waiting for the engine's next command, decoding it, replying)."""
+
+    enabled: bool = False
+    recv_wait_s: list[float] = field(default_factory=list)  # idle, waiting for the engine's next command
+    decode_s: list[float] = field(default_factory=list)  # JSON -> SchedulerOutput
+    reply_s: list[float] = field(default_factory=list)  # resolve wait excluded: encode + send of a reply
+
+    def summary(self, runner: ModelRunner) -> dict[str, Any]:
+        def ms(values: list[float]) -> dict[str, float]:
+            if not values:
+                return {"mean": 0.0, "median": 0.0}
+            return {"mean": 1e3 * statistics.fmean(values), "median": 1e3 * statistics.median(values)}
+
+        t = runner.timings
+        return {"steps": len(t), "recv_wait_ms": ms(self.recv_wait_s), "decode_ms": ms(self.decode_s),
+                "reply_ms": ms(self.reply_s), "launch_ms": ms([x.launch_s for x in t]),
+                "resolve_wait_ms": ms([x.wait_s for x in t]), "gpu_ms": ms([x.gpu_s for x in t]),
+                "device_gap_ms": ms([x.gap_s for x in t])}
+
+    def reset(self, runner: ModelRunner, enabled: bool) -> None:
+        self.enabled = enabled
+        runner.collect_timings = enabled
+        runner.timings.clear()
+        for values in (self.recv_wait_s, self.decode_s, self.reply_s):
+            values.clear()
+
+
 class TPWorker:
-    def __init__(self, config: EngineConfig, info: RankInfo) -> None:
+    def __init__(self, config: EngineConfig, info: RankInfo, conn: Connection) -> None:
         self.info = info
+        self.conn = conn
         if config.device.startswith("cuda"):
             torch.cuda.set_device(info.local_rank)
             self.device = torch.device("cuda", info.local_rank)
@@ -117,41 +192,112 @@ class TPWorker:
         kwargs: dict[str, Any] = {"device_id": self.device} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,
                                 **kwargs)
-        self.control = ControlChannel(dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT), info.rank)
+        self.cpu_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        self.commands = CommandSource(conn, info)
+        custom = None
+        if backend == "nccl" and not config.parallel.disable_custom_all_reduce:
+            custom = CustomAllReduce.create(self.device, config.model.dtype, info.rank, info.local_rank,
+                                            info.world_size, info.local_world_size, self.cpu_group)
         torch.manual_seed(config.seed)  # rank 0's unseeded sampling draws the same stream as TP=1
-        self.runner = TPModelRunner(config, TPGroup(info.rank, info.world_size), self.device)
+        self.runner = TPModelRunner(config, TPGroup(info.rank, info.world_size, custom), self.device)
+        self.stats = WorkerStats()
+        self.profiler: Any = None
 
     # ---- commands (each runs on every rank; rank 0's return value is the reply) -----------------------
     def determine_num_blocks(self, _: dict[str, Any]) -> int:
         """Every rank sizes its own KV memory; all must hold the same block ids, so take the minimum."""
         num = torch.tensor([self.runner.determine_num_blocks()], dtype=torch.long)
-        dist.all_reduce(num, op=dist.ReduceOp.MIN, group=self.control.group)
+        dist.all_reduce(num, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(num.item())
 
     def initialize_kv_cache(self, msg: dict[str, Any]) -> None:
         self.runner.initialize_kv_cache(int(msg["num_blocks"]))
 
-    def execute_model(self, msg: dict[str, Any]) -> dict[str, Any]:
-        so = tp_codec.scheduler_output_from_dict(msg["scheduler_output"])
-        return tp_codec.runner_output_to_dict(self.runner.execute_model(so))
+    def describe(self, _: dict[str, Any]) -> dict[str, Any]:
+        custom = self.runner.tp.custom_all_reduce
+        return {"custom_all_reduce": custom is not None,
+                "custom_all_reduce_max_bytes": custom.max_bytes if custom is not None else 0,
+                "cuda_graphs": self.runner.graph_runner is not None}
 
-    def serve(self, conn: Connection) -> None:
-        """The command loop; returns after a shutdown command. Only rank 0 reads commands from its pipe."""
-        rank0 = self.info.rank == 0
+    def timings(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's per-step timings since the last call; `enable` switches collection on or off."""
+        summary = self.stats.summary(self.runner)
+        self.stats.reset(self.runner, bool(msg.get("enable", False)))
+        return summary
+
+    def profile(self, msg: dict[str, Any]) -> list[list[Any]] | None:
+        """torch.profiler on rank 0 between a `start` and a `stop`; `stop` returns the device kernels as
+        [name, device microseconds, calls] (the other ranks run the same kernels)."""
+        if self.info.rank != 0 or self.device.type != "cuda":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        if msg["action"] == "start":
+            torch.cuda.synchronize()
+            self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+            return None
+        torch.cuda.synchronize()
+        prof, self.profiler = self.profiler, None
+        prof.__exit__(None, None, None)
+        kernels = []
+        for e in prof.key_averages():
+            device_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if device_us and str(getattr(e, "device_type", "")).endswith("CUDA"):
+                kernels.append([e.key, float(device_us), int(e.count)])
+        return sorted(kernels, key=lambda k: -k[1])[:80]
+
+    def _reply(self, payload: dict[str, Any]) -> None:
+        if self.info.rank == 0:
+            self.conn.send_bytes(tp_codec.dumps(payload))
+
+    def _finish(self, step: PendingStep) -> None:
+        """Wait for a launched step's tokens (every rank appends them to its requests) and reply."""
+        output = step.resolve()
+        start = time.perf_counter()
+        if self.info.rank == 0:
+            self._reply({"result": tp_codec.runner_output_to_dict(output)})
+        if self.stats.enabled:
+            self.stats.reply_s.append(time.perf_counter() - start)
+
+    def serve(self) -> None:
+        """The command loop; returns after a shutdown command.
+
+        A step's reply waits for the next command: `execute_model` N+1 is launched (its inputs take N's
+        sampled tokens on the device) before N is resolved and answered, so the device always has the
+        next step queued while the host waits for the current one. Any other command, `flush` included,
+        first answers the step held back. Replies therefore leave in command order."""
+        held: PendingStep | None = None
+        handlers = {"determine_num_blocks": self.determine_num_blocks,
+                    "initialize_kv_cache": self.initialize_kv_cache, "describe": self.describe,
+                    "timings": self.timings, "profile": self.profile}
         while True:
-            payload = conn.recv_bytes() if rank0 else None
-            msg = tp_codec.loads(self.control.broadcast(payload))
+            wait_start = time.perf_counter()
+            payload = self.commands.recv()
+            decode_start = time.perf_counter()
+            msg = tp_codec.loads(payload)
             method = msg["method"]
+            if method == "execute_model":
+                so = tp_codec.scheduler_output_from_dict(msg["scheduler_output"])
+                if self.stats.enabled:
+                    self.stats.recv_wait_s.append(decode_start - wait_start)
+                    self.stats.decode_s.append(time.perf_counter() - decode_start)
+                step = self.runner.launch(so)
+                if held is not None:
+                    self._finish(held)
+                held = step
+                continue
+            if held is not None:
+                self._finish(held)
+                held = None
+            if method == "flush":
+                continue
             if method == "shutdown":
-                result = None
-            elif method in ("determine_num_blocks", "initialize_kv_cache", "execute_model"):
-                result = getattr(self, method)(msg)
-            else:
-                raise ValueError(f"unknown tensor-parallel command {method!r}")
-            if rank0:
-                conn.send_bytes(tp_codec.dumps({"result": result}))
-            if method == "shutdown":
+                self._reply({"result": None})
                 return
+            if method not in handlers:
+                raise ValueError(f"unknown tensor-parallel command {method!r}")
+            self._reply({"result": handlers[method](msg)})
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -181,13 +327,13 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle; it stops us
     info = rank_info_from_env()
     logging.basicConfig(level=logging.WARNING, format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
-    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off: mandatory on the shared GPU hosts
+    disable_multicast()  # NVLink multicast stays off: mandatory on the shared GPU hosts
     conn = Connection(int(os.environ["CARPOOL_TP_PIPE_FD"]))
     try:
         config = tp_codec.engine_config_from_dict(tp_codec.loads(conn.recv_bytes()))
-        worker = TPWorker(config, info)
+        worker = TPWorker(config, info, conn)
         conn.send_bytes(tp_codec.dumps({"ready": True}))
-        worker.serve(conn)
+        worker.serve()
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - any failure ends this rank, and with it the engine
         traceback.print_exc(file=sys.stderr)

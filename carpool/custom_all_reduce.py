@@ -1,0 +1,203 @@
+"""One-shot all-reduce over PyTorch symmetric memory, for the small messages of decode steps.
+
+Why: a decode step of a tensor-parallel model all-reduces twice per layer (after attention and after
+the MLP), a few KB per token. NCCL costs some 10-20 us per call for such messages even inside a CUDA
+graph, which at 64 calls a step is a large share of a 2-3 ms step. Symmetric memory maps each rank's
+buffer into every peer's address space (CUDA IPC over NVLink); `one_shot_all_reduce_copy` then does the
+whole all-reduce in one kernel: copy the local partial sums into this rank's buffer, meet the peers at a
+barrier on the signal pads, load every peer's buffer and add. The kernel reads device state only, so
+CUDA graphs capture it like any other kernel.
+
+Safety on the shared GPU hosts: NVLink multicast stays off. `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` (and
+`NCCL_NVLS_ENABLE=0`, `NVSHMEM_DISABLE_NVLS=1`) are set in the process environment before the first
+symmetric allocation (see `MULTICAST_OFF`), the CUDA backend is requested rather than NVSHMEM, and
+only the plain-load one-shot op is ever called, never a `multimem_*` op.
+
+Every rank must take the same path for every call, or the ranks wait at different collectives
+forever. So whether the fast path exists is agreed once at start-up (every rank's checks, a self-test
+against NCCL, then a MIN over a CPU group), and which path a tensor takes depends only on its dtype,
+size and storage offset, which are the same on every rank by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+# Messages up to this size take the one-shot path (decode of up to 256 tokens of a 5120-wide model is
+# 2.6 MB in bf16); larger ones (prefill chunks) go to NCCL, whose bandwidth is better there.
+DEFAULT_MAX_BYTES = 4 << 20
+ALIGN = 16  # the one-shot kernel's widest vector access; the copy variant needs equal alignment
+
+# Environment that keeps NVLink multicast off in NCCL, symmetric memory and NVSHMEM. Mandatory on the
+# shared hosts: set in every worker's environment and again in os.environ before torch.distributed starts.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def disable_multicast() -> None:
+    os.environ.update(MULTICAST_OFF)
+
+
+def _ops_available() -> bool:
+    ops = getattr(torch.ops, "symm_mem", None)
+    try:
+        return ops is not None and hasattr(ops, "one_shot_all_reduce_copy")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _local_reasons(device: torch.device, dtype: torch.dtype, local_rank: int, local_world_size: int,
+                   world_size: int) -> list[str]:
+    """Why this rank cannot use the fast path (empty: it can)."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append("not a CUDA device")
+        return reasons
+    if local_world_size != world_size:
+        reasons.append("ranks span several nodes (symmetric memory here is one node's)")
+    if dtype not in (torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {dtype} (the one-shot kernel takes bfloat16 and float32)")
+    if not _ops_available():
+        reasons.append("torch.ops.symm_mem.one_shot_all_reduce_copy missing in this PyTorch")
+    if os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") != "1":
+        reasons.append("TORCH_SYMM_MEM_DISABLE_MULTICAST is not 1")
+    for peer in range(local_world_size):
+        if peer != local_rank and not torch.cuda.can_device_access_peer(local_rank, peer):
+            reasons.append(f"no peer access from GPU {local_rank} to GPU {peer}")
+    return reasons
+
+
+def _agree(ok: bool, cpu_group: Any) -> bool:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cpu_group)
+    return bool(flag.item())
+
+
+def _nccl(x: torch.Tensor, group: Any) -> torch.Tensor:
+    y = x.clone()
+    dist.all_reduce(y, group=group)
+    torch.cuda.synchronize(x.device)
+    return y
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, world_size: int) -> bool:
+    # Two ranks: a + b is the same number in either order, so exact; more ranks may add in other orders.
+    if world_size == 2:
+        return torch.equal(a, b)
+    return torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
+class CustomAllReduce:
+    """The fast path once established; `create` returns None when it is not available on every rank."""
+
+    def __init__(self, buffer: torch.Tensor, group_name: str, max_bytes: int) -> None:
+        self.buffer = buffer  # this rank's symmetric buffer, flat, of the model dtype
+        self.group_name = group_name
+        self.max_bytes = max_bytes
+        self.dtype = buffer.dtype
+        self.calls = 0  # eager calls plus captures (graph replays are not counted)
+
+    @classmethod
+    def create(cls, device: torch.device, dtype: torch.dtype, rank: int, local_rank: int, world_size: int,
+               local_world_size: int, cpu_group: Any, device_group: Any = None,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> "CustomAllReduce | None":
+        """Collective over every rank of `device_group` (default: the world group). `cpu_group` is a
+        gloo group of the same ranks, used to agree on the outcome."""
+        reasons = _local_reasons(device, dtype, local_rank, local_world_size, world_size)
+        if not _agree(not reasons, cpu_group):
+            logger.info("custom all-reduce off (rank %d: %s); using NCCL", rank, "; ".join(reasons) or "a peer")
+            return None
+        group = device_group if device_group is not None else dist.group.WORLD
+        # Each stage ends in an agreement, so a failure on one rank never leaves a peer alone inside a
+        # collective kernel: the allocation, eager use, CUDA-graph capture, then replay of the capture.
+        ar: CustomAllReduce | None = None
+        stages = [("allocation", lambda: cls._establish(device, dtype, group, max_bytes)),
+                  ("eager self-test", lambda: ar.self_test(rank, world_size, group)),  # type: ignore[union-attr]
+                  ("graph capture", lambda: ar.capture_test()),  # type: ignore[union-attr]
+                  ("graph replay", lambda: ar.replay_test(world_size, group))]  # type: ignore[union-attr]
+        for name, stage in stages:
+            error = ""
+            try:
+                value = stage()
+                if isinstance(value, CustomAllReduce):
+                    ar = value
+                elif value:
+                    error = str(value)
+            except Exception as e:  # noqa: BLE001 - any failure means NCCL, agreed below
+                error = f"{type(e).__name__}: {e}"
+            if not _agree(not error, cpu_group):
+                logger.warning("custom all-reduce off after its %s (rank %d: %s); using NCCL", name, rank,
+                               error or "a peer failed")
+                return None
+        logger.info("custom all-reduce on: one-shot over symmetric memory up to %d bytes", max_bytes)
+        return ar
+
+    @classmethod
+    def _establish(cls, device: torch.device, dtype: torch.dtype, group: Any, max_bytes: int) -> "CustomAllReduce":
+        import torch.distributed._symmetric_memory as symm_mem
+
+        disable_multicast()
+        try:
+            symm_mem.set_backend("CUDA")  # plain CUDA IPC mappings, not NVSHMEM
+        except Exception:  # noqa: BLE001 - older PyTorch has only this backend; newer refuses a second set
+            pass
+        group_name = group.group_name
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed before PyTorch deprecated it; harmless after
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable(group_name)
+        buffer = symm_mem.empty(max_bytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
+                                device=device)
+        symm_mem.rendezvous(buffer, group_name)
+        return cls(buffer, group_name, max_bytes)
+
+    def self_test(self, rank: int, world_size: int, device_group: Any) -> str:
+        """One small and one full-size all-reduce against NCCL; '' when they agree."""
+        self._probe = torch.empty(0)
+        for numel in (4096, self.buffer.numel()):
+            gen = torch.Generator(device=self.buffer.device).manual_seed(1234 + rank)
+            x = torch.randn(numel, generator=gen, device=self.buffer.device).to(self.dtype)
+            if numel == 4096:
+                self._probe = x
+            if not _same(self.all_reduce(x), _nccl(x, device_group), world_size):
+                return f"mismatch against NCCL at {numel} elements"
+        return ""
+
+    def capture_test(self) -> str:
+        """Capture one all-reduce of the self-test's small input in a CUDA graph (not replayed yet)."""
+        stream = torch.cuda.Stream(self.buffer.device)
+        stream.wait_stream(torch.cuda.current_stream(self.buffer.device))
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(self._graph, stream=stream):
+                self._graph_out = self.all_reduce(self._probe)
+        torch.cuda.current_stream(self.buffer.device).wait_stream(stream)
+        return ""
+
+    def replay_test(self, world_size: int, device_group: Any) -> str:
+        self._probe.mul_(2)
+        self._graph.replay()
+        ok = _same(self._graph_out, _nccl(self._probe, device_group), world_size)
+        del self._graph, self._graph_out, self._probe
+        return "" if ok else "a CUDA-graph replay disagrees with NCCL"
+
+    def eligible(self, x: torch.Tensor) -> bool:
+        """Whether x takes the fast path. Depends only on properties equal on every rank (dtype, size,
+        storage offset); the allocator's base addresses are aligned far beyond ALIGN."""
+        nbytes = x.numel() * x.element_size()
+        return (x.dtype == self.dtype and x.is_cuda and 0 < nbytes <= self.max_bytes and nbytes % ALIGN == 0
+                and x.is_contiguous() and (x.storage_offset() * x.element_size()) % ALIGN == 0)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over the ranks, out of place. Call only for eligible tensors."""
+        self.calls += 1
+        slot = self.buffer[:x.numel()].view(x.shape)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(slot, x, "sum", self.group_name)
