@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from starlette.responses import Response
 
-from carpool.engine.async_engine import RequestStream
+from carpool.engine.request_stream import RequestStream
 from carpool.entrypoints.openai.errors import APIError
 from carpool.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                                  ChatCompletionResponse, ChatLogprobs, ChatMessage,
