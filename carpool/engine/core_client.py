@@ -236,9 +236,14 @@ class MPAsyncEngine:
             self._inbox += data
             if len(data) < RECV_BYTES:
                 break
-        messages = proto.split_frames(self._inbox)
-        if messages:
-            self._handle(messages)
+        try:
+            messages = proto.split_frames(self._inbox)
+            if messages:
+                self._handle(messages)
+        except Exception:  # a bug here must not leave a server that silently never answers
+            logger.exception("the engine client failed while reading the engine core's output")
+            self.core.proc.kill()
+            gone = True
         if gone:
             self._on_core_gone()
 
