@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from carpool.engine.llm_engine import EngineStats
+from carpool.engine.core import EngineStats
 from carpool.outputs import RequestMetrics
 
 PREFIX = "carpool:"
@@ -63,7 +63,7 @@ class _EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    """The registry of one server; implements the AsyncEngine's OutputObserver."""
+    """The registry of one server; implements the engine client's OutputObserver."""
 
     def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
         self.registry = CollectorRegistry()

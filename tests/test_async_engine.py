@@ -146,7 +146,9 @@ def test_a_dead_loop_fails_every_stream_and_every_new_request(llama_path):
 
 
 def _server(path: str) -> CarpoolServer:
-    return CarpoolServer(build_parser().parse_args(["serve", path, "--device", "cpu", "--port", "0"]))
+    """A server whose engine runs on a thread here (so a test can break its step)."""
+    return CarpoolServer(build_parser().parse_args(["serve", path, "--device", "cpu", "--port", "0",
+                                                    "--disable-frontend-multiprocessing"]))
 
 
 def test_health_is_503_once_the_engine_loop_died(llama_path):

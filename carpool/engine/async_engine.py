@@ -22,27 +22,16 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from carpool.config import EngineConfig
 from carpool.engine.llm_engine import Engine, EngineStats, PromptType, QueueFullError
-from carpool.outputs import RequestMetrics, RequestOutput
+from carpool.engine.request_stream import EngineDeadError, OutputObserver, RequestStream
+from carpool.outputs import RequestOutput
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
+__all__ = ["AsyncEngine", "EngineDeadError", "OutputObserver", "RequestStream"]
+
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine is not serving: its loop crashed, or the server is shutting down. The message is
-    written here (never an internal exception's text), so servers may show it to clients."""
-
-
-class OutputObserver(Protocol):
-    """Receives per-request timing as outputs are handed out (the server's Prometheus metrics)."""
-
-    def observe_inter_token_latency(self, seconds: float) -> None: ...
-
-    def observe_finished(self, metrics: RequestMetrics, num_output_tokens: int, finish_reason: str | None
-                         ) -> None: ...
 
 
 @dataclass
@@ -57,91 +46,6 @@ class _Add:
 @dataclass
 class _Abort:
     request_ids: list[str]
-
-
-class RequestStream:
-    """The outputs of one request in order; `async for` ends after the finished one. Closing the stream
-    early (`abort()`, also called by `AsyncEngine.generate` on exit) aborts the request in the engine.
-
-    Outputs the consumer has not picked up yet are merged into one (DELTA: texts and tokens joined;
-    otherwise the newest replaces the older), so a slow client costs one pending output, not a backlog,
-    and the event loop's work per request follows the client's pace rather than the step rate."""
-
-    def __init__(self, request_id: str, engine: "AsyncEngine", delta: bool = True) -> None:
-        self.request_id = request_id
-        self._engine = engine
-        self._delta = delta
-        self._pending: RequestOutput | None = None
-        self._error: BaseException | None = None
-        self._ready = asyncio.Event()
-        self.finished = False
-        self._last_output_time: float | None = None
-        self._num_output_tokens: dict[int, int] = {}
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        while self._pending is None and self._error is None:
-            self._ready.clear()
-            await self._ready.wait()
-        if self._pending is not None:  # outputs that arrived before an error are still handed out
-            output, self._pending = self._pending, None
-            self.finished = output.finished
-            return output
-        self.finished = True
-        assert self._error is not None
-        raise self._error
-
-    def abort(self) -> None:
-        """Abort the request unless it already finished; idempotent, call from the event loop."""
-        if not self.finished:
-            self.finished = True
-            self._engine.abort(self.request_id)
-
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
-        self._ready.set()
-
-    def _put(self, output: RequestOutput, now: float, observer: OutputObserver | None) -> None:
-        for c in output.outputs:
-            seen = self._num_output_tokens.get(c.index, 0) if self._delta else 0
-            self._num_output_tokens[c.index] = seen + len(c.token_ids)
-        if observer is not None:
-            if self._last_output_time is not None and any(c.token_ids for c in output.outputs):
-                observer.observe_inter_token_latency(now - self._last_output_time)
-            if output.finished and output.metrics is not None:
-                reason = next((c.finish_reason for c in output.outputs if c.finish_reason), None)
-                observer.observe_finished(output.metrics, max(self._num_output_tokens.values(), default=0),
-                                          reason)
-        self._last_output_time = now
-        if self._pending is not None and self._delta:
-            _merge_delta(self._pending, output)
-        else:
-            self._pending = output
-        self._ready.set()
-
-
-def _merge_delta(into: RequestOutput, new: RequestOutput) -> None:
-    """Append DELTA output `new` to the not yet consumed `into` (in place: both are fresh objects that
-    only this stream holds)."""
-    by_index = {c.index: c for c in into.outputs}
-    for c in new.outputs:
-        old = by_index.get(c.index)
-        if old is None:
-            into.outputs.append(c)
-            continue
-        old.text += c.text
-        old.token_ids = old.token_ids + c.token_ids
-        if c.logprobs is not None:
-            old.logprobs = (old.logprobs or []) + c.logprobs
-        old.cumulative_logprob = c.cumulative_logprob
-        old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
-    into.finished = new.finished
-    into.metrics = new.metrics
-    into.num_cached_tokens = new.num_cached_tokens
 
 
 ENGINE_GIL_SWITCH_INTERVAL_S = 0.0005
@@ -198,6 +102,10 @@ class AsyncEngine:
     def tokenizer(self) -> object:
         return self.engine.tokenizer
 
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
     # ---- requests ----------------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                           arrival_time: float | None = None) -> RequestStream:
@@ -207,7 +115,7 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine.start() was not called")
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        stream = RequestStream(request_id, self, delta=params.output_kind == RequestOutputKind.DELTA)
+        stream = RequestStream(request_id, self.abort, delta=params.output_kind == RequestOutputKind.DELTA)
         command = _Add(request_id, prompt, params, time.monotonic() if arrival_time is None else arrival_time)
         self._streams[request_id] = stream
         try:

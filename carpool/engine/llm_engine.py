@@ -1,8 +1,9 @@
 """Engine (add_request / step / abort) and the offline LLM built on it.
 
-One step = schedule -> execute on the executor -> update the scheduler -> detokenize and check stop
-strings -> RequestOutputs. The engine is synchronous and single-threaded; the async server drives the
-same object from one background task.
+One step = EngineCore.step (schedule -> execute on the executor -> update the scheduler) -> detokenize
+and check stop strings -> RequestOutputs. The engine is synchronous and single-threaded. The server
+either drives this same object from a background thread (async_engine.py) or runs the EngineCore in a
+process of its own and does the text side itself (core_client.py).
 """
 
 from __future__ import annotations
@@ -11,43 +12,22 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from carpool.config import EngineConfig
-from carpool.core.kv_cache_manager import KVCacheManager
-from carpool.core.scheduler import Scheduler
 from carpool.engine.arg_utils import EngineArgs
-from carpool.engine.output_processor import OutputProcessor, child_request_id
+from carpool.engine.core import EngineCore, EngineStats, QueueFullError
+from carpool.engine.input_processor import InputProcessor, PromptType
+from carpool.engine.output_processor import OutputProcessor
 from carpool.outputs import RequestOutput
-from carpool.request import Request, RequestStatus
+from carpool.request import RequestStatus
 from carpool.sampling_params import RequestOutputKind, SamplingParams
-from carpool.core.sched_output import SchedulerOutput
-from carpool.worker.executor import Executor, StepHandle, make_executor
 
 logger = logging.getLogger(__name__)
 
-PromptType = Union[str, list[int], dict[str, Any]]
-
-
-class QueueFullError(RuntimeError):
-    """The admission queue holds max_num_queued_reqs requests already."""
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    prompt_tokens: int
-    generation_tokens: int
-    num_kv_blocks: int
+__all__ = ["Engine", "LLMEngine", "LLM", "EngineStats", "PromptType", "QueueFullError", "load_tokenizer"]
 
 
 def load_tokenizer(path: str) -> Any | None:
@@ -61,64 +41,46 @@ def load_tokenizer(path: str) -> Any | None:
 
 
 class Engine:
+    """EngineCore (scheduler + executor) with text on both sides, in one process: validated prompts go
+    in, RequestOutputs (detokenized, stop strings applied, n > 1 fanned in) come out."""
+
     def __init__(self, config: EngineConfig, tokenizer: Any | None = None) -> None:
         self.config = config
-        torch.manual_seed(config.seed)
-        self.executor: Executor = make_executor(config)
-        num_blocks = self.executor.determine_num_blocks()
-        self.executor.initialize_kv_cache(num_blocks)
-        self.kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size,
-                                               config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.core = EngineCore(config)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
             config.tokenizer or config.model.path)
+        self.input_processor = InputProcessor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.eos_token_ids = self._eos_token_ids()
         self._ids = itertools.count()
-        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
-        self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "Engine":
         return cls(args.create_engine_config())
 
-    def _eos_token_ids(self) -> tuple[int, ...]:
-        ids = list(self.config.model.eos_token_ids)
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if tok_eos is not None and tok_eos not in ids:
-            ids.append(tok_eos)
-        return tuple(ids)
+    # The core's parts, by their old names (tests and benchmarks look inside).
+    @property
+    def scheduler(self) -> Any:
+        return self.core.scheduler
+
+    @property
+    def kv_cache_manager(self) -> Any:
+        return self.core.kv_cache_manager
+
+    @property
+    def executor(self) -> Any:
+        return self.core.executor
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.input_processor.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: tuple[int, ...]) -> None:
+        self.input_processor.eos_token_ids = tuple(ids)
 
     # ---- input -----------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """Turn a prompt into (text, token ids), validating both."""
-        text: str | None = None
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; pass token ids instead of text")
-            text = prompt
-            token_ids = list(self.tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, (list, tuple)):
-            token_ids = list(prompt)
-        else:
-            raise ValueError(f"prompt: must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not token_ids:
-            raise ValueError("prompt: must not be empty")
-        vocab = self.config.model.vocab_size
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids: token id {t!r} is outside the vocabulary [0, {vocab})")
-        return text, token_ids
+        return self.input_processor.tokenize_prompt(prompt)
 
     def add_request(self, request_id: str | None, prompt: PromptType,
                     params: SamplingParams | None = None, arrival_time: float | None = None) -> str:
@@ -128,73 +90,25 @@ class Engine:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        limit = self.config.scheduler.max_num_queued_reqs
-        if limit is not None and self.scheduler.num_waiting >= limit:
-            raise QueueFullError(f"the queue already holds {limit} waiting requests")
-        text, token_ids = self.tokenize_prompt(prompt)
-        params = (params or SamplingParams()).clone()
-        params.eos_token_ids = self.eos_token_ids
-        max_len = self.config.scheduler.max_model_len
-        if len(token_ids) > max_len:
-            raise ValueError(f"prompt: {len(token_ids)} tokens exceed max_model_len={max_len}")
-        if params.max_tokens is None:
-            if len(token_ids) >= max_len:
-                raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within "
-                                 f"max_model_len={max_len}")
-            params.max_tokens = max_len - len(token_ids)
-        arrival = time.monotonic() if arrival_time is None else arrival_time
-        requests = []
-        for i in range(params.n):
-            seq_id = child_request_id(request_id, i, params.n)
-            seq_params = params
-            if params.n > 1 and params.seed is not None:
-                seq_params = params.clone()
-                seq_params.seed = params.seed + i
-            requests.append(Request(seq_id, token_ids, seq_params, arrival_time=arrival))
-        self.scheduler.check_request(requests[0])
-        self.output_processor.add_request(request_id, text, token_ids, params, arrival)
-        for request in requests:
-            self.scheduler.add_request(request)
-        self.prompt_tokens_total += len(token_ids) * params.n
+        self.core.check_queue()
+        req = self.input_processor.process(request_id, prompt, params, arrival_time)
+        self.core.add_requests(req.sequences)
+        self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params,
+                                          req.arrival_time)
         return request_id
 
     # ---- stepping --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step. With async scheduling the step launched here is resolved by the next call, so
-        the host schedules and post-processes while the device computes; outputs then trail by one step."""
-        if self._in_flight is not None and not self._can_overlap():
-            return self._finish_step(*self._drain())
-        scheduler_output = self.scheduler.schedule()
-        launched = None
-        if not scheduler_output.is_empty or scheduler_output.finished_req_ids:
-            now = time.monotonic()
-            for new in scheduler_output.new_reqs:
-                self.output_processor.mark_scheduled(new.req_id, now)
-            launched = (scheduler_output, self.executor.launch(scheduler_output))
-        outputs = self._finish_step(*self._drain()) if self._in_flight is not None else []
-        if launched is not None:
-            if self._can_overlap():
-                self._in_flight = launched
-            else:
-                outputs += self._finish_step(*launched)
-        return outputs
-
-    def _drain(self) -> tuple[SchedulerOutput, StepHandle]:
-        assert self._in_flight is not None
-        in_flight, self._in_flight = self._in_flight, None
-        return in_flight
-
-    def _can_overlap(self) -> bool:
-        # Penalties read every earlier token on the host, so a step using them waits for the one before.
-        return self.config.async_scheduling and not any(
-            r.sampling_params.has_penalties for r in self.scheduler.running)
-
-    def _finish_step(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
-        core_outputs = self.scheduler.update_from_output(scheduler_output, handle.resolve())
-        self.generation_tokens_total += len(core_outputs)
-        outputs, stopped = self.output_processor.process_outputs(core_outputs)
+        """Run one core step and turn its tokens into outputs (see EngineCore.step: with async
+        scheduling outputs trail by one step)."""
+        result = self.core.step()
+        for seq_id, when in result.scheduled:
+            self.output_processor.mark_scheduled(seq_id, when)
+        if not result.outputs:
+            return []
+        outputs, stopped = self.output_processor.process_outputs(result.outputs)
         for seq_id, stop in stopped:
-            self.scheduler.finish_requests([seq_id], RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+            self.core.finish_requests([seq_id], RequestStatus.FINISHED_STOPPED, stop_reason=stop)
         return outputs
 
     def abort(self, request_ids: str | Sequence[str]) -> None:
@@ -202,28 +116,20 @@ class Engine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for request_id in request_ids:
-            seq_ids = self.output_processor.sequence_ids(request_id)
-            self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+            self.core.finish_requests(self.output_processor.sequence_ids(request_id))
             self.output_processor.remove(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.core.has_unfinished_requests()
 
     def reset_prefix_cache(self) -> bool:
-        return self.kv_cache_manager.reset_prefix_cache()
+        return self.core.reset_prefix_cache()
 
     def stats(self) -> EngineStats:
-        prefix = self.kv_cache_manager.prefix_stats
-        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                           kv_cache_usage=self.kv_cache_manager.usage,
-                           num_preemptions=self.scheduler.num_preemptions,
-                           prefix_cache_queries=prefix.queries, prefix_cache_hits=prefix.hits,
-                           prompt_tokens=self.prompt_tokens_total,
-                           generation_tokens=self.generation_tokens_total,
-                           num_kv_blocks=self.kv_cache_manager.num_blocks)
+        return self.core.stats()
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.core.shutdown()
 
 
 LLMEngine = Engine  # vLLM's name

@@ -13,12 +13,9 @@ from typing import Any
 
 from carpool.core.sched_output import EngineCoreOutput, TokenLogprobs
 from carpool.engine.detokenizer import IncrementalDetokenizer
+from carpool.engine.input_processor import child_request_id
 from carpool.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from carpool.sampling_params import RequestOutputKind, SamplingParams
-
-
-def child_request_id(parent_id: str, index: int, n: int) -> str:
-    return parent_id if n == 1 else f"{index}_{parent_id}"
 
 
 @dataclass
@@ -105,23 +102,29 @@ class OutputProcessor:
             if entry is None:
                 continue
             parent, seq = entry
+            if seq.finish_reason is not None:
+                continue  # already ended by a stop string; the core had more in flight
             if parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
             parent.metrics.last_token_time = now
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
-            seq.token_ids.extend(out.new_token_ids)
-            if seq.logprobs is not None:
-                for lp in out.new_logprobs:
-                    if lp is not None:
-                        seq.logprobs.append(self._to_logprob_dict(lp))
-                        seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + lp.logprobs[0]
             finished = out.finish_reason is not None
+            new_token_ids, new_logprobs = out.new_token_ids, out.new_logprobs
             if seq.detokenizer is not None:
-                stop = seq.detokenizer.update(out.new_token_ids, finished)
+                stop, kept = self._detokenize(seq.detokenizer, new_token_ids, finished)
+                if kept < len(new_token_ids):  # a stop string before the last token: drop the rest
+                    new_token_ids, new_logprobs = new_token_ids[:kept], new_logprobs[:kept]
+                    finished = False
                 if stop is not None and not finished:
                     finished = True
                     out.finish_reason, out.stop_reason = "stop", stop
                     stopped.append((seq.request_id, stop))
+            seq.token_ids.extend(new_token_ids)
+            if seq.logprobs is not None:
+                for lp in new_logprobs:
+                    if lp is not None:
+                        seq.logprobs.append(self._to_logprob_dict(lp))
+                        seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + lp.logprobs[0]
             if finished and seq.finish_reason is None:
                 seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
                 parent.num_finished += 1
@@ -136,6 +139,21 @@ class OutputProcessor:
             if parent.finished:
                 self.remove(parent.request_id)
         return results, stopped
+
+    @staticmethod
+    def _detokenize(detokenizer: IncrementalDetokenizer, token_ids: list[int], finished: bool
+                    ) -> tuple[str | None, int]:
+        """Feed new tokens to the detokenizer; returns (stop string found or None, tokens kept). Several
+        tokens at once (a frontend that fell behind merges steps) are fed one by one when stop strings
+        are set, so the text and tokens end exactly where one-step-at-a-time processing would end them."""
+        if len(token_ids) <= 1 or not detokenizer.stop_strings:
+            return detokenizer.update(token_ids, finished), len(token_ids)
+        last = len(token_ids) - 1
+        for i, token in enumerate(token_ids):
+            stop = detokenizer.update([token], finished and i == last)
+            if stop is not None:
+                return stop, i + 1
+        return None, len(token_ids)
 
     def _to_logprob_dict(self, lp: TokenLogprobs) -> dict[int, Logprob]:
         out: dict[int, Logprob] = {}

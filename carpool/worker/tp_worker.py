@@ -300,7 +300,7 @@ class TPWorker:
             self._reply({"result": handlers[method](msg)})
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def exit_with_parent(parent_pid: int) -> None:
     """A worker whose engine vanished (killed, crashed) must not linger holding a GPU: poll the parent."""
     def watch() -> None:
         while True:
@@ -323,7 +323,7 @@ def main() -> None:
     by `python -m carpool.worker.multiproc_executor`) with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT, CARPOOL_TP_PIPE_FD and CARPOOL_TP_PARENT_PID set. The engine config comes
     as the first message on the pipe; every message is JSON."""
-    _exit_with_parent(int(os.environ["CARPOOL_TP_PARENT_PID"]))
+    exit_with_parent(int(os.environ["CARPOOL_TP_PARENT_PID"]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle; it stops us
     info = rank_info_from_env()
     logging.basicConfig(level=logging.WARNING, format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")

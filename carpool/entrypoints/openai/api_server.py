@@ -1,8 +1,12 @@
-"""The OpenAI-compatible HTTP server (`carpool serve`): FastAPI routes over one AsyncEngine, run by uvicorn.
+"""The OpenAI-compatible HTTP server (`carpool serve`): FastAPI routes over one engine client, run by uvicorn.
+
+The engine core (scheduler + model) runs in a process of its own and this process does HTTP, tokens and
+text (MPAsyncEngine); `--disable-frontend-multiprocessing` puts the whole engine on a thread here instead.
 
 Lifecycle: the model loads before the socket opens; SIGTERM/SIGINT stop accepting connections, let
 in-flight requests finish for up to --shutdown-timeout seconds, cancel (= abort) the rest and exit 0.
-If the engine loop dies, /health turns 503, the server shuts down and the process exits 1.
+If the engine loop (or the core process) dies, /health turns 503, the server shuts down and the process
+exits 1.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from carpool import __version__
 from carpool.engine.arg_utils import EngineArgs
-from carpool.engine.async_engine import AsyncEngine
+from carpool.engine.request_stream import EngineClient
 from carpool.entrypoints.cli import subcommand
 from carpool.entrypoints.openai.errors import APIError, error_response
 from carpool.entrypoints.openai.protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
@@ -155,7 +159,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal_error)
 
 
-async def _watch_engine(engine: AsyncEngine, on_dead: Callable[[], None] | None) -> None:
+async def _watch_engine(engine: EngineClient, on_dead: Callable[[], None] | None) -> None:
     assert engine.dead is not None
     await engine.dead.wait()
     logger.error("the engine loop died; shutting the server down")
@@ -212,27 +216,36 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=2048)
 
 
+def make_engine_client(engine_args: EngineArgs, in_process: bool) -> EngineClient:
+    """The engine core in its own process (default), or the whole Engine on a thread of this one."""
+    if in_process:
+        from carpool.engine.async_engine import AsyncEngine
+        from carpool.engine.llm_engine import Engine
+
+        return AsyncEngine(Engine.from_engine_args(engine_args))
+    from carpool.engine.core_client import MPAsyncEngine
+
+    return MPAsyncEngine.from_engine_args(engine_args)
+
+
 class CarpoolServer:
     """Binds the socket (so the address is known, and a taken port fails fast) and loads the engine;
     then `run()` serves until SIGTERM/SIGINT (returns 0) or the engine dies (returns 1)."""
 
     def __init__(self, ns: argparse.Namespace) -> None:
-        from carpool.engine.llm_engine import Engine
-
         try:  # first, so a taken port fails before minutes of model loading
             self.sock = bind_socket(ns.host, ns.port)
         except OSError as e:
             raise ValueError(f"port: cannot listen on {ns.host}:{ns.port}: {e.strerror or e}") from None
         engine_args = EngineArgs.from_cli_args(ns)
-        engine = Engine.from_engine_args(engine_args)
-        self.engine = AsyncEngine(engine)
+        self.engine: EngineClient = make_engine_client(engine_args, ns.disable_frontend_multiprocessing)
+        config = self.engine.config
         self.model_name: str = ns.served_model_name or engine_args.model or "demo"
         self.metrics = ServerMetrics(self.engine.stats, self.model_name)
         self.engine.observer = self.metrics
-        self.ctx = ServerContext(engine=self.engine, model_name=self.model_name,
-                                 model_path=engine.config.model.path,
-                                 max_model_len=engine.config.scheduler.max_model_len,
-                                 vocab_size=engine.config.model.vocab_size, max_body_bytes=ns.max_request_body_bytes)
+        self.ctx = ServerContext(engine=self.engine, model_name=self.model_name, model_path=config.model.path,
+                                 max_model_len=config.scheduler.max_model_len,
+                                 vocab_size=config.model.vocab_size, max_body_bytes=ns.max_request_body_bytes)
         self.app = build_app(self.ctx, self.metrics, api_key=ns.api_key, on_engine_dead=self._request_exit)
         self.shutdown_timeout: float = ns.shutdown_timeout
         self.log_level: str = ns.uvicorn_log_level
@@ -284,6 +297,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them "
                         f"(default: {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
+    g.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                   help="run the engine on a thread of the server's process instead of in a process of its "
+                        "own (slower under load: HTTP and the engine then share one GIL)")
     g.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level; debug and trace also log every request (default: warning)")

@@ -1,5 +1,5 @@
 """What the completion and chat handlers share: reading a bounded JSON body, checking the model name,
-submitting prompts to the AsyncEngine (engine errors -> 400/503), merging the streams of a batch,
+submitting prompts to the engine client (engine errors -> 400/503), merging the streams of a batch,
 aborting on disconnect, SSE framing and logprob formatting."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from carpool.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from carpool.engine.llm_engine import PromptType, QueueFullError
+from carpool.engine.core import QueueFullError
+from carpool.engine.input_processor import PromptType
+from carpool.engine.request_stream import EngineClient, EngineDeadError, RequestStream
 from carpool.entrypoints.openai.errors import (APIError, bad_request_from_validation_error,
                                                bad_request_from_value_error, error_body)
 from carpool.entrypoints.openai.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
@@ -35,7 +36,7 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20
 class ServerContext:
     """What every handler needs to know about the served model."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     model_name: str
     model_path: str
     max_model_len: int

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from starlette.responses import Response
 
-from carpool.engine.async_engine import RequestStream
+from carpool.engine.request_stream import RequestStream
 from carpool.entrypoints.openai.errors import APIError
 from carpool.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                                  ChatCompletionResponse, ChatLogprobs, ChatMessage,
@@ -106,16 +106,18 @@ class OpenAIServingChat(OpenAIServing):
         choices: dict[int, _Choice] = {}
         prompt_tokens = 0
         try:
-            for i in range(request.n):
-                yield chunk([ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})])
+            yield "".join(chunk([ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})])
+                          for i in range(request.n))
             async for _, output in merge_streams(streams):
                 prompt_tokens = len(output.prompt_token_ids)
+                events = []  # one write per output, however many choices it carries
                 for c in output.outputs:
                     logprobs = self._update(choices.setdefault(c.index, _Choice()), c, num_top)
-                    yield chunk([ChatStreamChoice(
+                    events.append(chunk([ChatStreamChoice(
                         index=c.index, delta={"content": c.text},
                         logprobs=ChatLogprobs(content=logprobs) if request.logprobs else None,
-                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)]))
+                yield "".join(events)
             if request.include_usage:
                 yield chunk([], self._usage(prompt_tokens, choices))
         except Exception as e:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from starlette.responses import Response
 
-from carpool.engine.async_engine import RequestStream
+from carpool.engine.request_stream import RequestStream
 from carpool.entrypoints.openai.errors import bad_request_from_value_error
 from carpool.entrypoints.openai.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                                  CompletionResponse, UsageInfo)
@@ -100,14 +100,15 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             async for i, output in merge_streams(streams):
                 prompt_tokens[i] = len(output.prompt_token_ids)
+                events = []  # one write per output, however many choices it carries
                 for k, c in enumerate(output.outputs):
                     text, logprobs = self._update(request, choices.setdefault(i * n + c.index, _Choice()),
                                                   output, k)
-                    chunk = CompletionResponse(
+                    events.append(sse(CompletionResponse(
                         id=request_id, created=created, model=self.ctx.model_name,
                         choices=[CompletionChoice(index=i * n + c.index, text=text, logprobs=logprobs,
-                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
-                    yield sse(chunk)
+                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason)])))
+                yield "".join(events)
             if request.include_usage:
                 completion_tokens = sum(ch.num_tokens for ch in choices.values())
                 total_prompt = sum(prompt_tokens.values())
