@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import traceback
 import weakref
 from typing import Any
