@@ -120,17 +120,27 @@ def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
     configs = [DecodeConfig(block_n=b, num_warps=w, num_stages=st) for b, w, st in
                ((64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 2), (32, 4, 3), (128, 4, 2), (128, 8, 2),
                 (128, 8, 3), (64, 8, 3))]
+    default_splits = decode_num_splits(batch, HKV)
+    split_choices = sorted({1, 2, 4, default_splits})
     sweep = []
     for config in configs:
-        for splits in (1, 2, 4):
+        for splits in split_choices:
             sec = time_decode(inp, splits, config)
             sweep.append(dict(num_splits=splits, block_n=config.block_n, num_warps=config.num_warps,
                               num_stages=config.num_stages, us=round(sec * 1e6, 2),
                               roofline_ratio=round(nbytes / sec / bandwidth, 3)))
-    default_splits = decode_num_splits(batch, HKV)
     default = next(s for s in sweep if s["num_splits"] == default_splits)  # configs[0] is the default
+    # The same contexts with the longest requests first (programs start in request order): how much of
+    # the gap is load imbalance that longest-first ordering would remove.
+    del inp
+    inp = decode_inputs(batch, sorted(lens, reverse=True), num_sets(nbytes), torch.Generator().manual_seed(0))
+    longest_first = []
+    for splits in split_choices:
+        sec = time_decode(inp, splits, configs[0])
+        longest_first.append(dict(num_splits=splits, us=round(sec * 1e6, 2),
+                                  roofline_ratio=round(nbytes / sec / bandwidth, 3)))
     result = dict(batch=batch, contexts=[lo, hi], bytes=nbytes, default=default,
-                  best=max(sweep, key=lambda s: s["roofline_ratio"]), sweep=sweep)
+                  best=max(sweep, key=lambda s: s["roofline_ratio"]), longest_first=longest_first, sweep=sweep)
     progress({k: v for k, v in result.items() if k != "sweep"})
     del inp
     torch.cuda.empty_cache()
@@ -301,7 +311,7 @@ def main() -> None:
     progress({"copy_gb_per_s": round(bandwidth / 1e9, 1)})
     decode = bench_decode(bandwidth, [int(b) for b in args.batches.split(",")],
                           [int(c) for c in args.contexts.split(",")], args.quick) if "decode" in parts else []
-    mixed = [bench_decode_mixed(bandwidth, b, 100, 1100) for b in (64, 256)] if "mixed" in parts else []
+    mixed = [bench_decode_mixed(bandwidth, b, 100, 1100) for b in (16, 64, 128, 256)] if "mixed" in parts else []
     big = [d["roofline_ratio"] for d in decode if d["batch"] >= 64]
     best_splits: dict[str, dict[str, int]] = {}
     for d in decode:

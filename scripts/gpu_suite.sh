@@ -2,7 +2,7 @@
 # The GPU suite: GPU tests, then every benchmark; JSON results go to the folder given as $1
 # (default: $OUT on the device machine, else ./gpu_out). Run from the repository root on an H100/H200:
 #   bash scripts/gpu_suite.sh /path/to/results [quick]
-# "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
+# "final" = GPU tests + latency + serve. "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
 # (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
 # tensor-parallel tests and benchmarks (2 GPUs, ~6-8 min): 6 JSON files + suite.log, nothing else.
 set -uo pipefail
@@ -24,22 +24,42 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$device_file"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$device_file"
 
-if [ "$mode" = serve ]; then
+if [ "$mode" = serve ] || [ "$mode" = final ]; then
+  # serve: the serving benchmark (engine core in its own process, the default) with the offline run it
+  # is compared against; the saturated run is repeated with the in-process thread engine
+  # (--disable-frontend-multiprocessing). final: the GPU tests and the latency benchmark first.
+  # At most 8 files come back from the device: logs and JSON only.
+  exec > >(tee -a "$out/suite.log") 2>&1
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
   fi
+  if [ "$mode" = final ]; then
+    step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+    step python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
+    step python3 benchmarks/bench_kernels.py --parts mixed  # JSON into suite.log (no file left to return)
+  fi
+  step python3 benchmarks/bench_throughput.py --num-prompts 256 --out "$out/throughput_same_run.json"
   ckpt=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import write_random_checkpoint as w; print(w('/tmp/carpool-bench/qwen3-0.6b', 'qwen3-0.6b'))")
-  python3 -m carpool.entrypoints.cli serve "$ckpt" --port 8011 --served-model-name qwen3 > "$out/server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 120); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
   common="--base-url http://127.0.0.1:8011 --random-vocab-size 10000 --seed 0"
+  serve() {  # $1: extra server flags; waits until healthy
+    python3 -m carpool.entrypoints.cli serve "$ckpt" --port 8011 --served-model-name qwen3 $1 > /tmp/server.log 2>&1 &
+    server=$!
+    for _ in $(seq 180); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
+  }
+  stop_server() { kill -TERM $server; wait $server; echo "server exit: $?"; tail -5 /tmp/server.log; }
+  serve ""
   step python3 benchmarks/bench_serve.py $common --request-rate 5 10 20 --num-prompts 200 \
     --output-json "$out/serve_rates.json" --plot "$out/serve_rates.png"
   step python3 benchmarks/bench_serve.py $common --request-rate inf --num-prompts 256 \
     --output-json "$out/serve_saturated.json"
-  kill -TERM $server; wait $server; echo "server exit: $?"
-  step python3 benchmarks/bench_throughput.py --num-prompts 256 --out "$out/throughput_same_run.json"
+  stop_server
+  serve --disable-frontend-multiprocessing
+  step python3 benchmarks/bench_serve.py $common --request-rate inf --num-prompts 256 \
+    --output-json "$out/serve_saturated_thread.json"
+  stop_server
+  echo "=== done ($(date +%T)), status $status"
+  sleep 1
   exit $status
 fi
 if [ "$mode" = tp ]; then
