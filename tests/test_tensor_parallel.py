@@ -197,7 +197,7 @@ def test_killed_worker_fails_the_next_step_fast_and_leaves_no_process(llama_path
     engine.add_request("r", PROMPTS[3], SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(3):
         engine.step()
-    assert (engine._in_flight is not None) == async_scheduling  # the victim dies with a step in flight
+    assert (engine.core._in_flight is not None) == async_scheduling  # the victim dies with a step in flight
     os.kill(pids[victim], signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(TPWorkerError, match=f"rank {victim} .*SIGKILL.*cannot continue"):
