@@ -61,6 +61,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="requests per second, Poisson arrivals; several values -> one run each (default: inf)")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of every request (default: greedy)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent (and not measured) before the runs")
     p.add_argument("--output-json", default=None, help="also write the JSON result to this file")
     p.add_argument("--plot", default="bench_serve.png",
@@ -74,10 +76,12 @@ def make_dataset(ns: argparse.Namespace) -> list[SampleRequest]:
         if not 1 <= low <= high:
             raise ValueError(f"{name}: need 1 <= min <= max, got [{low}, {high}]")
     if ns.dataset == "random":
-        return [SampleRequest([rng.randrange(ns.random_vocab_size)
-                               for _ in range(rng.randint(ns.input_len_min, ns.input_len_max))],
-                              rng.randint(ns.output_len_min, ns.output_len_max))
-                for _ in range(ns.num_prompts)]
+        # Drawn in the order of nano-vllm's bench.py (every prompt, then every output length), so with
+        # --random-vocab-size 10001 --seed 0 this is exactly the offline workload of bench_throughput.py.
+        prompts = [[rng.randint(0, ns.random_vocab_size - 1)
+                    for _ in range(rng.randint(ns.input_len_min, ns.input_len_max))] for _ in range(ns.num_prompts)]
+        out_lens = [rng.randint(ns.output_len_min, ns.output_len_max) for _ in range(ns.num_prompts)]
+        return [SampleRequest(p, n) for p, n in zip(prompts, out_lens)]
     lines = []
     with open(ns.dataset) as f:
         for line in f:
@@ -90,8 +94,9 @@ def make_dataset(ns: argparse.Namespace) -> list[SampleRequest]:
     return [lines[i % len(lines)] for i in range(ns.num_prompts)]
 
 
-async def send_one(client: Any, url: str, model: str, sample: SampleRequest) -> RequestResult:
-    body = {"model": model, "prompt": sample.prompt, "max_tokens": sample.max_tokens, "temperature": 0.0,
+async def send_one(client: Any, url: str, model: str, sample: SampleRequest,
+                   temperature: float = 0.0) -> RequestResult:
+    body = {"model": model, "prompt": sample.prompt, "max_tokens": sample.max_tokens, "temperature": temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     last = start
@@ -164,15 +169,15 @@ def summarize(rate: float, max_concurrency: int | None, results: list[RequestRes
 
 
 async def run_rate(client: Any, url: str, model: str, dataset: list[SampleRequest], rate: float,
-                   max_concurrency: int | None, seed: int) -> dict[str, Any]:
+                   max_concurrency: int | None, seed: int, temperature: float = 0.0) -> dict[str, Any]:
     rng = random.Random(seed)
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     async def limited(sample: SampleRequest) -> RequestResult:
         if limit is None:
-            return await send_one(client, url, model, sample)
+            return await send_one(client, url, model, sample, temperature)
         async with limit:
-            return await send_one(client, url, model, sample)
+            return await send_one(client, url, model, sample, temperature)
 
     start = time.perf_counter()
     tasks = []
@@ -199,12 +204,12 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
             model = resp.json()["data"][0]["id"]
         url = f"{base}/v1/completions"
         for sample in dataset[:ns.warmup]:
-            await send_one(client, url, model, sample)
-        runs = [await run_rate(client, url, model, dataset, rate, ns.max_concurrency, ns.seed + i)
+            await send_one(client, url, model, sample, ns.temperature)
+        runs = [await run_rate(client, url, model, dataset, rate, ns.max_concurrency, ns.seed + i, ns.temperature)
                 for i, rate in enumerate(ns.request_rate)]
     config = {k: v for k, v in vars(ns).items() if k in {
         "base_url", "dataset", "num_prompts", "input_len_min", "input_len_max", "output_len_min",
-        "output_len_max", "max_concurrency", "seed"}}
+        "output_len_max", "max_concurrency", "seed", "temperature", "random_vocab_size"}}
     return {"config": {**config, "model": model}, "runs": runs}
 
 

@@ -102,7 +102,8 @@ def serve_namespace(ns: argparse.Namespace, base_url: str, moderate: bool = Fals
         input_len_min=ns.input_len_min, input_len_max=ns.input_len_max, output_len_min=ns.output_len_min,
         output_len_max=ns.output_len_max, random_vocab_size=256,
         request_rate=[ns.moderate_rate if moderate else float("inf")],
-        max_concurrency=None if moderate else ns.max_concurrency, seed=ns.seed, warmup=1, output_json=None,
+        max_concurrency=None if moderate else ns.max_concurrency, seed=ns.seed, temperature=0.0, warmup=1,
+        output_json=None,
         plot="")
 
 

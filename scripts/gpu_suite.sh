@@ -41,22 +41,33 @@ if [ "$mode" = serve ] || [ "$mode" = final ]; then
   fi
   step python3 benchmarks/bench_throughput.py --num-prompts 256 --out "$out/throughput_same_run.json"
   ckpt=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import write_random_checkpoint as w; print(w('/tmp/carpool-bench/qwen3-0.6b', 'qwen3-0.6b'))")
-  common="--base-url http://127.0.0.1:8011 --random-vocab-size 10000 --seed 0"
+  # --random-vocab-size 10001 --seed 0: the same prompts and output lengths as the offline run
+  common="--base-url http://127.0.0.1:8011 --random-vocab-size 10001 --seed 0"
   serve() {  # $1: extra server flags; waits until healthy
     python3 -m carpool.entrypoints.cli serve "$ckpt" --port 8011 --served-model-name qwen3 $1 > /tmp/server.log 2>&1 &
     server=$!
     for _ in $(seq 180); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
   }
   stop_server() { kill -TERM $server; wait $server; echo "server exit: $?"; tail -5 /tmp/server.log; }
+  # CPU seconds (user + system) of the server process and of its children (the engine core), so a
+  # saturated run shows whether the frontend or the core was the busy one
+  cpu_of() { awk '{printf "%.2f", ($14 + $15) / 100}' /proc/$1/stat 2>/dev/null || echo 0; }
+  cpu_report() { echo "cpu_s $1: frontend $(cpu_of $server) core $(for c in $(pgrep -P $server); do cpu_of $c; echo -n ' '; done)"; }
+  saturated() {  # $1: output file
+    cpu_report before
+    local t0=$EPOCHREALTIME
+    step python3 benchmarks/bench_serve.py $common --temperature 0.6 --request-rate inf --num-prompts 256 \
+      --output-json "$1"
+    echo "saturated wall_s $(awk "BEGIN {print $EPOCHREALTIME - $t0}")"
+    cpu_report after
+  }
   serve ""
-  step python3 benchmarks/bench_serve.py $common --request-rate 5 10 20 --num-prompts 200 \
+  step python3 benchmarks/bench_serve.py $common --temperature 0.6 --request-rate 5 10 20 --num-prompts 200 \
     --output-json "$out/serve_rates.json" --plot "$out/serve_rates.png"
-  step python3 benchmarks/bench_serve.py $common --request-rate inf --num-prompts 256 \
-    --output-json "$out/serve_saturated.json"
+  saturated "$out/serve_saturated.json"
   stop_server
   serve --disable-frontend-multiprocessing
-  step python3 benchmarks/bench_serve.py $common --request-rate inf --num-prompts 256 \
-    --output-json "$out/serve_saturated_thread.json"
+  saturated "$out/serve_saturated_thread.json"
   stop_server
   echo "=== done ($(date +%T)), status $status"
   sleep 1

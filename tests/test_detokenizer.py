@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from carpool.demo import build_byte_tokenizer
-from carpool.engine.detokenizer import IncrementalDetokenizer
+from carpool.engine.detokenizer import IncrementalDetokenizer, fast_decoder
 from carpool.sampling_params import SamplingParams
 
 
@@ -68,3 +68,26 @@ def test_incomplete_character_at_the_end_is_flushed_when_finished(tok):
     assert det.text_delta(finished=False) == ""
     det.update([0x41], finished=True)
     assert det.text_delta(finished=True).endswith("A")
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_decoder_equals_the_tokenizers_decode(tok, skip):
+    import random
+
+    rng = random.Random(0)
+    decode = fast_decoder(tok)
+    specials = [tok.bos_token_id, tok.eos_token_id]
+    for _ in range(50):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(256) for _ in range(rng.randint(0, 12))]
+        assert decode(ids, skip) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_fast_decoder_keeps_the_python_decode_when_it_cleans_up_spaces(tok):
+    class CleaningTokenizer:
+        backend_tokenizer = tok.backend_tokenizer
+        clean_up_tokenization_spaces = True
+
+        def decode(self, ids, skip_special_tokens):
+            return "cleaned"
+
+    assert fast_decoder(CleaningTokenizer())([65], True) == "cleaned"

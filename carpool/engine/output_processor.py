@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from carpool.core.sched_output import EngineCoreOutput, TokenLogprobs
-from carpool.engine.detokenizer import IncrementalDetokenizer
+from carpool.engine.detokenizer import IncrementalDetokenizer, fast_decoder
 from carpool.engine.input_processor import child_request_id
 from carpool.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from carpool.sampling_params import RequestOutputKind, SamplingParams
@@ -51,6 +51,7 @@ class ParentState:
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.decode = fast_decoder(tokenizer) if tokenizer is not None else None
         self.parents: dict[str, ParentState] = {}
         self.seq_to_parent: dict[str, tuple[ParentState, SequenceState]] = {}
 
@@ -59,7 +60,7 @@ class OutputProcessor:
         """Register a request; returns the scheduler ids of its n sequences."""
         sequences = []
         for i in range(params.n):
-            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, self.decode)
                      if params.detokenize and self.tokenizer is not None else None)
             seq = SequenceState(child_request_id(request_id, i, params.n), i, detok,
                                 logprobs=[] if params.logprobs is not None else None,
