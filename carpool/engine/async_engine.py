@@ -20,12 +20,11 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from carpool.config import EngineConfig
 from carpool.engine.llm_engine import Engine, EngineStats, PromptType, QueueFullError
-from carpool.engine.request_stream import EngineDeadError, OutputObserver, RequestStream
+from carpool.engine.request_stream import EngineDeadError, GenerateMixin, OutputObserver, RequestStream
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
@@ -51,7 +50,7 @@ class _Abort:
 ENGINE_GIL_SWITCH_INTERVAL_S = 0.0005
 
 
-class AsyncEngine:
+class AsyncEngine(GenerateMixin):
     def __init__(self, engine: Engine, observer: OutputObserver | None = None) -> None:
         self.engine = engine
         self.observer = observer
@@ -130,17 +129,6 @@ class AsyncEngine:
                 self._submit(_Abort([request_id]))
             raise
         return stream
-
-    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request (use RequestOutputKind.DELTA to stream); leaving the loop early or
-        being cancelled aborts the request."""
-        stream = await self.add_request(request_id, prompt, params)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.abort()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (event loop side); its KV blocks are freed before the next step."""

@@ -24,7 +24,6 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from carpool.config import EngineConfig
@@ -36,14 +35,13 @@ from carpool.engine.core_proc import RECV_BYTES, SHUTDOWN_TIMEOUT_S, CoreProcess
 from carpool.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
 from carpool.engine.llm_engine import load_tokenizer
 from carpool.engine.output_processor import OutputProcessor
-from carpool.engine.request_stream import EngineDeadError, OutputObserver, RequestStream
-from carpool.outputs import RequestOutput
+from carpool.engine.request_stream import EngineDeadError, GenerateMixin, OutputObserver, RequestStream
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class MPAsyncEngine:
+class MPAsyncEngine(GenerateMixin):
     def __init__(self, config: EngineConfig, tokenizer: Any | None = None,
                  observer: OutputObserver | None = None) -> None:
         """Start the core process and wait until its model is loaded (raises ValueError for a bad
@@ -140,17 +138,6 @@ class MPAsyncEngine:
                 self._send_finish([s.request_id for s in req.sequences])
             raise
         return stream
-
-    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request (use RequestOutputKind.DELTA to stream); leaving the loop early or
-        being cancelled aborts the request."""
-        stream = await self.add_request(request_id, prompt, params)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.abort()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (event loop side); the core frees its KV blocks before its next step."""

@@ -62,6 +62,25 @@ class EngineClient(Protocol):
     def abort_all(self, reason: str) -> None: ...
 
 
+class GenerateMixin:
+    """`generate` in terms of `add_request`, shared by both async engines."""
+
+    async def add_request(self, request_id: str, prompt: "PromptType", params: SamplingParams,
+                          arrival_time: float | None = None) -> "RequestStream":
+        raise NotImplementedError
+
+    async def generate(self, prompt: "PromptType", params: SamplingParams, request_id: str
+                       ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request (use RequestOutputKind.DELTA to stream); leaving the loop early or
+        being cancelled aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+
 class RequestStream:
     """The outputs of one request in order; `async for` ends after the finished one. Closing the stream
     early (`abort()`, also called by the engine's `generate` on exit) aborts the request in the engine.

@@ -174,16 +174,23 @@ def _rotate_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF: tl.c
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, n_q_heads, n_k_heads, stride_qt,
-                   stride_qh, stride_kt, stride_kh, stride_cs, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                   BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """One program per token: cos/sin are loaded once and applied to all its q and k heads."""
-    t = tl.program_id(0).to(tl.int64)
+def _cos_sin(pos_ptr, t, cos_sin_ptr, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token t's cos and sin rows (first and second half of its cos_sin_cache row)."""
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     cmask = cols < HALF
     cos = tl.load(cos_sin_ptr + pos * stride_cs + cols, mask=cmask, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + cols, mask=cmask, other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, n_q_heads, n_k_heads, stride_qt,
+                   stride_qh, stride_kt, stride_kh, stride_cs, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                   BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """One program per token: cos/sin are loaded once and applied to all its q and k heads."""
+    t = tl.program_id(0).to(tl.int64)
+    cos, sin = _cos_sin(pos_ptr, t, cos_sin_ptr, stride_cs, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, t * stride_qt, stride_qh, n_q_heads, cos, sin, qw_ptr, eps, HALF, BLOCK_HQ, BLOCK_HALF,
                   HAS_NORM)
     _rotate_heads(k_ptr, t * stride_kt, stride_kh, n_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK, BLOCK_HALF,
@@ -200,11 +207,9 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_ptr, kw_
     """One program per token: RoPE (after the optional q/k norm) on q in place, and the rotated k with v
     written straight to the token's cache slot, so k never makes a round trip through memory."""
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos, sin = _cos_sin(pos_ptr, t, cos_sin_ptr, stride_cs, HALF, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_HALF)
     cmask = cols < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + cols, mask=cmask, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + cols, mask=cmask, other=0.0)
     _rotate_heads(q_ptr, t * stride_qt, stride_qh, n_q_heads, cos, sin, qw_ptr, eps, HALF, BLOCK_HQ, BLOCK_HALF,
                   HAS_NORM)
     y1, y2 = _rope_heads(k_ptr, t * stride_kt, stride_kh, n_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK,
