@@ -31,8 +31,8 @@ from carpool.forward_batch import AttentionMetadata
 from carpool.ops import torch_ref
 from carpool.ops import triton as tri
 from carpool.ops.triton.attention import decode_num_splits
-from carpool.ops.triton.decode_attention import (DecodeConfig, balanced_split_tiles, decode_attention,
-                                                 decode_scratch, default_decode_config)
+from carpool.ops.triton.decode_attention import (DecodeConfig, decode_attention, decode_scratch,
+                                                 default_decode_config)
 
 HQ, HKV, HEAD_DIM, PAGE = 16, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -109,20 +109,7 @@ def decode_inputs(batch: int, context: int | list[int], sets: int, gen: torch.Ge
                 qsl=torch.arange(batch + 1, dtype=torch.int32, device=DEVICE))
 
 
-def time_decode_balanced(inp: dict, num_splits: int, config: DecodeConfig, target: int) -> float:
-    """time_decode with token-balanced splits. The split size is computed once, outside the timing, as
-    the engine computes it once per step for all layers."""
-    batch = inp["q"].shape[0]
-    scratch = decode_scratch(batch, HQ, num_splits, HEAD_DIM, DEVICE)
-    tiles = balanced_split_tiles(inp["seq_lens"], config.block_n, HKV, target)
-
-    def call(t: torch.Tensor) -> None:
-        decode_attention(inp["q"], inp["k_cache"], inp["v_cache"], inp["out"], t, inp["seq_lens"], inp["qsl"],
-                         HEAD_DIM ** -0.5, num_splits, config, scratch, split_tiles=tiles)
-    return time_in_graph([(lambda t=t: call(t)) for t in inp["tables"]])
-
-
-def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int, sweep_configs: bool = True) -> dict:
+def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
     """Decode over contexts drawn uniformly from [lo, hi], as in the offline throughput workload (prompts
     of 100-1024 tokens): unequal programs, so load balance matters as much as the per-tile rate. Sweeps
     split counts and tile configs."""
@@ -132,7 +119,7 @@ def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int, sweep_con
     inp = decode_inputs(batch, lens, num_sets(nbytes), torch.Generator().manual_seed(0))
     configs = [DecodeConfig(block_n=b, num_warps=w, num_stages=st) for b, w, st in
                ((64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 2), (32, 4, 3), (128, 4, 2), (128, 8, 2),
-                (128, 8, 3), (64, 8, 3))][:None if sweep_configs else 1]
+                (128, 8, 3), (64, 8, 3))]
     default_splits = decode_num_splits(batch, HKV)
     split_choices = sorted({1, 2, 4, default_splits})
     sweep = []
@@ -152,19 +139,8 @@ def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int, sweep_con
         sec = time_decode(inp, splits, configs[0])
         longest_first.append(dict(num_splits=splits, us=round(sec * 1e6, 2),
                                   roofline_ratio=round(nbytes / sec / bandwidth, 3)))
-    del inp
-    inp = decode_inputs(batch, lens, num_sets(nbytes), torch.Generator().manual_seed(0))
-    # token-balanced splits: about `target` programs per step (132 SMs x 4 resident blocks = one wave
-    # of 528 with the default tile), long requests cut into up to num_splits pieces
-    balanced = []
-    for splits in (2, 4, 8):
-        for target in (528, 1056, 2112):
-            sec = time_decode_balanced(inp, splits, configs[0], target)
-            balanced.append(dict(num_splits=splits, target_programs=target, us=round(sec * 1e6, 2),
-                                 roofline_ratio=round(nbytes / sec / bandwidth, 3)))
     result = dict(batch=batch, contexts=[lo, hi], bytes=nbytes, default=default,
-                  best=max(sweep, key=lambda s: s["roofline_ratio"]), longest_first=longest_first,
-                  balanced=balanced, sweep=sweep)
+                  best=max(sweep, key=lambda s: s["roofline_ratio"]), longest_first=longest_first, sweep=sweep)
     progress({k: v for k, v in result.items() if k != "sweep"})
     del inp
     torch.cuda.empty_cache()
@@ -335,10 +311,7 @@ def main() -> None:
     progress({"copy_gb_per_s": round(bandwidth / 1e9, 1)})
     decode = bench_decode(bandwidth, [int(b) for b in args.batches.split(",")],
                           [int(c) for c in args.contexts.split(",")], args.quick) if "decode" in parts else []
-    mixed = [bench_decode_mixed(bandwidth, b, lo, hi, sweep_configs=False)
-             for b, lo, hi in ((16, 100, 1100), (64, 100, 1100), (128, 100, 1100), (256, 100, 1100),
-                               (64, 1024, 1024), (128, 1024, 1024), (256, 1024, 1024), (64, 2000, 4000))
-             ] if "mixed" in parts else []
+    mixed = [bench_decode_mixed(bandwidth, b, 100, 1100) for b in (16, 64, 128, 256)] if "mixed" in parts else []
     big = [d["roofline_ratio"] for d in decode if d["batch"] >= 64]
     best_splits: dict[str, dict[str, int]] = {}
     for d in decode:

@@ -87,12 +87,11 @@ def make_batch(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int,
 def check_attention(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int, head_dim: int,
                     block_size: int = 16, dtype: torch.dtype = torch.float32, pad_tokens: int = 0,
                     num_splits: int | None = None, atol: float = 2e-5, rtol: float = 1e-4,
-                    device: str = DEVICE, extra: dict | None = None) -> None:
+                    device: str = DEVICE) -> None:
     q, k, v, kc, vc, meta = make_batch(reqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
                                        device, pad_tokens)
     if num_splits is not None:
         meta.extra["num_splits"] = num_splits
-    meta.extra.update(extra or {})
     scale = head_dim ** -0.5
     kc_ref, vc_ref = kc.float().clone(), vc.float().clone()
     expected = torch_ref.paged_attention(q.float(), k.float(), v.float(), kc_ref, vc_ref, meta, scale)
@@ -118,21 +117,6 @@ def test_decode_matches_reference(group: int, head_dim: int, block_size: int) ->
 def test_decode_splits_merge_to_the_same_result(num_splits: int) -> None:
     # 8 splits over <= 6 tiles: some splits idle, and the 1-token context uses one split only.
     check_attention([(1, 1), (129, 1), (330, 1)], 4, 2, 32, num_splits=num_splits)
-
-
-@pytest.mark.parametrize("target", [1, 6, 1000])  # every request whole; a few pieces; pieces of one tile
-def test_decode_balanced_splits_match_reference(target: int) -> None:
-    # Mixed lengths: with split_tiles from the step's total, long requests are cut, short ones are not.
-    check_attention([(1, 1), (40, 1), (129, 1), (330, 1), (17, 1)], 4, 2, 32, num_splits=4,
-                    extra={"decode_balance_target": target})
-
-
-def test_balanced_split_tiles_follows_the_total_work() -> None:
-    from carpool.ops.triton.decode_attention import balanced_split_tiles
-
-    seq_lens = torch.tensor([1, 64, 65, 640, 0], dtype=torch.int32, device=DEVICE)  # 1 + 1 + 2 + 10 tiles of 64
-    assert balanced_split_tiles(seq_lens, 64, 2, 7).tolist() == [4]  # 28 tile-heads over 7 programs
-    assert balanced_split_tiles(seq_lens, 64, 2, 1000).tolist() == [1]
 
 
 def test_decode_skips_padding_slots_and_empty_requests() -> None:

@@ -12,8 +12,6 @@ meta.extra keys read here (all optional; the model runner sets them for captured
 - "decode_scratch": (part_out [>=B, Hq, >=S, D], part_lse [>=B, Hq, >=S]) float32 buffers for the split
   partials, B = number of requests (see decode_attention.decode_scratch); without them they are
   allocated per call, which is also graph safe (capture allocates from the graph's private pool).
-- "decode_balance_target": int, turns on token-balanced splitting of decode-only work into about this
-  many programs (decode_attention's split_tiles); "decode_split_tiles" caches its per-step value.
 "triton_plans" is written here: host-side plans of the step, shared by its layers (see utils.step_plan).
 """
 
@@ -24,7 +22,7 @@ import triton
 
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops.triton import utils
-from carpool.ops.triton.decode_attention import balanced_split_tiles, decode_attention, default_decode_config
+from carpool.ops.triton.decode_attention import decode_attention
 from carpool.ops.triton.paged_kv import store_kvcache
 from carpool.ops.triton.prefill_attention import prefill_attention
 
@@ -97,18 +95,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
             raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
         # Cascade (shared-prefix) attention only on decode-only steps, where the runner found the prefix.
         prefix_len = meta.extra.get("cascade_prefix_len") if decode_only else None
-        split_tiles = None
-        target = meta.extra.get("decode_balance_target")
-        if target and prefix_len is None and int(num_splits) > 1:
-            # once per step, shared by the layers (and recomputed by a captured graph on every replay)
-            split_tiles = meta.extra.get("decode_split_tiles")
-            if split_tiles is None:
-                split_tiles = balanced_split_tiles(meta.seq_lens, default_decode_config(
-                    q.shape[2], k_cache.dtype).block_n, k_cache.shape[2], int(target))
-                meta.extra["decode_split_tiles"] = split_tiles
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                         scale, int(num_splits), scratch=meta.extra.get("decode_scratch"), prefix_len=prefix_len,
-                         split_tiles=split_tiles)
+                         scale, int(num_splits), scratch=meta.extra.get("decode_scratch"), prefix_len=prefix_len)
     if not decode_only:
         prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True)
     return out

@@ -41,13 +41,13 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr, ctx_start_ptr, split_tiles_ptr, qk_scale,
+                   out_ptr, part_out_ptr, part_lse_ptr, ctx_start_ptr, qk_scale,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_bt, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   HAS_PREFIX: tl.constexpr, BALANCED: tl.constexpr):
+                   HAS_PREFIX: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -62,11 +62,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     if HAS_PREFIX:
         first_tile = tl.load(ctx_start_ptr) // BLOCK_N
     num_tiles = tl.maximum(tl.cdiv(seq_len, BLOCK_N) - first_tile, 0)
-    if BALANCED:  # tiles per split chosen for the whole step (balanced_split_tiles)
-        per_split = tl.maximum(tl.load(split_tiles_ptr), 1)
-    else:
-        per_split = MIN_SPLIT_TILES
-    used_splits = tl.minimum(tl.maximum(tl.cdiv(num_tiles, per_split), 1), NUM_SPLITS)
+    used_splits = tl.minimum(tl.maximum(tl.cdiv(num_tiles, MIN_SPLIT_TILES), 1), NUM_SPLITS)
     tiles_per_split = tl.cdiv(num_tiles, used_splits)
     tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)  # empty loop for idle splits
@@ -180,15 +176,6 @@ def _merge_kernel(qsl_ptr, part_out_ptr, part_lse_ptr, out_ptr, stride_pt, strid
              mask=offs_d < tl.where(is_decode, HEAD_DIM, 0))
 
 
-def balanced_split_tiles(seq_lens: torch.Tensor, block_n: int, num_kv_heads: int, target_programs: int
-                         ) -> torch.Tensor:
-    """Tiles per split that cut the step's decode work into about `target_programs` equal programs
-    (at least one tile each), computed on the device so a CUDA graph recomputes it every replay."""
-    tiles = (seq_lens + (block_n - 1)) // block_n
-    total = tiles.sum(dtype=torch.int64) * num_kv_heads
-    return torch.clamp((total + (target_programs - 1)) // target_programs, min=1).to(torch.int32).reshape(1)
-
-
 def decode_scratch(num_reqs: int, num_q_heads: int, num_splits: int, head_dim: int,
                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial outputs [num_reqs, Hq, S, D] and their log2-sum-exp [num_reqs, Hq, S], float32."""
@@ -200,8 +187,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                      scale: float, num_splits: int, config: DecodeConfig | None = None,
                      scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     prefix_len: torch.Tensor | None = None, prefix_splits: int = 8,
-                     split_tiles: torch.Tensor | None = None) -> torch.Tensor:
+                     prefix_len: torch.Tensor | None = None, prefix_splits: int = 8) -> torch.Tensor:
     """Attention of each 1-query request over its whole cached context; writes those rows of `out`.
 
     K/V of the new tokens must already be in the cache. `scratch` (see decode_scratch) may be larger
@@ -212,12 +198,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     first prefix_len keys (same blocks; a multiple of 64, at most every request's context minus one),
     which `_prefix_kernel` reads once for the whole batch while the split kernel covers each request's
     own keys after it; the merge combines both. Zero is allowed (nothing shared), so a captured graph can
-    keep the cascade kernels for every replay.
-
-    `split_tiles` (a 1-element int32 device tensor, see balanced_split_tiles) cuts each request into
-    pieces of about that many tiles, up to num_splits, instead of num_splits equal pieces: long
-    requests are split and short ones are not, so programs do similar amounts of work when context
-    lengths differ."""
+    keep the cascade kernels for every replay."""
     num_reqs = seq_lens.shape[0]
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -245,15 +226,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ctx_start = prefix_len if cascade else seq_lens  # (unread without a prefix)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, ctx_start,
-        split_tiles if split_tiles is not None else seq_lens, scale * 1.4426950408889634,
+        scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
-        DOT_PRECISION=precision, HAS_PREFIX=cascade, BALANCED=split_tiles is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        DOT_PRECISION=precision, HAS_PREFIX=cascade, num_warps=config.num_warps, num_stages=config.num_stages)
     if cascade:
         assert prefix_len is not None
         block_m = 64 if k_cache.dtype == torch.float32 else 128
