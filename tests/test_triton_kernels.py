@@ -319,6 +319,22 @@ def test_engine_with_triton_kernels_gives_the_same_greedy_tokens(checkpoint_fact
     assert tokens["triton"] == tokens["torch"]
 
 
+def test_engine_batch_one_steps_take_the_gemv_and_match_torch(checkpoint_factory, monkeypatch) -> None:
+    from checkpoints import prompts_of_lengths
+
+    from carpool import LLM, SamplingParams
+    calls = []
+    real = tri.gemv
+    monkeypatch.setattr(tri, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = checkpoint_factory("qwen2")  # q/k/v biases go through the GEMV's bias
+    prompt = {"prompt_token_ids": prompts_of_lengths([23])[0]}
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    tokens = {backend: LLM(path, device=DEVICE, kernel_backend=backend).generate(
+        [prompt], params, use_tqdm=False)[0].outputs[0].token_ids for backend in ("torch", "triton")}
+    assert calls, "a batch-1 decode step should use the Triton GEMV"
+    assert tokens["triton"] == tokens["torch"]
+
+
 # ---- GPU, bf16 ------------------------------------------------------------------------------------
 
 BF16_TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs, probabilities rounded to bf16 before P @ V
@@ -370,6 +386,18 @@ def test_paged_attention_after_rope_and_store_kv_equals_storing_inside() -> None
                                atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="both"):
         tri.paged_attention(q, k, None, kc, vc, meta, 0.3)
+
+
+@pytest.mark.parametrize("n,k,with_bias", [(10, 70, False), (33, 2100, True)])  # ragged row and column tiles
+def test_gemv_matches_linear(n: int, k: int, with_bias: bool) -> None:
+    from carpool.ops.triton.gemv import GemvConfig, gemv
+
+    w = torch.randn(n, k, device=DEVICE)
+    x = torch.randn(1, k, device=DEVICE)
+    b = torch.randn(n, device=DEVICE) if with_bias else None
+    expected = torch.nn.functional.linear(x, w, b)
+    for config in (GemvConfig(), GemvConfig(block_n=8, block_k=256)):
+        torch.testing.assert_close(gemv(x, w, b, config), expected, atol=1e-4, rtol=1e-4)
 
 
 @needs_cuda

@@ -8,6 +8,7 @@ slice) and copies in only this rank's part, so each rank reads only its slice fr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,14 +48,23 @@ def _set_loader(param: nn.Parameter, loader: Any) -> nn.Parameter:
 
 
 class LinearBase(nn.Module):
+    # The kernel backend's matrix-vector product, if it has one (see ModelRunner): inputs of one row (a
+    # batch-1 decode step) go to it, everything else to cuBLAS / the CPU matmul.
+    gemv: Callable[..., torch.Tensor] | None = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
                      if bias else None)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
+            return self.gemv(x, self.weight, bias)
+        return nn.functional.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -150,6 +160,6 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(load_narrow(loaded, 1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight)
+        y = self.matmul(x, None)
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

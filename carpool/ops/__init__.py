@@ -25,6 +25,8 @@ class KernelOps:
     # One-pass sampling for batches without top-k/top-p/min-p, penalties or logprobs; None: the
     # general sampler does everything (the CPU reference path).
     sample_from_logits: Callable | None = None
+    # x [1, K] @ W[N, K].T (+ bias) for batch-1 steps, faster than cuBLAS there; None: plain matmul.
+    gemv: Callable | None = None
 
 
 def get_kernel_ops(name: str) -> KernelOps:
@@ -38,4 +40,5 @@ def get_kernel_ops(name: str) -> KernelOps:
                      fused_add_rms_norm=impl.fused_add_rms_norm, silu_and_mul=impl.silu_and_mul,
                      rotary_embedding=impl.rotary_embedding, qk_norm_rotary=impl.qk_norm_rotary,
                      rope_and_store_kv=impl.rope_and_store_kv,
-                     sample_from_logits=getattr(impl, "sample_from_logits", None))
+                     sample_from_logits=getattr(impl, "sample_from_logits", None),
+                     gemv=getattr(impl, "gemv", None))

@@ -20,6 +20,7 @@ from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, TPGroup
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
+from carpool.layers.linear import LinearBase
 from carpool.layers.sampler import Sampler, SamplingMetadata
 from carpool.models.loader import load_model
 from carpool.ops import get_kernel_ops
@@ -50,6 +51,10 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.ops = get_kernel_ops(config.kernel_backend)
         self.model = load_model(config.model, self.ops, self.device, tp, config.load_format)
+        if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
+            for module in self.model.modules():
+                if isinstance(module, LinearBase):
+                    module.gemv = self.ops.gemv
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)

@@ -1,0 +1,67 @@
+"""Matrix-vector product for one-row decode steps: out[n] = sum_k x[k] * W[n, k] (+ bias[n]).
+
+Why: at batch 1 a decode step is weight bandwidth, and cuBLAS reaches 93-95% of copy bandwidth on the
+large projections but only 72-76% on the smaller q/k/v and o projections of an 8B model (it splits K and
+adds a reduction kernel). Here each program streams BLOCK_N whole rows of W (contiguous in K) and
+reduces them in registers: no split, no second kernel, one launch per projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 2  # output rows per program
+    block_k: int = 1024  # columns per loop step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_gemv_config(k: int) -> GemvConfig:
+    """Measured on an H200 (benchmarks/bench_gemv.py, results/h200_run16_gemv): two rows per program
+    was best or within 5% of best for every Llama-3-8B projection, whole or halved for TP=2; long rows
+    (the down projection, K = 14336) prefer wider steps with 8 warps."""
+    return GemvConfig(block_k=2048, num_warps=8) if k > 8192 else GemvConfig()
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x [1, K] (or [K]) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype; weight's last dim contiguous."""
+    n, k = weight.shape
+    config = config or default_gemv_config(k)
+    if x.numel() != k or weight.stride(-1) != 1:
+        raise ValueError(f"gemv: x must hold K={k} values and weight [N, K] be contiguous in K, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)} with strides {tuple(weight.stride())}")
+    x = x.reshape(k)
+    if x.stride(0) != 1:
+        x = x.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
