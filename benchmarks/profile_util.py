@@ -14,7 +14,7 @@ CATEGORIES = (
     ("attention", ("decode_kernel", "prefill", "_merge_kernel", "attention")),
     ("rope+kv_store", ("rope_store_kv",)),
     ("kv_store", ("store_kv",)),
-    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "cublas", "xmma", "splitk")),
+    ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "cublas", "xmma", "splitk")),
     ("norm", ("rms_norm",)),
     ("rope", ("rotary",)),
     ("activation", ("silu",)),
