@@ -102,4 +102,5 @@ else
 fi
 # the full split/tile sweep takes 5-8 minutes; --quick sweeps enough to check the split table
 step python3 benchmarks/bench_kernels.py --quick --out "$out/kernels.json"
+[ "$mode" = quick ] || step python3 benchmarks/bench_gemv.py --quick --out "$out/gemv.json"
 exit $status
