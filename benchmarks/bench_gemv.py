@@ -21,7 +21,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import copy_bandwidth, num_sets, progress, time_in_graph  # noqa: E402
 
-from carpool.ops.triton.gemv import GemvConfig, gemv  # noqa: E402
+from carpool.ops.triton.gemv import GemvConfig, default_gemv_config, gemv  # noqa: E402
 
 # (name, N, K): Llama-3-8B projections, then their TP=2 halves (column-parallel halve N, row-parallel K)
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
@@ -31,10 +31,10 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
-    ap.add_argument("--quick", action="store_true", help="the default config only")
+    ap.add_argument("--quick", action="store_true", help="the engine's config for each shape only")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
-    configs = [GemvConfig()] if args.quick else [
+    sweep = [
         GemvConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
         for bn, bk, w, st in ((4, 1024, 4, 3), (2, 1024, 4, 3), (8, 512, 4, 3), (4, 512, 4, 4), (8, 1024, 8, 3),
                               (2, 2048, 8, 3), (16, 256, 4, 4), (4, 2048, 8, 2), (1, 2048, 4, 4))]
@@ -45,6 +45,7 @@ def main() -> None:
         ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5 for _ in range(sets)]
         x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
         ref = F.linear(x.float(), ws[0].float())
+        configs = [default_gemv_config(k)] + ([] if args.quick else sweep)
         cublas = time_in_graph([(lambda w=w: F.linear(x, w)) for w in ws])
         row = {"case": name, "n": n, "k": k, "bytes": nbytes,
                "cublas_us": round(cublas * 1e6, 2), "cublas_ratio": round(nbytes / cublas / bandwidth, 3), "triton": []}
@@ -54,6 +55,7 @@ def main() -> None:
             row["triton"].append({"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps,
                                   "num_stages": cfg.num_stages, "us": round(sec * 1e6, 2),
                                   "ratio": round(nbytes / sec / bandwidth, 3), "max_abs_err": err})
+        row["engine_config"] = row["triton"][0]  # what the engine runs for this shape (default_gemv_config)
         best = max(row["triton"], key=lambda t: t["ratio"])
         row["best_triton"] = best
         progress({key: v for key, v in row.items() if key != "triton"})
