@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from carpool.config import EngineConfig
 from carpool.engine.llm_engine import Engine, EngineStats, PromptType, QueueFullError
-from carpool.engine.request_stream import EngineDeadError, GenerateMixin, OutputObserver, RequestStream
+from carpool.engine.request_stream import AsyncEngineBase, EngineDeadError, OutputObserver, RequestStream
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
@@ -50,7 +50,7 @@ class _Abort:
 ENGINE_GIL_SWITCH_INTERVAL_S = 0.0005
 
 
-class AsyncEngine(GenerateMixin):
+class AsyncEngine(AsyncEngineBase):
     def __init__(self, engine: Engine, observer: OutputObserver | None = None) -> None:
         self.engine = engine
         self.observer = observer
@@ -212,15 +212,3 @@ class AsyncEngine(GenerateMixin):
         self._fail_all(EngineDeadError("the engine loop died"))
         assert self.dead is not None
         self.dead.set()
-
-    def abort_all(self, reason: str) -> None:
-        """End every open stream now with EngineDeadError(reason) and abort its request (the server's
-        shutdown deadline passed). New requests are still accepted until shutdown()."""
-        for request_id in self._fail_all(EngineDeadError(reason)):
-            self.abort(request_id)
-
-    def _fail_all(self, error: EngineDeadError) -> list[str]:
-        streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream._fail(error)
-        return list(streams)

@@ -35,13 +35,13 @@ from carpool.engine.core_proc import RECV_BYTES, SHUTDOWN_TIMEOUT_S, CoreProcess
 from carpool.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
 from carpool.engine.llm_engine import load_tokenizer
 from carpool.engine.output_processor import OutputProcessor
-from carpool.engine.request_stream import EngineDeadError, GenerateMixin, OutputObserver, RequestStream
+from carpool.engine.request_stream import AsyncEngineBase, EngineDeadError, OutputObserver, RequestStream
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class MPAsyncEngine(GenerateMixin):
+class MPAsyncEngine(AsyncEngineBase):
     def __init__(self, config: EngineConfig, tokenizer: Any | None = None,
                  observer: OutputObserver | None = None) -> None:
         """Start the core process and wait until its model is loaded (raises ValueError for a bad
@@ -145,12 +145,6 @@ class MPAsyncEngine(GenerateMixin):
         seq_ids = self.output_processor.sequence_ids(request_id)
         self.output_processor.remove(request_id)
         self._send_finish(seq_ids)
-
-    def abort_all(self, reason: str) -> None:
-        """End every open stream now with EngineDeadError(reason) and abort its request (the server's
-        shutdown deadline passed). New requests are still accepted until shutdown()."""
-        for request_id in self._fail_all(EngineDeadError(reason)):
-            self.abort(request_id)
 
     async def reset_prefix_cache(self) -> bool:
         return bool(await self._call("reset_prefix_cache"))
@@ -320,10 +314,3 @@ class MPAsyncEngine(GenerateMixin):
         for reply in self._pending_calls.values():
             if not reply.done():
                 reply.set_exception(error)
-
-    def _fail_all(self, error: EngineDeadError) -> list[str]:
-        """End every open stream with `error`; returns their request ids."""
-        streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream._fail(error)
-        return list(streams)

@@ -62,11 +62,17 @@ class EngineClient(Protocol):
     def abort_all(self, reason: str) -> None: ...
 
 
-class GenerateMixin:
-    """`generate` in terms of `add_request`, shared by both async engines."""
+class AsyncEngineBase:
+    """What both async engines share: `generate` in terms of `add_request`, and ending every open stream
+    at once. Each engine keeps its open streams in `_streams` (request id -> stream), on the event loop."""
+
+    _streams: dict[str, "RequestStream"]
 
     async def add_request(self, request_id: str, prompt: "PromptType", params: SamplingParams,
                           arrival_time: float | None = None) -> "RequestStream":
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
         raise NotImplementedError
 
     async def generate(self, prompt: "PromptType", params: SamplingParams, request_id: str
@@ -79,6 +85,19 @@ class GenerateMixin:
                 yield output
         finally:
             stream.abort()
+
+    def abort_all(self, reason: str) -> None:
+        """End every open stream now with EngineDeadError(reason) and abort its request (the server's
+        shutdown deadline passed). New requests are still accepted until shutdown()."""
+        for request_id in self._fail_all(EngineDeadError(reason)):
+            self.abort(request_id)
+
+    def _fail_all(self, error: EngineDeadError) -> list[str]:
+        """End every open stream with `error`; returns their request ids."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._fail(error)
+        return list(streams)
 
 
 class RequestStream:
