@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
+from carpool.ops.triton.paged_kv import slot_row
 
 
 def _rows_view(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -214,13 +215,7 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_ptr, kw_
                   HAS_NORM)
     y1, y2 = _rope_heads(k_ptr, t * stride_kt, stride_kh, n_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK,
                          BLOCK_HALF, HAS_NORM)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    # Padding (slot < 0) writes no heads. (An integer bound rather than `scalar_bool & mask`: the
-    # interpreter mistypes that broadcast.)
-    n_store = tl.where(slot >= 0, n_k_heads, 0)
-    slot = tl.maximum(slot, 0)
-    page = slot // PAGE_SIZE
-    row = slot % PAGE_SIZE
+    page, row, n_store = slot_row(slot_ptr, t, n_k_heads, PAGE_SIZE)
     heads = tl.arange(0, BLOCK_HK)
     mask = (heads[:, None] < n_store) & cmask[None, :]
     kc = k_cache_ptr + page * stride_kcb + row * stride_kcs + heads[:, None] * stride_kch + cols[None, :]

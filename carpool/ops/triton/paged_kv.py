@@ -1,6 +1,7 @@
 """Paged KV cache primitives shared by the decode and prefill attention kernels.
 
-- `store_kvcache`: write each new token's K/V to its cache slot (slots < 0 are padding, skipped).
+- `store_kvcache`: write each new token's K/V to its cache slot (slots < 0 are padding, skipped);
+  `slot_row` is the slot lookup it shares with the fused RoPE + store kernel (elementwise.py).
 - `attend_tile`: one step of online-softmax attention over a BLOCK_N-token tile of a request's context,
   gathered through its block table. Scores live in the log2 domain (`qk_scale` = scale * log2(e)) so
   the softmax uses exp2, and the running max starts at a large finite negative value instead of -inf:
@@ -23,19 +24,23 @@ MASK_CAUSAL = 2  # key n is visible to query row r iff n <= q_pos[r] and n < seq
 
 
 @triton.jit
+def slot_row(slot_ptr, t, n_heads, PAGE_SIZE: tl.constexpr):
+    """(page, row, number of heads to write) of token t's cache slot; padding (slot < 0) writes none.
+    (An integer bound rather than `scalar_bool & mask`: the interpreter mistypes that broadcast.)"""
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    n_store = tl.where(slot >= 0, n_heads, 0)
+    slot = tl.maximum(slot, 0)
+    return slot // PAGE_SIZE, slot % PAGE_SIZE, n_store
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, n_heads,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                      HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    # Padding (slot < 0) gets no heads to write. (An integer bound rather than `scalar_bool & mask`:
-    # the interpreter mistypes that broadcast.)
-    n_heads = tl.where(slot >= 0, n_heads, 0)
-    slot = tl.maximum(slot, 0)
-    page = slot // PAGE_SIZE
-    row = slot % PAGE_SIZE
+    page, row, n_heads = slot_row(slot_ptr, t, n_heads, PAGE_SIZE)
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     mask = (heads[:, None] < n_heads) & (dims[None, :] < HEAD_DIM)
