@@ -18,7 +18,6 @@ NVLink multicast stays off in every process (carpool.custom_all_reduce.MULTICAST
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -60,6 +59,8 @@ def rank_main(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from common import emit  # the script's own folder is on sys.path
+
     from carpool.custom_all_reduce import CustomAllReduce
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -78,11 +79,7 @@ def rank_main(args: argparse.Namespace) -> None:
         result["checks"] = run_checks(customs, rank, world, device)
     result["latency_us"] = run_timings(customs.get(torch.bfloat16), device)
     if rank == 0:
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+        emit(result, args.out)
     dist.barrier(cpu_group)
     dist.destroy_process_group()
 

@@ -10,7 +10,6 @@ finds its matrix in L2, as a decode step would not. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import copy_bandwidth, num_sets, progress, time_in_graph  # noqa: E402
+from bench_kernels import num_sets, progress, time_in_graph  # noqa: E402
+from common import emit, measure_copy_bandwidth  # noqa: E402
 
 from carpool.ops.triton.gemv import GemvConfig, default_gemv_config, gemv  # noqa: E402
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="the engine's config for each shape only")
     args = ap.parse_args()
-    bandwidth = copy_bandwidth()
+    bandwidth = measure_copy_bandwidth()
     sweep = [
         GemvConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
         for bn, bk, w, st in ((4, 1024, 4, 3), (2, 1024, 4, 3), (8, 512, 4, 3), (4, 512, 4, 4), (8, 1024, 8, 3),
@@ -64,11 +64,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     report = {"benchmark": "gemv/batch1", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "copy_gb_per_s": round(bandwidth / 1e9, 1), "cases": results}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

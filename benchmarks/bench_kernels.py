@@ -5,7 +5,8 @@ on stderr).
     python benchmarks/bench_kernels.py --out results.json [--quick]
 
 How it measures:
-- Copy bandwidth B: a 1 GiB device-to-device copy, bytes read + written, median of several runs.
+- Copy bandwidth B: common.measure_copy_bandwidth, as in every other benchmark (a device-to-device copy,
+  bytes read + written, median of several runs).
 - Kernels are timed inside a CUDA graph (as decode runs in the engine), so host launch cost does not
   hide GPU time. Each graph cycles through several independent input sets holding >= 512 MiB in
   all, so repeated calls do not read from L2 what a real step would read from HBM.
@@ -27,6 +28,8 @@ from collections.abc import Callable
 import torch
 import triton
 
+from common import emit, measure_copy_bandwidth
+
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops import torch_ref
 from carpool.ops import triton as tri
@@ -44,15 +47,6 @@ MAX_SETS = 64
 def progress(row: dict) -> None:
     """Partial results go to stderr; stdout carries only the final JSON object."""
     print(json.dumps(row), file=sys.stderr, flush=True)
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a large device-to-device copy, read + write counted."""
-    n = 1 << 29  # 1 GiB of bf16
-    x = torch.empty(n, dtype=DTYPE, device=DEVICE).normal_()
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=500, return_mode="median")
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
 
 
 def time_in_graph(calls: list[Callable[[], object]], trials: int = 3, min_ms: float = 25.0) -> float:
@@ -307,7 +301,7 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth()
+    bandwidth = measure_copy_bandwidth()
     progress({"copy_gb_per_s": round(bandwidth / 1e9, 1)})
     decode = bench_decode(bandwidth, [int(b) for b in args.batches.split(",")],
                           [int(c) for c in args.contexts.split(",")], args.quick) if "decode" in parts else []
@@ -326,11 +320,7 @@ def main() -> None:
         roofline_ratio=min(big) if big else None,
         decode_attention=decode, decode_attention_mixed_contexts=mixed, best_num_splits=best_splits, prefill_attention=prefill,
         elementwise=elementwise)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
