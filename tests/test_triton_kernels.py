@@ -298,6 +298,53 @@ def test_qk_norm_rotary_matches_norm_then_rope(head_dim: int) -> None:
     assert torch.equal(qkv[:, (hq + hkv) * head_dim:], v_before)  # v untouched
 
 
+@pytest.mark.parametrize("head_dim,with_norm", [(24, False), (64, True)])
+def test_rope_and_store_kv_rotates_q_and_caches_rotated_k_and_v(head_dim: int, with_norm: bool) -> None:
+    t, hq, hkv, page, blocks = 6, 4, 2, 4, 5
+    qkv = 3 * torch.randn(t, (hq + 2 * hkv) * head_dim, device=DEVICE)
+    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
+    v = qkv[:, (hq + hkv) * head_dim:].view(t, hkv, head_dim)
+    cos_sin = torch.randn(50, head_dim, device=DEVICE)
+    positions = torch.tensor([0, 3, 49, 7, 7, 20], device=DEVICE)
+    slots = torch.tensor([5, -1, 19, 0, 12, 7], device=DEVICE)  # one padding token
+    weights = ((torch.rand(head_dim, device=DEVICE) + 0.5, torch.rand(head_dim, device=DEVICE) + 0.5, 1e-6)
+               if with_norm else (None, None, 0.0))
+    caches = [torch.full((blocks, page, hkv, head_dim), 7.0, device=DEVICE) for _ in range(4)]
+    ref_q = torch_ref.rope_and_store_kv(positions, q.clone(), k.clone(), v, cos_sin, caches[0], caches[1],
+                                        slots, *weights)
+    k_before = k.clone()
+    out_q = tri.rope_and_store_kv(positions, q, k, v, cos_sin, caches[2], caches[3], slots, *weights)
+    assert out_q.data_ptr() == qkv.data_ptr()  # in place
+    torch.testing.assert_close(out_q, ref_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[2], caches[0], atol=1e-5, rtol=1e-5)  # untouched slots stay 7
+    torch.testing.assert_close(caches[3], caches[1], atol=0, rtol=0)
+    assert torch.equal(k, k_before)  # only its rotated copy in the cache changes
+
+
+def test_paged_attention_after_rope_and_store_kv_equals_storing_inside() -> None:
+    reqs = [(9, 9), (17, 1), (5, 2)]
+    q, k, v, kc, vc, meta = make_batch(reqs, 4, 2, 32, 4, torch.float32, seed=3)
+    expected = tri.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.3)
+    store_kvcache(k, v, kc, vc, meta.slot_mapping)
+    torch.testing.assert_close(tri.paged_attention(q, None, None, kc, vc, meta, 0.3), expected,
+                               atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="both"):
+        tri.paged_attention(q, k, None, kc, vc, meta, 0.3)
+
+
+@pytest.mark.parametrize("n,k,with_bias", [(10, 70, False), (33, 2100, True)])  # ragged row and column tiles
+def test_gemv_matches_linear(n: int, k: int, with_bias: bool) -> None:
+    from carpool.ops.triton.gemv import GemvConfig, gemv
+
+    w = torch.randn(n, k, device=DEVICE)
+    x = torch.randn(1, k, device=DEVICE)
+    b = torch.randn(n, device=DEVICE) if with_bias else None
+    expected = torch.nn.functional.linear(x, w, b)
+    for config in (GemvConfig(), GemvConfig(block_n=8, block_k=256)):
+        torch.testing.assert_close(gemv(x, w, b, config), expected, atol=1e-4, rtol=1e-4)
+
+
 # ---- in the model ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # head_dim 16; head_dim 24 with q/k norms on views
@@ -353,53 +400,6 @@ def test_gpu_attention_bf16(reqs: list[tuple[int, int]], group: int, head_dim: i
 
 
 @gpu
-@pytest.mark.parametrize("head_dim,with_norm", [(24, False), (64, True)])
-def test_rope_and_store_kv_rotates_q_and_caches_rotated_k_and_v(head_dim: int, with_norm: bool) -> None:
-    t, hq, hkv, page, blocks = 6, 4, 2, 4, 5
-    qkv = 3 * torch.randn(t, (hq + 2 * hkv) * head_dim, device=DEVICE)
-    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
-    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
-    v = qkv[:, (hq + hkv) * head_dim:].view(t, hkv, head_dim)
-    cos_sin = torch.randn(50, head_dim, device=DEVICE)
-    positions = torch.tensor([0, 3, 49, 7, 7, 20], device=DEVICE)
-    slots = torch.tensor([5, -1, 19, 0, 12, 7], device=DEVICE)  # one padding token
-    weights = ((torch.rand(head_dim, device=DEVICE) + 0.5, torch.rand(head_dim, device=DEVICE) + 0.5, 1e-6)
-               if with_norm else (None, None, 0.0))
-    caches = [torch.full((blocks, page, hkv, head_dim), 7.0, device=DEVICE) for _ in range(4)]
-    ref_q = torch_ref.rope_and_store_kv(positions, q.clone(), k.clone(), v, cos_sin, caches[0], caches[1],
-                                        slots, *weights)
-    k_before = k.clone()
-    out_q = tri.rope_and_store_kv(positions, q, k, v, cos_sin, caches[2], caches[3], slots, *weights)
-    assert out_q.data_ptr() == qkv.data_ptr()  # in place
-    torch.testing.assert_close(out_q, ref_q, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(caches[2], caches[0], atol=1e-5, rtol=1e-5)  # untouched slots stay 7
-    torch.testing.assert_close(caches[3], caches[1], atol=0, rtol=0)
-    assert torch.equal(k, k_before)  # only its rotated copy in the cache changes
-
-
-def test_paged_attention_after_rope_and_store_kv_equals_storing_inside() -> None:
-    reqs = [(9, 9), (17, 1), (5, 2)]
-    q, k, v, kc, vc, meta = make_batch(reqs, 4, 2, 32, 4, torch.float32, seed=3)
-    expected = tri.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.3)
-    store_kvcache(k, v, kc, vc, meta.slot_mapping)
-    torch.testing.assert_close(tri.paged_attention(q, None, None, kc, vc, meta, 0.3), expected,
-                               atol=1e-6, rtol=1e-6)
-    with pytest.raises(ValueError, match="both"):
-        tri.paged_attention(q, k, None, kc, vc, meta, 0.3)
-
-
-@pytest.mark.parametrize("n,k,with_bias", [(10, 70, False), (33, 2100, True)])  # ragged row and column tiles
-def test_gemv_matches_linear(n: int, k: int, with_bias: bool) -> None:
-    from carpool.ops.triton.gemv import GemvConfig, gemv
-
-    w = torch.randn(n, k, device=DEVICE)
-    x = torch.randn(1, k, device=DEVICE)
-    b = torch.randn(n, device=DEVICE) if with_bias else None
-    expected = torch.nn.functional.linear(x, w, b)
-    for config in (GemvConfig(), GemvConfig(block_n=8, block_k=256)):
-        torch.testing.assert_close(gemv(x, w, b, config), expected, atol=1e-4, rtol=1e-4)
-
-
 @needs_cuda
 def test_gpu_decode_long_contexts_batch_64() -> None:
     rng = random.Random(0)
