@@ -262,10 +262,16 @@ def bench_elementwise(tokens: int) -> list[dict]:
                   device=DEVICE),), "silu_and_mul", tokens * 3072 * 2 * 3))
     angles = torch.rand(40960, HEAD_DIM // 2, device=DEVICE) * 6.3  # a real rotation: applied in place
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)  # many times, values must stay bounded
-    cases.append((f"rotary_embedding[{tokens}x(16+8)x128]", lambda: (
-        torch.randint(0, 40960, (tokens,), device=DEVICE), torch.randn(tokens, HQ, HEAD_DIM, dtype=DTYPE,
-        device=DEVICE), torch.randn(tokens, HKV, HEAD_DIM, dtype=DTYPE, device=DEVICE), cos_sin),
-        "rotary_embedding", tokens * (HQ + HKV) * HEAD_DIM * 2 * 2 + tokens * HEAD_DIM * 4))
+    pages = -(-tokens // PAGE)
+
+    def rope_args() -> tuple:
+        q, k, v = (torch.randn(tokens, h, HEAD_DIM, dtype=DTYPE, device=DEVICE) for h in (HQ, HKV, HKV))
+        caches = [torch.empty(pages, PAGE, HKV, HEAD_DIM, dtype=DTYPE, device=DEVICE) for _ in range(2)]
+        return (torch.randint(0, 40960, (tokens,), device=DEVICE), q, k, v, cos_sin, *caches,
+                torch.randperm(pages * PAGE, device=DEVICE)[:tokens])
+    # q read and written in place; k and v read, written to the cache
+    cases.append((f"rope_and_store_kv[{tokens}x(16+8+8)x128]", rope_args, "rope_and_store_kv",
+                  tokens * (HQ + 2 * HKV) * HEAD_DIM * 2 * 2 + tokens * HEAD_DIM * 4))
     cases.append((f"rms_norm_per_head[{tokens}x16x128]", lambda: (
         torch.randn(tokens, HQ, HEAD_DIM, dtype=DTYPE, device=DEVICE), torch.randn(HEAD_DIM, dtype=DTYPE,
         device=DEVICE), 1e-6), "rms_norm", tokens * HQ * HEAD_DIM * 2 * 2))

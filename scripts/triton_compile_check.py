@@ -83,13 +83,18 @@ def call_every_op(dtype: torch.dtype) -> None:
                 n = qsl[n_reqs]
                 tri.paged_attention(q[:n], k[:n], k[:n], k_cache, k_cache.clone(), meta, d ** -0.5)
         tri.rms_norm(q, torch.zeros(d, dtype=dtype), 1e-6)
-        tri.rotary_embedding(torch.arange(52), q, k, torch.zeros(4096, d))
+        tri.rope_and_store_kv(torch.arange(52), q, k, k, torch.zeros(4096, d), k_cache, k_cache.clone(),
+                              torch.arange(52))
+        tri.rope_and_store_kv(torch.arange(52), q, k, k, torch.zeros(4096, d), k_cache, k_cache.clone(),
+                              torch.arange(52), torch.ones(d, dtype=dtype), torch.ones(d, dtype=dtype), 1e-6)
     for hidden in (1024, 4096):
         x = torch.zeros(8, hidden, dtype=dtype)
         w = torch.zeros(hidden, dtype=dtype)
         tri.rms_norm(x, w, 1e-6)
         tri.fused_add_rms_norm(x, x, w, 1e-6)
         tri.silu_and_mul(torch.zeros(8, 2 * 3 * hidden, dtype=dtype))
+        for n, k in ((3 * hidden, hidden), (hidden, 4 * hidden)):  # batch-1 projections, short and long rows
+            tri.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
 
 
 def main() -> None:

@@ -265,40 +265,8 @@ def test_silu_and_mul(dtype: torch.dtype, tol: float) -> None:
     torch.testing.assert_close(tri.silu_and_mul(x), torch_ref.silu_and_mul(x), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("with_norm", [False, True])
 @pytest.mark.parametrize("head_dim", [24, 64])
-def test_rotary_embedding_in_place_on_qkv_views(head_dim: int) -> None:
-    t, hq, hkv = 6, 4, 2
-    qkv = torch.randn(t, (hq + 2 * hkv) * head_dim, device=DEVICE)
-    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
-    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
-    cos_sin = torch.randn(50, head_dim, device=DEVICE)
-    positions = torch.tensor([0, 3, 49, 7, 7, 20], device=DEVICE)
-    ref_q, ref_k = torch_ref.rotary_embedding(positions, q, k, cos_sin)
-    v_before = qkv[:, (hq + hkv) * head_dim:].clone()
-    out_q, out_k = tri.rotary_embedding(positions, q, k, cos_sin)
-    torch.testing.assert_close(out_q, ref_q, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(out_k, ref_k, atol=1e-6, rtol=1e-6)
-    assert torch.equal(qkv[:, (hq + hkv) * head_dim:], v_before)  # v untouched
-
-
-@pytest.mark.parametrize("head_dim", [24, 64])
-def test_qk_norm_rotary_matches_norm_then_rope(head_dim: int) -> None:
-    t, hq, hkv = 5, 4, 2
-    qkv = 3 * torch.randn(t, (hq + 2 * hkv) * head_dim, device=DEVICE)
-    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
-    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
-    cos_sin = torch.randn(40, head_dim, device=DEVICE)
-    positions = torch.tensor([0, 5, 39, 5, 11], device=DEVICE)
-    qw, kw = torch.rand(head_dim, device=DEVICE) + 0.5, torch.rand(head_dim, device=DEVICE) + 0.5
-    ref_q, ref_k = torch_ref.qk_norm_rotary(positions, q.clone(), k.clone(), cos_sin, qw, kw, 1e-6)
-    v_before = qkv[:, (hq + hkv) * head_dim:].clone()
-    out_q, out_k = tri.qk_norm_rotary(positions, q, k, cos_sin, qw, kw, 1e-6)
-    torch.testing.assert_close(out_q, ref_q, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_k, ref_k, atol=1e-5, rtol=1e-5)
-    assert torch.equal(qkv[:, (hq + hkv) * head_dim:], v_before)  # v untouched
-
-
-@pytest.mark.parametrize("head_dim,with_norm", [(24, False), (64, True)])
 def test_rope_and_store_kv_rotates_q_and_caches_rotated_k_and_v(head_dim: int, with_norm: bool) -> None:
     t, hq, hkv, page, blocks = 6, 4, 2, 4, 5
     qkv = 3 * torch.randn(t, (hq + 2 * hkv) * head_dim, device=DEVICE)
@@ -313,13 +281,14 @@ def test_rope_and_store_kv_rotates_q_and_caches_rotated_k_and_v(head_dim: int, w
     caches = [torch.full((blocks, page, hkv, head_dim), 7.0, device=DEVICE) for _ in range(4)]
     ref_q = torch_ref.rope_and_store_kv(positions, q.clone(), k.clone(), v, cos_sin, caches[0], caches[1],
                                         slots, *weights)
-    k_before = k.clone()
+    k_before, v_before = k.clone(), v.clone()
     out_q = tri.rope_and_store_kv(positions, q, k, v, cos_sin, caches[2], caches[3], slots, *weights)
-    assert out_q.data_ptr() == qkv.data_ptr()  # in place
+    assert out_q.data_ptr() == qkv.data_ptr()  # in place on the view of the qkv projection
     torch.testing.assert_close(out_q, ref_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[2], caches[0], atol=1e-5, rtol=1e-5)  # untouched slots stay 7
     torch.testing.assert_close(caches[3], caches[1], atol=0, rtol=0)
     assert torch.equal(k, k_before)  # only its rotated copy in the cache changes
+    assert torch.equal(v, v_before)
 
 
 def test_paged_attention_after_rope_and_store_kv_equals_storing_inside() -> None:
@@ -422,20 +391,16 @@ def test_gpu_elementwise_bf16() -> None:
     g = torch.randn(300, 2 * 3072, device=dev, dtype=dt)
     torch.testing.assert_close(tri.silu_and_mul(g).float(), torch_ref.silu_and_mul(g).float(),
                                atol=2e-2, rtol=1e-2)
-    q, k = torch.randn(300, 16, 128, device=dev, dtype=dt), torch.randn(300, 8, 128, device=dev, dtype=dt)
+    q, k, v = (torch.randn(300, h, 128, device=dev, dtype=dt) for h in (16, 8, 8))
     cos_sin = torch.randn(4096, 128, device=dev)
     pos = torch.randint(0, 4096, (300,), device=dev)
-    ref_q, ref_k = torch_ref.rotary_embedding(pos, q.float(), k.float(), cos_sin)
-    q0, k0 = q.clone(), k.clone()
-    out_q, out_k = tri.rotary_embedding(pos, q, k, cos_sin)  # in place
-    torch.testing.assert_close(out_q.float(), ref_q, atol=3e-2, rtol=2e-2)
-    torch.testing.assert_close(out_k.float(), ref_k, atol=3e-2, rtol=2e-2)
-    v = torch.randn(300, 8, 128, device=dev, dtype=dt)
-    kc, vc = (torch.zeros(40, 16, 8, 128, device=dev, dtype=dt) for _ in range(2))
     slots = torch.randperm(40 * 16, device=dev)[:300]
-    fused_q = tri.rope_and_store_kv(pos, q0, k0, v, cos_sin, kc, vc, slots)
-    torch.testing.assert_close(fused_q, out_q, atol=0, rtol=0)  # same arithmetic as rotary_embedding
-    torch.testing.assert_close(kc.view(-1, 8, 128)[slots], out_k, atol=0, rtol=0)
+    kc, vc = (torch.zeros(40, 16, 8, 128, device=dev, dtype=dt) for _ in range(2))
+    kc_ref, vc_ref = kc.float(), vc.float()
+    ref_q = torch_ref.rope_and_store_kv(pos, q.float(), k.float(), v.float(), cos_sin, kc_ref, vc_ref, slots)
+    out_q = tri.rope_and_store_kv(pos, q, k, v, cos_sin, kc, vc, slots)  # q in place
+    torch.testing.assert_close(out_q.float(), ref_q, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(kc.float(), kc_ref, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(vc.view(-1, 8, 128)[slots], v, atol=0, rtol=0)
 
 

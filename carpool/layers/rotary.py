@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from carpool.ops import KernelOps
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -41,17 +40,15 @@ def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | 
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos/sin table of one layer's RoPE (a buffer, so it follows the model to its device); the
+    rotation itself is part of the backend's rope_and_store_kv op."""
+
     def __init__(self, head_dim: int, max_position: int, base: float,
-                 rope_scaling: dict[str, Any] | None, ops: KernelOps) -> None:
+                 rope_scaling: dict[str, Any] | None) -> None:
         super().__init__()
-        self.ops = ops
         inv_freq = compute_inv_freq(head_dim, base, rope_scaling)
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         # [max_position, head_dim]: cos in the first half of the columns, sin in the second.
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
                              persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache)

@@ -39,7 +39,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                         bias=o_bias, dtype=dtype, tp=tp)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                          config.rope_theta, config.rope_scaling, ops)
+                                          config.rope_theta, config.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ops)
 
     def qk_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:

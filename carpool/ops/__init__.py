@@ -17,8 +17,6 @@ class KernelOps:
     rms_norm: Callable
     fused_add_rms_norm: Callable
     silu_and_mul: Callable
-    rotary_embedding: Callable
-    qk_norm_rotary: Callable
     # RoPE (+ optional q/k norm) with the KV-cache store of the rotated k and v; paged_attention is then
     # called with k = v = None.
     rope_and_store_kv: Callable
@@ -38,7 +36,6 @@ def get_kernel_ops(name: str) -> KernelOps:
         raise ValueError(f"kernel backend: unknown {name!r}; choose 'torch' or 'triton'")
     return KernelOps(name=name, paged_attention=impl.paged_attention, rms_norm=impl.rms_norm,
                      fused_add_rms_norm=impl.fused_add_rms_norm, silu_and_mul=impl.silu_and_mul,
-                     rotary_embedding=impl.rotary_embedding, qk_norm_rotary=impl.qk_norm_rotary,
                      rope_and_store_kv=impl.rope_and_store_kv,
                      sample_from_logits=getattr(impl, "sample_from_logits", None),
                      gemv=getattr(impl, "gemv", None))

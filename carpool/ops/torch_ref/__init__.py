@@ -5,8 +5,6 @@ block table.
 """
 
 from carpool.ops.torch_ref.attention import paged_attention, rope_and_store_kv
-from carpool.ops.torch_ref.elementwise import (fused_add_rms_norm, qk_norm_rotary, rms_norm, rotary_embedding,
-                                               silu_and_mul)
+from carpool.ops.torch_ref.elementwise import fused_add_rms_norm, rms_norm, silu_and_mul
 
-__all__ = ["paged_attention", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
-           "qk_norm_rotary", "rope_and_store_kv"]
+__all__ = ["paged_attention", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_store_kv"]

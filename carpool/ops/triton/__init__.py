@@ -7,8 +7,7 @@ tests; compiled for CUDA GPUs otherwise.
 from carpool.ops.triton.attention import paged_attention
 from carpool.ops.triton.gemv import gemv
 from carpool.ops.triton.sampling import sample_from_logits
-from carpool.ops.triton.elementwise import (fused_add_rms_norm, qk_norm_rotary, rms_norm, rope_and_store_kv,
-                                            rotary_embedding, silu_and_mul)
+from carpool.ops.triton.elementwise import fused_add_rms_norm, rms_norm, rope_and_store_kv, silu_and_mul
 
-__all__ = ["paged_attention", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
-           "qk_norm_rotary", "rope_and_store_kv", "sample_from_logits", "gemv"]
+__all__ = ["paged_attention", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_store_kv",
+           "sample_from_logits", "gemv"]

@@ -1,4 +1,4 @@
-"""Norms, SiLU-and-mul and rotary embedding as Triton kernels.
+"""Norms, SiLU-and-mul and rotary embedding (fused with the KV-cache store) as Triton kernels.
 
 Each one is a single pass over memory (these ops are bandwidth-bound), computes in float32 and rounds
 where the torch reference rounds, so float32 results match `ops/torch_ref/elementwise.py` to rounding
@@ -138,9 +138,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rope_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Rotate-half RoPE of one token's heads: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], returned in float32
-    (rounded to the input dtype first, as the reference's in-dtype result is) with the input dtype's
-    zero. With HAS_NORM each head is first RMS-normalized with weight w (Qwen3's q/k norm), rounded as
+    """Rotate-half RoPE of one token's heads: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], computed in float32
+    and returned in the input dtype (masked lanes hold 0). With HAS_NORM each head is first RMS-normalized with weight w (Qwen3's q/k norm), rounded as
     the reference rounds: normalize in fp32, cast to the input dtype, multiply by the weight, cast again."""
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
@@ -186,19 +185,6 @@ def _cos_sin(pos_ptr, t, cos_sin_ptr, stride_cs, HALF: tl.constexpr, BLOCK_HALF:
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, n_q_heads, n_k_heads, stride_qt,
-                   stride_qh, stride_kt, stride_kh, stride_cs, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                   BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """One program per token: cos/sin are loaded once and applied to all its q and k heads."""
-    t = tl.program_id(0).to(tl.int64)
-    cos, sin = _cos_sin(pos_ptr, t, cos_sin_ptr, stride_cs, HALF, BLOCK_HALF)
-    _rotate_heads(q_ptr, t * stride_qt, stride_qh, n_q_heads, cos, sin, qw_ptr, eps, HALF, BLOCK_HQ, BLOCK_HALF,
-                  HAS_NORM)
-    _rotate_heads(k_ptr, t * stride_kt, stride_kh, n_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK, BLOCK_HALF,
-                  HAS_NORM)
-
-
-@triton.jit
 def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, slot_ptr,
                           k_cache_ptr, v_cache_ptr, n_q_heads, n_k_heads, stride_qt, stride_qh, stride_kt,
                           stride_kh, stride_vt, stride_vh, stride_cs, stride_kcb, stride_kcs, stride_kch,
@@ -227,22 +213,6 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_ptr, kw_
     tl.store(vc + HALF, tl.load(vp + HALF, mask=mask, other=0.0).to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox rotate-half RoPE applied IN PLACE to q [T, Hq, D] and k [T, Hkv, D]; returns (q, k).
-
-    cos_sin_cache: [max_pos, D] float32, cos in the first D/2 columns, sin in the last D/2.
-    In place is safe for the model: q and k are fresh views of this layer's qkv projection.
-    """
-    return _rotary(positions, q, k, cos_sin_cache, None, None, 0.0)
-
-
-def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                   q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm of q and k (Qwen3) followed by RoPE, in one pass, in place; returns (q, k)."""
-    return _rotary(positions, q, k, cos_sin_cache, q_weight, k_weight, eps)
-
-
 def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
         raise ValueError(f"q, k: expected [T, H, D] with equal T and D, got {tuple(q.shape)}, "
@@ -253,25 +223,6 @@ def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor)
                          f"got {tuple(cos_sin_cache.shape)}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("q, k, cos_sin_cache: last dim must be contiguous")
-
-
-def _rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-            q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_rotary(q, k, cos_sin_cache)
-    head_dim = q.shape[-1]
-    has_norm = q_weight is not None
-    n_tokens = q.shape[0]
-    if n_tokens:
-        half = head_dim // 2
-        qw = q_weight if q_weight is not None else cos_sin_cache
-        kw = k_weight if k_weight is not None else cos_sin_cache
-        _rotary_kernel[(n_tokens,)](positions, q, k, cos_sin_cache, qw, kw, eps, q.shape[1], k.shape[1],
-                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-                                    HALF=half, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
-                                    BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-                                    BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4)
-    return q, k
 
 
 def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
