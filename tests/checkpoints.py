@@ -79,3 +79,16 @@ def prompts_of_lengths(lengths: list[int], seed: int = 0) -> list[list[int]]:
 
 def exists(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json"))
+
+
+def copy_without_weight(src: str, dst: str, name: str) -> str:
+    """A copy of checkpoint `src` at `dst` whose safetensors file lacks the tensor `name`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(os.path.join(dst, "model.safetensors"))
+    del weights[name]
+    save_file(weights, os.path.join(dst, "model.safetensors"))
+    return dst

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import build_checkpoint, hf_greedy, prompts_of_lengths
+from checkpoints import build_checkpoint, copy_without_weight, hf_greedy, prompts_of_lengths
 
 from carpool import LLM, SamplingParams
 
@@ -62,15 +62,9 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, llama_path)
 
 
 def test_missing_weights_are_named(tmp_path, llama_path):
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path / "partial"
-    shutil.copytree(llama_path, path)
-    sd = load_file(str(path / "model.safetensors"))
-    del sd["model.layers.1.mlp.down_proj.weight"]
-    save_file(sd, str(path / "model.safetensors"))
+    path = copy_without_weight(llama_path, str(tmp_path / "partial"), "model.layers.1.mlp.down_proj.weight")
     with pytest.raises(ValueError, match="down_proj"):
-        LLM(str(path), device="cpu")
+        LLM(path, device="cpu")
 
 
 def test_a_missing_model_directory_or_repo_is_a_clear_error(tmp_path, monkeypatch):

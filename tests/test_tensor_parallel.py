@@ -16,7 +16,7 @@ import textwrap
 import time
 
 import pytest
-from checkpoints import hf_greedy, prompts_of_lengths
+from checkpoints import copy_without_weight, hf_greedy, prompts_of_lengths
 
 from carpool import LLM, SamplingParams
 from carpool.worker.multiproc_executor import TPWorkerError, check_tensor_parallel
@@ -166,17 +166,9 @@ def test_heads_that_do_not_split_are_refused_before_spawning(checkpoint_factory,
 
 
 def test_a_checkpoint_error_in_a_worker_is_the_same_value_error_as_with_one_process(tmp_path, llama_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path / "partial"
-    shutil.copytree(llama_path, path)
-    weights = load_file(str(path / "model.safetensors"))
-    del weights["model.layers.1.mlp.down_proj.weight"]
-    save_file(weights, str(path / "model.safetensors"))
+    path = copy_without_weight(llama_path, str(tmp_path / "partial"), "model.layers.1.mlp.down_proj.weight")
     with pytest.raises(ValueError, match="^checkpoint at .* lacks weights for: model.layers.1.mlp.down_proj"):
-        LLM(str(path), device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22)
+        LLM(path, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22)
 
 
 def test_check_tensor_parallel_accepts_kv_replication(checkpoint_factory):
