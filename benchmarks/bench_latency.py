@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--disable-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
     ap.add_argument("--breakdown", action="store_true",
@@ -106,7 +107,7 @@ def main() -> None:
     dummy = args.model is None
     model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=8, max_model_len=args.prompt_len + args.new_tokens + 16,
-                                         enforce_eager=args.enforce_eager,
+                                         enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
                                          tensor_parallel_size=args.tensor_parallel_size,
                                          disable_custom_all_reduce=args.disable_custom_all_reduce)
     if dummy:

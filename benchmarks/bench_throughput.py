@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--disable-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
     ap.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
@@ -224,7 +225,8 @@ def main() -> None:
     if args.model is None and not on_gpu:
         raise SystemExit("on CPU pass --model (e.g. the demo model path)")
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                         enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                                         enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
+                                         tensor_parallel_size=args.tensor_parallel_size,
                                          load_format=args.load_format,
                                          disable_custom_all_reduce=args.disable_custom_all_reduce)
     if args.device:

@@ -181,6 +181,8 @@ class EngineConfig:
     kernel_backend: str  # "torch" | "triton"
     seed: int = 0
     enforce_eager: bool = False
+    # Triton kernels on Hopper+: launch each with programmatic dependent launch (ops/triton/utils.py)
+    disable_pdl: bool = False
     tokenizer: str | None = None
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
     load_format: str = "auto"  # "auto": safetensors from the checkpoint; "dummy": random weights (benchmarks)

@@ -4,7 +4,8 @@
 #   bash scripts/gpu_suite.sh /path/to/results [quick]
 # "final" = GPU tests + latency + serve. "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
 # (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
-# tensor-parallel tests and benchmarks (2 GPUs, ~6-8 min): 6 JSON files + suite.log, nothing else.
+# tensor-parallel tests and benchmarks (2 GPUs, ~6-8 min): 6 JSON files + suite.log, nothing else;
+# "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -69,6 +70,21 @@ if [ "$mode" = serve ] || [ "$mode" = final ]; then
   serve --disable-frontend-multiprocessing
   saturated "$out/serve_saturated_thread.json"
   stop_server
+  echo "=== done ($(date +%T)), status $status"
+  sleep 1
+  exit $status
+fi
+if [ "$mode" = pdl ]; then
+  # Programmatic dependent launch on and off, side by side on one machine: the GPU tests (one of them
+  # compares the two bit for bit), batch-1 latency and offline throughput with profiles, and the decode
+  # kernel sweeps (uniform and mixed contexts, including the register-prefetch variants).
+  exec > >(tee -a "$out/suite.log") 2>&1
+  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+  step python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
+  step python3 benchmarks/bench_latency.py --disable-pdl --out "$out/latency_nopdl.json"
+  step python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
+  step python3 benchmarks/bench_throughput.py --disable-pdl --out "$out/throughput_nopdl.json"
+  [ "${3:-}" = kernels ] && step python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
   echo "=== done ($(date +%T)), status $status"
   sleep 1
   exit $status

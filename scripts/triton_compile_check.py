@@ -42,7 +42,7 @@ def _compile_instead_of_launch(self: JITFunction, grid: object):
         compiled[key] = dict(kernel=self.fn.__name__, constexprs=named, num_warps=options.num_warps,
                              num_stages=options.num_stages, shared_bytes=kernel.metadata.shared,
                              **_resource_usage(kernel.asm["cubin"]), cp_async="cp.async" in kernel.asm["ptx"],
-                             wgmma="wgmma" in kernel.asm["ptx"])
+                             wgmma="wgmma" in kernel.asm["ptx"], pdl="griddepcontrol.wait" in kernel.asm["ptx"])
     return launch
 
 
@@ -95,15 +95,20 @@ def call_every_op(dtype: torch.dtype) -> None:
         tri.silu_and_mul(torch.zeros(8, 2 * 3 * hidden, dtype=dtype))
         for n, k in ((3 * hidden, hidden), (hidden, 4 * hidden)):  # batch-1 projections, short and long rows
             tri.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
+    tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--no-pdl", action="store_true", help="compile the kernels as launched without PDL")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this script compiles the kernels")
     JITFunction.__getitem__ = _compile_instead_of_launch  # type: ignore[method-assign]
+    from carpool.ops.triton import utils
+
+    utils.set_pdl(not args.no_pdl)  # as the model runner sets it on an H100/H200
     call_every_op(getattr(torch, args.dtype))
     rows = list(compiled.values())
     print(json.dumps(dict(target="sm_90", triton=triton.__version__, dtype=args.dtype,

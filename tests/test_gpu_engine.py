@@ -87,6 +87,28 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(gpu_checkpoint):
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
 
 
+def test_pdl_launches_give_bitwise_the_same_results(gpu_checkpoint):
+    # Programmatic dependent launch only changes when kernels start: tokens and logprobs must be bit
+    # for bit those of plain launches, at batch 1 (the GEMV path) and in padded graph batches.
+    from carpool.ops.triton import utils as triton_utils
+
+    if not triton_utils.pdl_supported(torch.device("cuda")):
+        pytest.skip("PDL needs compute capability 9.0 or newer")
+    prompts = prompts_of_lengths(LENGTHS * 3, seed=7)
+    results = {}
+    for disable_pdl in (False, True):
+        llm = LLM(gpu_checkpoint, device="cuda", dtype="bfloat16", disable_pdl=disable_pdl)
+        assert triton_utils.pdl() is not disable_pdl
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+        outs = [llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)[0]]
+        outs += llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results[disable_pdl] = [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in step.items()}
+                                                          for step in o.outputs[0].logprobs]) for o in outs]
+        del llm
+        torch.cuda.empty_cache()
+    assert results[False] == results[True]
+
+
 def test_gpu_kv_cache_is_sized_from_memory_and_chunked_preempted_runs_agree(gpu_checkpoint):
     llm = LLM(gpu_checkpoint, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.5)
     assert llm.engine.stats().num_kv_blocks > 1000

@@ -31,6 +31,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False
     enforce_eager: bool = False
+    disable_pdl: bool = False
     seed: int = 0
     max_num_queued_reqs: int | None = None
     kernel_backend: str | None = None  # "torch" | "triton"; default follows the device
@@ -89,6 +90,7 @@ class EngineArgs:
             kernel_backend=self.kernel_backend or kernel_backend_for(device),
             seed=self.seed,
             enforce_eager=self.enforce_eager,
+            disable_pdl=self.disable_pdl,
             tokenizer=self.tokenizer,
             load_format=self.load_format,
             async_scheduling=device != "cpu" if self.async_scheduling is None else self.async_scheduling,
@@ -128,6 +130,9 @@ class EngineArgs:
                        help="tensor parallel on GPUs: all-reduce through NCCL only, not the one-shot "
                             "symmetric-memory kernel used for small (decode) messages")
         g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+        g.add_argument("--disable-pdl", action="store_true",
+                       help="launch the Triton kernels without programmatic dependent launch (which lets "
+                            "each start while the previous one finishes, on Hopper and newer GPUs)")
         g.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling (default: 0)")
         g.add_argument("--max-num-queued-reqs", type=int, default=None,
                        help="most requests waiting to be scheduled; more are refused (QueueFullError; "

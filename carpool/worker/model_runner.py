@@ -51,6 +51,9 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.ops = get_kernel_ops(config.kernel_backend)
         self.model = load_model(config.model, self.ops, self.device, tp, config.load_format)
+        if self.ops.name == "triton":
+            from carpool.ops.triton import utils as triton_utils
+            triton_utils.set_pdl(not config.disable_pdl and triton_utils.pdl_supported(self.device))
         if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
             for module in self.model.modules():
                 if isinstance(module, LinearBase):

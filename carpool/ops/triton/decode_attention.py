@@ -21,7 +21,8 @@ import triton.language as tl
 
 from carpool.forward_batch import CASCADE_ALIGN  # prefix kernel tile; split kernel tiles divide it
 from carpool.ops.triton import utils
-from carpool.ops.triton.paged_kv import attend_tile
+from carpool.ops.triton.paged_kv import attend_kv, attend_tile, load_kv_tile, tile_pages
+from carpool.ops.triton.utils import pdl_enter
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     min_split_tiles: int = 1  # a split gets at least this many tiles, so short contexts use fewer splits
+    # Load tile i+1's K/V (and tile i+2's page numbers) into registers before computing tile i, instead
+    # of leaving the loop to Triton's pipeliner (which cannot run ahead of the page-table loads that
+    # the K/V addresses depend on). Meant for num_stages=1.
+    prefetch: bool = False
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
@@ -47,7 +52,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   HAS_PREFIX: tl.constexpr):
+                   HAS_PREFIX: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -84,10 +90,27 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     bt_ptr = block_tables_ptr + req.to(tl.int64) * stride_bt
     kv_off_k = kv_head.to(tl.int64) * stride_kh
     kv_off_v = kv_head.to(tl.int64) * stride_vh
-    for tile in range(tile_lo, tile_hi):
-        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
-                                    seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
-                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION)
+    if PREFETCH:
+        # Loads past this split's last tile are masked off (limit), so the final prefetch reads nothing.
+        limit = tl.minimum(seq_len, tile_hi * BLOCK_N)
+        page = tile_pages(bt_ptr, tile_lo * BLOCK_N, limit, PAGE_SIZE, BLOCK_N)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, page, tile_lo * BLOCK_N, limit, kv_off_k, kv_off_v,
+                            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, True)
+        page = tile_pages(bt_ptr, (tile_lo + 1) * BLOCK_N, limit, PAGE_SIZE, BLOCK_N)
+        for tile in range(tile_lo, tile_hi):
+            k_next, v_next = load_kv_tile(k_cache_ptr, v_cache_ptr, page, (tile + 1) * BLOCK_N, limit, kv_off_k,
+                                          kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM,
+                                          PAGE_SIZE, BLOCK_D, BLOCK_N, True)
+            page = tile_pages(bt_ptr, (tile + 2) * BLOCK_N, limit, PAGE_SIZE, BLOCK_N)
+            acc, l_i, m_i = attend_kv(acc, l_i, m_i, q, m_i, k, v, tile * BLOCK_N, seq_len, qk_scale, BLOCK_N, 1,
+                                      DOT_PRECISION)
+            k = k_next
+            v = v_next
+    else:
+        for tile in range(tile_lo, tile_hi):
+            acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
+                                        seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
+                                        qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION)
     # Idle splits have l_i = 0: write o = 0 and lse = -inf so the merge gives them weight 0.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1 and not HAS_PREFIX:
@@ -107,11 +130,12 @@ def _prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, p
                    stride_vs, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, SLOT0: tl.constexpr,
                    PREFIX_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """Cascade attention, shared part: every decode query of the batch against the prefix of keys all
     requests share (same blocks, read through request 0's block table). Rows of a tile are (request,
     query head of this KV head) pairs, so each prefix K/V tile is read once for BLOCK_M rows instead of
     once per request. Writes normalized partials and log2-sum-exp at split slots SLOT0.. for the merge."""
+    pdl_enter(USE_PDL)
     tile_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -152,7 +176,9 @@ def _prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, p
 @triton.jit
 def _merge_kernel(qsl_ptr, part_out_ptr, part_lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps,
                   stride_lt, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                  USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(qsl_ptr + req)
@@ -233,7 +259,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
-        DOT_PRECISION=precision, HAS_PREFIX=cascade, num_warps=config.num_warps, num_stages=config.num_stages)
+        DOT_PRECISION=precision, HAS_PREFIX=cascade, PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages,
+        USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if cascade:
         assert prefix_len is not None
         block_m = 64 if k_cache.dtype == torch.float32 else 128
@@ -244,11 +271,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
             GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SLOT0=num_splits, PREFIX_SPLITS=prefix_splits,
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=CASCADE_ALIGN, DOT_PRECISION=precision,
-            num_warps=8 if block_m == 128 else 4, num_stages=2)
+            num_warps=8 if block_m == 128 else 4, num_stages=2, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if num_slots > 1:
         _merge_kernel[(num_reqs, num_q_heads)](
             query_start_loc, part_out, part_lse, out, part_out.stride(0), part_out.stride(1),
             part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_slots, BLOCK_S=triton.next_power_of_2(num_slots),
-            BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2)
+            BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out

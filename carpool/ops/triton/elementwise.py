@@ -17,6 +17,7 @@ import triton.language as tl
 
 from carpool.ops.triton import utils
 from carpool.ops.triton.paged_kv import slot_row
+from carpool.ops.triton.utils import pdl_enter
 
 
 def _rows_view(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -39,10 +40,11 @@ def _rows_per_program(block_d: int) -> int:
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_inner,
                      sx_outer, sx_inner, sr_outer, sr_inner, eps,
                      D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     """out = weight * rms_norm(x [+ residual]); with a residual also res_out = x + residual.
 
     Outputs are contiguous [n_rows, D]."""
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
@@ -88,7 +90,8 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     _rms_norm_kernel[grid](x, residual if residual is not None else x, weight, out,
                            res_out if res_out is not None else out, n_rows, n_inner, sx_o, sx_i,
                            sr_o, sr_i, eps, D=d, HAS_RESIDUAL=residual is not None, BLOCK_R=block_r,
-                           BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8)
+                           BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8,
+                           USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out, res_out
 
 
@@ -106,7 +109,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -131,7 +135,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] and d:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, d, x2.stride(0), BLOCK=block,
-                                                                   num_warps=4)
+                                                                   num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out.view(*x.shape[:-1], d)
 
 
@@ -190,9 +194,10 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_ptr, kw_
                           stride_kh, stride_vt, stride_vh, stride_cs, stride_kcb, stride_kcs, stride_kch,
                           stride_vcb, stride_vcs, stride_vch, HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
                           BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                          HAS_NORM: tl.constexpr):
+                          HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr):
     """One program per token: RoPE (after the optional q/k norm) on q in place, and the rotated k with v
     written straight to the token's cache slot, so k never makes a round trip through memory."""
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(pos_ptr, t, cos_sin_ptr, stride_cs, HALF, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_HALF)
@@ -252,5 +257,6 @@ def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), HALF=half, PAGE_SIZE=k_cache.shape[1],
             BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-            BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=q_weight is not None, num_warps=4)
+            BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=q_weight is not None, num_warps=4,
+            USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return q

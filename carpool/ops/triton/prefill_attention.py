@@ -23,6 +23,7 @@ import triton.language as tl
 
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops.triton import utils
+from carpool.ops.triton.utils import pdl_enter
 from carpool.ops.triton.paged_kv import attend_tile
 
 
@@ -51,7 +52,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
                     stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = tl.load(tile_req_ptr + tile)
@@ -161,5 +163,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_G=block_g,
         BLOCK_D=block_d, BLOCK_N=config.block_n, DOT_PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out

@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from carpool.ops.triton import utils
+from carpool.ops.triton.utils import pdl_enter
+
 
 # Each program scans CHUNK columns of one row, so a row is spread over many SMs: at batch 1 a single
 # program per row took ~0.1 ms for a 128k vocabulary, about 2% of an 8B model's decode step.
@@ -39,8 +42,9 @@ def _fold(best, best_idx, base, cols, u, inv_t, greedy, vocab):
 
 @triton.jit
 def _sample_partial_kernel(logits_ptr, stride_row, temperature_ptr, seed_ptr, part_score_ptr, part_idx_ptr,
-                           vocab, n_chunks, QUARTER: tl.constexpr, CHUNK: tl.constexpr):
+                           vocab, n_chunks, QUARTER: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     """Best (score, column) of one CHUNK of one row; score = logit / T + Gumbel noise (greedy: logit)."""
+    pdl_enter(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
@@ -68,7 +72,9 @@ def _sample_partial_kernel(logits_ptr, stride_row, temperature_ptr, seed_ptr, pa
 
 
 @triton.jit
-def _sample_reduce_kernel(part_score_ptr, part_idx_ptr, out_ptr, n_chunks, BLOCK_C: tl.constexpr):
+def _sample_reduce_kernel(part_score_ptr, part_idx_ptr, out_ptr, n_chunks, BLOCK_C: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < n_chunks
@@ -93,7 +99,9 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seeds: t
         part_score = torch.empty((n, n_chunks), dtype=torch.float32, device=logits.device)
         part_idx = torch.empty((n, n_chunks), dtype=torch.int32, device=logits.device)
         _sample_partial_kernel[(n, n_chunks)](logits, logits.stride(0), temperature, seeds, part_score, part_idx,
-                                              vocab, n_chunks, QUARTER=QUARTER, CHUNK=CHUNK, num_warps=4)
+                                              vocab, n_chunks, QUARTER=QUARTER, CHUNK=CHUNK, num_warps=4,
+                                              USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
         _sample_reduce_kernel[(n,)](part_score, part_idx, out, n_chunks,
-                                    BLOCK_C=max(16, triton.next_power_of_2(n_chunks)), num_warps=1)
+                                    BLOCK_C=max(16, triton.next_power_of_2(n_chunks)), num_warps=1,
+                                    USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out

@@ -1,12 +1,25 @@
-"""Helpers of the Triton ops: output allocation (behind one function so tests can poison it) and
-per-step host plans shared by all layers."""
+"""Helpers of the Triton ops: output allocation (behind one function so tests can poison it),
+per-step host plans shared by all layers, and programmatic dependent launch (PDL).
+
+PDL (Hopper and later): a kernel launched with it may start while the kernel before it in the stream is
+still running; it must call `griddepcontrol.wait` before it reads anything that kernel (or any earlier
+one) wrote, or writes anything they may still read. Every Triton kernel here does so at its start
+(`pdl_enter`), except that the GEMV first loads its first weight tile, which nothing writes: at batch 1
+the next projection's weights then stream while the small kernels between two projections run, and
+the launch latency between kernels is hidden (inside CUDA graphs too). `pdl_enter` also lets the next
+kernel launch at once; the GEMV lets it launch only after its own wait (`pdl_wait_then_release`), so
+at most the next projection's first wave is resident and waiting.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+import triton
+import triton.language as tl
 
 from carpool.forward_batch import AttentionMetadata
 
@@ -36,3 +49,44 @@ def step_plan(meta: AttentionMetadata, name: str, build: Callable[[list[int], li
     if name not in plans:
         plans[name] = build(qsl, seq_lens)
     return plans[name]
+
+
+_pdl_enabled = False
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """PDL needs a CUDA device of compute capability 9.0 or newer, compiled kernels (not the
+    interpreter) and a Triton that exposes grid dependency control."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    try:
+        from triton.language.extra import cuda as tl_cuda
+    except ImportError:
+        return False
+    return hasattr(tl_cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def set_pdl(enabled: bool) -> None:
+    """Launch every Triton kernel of this process with PDL (the model runner decides once)."""
+    global _pdl_enabled
+    _pdl_enabled = enabled
+
+
+def pdl() -> bool:
+    return _pdl_enabled
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """At a kernel's start: let the next kernel launch, then wait for the previous kernels' writes."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_wait_then_release(USE_PDL: tl.constexpr):
+    """Wait for the previous kernels' writes, then let the next kernel launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
