@@ -112,9 +112,8 @@ def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
     nbytes = 2 * sum(lens) * HKV * HEAD_DIM * 2 + 2 * batch * HQ * HEAD_DIM * 2
     inp = decode_inputs(batch, lens, num_sets(nbytes), torch.Generator().manual_seed(0))
     configs = [DecodeConfig(block_n=b, num_warps=w, num_stages=st) for b, w, st in
-               ((64, 4, 2), (64, 4, 3), (32, 4, 2), (128, 8, 2), (64, 8, 3))]
-    configs += [DecodeConfig(block_n=b, num_warps=w, num_stages=1, prefetch=True) for b, w in
-                ((64, 4), (32, 4), (64, 8), (32, 8), (16, 4))]
+               ((64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 2), (32, 4, 3), (128, 4, 2), (128, 8, 2),
+                (128, 8, 3), (64, 8, 3))]
     default_splits = decode_num_splits(batch, HKV)
     split_choices = sorted({1, 2, 4, default_splits})
     sweep = []
@@ -122,7 +121,7 @@ def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
         for splits in split_choices:
             sec = time_decode(inp, splits, config)
             sweep.append(dict(num_splits=splits, block_n=config.block_n, num_warps=config.num_warps,
-                              num_stages=config.num_stages, prefetch=config.prefetch, us=round(sec * 1e6, 2),
+                              num_stages=config.num_stages, us=round(sec * 1e6, 2),
                               roofline_ratio=round(nbytes / sec / bandwidth, 3)))
     default = next(s for s in sweep if s["num_splits"] == default_splits)  # configs[0] is the default
     # The same contexts with the longest requests first (programs start in request order): how much of
@@ -170,8 +169,7 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
     default_config = default_decode_config(HEAD_DIM, DTYPE)
     others = [DecodeConfig(block_n=64, num_stages=3), DecodeConfig(block_n=32, num_stages=2),
               DecodeConfig(block_n=128, num_stages=2), DecodeConfig(block_n=128, num_warps=8, num_stages=2)]
-    prefetch = [DecodeConfig(block_n=b, num_stages=1, prefetch=True) for b in (64, 32)]
-    configs = [default_config] + prefetch + ([] if quick else [c for c in others if c != default_config])
+    configs = [default_config] + ([] if quick else [c for c in others if c != default_config])
     split_choices = [1, 2, 4, 8, 16, 32]
     results = []
     for batch in batches:
@@ -190,7 +188,7 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
                         continue
                     sec = time_decode(inp, splits, config)
                     sweep.append(dict(num_splits=splits, block_n=config.block_n, num_warps=config.num_warps,
-                                      num_stages=config.num_stages, prefetch=config.prefetch,
+                                      num_stages=config.num_stages,
                                       us=round(sec * 1e6, 2), gb_per_s=round(nbytes / sec / 1e9, 1),
                                       roofline_ratio=round(nbytes / sec / bandwidth, 3)))
             default = sweep[[s["num_splits"] for s in sweep].index(default_splits)]  # configs[0] runs first

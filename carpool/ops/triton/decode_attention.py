@@ -21,7 +21,7 @@ import triton.language as tl
 
 from carpool.forward_batch import CASCADE_ALIGN  # prefix kernel tile; split kernel tiles divide it
 from carpool.ops.triton import utils
-from carpool.ops.triton.paged_kv import attend_kv, attend_tile, load_kv_tile, tile_pages
+from carpool.ops.triton.paged_kv import attend_tile
 from carpool.ops.triton.utils import pdl_enter
 
 
@@ -32,10 +32,6 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     min_split_tiles: int = 1  # a split gets at least this many tiles, so short contexts use fewer splits
-    # Load tile i+1's K/V (and tile i+2's page numbers) into registers before computing tile i, instead
-    # of leaving the loop to Triton's pipeliner (which cannot run ahead of the page-table loads that
-    # the K/V addresses depend on). Meant for num_stages=1.
-    prefetch: bool = False
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
@@ -52,7 +48,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   HAS_PREFIX: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                   HAS_PREFIX: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -90,27 +86,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     bt_ptr = block_tables_ptr + req.to(tl.int64) * stride_bt
     kv_off_k = kv_head.to(tl.int64) * stride_kh
     kv_off_v = kv_head.to(tl.int64) * stride_vh
-    if PREFETCH:
-        # Loads past this split's last tile are masked off (limit), so the final prefetch reads nothing.
-        limit = tl.minimum(seq_len, tile_hi * BLOCK_N)
-        page = tile_pages(bt_ptr, tile_lo * BLOCK_N, limit, PAGE_SIZE, BLOCK_N)
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, page, tile_lo * BLOCK_N, limit, kv_off_k, kv_off_v,
-                            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, True)
-        page = tile_pages(bt_ptr, (tile_lo + 1) * BLOCK_N, limit, PAGE_SIZE, BLOCK_N)
-        for tile in range(tile_lo, tile_hi):
-            k_next, v_next = load_kv_tile(k_cache_ptr, v_cache_ptr, page, (tile + 1) * BLOCK_N, limit, kv_off_k,
-                                          kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM,
-                                          PAGE_SIZE, BLOCK_D, BLOCK_N, True)
-            page = tile_pages(bt_ptr, (tile + 2) * BLOCK_N, limit, PAGE_SIZE, BLOCK_N)
-            acc, l_i, m_i = attend_kv(acc, l_i, m_i, q, m_i, k, v, tile * BLOCK_N, seq_len, qk_scale, BLOCK_N, 1,
-                                      DOT_PRECISION)
-            k = k_next
-            v = v_next
-    else:
-        for tile in range(tile_lo, tile_hi):
-            acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
-                                        seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
-                                        qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION)
+    for tile in range(tile_lo, tile_hi):
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
+                                    seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
+                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION)
     # Idle splits have l_i = 0: write o = 0 and lse = -inf so the merge gives them weight 0.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1 and not HAS_PREFIX:
@@ -259,7 +238,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
-        DOT_PRECISION=precision, HAS_PREFIX=cascade, PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION=precision, HAS_PREFIX=cascade, num_warps=config.num_warps, num_stages=config.num_stages,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if cascade:
         assert prefix_len is not None

@@ -74,65 +74,6 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 
 
 @triton.jit
-def tile_pages(bt_ptr, start_n, limit, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Page of each key of the tile starting at start_n (keys at or beyond `limit` read page 0)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    return tl.load(bt_ptr + offs_n // PAGE_SIZE, mask=offs_n < limit, other=0).to(tl.int64)
-
-
-@triton.jit
-def load_kv_tile(k_cache_ptr, v_cache_ptr, page, start_n, limit, kv_head_off_k, kv_head_off_v, stride_kb,
-                 stride_ks, stride_vb, stride_vs, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """K and V [BLOCK_N, BLOCK_D] of keys [start_n, start_n + BLOCK_N) through their pages; with MASKED,
-    keys at or beyond `limit` read as 0."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if MASKED:
-        load_mask = (offs_n < limit)[:, None]
-    else:
-        load_mask = (offs_n >= 0)[:, None]  # all true; keeps one code path for the masks below
-    if BLOCK_D != HEAD_DIM:
-        load_mask = load_mask & (offs_d[None, :] < HEAD_DIM)
-    row = offs_n % PAGE_SIZE
-    k_ptrs = k_cache_ptr + kv_head_off_k + page[:, None] * stride_kb + row[:, None] * stride_ks
-    k = tl.load(k_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
-    v_ptrs = v_cache_ptr + kv_head_off_v + page[:, None] * stride_vb + row[:, None] * stride_vs
-    v = tl.load(v_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
-    return k, v
-
-
-@triton.jit
-def _scores(q, k, offs_n, q_pos, seq_len, qk_scale, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if MASK == 1:
-        s = tl.where((offs_n < seq_len)[None, :], s, float("-inf"))
-    if MASK == 2:
-        s = tl.where((offs_n < seq_len)[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _online_softmax(s, m_i, l_i):
-    """(p, alpha, m_new, l_new) of one tile of log2-domain scores s against the running max and sum."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def attend_kv(acc, l_i, m_i, q, q_pos, k, v, start_n, seq_len, qk_scale, BLOCK_N: tl.constexpr,
-              MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold the already loaded tile (k, v) of keys [start_n, start_n + BLOCK_N) into (acc, l_i, m_i)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    s = _scores(q, k, offs_n, q_pos, seq_len, qk_scale, MASK, DOT_PRECISION)
-    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start_n, seq_len,
                 kv_head_off_k, kv_head_off_v, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -155,8 +96,15 @@ def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start
         load_mask = load_mask & (offs_d[None, :] < HEAD_DIM)
     k_ptrs = k_cache_ptr + kv_head_off_k + page[:, None] * stride_kb + row[:, None] * stride_ks
     k = tl.load(k_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
-    s = _scores(q, k, offs_n, q_pos, seq_len, qk_scale, MASK, DOT_PRECISION)
-    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASK == 1:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    if MASK == 2:
+        s = tl.where(key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     v_ptrs = v_cache_ptr + kv_head_off_v + page[:, None] * stride_vb + row[:, None] * stride_vs
     v = tl.load(v_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
