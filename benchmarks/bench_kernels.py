@@ -19,7 +19,6 @@ How it measures:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -170,9 +169,7 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
     default_config = default_decode_config(HEAD_DIM, DTYPE)
     others = [DecodeConfig(block_n=64, num_stages=3), DecodeConfig(block_n=32, num_stages=2),
               DecodeConfig(block_n=128, num_stages=2), DecodeConfig(block_n=128, num_warps=8, num_stages=2)]
-    # the split merge in a kernel of its own, against the default (fused into the last split)
-    configs = [default_config, dataclasses.replace(default_config, fused_merge=False)]
-    configs += [] if quick else [c for c in others if c != default_config]
+    configs = [default_config] + ([] if quick else [c for c in others if c != default_config])
     split_choices = [1, 2, 4, 8, 16, 32]
     results = []
     for batch in batches:
@@ -191,7 +188,7 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
                         continue
                     sec = time_decode(inp, splits, config)
                     sweep.append(dict(num_splits=splits, block_n=config.block_n, num_warps=config.num_warps,
-                                      num_stages=config.num_stages, fused_merge=config.fused_merge,
+                                      num_stages=config.num_stages,
                                       us=round(sec * 1e6, 2), gb_per_s=round(nbytes / sec / 1e9, 1),
                                       roofline_ratio=round(nbytes / sec / bandwidth, 3)))
             default = sweep[[s["num_splits"] for s in sweep].index(default_splits)]  # configs[0] runs first

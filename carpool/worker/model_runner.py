@@ -53,14 +53,7 @@ class ModelRunner:
         self.model = load_model(config.model, self.ops, self.device, tp, config.load_format)
         if self.ops.name == "triton":
             from carpool.ops.triton import utils as triton_utils
-            from carpool.ops.triton.decode_attention import reserve_split_counters
-
             triton_utils.set_pdl(not config.disable_pdl and triton_utils.pdl_supported(self.device))
-            # before any CUDA graph capture, which keeps their address
-            reserve_split_counters(self.device, config.scheduler.max_num_seqs
-                                   * self.model.attention_layers()[0].num_kv_heads)
-            logger.info("Triton kernels: programmatic dependent launch %s",
-                        "on" if triton_utils.pdl() else "off")
         if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
             for module in self.model.modules():
                 if isinstance(module, LinearBase):

@@ -7,13 +7,8 @@ query heads that share KV head h into the rows of one [BLOCK_G, D] tile, so ever
 once per step and each KV tile costs one `tl.dot` for the whole group. Request i's context is cut into `num_splits` ranges of whole tiles; the program reads
 seq_lens[i] on the device and walks only its own range. With one split it writes the output directly;
 otherwise each split writes a normalized partial output and its log2-sum-exp into scratch rows indexed
-by request, and the splits are combined:
-    out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)
-by the last split program of each (request, KV head) to finish, which it learns from a per-(request, KV
-head) arrival counter (atomic, acquire-release; the merger resets it to 0 for the next launch). That
-saves a kernel boundary per layer on the critical path of small batches. With cascade attention the
-prefix kernel's partials join the merge, so there `_merge_kernel` (grid (num_reqs, num_q_heads)) runs
-as a kernel of its own.
+by request, and `_merge_kernel` (grid (num_reqs, num_q_heads)) combines the splits:
+    out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max).
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     min_split_tiles: int = 1  # a split gets at least this many tiles, so short contexts use fewer splits
-    fused_merge: bool = True  # the last split merges (see above); False: a separate merge kernel
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
@@ -46,62 +40,15 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
 
 
-_split_counters: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _counter_device(device: torch.device | str) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def reserve_split_counters(device: torch.device | str, n: int) -> torch.Tensor:
-    """At least n zeroed int32 arrival counters of the fused merge on `device`, allocated once and kept
-    (a captured CUDA graph holds their address). The model runner reserves them before capturing."""
-    device = _counter_device(device)
-    buffers = _split_counters.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode split counters: {n} needed during CUDA graph capture; call "
-                               "reserve_split_counters before capturing")
-        buffers.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))  # older ones stay alive
-    return buffers[-1]
-
-
-@triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, req64, head, q_row64, n_valid, stride_pt, stride_ph,
-                  stride_ps, stride_lt, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[q_row, head] = the log-sum-exp weighted mean of the first n_valid split partials (n_valid = 0:
-    write nothing). Loads bypass L1 (.cg): other SMs wrote the partials during this kernel."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < n_valid
-    lse = tl.load(part_lse_ptr + req64 * stride_lt + head * stride_lh + offs_s, mask=s_ok,
-                  other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0): weights 0, output 0
-    w = tl.exp2(lse - m)
-    mask = s_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    part = tl.load(part_out_ptr + req64 * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
-                   + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-    denom = tl.sum(w, axis=0)
-    o = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + q_row64 * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
-             mask=offs_d < tl.where(n_valid > 0, HEAD_DIM, 0))
-
-
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr, ctx_start_ptr, counter_ptr, qk_scale,
+                   out_ptr, part_out_ptr, part_lse_ptr, ctx_start_ptr, qk_scale,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_bt, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   HAS_PREFIX: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   HAS_PREFIX: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -154,19 +101,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         tl.store(part + offs_d[None, :], o, mask=mask_qd)
         lse = m_i + tl.log2(l_i)
         tl.store(part_lse_ptr + req64 * stride_lt + heads * stride_lh + split, lse, mask=row_ok)
-        if FUSED_MERGE:
-            # Every thread's partial stores come before the release of the arrival; the last of the
-            # NUM_SPLITS programs of (req, kv_head) acquires them all and merges.
-            tl.debug_barrier()
-            counter = counter_ptr + req64 * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == NUM_SPLITS - 1:
-                n_valid = tl.where(is_decode, NUM_SPLITS, 0)
-                for g in tl.static_range(GROUP):
-                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, req64, kv_head * GROUP + g, q_row64,
-                                  n_valid, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot,
-                                  stride_oh, HEAD_DIM, NUM_SPLITS, BLOCK_S, BLOCK_D)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -225,11 +159,26 @@ def _merge_kernel(qsl_ptr, part_out_ptr, part_lse_ptr, out_ptr, stride_pt, strid
                   USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     req = tl.program_id(0)
+    head = tl.program_id(1)
     q_row = tl.load(qsl_ptr + req)
     is_decode = tl.load(qsl_ptr + req + 1) - q_row == 1
-    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, req.to(tl.int64), tl.program_id(1), q_row.to(tl.int64),
-                  tl.where(is_decode, NUM_SPLITS, 0), stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-                  stride_ot, stride_oh, HEAD_DIM, NUM_SPLITS, BLOCK_S, BLOCK_D)
+    q_row64 = q_row.to(tl.int64)
+    req64 = req.to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < tl.where(is_decode, NUM_SPLITS, 0)  # integer bound: see _decode_kernel
+    lse = tl.load(part_lse_ptr + req64 * stride_lt + head * stride_lh + offs_s, mask=s_ok,
+                  other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0): weights 0, output 0
+    w = tl.exp2(lse - m)
+    mask = s_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    part = tl.load(part_out_ptr + req64 * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
+                   + offs_d[None, :], mask=mask, other=0.0)
+    denom = tl.sum(w, axis=0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + q_row64 * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
+             mask=offs_d < tl.where(is_decode, HEAD_DIM, 0))
 
 
 def decode_scratch(num_reqs: int, num_q_heads: int, num_splits: int, head_dim: int,
@@ -280,19 +229,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_g = max(16, triton.next_power_of_2(group))
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
     ctx_start = prefix_len if cascade else seq_lens  # (unread without a prefix)
-    fused_merge = config.fused_merge and num_splits > 1 and not cascade
-    counters = reserve_split_counters(q.device, num_reqs * num_kv_heads) if fused_merge else seq_lens
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, ctx_start,
-        counters, scale * 1.4426950408889634,
+        scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
-        DOT_PRECISION=precision, HAS_PREFIX=cascade, FUSED_MERGE=fused_merge,
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION=precision, HAS_PREFIX=cascade, num_warps=config.num_warps, num_stages=config.num_stages,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if cascade:
         assert prefix_len is not None
@@ -305,7 +251,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SLOT0=num_splits, PREFIX_SPLITS=prefix_splits,
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=CASCADE_ALIGN, DOT_PRECISION=precision,
             num_warps=8 if block_m == 128 else 4, num_stages=2, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    if num_slots > 1 and not fused_merge:
+    if num_slots > 1:
         _merge_kernel[(num_reqs, num_q_heads)](
             query_start_loc, part_out, part_lse, out, part_out.stride(0), part_out.stride(1),
             part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
