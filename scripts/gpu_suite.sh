@@ -5,7 +5,8 @@
 # "final" = GPU tests + latency + serve. "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
 # (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
 # tensor-parallel tests and benchmarks (2 GPUs, ~6-8 min): 6 JSON files + suite.log, nothing else;
-# "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel).
+# "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
+# "ablate" times batch-1 latency with each kernel choice undone in turn.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -74,17 +75,28 @@ if [ "$mode" = serve ] || [ "$mode" = final ]; then
   sleep 1
   exit $status
 fi
-if [ "$mode" = pdl ]; then
-  # Programmatic dependent launch on and off, side by side on one machine: the GPU tests (one of them
-  # compares the two bit for bit), batch-1 latency and offline throughput with profiles, and the decode
-  # kernel sweeps (uniform and mixed contexts, including the register-prefetch variants).
+if [ "$mode" = pdl ] || [ "$mode" = ablate ]; then
+  # pdl: programmatic dependent launch on and off, side by side on one machine: the GPU tests (one of
+  # them compares the two bit for bit), batch-1 latency and offline throughput with profiles, and with
+  # "kernels" the decode kernel sweeps. ablate: the GPU tests, then batch-1 latency with each kernel
+  # choice undone in turn (PDL, the fused gate/up + SiLU GEMV, GEMV step widths) and offline
+  # throughput. At most 8 files come back.
   exec > >(tee -a "$out/suite.log") 2>&1
   step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
-  step python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
-  step python3 benchmarks/bench_latency.py --disable-pdl --out "$out/latency_nopdl.json"
-  step python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
-  step python3 benchmarks/bench_throughput.py --disable-pdl --out "$out/throughput_nopdl.json"
-  [ "${3:-}" = kernels ] && step python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
+  if [ "$mode" = pdl ]; then
+    step python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
+    step python3 benchmarks/bench_latency.py --disable-pdl --out "$out/latency_nopdl.json"
+    step python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
+    step python3 benchmarks/bench_throughput.py --disable-pdl --out "$out/throughput_nopdl.json"
+    [ "${3:-}" = kernels ] && step python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
+  else
+    step python3 benchmarks/bench_latency.py --out "$out/latency.json"
+    step python3 benchmarks/bench_latency.py --disable-pdl --out "$out/latency_nopdl.json"
+    step python3 benchmarks/bench_latency.py --unfused-mlp --out "$out/latency_unfused_mlp.json"
+    step python3 benchmarks/bench_latency.py --gemv-block-k 2048 --out "$out/latency_gemv2048.json"
+    step python3 benchmarks/bench_latency.py --gemv-block-k 512 --out "$out/latency_gemv512.json"
+    step python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
+  fi
   echo "=== done ($(date +%T)), status $status"
   sleep 1
   exit $status
