@@ -12,6 +12,7 @@ intermediate and the SiLU-and-mul kernel (one more dependent launch per layer) a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,9 @@ def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig 
         raise ValueError(f"gemv_silu_and_mul: x must hold K={k} values and weight be [2d, K] contiguous in K, "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)} with strides {tuple(weight.stride())}")
     d = two_d // 2
-    config = config or default_gemv_config(k)
+    if config is None:  # as many weight rows per program as the plain GEMV: half gate, half up
+        config = default_gemv_config(k)
+        config = dataclasses.replace(config, block_n=max(1, config.block_n // 2))
     x = x.reshape(k)
     if x.stride(0) != 1:
         x = x.contiguous()
