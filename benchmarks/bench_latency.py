@@ -61,15 +61,11 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
     return result
 
 
-def apply_ablations(unfused_mlp: bool, gemv_block_k: int | None) -> None:
+def apply_ablations(gemv_block_k: int | None) -> None:
     """Kernel choices undone for ablations, patched into this process (the engine runs in it at TP=1)."""
     import dataclasses
     import importlib
 
-    import carpool.ops.triton as tri
-
-    if unfused_mlp:
-        tri.gemv_silu_and_mul = None  # type: ignore[assignment]  # KernelOps then has none
     if gemv_block_k:
         gemv_module = importlib.import_module("carpool.ops.triton.gemv")  # (tri.gemv is the function)
         default = gemv_module.default_gemv_config
@@ -111,8 +107,6 @@ def main() -> None:
     ap.add_argument("--disable-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
-    ap.add_argument("--unfused-mlp", action="store_true",
-                    help="ablation (TP=1): gate/up GEMV, then the SiLU-and-mul kernel, instead of one kernel")
     ap.add_argument("--gemv-block-k", type=int, default=None,
                     help="ablation (TP=1): GEMV columns per step for rows of at most 8192")
     ap.add_argument("--breakdown", action="store_true",
@@ -122,7 +116,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    apply_ablations(args.unfused_mlp, args.gemv_block_k)
+    apply_ablations(args.gemv_block_k)
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None
@@ -139,7 +133,7 @@ def main() -> None:
                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "tensor_parallel_size": args.tensor_parallel_size,
                               "disable_custom_all_reduce": args.disable_custom_all_reduce,
-                              "disable_pdl": args.disable_pdl, "unfused_mlp": args.unfused_mlp,
+                              "disable_pdl": args.disable_pdl,
                               "gemv_block_k": args.gemv_block_k,
                               "copy_bandwidth_bytes_per_s": bandwidth}
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,

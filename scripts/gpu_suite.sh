@@ -79,7 +79,7 @@ if [ "$mode" = pdl ] || [ "$mode" = ablate ]; then
   # pdl: programmatic dependent launch on and off, side by side on one machine: the GPU tests (one of
   # them compares the two bit for bit), batch-1 latency and offline throughput with profiles, and with
   # "kernels" the decode kernel sweeps. ablate: the GPU tests, then batch-1 latency with each kernel
-  # choice undone in turn (PDL, the fused gate/up + SiLU GEMV, GEMV step widths) and offline
+  # choice undone in turn (PDL, GEMV step widths) and offline
   # throughput. At most 8 files come back.
   exec > >(tee -a "$out/suite.log") 2>&1
   step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
@@ -92,7 +92,6 @@ if [ "$mode" = pdl ] || [ "$mode" = ablate ]; then
   else
     step python3 benchmarks/bench_latency.py --out "$out/latency.json"
     step python3 benchmarks/bench_latency.py --disable-pdl --out "$out/latency_nopdl.json"
-    step python3 benchmarks/bench_latency.py --unfused-mlp --out "$out/latency_unfused_mlp.json"
     step python3 benchmarks/bench_latency.py --gemv-block-k 2048 --out "$out/latency_gemv2048.json"
     step python3 benchmarks/bench_latency.py --gemv-block-k 512 --out "$out/latency_gemv512.json"
     step python3 benchmarks/bench_throughput.py --out "$out/throughput.json"

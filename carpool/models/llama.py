@@ -67,12 +67,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
                                            dtype=config.dtype, tp=tp)
         self.act_fn = SiluAndMul(ops)
-        self.gemv_silu_and_mul = ops.gemv_silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.gemv_silu_and_mul is not None and self.gate_up_proj.gemv is not None
-                and self.gate_up_proj.bias is None and x.dim() == 2 and x.shape[0] == 1):  # batch 1: gate, up and the activation in one kernel
-            return self.down_proj(self.gemv_silu_and_mul(x, self.gate_up_proj.weight))
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 

@@ -25,9 +25,6 @@ class KernelOps:
     sample_from_logits: Callable | None = None
     # x [1, K] @ W[N, K].T (+ bias) for batch-1 steps, faster than cuBLAS there; None: plain matmul.
     gemv: Callable | None = None
-    # x [1, K], W [2d, K] = [gate | up] -> silu(x W_gate^T) * (x W_up^T): the batch-1 MLP's first half
-    # in one weight pass; None: gemv (or matmul) then silu_and_mul.
-    gemv_silu_and_mul: Callable | None = None
 
 
 def get_kernel_ops(name: str) -> KernelOps:
@@ -41,5 +38,4 @@ def get_kernel_ops(name: str) -> KernelOps:
                      fused_add_rms_norm=impl.fused_add_rms_norm, silu_and_mul=impl.silu_and_mul,
                      rope_and_store_kv=impl.rope_and_store_kv,
                      sample_from_logits=getattr(impl, "sample_from_logits", None),
-                     gemv=getattr(impl, "gemv", None),
-                     gemv_silu_and_mul=getattr(impl, "gemv_silu_and_mul", None))
+                     gemv=getattr(impl, "gemv", None))

@@ -4,15 +4,10 @@ Why: at batch 1 a decode step is weight bandwidth, and cuBLAS reaches 93-95% of 
 large projections but only 72-76% on the smaller q/k/v and o projections of an 8B model (it splits K and
 adds a reduction kernel). Here each program streams BLOCK_N whole rows of W (contiguous in K) and
 reduces them in registers: no split, no second kernel, one launch per projection.
-
-`gemv_silu_and_mul` is the MLP's gate/up projection with the activation in its epilogue: each program
-reduces BLOCK_N gate rows and the matching up rows, and writes silu(gate) * up, so the [1, 2d]
-intermediate and the SiLU-and-mul kernel (one more dependent launch per layer) are gone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +34,13 @@ def default_gemv_config(k: int) -> GemvConfig:
 
 
 @triton.jit
-def _dot_rows(x_ptr, w_rows, row_ok, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """[BLOCK_N] float32 dot products of x with the rows at w_rows. The first weight tile is loaded
-    before waiting for the kernel that writes x (utils: PDL), so under PDL it streams while that kernel
-    still runs."""
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    # The first weight tile is loaded before waiting for the kernel that writes x (utils: PDL), so
+    # under PDL it streams while that kernel still runs.
     cols = tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
     pdl_wait_then_release(USE_PDL)
@@ -54,16 +52,7 @@ def _dot_rows(x_ptr, w_rows, row_ok, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    out = _dot_rows(x_ptr, w_rows, row_ok, K, BLOCK_N, BLOCK_K, USE_PDL)
+    out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -85,43 +74,4 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    return out
-
-
-@triton.jit
-def _gemv_silu_and_mul_kernel(x_ptr, w_ptr, out_ptr, D, K, stride_wn, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    # Rows [gate block | up block]: one pass reduces both (and prefetches both first tiles).
-    r = tl.arange(0, 2 * BLOCK_N)
-    rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
-    row_ok = rows < D
-    w_rows = w_ptr + (rows + (r // BLOCK_N) * D).to(tl.int64)[:, None] * stride_wn
-    both = _dot_rows(x_ptr, w_rows, row_ok, K, 2 * BLOCK_N, BLOCK_K, USE_PDL)
-    gate, up = tl.split(tl.trans(tl.reshape(both, (2, BLOCK_N))))
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < D
-    # Rounded where the unfused path rounds: the projection's outputs, silu(gate), the product.
-    g = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    out = act * up.to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
-def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """silu(x @ W[:d].T) * (x @ W[d:].T) for x [1, K] and weight [2d, K] = [gate | up] rows -> [1, d]."""
-    two_d, k = weight.shape
-    if two_d % 2 or x.numel() != k or weight.stride(-1) != 1:
-        raise ValueError(f"gemv_silu_and_mul: x must hold K={k} values and weight be [2d, K] contiguous in K, "
-                         f"got {tuple(x.shape)} and {tuple(weight.shape)} with strides {tuple(weight.stride())}")
-    d = two_d // 2
-    if config is None:  # as many weight rows per program as the plain GEMV: half gate, half up
-        config = default_gemv_config(k)
-        config = dataclasses.replace(config, block_n=max(1, config.block_n // 2))
-    x = x.reshape(k)
-    if x.stride(0) != 1:
-        x = x.contiguous()
-    out = torch.empty(1, d, dtype=x.dtype, device=x.device)
-    _gemv_silu_and_mul_kernel[(triton.cdiv(d, config.block_n),)](
-        x, weight, out, d, k, weight.stride(0), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
