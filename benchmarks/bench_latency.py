@@ -61,16 +61,19 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
     return result
 
 
-def apply_ablations(gemv_block_k: int | None) -> None:
+def apply_ablations(gemv_block_k: int | None, gemv_block_k_long: int | None) -> None:
     """Kernel choices undone for ablations, patched into this process (the engine runs in it at TP=1)."""
     import dataclasses
     import importlib
 
-    if gemv_block_k:
+    if gemv_block_k or gemv_block_k_long:
         gemv_module = importlib.import_module("carpool.ops.triton.gemv")  # (tri.gemv is the function)
         default = gemv_module.default_gemv_config
-        gemv_module.default_gemv_config = (  # type: ignore[attr-defined]
-            lambda k: dataclasses.replace(default(k), block_k=gemv_block_k) if k <= 8192 else default(k))
+
+        def patched(k: int):  # type: ignore[no-untyped-def]
+            block_k = gemv_block_k if k <= 8192 else gemv_block_k_long
+            return dataclasses.replace(default(k), block_k=block_k) if block_k else default(k)
+        gemv_module.default_gemv_config = patched  # type: ignore[attr-defined]
 
 
 def run_hf(model: str, prompt: list[int], new_tokens: int) -> dict[str, Any]:
@@ -109,6 +112,8 @@ def main() -> None:
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
     ap.add_argument("--gemv-block-k", type=int, default=None,
                     help="ablation (TP=1): GEMV columns per step for rows of at most 8192")
+    ap.add_argument("--gemv-block-k-long", type=int, default=None,
+                    help="ablation (TP=1): GEMV columns per step for longer rows (the down projection)")
     ap.add_argument("--breakdown", action="store_true",
                     help="add per-step host/device timings (always on with -tp > 1); see profile_util.stop_timings")
     ap.add_argument("--hf", action="store_true")
@@ -116,7 +121,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    apply_ablations(args.gemv_block_k)
+    apply_ablations(args.gemv_block_k, args.gemv_block_k_long)
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None
@@ -134,7 +139,7 @@ def main() -> None:
                               "tensor_parallel_size": args.tensor_parallel_size,
                               "disable_custom_all_reduce": args.disable_custom_all_reduce,
                               "disable_pdl": args.disable_pdl,
-                              "gemv_block_k": args.gemv_block_k,
+                              "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
                               "copy_bandwidth_bytes_per_s": bandwidth}
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
                                     args.breakdown or args.tensor_parallel_size > 1)
