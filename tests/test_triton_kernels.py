@@ -310,7 +310,7 @@ def test_gemv_matches_linear(n: int, k: int, with_bias: bool) -> None:
     x = torch.randn(1, k, device=DEVICE)
     b = torch.randn(n, device=DEVICE) if with_bias else None
     expected = torch.nn.functional.linear(x, w, b)
-    for config in (GemvConfig(), GemvConfig(block_n=8, block_k=256)):
+    for config in (None, GemvConfig(), GemvConfig(block_n=8, block_k=256)):  # None: the default (whole rows)
         torch.testing.assert_close(gemv(x, w, b, config), expected, atol=1e-4, rtol=1e-4)
 
 

@@ -27,9 +27,14 @@ class GemvConfig:
 
 
 def default_gemv_config(k: int) -> GemvConfig:
-    """Measured on an H200 (benchmarks/bench_gemv.py, results/h200_run16_gemv): two rows per program
-    was best or within 5% of best for every Llama-3-8B projection, whole or halved for TP=2; long rows
-    (the down projection, K = 14336) prefer wider steps with 8 warps."""
+    """Measured on H200s. Two rows per program was best or within 5% of best for every Llama-3-8B
+    projection, whole or halved for TP=2 (benchmarks/bench_gemv.py, results/h200_run16_gemv). Rows of
+    up to 4096 are read in one step: under PDL the whole weight slice of a program is then loaded before
+    it waits for x, and batch-1 decode ran 1.6% faster than with 1024-column steps (2048 was 5% slower;
+    results/h200_run24_gemv_k). Long rows (the down projection, K = 14336) keep 2048-column steps with
+    8 warps (4096 was 8% slower)."""
+    if k <= 4096:
+        return GemvConfig(block_k=max(16, triton.next_power_of_2(k)))
     return GemvConfig(block_k=2048, num_warps=8) if k > 8192 else GemvConfig()
 
 
