@@ -39,7 +39,7 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
         executor.profile("start")
         steps = _run_steps(engine, num_steps)
         kernels = [(k[0], k[1], k[2]) for k in executor.profile("stop") or []]
-        return summarize_kernels(kernels, steps, top)
+        return _with_pdl_flag(engine, summarize_kernels(kernels, steps, top))
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
@@ -55,7 +55,15 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
         is_device = str(getattr(e, "device_type", "")).endswith("CUDA")
         if device_us and is_device:
             kernels.append((e.key, device_us, e.count))
-    return summarize_kernels(kernels, steps, top)
+    return _with_pdl_flag(engine, summarize_kernels(kernels, steps, top))
+
+
+def _with_pdl_flag(engine: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """Under PDL (on unless --disable-pdl, on Hopper) a kernel starts before the previous one ends and its
+    time includes that wait: kernel times overlap, and their sum exceeds the step's device time."""
+    config = engine.config
+    summary["pdl"] = config.kernel_backend == "triton" and not config.disable_pdl
+    return summary
 
 
 def _run_steps(engine: Any, num_steps: int) -> int:
@@ -74,12 +82,7 @@ def summarize_kernels(kernels: list[tuple[str, float, int]], steps: int, top: in
     for name, us, _ in kernels:
         by_cat[category(name)] = by_cat.get(category(name), 0.0) + us
     steps = max(steps, 1)
-    from carpool.ops.triton import utils as triton_utils
-
     return {
-        # Under PDL a kernel starts before the previous one ends and its time includes that wait, so
-        # kernel times overlap and their sum exceeds the step's device time.
-        "pdl": triton_utils.pdl(),
         "steps": steps,
         "device_ms_total": total / 1e3,
         "device_ms_per_step": total / 1e3 / steps,
