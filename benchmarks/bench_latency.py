@@ -61,19 +61,26 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
     return result
 
 
-def apply_ablations(gemv_block_k: int | None, gemv_block_k_long: int | None) -> None:
+def apply_ablations(gemv_block_k: int | None, gemv_block_k_long: int | None, gemv_block_n: int | None,
+                    decode_splits: int | None) -> None:
     """Kernel choices undone for ablations, patched into this process (the engine runs in it at TP=1)."""
     import dataclasses
     import importlib
 
-    if gemv_block_k or gemv_block_k_long:
+    if gemv_block_k or gemv_block_k_long or gemv_block_n:
         gemv_module = importlib.import_module("carpool.ops.triton.gemv")  # (tri.gemv is the function)
         default = gemv_module.default_gemv_config
 
         def patched(k: int):  # type: ignore[no-untyped-def]
+            config = default(k)
             block_k = gemv_block_k if k <= 8192 else gemv_block_k_long
-            return dataclasses.replace(default(k), block_k=block_k) if block_k else default(k)
+            config = dataclasses.replace(config, block_k=block_k) if block_k else config
+            return dataclasses.replace(config, block_n=gemv_block_n) if gemv_block_n else config
         gemv_module.default_gemv_config = patched  # type: ignore[attr-defined]
+    if decode_splits:
+        attention = importlib.import_module("carpool.ops.triton.attention")
+        attention.DECODE_SPLIT_TABLE = ((attention.DECODE_SPLIT_TABLE[0][0], decode_splits),
+                                        *attention.DECODE_SPLIT_TABLE[1:])
 
 
 def run_hf(model: str, prompt: list[int], new_tokens: int) -> dict[str, Any]:
@@ -112,6 +119,9 @@ def main() -> None:
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
     ap.add_argument("--gemv-block-k", type=int, default=None,
                     help="ablation (TP=1): GEMV columns per step for rows of at most 8192")
+    ap.add_argument("--gemv-block-n", type=int, default=None, help="ablation (TP=1): GEMV rows per program")
+    ap.add_argument("--decode-splits", type=int, default=None,
+                    help="ablation (TP=1): decode split count of the smallest batches (the split table's first row)")
     ap.add_argument("--gemv-block-k-long", type=int, default=None,
                     help="ablation (TP=1): GEMV columns per step for longer rows (the down projection)")
     ap.add_argument("--breakdown", action="store_true",
@@ -121,7 +131,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    apply_ablations(args.gemv_block_k, args.gemv_block_k_long)
+    apply_ablations(args.gemv_block_k, args.gemv_block_k_long, args.gemv_block_n, args.decode_splits)
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None
@@ -140,6 +150,7 @@ def main() -> None:
                               "disable_custom_all_reduce": args.disable_custom_all_reduce,
                               "disable_pdl": args.disable_pdl,
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
+                              "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
                               "copy_bandwidth_bytes_per_s": bandwidth}
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
                                     args.breakdown or args.tensor_parallel_size > 1)
