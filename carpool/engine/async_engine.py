@@ -200,13 +200,7 @@ class AsyncEngine(AsyncEngineBase):
 
     # ---- event loop side ---------------------------------------------------------------------------
     def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue  # aborted while the step ran
-            if output.finished:
-                del self._streams[output.request_id]
-            stream._put(output, now, self.observer)
+        self._hand_out(outputs, now, self.observer)  # requests aborted while the step ran are dropped
 
     def _on_dead(self) -> None:
         self._fail_all(EngineDeadError("the engine loop died"))

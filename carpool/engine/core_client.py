@@ -278,14 +278,7 @@ class MPAsyncEngine(AsyncEngineBase):
         outputs, stopped = self.output_processor.process_outputs(core_outputs)
         for seq_id, stop in stopped:
             self._send_finish([seq_id], stop)
-        now = time.monotonic()
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue
-            if output.finished:
-                del self._streams[output.request_id]
-            stream._put(output, now, self.observer)
+        self._hand_out(outputs, time.monotonic(), self.observer)
 
     def _on_core_gone(self) -> None:
         self._detach()

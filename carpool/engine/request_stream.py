@@ -92,6 +92,17 @@ class AsyncEngineBase:
         for request_id in self._fail_all(EngineDeadError(reason)):
             self.abort(request_id)
 
+    def _hand_out(self, outputs: list[RequestOutput], now: float, observer: OutputObserver | None) -> None:
+        """Give each output to its open stream (outputs of aborted requests are dropped); a finished
+        request's stream leaves `_streams`."""
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream._put(output, now, observer)
+
     def _fail_all(self, error: EngineDeadError) -> list[str]:
         """End every open stream with `error`; returns their request ids."""
         streams, self._streams = self._streams, {}
