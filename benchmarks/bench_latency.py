@@ -17,8 +17,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (SHAPES, ModelArithmetic, device_name, emit, measure_copy_bandwidth,  # noqa: E402
-                    write_config)
+from common import (SHAPES, ModelArithmetic, add_engine_flags, device_name, emit, engine_flags,  # noqa: E402
+                    measure_copy_bandwidth, write_config)
 
 
 def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
@@ -113,10 +113,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--disable-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
-    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
+    add_engine_flags(ap)
     ap.add_argument("--gemv-block-k", type=int, default=None,
                     help="ablation (TP=1): GEMV columns per step for rows of at most 8192")
     ap.add_argument("--gemv-block-n", type=int, default=None, help="ablation (TP=1): GEMV rows per program")
@@ -137,9 +134,7 @@ def main() -> None:
     dummy = args.model is None
     model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=8, max_model_len=args.prompt_len + args.new_tokens + 16,
-                                         enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
-                                         tensor_parallel_size=args.tensor_parallel_size,
-                                         disable_custom_all_reduce=args.disable_custom_all_reduce)
+                                         **engine_flags(args))
     if dummy:
         engine_kwargs["load_format"] = "dummy"
     bandwidth = measure_copy_bandwidth()

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (ModelArithmetic, device_name, emit, measure_copy_bandwidth,  # noqa: E402
+from common import (ModelArithmetic, add_engine_flags, device_name, emit, engine_flags, measure_copy_bandwidth,  # noqa: E402
                     measure_matmul_flops, write_config, write_random_checkpoint)
 
 
@@ -203,10 +203,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--disable-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
-    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
+    add_engine_flags(ap)
     ap.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                     help="dummy: random weights from config.json only (no checkpoint written or read)")
     ap.add_argument("--device", default=None)
@@ -225,10 +222,7 @@ def main() -> None:
     if args.model is None and not on_gpu:
         raise SystemExit("on CPU pass --model (e.g. the demo model path)")
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                         enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
-                                         tensor_parallel_size=args.tensor_parallel_size,
-                                         load_format=args.load_format,
-                                         disable_custom_all_reduce=args.disable_custom_all_reduce)
+                                         load_format=args.load_format, **engine_flags(args))
     if args.device:
         engine_kwargs["device"] = args.device
     result: dict[str, Any] = {"benchmark": f"throughput/{args.workload}", "device": device_name(),

@@ -3,6 +3,7 @@ in the same run (copy bandwidth, bf16 matmul rate), and the roofline arithmetic.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -160,3 +161,18 @@ class Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def add_engine_flags(ap: argparse.ArgumentParser) -> None:
+    """The engine settings the latency and throughput benchmarks both expose (vLLM's flag names)."""
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--disable-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
+
+
+def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """add_engine_flags' values as LLM keyword arguments."""
+    return dict(enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
+                tensor_parallel_size=args.tensor_parallel_size,
+                disable_custom_all_reduce=args.disable_custom_all_reduce)
