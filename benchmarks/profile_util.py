@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from carpool.profiling import device_kernel_times
+
 CATEGORIES = (
     ("communication", ("nccl", "all_reduce", "allreduce", "one_shot", "all_gather", "allgather", "broadcast",
                        "symm_mem", "cross_device")),
@@ -47,15 +49,7 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
     with profile(activities=activities) as prof:
         steps = _run_steps(engine, num_steps)
         torch.cuda.synchronize()
-    kernels = []
-    for e in prof.key_averages():
-        device_us = getattr(e, "self_device_time_total", None)
-        if device_us is None:
-            device_us = getattr(e, "self_cuda_time_total", 0)
-        is_device = str(getattr(e, "device_type", "")).endswith("CUDA")
-        if device_us and is_device:
-            kernels.append((e.key, device_us, e.count))
-    return _with_pdl_flag(engine, summarize_kernels(kernels, steps, top))
+    return _with_pdl_flag(engine, summarize_kernels(device_kernel_times(prof), steps, top))
 
 
 def _with_pdl_flag(engine: Any, summary: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from carpool.core.sched_output import TokenLogprobs
 from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
 from carpool.platform import dist_backend_for
+from carpool.profiling import device_kernel_times
 from carpool.worker import tp_codec
 from carpool.worker.model_runner import ModelRunner, PendingStep
 
@@ -240,12 +241,7 @@ class TPWorker:
         torch.cuda.synchronize()
         prof, self.profiler = self.profiler, None
         prof.__exit__(None, None, None)
-        kernels = []
-        for e in prof.key_averages():
-            device_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-            if device_us and str(getattr(e, "device_type", "")).endswith("CUDA"):
-                kernels.append([e.key, float(device_us), int(e.count)])
-        return sorted(kernels, key=lambda k: -k[1])[:80]
+        return [list(k) for k in device_kernel_times(prof)[:80]]
 
     def _reply(self, payload: dict[str, Any]) -> None:
         if self.info.rank == 0:

@@ -1,0 +1,18 @@
+"""device_kernel_times: which profiler rows count as device kernels, and their order."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from carpool.profiling import device_kernel_times
+
+
+def test_device_kernel_times_keeps_device_rows_longest_first() -> None:
+    rows = [SimpleNamespace(key="cpu_op", self_device_time_total=0.0, device_type="DeviceType.CPU", count=3),
+            SimpleNamespace(key="gemv", self_device_time_total=30.0, device_type="DeviceType.CUDA", count=2),
+            SimpleNamespace(key="norm", self_device_time_total=5.0, device_type="DeviceType.CUDA", count=4),
+            SimpleNamespace(key="host_side", self_device_time_total=7.0, device_type="DeviceType.CPU", count=1),
+            # an older torch names the field self_cuda_time_total
+            SimpleNamespace(key="old", self_cuda_time_total=12.0, device_type="DeviceType.CUDA", count=1)]
+    prof = SimpleNamespace(key_averages=lambda: rows)
+    assert device_kernel_times(prof) == [("gemv", 30.0, 2), ("old", 12.0, 1), ("norm", 5.0, 4)]
