@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from carpool.profiling import device_kernel_times
+from carpool.profiling import device_kernel_times, step_timings_summary
 
 CATEGORIES = (
     ("communication", ("nccl", "all_reduce", "allreduce", "one_shot", "all_gather", "allgather", "broadcast",
@@ -112,20 +112,9 @@ def stop_timings(engine: Any, wall_s: float, num_steps: int) -> dict[str, Any]:
         out.update(executor.timings(enable=False))
         out.update(executor.describe())
         return out
-    import statistics
-
     runner = executor.runner
     runner.collect_timings = False
-    t = runner.timings
-
-    def ms(values: list[float]) -> dict[str, float]:
-        if not values:
-            return {"mean": 0.0, "median": 0.0}
-        return {"mean": 1e3 * statistics.fmean(values), "median": 1e3 * statistics.median(values)}
-
-    out["rank0"] = {"steps": len(t), "launch_ms": ms([x.launch_s for x in t]),
-                    "resolve_wait_ms": ms([x.wait_s for x in t]), "gpu_ms": ms([x.gpu_s for x in t]),
-                    "device_gap_ms": ms([x.gap_s for x in t])}
+    out["rank0"] = step_timings_summary(runner.timings)
     return out
 
 

@@ -16,3 +16,16 @@ def test_device_kernel_times_keeps_device_rows_longest_first() -> None:
             SimpleNamespace(key="old", self_cuda_time_total=12.0, device_type="DeviceType.CUDA", count=1)]
     prof = SimpleNamespace(key_averages=lambda: rows)
     assert device_kernel_times(prof) == [("gemv", 30.0, 2), ("old", 12.0, 1), ("norm", 5.0, 4)]
+
+
+def test_step_timings_summary_in_milliseconds() -> None:
+    from carpool.profiling import ms_stats, step_timings_summary
+    from carpool.worker.model_runner import StepTiming
+
+    timings = [StepTiming(launch_s=0.001, wait_s=0.0, gpu_s=0.004, gap_s=0.0),
+               StepTiming(launch_s=0.003, wait_s=0.002, gpu_s=0.006, gap_s=0.001)]
+    summary = step_timings_summary(timings)
+    assert summary["steps"] == 2
+    assert summary["launch_ms"]["mean"] == summary["launch_ms"]["median"] == 2.0
+    assert summary["gpu_ms"]["mean"] == 5.0 and summary["device_gap_ms"]["median"] == 0.5
+    assert ms_stats([]) == {"mean": 0.0, "median": 0.0}

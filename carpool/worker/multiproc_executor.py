@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from typing import Any
 
 from carpool.config import EngineConfig, ModelConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from carpool.profiling import ms_stats
 from carpool.worker import tp_codec
 from carpool.worker.executor import Executor
 from carpool.worker.tp_processes import (LIVENESS_POLL_S, SHUTDOWN_TIMEOUT_S, LocalWorkers, TPWorkerError,
@@ -67,12 +67,7 @@ class DriverStats:
     reply_wait_s: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        def ms(values: list[float]) -> dict[str, float]:
-            if not values:
-                return {"mean": 0.0, "median": 0.0}
-            return {"mean": 1e3 * statistics.fmean(values), "median": 1e3 * statistics.median(values)}
-
-        return {"send_ms": ms(self.send_s), "reply_wait_ms": ms(self.reply_wait_s)}
+        return {"send_ms": ms_stats(self.send_s), "reply_wait_ms": ms_stats(self.reply_wait_s)}
 
 
 class TPStep:

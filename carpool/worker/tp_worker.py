@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -46,7 +45,7 @@ from carpool.core.sched_output import TokenLogprobs
 from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
 from carpool.platform import dist_backend_for
-from carpool.profiling import device_kernel_times
+from carpool.profiling import device_kernel_times, ms_stats, step_timings_summary
 from carpool.worker import tp_codec
 from carpool.worker.model_runner import ModelRunner, PendingStep
 
@@ -159,16 +158,8 @@ class WorkerStats:
     reply_s: list[float] = field(default_factory=list)  # resolve wait excluded: encode + send of a reply
 
     def summary(self, runner: ModelRunner) -> dict[str, Any]:
-        def ms(values: list[float]) -> dict[str, float]:
-            if not values:
-                return {"mean": 0.0, "median": 0.0}
-            return {"mean": 1e3 * statistics.fmean(values), "median": 1e3 * statistics.median(values)}
-
-        t = runner.timings
-        return {"steps": len(t), "recv_wait_ms": ms(self.recv_wait_s), "decode_ms": ms(self.decode_s),
-                "reply_ms": ms(self.reply_s), "launch_ms": ms([x.launch_s for x in t]),
-                "resolve_wait_ms": ms([x.wait_s for x in t]), "gpu_ms": ms([x.gpu_s for x in t]),
-                "device_gap_ms": ms([x.gap_s for x in t])}
+        return {**step_timings_summary(runner.timings), "recv_wait_ms": ms_stats(self.recv_wait_s),
+                "decode_ms": ms_stats(self.decode_s), "reply_ms": ms_stats(self.reply_s)}
 
     def reset(self, runner: ModelRunner, enabled: bool) -> None:
         self.enabled = enabled
