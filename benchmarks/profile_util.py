@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from carpool.profiling import device_kernel_times, step_timings_summary
+from carpool.profiling import device_busy, device_kernel_times, step_timings_summary
 
 CATEGORIES = (
     ("communication", ("nccl", "all_reduce", "allreduce", "one_shot", "all_gather", "allgather", "broadcast",
@@ -49,7 +49,13 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
     with profile(activities=activities) as prof:
         steps = _run_steps(engine, num_steps)
         torch.cuda.synchronize()
-    return _with_pdl_flag(engine, summarize_kernels(device_kernel_times(prof), steps, top))
+    summary = summarize_kernels(device_kernel_times(prof), steps, top)
+    span_us, busy_us = device_busy(prof)
+    # idle: launch gaps between kernels (cuBLAS kernels sit outside the PDL chain) and host waits
+    summary.update(device_span_ms_per_step=span_us / 1e3 / max(steps, 1),
+                   device_busy_ms_per_step=busy_us / 1e3 / max(steps, 1),
+                   device_idle_share=round(1 - busy_us / span_us, 4) if span_us else 0.0)
+    return _with_pdl_flag(engine, summary)
 
 
 def _with_pdl_flag(engine: Any, summary: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Timing summaries shared by the benchmarks (profile_util) and the TP processes: device kernel times out
-of a torch.profiler run, and millisecond statistics of per-step timings."""
+"""Timing summaries shared by the benchmarks (profile_util) and the TP processes: device kernel times and
+device busy time out of a torch.profiler run, and millisecond statistics of per-step timings."""
 
 from __future__ import annotations
 
@@ -20,6 +20,26 @@ def device_kernel_times(prof: Any) -> list[tuple[str, float, int]]:
         if device_us and str(getattr(e, "device_type", "")).endswith("CUDA"):
             kernels.append((e.key, float(device_us), int(e.count)))
     return sorted(kernels, key=lambda k: -k[1])
+
+
+def device_busy(prof: Any) -> tuple[float, float]:
+    """(span, busy) in device microseconds of the device activity in `prof`: from its first start to its
+    last end, and the part of that during which some kernel or copy ran (the union of their intervals,
+    so kernels that overlap under PDL count once). span - busy is device idle time: launch gaps between
+    kernels and waits for the host."""
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    if not intervals:
+        return 0.0, 0.0
+    busy, run_start, run_end = 0.0, intervals[0][0], intervals[0][1]
+    for start, end in intervals[1:]:
+        if start > run_end:
+            busy += run_end - run_start
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+    busy += run_end - run_start
+    return float(max(end for _, end in intervals) - intervals[0][0]), float(busy)
 
 
 def ms_stats(seconds: list[float]) -> dict[str, float]:

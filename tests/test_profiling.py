@@ -1,4 +1,5 @@
-"""device_kernel_times: which profiler rows count as device kernels, and their order."""
+"""device_kernel_times: which profiler rows count as device kernels, and their order; device_busy: the
+union of device intervals; step timing statistics."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def test_step_timings_summary_in_milliseconds() -> None:
     assert summary["launch_ms"]["mean"] == summary["launch_ms"]["median"] == 2.0
     assert summary["gpu_ms"]["mean"] == 5.0 and summary["device_gap_ms"]["median"] == 0.5
     assert ms_stats([]) == {"mean": 0.0, "median": 0.0}
+
+
+def test_device_busy_is_the_union_of_device_intervals() -> None:
+    from carpool.profiling import device_busy
+
+    def event(start: float, end: float, device: str = "DeviceType.CUDA") -> SimpleNamespace:
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device)
+
+    # 10-20 and 15-30 overlap (PDL) -> 10-30; a gap to 32-40; one inside another; a host event ignored
+    events = [event(32, 40), event(10, 20), event(15, 30), event(33, 35), event(0, 100, "DeviceType.CPU")]
+    assert device_busy(SimpleNamespace(events=lambda: events)) == (30.0, 28.0)
+    assert device_busy(SimpleNamespace(events=lambda: [])) == (0.0, 0.0)
