@@ -14,6 +14,11 @@ How it measures:
   pages of each request scattered over the cache): bytes = K and V of every context token + q + out.
   Each case runs the default split count (the table in carpool/ops/triton/attention.py) and a sweep
   of split counts and tile configs, reporting the best, so the table can be tuned from one run.
+- Mixed contexts (uniform in [100, 1100] and [100, 2048]): the default launch (the table's split count,
+  requests in batch order, every request split alike) and the balanced one the engine uses
+  (attention.balanced_decode_plan: longest first, a split count per request), side by side on the same
+  data, each with its sweep (grid splits x target work items x order for the balanced one), so the
+  constants of attention.py can be tuned from one run.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from common import emit, measure_copy_bandwidth
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops import torch_ref
 from carpool.ops import triton as tri
-from carpool.ops.triton.attention import decode_num_splits
+from carpool.ops.triton.attention import (DECODE_TARGET_ITEMS, DecodePlan, balanced_decode_plan,
+                                          decode_num_splits)
 from carpool.ops.triton.decode_attention import (DecodeConfig, decode_attention, decode_scratch,
                                                  default_decode_config)
 
@@ -105,8 +111,9 @@ def decode_inputs(batch: int, context: int | list[int], sets: int, gen: torch.Ge
 
 def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
     """Decode over contexts drawn uniformly from [lo, hi], as in the offline throughput workload (prompts
-    of 100-1024 tokens): unequal programs, so load balance matters as much as the per-tile rate. Sweeps
-    split counts and tile configs."""
+    of 100-1024 tokens): unequal programs, so load balance matters as much as the per-tile rate. The
+    default launch with a sweep of split counts and tile configs; the balanced launch with a sweep of its
+    plan's constants (grid splits, target work items; ordered or in batch order), default tile config."""
     rng = torch.Generator().manual_seed(1)
     lens = torch.randint(lo, hi + 1, (batch,), generator=rng).tolist()
     nbytes = 2 * sum(lens) * HKV * HEAD_DIM * 2 + 2 * batch * HQ * HEAD_DIM * 2
@@ -116,37 +123,57 @@ def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
                 (128, 8, 3), (64, 8, 3))]
     default_splits = decode_num_splits(batch, HKV)
     split_choices = sorted({1, 2, 4, default_splits})
+
+    def row(sec: float, **fields: object) -> dict:
+        return dict(**fields, us=round(sec * 1e6, 2), roofline_ratio=round(nbytes / sec / bandwidth, 3))
+
     sweep = []
     for config in configs:
         for splits in split_choices:
-            sec = time_decode(inp, splits, config)
-            sweep.append(dict(num_splits=splits, block_n=config.block_n, num_warps=config.num_warps,
-                              num_stages=config.num_stages, us=round(sec * 1e6, 2),
-                              roofline_ratio=round(nbytes / sec / bandwidth, 3)))
+            sweep.append(row(time_decode(inp, splits, config), num_splits=splits, block_n=config.block_n,
+                             num_warps=config.num_warps, num_stages=config.num_stages))
     default = next(s for s in sweep if s["num_splits"] == default_splits)  # configs[0] is the default
-    # The same contexts with the longest requests first (programs start in request order): how much of
-    # the gap is load imbalance that longest-first ordering would remove.
-    del inp
-    inp = decode_inputs(batch, sorted(lens, reverse=True), num_sets(nbytes), torch.Generator().manual_seed(0))
-    longest_first = []
-    for splits in split_choices:
-        sec = time_decode(inp, splits, configs[0])
-        longest_first.append(dict(num_splits=splits, us=round(sec * 1e6, 2),
-                                  roofline_ratio=round(nbytes / sec / bandwidth, 3)))
-    result = dict(batch=batch, contexts=[lo, hi], bytes=nbytes, default=default,
-                  best=max(sweep, key=lambda s: s["roofline_ratio"]), longest_first=longest_first, sweep=sweep)
-    progress({k: v for k, v in result.items() if k != "sweep"})
+    plan = balanced_decode_plan(lens, HKV)
+    balanced_sweep = []
+    for splits in sorted({1, 2, 4, 8, plan.num_splits}):
+        for target in sorted({DECODE_TARGET_ITEMS // 4, DECODE_TARGET_ITEMS // 2, DECODE_TARGET_ITEMS,
+                              2 * DECODE_TARGET_ITEMS}):
+            p = balanced_decode_plan(lens, HKV, splits, target_items=target)
+            # Batch order too at the default target: how much of the gain the order alone brings.
+            for ordered in ((True, False) if target == DECODE_TARGET_ITEMS else (True,)):
+                balanced_sweep.append(row(time_decode(inp, splits, configs[0], p, ordered), num_splits=splits,
+                                          target_items=target, ordered=ordered, split_len=p.split_len,
+                                          work_items=work_items(lens, p, configs[0].block_n)))
+    balanced = next(s for s in balanced_sweep if s["num_splits"] == plan.num_splits and s["ordered"]
+                    and s["target_items"] == DECODE_TARGET_ITEMS)
+    result = dict(batch=batch, contexts=[lo, hi], bytes=nbytes, default=default, balanced=balanced,
+                  best=max(sweep, key=lambda s: s["roofline_ratio"]),
+                  best_balanced=max(balanced_sweep, key=lambda s: s["roofline_ratio"]),
+                  sweep=sweep, balanced_sweep=balanced_sweep)
+    progress({k: v for k, v in result.items() if not k.endswith("sweep")})
     del inp
     torch.cuda.empty_cache()
     return result
 
 
-def time_decode(inp: dict, num_splits: int, config: DecodeConfig) -> float:
+def work_items(lens: list[int], plan: DecodePlan, block_n: int) -> int:
+    """Programs of a balanced launch that do work: used splits x KV heads (as the kernel counts them)."""
+    split_tiles = triton.cdiv(plan.split_len, block_n)
+    return HKV * sum(min(plan.num_splits, max(1, triton.cdiv(triton.cdiv(n, block_n), split_tiles))) for n in lens)
+
+
+def time_decode(inp: dict, num_splits: int, config: DecodeConfig, plan: DecodePlan | None = None,
+                ordered: bool = True) -> float:
+    """Without a plan: the default launch; with one: balanced (in batch order unless `ordered`)."""
     batch = inp["q"].shape[0]
     scratch = decode_scratch(batch, HQ, num_splits, HEAD_DIM, DEVICE)
+    order = torch.from_numpy(plan.order).to(DEVICE) if plan is not None and ordered else None
+    split_len = (torch.tensor([plan.split_len], dtype=torch.int32, device=DEVICE) if plan is not None
+                 else None)
     calls = [(lambda t=t: decode_attention(inp["q"], inp["k_cache"], inp["v_cache"], inp["out"], t,
                                            inp["seq_lens"], inp["qsl"], HEAD_DIM ** -0.5, num_splits,
-                                           config, scratch)) for t in inp["tables"]]
+                                           config, scratch, order=order, split_len=split_len))
+             for t in inp["tables"]]
     return time_in_graph(calls)
 
 
@@ -193,10 +220,16 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
                                       roofline_ratio=round(nbytes / sec / bandwidth, 3)))
             default = sweep[[s["num_splits"] for s in sweep].index(default_splits)]  # configs[0] runs first
             best = max(sweep, key=lambda s: s["gb_per_s"])
+            # The balanced launch the engine uses, on equal contexts: what its splits cost where the
+            # default is already balanced.
+            plan = balanced_decode_plan([context] * batch, HKV)
+            sec = time_decode(inp, plan.num_splits, default_config, plan)
+            balanced = dict(num_splits=plan.num_splits, split_len=plan.split_len, us=round(sec * 1e6, 2),
+                            roofline_ratio=round(nbytes / sec / bandwidth, 3))
             op_sec = time_decode_op(inp)
             results.append(dict(batch=batch, context=context, bytes=nbytes, num_splits=default_splits,
                                 gb_per_s=default["gb_per_s"], roofline_ratio=default["roofline_ratio"],
-                                us=default["us"], op_us_with_kv_store=round(op_sec * 1e6, 2),
+                                us=default["us"], balanced=balanced, op_us_with_kv_store=round(op_sec * 1e6, 2),
                                 best=best, sweep=sweep))
             progress({k: v for k, v in results[-1].items() if k != "sweep"})
             del inp
@@ -311,7 +344,8 @@ def main() -> None:
     progress({"copy_gb_per_s": round(bandwidth / 1e9, 1)})
     decode = bench_decode(bandwidth, [int(b) for b in args.batches.split(",")],
                           [int(c) for c in args.contexts.split(",")], args.quick) if "decode" in parts else []
-    mixed = [bench_decode_mixed(bandwidth, b, 100, 1100) for b in (16, 64, 128, 256)] if "mixed" in parts else []
+    mixed = [bench_decode_mixed(bandwidth, b, 100, hi) for hi in (1100, 2048) for b in (16, 64, 128, 256)
+             ] if "mixed" in parts else []
     big = [d["roofline_ratio"] for d in decode if d["batch"] >= 64]
     best_splits: dict[str, dict[str, int]] = {}
     for d in decode:
@@ -324,7 +358,12 @@ def main() -> None:
         copy_gb_per_s=round(bandwidth / 1e9, 1),
         # The issue's target: decode attention >= 80% of copy bandwidth at batch >= 64 (worst case here).
         roofline_ratio=min(big) if big else None,
-        decode_attention=decode, decode_attention_mixed_contexts=mixed, best_num_splits=best_splits, prefill_attention=prefill,
+        decode_attention=decode, decode_attention_mixed_contexts=mixed, best_num_splits=best_splits,
+        # default vs balanced launch on mixed contexts, ratios to copy bandwidth (details in the list above)
+        decode_mixed_summary=[dict(batch=m["batch"], contexts=m["contexts"],
+                                   default=m["default"]["roofline_ratio"], balanced=m["balanced"]["roofline_ratio"],
+                                   best_balanced=m["best_balanced"]["roofline_ratio"]) for m in mixed],
+        prefill_attention=prefill,
         elementwise=elementwise)
     emit(report, args.out)
 

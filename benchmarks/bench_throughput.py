@@ -192,6 +192,22 @@ def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperatur
             "attn_implementation": "paged|sdpa", "finished_requests": done, "partial": partial}
 
 
+def unbalanced_decode() -> None:
+    """Patch this process's decode planning back to what it was before the work balance: the old split
+    table (1 split above 256 units), requests in batch order, splits of one tile; for side-by-side runs."""
+    import numpy as np
+
+    from carpool.ops.triton import attention
+
+    attention.DECODE_SPLIT_TABLE = attention.DECODE_SPLIT_TABLE[:4]
+
+    def plan(seq_lens, num_kv_heads, num_splits=None, **_):  # type: ignore[no-untyped-def]
+        n = len(seq_lens)
+        return attention.DecodePlan(num_splits or attention.decode_num_splits(n, num_kv_heads),
+                                    np.arange(n, dtype=np.int32), 1)
+    attention.balanced_decode_plan = plan  # type: ignore[assignment]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["random", "shared-prefix"], default="random")
@@ -209,8 +225,13 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--hf", action="store_true", help="also run HF transformers on the same workload")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler summary of 30 decode steps")
+    ap.add_argument("--no-decode-balance", action="store_true",
+                    help="ablation (TP=1): decode attention without the per-step work balance (the split "
+                         "table alone, requests in batch order, one-tile splits)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.no_decode_balance:
+        unbalanced_decode()
 
     import torch
 
@@ -227,7 +248,8 @@ def main() -> None:
         engine_kwargs["device"] = args.device
     result: dict[str, Any] = {"benchmark": f"throughput/{args.workload}", "device": device_name(),
                               "model": args.model or f"{args.shape} (random bf16 weights)",
-                              "num_prompts": args.num_prompts, "engine_args": engine_kwargs}
+                              "num_prompts": args.num_prompts, "engine_args": engine_kwargs,
+                              "decode_balance": not args.no_decode_balance}
     if on_gpu:
         # With TP the limit is every GPU's bandwidth and FLOP rate together (each measured like GPU 0).
         tp = args.tensor_parallel_size

@@ -6,7 +6,8 @@
 # (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
 # tensor-parallel tests and benchmarks (2 GPUs, ~6-8 min): 6 JSON files + suite.log, nothing else;
 # "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
-# "ablate" times batch-1 latency with each kernel choice undone in turn.
+# "ablate" times batch-1 latency with each kernel choice undone in turn; "balance" compares the decode
+# attention's work balance on and off.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -19,7 +20,7 @@ status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; }; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ]; then  # at most 8 files come back: the device goes into the log instead
+if [ "$mode" = tp ] || [ "$mode" = balance ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -71,6 +72,18 @@ if [ "$mode" = serve ] || [ "$mode" = final ]; then
   serve --disable-frontend-multiprocessing
   saturated "$out/serve_saturated_thread.json"
   stop_server
+  echo "=== done ($(date +%T)), status $status"
+  sleep 1
+  exit $status
+fi
+if [ "$mode" = balance ]; then
+  # The decode attention's work balance for mixed context lengths: the GPU tests, batch-1 latency, the
+  # decode kernel on equal and on mixed contexts (balanced and not), offline throughput with and without it.
+  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+  step python3 benchmarks/bench_latency.py --out "$out/latency.json"
+  step python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
+  step python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
+  step python3 benchmarks/bench_throughput.py --no-decode-balance --out "$out/throughput_unbalanced.json"
   echo "=== done ($(date +%T)), status $status"
   sleep 1
   exit $status

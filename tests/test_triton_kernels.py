@@ -11,16 +11,20 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
+from triton import cdiv  # noqa: E402
 
 from carpool.forward_batch import AttentionMetadata  # noqa: E402
 from carpool.ops import torch_ref  # noqa: E402
 from carpool.ops import triton as tri  # noqa: E402
 from carpool.ops.triton import utils  # noqa: E402
-from carpool.ops.triton.attention import decode_num_splits  # noqa: E402
+from carpool.ops.triton.attention import (DECODE_TARGET_ITEMS, MIN_TOKENS_PER_SPLIT,  # noqa: E402
+                                          ORDER_MAX_SPLITS, balanced_decode_plan,
+                                          decode_num_splits)
 from carpool.ops.triton.decode_attention import DecodeConfig, decode_attention  # noqa: E402
 from carpool.ops.triton.paged_kv import store_kvcache  # noqa: E402
 from carpool.ops.triton.prefill_attention import PrefillConfig, prefill_attention  # noqa: E402
@@ -129,7 +133,8 @@ def test_decode_float16() -> None:
 
 
 def test_decode_uses_scratch_from_meta() -> None:
-    q, k, v, kc, vc, meta = make_batch([(90, 1), (150, 1)], 2, 1, 32, 16, torch.float32)
+    # long enough for all 3 splits: a request with one split would write `out` directly
+    q, k, v, kc, vc, meta = make_batch([(300, 1), (400, 1)], 2, 1, 32, 16, torch.float32)
     part_out = torch.full((8, 2, 16, 32), float("nan"), device=DEVICE)  # larger than needed
     part_lse = torch.full((8, 2, 16), float("nan"), device=DEVICE)
     meta.extra.update(num_splits=3, decode_scratch=(part_out, part_lse))
@@ -180,6 +185,50 @@ def test_cascade_decode_over_a_shared_prefix_matches_reference(group: int, prefi
 def test_split_table_gives_few_reqs_many_splits() -> None:
     assert decode_num_splits(1, 8) > decode_num_splits(64, 8) >= decode_num_splits(256, 8) == 1
     assert decode_num_splits(1, 8, max_seq_len=100) == 1  # a short context is not split
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_balanced_decode_matches_reference_and_idle_splits_write_nothing(group: int) -> None:
+    """Mixed contexts in a permuted order, each request with its own split count (1 for the short ones,
+    which write `out` directly); out and scratch start as NaN, so any read of an unwritten slot shows."""
+    contexts = [1, 40, 1000, 77, 130, 64, 5, 260]
+    q, _, _, kc, vc, meta = make_batch([(c, 1) for c in contexts], 2 * group, 2, 32, 16, torch.float32)
+    num_splits, split_len, block_n = 4, 64, 32  # 2 tiles per split; the 1000-key request is capped at 4
+    config = DecodeConfig(block_n=block_n, num_stages=1)
+    order = torch.tensor([3, 0, 7, 2, 5, 1, 6, 4], dtype=torch.int32, device=DEVICE)
+    part_out = torch.full((len(contexts), 2 * group, num_splits, 32), float("nan"), device=DEVICE)
+    part_lse = torch.full((len(contexts), 2 * group, num_splits), float("nan"), device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, kc, vc, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, num_splits,
+                     config, (part_out, part_lse), order=order,
+                     split_len=torch.tensor([split_len], dtype=torch.int32, device=DEVICE))
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, attention_without_store(q, kc, vc, meta, 0.3), atol=2e-5, rtol=1e-4)
+    used = [min(num_splits, max(1, cdiv(cdiv(c, block_n), cdiv(split_len, block_n)))) for c in contexts]
+    assert used[0] == 1 and used[2] == num_splits and 1 < used[4] < num_splits  # all three kinds present
+    for r, u in enumerate(used):
+        num_parts = 0 if u == 1 else u  # one split writes `out` and no partial; splits >= used write nothing
+        for scratch in (part_lse, part_out):
+            assert not scratch[r, :, :num_parts].isnan().any() and scratch[r, :, num_parts:].isnan().all()
+
+
+def test_balanced_plan_orders_longest_first_and_sizes_splits() -> None:
+    rng = random.Random(0)
+    for num_reqs in (1, 7, 33, 64, 256):
+        lens = [rng.randint(1, 3000) for _ in range(num_reqs)] + [0, 0]  # two requests the kernel skips
+        plan = balanced_decode_plan(lens, 8)
+        assert plan.num_splits == decode_num_splits(len(lens), 8)
+        assert sorted(plan.order.tolist()) == list(range(len(lens))) and plan.order.dtype == np.int32
+        ordered = [lens[i] for i in plan.order]
+        # longest first where a request has at most ORDER_MAX_SPLITS programs per KV head, else batch order
+        assert ordered == (sorted(lens, reverse=True) if plan.num_splits <= ORDER_MAX_SPLITS else lens)
+        assert plan.split_len >= MIN_TOKENS_PER_SPLIT
+        # the keys of all heads fit in target_items splits of split_len, and no shorter split_len does that
+        assert 8 * sum(lens) <= plan.split_len * DECODE_TARGET_ITEMS
+        assert plan.split_len == MIN_TOKENS_PER_SPLIT or 8 * sum(lens) > (plan.split_len - 1) * DECODE_TARGET_ITEMS
+        assert balanced_decode_plan(lens, 8, num_splits=2).num_splits == 2  # a graph's grid wins
+    assert balanced_decode_plan([100] * 4, 8).split_len == MIN_TOKENS_PER_SPLIT  # no split under the minimum
+    assert [decode_num_splits(n, 8) for n in (1, 4, 16, 32, 64, 65, 256)] == [32, 16, 8, 4, 2, 1, 1]
 
 
 # ---- prefill / extend path ------------------------------------------------------------------------

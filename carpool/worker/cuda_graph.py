@@ -6,7 +6,9 @@ a step of B decodes replays the smallest graph >= B with its inputs copied into 
 rows attend over one token of block 0 and store nothing (slot -1), so they cannot disturb real rows.
 
 Everything the captured kernels read must live in these static device buffers: no host values that
-change between replays, no .item()/.tolist() inside.
+change between replays, no .item()/.tolist() inside. That includes the decode attention's work balance
+for mixed context lengths: each graph fixes its grid split count at capture, and each replay uploads the
+request order and keys per split planned from the step's host seq_lens (balanced_decode_plan).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,6 +50,13 @@ class CUDAGraphRunner:
         # Decode batches of at least CASCADE_MIN_BATCH get a second graph with cascade attention over a
         # shared prefix, whose length is read from this buffer at replay.
         self.prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
+        # Graphs exist with the Triton backend only (which is all that imports triton).
+        from carpool.ops.triton.attention import decode_num_splits
+
+        self.num_kv_heads = model.attention_layers()[0].num_kv_heads
+        self.decode_splits = {bs: decode_num_splits(bs, self.num_kv_heads) for bs in self.batch_sizes}
+        self.decode_order = torch.arange(n, dtype=torch.int32, device=device)
+        self.decode_split_len = torch.ones(1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, bool], torch.Tensor] = {}
 
@@ -56,6 +66,8 @@ class CUDAGraphRunner:
                                  # the longest possible context: kernels size their plans for any replay
                                  max_query_len=1, max_seq_len=self.max_model_len,
                                  query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs)
+        meta.extra.update(num_splits=self.decode_splits[bs], decode_order=self.decode_order[:bs],
+                          decode_split_len=self.decode_split_len)
         if cascade:
             meta.extra["cascade_prefix_len"] = self.prefix_len
         return ForwardBatch(input_ids=self.input_ids[:bs], positions=self.positions[:bs], attn=meta)
@@ -101,6 +113,7 @@ class CUDAGraphRunner:
             self.slot_mapping[b:bs].fill_(-1)
             self.seq_lens[b:bs].fill_(1)
             self.block_tables[b:bs, 0].fill_(0)
+        self._plan_decode(inputs.seq_lens, bs)
         cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
         if cascade:
             self.prefix_len.fill_(inputs.cascade_prefix_len)
@@ -110,3 +123,12 @@ class CUDAGraphRunner:
             return logits[:b]
         index = torch.from_numpy(inputs.logits_indices).to(logits.device, non_blocking=True)
         return logits.index_select(0, index)
+
+    def _plan_decode(self, seq_lens: np.ndarray, bs: int) -> None:
+        """Work balance of decode attention for this replay; padded rows (one key each) go last."""
+        from carpool.ops.triton.attention import balanced_decode_plan
+
+        plan = balanced_decode_plan(seq_lens, self.num_kv_heads, self.decode_splits[bs])
+        order = np.concatenate([plan.order, np.arange(len(seq_lens), bs, dtype=np.int32)])
+        self.decode_order[:bs].copy_(torch.from_numpy(order), non_blocking=True)
+        self.decode_split_len.fill_(plan.split_len)

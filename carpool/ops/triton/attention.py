@@ -7,6 +7,9 @@ the requests with several queries and, when there are any, the decode kernel ove
 meta.extra keys read here (all optional; the model runner sets them for captured graphs):
 - "num_splits": int, decode split count; a captured graph must fix it, because it shapes the grid.
   Default: `decode_num_splits(number of 1-query requests, num_kv_heads)`, from the table alone.
+- "decode_order" ([>=B] int32 device tensor) and "decode_split_len" ([1] int32 device tensor): the work
+  balance of the decode kernel (see balanced_decode_plan), which a captured graph refills per replay.
+  Without them they are planned here from the host lists, once per step for all layers.
 - "cascade_prefix_len": a 1-element int32 device tensor: the number of leading keys every request of a
   decode-only step shares (same blocks), a multiple of CASCADE_ALIGN; 0 = none. Present = cascade on.
 - "decode_scratch": (part_out [>=B, Hq, >=S, D], part_lse [>=B, Hq, >=S]) float32 buffers for the split
@@ -17,6 +20,9 @@ meta.extra keys read here (all optional; the model runner sets them for captured
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 import triton
 
@@ -29,13 +35,29 @@ from carpool.ops.triton.prefill_attention import prefill_attention
 # Decode split count by "units" = num_reqs * num_kv_heads, the programs there would be without
 # splitting. An H100/H200 has 132 SMs and needs a few hundred programs in flight to saturate HBM, so
 # few units get many splits. (at most this many units, splits); more units than the last row: 1 split.
-# Measured on an H200 (benchmarks/results): batch 1 best at 16-32 splits, batch 8 at 8, batch >= 64 at 1.
+# Measured on an H200 (benchmarks/results): batch 1 best at 16-32 splits, batch 8 at 8; with contexts
+# of mixed lengths batch 64 (512 units) best at 2 balanced splits, batch >= 128 at 1 (run 30).
 # Tune from benchmarks/bench_kernels.py, which reports the best split count per (batch, context).
-DECODE_SPLIT_TABLE: tuple[tuple[int, int], ...] = ((8, 32), (32, 16), (128, 8), (256, 4))
+DECODE_SPLIT_TABLE: tuple[tuple[int, int], ...] = ((8, 32), (32, 16), (128, 8), (256, 4), (512, 2))
 MAX_DECODE_SPLITS = 32
-# With a context-length hint, a split gets at least this many tokens: more splits would only add
-# merge work.
+# With a context-length hint, a split gets at least this many tokens, and so does a balanced plan's
+# (about 2 tiles): more splits would only add merge work.
 MIN_TOKENS_PER_SPLIT = 128
+# Longest-first order pays where each request has one or two programs per KV head (mixed contexts in
+# [100, 1100] on an H200, run 30: batch 64 0.73 -> 0.82 of copy bandwidth with 2 splits, batch 128
+# 0.84 -> 0.97 and batch 256 0.95 -> 1.01 with 1) and costs with more splits (batch 16, 8 splits:
+# 0.48 -> 0.45), where the split count already spreads the long requests: those keep batch order.
+ORDER_MAX_SPLITS = 2
+# Work items (used splits x KV heads) a balanced plan aims for: a few waves of the programs an H100/H200
+# keeps resident (132 SMs x ~3 decode programs), so the longest program is short next to the whole step.
+DECODE_TARGET_ITEMS = 4 * 132 * 3
+
+
+class DecodePlan(NamedTuple):
+    """Work balance of one decode step (see decode_attention's module docstring)."""
+    num_splits: int  # grid splits per request
+    order: np.ndarray  # [num_reqs] int32: the requests in the order their programs start
+    split_len: int  # keys per split (the kernel rounds it up to whole tiles)
 
 
 def decode_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int | None = None) -> int:
@@ -48,6 +70,26 @@ def decode_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int | None 
     if max_seq_len is not None and max_seq_len > 0:
         splits = min(splits, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT))
     return max(1, min(splits, MAX_DECODE_SPLITS))
+
+
+def balanced_decode_plan(seq_lens: list[int] | np.ndarray, num_kv_heads: int, num_splits: int | None = None,
+                         target_items: int = DECODE_TARGET_ITEMS,
+                         min_split_len: int = MIN_TOKENS_PER_SPLIT) -> DecodePlan:
+    """Plan a decode step from host context lengths (0 for requests the decode kernel skips).
+
+    Splits of split_len = total keys x KV heads / target_items make about target_items work items of
+    equal size, so programs finish together whatever the mix of lengths; a request shorter than that
+    takes one (no merge work), one longer than num_splits of them takes num_splits. With at most
+    ORDER_MAX_SPLITS grid splits the longest requests start first. `num_splits`: the grid's (a captured
+    graph's); default decode_num_splits."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    num_splits = num_splits or decode_num_splits(len(lens), num_kv_heads)
+    if num_splits <= ORDER_MAX_SPLITS:
+        order = np.argsort(-lens, kind="stable").astype(np.int32)
+    else:
+        order = np.arange(len(lens), dtype=np.int32)
+    split_len = max(min_split_len, -(-num_kv_heads * int(lens.sum()) // target_items))
+    return DecodePlan(num_splits, order, split_len)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
@@ -93,10 +135,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
             num_splits = decode_num_splits(num_decodes, k_cache.shape[2])
         elif int(num_splits) < 1:
             raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
+        order, split_len = meta.extra.get("decode_order"), meta.extra.get("decode_split_len")
+        if order is None or split_len is None:
+            order, split_len = _eager_balance(meta, k_cache.shape[2], int(num_splits), q.device)
         # Cascade (shared-prefix) attention only on decode-only steps, where the runner found the prefix.
         prefix_len = meta.extra.get("cascade_prefix_len") if decode_only else None
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                         scale, int(num_splits), scratch=meta.extra.get("decode_scratch"), prefix_len=prefix_len)
+                         scale, int(num_splits), scratch=meta.extra.get("decode_scratch"), prefix_len=prefix_len,
+                         order=order, split_len=split_len)
     if not decode_only:
         prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True)
     return out
@@ -105,3 +151,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
 def _count_single_queries(meta: AttentionMetadata) -> int:
     return utils.step_plan(meta, "num_single_queries",
                            lambda qsl, _: sum(1 for a, b in zip(qsl, qsl[1:]) if b - a == 1))
+
+
+def _eager_balance(meta: AttentionMetadata, num_kv_heads: int, num_splits: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, split_len) of balanced_decode_plan on the device, one upload per step."""
+    def build(qsl: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        lens = [s if b - a == 1 else 0 for s, a, b in zip(seq_lens, qsl, qsl[1:])]  # decodes only
+        plan = balanced_decode_plan(lens, num_kv_heads, num_splits)
+        # split_len at a multiple of 4 int32s: both pointers 16-byte aligned, as the graph runner's buffers,
+        # so Triton (which specializes on alignment) compiles one variant for both.
+        width = -(-len(lens) // 4) * 4
+        host = np.zeros(width + 1, dtype=np.int32)
+        host[:len(lens)] = plan.order
+        host[width] = plan.split_len
+        buf = torch.from_numpy(host).to(device)
+        return buf[:len(lens)], buf[width:]
+    return utils.step_plan(meta, f"decode_balance_{num_kv_heads}_{num_splits}", build)

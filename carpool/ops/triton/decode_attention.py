@@ -1,14 +1,23 @@
 """Split-K paged decode attention for the requests with exactly one query token, CUDA-graph safe.
 
-Grid: (num_reqs, num_kv_heads, num_splits) -- it depends on nothing that changes between graph
+Grid: (num_kv_heads * num_splits, num_reqs) -- it depends on nothing that changes between graph
 replays. Programs of requests whose query length is not 1 (prefill chunks of a mixed batch, which the
-prefill kernel handles, or graph padding with none) do nothing. Program (i, h, s) stacks the GROUP
-query heads that share KV head h into the rows of one [BLOCK_G, D] tile, so every K/V byte is read
-once per step and each KV tile costs one `tl.dot` for the whole group. Request i's context is cut into `num_splits` ranges of whole tiles; the program reads
-seq_lens[i] on the device and walks only its own range. With one split it writes the output directly;
+prefill kernel handles, or graph padding with none) do nothing. Program (h * num_splits + s, i) stacks
+the GROUP query heads that share KV head h into the rows of one [BLOCK_G, D] tile, so every K/V byte is
+read once per step and each KV tile costs one `tl.dot` for the whole group.
+
+Work balance (contexts of mixed lengths): GPUs start programs in grid order, dim 0 fastest, so all splits
+and KV heads of one request start together, and with `order` (request indices, longest context first)
+the program row i serves request order[i]: the longest work starts first and short work fills the tail.
+Request r's context is cut into `used` ranges of whole tiles, used = min(num_splits, cdiv(its tiles,
+split tiles)), where split tiles come from `split_len` (keys per split, a device scalar the host plans
+per step) or DecodeConfig.min_split_tiles; the program reads seq_lens on the device and walks only its
+own range, and splits >= used write nothing. A request with one split writes the output directly;
 otherwise each split writes a normalized partial output and its log2-sum-exp into scratch rows indexed
-by request, and `_merge_kernel` (grid (num_reqs, num_q_heads)) combines the splits:
+by request, and `_merge_kernel` (grid (num_reqs, num_q_heads)) combines the `used` splits:
     out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max).
+With a shared prefix (cascade) every split writes a partial (idle ones with weight 0) and the merge
+reads all slots, the prefix kernel's too.
 """
 
 from __future__ import annotations
@@ -41,18 +50,33 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
 
 
 @triton.jit
+def _used_splits(num_tiles, split_len_ptr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_SPLIT_LEN: tl.constexpr):
+    """Splits a request of num_tiles tiles uses (the split and merge kernels must agree): one per
+    split_len keys (or MIN_SPLIT_TILES tiles without split_len), at least 1, at most NUM_SPLITS."""
+    if HAS_SPLIT_LEN:
+        split_tiles = tl.maximum(tl.cdiv(tl.load(split_len_ptr), BLOCK_N), 1)
+    else:
+        split_tiles = MIN_SPLIT_TILES
+    return tl.minimum(tl.maximum(tl.cdiv(num_tiles, split_tiles), 1), NUM_SPLITS)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr, ctx_start_ptr, qk_scale,
+                   out_ptr, part_out_ptr, part_lse_ptr, ctx_start_ptr, order_ptr, split_len_ptr, qk_scale,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_bt, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   HAS_PREFIX: tl.constexpr, USE_PDL: tl.constexpr):
+                   HAS_PREFIX: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_SPLIT_LEN: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
-    req = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    kv_head = tl.program_id(0) // NUM_SPLITS
+    split = tl.program_id(0) % NUM_SPLITS
+    req = tl.program_id(1)
+    if HAS_ORDER:
+        req = tl.load(order_ptr + req)
     q_row = tl.load(qsl_ptr + req)
     is_decode = tl.load(qsl_ptr + req + 1) - q_row == 1
     # Any other request attends to nothing here and writes nothing.
@@ -64,7 +88,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     if HAS_PREFIX:
         first_tile = tl.load(ctx_start_ptr) // BLOCK_N
     num_tiles = tl.maximum(tl.cdiv(seq_len, BLOCK_N) - first_tile, 0)
-    used_splits = tl.minimum(tl.maximum(tl.cdiv(num_tiles, MIN_SPLIT_TILES), 1), NUM_SPLITS)
+    used_splits = _used_splits(num_tiles, split_len_ptr, NUM_SPLITS, MIN_SPLIT_TILES, BLOCK_N, HAS_SPLIT_LEN)
     tiles_per_split = tl.cdiv(num_tiles, used_splits)
     tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)  # empty loop for idle splits
@@ -72,12 +96,14 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
-    # Integer bounds instead of `& is_decode`: the interpreter mistypes a broadcast scalar bool.
-    row_ok = offs_g < tl.where(is_decode, GROUP, 0)
-    mask_qd = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # Query rows this program serves: none for other requests and idle splits. (Integer bounds instead of
+    # `& is_decode`: the interpreter mistypes a broadcast scalar bool.)
+    num_rows = tl.where(is_decode, GROUP, 0)
+    active_rows = tl.where(split < used_splits, num_rows, 0)
+    mask_d = offs_d[None, :] < HEAD_DIM
     q_row64 = q_row.to(tl.int64)
-    q = tl.load(q_ptr + q_row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_qd,
-                other=0.0)
+    q = tl.load(q_ptr + q_row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_g < active_rows)[:, None] & mask_d, other=0.0)
     q = q.to(k_cache_ptr.dtype.element_ty)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -90,17 +116,22 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
                                     seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
                                     qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION)
-    # Idle splits have l_i = 0: write o = 0 and lse = -inf so the merge gives them weight 0.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1 and not HAS_PREFIX:
-        tl.store(out_ptr + q_row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=mask_qd)
+    if HAS_PREFIX:
+        # The merge reads every slot: idle splits write o = 0 and lse = -inf, which weigh 0.
+        part_rows = num_rows
     else:
+        # A request with one split writes its output here, and the merge skips it.
+        out_rows = tl.where(used_splits == 1, active_rows, 0)
+        tl.store(out_ptr + q_row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=(offs_g < out_rows)[:, None] & mask_d)
+        part_rows = active_rows - out_rows
+    if NUM_SPLITS > 1 or HAS_PREFIX:
         req64 = req.to(tl.int64)
         part = part_out_ptr + req64 * stride_pt + heads[:, None] * stride_ph + split * stride_ps
-        tl.store(part + offs_d[None, :], o, mask=mask_qd)
+        tl.store(part + offs_d[None, :], o, mask=(offs_g < part_rows)[:, None] & mask_d)
         lse = m_i + tl.log2(l_i)
-        tl.store(part_lse_ptr + req64 * stride_lt + heads * stride_lh + split, lse, mask=row_ok)
+        tl.store(part_lse_ptr + req64 * stride_lt + heads * stride_lh + split, lse, mask=offs_g < part_rows)
 
 
 @triton.jit
@@ -153,20 +184,29 @@ def _prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, p
 
 
 @triton.jit
-def _merge_kernel(qsl_ptr, part_out_ptr, part_lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps,
-                  stride_lt, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                  USE_PDL: tl.constexpr):
+def _merge_kernel(qsl_ptr, seq_lens_ptr, split_len_ptr, part_out_ptr, part_lse_ptr, out_ptr, stride_pt,
+                  stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SPLIT_LEN: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(qsl_ptr + req)
     is_decode = tl.load(qsl_ptr + req + 1) - q_row == 1
+    # Slots to combine (integer bounds: see _decode_kernel); 0 = nothing to do here.
+    if HAS_PREFIX:
+        num_slots = tl.where(is_decode, NUM_SLOTS, 0)  # all written, the prefix kernel's too
+    else:
+        seq_len = tl.where(is_decode, tl.load(seq_lens_ptr + req), 0)
+        used_splits = _used_splits(tl.cdiv(seq_len, BLOCK_N), split_len_ptr, NUM_SPLITS, MIN_SPLIT_TILES,
+                                   BLOCK_N, HAS_SPLIT_LEN)
+        num_slots = tl.where(used_splits > 1, used_splits, 0)  # one split wrote the output itself
     q_row64 = q_row.to(tl.int64)
     req64 = req.to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < tl.where(is_decode, NUM_SPLITS, 0)  # integer bound: see _decode_kernel
+    s_ok = offs_s < num_slots
     lse = tl.load(part_lse_ptr + req64 * stride_lt + head * stride_lh + offs_s, mask=s_ok,
                   other=float("-inf"))
     m = tl.max(lse, axis=0)
@@ -178,7 +218,7 @@ def _merge_kernel(qsl_ptr, part_out_ptr, part_lse_ptr, out_ptr, stride_pt, strid
     denom = tl.sum(w, axis=0)
     o = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + q_row64 * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
-             mask=offs_d < tl.where(is_decode, HEAD_DIM, 0))
+             mask=offs_d < tl.where(num_slots > 0, HEAD_DIM, 0))
 
 
 def decode_scratch(num_reqs: int, num_q_heads: int, num_splits: int, head_dim: int,
@@ -192,7 +232,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                      scale: float, num_splits: int, config: DecodeConfig | None = None,
                      scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     prefix_len: torch.Tensor | None = None, prefix_splits: int = 8) -> torch.Tensor:
+                     prefix_len: torch.Tensor | None = None, prefix_splits: int = 8,
+                     order: torch.Tensor | None = None, split_len: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each 1-query request over its whole cached context; writes those rows of `out`.
 
     K/V of the new tokens must already be in the cache. `scratch` (see decode_scratch) may be larger
@@ -203,7 +244,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     first prefix_len keys (same blocks; a multiple of 64, at most every request's context minus one),
     which `_prefix_kernel` reads once for the whole batch while the split kernel covers each request's
     own keys after it; the merge combines both. Zero is allowed (nothing shared), so a captured graph can
-    keep the cascade kernels for every replay."""
+    keep the cascade kernels for every replay.
+
+    Work balance for mixed context lengths (see the module docstring; the host plans both per step,
+    attention.balanced_decode_plan): `order` ([num_reqs] int32 device tensor) is the permutation of the
+    requests in which their programs start, longest context first; `split_len` (a 1-element int32
+    device tensor) is the keys per split, which sets each request's own split count up to num_splits."""
     num_reqs = seq_lens.shape[0]
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -229,8 +275,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_g = max(16, triton.next_power_of_2(group))
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
     ctx_start = prefix_len if cascade else seq_lens  # (unread without a prefix)
-    _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
+    if order is not None and order.shape[0] < num_reqs:
+        raise ValueError(f"decode order: need >= {num_reqs} request indices, got {order.shape[0]}")
+    _decode_kernel[(num_kv_heads * num_splits, num_reqs)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, ctx_start,
+        seq_lens if order is None else order, seq_lens if split_len is None else split_len,  # (unread if None)
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -238,7 +287,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
-        DOT_PRECISION=precision, HAS_PREFIX=cascade, num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION=precision, HAS_PREFIX=cascade, HAS_ORDER=order is not None,
+        HAS_SPLIT_LEN=split_len is not None, num_warps=config.num_warps, num_stages=config.num_stages,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if cascade:
         assert prefix_len is not None
@@ -253,8 +303,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             num_warps=8 if block_m == 128 else 4, num_stages=2, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if num_slots > 1:
         _merge_kernel[(num_reqs, num_q_heads)](
-            query_start_loc, part_out, part_lse, out, part_out.stride(0), part_out.stride(1),
-            part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_slots, BLOCK_S=triton.next_power_of_2(num_slots),
+            query_start_loc, seq_lens, seq_lens if split_len is None else split_len, part_out, part_lse, out,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            NUM_SLOTS=num_slots, MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_N=config.block_n,
+            HAS_PREFIX=cascade, HAS_SPLIT_LEN=split_len is not None, BLOCK_S=triton.next_power_of_2(num_slots),
             BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
