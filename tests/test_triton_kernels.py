@@ -479,12 +479,22 @@ def test_sampling_kernel_draw_depends_only_on_the_row_seed() -> None:
 
 
 def test_sampling_kernel_follows_the_softmax_distribution() -> None:
-    n = 3000
-    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], device=DEVICE)
+    check_sampling_distribution(DEVICE)
+
+
+@gpu
+@needs_cuda
+def test_gpu_sampling_kernel_follows_the_softmax_distribution() -> None:
+    """Compiled, the kernel takes its logs with lg2.approx (the interpreter with tl.log2)."""
+    check_sampling_distribution("cuda", n=20000)
+
+
+def check_sampling_distribution(device: str, n: int = 3000) -> None:
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], device=device)
     logits = base.repeat(n, 1)
     for temperature, name in ((1.0, "T=1"), (0.5, "T=0.5")):
-        temp = torch.full((n,), temperature, device=DEVICE)
-        seeds = torch.randint(0, 1 << 40, (n,), dtype=torch.int64, device=DEVICE)
+        temp = torch.full((n,), temperature, device=device)
+        seeds = torch.randint(0, 1 << 40, (n,), dtype=torch.int64, device=device)
         counts = torch.bincount(tri.sample_from_logits(logits, temp, seeds), minlength=6).float()
         expected = torch.softmax(base / temperature, dim=0) * n
         # every class within 5 standard deviations of its binomial count
