@@ -233,6 +233,24 @@ def test_balanced_plan_orders_longest_first_and_sizes_splits() -> None:
     assert [decode_num_splits(n, 8) for n in (1, 4, 16, 32, 64, 65, 256)] == [32, 16, 8, 4, 2, 1, 1]
 
 
+def test_graph_runner_plans_each_replay_longest_first_with_padding_last() -> None:
+    """The decode plan a captured graph reads from static buffers, refilled before each replay."""
+    from types import SimpleNamespace
+
+    from carpool.worker.cuda_graph import CUDAGraphRunner
+
+    model = SimpleNamespace(attention_layers=lambda: [SimpleNamespace(num_kv_heads=8)])
+    runner = CUDAGraphRunner(model, 64, 4096, 16, torch.device("cpu"))  # type: ignore[arg-type]
+    assert runner.decode_splits[1] == 32 and runner.decode_splits[48] == 2 and runner.decode_splits[64] == 2
+    lens = np.array([300, 1000] + [100] * 45, dtype=np.int32)  # 47 requests replay the 48-row graph
+    runner._plan_decode(lens, 48)
+    order = runner.decode_order[:48].tolist()
+    assert order[:2] == [1, 0] and order[-1] == 47 and sorted(order) == list(range(48))
+    assert runner.decode_split_len.item() == balanced_decode_plan(lens, 8, 2).split_len >= MIN_TOKENS_PER_SPLIT
+    runner._plan_decode(np.array([5, 9], dtype=np.int32), 2)  # many splits: batch order, one-tile splits
+    assert runner.decode_order[:2].tolist() == [0, 1] and runner.decode_split_len.item() == 1
+
+
 # ---- prefill / extend path ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (2, 16, 32), (4, 24, 16), (2, 128, 16)])
