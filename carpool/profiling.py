@@ -4,6 +4,7 @@ device busy time out of a torch.profiler run, and millisecond statistics of per-
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,6 +41,26 @@ def device_busy(prof: Any) -> tuple[float, float]:
             run_end = max(run_end, end)
     busy += run_end - run_start
     return float(max(end for _, end in intervals) - intervals[0][0]), float(busy)
+
+
+def device_idle_by_transition(prof: Any, label: Callable[[str], str]) -> dict[str, float]:
+    """Device idle microseconds in `prof`, by the transition they sit in: "A -> B" where A = label(name)
+    of the kernel that finished last before the gap and B that of the one after it. Shows which kernel
+    boundaries (e.g. the ones a cuBLAS GEMM takes part in, outside the PDL chain) the idle time of
+    device_busy comes from."""
+    events = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                    if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    idle: dict[str, float] = {}
+    if not events:
+        return idle
+    run_end, last = events[0][1], events[0][2]
+    for start, end, name in events[1:]:
+        if start > run_end:
+            key = f"{label(last)} -> {label(name)}"
+            idle[key] = idle.get(key, 0.0) + start - run_end
+        if end >= run_end:
+            run_end, last = end, name
+    return idle
 
 
 def ms_stats(seconds: list[float]) -> dict[str, float]:

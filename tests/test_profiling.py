@@ -42,3 +42,19 @@ def test_device_busy_is_the_union_of_device_intervals() -> None:
     events = [event(32, 40), event(10, 20), event(15, 30), event(33, 35), event(0, 100, "DeviceType.CPU")]
     assert device_busy(SimpleNamespace(events=lambda: events)) == (30.0, 28.0)
     assert device_busy(SimpleNamespace(events=lambda: [])) == (0.0, 0.0)
+
+
+def test_device_idle_by_transition_names_the_kernels_around_each_gap() -> None:
+    from carpool.profiling import device_idle_by_transition
+
+    def event(name: str, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               device_type="DeviceType.CUDA")
+
+    # gemm 0-10, gap 2, norm 12-14 overlapped by rope 13-20 (PDL), gap 3, gemm 23-30, gap 1, decode 31-40
+    events = [event("nvjet_gemm", 0, 10), event("_rms_norm_kernel", 12, 14), event("_rope_kernel", 13, 20),
+              event("nvjet_gemm", 23, 30), event("_decode_kernel", 31, 40),
+              SimpleNamespace(name="cpu_op", time_range=SimpleNamespace(start=0, end=99), device_type="DeviceType.CPU")]
+    label = lambda name: "gemm" if "gemm" in name else "triton"  # noqa: E731
+    idle = device_idle_by_transition(SimpleNamespace(events=lambda: events), label)
+    assert idle == {"gemm -> triton": 3.0, "triton -> gemm": 3.0}
