@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from carpool.profiling import device_busy, device_idle_by_transition, device_kernel_times, step_timings_summary
+from carpool.profiling import device_activity, device_kernel_times, step_timings_summary
 
 CATEGORIES = (
     ("communication", ("nccl", "all_reduce", "allreduce", "one_shot", "all_gather", "allgather", "broadcast",
@@ -50,14 +50,13 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
         steps = _run_steps(engine, num_steps)
         torch.cuda.synchronize()
     summary = summarize_kernels(device_kernel_times(prof), steps, top)
-    span_us, busy_us = device_busy(prof)
     # idle: launch gaps between kernels (cuBLAS kernels sit outside the PDL chain) and host waits
-    idle = device_idle_by_transition(prof, category)
-    summary.update(device_span_ms_per_step=span_us / 1e3 / max(steps, 1),
-                   device_busy_ms_per_step=busy_us / 1e3 / max(steps, 1),
-                   device_idle_share=round(1 - busy_us / span_us, 4) if span_us else 0.0,
+    act = device_activity(prof, category)
+    summary.update(device_span_ms_per_step=act.span / 1e3 / max(steps, 1),
+                   device_busy_ms_per_step=act.busy / 1e3 / max(steps, 1),
+                   device_idle_share=round(1 - act.busy / act.span, 4) if act.span else 0.0,
                    idle_ms_per_step_by_transition={k: round(us / 1e3 / max(steps, 1), 4) for k, us in
-                                                   sorted(idle.items(), key=lambda kv: -kv[1])[:10]})
+                                                   sorted(act.idle_by_transition.items(), key=lambda kv: -kv[1])[:10]})
     return _with_pdl_flag(engine, summary)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,44 +24,38 @@ def device_kernel_times(prof: Any) -> list[tuple[str, float, int]]:
     return sorted(kernels, key=lambda k: -k[1])
 
 
-def device_busy(prof: Any) -> tuple[float, float]:
-    """(span, busy) in device microseconds of the device activity in `prof`: from its first start to its
-    last end, and the part of that during which some kernel or copy ran (the union of their intervals,
-    so kernels that overlap under PDL count once). span - busy is device idle time: launch gaps between
-    kernels and waits for the host."""
-    intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if str(getattr(e, "device_type", "")).endswith("CUDA"))
-    if not intervals:
-        return 0.0, 0.0
-    busy, run_start, run_end = 0.0, intervals[0][0], intervals[0][1]
-    for start, end in intervals[1:]:
-        if start > run_end:
-            busy += run_end - run_start
-            run_start, run_end = start, end
-        else:
-            run_end = max(run_end, end)
-    busy += run_end - run_start
-    return float(max(end for _, end in intervals) - intervals[0][0]), float(busy)
+@dataclass(frozen=True)
+class DeviceActivity:
+    """Device time in a profile, in microseconds: `span` from the first start to the last end, `busy` the
+    part of it during which some kernel or copy ran (the union of their intervals, so kernels that
+    overlap under PDL count once). span - busy is device idle time: launch gaps between kernels and waits
+    for the host; `idle_by_transition` splits it by "A -> B", the labels of the kernel that finished last
+    before each gap and of the one after it (e.g. boundaries a cuBLAS GEMM takes part in, outside the PDL
+    chain)."""
+    span: float
+    busy: float
+    idle_by_transition: dict[str, float]
 
 
-def device_idle_by_transition(prof: Any, label: Callable[[str], str]) -> dict[str, float]:
-    """Device idle microseconds in `prof`, by the transition they sit in: "A -> B" where A = label(name)
-    of the kernel that finished last before the gap and B that of the one after it. Shows which kernel
-    boundaries (e.g. the ones a cuBLAS GEMM takes part in, outside the PDL chain) the idle time of
-    device_busy comes from."""
+def device_activity(prof: Any, label: Callable[[str], str]) -> DeviceActivity:
+    """DeviceActivity of the device events in `prof` (one pass over them, in start order)."""
     events = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                     if str(getattr(e, "device_type", "")).endswith("CUDA"))
     idle: dict[str, float] = {}
     if not events:
-        return idle
-    run_end, last = events[0][1], events[0][2]
+        return DeviceActivity(0.0, 0.0, idle)
+    run_start, run_end, last = events[0]
+    busy = 0.0
     for start, end, name in events[1:]:
         if start > run_end:
+            busy += run_end - run_start
             key = f"{label(last)} -> {label(name)}"
             idle[key] = idle.get(key, 0.0) + start - run_end
+            run_start = start
         if end >= run_end:
             run_end, last = end, name
-    return idle
+    busy += run_end - run_start
+    return DeviceActivity(float(run_end - events[0][0]), float(busy), idle)
 
 
 def ms_stats(seconds: list[float]) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""device_kernel_times: which profiler rows count as device kernels, and their order; device_busy: the
-union of device intervals; step timing statistics."""
+"""device_kernel_times: which profiler rows count as device kernels, and their order; device_activity: the
+union of device intervals and the idle time between them; step timing statistics."""
 
 from __future__ import annotations
 
@@ -32,29 +32,29 @@ def test_step_timings_summary_in_milliseconds() -> None:
     assert ms_stats([]) == {"mean": 0.0, "median": 0.0}
 
 
-def test_device_busy_is_the_union_of_device_intervals() -> None:
-    from carpool.profiling import device_busy
+def event(start: float, end: float, name: str = "kernel", device: str = "DeviceType.CUDA") -> SimpleNamespace:
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device)
 
-    def event(start: float, end: float, device: str = "DeviceType.CUDA") -> SimpleNamespace:
-        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device)
+
+def test_device_busy_is_the_union_of_device_intervals() -> None:
+    from carpool.profiling import device_activity
 
     # 10-20 and 15-30 overlap (PDL) -> 10-30; a gap to 32-40; one inside another; a host event ignored
-    events = [event(32, 40), event(10, 20), event(15, 30), event(33, 35), event(0, 100, "DeviceType.CPU")]
-    assert device_busy(SimpleNamespace(events=lambda: events)) == (30.0, 28.0)
-    assert device_busy(SimpleNamespace(events=lambda: [])) == (0.0, 0.0)
+    events = [event(32, 40), event(10, 20), event(15, 30), event(33, 35), event(0, 100, device="DeviceType.CPU")]
+    act = device_activity(SimpleNamespace(events=lambda: events), str)
+    assert (act.span, act.busy) == (30.0, 28.0)
+    empty = device_activity(SimpleNamespace(events=lambda: []), str)
+    assert (empty.span, empty.busy, empty.idle_by_transition) == (0.0, 0.0, {})
 
 
 def test_device_idle_by_transition_names_the_kernels_around_each_gap() -> None:
-    from carpool.profiling import device_idle_by_transition
-
-    def event(name: str, start: float, end: float) -> SimpleNamespace:
-        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
-                               device_type="DeviceType.CUDA")
+    from carpool.profiling import device_activity
 
     # gemm 0-10, gap 2, norm 12-14 overlapped by rope 13-20 (PDL), gap 3, gemm 23-30, gap 1, decode 31-40
-    events = [event("nvjet_gemm", 0, 10), event("_rms_norm_kernel", 12, 14), event("_rope_kernel", 13, 20),
-              event("nvjet_gemm", 23, 30), event("_decode_kernel", 31, 40),
-              SimpleNamespace(name="cpu_op", time_range=SimpleNamespace(start=0, end=99), device_type="DeviceType.CPU")]
+    events = [event(0, 10, "nvjet_gemm"), event(12, 14, "_rms_norm_kernel"), event(13, 20, "_rope_kernel"),
+              event(23, 30, "nvjet_gemm"), event(31, 40, "_decode_kernel"),
+              event(0, 99, "cpu_op", device="DeviceType.CPU")]
     label = lambda name: "gemm" if "gemm" in name else "triton"  # noqa: E731
-    idle = device_idle_by_transition(SimpleNamespace(events=lambda: events), label)
-    assert idle == {"gemm -> triton": 3.0, "triton -> gemm": 3.0}
+    act = device_activity(SimpleNamespace(events=lambda: events), label)
+    assert act.idle_by_transition == {"gemm -> triton": 3.0, "triton -> gemm": 3.0}
+    assert act.span - act.busy == 6.0
