@@ -11,8 +11,6 @@ else is in the batch.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -118,7 +116,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seeds: t
         part_idx = torch.empty((n, n_chunks), dtype=torch.int32, device=logits.device)
         _sample_partial_kernel[(n, n_chunks)](logits, logits.stride(0), temperature, seeds, part_score, part_idx,
                                               vocab, n_chunks, QUARTER=QUARTER, CHUNK=CHUNK, num_warps=4,
-                                              FAST_LOG=os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                              FAST_LOG=not utils.interpreting(),
                                               USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
         _sample_reduce_kernel[(n,)](part_score, part_idx, out, n_chunks,
                                     BLOCK_C=max(16, triton.next_power_of_2(n_chunks)), num_warps=1,

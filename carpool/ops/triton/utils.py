@@ -51,13 +51,19 @@ def step_plan(meta: AttentionMetadata, name: str, build: Callable[[list[int], li
     return plans[name]
 
 
+def interpreting() -> bool:
+    """Kernels run in the Triton interpreter (TRITON_INTERPRET=1: CPU tests), which lacks the GPU-only
+    instructions some kernels use when compiled."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 _pdl_enabled = False
 
 
 def pdl_supported(device: torch.device) -> bool:
     """PDL needs a CUDA device of compute capability 9.0 or newer, compiled kernels (not the
     interpreter) and a Triton that exposes grid dependency control."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if device.type != "cuda" or interpreting():
         return False
     try:
         from triton.language.extra import cuda as tl_cuda
