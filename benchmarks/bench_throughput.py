@@ -195,17 +195,10 @@ def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperatur
 def unbalanced_decode() -> None:
     """Patch this process's decode planning back to what it was before the work balance: the old split
     table (1 split above 256 units), requests in batch order, splits of one tile; for side-by-side runs."""
-    import numpy as np
-
     from carpool.ops.triton import attention
 
-    attention.DECODE_SPLIT_TABLE = attention.DECODE_SPLIT_TABLE[:4]
-
-    def plan(seq_lens, num_kv_heads, num_splits=None, **_):  # type: ignore[no-untyped-def]
-        n = len(seq_lens)
-        return attention.DecodePlan(num_splits or attention.decode_num_splits(n, num_kv_heads),
-                                    np.arange(n, dtype=np.int32), 1)
-    attention.balanced_decode_plan = plan  # type: ignore[assignment]
+    attention.DECODE_SPLIT_TABLE = attention.DECODE_SPLIT_TABLE[:-1]  # without the balance's 2-split row
+    attention.ORDER_MAX_SPLITS = 0  # every plan takes the many-splits branch: batch order, one-tile splits
 
 
 def main() -> None:
