@@ -169,10 +169,17 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--disable-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
+    ap.add_argument("--no-fused-all-reduce-norm", action="store_true",
+                    help="TP ablation: the all-reduce before each residual add + RMSNorm as its own kernel")
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """add_engine_flags' values as LLM keyword arguments."""
+    """add_engine_flags' values as LLM keyword arguments (and the fused all-reduce switch, which the TP
+    workers read from the environment they inherit)."""
+    if args.no_fused_all_reduce_norm:
+        from carpool.custom_all_reduce import FUSED_NORM_ENV
+
+        os.environ[FUSED_NORM_ENV] = "0"
     return dict(enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
                 tensor_parallel_size=args.tensor_parallel_size,
                 disable_custom_all_reduce=args.disable_custom_all_reduce)

@@ -6,7 +6,9 @@ graph, which at 64 calls a step is a large share of a 2-3 ms step. Symmetric mem
 buffer into every peer's address space (CUDA IPC over NVLink); `one_shot_all_reduce_copy` then does the
 whole all-reduce in one kernel: copy the local partial sums into this rank's buffer, meet the peers at a
 barrier on the signal pads, load every peer's buffer and add. The kernel reads device state only, so
-CUDA graphs capture it like any other kernel.
+CUDA graphs capture it like any other kernel. The all-reduce that feeds a residual add + RMSNorm (two
+per layer) goes instead through one fused kernel with a buffer of its own (`NormExchange`,
+ops/triton/all_reduce_norm.py), which meets the peers once instead of twice and saves the norm kernel.
 
 Safety on the shared GPU hosts: NVLink multicast stays off. `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` (and
 `NCCL_NVLS_ENABLE=0`, `NVSHMEM_DISABLE_NVLS=1`) are set in the process environment before the first
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +38,10 @@ logger = logging.getLogger(__name__)
 # 2.6 MB in bf16); larger ones (prefill chunks) go to NCCL, whose bandwidth is better there.
 DEFAULT_MAX_BYTES = 4 << 20
 ALIGN = 16  # the one-shot kernel's widest vector access; the copy variant needs equal alignment
+
+# Set to 0 to keep the all-reduce before each residual add + RMSNorm unfused (an ablation switch; the
+# benchmarks' --no-fused-all-reduce-norm sets it for their TP workers).
+FUSED_NORM_ENV = "CARPOOL_FUSED_ALL_REDUCE_NORM"
 
 # Environment that keeps NVLink multicast off in NCCL, symmetric memory and NVSHMEM. Mandatory on the
 # shared hosts: set in every worker's environment and again in os.environ before torch.distributed starts.
@@ -94,15 +101,66 @@ def _same(a: torch.Tensor, b: torch.Tensor, world_size: int) -> bool:
     return torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
 
 
+@dataclass
+class NormExchange:
+    """Device state of the fused all-reduce + residual add + RMSNorm (ops/triton/all_reduce_norm.py):
+    a symmetric data buffer of two halves, symmetric signal pads, every rank's addresses of both, and
+    this rank's per-program epochs and per-row use counts."""
+
+    data: torch.Tensor  # symmetric, [2 * half_stride] of the model dtype
+    pads: torch.Tensor  # symmetric, int32 [MAX_PROGRAMS * world_size], zero at start
+    buffer_ptrs: torch.Tensor  # int64 [world_size]: every rank's `data` address
+    pad_ptrs: torch.Tensor  # int64 [world_size]: every rank's `pads` address
+    epochs: torch.Tensor  # int32 [MAX_PROGRAMS]
+    uses: torch.Tensor  # int32 [max rows]
+    half_stride: int
+    rank: int
+    world_size: int
+
+    @classmethod
+    def create(cls, device: torch.device, dtype: torch.dtype, group_name: str, world: int,
+               max_bytes: int) -> "NormExchange":
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from carpool.ops.triton.all_reduce_norm import MAX_PROGRAMS
+
+        half = max_bytes // torch.tensor([], dtype=dtype).element_size()
+        data = symm_mem.empty(2 * half, dtype=dtype, device=device)
+        pads = symm_mem.empty(MAX_PROGRAMS * world, dtype=torch.int32, device=device)
+        pads.zero_()
+        torch.cuda.synchronize(device)  # zero before any peer can signal (the caller agrees next)
+
+        def addresses(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+            handle = symm_mem.rendezvous(t, group_name)
+            assert handle.world_size == world, "symmetric-memory group size mismatch"
+            offset = t.data_ptr() - handle.buffer_ptrs[handle.rank]  # the tensor within its allocation
+            ptrs = [p + offset for p in handle.buffer_ptrs]
+            return torch.tensor(ptrs, dtype=torch.int64, device=device), handle.rank
+
+        buffer_ptrs, rank = addresses(data)
+        pad_ptrs, _ = addresses(pads)
+        return cls(data, pads, buffer_ptrs, pad_ptrs, torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device),
+                   torch.zeros(max(1, half // 64), dtype=torch.int32, device=device), half, rank, world)
+
+    def eligible(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Shape checks only (equal on every rank), like CustomAllReduce.eligible."""
+        return (x.dim() == 2 and x.dtype == self.data.dtype and x.is_contiguous() and residual.is_contiguous()
+                and residual.shape == x.shape and 0 < x.shape[0] <= self.uses.numel()
+                and x.numel() <= self.half_stride and x.shape[1] <= 16384)
+
+
 class CustomAllReduce:
     """The fast path once established; `create` returns None when it is not available on every rank."""
 
-    def __init__(self, buffer: torch.Tensor, group_name: str, max_bytes: int) -> None:
+    def __init__(self, buffer: torch.Tensor, group_name: str, max_bytes: int,
+                 exchange: "NormExchange | None" = None) -> None:
         self.buffer = buffer  # this rank's symmetric buffer, flat, of the model dtype
         self.group_name = group_name
         self.max_bytes = max_bytes
         self.dtype = buffer.dtype
+        self.exchange = exchange  # state of the fused all-reduce + add + RMSNorm (None: not available)
         self.calls = 0  # eager calls plus captures (graph replays are not counted)
+        self.norm_calls = 0  # the same, for the fused all-reduce + add + RMSNorm
 
     @classmethod
     def create(cls, device: torch.device, dtype: torch.dtype, rank: int, local_rank: int, world_size: int,
@@ -157,10 +215,14 @@ class CustomAllReduce:
         buffer = symm_mem.empty(max_bytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
                                 device=device)
         symm_mem.rendezvous(buffer, group_name)
-        return cls(buffer, group_name, max_bytes)
+        exchange = None
+        if os.environ.get(FUSED_NORM_ENV, "1") != "0":
+            exchange = NormExchange.create(device, dtype, group_name, dist.get_world_size(group), max_bytes)
+        return cls(buffer, group_name, max_bytes, exchange)
 
     def self_test(self, rank: int, world_size: int, device_group: Any) -> str:
-        """One small and one full-size all-reduce against NCCL; '' when they agree."""
+        """One small and one full-size all-reduce against NCCL, and the fused all-reduce + add + RMSNorm
+        against NCCL then the norm kernel; '' when they agree."""
         self._probe = torch.empty(0)
         for numel in (4096, self.buffer.numel()):
             gen = torch.Generator(device=self.buffer.device).manual_seed(1234 + rank)
@@ -169,16 +231,41 @@ class CustomAllReduce:
                 self._probe = x
             if not _same(self.all_reduce(x), _nccl(x, device_group), world_size):
                 return f"mismatch against NCCL at {numel} elements"
+        gen = torch.Generator(device=self.buffer.device).manual_seed(99)  # the same on every rank
+        self._norm_args = (torch.randn(4, 1024, generator=gen, device=self.buffer.device).to(self.dtype),
+                           torch.rand(1024, generator=gen, device=self.buffer.device).to(self.dtype))
+        gen.manual_seed(7 + rank)
+        for rows in (3, 200, 1) if self.exchange else ():  # more rows than programs; row slots reused
+            x = torch.randn(rows, 1024, generator=gen, device=self.buffer.device).to(self.dtype)
+            if not self._norm_agrees(x, device_group, world_size, *self._norm_pair(x)):
+                return f"fused all-reduce + RMSNorm disagrees with NCCL at {rows} rows"
         return ""
 
+    def _norm_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual, weight = self._norm_args
+        residual = residual.repeat(x.shape[0] // 4 + 1, 1)[:x.shape[0]].contiguous()
+        return self.all_reduce_add_rms_norm(x, residual, weight, 1e-6)
+
+    def _norm_agrees(self, x: torch.Tensor, device_group: Any, world_size: int, out: torch.Tensor,
+                     res_out: torch.Tensor) -> bool:
+        from carpool.ops.torch_ref import fused_add_rms_norm
+
+        residual, weight = self._norm_args
+        residual = residual.repeat(x.shape[0] // 4 + 1, 1)[:x.shape[0]]
+        ref_out, ref_res = fused_add_rms_norm(_nccl(x, device_group), residual, weight, 1e-6)
+        return (_same(res_out, ref_res, world_size)
+                and torch.allclose(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2))
+
     def capture_test(self) -> str:
-        """Capture one all-reduce of the self-test's small input in a CUDA graph (not replayed yet)."""
+        """Capture one all-reduce of the self-test's small input, and one fused all-reduce + RMSNorm,
+        in a CUDA graph (not replayed yet)."""
         stream = torch.cuda.Stream(self.buffer.device)
         stream.wait_stream(torch.cuda.current_stream(self.buffer.device))
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             with torch.cuda.graph(self._graph, stream=stream):
                 self._graph_out = self.all_reduce(self._probe)
+                self._graph_norm = self._norm_pair(self._probe.view(4, 1024)) if self.exchange else None
         torch.cuda.current_stream(self.buffer.device).wait_stream(stream)
         return ""
 
@@ -186,8 +273,24 @@ class CustomAllReduce:
         self._probe.mul_(2)
         self._graph.replay()
         ok = _same(self._graph_out, _nccl(self._probe, device_group), world_size)
-        del self._graph, self._graph_out, self._probe
+        if ok and self._graph_norm is not None:
+            ok = self._norm_agrees(self._probe.view(4, 1024), device_group, world_size, *self._graph_norm)
+        del self._graph, self._graph_out, self._graph_norm, self._probe, self._norm_args
         return "" if ok else "a CUDA-graph replay disagrees with NCCL"
+
+    def norm_eligible(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        return self.exchange is not None and self.exchange.eligible(x, residual)
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """fused_add_rms_norm(sum of x over the ranks, residual) in one kernel. Only for norm_eligible x."""
+        from carpool.ops.triton.all_reduce_norm import all_reduce_add_rms_norm
+
+        ex = self.exchange
+        assert ex is not None
+        self.norm_calls += 1
+        return all_reduce_add_rms_norm(x, residual, weight, eps, ex.buffer_ptrs, ex.pad_ptrs, ex.epochs, ex.uses,
+                                       ex.half_stride, ex.rank, ex.world_size)
 
     def eligible(self, x: torch.Tensor) -> bool:
         """Whether x takes the fast path. Depends only on properties equal on every rank (dtype, size,

@@ -5,6 +5,8 @@ never touched.
 All-reduces go through the one-shot symmetric-memory kernel (carpool/custom_all_reduce.py) when the
 group has one and the tensor is eligible (small, the model dtype), through NCCL (or gloo on CPU)
 otherwise. Either way the result is the return value: callers must not rely on x being reduced in place.
+The all-reduce that feeds a residual add + RMSNorm has its own entry (all_reduce_add_rms_norm), which
+fuses the three into one kernel on the symmetric-memory path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from carpool.custom_all_reduce import CustomAllReduce
+    from carpool.ops import KernelOps
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,15 @@ class TPGroup:
             return self.custom_all_reduce.all_reduce(x)
         torch.distributed.all_reduce(x)
         return x
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                ops: "KernelOps") -> tuple[torch.Tensor, torch.Tensor]:
+        """ops.fused_add_rms_norm(all_reduce(x), residual, ...): one kernel on the symmetric-memory path
+        (Triton kernels, an eligible shape), the two steps otherwise."""
+        custom = self.custom_all_reduce
+        if self.size > 1 and custom is not None and ops.name == "triton" and custom.norm_eligible(x, residual):
+            return custom.all_reduce_add_rms_norm(x, residual, weight, eps)
+        return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:

@@ -96,6 +96,14 @@ def call_every_op(dtype: torch.dtype) -> None:
         for n, k in ((3 * hidden, hidden), (hidden, 4 * hidden)):  # batch-1 projections, short and long rows
             tri.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
     tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
+    from carpool.ops.triton.all_reduce_norm import MAX_PROGRAMS, all_reduce_add_rms_norm
+
+    for hidden in (4096, 5120):  # rank 0 of 2
+        x = torch.zeros(8, hidden, dtype=dtype)
+        ptrs = torch.zeros(2, dtype=torch.int64)
+        all_reduce_add_rms_norm(x, x, torch.zeros(hidden, dtype=dtype), 1e-6, ptrs, ptrs,
+                                torch.zeros(MAX_PROGRAMS, dtype=torch.int32), torch.zeros(8, dtype=torch.int32),
+                                8 * hidden, 0, 2)
 
 
 def main() -> None:

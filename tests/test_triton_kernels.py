@@ -9,7 +9,10 @@ Outputs are allocated poisoned with NaN, so a kernel that skips an element fails
 from __future__ import annotations
 
 import os
+import multiprocessing
 import random
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -326,6 +329,90 @@ def test_fused_add_rms_norm(dtype: torch.dtype, tol: float) -> None:
     torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
     assert torch.equal(x, x0) and torch.equal(r, r0)  # inputs untouched
+
+
+def run_ranks(world: int, call: Callable[[int], tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """Run call(r) for every simulated rank concurrently, as the ranks of a real group would. On a GPU
+    each rank gets its own stream (launches return at once). The interpreter runs a launch to completion
+    and keeps global state, so ranks 1.. run in forked processes: memory shared before the fork sits at
+    the same addresses in every process, so raw addresses work across them as peer addresses do."""
+    if not INTERPRET:
+        streams = [torch.cuda.Stream() for _ in range(world)]
+        results = []
+        for r in range(world):
+            streams[r].wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(streams[r]):
+                results.append(call(r))
+        for st in streams:
+            torch.cuda.current_stream().wait_stream(st)
+        torch.cuda.synchronize()
+        return results
+    ctx = multiprocessing.get_context("fork")
+    children = []
+    for r in range(1, world):
+        mine, theirs = ctx.Pipe()
+
+        def child(r: int = r, conn: Any = theirs) -> None:
+            conn.send([t.numpy().copy() for t in call(r)])  # (torch would pass tensors as file handles)
+        proc = ctx.Process(target=child, daemon=True)
+        proc.start()
+        children.append((proc, mine))
+    results = [call(0)]
+    for proc, conn in children:
+        assert conn.poll(300), "a rank is still waiting at the barrier (or failed: see its stderr)"
+        results.append(tuple(torch.from_numpy(a) for a in conn.recv()))
+        proc.join()
+    return results
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
+    """The fused all-reduce + add + RMSNorm with `world` ranks simulated in one process (the symmetric
+    buffers are plain tensors whose addresses every rank gets): each rank's result equals the torch
+    reference applied to the sum of the ranks' inputs, every rank gets the same bits, and the exchange
+    state stays consistent across calls with different row counts (more rows than programs included)."""
+    from carpool.ops.triton.all_reduce_norm import MAX_PROGRAMS, all_reduce_add_rms_norm
+
+    d, half = 48, 200 * 48
+    gen = torch.Generator().manual_seed(world)
+    def shared(t: torch.Tensor) -> torch.Tensor:  # (in the interpreter: visible to the forked ranks)
+        return t.share_memory_() if INTERPRET else t
+    data = [shared(torch.full((2 * half,), float("nan"), device=DEVICE)) for _ in range(world)]
+    pads = [shared(torch.zeros(MAX_PROGRAMS * world, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    buffer_ptrs = torch.tensor([t.data_ptr() for t in data], dtype=torch.int64, device=DEVICE)
+    pad_ptrs = torch.tensor([t.data_ptr() for t in pads], dtype=torch.int64, device=DEVICE)
+    epochs = [shared(torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    uses = [shared(torch.zeros(200, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    w = torch.randn(d, generator=gen).to(DEVICE)
+    if not INTERPRET:
+        # Compile and load every rank's kernel first, alone, against pads that read as already signalled:
+        # a first launch loads its module, which waits for the running kernels, so a rank spinning on
+        # the same GPU would wait forever for a peer whose kernel cannot load.
+        ready = torch.full((MAX_PROGRAMS * world,), 1 << 30, dtype=torch.int32, device=DEVICE)
+        scratch = torch.empty(2 * half, device=DEVICE)
+        for r in range(world):
+            all_reduce_add_rms_norm(w[None], w[None], w, 1e-6, torch.tensor([scratch.data_ptr()] * world, device=DEVICE),
+                                    torch.tensor([ready.data_ptr()] * world, device=DEVICE),
+                                    torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE),
+                                    torch.zeros(1, dtype=torch.int32, device=DEVICE), half, r, world)
+        torch.cuda.synchronize()
+    for rows in (5, 1, MAX_PROGRAMS + 2, 5):
+        xs = [torch.randn(rows, d, generator=gen).to(DEVICE) for _ in range(world)]
+        residual = torch.randn(rows, d, generator=gen).to(DEVICE)
+        outs = run_ranks(world, lambda r: all_reduce_add_rms_norm(xs[r], residual, w, 1e-6, buffer_ptrs, pad_ptrs,
+                                                                  epochs[r], uses[r], half, r, world))
+        total = xs[0].clone()
+        for x in xs[1:]:
+            total += x
+        ref_out, ref_res = torch_ref.fused_add_rms_norm(total, residual, w, 1e-6)
+        for out, res in outs:
+            assert torch.equal(out, outs[0][0]) and torch.equal(res, outs[0][1])
+            torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
+            torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for r in range(world):
+        # program p took part in every call with more than p rows; row i was used once per call covering it
+        assert epochs[r][:2].tolist() == [4, 3] and epochs[r][MAX_PROGRAMS - 1].item() == 1
+        assert uses[r][:6].tolist() == [4, 3, 3, 3, 3, 1] and uses[r][MAX_PROGRAMS + 1].item() == 1
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])

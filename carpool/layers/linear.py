@@ -146,10 +146,15 @@ class RowParallelLinear(LinearBase):
     added once, after the reduction."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE) -> None:
+                 dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE, reduce_results: bool = True) -> None:
+        """reduce_results=False: return this rank's partial sums; the caller reduces them (an RMSNorm built
+        with the same tp fuses the all-reduce into its residual add). Only without a bias."""
         if in_features % tp.size:
             raise ValueError(f"input size {in_features} does not divide by tensor_parallel_size={tp.size}")
+        if bias and not reduce_results:
+            raise ValueError("reduce_results=False needs bias=False (the bias is added after the reduction)")
         self.tp = tp
+        self.reduce_results = reduce_results
         super().__init__(in_features // tp.size, out_features, bias, dtype)
         _set_loader(self.weight, self.weight_loader)
         if self.bias is not None:
@@ -161,5 +166,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, None)
+        if not self.reduce_results:
+            return y
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

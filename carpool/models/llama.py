@@ -36,8 +36,9 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
         o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
+        # Without a bias o_proj returns partial sums: post_attention_layernorm all-reduces them (fused).
         self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
-                                        bias=o_bias, dtype=dtype, tp=tp)
+                                        bias=o_bias, dtype=dtype, tp=tp, reduce_results=o_bias)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                           config.rope_theta, config.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ops)
@@ -64,8 +65,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
                                                        dtype=config.dtype, tp=tp)
+        # Partial sums: the next RMSNorm (the next layer's input_layernorm, or the final norm) reduces them.
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
-                                           dtype=config.dtype, tp=tp)
+                                           dtype=config.dtype, tp=tp, reduce_results=False)
         self.act_fn = SiluAndMul(ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +81,10 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = self.attention_cls(config, ops, tp)
         self.mlp = LlamaMLP(config, ops, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype)
+        # Each norm that takes a residual first all-reduces the row-parallel output before it.
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype, tp)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype,
+                                                SINGLE if self.self_attn.o_proj.reduce_results else tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +104,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype, tp)
         self.layers = nn.ModuleList([layer_cls(config, ops, tp) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
