@@ -145,7 +145,6 @@ def main() -> None:
                               "disable_custom_all_reduce": args.disable_custom_all_reduce,
                               "disable_pdl": args.disable_pdl,
                               "fused_all_reduce_norm": not args.no_fused_all_reduce_norm,
-                              "triton_gemm": not args.no_triton_gemm,
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
                               "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
                               "copy_bandwidth_bytes_per_s": bandwidth}

@@ -243,8 +243,7 @@ def main() -> None:
                               "model": args.model or f"{args.shape} (random bf16 weights)",
                               "num_prompts": args.num_prompts, "engine_args": engine_kwargs,
                               "decode_balance": not args.no_decode_balance,
-                              "fused_all_reduce_norm": not args.no_fused_all_reduce_norm,
-                              "triton_gemm": not args.no_triton_gemm}
+                              "fused_all_reduce_norm": not args.no_fused_all_reduce_norm}
     if on_gpu:
         # With TP the limit is every GPU's bandwidth and FLOP rate together (each measured like GPU 0).
         tp = args.tensor_parallel_size

@@ -171,23 +171,15 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
     ap.add_argument("--no-fused-all-reduce-norm", action="store_true",
                     help="TP ablation: the all-reduce before each residual add + RMSNorm as its own kernel")
-    ap.add_argument("--no-triton-gemm", action="store_true",
-                    help="ablation: cuBLAS for the projections of decode batches too (not the Triton GEMM)")
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """add_engine_flags' values as LLM keyword arguments (and the ablation switches, which TP workers
-    read from the environment they inherit)."""
+    """add_engine_flags' values as LLM keyword arguments (and the fused all-reduce switch, which the TP
+    workers read from the environment they inherit)."""
     if args.no_fused_all_reduce_norm:
         from carpool.custom_all_reduce import FUSED_NORM_ENV
 
         os.environ[FUSED_NORM_ENV] = "0"
-    if args.no_triton_gemm:
-        import importlib
-
-        gemm_module = importlib.import_module("carpool.ops.triton.gemm")
-        os.environ[gemm_module.MAX_M_ENV] = "0"  # TP workers read it at import
-        gemm_module.MAX_M = 0  # this process (TP=1) has imported it already
     return dict(enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
                 tensor_parallel_size=args.tensor_parallel_size,
                 disable_custom_all_reduce=args.disable_custom_all_reduce)

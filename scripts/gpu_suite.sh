@@ -7,8 +7,7 @@
 # tensor-parallel tests and benchmarks (2 GPUs, ~7-9 min): 5 JSON files + suite.log, nothing else;
 # "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
 # "ablate" times batch-1 latency with each kernel choice undone in turn; "balance" compares the decode
-# attention's work balance on and off; "gemm" sweeps the Triton GEMM of decode batches against cuBLAS and
-# compares offline throughput with and without it (GEMM_QUICK=1: the engine's configs only).
+# attention's work balance on and off.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -21,7 +20,7 @@ status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; }; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = gemm ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -73,17 +72,6 @@ if [ "$mode" = serve ] || [ "$mode" = final ]; then
   serve --disable-frontend-multiprocessing
   saturated "$out/serve_saturated_thread.json"
   stop_server
-  echo "=== done ($(date +%T)), status $status"
-  sleep 1
-  exit $status
-fi
-if [ "$mode" = gemm ]; then
-  # The Triton GEMM for decode batches: its GPU tests, the shape sweep against cuBLAS, and offline
-  # throughput with it (profiled) and without it (cuBLAS for every projection).
-  step timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -k "gemm or engine" -o addopts=""
-  step timeout 300 python3 benchmarks/bench_gemm.py ${GEMM_QUICK:+--quick} --out "$out/gemm.json"
-  step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
-  step timeout 240 python3 benchmarks/bench_throughput.py --no-triton-gemm --out "$out/throughput_cublas.json"
   echo "=== done ($(date +%T)), status $status"
   sleep 1
   exit $status

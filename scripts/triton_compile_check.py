@@ -96,10 +96,6 @@ def call_every_op(dtype: torch.dtype) -> None:
         for n, k in ((3 * hidden, hidden), (hidden, 4 * hidden)):  # batch-1 projections, short and long rows
             tri.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
     tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
-    from carpool.ops.triton.gemm import gemm
-
-    for m, n, k in ((256, 4096, 1024), (64, 1024, 3072), (16, 6144, 1024)):  # decode batches, Qwen3-0.6B
-        gemm(torch.zeros(m, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
     from carpool.ops.triton.all_reduce_norm import MAX_PROGRAMS, all_reduce_add_rms_norm
 
     for hidden in (4096, 5120):  # rank 0 of 2

@@ -470,29 +470,6 @@ def test_gemv_matches_linear(n: int, k: int, with_bias: bool) -> None:
         torch.testing.assert_close(gemv(x, w, b, config), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
-def test_gemm_matches_linear(dtype: torch.dtype, tol: float) -> None:
-    from carpool.ops.triton.gemm import GemmConfig, gemm, linear
-
-    gen = torch.Generator().manual_seed(0)
-    for m, n, k, with_bias in ((2, 96, 128, False), (37, 200, 256, True), (256, 64, 192, False)):
-        w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
-        x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
-        b = torch.randn(n, generator=gen).to(DEVICE, dtype) if with_bias else None
-        expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-        # ragged M and N tiles; the default config where K allows it (its block_k is 128 or 64)
-        for config in (GemmConfig(block_m=16, block_n=64, block_k=64), GemmConfig(block_m=64, block_n=32, block_k=64),
-                       None):
-            torch.testing.assert_close(gemm(x, w, b, config).float(), expected, atol=tol, rtol=tol)
-    x1, big = torch.randn(1, 64).to(DEVICE, dtype), torch.randn(300, 64).to(DEVICE, dtype)
-    odd = torch.randn(4, 100).to(DEVICE, dtype)  # K not a multiple of 64
-    for x in (x1, big, odd):  # outside the kernel's shapes: linear falls back to torch
-        w = torch.randn(8, x.shape[1]).to(DEVICE, dtype)
-        torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
-        with pytest.raises(ValueError, match="gemm"):
-            gemm(x, w)
-
-
 # ---- in the model ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # head_dim 16; head_dim 24 with q/k norms on views
@@ -530,24 +507,6 @@ def test_engine_batch_one_steps_take_the_gemv_and_match_torch(checkpoint_factory
     assert tokens["triton"] == tokens["torch"]
 
 
-def test_engine_decode_batches_take_the_gemm_and_match_torch(checkpoint_factory, monkeypatch) -> None:
-    from checkpoints import prompts_of_lengths
-
-    from carpool import LLM, SamplingParams
-    from carpool.ops.triton import gemm as gemm_module
-
-    rows = []
-    real = gemm_module.gemm
-    monkeypatch.setattr(gemm_module, "gemm", lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k))
-    path = checkpoint_factory("qwen2")  # q/k/v biases go through the GEMM's bias
-    prompts = [{"prompt_token_ids": p} for p in prompts_of_lengths([5, 23, 40])]
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    tokens = {backend: [o.outputs[0].token_ids for o in LLM(path, device=DEVICE, kernel_backend=backend).generate(
-        prompts, params, use_tqdm=False)] for backend in ("torch", "triton")}
-    assert 3 in rows, "a 3-request decode step should use the Triton GEMM"
-    assert tokens["triton"] == tokens["torch"]
-
-
 # ---- GPU, bf16 ------------------------------------------------------------------------------------
 
 BF16_TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs, probabilities rounded to bf16 before P @ V
@@ -571,19 +530,6 @@ def test_gpu_decode_long_contexts_batch_64() -> None:
     rng = random.Random(0)
     reqs = [(rng.randint(1024, 8192), 1) for _ in range(64)]
     check_attention(reqs, 16, 8, 128, dtype=torch.bfloat16, device="cuda", **BF16_TOL)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("m", [2, 16, 64, 200, 256])
-def test_gpu_gemm_bf16(m: int) -> None:
-    from carpool.ops.triton.gemm import gemm
-
-    for n, k in ((4096, 1024), (1024, 3072), (6144, 1024)):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        expected = torch.nn.functional.linear(x.float(), w.float())
-        torch.testing.assert_close(gemm(x, w).float(), expected, **BF16_TOL)
 
 
 @gpu

@@ -51,8 +51,6 @@ class LinearBase(nn.Module):
     # The kernel backend's matrix-vector product, if it has one (see ModelRunner): inputs of one row (a
     # batch-1 decode step) go to it, everything else to cuBLAS / the CPU matmul.
     gemv: Callable[..., torch.Tensor] | None = None
-    # Its linear for the other inputs (decode batches of 2..256 rows on the GPU), if it has one.
-    linear: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -63,8 +61,6 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
             return self.gemv(x, self.weight, bias)
-        if self.linear is not None and x.dim() == 2:
-            return self.linear(x, self.weight, bias)
         return nn.functional.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

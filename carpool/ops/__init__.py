@@ -25,9 +25,6 @@ class KernelOps:
     sample_from_logits: Callable | None = None
     # x [1, K] @ W[N, K].T (+ bias) for batch-1 steps, faster than cuBLAS there; None: plain matmul.
     gemv: Callable | None = None
-    # F.linear for the other 2-D inputs: Triton for decode-sized batches (it joins the PDL chain),
-    # cuBLAS for the rest; None: plain matmul.
-    linear: Callable | None = None
 
 
 def get_kernel_ops(name: str) -> KernelOps:
@@ -41,4 +38,4 @@ def get_kernel_ops(name: str) -> KernelOps:
                      fused_add_rms_norm=impl.fused_add_rms_norm, silu_and_mul=impl.silu_and_mul,
                      rope_and_store_kv=impl.rope_and_store_kv,
                      sample_from_logits=getattr(impl, "sample_from_logits", None),
-                     gemv=getattr(impl, "gemv", None), linear=getattr(impl, "linear", None))
+                     gemv=getattr(impl, "gemv", None))

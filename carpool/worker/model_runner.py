@@ -54,10 +54,10 @@ class ModelRunner:
         if self.ops.name == "triton":
             from carpool.ops.triton import utils as triton_utils
             triton_utils.set_pdl(not config.disable_pdl and triton_utils.pdl_supported(self.device))
-        # The backend's own projections: a GEMV for batch-1 steps, a GEMM for decode batches.
-        for module in self.model.modules():
-            if isinstance(module, LinearBase):
-                module.gemv, module.linear = self.ops.gemv, self.ops.linear
+        if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
+            for module in self.model.modules():
+                if isinstance(module, LinearBase):
+                    module.gemv = self.ops.gemv
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)
