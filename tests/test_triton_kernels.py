@@ -236,22 +236,72 @@ def test_balanced_plan_orders_longest_first_and_sizes_splits() -> None:
     assert [decode_num_splits(n, 8) for n in (1, 4, 16, 32, 64, 65, 256)] == [32, 16, 8, 4, 2, 1, 1]
 
 
-def test_graph_runner_plans_each_replay_longest_first_with_padding_last() -> None:
-    """The decode plan a captured graph reads from static buffers, refilled before each replay."""
+def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_last() -> None:
+    """What a captured graph reads from its static buffers, refilled before each replay by one copy from
+    one of two host mirrors in turn: the step's rows, padding rows that attend one key and store nothing,
+    and the decode plan (longest request first, padding last). Replays are faked: the buffers are checked
+    at each replay, through steps of different sizes so each mirror is reused with other row counts."""
     from types import SimpleNamespace
 
     from carpool.worker.cuda_graph import CUDAGraphRunner
+    from carpool.worker.input_batch import StepInputs
 
     model = SimpleNamespace(attention_layers=lambda: [SimpleNamespace(num_kv_heads=8)])
     runner = CUDAGraphRunner(model, 64, 4096, 16, torch.device("cpu"))  # type: ignore[arg-type]
     assert runner.decode_splits[1] == 32 and runner.decode_splits[48] == 2 and runner.decode_splits[64] == 2
-    lens = np.array([300, 1000] + [100] * 45, dtype=np.int32)  # 47 requests replay the 48-row graph
-    runner._plan_decode(lens, 48)
-    order = runner.decode_order[:48].tolist()
-    assert order[:2] == [1, 0] and order[-1] == 47 and sorted(order) == list(range(48))
-    assert runner.decode_split_len.item() == balanced_decode_plan(lens, 8, 2).split_len >= MIN_TOKENS_PER_SPLIT
-    runner._plan_decode(np.array([5, 9], dtype=np.int32), 2)  # many splits: batch order, one-tile splits
-    assert runner.decode_order[:2].tolist() == [0, 1] and runner.decode_split_len.item() == 1
+    seen: list[dict] = []
+    for bs in runner.batch_sizes:
+        runner.graphs[(bs, False)] = SimpleNamespace(replay=lambda: seen.append(
+            {name: t.clone() for name, t in runner.staged.tensors.items()}))
+        runner.logits[(bs, False)] = torch.zeros(bs, 5)
+
+    def step(lens: list[int], width: int, salt: int) -> StepInputs:
+        n = len(lens)
+        return StepInputs(rows=np.arange(n), input_ids=np.arange(n, dtype=np.int64) + salt,
+                          positions=np.array(lens, dtype=np.int64) - 1, slot_mapping=np.arange(n, dtype=np.int64) * 7 + salt,
+                          query_start_loc=np.arange(n + 1, dtype=np.int32), seq_lens=np.array(lens, dtype=np.int32),
+                          block_tables=np.arange(n * width, dtype=np.int32).reshape(n, width) + salt,
+                          sample_rows=np.arange(n), logits_indices=np.arange(n, dtype=np.int64), max_query_len=1,
+                          max_seq_len=max(lens), pending_token_index=np.zeros(0, dtype=np.int64),
+                          pending_rows=np.zeros(0, dtype=np.int64))
+
+    # (the third step reuses the first one's mirror: its padding row 3 held a real row there)
+    cases = [([300, 1000] + [100] * 45, 63, 100), ([5, 9], 1, 200), ([8] * 3, 1, 300),
+             ([40] * 16 + [700] * 31, 44, 400)]
+    for lens, width, salt in cases:
+        inputs = step(lens, width, salt)
+        runner.run(inputs)
+        got, b = seen[-1], len(lens)
+        bs = next(s for s in runner.batch_sizes if s >= b)
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+            assert got[name][:b].tolist() == getattr(inputs, name).tolist(), name
+        assert torch.equal(got["block_tables"][:b, :width], torch.from_numpy(inputs.block_tables))
+        assert (got["slot_mapping"][b:bs] == -1).all() and (got["seq_lens"][b:bs] == 1).all()
+        assert (got["block_tables"][b:bs, 0] == 0).all()
+        plan = balanced_decode_plan(inputs.seq_lens, 8, runner.decode_splits[bs])
+        assert got["decode_order"][:bs].tolist() == plan.order.tolist() + list(range(b, bs))
+        assert got["decode_split_len"].item() == plan.split_len
+    assert seen[0]["decode_order"][:2].tolist() == [1, 0]  # longest first
+    assert seen[0]["decode_split_len"].item() >= MIN_TOKENS_PER_SPLIT
+    assert seen[1]["decode_split_len"].item() == 1  # many splits: batch order, one-tile splits
+
+
+def test_static_inputs_upload_a_prefix_from_alternating_mirrors() -> None:
+    from carpool.worker.staging import Field, StaticInputs
+
+    staged = StaticInputs([Field("a", torch.long, (3,), -1), Field("rows", torch.int32, (4, 5), 0)],
+                          torch.device("cpu"))
+    assert staged.tensors["a"].tolist() == [-1, -1, -1] and staged.end_of("rows", 2) == 32 + 2 * 20
+    host = staged.host()
+    host["a"][:] = [1, 2, 3]
+    host["rows"][:] = 9
+    staged.upload(staged.end_of("rows", 2))  # the first two rows only
+    assert staged.tensors["a"].tolist() == [1, 2, 3]
+    assert staged.tensors["rows"][:, 0].tolist() == [9, 9, 0, 0]
+    host2 = staged.host()  # the other mirror: still the initial values
+    assert host2["a"].tolist() == [-1, -1, -1] and staged.host() is host2
+    staged.upload()
+    assert staged.tensors["a"].tolist() == [-1, -1, -1] and staged.host() is host
 
 
 # ---- prefill / extend path ------------------------------------------------------------------------

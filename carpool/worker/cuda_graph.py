@@ -22,6 +22,8 @@ from torch import nn
 
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
 from carpool.worker.input_batch import CASCADE_MIN_BATCH, StepInputs
+from carpool.platform import to_device
+from carpool.worker.staging import Field, StaticInputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +41,28 @@ class CUDAGraphRunner:
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.max_bs = self.batch_sizes[-1]
         n = self.max_bs
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.max_model_len = max_model_len
         max_blocks_per_req = -(-max_model_len // block_size)
-        self.block_tables = torch.zeros(n, max_blocks_per_req, dtype=torch.int32, device=device)
-        # Decode batches of at least CASCADE_MIN_BATCH get a second graph with cascade attention over a
-        # shared prefix, whose length is read from this buffer at replay.
-        self.prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
+        # Every input a replay changes, in one device buffer that one copy from pinned memory refills
+        # (staging.StaticInputs); the block tables last, so a replay copies only the rows it uses. Decode
+        # batches of at least CASCADE_MIN_BATCH get a second graph with cascade attention over a shared
+        # prefix, whose length is read from prefix_len at replay.
+        self.staged = StaticInputs([
+            Field("input_ids", torch.long, (n,), 0), Field("positions", torch.long, (n,), 0),
+            Field("slot_mapping", torch.long, (n,), -1), Field("seq_lens", torch.int32, (n,), 1),
+            Field("decode_order", torch.int32, (n,), np.arange(n, dtype=np.int32)),
+            Field("decode_split_len", torch.int32, (1,), 1), Field("prefix_len", torch.int32, (1,), 0),
+            Field("block_tables", torch.int32, (n, max_blocks_per_req), 0)], device)
+        t = self.staged.tensors
+        self.input_ids, self.positions, self.slot_mapping = t["input_ids"], t["positions"], t["slot_mapping"]
+        self.seq_lens, self.block_tables, self.prefix_len = t["seq_lens"], t["block_tables"], t["prefix_len"]
+        self.decode_order, self.decode_split_len = t["decode_order"], t["decode_split_len"]
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # never changes
         # Graphs exist with the Triton backend only (which is all that imports triton).
         from carpool.ops.triton.attention import decode_num_splits
 
         self.num_kv_heads = model.attention_layers()[0].num_kv_heads
         self.decode_splits = {bs: decode_num_splits(bs, self.num_kv_heads) for bs in self.batch_sizes}
-        self.decode_order = torch.arange(n, dtype=torch.int32, device=device)
-        self.decode_split_len = torch.ones(1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, bool], torch.Tensor] = {}
 
@@ -101,34 +107,35 @@ class CUDAGraphRunner:
         """Replay the graph for this decode step; returns logits of the sampling rows."""
         b = len(inputs.rows)
         bs = next(s for s in self.batch_sizes if s >= b)
-        self.input_ids[:b].copy_(torch.from_numpy(inputs.input_ids), non_blocking=True)
-        self.positions[:b].copy_(torch.from_numpy(inputs.positions), non_blocking=True)
-        self.slot_mapping[:b].copy_(torch.from_numpy(inputs.slot_mapping), non_blocking=True)
-        self.seq_lens[:b].copy_(torch.from_numpy(inputs.seq_lens), non_blocking=True)
-        width = inputs.block_tables.shape[1]
-        self.block_tables[:b, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
-        if fixup is not None:  # tokens sampled by the previous step, still on the device
-            self.input_ids.index_copy_(0, fixup[0], fixup[1])
+        host = self.staged.host()  # (holds what was written two replays ago: write every row read)
+        host["input_ids"][:b] = inputs.input_ids
+        host["positions"][:b] = inputs.positions
+        host["slot_mapping"][:b] = inputs.slot_mapping
+        host["seq_lens"][:b] = inputs.seq_lens
+        host["block_tables"][:b, :inputs.block_tables.shape[1]] = inputs.block_tables
         if bs > b:  # padded rows: one token of context in block 0, nothing stored
-            self.slot_mapping[b:bs].fill_(-1)
-            self.seq_lens[b:bs].fill_(1)
-            self.block_tables[b:bs, 0].fill_(0)
-        self._plan_decode(inputs.seq_lens, bs)
+            host["slot_mapping"][b:bs] = -1
+            host["seq_lens"][b:bs] = 1
+            host["block_tables"][b:bs, 0] = 0
+        self._plan_decode(host, inputs.seq_lens, bs)
         cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
         if cascade:
-            self.prefix_len.fill_(inputs.cascade_prefix_len)
+            host["prefix_len"][0] = inputs.cascade_prefix_len
+        self.staged.upload(self.staged.end_of("block_tables", bs))
+        if fixup is not None:  # tokens sampled by the previous step, still on the device
+            self.input_ids.index_copy_(0, fixup[0], fixup[1])
         self.graphs[(bs, cascade)].replay()
         logits = self.logits[(bs, cascade)]
         if len(inputs.logits_indices) == b:
             return logits[:b]
-        index = torch.from_numpy(inputs.logits_indices).to(logits.device, non_blocking=True)
-        return logits.index_select(0, index)
+        return logits.index_select(0, to_device(inputs.logits_indices, logits.device))
 
-    def _plan_decode(self, seq_lens: np.ndarray, bs: int) -> None:
+    def _plan_decode(self, host: dict[str, np.ndarray], seq_lens: np.ndarray, bs: int) -> None:
         """Work balance of decode attention for this replay; padded rows (one key each) go last."""
         from carpool.ops.triton.attention import balanced_decode_plan
 
         plan = balanced_decode_plan(seq_lens, self.num_kv_heads, self.decode_splits[bs])
-        order = np.concatenate([plan.order, np.arange(len(seq_lens), bs, dtype=np.int32)])
-        self.decode_order[:bs].copy_(torch.from_numpy(order), non_blocking=True)
-        self.decode_split_len.fill_(plan.split_len)
+        b = len(seq_lens)
+        host["decode_order"][:b] = plan.order
+        host["decode_order"][b:bs] = np.arange(b, bs, dtype=np.int32)
+        host["decode_split_len"][0] = plan.split_len

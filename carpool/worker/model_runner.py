@@ -24,6 +24,7 @@ from carpool.layers.linear import LinearBase
 from carpool.layers.sampler import Sampler, SamplingMetadata
 from carpool.models.loader import load_model
 from carpool.ops import get_kernel_ops
+from carpool.platform import to_device
 from carpool.sampling_params import SamplingParams
 from carpool.worker.cuda_graph import CUDAGraphRunner
 from carpool.worker.input_batch import InputBatch, StepInputs
@@ -157,7 +158,7 @@ class ModelRunner:
         dev = self.device
 
         def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)
+            return to_device(a, dev)
 
         attn = AttentionMetadata(query_start_loc=put(inputs.query_start_loc), seq_lens=put(inputs.seq_lens),
                                  block_tables=put(inputs.block_tables), slot_mapping=put(inputs.slot_mapping),
@@ -174,7 +175,7 @@ class ModelRunner:
         dev = self.device
 
         def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+            return to_device(torch.tensor(values, dtype=dtype), dev)
 
         md = SamplingMetadata(temperature=column([p.temperature for p in params]),
                               all_greedy=all(p.greedy for p in params),
@@ -209,7 +210,7 @@ class ModelRunner:
             seeds = self._noise_rng.integers(0, 1 << 62, size=len(params), dtype=np.int64)
             for i, seed in seeded:
                 seeds[i] = seed
-            md.seeds = torch.from_numpy(seeds).to(dev, non_blocking=True)
+            md.seeds = to_device(seeds, dev)
             return md
         for i, seed in seeded:
             gen = batch.generators[int(rows[i])]
@@ -265,9 +266,9 @@ class ModelRunner:
         tokens, rows = self._last_sampled
         assert tokens is not None, "a pending token without a launched step that sampled it"
         index_of_row = {int(r): i for i, r in enumerate(rows)}
-        src = torch.tensor([index_of_row[int(r)] for r in inputs.pending_rows], dtype=torch.long)
-        dst = torch.from_numpy(inputs.pending_token_index)
-        return dst.to(self.device, non_blocking=True), tokens.index_select(0, src.to(self.device))
+        src = np.array([index_of_row[int(r)] for r in inputs.pending_rows], dtype=np.int64)
+        return (to_device(inputs.pending_token_index, self.device),
+                tokens.index_select(0, to_device(src, self.device)))
 
     def _forward(self, inputs: StepInputs, fixup: tuple[torch.Tensor, torch.Tensor] | None
                  ) -> torch.Tensor | None:
@@ -280,8 +281,7 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, batch)
         if not len(inputs.logits_indices):
             return None
-        index = torch.from_numpy(inputs.logits_indices).to(self.device, non_blocking=True)
-        return self.model.compute_logits(hidden.index_select(0, index))
+        return self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
 
 
 @dataclass

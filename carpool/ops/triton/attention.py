@@ -31,6 +31,7 @@ from carpool.ops.triton import utils
 from carpool.ops.triton.decode_attention import decode_attention
 from carpool.ops.triton.paged_kv import store_kvcache
 from carpool.ops.triton.prefill_attention import prefill_attention
+from carpool.platform import to_device
 
 # Decode split count by "units" = num_reqs * num_kv_heads, the programs there would be without
 # splitting. An H100/H200 has 132 SMs and needs a few hundred programs in flight to saturate HBM, so
@@ -167,6 +168,6 @@ def _eager_balance(meta: AttentionMetadata, num_kv_heads: int, num_splits: int, 
         host = np.zeros(width + 1, dtype=np.int32)
         host[:len(lens)] = plan.order
         host[width] = plan.split_len
-        buf = torch.from_numpy(host).to(device)
+        buf = to_device(host, device)
         return buf[:len(lens)], buf[width:]
     return utils.step_plan(meta, f"decode_balance_{num_kv_heads}_{num_splits}", build)

@@ -25,6 +25,7 @@ from carpool.forward_batch import AttentionMetadata
 from carpool.ops.triton import utils
 from carpool.ops.triton.utils import pdl_enter
 from carpool.ops.triton.paged_kv import attend_tile
+from carpool.platform import to_device
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _build_plan(qsl: list[int], seq_lens: list[int], block_q: int, device: torch
     if work:
         plan[0, :len(work)] = torch.tensor([w[1] for w in work], dtype=torch.int32)
         plan[1, :len(work)] = torch.tensor([w[2] for w in work], dtype=torch.int32)
-    return plan.to(device)
+    return to_device(plan, device)
 
 
 def _num_tiles(meta: AttentionMetadata, block_q: int, skip_single_queries: bool) -> int:
