@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from checkpoints import prompts_of_lengths
 
 from carpool import LLM, SamplingParams
@@ -142,3 +143,24 @@ def test_outputs_come_back_in_input_order(llm):
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
     assert [o.prompt for o in outs] == prompts
     assert len({o.request_id for o in outs}) == 4
+
+
+def test_apply_penalties_matches_a_per_row_reference():
+    """Repetition over prompt and output ids, frequency and presence over output ids; repeated ids
+    count, and a row may have no output yet."""
+    from carpool.layers.sampler import SamplingMetadata, apply_penalties
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 11, generator=gen)
+    prompts, outputs = [[1, 2, 2], [0], [5, 7]], [[3, 3, 1], [], [7, 10, 10, 10]]
+    rep, freq, pres = torch.tensor([2.0, 1.5, 1.2]), torch.tensor([0.5, 0.0, 0.3]), torch.tensor([1.0, 0.2, 0.0])
+    md = SamplingMetadata(temperature=torch.ones(3), all_greedy=False, presence_penalty=pres, frequency_penalty=freq,
+                          repetition_penalty=rep, prompt_token_ids=prompts, output_token_ids=outputs)
+    expected = logits.clone()
+    for r in range(3):
+        for t in set(prompts[r]) | set(outputs[r]):
+            x = expected[r, t]
+            expected[r, t] = x / rep[r] if x > 0 else x * rep[r]
+        for t in set(outputs[r]):
+            expected[r, t] -= freq[r] * outputs[r].count(t) + pres[r]
+    torch.testing.assert_close(apply_penalties(logits, md), expected)

@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from carpool.core.sched_output import TokenLogprobs
+from carpool.platform import to_device
 
 
 @dataclass
@@ -79,20 +81,26 @@ class Sampler(nn.Module):
         return probs.div_(noise).argmax(dim=-1)
 
 
+def _flat_pairs(lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, value) of every value of every row's list, on the device."""
+    lengths = [len(v) for v in lists]
+    rows = np.repeat(np.arange(len(lists), dtype=np.int64), lengths)
+    values = np.fromiter((t for v in lists for t in v), dtype=np.int64, count=sum(lengths))
+    return to_device(rows, device), to_device(values, device)
+
+
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens (divide positive logits, multiply negative);
     presence and frequency penalties over output tokens only, as OpenAI defines them."""
     num_rows, vocab = logits.shape
     device = logits.device
+    # Every row's token ids as flat (row, id) pairs: one upload each instead of two per row.
+    out_rows, out_ids = _flat_pairs(md.output_token_ids, device)
+    prompt_rows, prompt_ids = _flat_pairs(md.prompt_token_ids, device)
     out_counts = torch.zeros(num_rows, vocab, device=device)
-    seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
-    for row in range(num_rows):
-        out_ids = torch.tensor(md.output_token_ids[row], dtype=torch.long, device=device)
-        if out_ids.numel():
-            out_counts[row].index_add_(0, out_ids, torch.ones(out_ids.numel(), device=device))
-        prompt_ids = torch.tensor(md.prompt_token_ids[row], dtype=torch.long, device=device)
-        seen[row, prompt_ids] = True
-    seen |= out_counts > 0
+    out_counts.index_put_((out_rows, out_ids), torch.ones(out_ids.numel(), device=device), accumulate=True)
+    seen = out_counts > 0
+    seen[prompt_rows, prompt_ids] = True
     assert md.presence_penalty is not None and md.frequency_penalty is not None
     rep = md.repetition_penalty.unsqueeze(1).expand_as(logits)  # type: ignore[union-attr]
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
