@@ -112,10 +112,12 @@ class NormExchange:
     buffer_ptrs: torch.Tensor  # int64 [world_size]: every rank's `data` address
     pad_ptrs: torch.Tensor  # int64 [world_size]: every rank's `pads` address
     epochs: torch.Tensor  # int32 [MAX_PROGRAMS]
-    uses: torch.Tensor  # int32 [max rows]
+    uses: torch.Tensor  # int32 [max rows]: which half each row slot takes next
     half_stride: int
     rank: int
     world_size: int
+    max_programs: int  # at most the SM count: every program of a call resident at once
+    width: int = 0  # the row width the exchange is held to (0: not yet used)
 
     @classmethod
     def create(cls, device: torch.device, dtype: torch.dtype, group_name: str, world: int,
@@ -139,12 +141,15 @@ class NormExchange:
 
         buffer_ptrs, rank = addresses(data)
         pad_ptrs, _ = addresses(pads)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
         return cls(data, pads, buffer_ptrs, pad_ptrs, torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device),
-                   torch.zeros(max(1, half // 64), dtype=torch.int32, device=device), half, rank, world)
+                   torch.zeros(max(1, half // 64), dtype=torch.int32, device=device), half, rank, world,
+                   min(MAX_PROGRAMS, sms))
 
     def eligible(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Shape checks only (equal on every rank), like CustomAllReduce.eligible."""
-        return (x.dim() == 2 and x.dtype == self.data.dtype and x.is_contiguous() and residual.is_contiguous()
+        """Shape checks only (equal on every rank), like CustomAllReduce.eligible. One row width per
+        exchange (the model's hidden size), so that the halves of a row slot alternate between calls."""
+        return (x.dim() == 2 and self.width in (0, x.shape[1]) and x.dtype == self.data.dtype and x.is_contiguous() and residual.is_contiguous()
                 and residual.shape == x.shape and 0 < x.shape[0] <= self.uses.numel()
                 and x.numel() <= self.half_stride and x.shape[1] <= 16384)
 
@@ -276,6 +281,8 @@ class CustomAllReduce:
         if ok and self._graph_norm is not None:
             ok = self._norm_agrees(self._probe.view(4, 1024), device_group, world_size, *self._graph_norm)
         del self._graph, self._graph_out, self._graph_norm, self._probe, self._norm_args
+        if self.exchange is not None:  # the model may use another width: the device is idle here (_nccl)
+            self.exchange.width = 0
         return "" if ok else "a CUDA-graph replay disagrees with NCCL"
 
     def norm_eligible(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
@@ -289,8 +296,9 @@ class CustomAllReduce:
         ex = self.exchange
         assert ex is not None
         self.norm_calls += 1
+        ex.width = x.shape[1]
         return all_reduce_add_rms_norm(x, residual, weight, eps, ex.buffer_ptrs, ex.pad_ptrs, ex.epochs, ex.uses,
-                                       ex.half_stride, ex.rank, ex.world_size)
+                                       ex.half_stride, ex.rank, ex.world_size, ex.max_programs)
 
     def eligible(self, x: torch.Tensor) -> bool:
         """Whether x takes the fast path. Depends only on properties equal on every rank (dtype, size,

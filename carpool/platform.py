@@ -35,4 +35,6 @@ def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tenso
     t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a.contiguous()
     if device.type != "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # (a copy even if t is pinned: the
+    pinned.copy_(t)  # caller may reuse its memory before the device has read it)
+    return pinned.to(device, non_blocking=True)

@@ -428,12 +428,15 @@ def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
     def shared(t: torch.Tensor) -> torch.Tensor:  # (in the interpreter: visible to the forked ranks)
         return t.share_memory_() if INTERPRET else t
     data = [shared(torch.full((2 * half,), float("nan"), device=DEVICE)) for _ in range(world)]
-    pads = [shared(torch.zeros(MAX_PROGRAMS * world, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    # Epochs start two calls short of the int32 limit (pads as if every rank had arrived there): they wrap.
+    start = 2 ** 31 - 2
+    pads = [shared(torch.full((MAX_PROGRAMS * world,), start, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
     buffer_ptrs = torch.tensor([t.data_ptr() for t in data], dtype=torch.int64, device=DEVICE)
     pad_ptrs = torch.tensor([t.data_ptr() for t in pads], dtype=torch.int64, device=DEVICE)
-    epochs = [shared(torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    epochs = [shared(torch.full((MAX_PROGRAMS,), start, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
     uses = [shared(torch.zeros(200, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
     w = torch.randn(d, generator=gen).to(DEVICE)
+    max_programs = MAX_PROGRAMS if INTERPRET else min(MAX_PROGRAMS, torch.cuda.get_device_properties(0).multi_processor_count)
     if not INTERPRET:
         # Compile and load every rank's kernel first, alone, against pads that read as already signalled:
         # a first launch loads its module, which waits for the running kernels, so a rank spinning on
@@ -450,7 +453,7 @@ def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
         xs = [torch.randn(rows, d, generator=gen).to(DEVICE) for _ in range(world)]
         residual = torch.randn(rows, d, generator=gen).to(DEVICE)
         outs = run_ranks(world, lambda r: all_reduce_add_rms_norm(xs[r], residual, w, 1e-6, buffer_ptrs, pad_ptrs,
-                                                                  epochs[r], uses[r], half, r, world))
+                                                                  epochs[r], uses[r], half, r, world, max_programs))
         total = xs[0].clone()
         for x in xs[1:]:
             total += x
@@ -461,8 +464,10 @@ def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
             torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for r in range(world):
         # program p took part in every call with more than p rows; row i was used once per call covering it
-        assert epochs[r][:2].tolist() == [4, 3] and epochs[r][MAX_PROGRAMS - 1].item() == 1
-        assert uses[r][:6].tolist() == [4, 3, 3, 3, 3, 1] and uses[r][MAX_PROGRAMS + 1].item() == 1
+        wrapped = [(start + n + 2 ** 31) % 2 ** 32 - 2 ** 31 for n in (4, 3, 1)]  # int32 arithmetic
+        assert epochs[r][:2].tolist() == wrapped[:2] and epochs[r][MAX_PROGRAMS - 1].item() == wrapped[2]
+        # row i's half bit flipped once per call covering it: 4, 3, 3, 3, 3, 1 (and 1) uses
+        assert uses[r][:6].tolist() == [0, 1, 1, 1, 1, 1] and uses[r][MAX_PROGRAMS + 1].item() == 1
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])

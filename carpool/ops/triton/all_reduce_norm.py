@@ -10,19 +10,22 @@ meeting per call:
 2. it meets program `pid` of every peer: it writes its epoch into each peer's signal pad (release,
    system scope) and waits until every peer's epoch has reached its own (acquire);
 3. it loads the peers' copies of its rows over NVLink, sums the ranks in rank order (so every rank gets
-   the same bits), then adds the residual and normalizes exactly as `elementwise.fused_add_rms_norm`.
+   the same bits), then adds the residual and normalizes with the rounding steps of
+   `elementwise.fused_add_rms_norm` (at two ranks the sum is exact, so the residual stream is the
+   unfused path's bit for bit; the norm's sum of squares may reduce in another order: one ulp apart).
 
-Reuse without a second meeting: each row slot has two halves and a per-row use count picks one, so
-consecutive uses of a row alternate halves. A peer may still be reading a slot from the previous call
+Reuse without a second meeting: each row slot has two halves and a per-row bit picks one, flipped at
+each use, so consecutive uses of a row alternate halves. A peer may still be reading a slot from the previous call
 while this rank writes the next one (it passed the meeting, not the reads), but never from two calls
 back: this rank's previous call waited for every peer to arrive at it, and a peer's program starts
 only after the peer's earlier kernels finished (stream order, and `gdc_wait` under PDL). Epochs are
-per program and the use counts per row, both in device memory, identical on every rank because every
+per program and the half bits per row, both in device memory, identical on every rank because every
 rank runs the same calls with the same shapes; so CUDA graphs replay the kernel as is. Epochs compare
-by signed difference, so they may wrap.
+by signed difference, so they may wrap. The row width D must stay the same between calls (slots are
+rows of D); NormExchange holds the exchange to one width.
 
-The grid is at most MAX_PROGRAMS (fewer than the SMs), so every program of a call is resident at once
-and no program can wait on a peer program that has no SM to run on.
+The grid is at most `max_programs` (the caller passes at most the GPU's SM count), so every program of
+a call is resident at once and no program can wait on a peer program that has no SM to run on.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _all_reduce_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     # Addresses loaded as integers carry no alignment: symmetric allocations are 16-byte aligned (at least).
     mine = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(tl.pointer_type(dtype)), 16)
     for row in range(pid, n_rows, nprog):
-        half = tl.load(uses_ptr + row) % 2
+        half = tl.load(uses_ptr + row)
         x = tl.load(x_ptr + row * D + cols, mask=cmask, other=0.0)
         tl.store(mine + half * half_stride + row * D + cols, x, mask=cmask)
     tl.debug_barrier()  # every thread's copy is done before the release below publishes it
@@ -70,8 +73,8 @@ def _all_reduce_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     tl.debug_barrier()  # no thread reads a peer before the acquire above
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for row in range(pid, n_rows, nprog):
-        use = tl.load(uses_ptr + row)
-        offset = (use % 2) * half_stride + row * D
+        half = tl.load(uses_ptr + row)
+        offset = half * half_stride + row * D
         row64 = row * D  # n_rows * D <= half_stride: int32 is enough
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for p in tl.static_range(WORLD):
@@ -81,26 +84,27 @@ def _all_reduce_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                 peer = tl.multiple_of(tl.load(buffer_ptrs + p).to(tl.pointer_type(dtype)), 16)
                 part = tl.load(peer + offset + cols, mask=cmask, other=0.0, cache_modifier=".cg")
             acc += part.to(tl.float32)
-        tl.store(uses_ptr + row, use + 1)
+        tl.store(uses_ptr + row, 1 - half)
         r = tl.load(res_ptr + row64 + cols, mask=cmask, other=0.0)
         # As the unfused path: the all-reduce result rounds to the dtype, then the residual add rounds.
         h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
         tl.store(res_out_ptr + row64 + cols, h, mask=cmask)
-        hf = h.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
-        y = (hf * rstd).to(dtype).to(tl.float32) * w
-        tl.store(out_ptr + row64 + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
+        hf = h.to(tl.float32)[None, :]  # [1, BLOCK_D], the layout of the unfused norm kernel's long rows
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / D + eps)
+        y = (hf * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
+        tl.store(out_ptr + row64 + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
 
 
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                             buffer_ptrs: torch.Tensor, pad_ptrs: torch.Tensor, epochs: torch.Tensor,
-                            uses: torch.Tensor, half_stride: int, rank: int,
-                            world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                            uses: torch.Tensor, half_stride: int, rank: int, world_size: int,
+                            max_programs: int = MAX_PROGRAMS) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(sum_ranks(x) + residual), sum_ranks(x) + residual) for x, residual [N, D] contiguous.
 
     buffer_ptrs / pad_ptrs: int64 [world_size] addresses of every rank's symmetric data buffer (two
     halves of `half_stride` elements) and int32 signal pads ([MAX_PROGRAMS * world_size], zeroed once);
-    epochs: int32 [MAX_PROGRAMS] and uses: int32 [>= N], this rank's, zeroed once. Every rank must make
+    epochs: int32 [MAX_PROGRAMS] and uses: int32 [>= N] (half bits), this rank's, zeroed once;
+    max_programs: at most MAX_PROGRAMS and the SM count. Every rank must make
     the same calls with the same shapes."""
     n, d = x.shape
     if residual.shape != x.shape or residual.dtype != x.dtype or not (x.is_contiguous() and residual.is_contiguous()):
@@ -115,7 +119,7 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: tor
     if n == 0:
         return out, res_out
     block_d = triton.next_power_of_2(d)
-    _all_reduce_add_rms_norm_kernel[(min(n, MAX_PROGRAMS),)](
+    _all_reduce_add_rms_norm_kernel[(min(n, max_programs, MAX_PROGRAMS),)](
         x, residual, weight, out, res_out, buffer_ptrs, pad_ptrs, epochs, uses, n, half_stride, eps,
         RANK=rank, WORLD=world_size, D=d, BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
