@@ -164,3 +164,13 @@ def test_apply_penalties_matches_a_per_row_reference():
         for t in set(outputs[r]):
             expected[r, t] -= freq[r] * outputs[r].count(t) + pres[r]
     torch.testing.assert_close(apply_penalties(logits, md), expected)
+
+
+def test_banned_ids_are_masked_in_their_own_rows_only():
+    from carpool.layers.sampler import Sampler, SamplingMetadata
+
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]] * 3)
+    md = SamplingMetadata(temperature=torch.zeros(3), all_greedy=True, num_logprobs=[None] * 3,
+                          banned_token_ids={0: [1], 2: [1, 2]})
+    sampled, _ = Sampler()(logits, md)
+    assert sampled.tolist() == [2, 1, 3]

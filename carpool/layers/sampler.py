@@ -52,8 +52,9 @@ class Sampler(nn.Module):
         logits = logits.to(torch.float32, copy=True)
         want_logprobs = any(n is not None for n in md.num_logprobs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        for row, ids in md.banned_token_ids.items():
-            logits[row, ids] = float("-inf")
+        if md.banned_token_ids:  # all rows' ids in one upload
+            rows, ids = _flat_pairs(list(md.banned_token_ids.values()), logits.device, list(md.banned_token_ids))
+            logits[rows, ids] = float("-inf")
         if md.repetition_penalty is not None:
             logits = apply_penalties(logits, md)
         greedy = logits.argmax(dim=-1)
@@ -81,10 +82,13 @@ class Sampler(nn.Module):
         return probs.div_(noise).argmax(dim=-1)
 
 
-def _flat_pairs(lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, value) of every value of every row's list, on the device."""
+def _flat_pairs(lists: list[list[int]], device: torch.device, row_ids: list[int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, value) of every value of every list, on the device; list i belongs to row row_ids[i]
+    (default: row i)."""
     lengths = [len(v) for v in lists]
-    rows = np.repeat(np.arange(len(lists), dtype=np.int64), lengths)
+    labels = np.arange(len(lists), dtype=np.int64) if row_ids is None else np.asarray(row_ids, dtype=np.int64)
+    rows = np.repeat(labels, lengths)
     values = np.fromiter((t for v in lists for t in v), dtype=np.int64, count=sum(lengths))
     return to_device(rows, device), to_device(values, device)
 
