@@ -641,7 +641,9 @@ def test_sampling_kernel_draw_depends_only_on_the_row_seed() -> None:
 
 
 def test_sampling_kernel_follows_the_softmax_distribution() -> None:
-    check_sampling_distribution(DEVICE)
+    # 500 rows in the interpreter (a row is a program there, ~30 ms each): 5 standard deviations are then
+    # about 0.1 in the top class's share, which still tells T=1 (0.56) from T=0.5 (0.83) or no noise (1).
+    check_sampling_distribution(DEVICE, n=500 if INTERPRET else 3000)
 
 
 @gpu
@@ -651,7 +653,7 @@ def test_gpu_sampling_kernel_follows_the_softmax_distribution() -> None:
     check_sampling_distribution("cuda", n=20000)
 
 
-def check_sampling_distribution(device: str, n: int = 3000) -> None:
+def check_sampling_distribution(device: str, n: int) -> None:
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], device=device)
     logits = base.repeat(n, 1)
     for temperature, name in ((1.0, "T=1"), (0.5, "T=0.5")):
