@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from carpool.profiling import device_activity, device_kernel_times, step_timings_summary
+from carpool.profiling import DeviceActivity, device_activity, device_kernel_times, step_timings_summary
 
 CATEGORIES = (
     ("communication", ("nccl", "all_reduce", "allreduce", "one_shot", "all_gather", "allgather", "broadcast",
@@ -40,18 +40,27 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
     if hasattr(executor, "profile"):  # tensor parallel: rank 0 profiles itself
         executor.profile("start")
         steps = _run_steps(engine, num_steps)
-        kernels = [(k[0], k[1], k[2]) for k in executor.profile("stop") or []]
-        return _with_pdl_flag(engine, summarize_kernels(kernels, steps, top))
-    from torch.profiler import ProfilerActivity, profile
+        report = executor.profile("stop") or {"kernels": [], "span_us": 0.0, "busy_us": 0.0,
+                                               "idle_by_transition_us": {}}
+        summary = summarize_kernels([(k[0], k[1], k[2]) for k in report["kernels"]], steps, top)
+        # rank 0 reports transitions between kernel names: group them by category here
+        idle: dict[str, float] = {}
+        for key, us in report["idle_by_transition_us"].items():
+            before, _, after = key.partition(" -> ")
+            label = f"{category(before)} -> {category(after)}"
+            idle[label] = idle.get(label, 0.0) + us
+        act = DeviceActivity(report["span_us"], report["busy_us"], idle)
+    else:
+        from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
-    torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
-        steps = _run_steps(engine, num_steps)
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
         torch.cuda.synchronize()
-    summary = summarize_kernels(device_kernel_times(prof), steps, top)
+        with profile(activities=activities) as prof:
+            steps = _run_steps(engine, num_steps)
+            torch.cuda.synchronize()
+        summary = summarize_kernels(device_kernel_times(prof), steps, top)
+        act = device_activity(prof, category)
     # idle: launch gaps between kernels (cuBLAS kernels sit outside the PDL chain) and host waits
-    act = device_activity(prof, category)
     summary.update(device_span_ms_per_step=act.span / 1e3 / max(steps, 1),
                    device_busy_ms_per_step=act.busy / 1e3 / max(steps, 1),
                    device_idle_share=round(1 - act.busy / act.span, 4) if act.span else 0.0,

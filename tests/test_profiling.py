@@ -58,3 +58,24 @@ def test_device_idle_by_transition_names_the_kernels_around_each_gap() -> None:
     act = device_activity(SimpleNamespace(events=lambda: events), label)
     assert act.idle_by_transition == {"gemm -> triton": 3.0, "triton -> gemm": 3.0}
     assert act.span - act.busy == 6.0
+
+
+def test_tensor_parallel_profile_groups_rank0_transitions_by_category() -> None:
+    """Rank 0 reports idle time between kernel names; the benchmarks' summary groups it by category."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import profile_util
+
+    report = {"kernels": [["_gemv_kernel", 100.0, 4], ["_rms_norm_kernel", 10.0, 2]], "span_us": 400.0,
+              "busy_us": 300.0, "idle_by_transition_us": {"_gemv_kernel -> _rms_norm_kernel": 20.0,
+                                                           "_gemv_kernel -> _fused_rms_norm_x": 30.0,
+                                                           "_rms_norm_kernel -> _gemv_kernel": 50.0}}
+    engine = SimpleNamespace(executor=SimpleNamespace(profile=lambda action: report if action == "stop" else None),
+                             has_unfinished_requests=lambda: False,
+                             config=SimpleNamespace(kernel_backend="triton", disable_pdl=False))
+    summary = profile_util.profile_steps(engine, 5)
+    gemv, norm = profile_util.category("_gemv_kernel"), profile_util.category("_rms_norm_kernel")
+    assert summary["device_idle_share"] == 0.25 and summary["device_span_ms_per_step"] == 0.4
+    assert summary["idle_ms_per_step_by_transition"] == {f"{gemv} -> {norm}": 0.05, f"{norm} -> {gemv}": 0.05}

@@ -206,8 +206,9 @@ class MultiprocExecutor(Executor):
         self.driver_stats = DriverStats()
         return summary
 
-    def profile(self, action: str) -> list[list[Any]] | None:
-        """torch.profiler on rank 0: `start`, then `stop` returns [kernel name, device us, calls] rows."""
+    def profile(self, action: str) -> dict[str, Any] | None:
+        """torch.profiler on rank 0: `start`, then `stop` returns its kernels ([kernel name, device us,
+        calls] rows) and device activity (TPWorker.profile)."""
         return self._call({"method": "profile", "action": action})
 
     def shutdown(self) -> None:

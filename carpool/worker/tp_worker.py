@@ -45,7 +45,7 @@ from carpool.core.sched_output import TokenLogprobs
 from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
 from carpool.platform import dist_backend_for
-from carpool.profiling import device_kernel_times, ms_stats, step_timings_summary
+from carpool.profiling import device_activity, device_kernel_times, ms_stats, step_timings_summary
 from carpool.worker import tp_codec
 from carpool.worker.model_runner import ModelRunner, PendingStep
 
@@ -218,9 +218,10 @@ class TPWorker:
         self.stats.reset(self.runner, bool(msg.get("enable", False)))
         return summary
 
-    def profile(self, msg: dict[str, Any]) -> list[list[Any]] | None:
+    def profile(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         """torch.profiler on rank 0 between a `start` and a `stop`; `stop` returns the device kernels as
-        [name, device microseconds, calls] (the other ranks run the same kernels)."""
+        [name, device microseconds, calls] rows (the other ranks run the same kernels) and the device's
+        span, busy time and idle time by transition between kernel names (profiling.device_activity)."""
         if self.info.rank != 0 or self.device.type != "cuda":
             return None
         from torch.profiler import ProfilerActivity, profile
@@ -233,7 +234,10 @@ class TPWorker:
         torch.cuda.synchronize()
         prof, self.profiler = self.profiler, None
         prof.__exit__(None, None, None)
-        return [list(k) for k in device_kernel_times(prof)[:80]]
+        activity = device_activity(prof, lambda name: name)
+        idle = sorted(activity.idle_by_transition.items(), key=lambda kv: -kv[1])[:200]
+        return {"kernels": [list(k) for k in device_kernel_times(prof)[:80]], "span_us": activity.span,
+                "busy_us": activity.busy, "idle_by_transition_us": dict(idle)}
 
     def _reply(self, payload: dict[str, Any]) -> None:
         if self.info.rank == 0:
