@@ -79,11 +79,11 @@ fi
 if [ "$mode" = balance ]; then
   # The decode attention's work balance for mixed context lengths: the GPU tests, batch-1 latency, the
   # decode kernel on equal and on mixed contexts (balanced and not), offline throughput with and without it.
-  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
-  step python3 benchmarks/bench_latency.py --out "$out/latency.json"
-  step python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
-  step python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
-  step python3 benchmarks/bench_throughput.py --no-decode-balance --out "$out/throughput_unbalanced.json"
+  step timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+  step timeout 200 python3 benchmarks/bench_latency.py --breakdown --out "$out/latency.json"
+  step timeout 300 python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
+  step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
+  step timeout 240 python3 benchmarks/bench_throughput.py --no-decode-balance --out "$out/throughput_unbalanced.json"
   echo "=== done ($(date +%T)), status $status"
   sleep 1
   exit $status
