@@ -41,3 +41,26 @@ def test_fast_path_equals_nccl_eager_and_in_cuda_graphs(tmp_path):
     if not result["custom_available"]["torch.bfloat16"]:
         pytest.skip("symmetric-memory all-reduce unavailable here (the NCCL fallback passed); see the log")
     assert checks["fast_path_calls_in_graph_check"]["torch.bfloat16"] == 3
+
+
+def test_norm_exchange_takes_one_row_width_and_what_fits():
+    """Which calls the fused all-reduce + RMSNorm takes: 2-D, contiguous, the exchange's dtype, rows that
+    fit its slots, and one row width once used (slots are rows of that width)."""
+    from carpool.custom_all_reduce import NormExchange
+
+    ptrs = torch.zeros(2, dtype=torch.int64)
+    ex = NormExchange(data=torch.empty(2 * 4096, dtype=torch.bfloat16), pads=torch.zeros(256, dtype=torch.int32),
+                      buffer_ptrs=ptrs, pad_ptrs=ptrs, epochs=torch.zeros(128, dtype=torch.int32),
+                      uses=torch.zeros(64, dtype=torch.int32), half_stride=4096, rank=0, world_size=2, max_programs=128)
+
+    def x(rows: int, width: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.zeros(rows, width, dtype=dtype)
+
+    assert ex.eligible(x(4, 1024), x(4, 1024)) and ex.eligible(x(2, 64), x(2, 64))
+    assert not ex.eligible(x(5, 1024), x(5, 1024))  # more elements than a half holds
+    assert not ex.eligible(x(65, 32), x(65, 32))  # more rows than use bits
+    assert not ex.eligible(x(4, 1024, torch.float32), x(4, 1024, torch.float32))
+    assert not ex.eligible(x(4, 1024)[:, :512], x(4, 512))  # not contiguous
+    assert not ex.eligible(x(0, 1024), x(0, 1024))
+    ex.width = 1024  # as after a call
+    assert ex.eligible(x(1, 1024), x(1, 1024)) and not ex.eligible(x(1, 512), x(1, 512))
