@@ -252,7 +252,8 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
     seen: list[dict] = []
     for bs in runner.batch_sizes:
         runner.graphs[(bs, False)] = SimpleNamespace(replay=lambda: seen.append(
-            {name: t.clone() for name, t in runner.staged.tensors.items()}))
+            {**{name: t.clone() for name, t in runner.staged.tensors.items()},
+             "block_tables": runner.block_tables.clone()}))
         runner.logits[(bs, False)] = torch.zeros(bs, 5)
 
     def step(lens: list[int], width: int, salt: int) -> StepInputs:

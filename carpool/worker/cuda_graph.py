@@ -44,19 +44,22 @@ class CUDAGraphRunner:
         self.max_model_len = max_model_len
         max_blocks_per_req = -(-max_model_len // block_size)
         # Every input a replay changes, in one device buffer that one copy from pinned memory refills
-        # (staging.StaticInputs); the block tables last, so a replay copies only the rows it uses. Decode
-        # batches of at least CASCADE_MIN_BATCH get a second graph with cascade attention over a shared
-        # prefix, whose length is read from prefix_len at replay.
+        # (staging.StaticInputs). Block tables go last and packed ([rows, the step's width] instead of
+        # [max_num_seqs, max blocks per request]: 2.6 MB at 256 x 40k tokens), so a replay copies only
+        # what it uses, and one device copy spreads them into the tables the graphs read. Decode batches
+        # of at least CASCADE_MIN_BATCH get a second graph with cascade attention over a shared prefix,
+        # whose length is read from prefix_len at replay.
         self.staged = StaticInputs([
             Field("input_ids", torch.long, (n,), 0), Field("positions", torch.long, (n,), 0),
             Field("slot_mapping", torch.long, (n,), -1), Field("seq_lens", torch.int32, (n,), 1),
             Field("decode_order", torch.int32, (n,), np.arange(n, dtype=np.int32)),
             Field("decode_split_len", torch.int32, (1,), 1), Field("prefix_len", torch.int32, (1,), 0),
-            Field("block_tables", torch.int32, (n, max_blocks_per_req), 0)], device)
+            Field("packed_block_tables", torch.int32, (n * max_blocks_per_req,), 0)], device)
         t = self.staged.tensors
         self.input_ids, self.positions, self.slot_mapping = t["input_ids"], t["positions"], t["slot_mapping"]
-        self.seq_lens, self.block_tables, self.prefix_len = t["seq_lens"], t["block_tables"], t["prefix_len"]
+        self.seq_lens, self.prefix_len = t["seq_lens"], t["prefix_len"]
         self.decode_order, self.decode_split_len = t["decode_order"], t["decode_split_len"]
+        self.block_tables = torch.zeros(n, max_blocks_per_req, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # never changes
         # Graphs exist with the Triton backend only (which is all that imports triton).
         from carpool.ops.triton.attention import decode_num_splits
@@ -112,16 +115,20 @@ class CUDAGraphRunner:
         host["positions"][:b] = inputs.positions
         host["slot_mapping"][:b] = inputs.slot_mapping
         host["seq_lens"][:b] = inputs.seq_lens
-        host["block_tables"][:b, :inputs.block_tables.shape[1]] = inputs.block_tables
+        width = max(1, inputs.block_tables.shape[1])
+        tables = host["packed_block_tables"][:bs * width].reshape(bs, width)
+        tables[:b, :inputs.block_tables.shape[1]] = inputs.block_tables
         if bs > b:  # padded rows: one token of context in block 0, nothing stored
             host["slot_mapping"][b:bs] = -1
             host["seq_lens"][b:bs] = 1
-            host["block_tables"][b:bs, 0] = 0
+            tables[b:bs, 0] = 0
         self._plan_decode(host, inputs.seq_lens, bs)
         cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
         if cascade:
             host["prefix_len"][0] = inputs.cascade_prefix_len
-        self.staged.upload(self.staged.end_of("block_tables", bs))
+        self.staged.upload(self.staged.end_of("packed_block_tables", bs * width))
+        packed = self.staged.tensors["packed_block_tables"][:bs * width].view(bs, width)
+        self.block_tables[:bs, :width].copy_(packed)
         if fixup is not None:  # tokens sampled by the previous step, still on the device
             self.input_ids.index_copy_(0, fixup[0], fixup[1])
         self.graphs[(bs, cascade)].replay()
