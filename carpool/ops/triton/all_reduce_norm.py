@@ -56,7 +56,7 @@ def _all_reduce_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     for row in range(pid, n_rows, nprog):
         half = tl.load(uses_ptr + row)
         x = tl.load(x_ptr + row * D + cols, mask=cmask, other=0.0)
-        tl.store(mine + half * half_stride + row * D + cols, x, mask=cmask)
+        tl.store(mine + half * half_stride + row * D + cols, x, mask=cmask)  # (the slot peers read below)
     tl.debug_barrier()  # every thread's copy is done before the release below publishes it
     epoch = tl.load(epochs_ptr + pid) + 1
     for p in tl.static_range(WORLD):
@@ -74,25 +74,25 @@ def _all_reduce_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for row in range(pid, n_rows, nprog):
         half = tl.load(uses_ptr + row)
-        offset = half * half_stride + row * D
-        row64 = row * D  # n_rows * D <= half_stride: int32 is enough
+        row_off = row * D  # n_rows * D <= half_stride: int32 is enough
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for p in tl.static_range(WORLD):
             if p == RANK:
-                part = tl.load(x_ptr + row64 + cols, mask=cmask, other=0.0)
+                part = tl.load(x_ptr + row_off + cols, mask=cmask, other=0.0)
             else:
                 peer = tl.multiple_of(tl.load(buffer_ptrs + p).to(tl.pointer_type(dtype)), 16)
-                part = tl.load(peer + offset + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                part = tl.load(peer + half * half_stride + row_off + cols, mask=cmask, other=0.0,
+                               cache_modifier=".cg")
             acc += part.to(tl.float32)
         tl.store(uses_ptr + row, 1 - half)
-        r = tl.load(res_ptr + row64 + cols, mask=cmask, other=0.0)
+        r = tl.load(res_ptr + row_off + cols, mask=cmask, other=0.0)
         # As the unfused path: the all-reduce result rounds to the dtype, then the residual add rounds.
         h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(res_out_ptr + row64 + cols, h, mask=cmask)
+        tl.store(res_out_ptr + row_off + cols, h, mask=cmask)
         hf = h.to(tl.float32)[None, :]  # [1, BLOCK_D], the layout of the unfused norm kernel's long rows
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / D + eps)
         y = (hf * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
-        tl.store(out_ptr + row64 + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
+        tl.store(out_ptr + row_off + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
 
 
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
