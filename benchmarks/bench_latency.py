@@ -28,16 +28,20 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
     llm = LLM(model, **engine_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
     llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
+    from profile_util import JitCompiles
+
     per_token, ttft = [], []
-    for _ in range(repeats):
-        llm.reset_prefix_cache()
-        out = llm.generate([prompt], params, use_tqdm=False)[0]
-        m = out.metrics
-        assert len(out.outputs[0].token_ids) == new_tokens
-        per_token.append((m.finished_time - m.first_token_time) / (new_tokens - 1))
-        ttft.append(m.time_to_first_token)
+    with JitCompiles() as compiles:
+        for _ in range(repeats):
+            llm.reset_prefix_cache()
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            m = out.metrics
+            assert len(out.outputs[0].token_ids) == new_tokens
+            per_token.append((m.finished_time - m.first_token_time) / (new_tokens - 1))
+            ttft.append(m.time_to_first_token)
     result = {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
-              "repeats": repeats}
+              "repeats": repeats, "ms_per_token_each": [round(1e3 * t, 4) for t in per_token],
+              "jit_compiles_in_run": compiles.summary()}
     if breakdown:  # one more run with per-step timings (a little slower: events around every step)
         from profile_util import step_breakdown
 
@@ -145,6 +149,7 @@ def main() -> None:
                               "disable_custom_all_reduce": args.disable_custom_all_reduce,
                               "disable_pdl": args.disable_pdl,
                               "fused_all_reduce_norm": not args.no_fused_all_reduce_norm,
+                              "fused_gemv_silu": not args.no_fused_gemv_silu,
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
                               "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
                               "copy_bandwidth_bytes_per_s": bandwidth}

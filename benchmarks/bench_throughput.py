@@ -75,8 +75,9 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
 
     llm = LLM(model, **engine_kwargs)
     engine = llm.engine
-    # warm-up: a small mixed workload, so kernel compiles (one per new specialization) stay out of the run
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:64]],
+    # warm-up: every prompt with a few output tokens, so that the run's prefill and mixed steps have all
+    # been seen once and no kernel specialization is compiled inside the timed run (counted below)
+    llm.generate([{"prompt_token_ids": p} for p in prompts],
                  SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True), use_tqdm=False)
     llm.reset_prefix_cache()
     params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, detokenize=False)
@@ -90,22 +91,26 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
         from profile_util import start_timings
 
         start_timings(engine)
+    from profile_util import JitCompiles
+
     num_steps = 0
     finished = []
-    start = time.perf_counter()
-    for prompt, p in zip(prompts, params):
-        engine.add_request(None, {"prompt_token_ids": prompt}, p)
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        num_steps += 1
-        finished.extend(o for o in outs if o.finished)
-    elapsed = time.perf_counter() - start
+    with JitCompiles() as compiles:
+        start = time.perf_counter()
+        for prompt, p in zip(prompts, params):
+            engine.add_request(None, {"prompt_token_ids": prompt}, p)
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            num_steps += 1
+            finished.extend(o for o in outs if o.finished)
+        elapsed = time.perf_counter() - start
     out_tokens = sum(len(c.token_ids) for o in finished for c in o.outputs)
     result: dict[str, Any] = {"seconds": elapsed, "output_tokens": out_tokens, "tokens_per_s": out_tokens / elapsed,
                               "num_steps": num_steps, "num_preemptions": engine.stats().num_preemptions,
                               "num_kv_blocks": engine.stats().num_kv_blocks,
                               "mean_ttft_s": statistics.mean(o.metrics.time_to_first_token for o in finished),
-                              "prefix_cache_hits": engine.stats().prefix_cache_hits}
+                              "prefix_cache_hits": engine.stats().prefix_cache_hits,
+                              "jit_compiles_in_run": compiles.summary()}
     if on_gpu:
         # Device time is measured with events around each step's kernels (rank 0's under TP); the wall
         # time they do not cover is host time the device waited for (exposed host overhead).

@@ -4,6 +4,8 @@ parallelism both come from rank 0, through the executor's `profile` and `timings
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -102,6 +104,47 @@ def summarize_kernels(kernels: list[tuple[str, float, int]], steps: int, top: in
         "top_kernels": [{"name": n[:120], "ms_per_step": us / 1e3 / steps, "calls_per_step": c / steps,
                          "share": round(us / total, 4)} for n, us, c in kernels[:top]],
     }
+
+
+class JitCompiles:
+    """Counts the Triton kernel specializations this process builds (or loads from the disk cache)
+    while active, and the wall time they take. Why: a timed run should contain none; one compile is
+    100+ ms that a long-running server pays once, and it once made two runs of the same workload in
+    one suite differ by 6%. Counts this process only (not tensor-parallel workers)."""
+
+    def __init__(self) -> None:
+        self.kernels: Counter[str] = Counter()
+        self.seconds = 0.0
+        self._start = 0.0
+        self._runtime: Any = None
+
+    def __enter__(self) -> "JitCompiles":
+        try:
+            from triton import knobs
+        except ImportError:  # older Triton without hooks: nothing counted
+            return self
+        self._runtime = knobs.runtime
+        self._prev = (self._runtime.jit_cache_hook, self._runtime.jit_post_compile_hook)
+
+        def on_miss(**kwargs: Any) -> Any:
+            self._start = time.perf_counter()
+            return self._prev[0](**kwargs) if self._prev[0] else None
+
+        def on_built(**kwargs: Any) -> Any:
+            self.seconds += time.perf_counter() - self._start
+            self.kernels[kwargs["fn"].name] += 1
+            return self._prev[1](**kwargs) if self._prev[1] else None
+
+        self._runtime.jit_cache_hook, self._runtime.jit_post_compile_hook = on_miss, on_built
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._runtime is not None:
+            self._runtime.jit_cache_hook, self._runtime.jit_post_compile_hook = self._prev
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": sum(self.kernels.values()), "seconds": round(self.seconds, 3),
+                "kernels": dict(self.kernels.most_common())}
 
 
 def start_timings(engine: Any) -> None:
