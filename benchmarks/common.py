@@ -171,15 +171,21 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
     ap.add_argument("--no-fused-all-reduce-norm", action="store_true",
                     help="TP ablation: the all-reduce before each residual add + RMSNorm as its own kernel")
+    ap.add_argument("--no-fused-gemv-silu", action="store_true",
+                    help="ablation: batch-1 steps run the gate/up GEMV and SiLU-and-mul as two kernels")
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """add_engine_flags' values as LLM keyword arguments (and the fused all-reduce switch, which the TP
-    workers read from the environment they inherit)."""
+    """add_engine_flags' values as LLM keyword arguments (and the fusion switches, which the engine and
+    the TP workers read from the environment they inherit)."""
     if args.no_fused_all_reduce_norm:
         from carpool.custom_all_reduce import FUSED_NORM_ENV
 
         os.environ[FUSED_NORM_ENV] = "0"
+    if args.no_fused_gemv_silu:
+        from carpool.worker.model_runner import FUSED_GEMV_SILU_ENV
+
+        os.environ[FUSED_GEMV_SILU_ENV] = "0"
     return dict(enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
                 tensor_parallel_size=args.tensor_parallel_size,
                 disable_custom_all_reduce=args.disable_custom_all_reduce)

@@ -95,6 +95,7 @@ def call_every_op(dtype: torch.dtype) -> None:
         tri.silu_and_mul(torch.zeros(8, 2 * 3 * hidden, dtype=dtype))
         for n, k in ((3 * hidden, hidden), (hidden, 4 * hidden)):  # batch-1 projections, short and long rows
             tri.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
+        tri.gemv_silu_and_mul(torch.zeros(1, hidden, dtype=dtype), torch.zeros(2 * 3 * hidden, hidden, dtype=dtype))
     tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
     from carpool.ops.triton.all_reduce_norm import MAX_PROGRAMS, all_reduce_add_rms_norm
 

@@ -526,6 +526,21 @@ def test_gemv_matches_linear(n: int, k: int, with_bias: bool) -> None:
         torch.testing.assert_close(gemv(x, w, b, config), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("d,k", [(5, 70), (17, 2100)])  # ragged rows and column tiles; K over one tile
+def test_gemv_silu_and_mul_equals_gemv_then_silu_and_mul(d: int, k: int) -> None:
+    from carpool.ops.triton.gemv import GemvConfig, gemv, gemv_silu_and_mul
+
+    w = torch.randn(2 * d, k, device=DEVICE)
+    x = torch.randn(1, k, device=DEVICE)
+    gate, up = torch.nn.functional.linear(x, w).chunk(2, dim=-1)
+    torch.testing.assert_close(gemv_silu_and_mul(x, w), torch.nn.functional.silu(gate) * up,
+                               atol=1e-4, rtol=1e-4)
+    for config in (None, GemvConfig(block_k=256)):  # the same roundings as the two kernels: equal bits
+        assert torch.equal(gemv_silu_and_mul(x, w, config), tri.silu_and_mul(gemv(x, w, config=config)))
+    with pytest.raises(ValueError, match="gate and up"):
+        gemv_silu_and_mul(x, w[1:])
+
+
 # ---- in the model ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # head_dim 16; head_dim 24 with q/k norms on views
@@ -554,12 +569,16 @@ def test_engine_batch_one_steps_take_the_gemv_and_match_torch(checkpoint_factory
     calls = []
     real = tri.gemv
     monkeypatch.setattr(tri, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = []
+    real_fused = tri.gemv_silu_and_mul
+    monkeypatch.setattr(tri, "gemv_silu_and_mul", lambda *a, **k: fused.append(1) or real_fused(*a, **k))
     path = checkpoint_factory("qwen2")  # q/k/v biases go through the GEMV's bias
     prompt = {"prompt_token_ids": prompts_of_lengths([23])[0]}
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     tokens = {backend: LLM(path, device=DEVICE, kernel_backend=backend).generate(
         [prompt], params, use_tqdm=False)[0].outputs[0].token_ids for backend in ("torch", "triton")}
     assert calls, "a batch-1 decode step should use the Triton GEMV"
+    assert fused, "a batch-1 decode step's gate/up projection should use the GEMV with SiLU-and-mul"
     assert tokens["triton"] == tokens["torch"]
 
 
@@ -614,6 +633,20 @@ def test_gpu_elementwise_bf16() -> None:
     torch.testing.assert_close(out_q.float(), ref_q, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(kc.float(), kc_ref, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(vc.view(-1, 8, 128)[slots], v, atol=0, rtol=0)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [14336, 7168])  # Llama-3-8B's MLP, whole and halved for TP=2
+def test_gpu_gemv_silu_and_mul_bf16_equals_the_two_kernels(d: int) -> None:
+    from carpool.ops.triton.gemv import gemv, gemv_silu_and_mul
+
+    w = torch.randn(2 * d, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(gemv_silu_and_mul(x, w), tri.silu_and_mul(gemv(x, w)))
+    gate, up = torch.nn.functional.linear(x.float(), w.float()).chunk(2, dim=-1)
+    torch.testing.assert_close(gemv_silu_and_mul(x, w).float(), torch.nn.functional.silu(gate) * up,
+                               atol=2e-2, rtol=2e-2)
 
 
 # ---- one-pass sampling ---------------------------------------------------------------------------

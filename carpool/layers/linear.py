@@ -98,6 +98,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate and up): checkpoint shard k goes to rows
     [sum(sizes[:k]), sum(sizes[:k+1])) of this rank's slice."""
 
+    # The backend's GEMV with SiLU-and-mul on its two outputs (see ModelRunner), for [gate, up] layers
+    # on batch-1 steps; the MLP calls it through fused_silu_and_mul.
+    gemv_silu_and_mul: Callable[..., torch.Tensor] | None = None
+
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
                  dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE) -> None:
         self.output_sizes = output_sizes
@@ -108,6 +112,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
         param.data.narrow(0, offset, size).copy_(load_narrow(loaded, 0, self.tp.rank * size, size))
+
+    def fused_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this [gate, up] projection in one kernel when the backend has one for x's
+        shape (one row, no bias); None otherwise."""
+        if (self.gemv_silu_and_mul is None or self.bias is not None or len(self.output_sizes) != 2
+                or self.output_sizes[0] != self.output_sizes[1] or x.dim() != 2 or x.shape[0] != 1):
+            return None
+        return self.gemv_silu_and_mul(x, self.weight)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

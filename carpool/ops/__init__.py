@@ -25,6 +25,9 @@ class KernelOps:
     sample_from_logits: Callable | None = None
     # x [1, K] @ W[N, K].T (+ bias) for batch-1 steps, faster than cuBLAS there; None: plain matmul.
     gemv: Callable | None = None
+    # silu(x @ gate.T) * (x @ up.T) for batch-1 steps from a merged [gate; up] weight; None: gemv or
+    # matmul, then silu_and_mul.
+    gemv_silu_and_mul: Callable | None = None
 
 
 def get_kernel_ops(name: str) -> KernelOps:
@@ -38,4 +41,5 @@ def get_kernel_ops(name: str) -> KernelOps:
                      fused_add_rms_norm=impl.fused_add_rms_norm, silu_and_mul=impl.silu_and_mul,
                      rope_and_store_kv=impl.rope_and_store_kv,
                      sample_from_logits=getattr(impl, "sample_from_logits", None),
-                     gemv=getattr(impl, "gemv", None))
+                     gemv=getattr(impl, "gemv", None),
+                     gemv_silu_and_mul=getattr(impl, "gemv_silu_and_mul", None))

@@ -9,6 +9,7 @@ replay CUDA graphs; every other step runs eagerly.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import cast
@@ -20,7 +21,7 @@ from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, TPGroup
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
-from carpool.layers.linear import LinearBase
+from carpool.layers.linear import LinearBase, MergedColumnParallelLinear
 from carpool.layers.sampler import Sampler, SamplingMetadata
 from carpool.models.loader import load_model
 from carpool.ops import get_kernel_ops
@@ -31,6 +32,8 @@ from carpool.worker.input_batch import InputBatch, StepInputs
 from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block, cpu_num_blocks, gpu_num_blocks
 
 logger = logging.getLogger(__name__)
+# "0": batch-1 steps run the gate/up GEMV and silu_and_mul as two kernels (for ablations)
+FUSED_GEMV_SILU_ENV = "CARPOOL_FUSED_GEMV_SILU"
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,12 @@ class ModelRunner:
             from carpool.ops.triton import utils as triton_utils
             triton_utils.set_pdl(not config.disable_pdl and triton_utils.pdl_supported(self.device))
         if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
+            fused_act = os.environ.get(FUSED_GEMV_SILU_ENV, "1") != "0"
             for module in self.model.modules():
                 if isinstance(module, LinearBase):
                     module.gemv = self.ops.gemv
+                if isinstance(module, MergedColumnParallelLinear) and fused_act:
+                    module.gemv_silu_and_mul = self.ops.gemv_silu_and_mul
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)

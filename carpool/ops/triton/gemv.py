@@ -39,9 +39,12 @@ def default_gemv_config(k: int) -> GemvConfig:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr, USE_PDL: tl.constexpr):
+    if SILU_PAIR:  # program p reads rows p (gate) and p + pair_offset (up); BLOCK_N == 2
+        rows = tl.program_id(0) + tl.arange(0, BLOCK_N) * pair_offset
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     # The first weight tile is loaded before waiting for the kernel that writes x (utils: PDL), so
@@ -60,7 +63,26 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.con
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+    if SILU_PAIR:
+        # The same roundings as the two-kernel path: gate and up as the GEMV stores them, then
+        # silu_and_mul's arithmetic (silu(gate) rounded before the multiply).
+        out = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        is_gate = tl.arange(0, BLOCK_N) == 0
+        gate = tl.sum(tl.where(is_gate, out, 0.0), axis=0)
+        up = tl.sum(tl.where(is_gate, 0.0, out), axis=0)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + tl.program_id(0), (act.to(tl.float32) * up).to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
+    n, k = weight.shape
+    if x.numel() != k or weight.stride(-1) != 1:
+        raise ValueError(f"{name}: x must hold K={k} values and weight [N, K] be contiguous in K, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)} with strides {tuple(weight.stride())}")
+    x = x.reshape(k)
+    return x if x.stride(0) == 1 else x.contiguous()
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -68,15 +90,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x [1, K] (or [K]) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype; weight's last dim contiguous."""
     n, k = weight.shape
     config = config or default_gemv_config(k)
-    if x.numel() != k or weight.stride(-1) != 1:
-        raise ValueError(f"gemv: x must hold K={k} values and weight [N, K] be contiguous in K, got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)} with strides {tuple(weight.stride())}")
-    x = x.reshape(k)
-    if x.stride(0) != 1:
-        x = x.contiguous()
+    x = _check(x, weight, "gemv")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), 0, HAS_BIAS=bias is not None,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, SILU_PAIR=False, num_warps=config.num_warps,
+        num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out
+
+
+def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) -> [1, d] for weight = [gate; up] of shape [2d, K] (a merged
+    gate/up projection). Why: a batch-1 layer then has one kernel fewer in its dependent chain (no
+    separate silu_and_mul launch and wait), with the weight traffic of the plain GEMV; the result equals
+    gemv followed by silu_and_mul (same roundings)."""
+    two_d, k = weight.shape
+    if two_d % 2:
+        raise ValueError(f"gemv_silu_and_mul: weight must stack gate and up ([2d, K]), got {tuple(weight.shape)}")
+    config = config or default_gemv_config(k)
+    x = _check(x, weight, "gemv_silu_and_mul")
+    out = torch.empty(1, two_d // 2, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(two_d // 2,)](
+        x, weight, weight, out, two_d, k, weight.stride(0), two_d // 2, HAS_BIAS=False, BLOCK_N=2,
+        BLOCK_K=config.block_k, SILU_PAIR=True, num_warps=config.num_warps, num_stages=config.num_stages,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
