@@ -7,7 +7,7 @@
 # tensor-parallel tests and benchmarks (2 GPUs, ~7-9 min): 5 JSON files + suite.log, nothing else;
 # "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
 # "ablate" times batch-1 latency with each kernel choice undone in turn; "balance" compares the decode
-# attention's work balance on and off.
+# attention's work balance on and off; "check" measures the targets twice after the GPU tests.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -20,7 +20,7 @@ status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; }; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -84,6 +84,19 @@ if [ "$mode" = balance ]; then
   step timeout 300 python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
   step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
   step timeout 240 python3 benchmarks/bench_throughput.py --no-decode-balance --out "$out/throughput_unbalanced.json"
+  echo "=== done ($(date +%T)), status $status"
+  sleep 1
+  exit $status
+fi
+if [ "$mode" = check ]; then
+  # The figures of the targets, each measured twice, with the GPU tests first: batch-1 latency
+  # (profiled, repeated, and without the fused gate/up GEMV + SiLU) and offline throughput (plain, profiled).
+  step timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+  step timeout 150 python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
+  step timeout 150 python3 benchmarks/bench_latency.py --no-fused-gemv-silu --out "$out/latency_unfused_silu.json"
+  step timeout 150 python3 benchmarks/bench_latency.py --out "$out/latency_repeat.json"
+  step timeout 240 python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
+  step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput_profiled.json"
   echo "=== done ($(date +%T)), status $status"
   sleep 1
   exit $status
