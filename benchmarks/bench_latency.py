@@ -39,9 +39,12 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
             assert len(out.outputs[0].token_ids) == new_tokens
             per_token.append((m.finished_time - m.first_token_time) / (new_tokens - 1))
             ttft.append(m.time_to_first_token)
-    result = {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
-              "repeats": repeats, "ms_per_token_each": [round(1e3 * t, 4) for t in per_token],
-              "jit_compiles_in_run": compiles.summary()}
+    result: dict[str, Any] = {}
+    if hasattr(llm.engine.executor, "describe"):  # TP: which all-reduce paths the ranks agreed on
+        result["tp_paths"] = llm.engine.executor.describe()
+    result |= {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
+               "repeats": repeats, "ms_per_token_each": [round(1e3 * t, 4) for t in per_token],
+               "jit_compiles_in_run": compiles.summary()}
     if breakdown:  # one more run with per-step timings (a little slower: events around every step)
         from profile_util import step_breakdown
 
@@ -150,6 +153,7 @@ def main() -> None:
                               "disable_pdl": args.disable_pdl,
                               "fused_all_reduce_norm": not args.no_fused_all_reduce_norm,
                               "fused_gemv_silu": not args.no_fused_gemv_silu,
+                              "push_all_reduce": not args.no_push_all_reduce,
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
                               "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
                               "copy_bandwidth_bytes_per_s": bandwidth}

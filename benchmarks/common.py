@@ -171,6 +171,8 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
     ap.add_argument("--no-fused-all-reduce-norm", action="store_true",
                     help="TP ablation: the all-reduce before each residual add + RMSNorm as its own kernel")
+    ap.add_argument("--no-push-all-reduce", action="store_true",
+                    help="TP ablation: batch-1 steps reduce through the fused exchange, not the GEMV's push")
     ap.add_argument("--no-fused-gemv-silu", action="store_true",
                     help="ablation: batch-1 steps run the gate/up GEMV and SiLU-and-mul as two kernels")
 
@@ -182,6 +184,10 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         from carpool.custom_all_reduce import FUSED_NORM_ENV
 
         os.environ[FUSED_NORM_ENV] = "0"
+    if args.no_push_all_reduce:
+        from carpool.custom_all_reduce import PUSH_ENV
+
+        os.environ[PUSH_ENV] = "0"
     if args.no_fused_gemv_silu:
         from carpool.worker.model_runner import FUSED_GEMV_SILU_ENV
 

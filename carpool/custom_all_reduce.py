@@ -43,6 +43,11 @@ ALIGN = 16  # the one-shot kernel's widest vector access; the copy variant needs
 # benchmarks' --no-fused-all-reduce-norm sets it for their TP workers).
 FUSED_NORM_ENV = "CARPOOL_FUSED_ALL_REDUCE_NORM"
 
+# Set to 0 to keep batch-1 steps on the exchange above instead of the push exchange (the row-parallel GEMV
+# sending its outputs to every rank; benchmarks' --no-push-all-reduce).
+PUSH_ENV = "CARPOOL_PUSH_ALL_REDUCE"
+PUSH_MAX_WIDTH = 16384  # widest row (hidden size) the push slots hold
+
 # Environment that keeps NVLink multicast off in NCCL, symmetric memory and NVSHMEM. Mandatory on the
 # shared hosts: set in every worker's environment and again in os.environ before torch.distributed starts.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -154,6 +159,57 @@ class NormExchange:
                 and x.numel() <= self.half_stride and x.shape[1] <= 16384)
 
 
+@dataclass
+class PushExchange:
+    """Device state of the batch-1 push exchange (ops/triton/gemv.py gemv_push, then
+    ops/triton/all_reduce_norm.py pushed_add_rms_norm): symmetric int64 slots, every rank's slot
+    address, this rank's call epoch. `pending` is the GEMV output whose sums are in flight: the next
+    norm must be the one that receives them (the model's order: row-parallel projection, then norm)."""
+
+    slots: torch.Tensor  # symmetric, int64 [2 * world_size * slot_stride], zero at start
+    slot_ptrs: torch.Tensor  # int64 [world_size]
+    epoch: torch.Tensor  # int32 [1]
+    slot_stride: int
+    rank: int
+    world_size: int
+    pending: torch.Tensor | None = None
+
+    @classmethod
+    def create(cls, device: torch.device, group_name: str, world: int) -> "PushExchange":
+        import torch.distributed._symmetric_memory as symm_mem
+
+        stride = PUSH_MAX_WIDTH // 2
+        slots = symm_mem.empty(2 * world * stride, dtype=torch.int64, device=device)
+        slots.zero_()
+        torch.cuda.synchronize(device)
+        handle = symm_mem.rendezvous(slots, group_name)
+        offset = slots.data_ptr() - handle.buffer_ptrs[handle.rank]
+        ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        return cls(slots, ptrs, torch.zeros(1, dtype=torch.int32, device=device), stride, handle.rank, world)
+
+    def eligible(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """One row of a 16-bit model whose output fits the slots (equal on every rank)."""
+        return (self.pending is None and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
+                and weight.dtype in (torch.bfloat16, torch.float16) and weight.shape[0] % 2 == 0
+                and weight.shape[0] // 2 <= self.slot_stride and weight.stride(-1) == 1)
+
+    def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        from carpool.ops.triton.gemv import gemv_push
+
+        self.pending = gemv_push(x, weight, self.slot_ptrs, self.epoch, self.slot_stride, self.rank,
+                                 self.world_size)
+        return self.pending
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        from carpool.ops.triton.all_reduce_norm import pushed_add_rms_norm
+
+        if x is not self.pending:
+            raise RuntimeError("push exchange: a norm got other partial sums than the GEMV pushed last")
+        self.pending = None
+        return pushed_add_rms_norm(residual, weight, eps, self.slots, self.epoch, self.slot_stride, self.world_size)
+
+
 class CustomAllReduce:
     """The fast path once established; `create` returns None when it is not available on every rank."""
 
@@ -164,6 +220,7 @@ class CustomAllReduce:
         self.max_bytes = max_bytes
         self.dtype = buffer.dtype
         self.exchange = exchange  # state of the fused all-reduce + add + RMSNorm (None: not available)
+        self.push: PushExchange | None = None  # batch-1 push exchange (None: not available)
         self.calls = 0  # eager calls plus captures (graph replays are not counted)
 
     @classmethod
@@ -199,7 +256,70 @@ class CustomAllReduce:
                                error or "a peer failed")
                 return None
         logger.info("custom all-reduce on: one-shot over symmetric memory up to %d bytes", max_bytes)
+        assert ar is not None
+        if ar.exchange is not None and dtype in (torch.bfloat16, torch.float16) and os.environ.get(PUSH_ENV, "1") != "0":
+            ar._establish_push(rank, world_size, cpu_group, group)
         return ar
+
+    def _establish_push(self, rank: int, world_size: int, cpu_group: Any, device_group: Any) -> None:
+        """The push exchange, agreed like the rest; if any stage fails on any rank, batch-1 steps keep
+        the fused exchange."""
+        stages = [("allocation", lambda: setattr(self, "push", PushExchange.create(
+                      self.buffer.device, self.group_name, world_size))),
+                  ("eager self-test", lambda: self._push_test(rank, world_size, device_group, graph=False)),
+                  ("graph self-test", lambda: self._push_test(rank, world_size, device_group, graph=True))]
+        for name, stage in stages:
+            error = ""
+            try:
+                error = stage() or ""
+            except Exception as e:  # noqa: BLE001 - any failure means no push exchange, agreed below
+                error = f"{type(e).__name__}: {e}"
+            if not _agree(not error, cpu_group):
+                logger.warning("push exchange off after its %s (rank %d: %s)", name, rank, error or "a peer failed")
+                self.push = None
+                return
+        logger.info("push exchange on for batch-1 steps")
+
+    def _push_test(self, rank: int, world_size: int, device_group: Any, graph: bool) -> str:
+        """gemv_push then pushed_add_rms_norm, twice (both halves), eagerly or captured and replayed,
+        against NCCL on the GEMV outputs then the torch norm; '' when they agree."""
+        from carpool.ops.torch_ref import fused_add_rms_norm
+
+        push = self.push
+        assert push is not None
+        dev, dt = self.buffer.device, self.dtype
+        gen = torch.Generator(device=dev).manual_seed(31 + rank)
+        xs = [torch.randn(1, 512, generator=gen, device=dev).to(dt) for _ in range(2)]
+        ws = [(0.05 * torch.randn(n, 512, generator=gen, device=dev)).to(dt) for n in (1024, 256)]
+        gen.manual_seed(5)  # the same on every rank
+        residuals = [torch.randn(1, w.shape[0], generator=gen, device=dev).to(dt) for w in ws]
+        norm_ws = [torch.rand(w.shape[0], generator=gen, device=dev).to(dt) for w in ws]
+
+        def calls() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            outs = []
+            for x, w, res, nw in zip(xs, ws, residuals, norm_ws):
+                y = push.gemv(x, w)
+                outs.append((y, *push.add_rms_norm(y, res, nw, 1e-6)))
+            return outs
+        if graph:
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
+                outs = calls()
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            for x in xs:
+                x.mul_(2)
+            g.replay()
+        else:
+            outs = calls()
+        torch.cuda.synchronize(dev)
+        for (y, out, res_out), res, nw in zip(outs, residuals, norm_ws):
+            ref_out, ref_res = fused_add_rms_norm(_nccl(y, device_group), res, nw, 1e-6)
+            if not (_same(res_out, ref_res, world_size)
+                    and torch.allclose(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)):
+                return f"push exchange disagrees with NCCL ({'graph' if graph else 'eager'}, {y.shape[1]} wide)"
+        return ""
 
     @classmethod
     def _establish(cls, device: torch.device, dtype: torch.dtype, group: Any, max_bytes: int) -> "CustomAllReduce":

@@ -6,7 +6,8 @@ All-reduces go through the one-shot symmetric-memory kernel (carpool/custom_all_
 group has one and the tensor is eligible (small, the model dtype), through NCCL (or gloo on CPU)
 otherwise. Either way the result is the return value: callers must not rely on x being reduced in place.
 The all-reduce that feeds a residual add + RMSNorm has its own entry (all_reduce_add_rms_norm), which
-fuses the three into one kernel on the symmetric-memory path.
+fuses the three into one kernel on the symmetric-memory path. On batch-1 steps the row-parallel GEMV can
+instead push its outputs to every rank as it computes them (push_gemv), and that norm only receives them.
 """
 
 from __future__ import annotations
@@ -40,9 +41,20 @@ class TPGroup:
         """ops.fused_add_rms_norm(all_reduce(x), residual, ...): one kernel on the symmetric-memory path
         (Triton kernels, an eligible shape), the two steps otherwise."""
         custom = self.custom_all_reduce
+        if self.size > 1 and custom is not None and custom.push is not None and custom.push.pending is not None:
+            return custom.push.add_rms_norm(x, residual, weight, eps)
         if self.size > 1 and custom is not None and ops.name == "triton" and custom.norm_eligible(x, residual):
             return custom.all_reduce_add_rms_norm(x, residual, weight, eps)
         return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
+
+    def push_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """x @ weight.T (this rank's partial sums), sent to every rank as it is computed, for the next
+        all_reduce_add_rms_norm to receive; None when the push exchange does not take x (then compute
+        and reduce as usual). Only for a row-parallel projection whose output goes to that norm."""
+        custom = self.custom_all_reduce
+        if self.size == 1 or custom is None or custom.push is None or not custom.push.eligible(x, weight):
+            return None
+        return custom.push.gemv(x, weight)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:

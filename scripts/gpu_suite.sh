@@ -4,7 +4,7 @@
 #   bash scripts/gpu_suite.sh /path/to/results [quick]
 # "final" = GPU tests + latency + serve. "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
 # (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
-# tensor-parallel tests and benchmarks (2 GPUs, ~7-9 min): 5 JSON files + suite.log, nothing else;
+# tensor-parallel tests and benchmarks (2 GPUs, ~6 min): 4 JSON files + suite.log, nothing else;
 # "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
 # "ablate" times batch-1 latency with each kernel choice undone in turn; "balance" compares the decode
 # attention's work balance on and off; "check" measures the targets twice after the GPU tests.
@@ -130,16 +130,15 @@ if [ "$mode" = tp ]; then
   nvidia-smi topo -m
   # (each step has a time limit: a collective that never completes must not eat the whole session)
   step timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
-  # Llama-3-8B shape, batch 1: TP=2 (rank-0 profile), TP=2 with the all-reduce before each norm unfused, TP=1
+  # the fused all-reduce + RMSNorm kernel and the batch-1 push exchange with ranks simulated on one GPU (streams)
+  step timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k "all_reduce_add or push" -o addopts=""
+  # Llama-3-8B shape, batch 1: TP=2 (rank-0 profile), TP=2 without the push exchange (the fused exchange
+  # after each row-parallel GEMV instead), TP=1
   step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --profile --out "$out/latency_tp2.json"
-  step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --no-fused-all-reduce-norm --out "$out/latency_tp2_unfused.json"
+  step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --no-push-all-reduce --out "$out/latency_tp2_no_push.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 1 --out "$out/latency_tp1.json"
-  # the fused all-reduce + RMSNorm kernel with ranks simulated on one GPU (streams)
-  step timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k all_reduce_add -o addopts=""
-  # Qwen3-14B shape, 256 requests, TP=2 with and without the fused all-reduce + RMSNorm
+  # Qwen3-14B shape, 256 requests, TP=2 (batches above one row: the fused exchange)
   step timeout 200 python3 benchmarks/bench_throughput.py --shape qwen3-14b -tp 2 --load-format dummy --out "$out/throughput_14b_tp2.json"
-  step timeout 200 python3 benchmarks/bench_throughput.py --shape qwen3-14b -tp 2 --load-format dummy --no-fused-all-reduce-norm \
-    --out "$out/throughput_14b_tp2_unfused.json"
   echo "=== done ($(date +%T)), status $status"
   sleep 1  # let tee write the end of the log
   exit $status

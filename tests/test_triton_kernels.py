@@ -471,6 +471,102 @@ def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
         assert uses[r][:6].tolist() == [0, 1, 1, 1, 1, 1] and uses[r][MAX_PROGRAMS + 1].item() == 1
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_gemv_push_then_pushed_add_rms_norm_over_simulated_ranks(world: int) -> None:
+    """The batch-1 push exchange with `world` simulated ranks: each rank's GEMV writes its outputs with
+    the call's epoch into every rank's slots, each rank's norm waits for them and reduces. Every rank
+    gets the same bits, equal to the reference on the sum of the ranks' GEMV outputs; row widths change
+    between calls, both halves are reused, and the epochs wrap past the int32 limit."""
+    from carpool.ops.triton.all_reduce_norm import pushed_add_rms_norm
+    from carpool.ops.triton.gemv import gemv, gemv_push
+
+    dt = torch.float16 if INTERPRET else torch.bfloat16  # (16-bit words; numpy has no bfloat16)
+    stride = 32  # slots per rank and half: rows up to 64
+    gen = torch.Generator().manual_seed(10 + world)
+
+    def shared(t: torch.Tensor) -> torch.Tensor:
+        return t.share_memory_() if INTERPRET else t
+    slots = [shared(torch.zeros(2 * world * stride, dtype=torch.int64, device=DEVICE)) for _ in range(world)]
+    slot_ptrs = torch.tensor([t.data_ptr() for t in slots], dtype=torch.int64, device=DEVICE)
+    start = 2 ** 31 - 2
+    epochs = [shared(torch.full((1,), start, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    calls = ((48, 40), (20, 70), (64, 40), (48, 40))
+    if not INTERPRET:
+        # Compile and load every kernel alone first (see the test above), against slots that read as
+        # already written for epoch 1: a first launch waits for running kernels, spinning ones included.
+        for n, k in calls:
+            for r in range(world):
+                ready = torch.full((2 * world * stride,), 1 << 32, dtype=torch.int64, device=DEVICE)
+                zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+                w_dummy = torch.zeros(n, k, dtype=dt, device=DEVICE)
+                gemv_push(torch.zeros(1, k, dtype=dt, device=DEVICE), w_dummy,
+                          torch.tensor([ready.data_ptr()] * world, device=DEVICE), zero, stride, r, world)
+                pushed_add_rms_norm(torch.zeros(1, n, dtype=dt, device=DEVICE), torch.ones(n, dtype=dt, device=DEVICE),
+                                    1e-6, ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, world)
+        torch.cuda.synchronize()
+    for n, k in calls:
+        xs = [torch.randn(1, k, generator=gen).to(DEVICE, dt) for _ in range(world)]
+        ws = [(0.3 * torch.randn(n, k, generator=gen)).to(DEVICE, dt) for _ in range(world)]
+        residual = torch.randn(1, n, generator=gen).to(DEVICE, dt)
+        norm_w = torch.rand(n, generator=gen).to(DEVICE, dt)
+
+        def call(r: int) -> tuple[torch.Tensor, ...]:
+            y = gemv_push(xs[r], ws[r], slot_ptrs, epochs[r], stride, r, world)
+            return (y, *pushed_add_rms_norm(residual, norm_w, 1e-6, slots[r], epochs[r], stride, world))
+        outs = run_ranks(world, call)
+        parts = [gemv(xs[r], ws[r]) for r in range(world)]
+        total = sum(p.float() for p in parts).to(dt)  # rank order, float32, one rounding
+        ref_out, ref_res = torch_ref.fused_add_rms_norm(total, residual, norm_w, 1e-6)
+        for r, (y, out, res) in enumerate(outs):
+            assert torch.equal(y.cpu(), parts[r].cpu())  # the partial sums it returns are gemv's
+            assert torch.equal(out, outs[0][1]) and torch.equal(res, outs[0][2])
+            torch.testing.assert_close(res.cpu(), ref_res.cpu(), atol=0, rtol=0)
+            torch.testing.assert_close(out.float().cpu(), ref_out.float().cpu(), atol=2e-2, rtol=2e-2)
+    wrapped = (start + len(calls) + 2 ** 31) % 2 ** 32 - 2 ** 31  # int32 arithmetic
+    assert [e.item() for e in epochs] == [wrapped] * world
+
+
+def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() -> None:
+    """The model's wiring of the push exchange (one simulated rank in a group of two): a row-parallel
+    projection without reduction pushes its one-row output, the next RMSNorm with a residual receives
+    it, and the result is the GEMV's then the fused add + norm's. Two rows, a 32-bit model, or a norm
+    fed anything else than the pushed output take the other paths or fail loudly."""
+    from types import SimpleNamespace
+
+    from carpool.custom_all_reduce import PushExchange
+    from carpool.distributed import TPGroup
+    from carpool.layers.linear import RowParallelLinear
+    from carpool.layers.norm import RMSNorm
+    from carpool.ops import get_kernel_ops
+
+    ops = get_kernel_ops("triton")
+    dt = torch.float16 if INTERPRET else torch.bfloat16
+    slots = torch.zeros(2 * 64, dtype=torch.int64, device=DEVICE)
+    push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
+                        torch.zeros(1, dtype=torch.int32, device=DEVICE), 64, rank=0, world_size=1)
+    tp = TPGroup(rank=0, size=2, custom_all_reduce=SimpleNamespace(push=push, norm_eligible=lambda *a: False))
+    proj = RowParallelLinear(2 * 40, 48, dtype=dt, tp=tp, reduce_results=False).to(DEVICE)  # 40 inputs here
+    proj.weight.data.copy_(torch.randn(48, 40))
+    proj.gemv = tri.gemv
+    norm = RMSNorm(48, 1e-6, ops, dt, tp).to(DEVICE)
+    norm.weight.data.copy_(torch.rand(48))
+    x, residual = torch.randn(1, 40, device=DEVICE).to(dt), torch.randn(1, 48, device=DEVICE).to(dt)
+    for _ in range(3):  # both halves, then the first again
+        y = proj(x)
+        assert push.pending is y
+        out, res = norm(y, residual)
+        assert push.pending is None
+        ref_out, ref_res = tri.fused_add_rms_norm(tri.gemv(x, proj.weight), residual, norm.weight, 1e-6)
+        assert torch.equal(res, ref_res)
+        torch.testing.assert_close(out, ref_out, atol=1e-3, rtol=1e-3)
+    assert push.epoch.item() == 3
+    assert tp.push_gemv(x.expand(2, 40).contiguous(), proj.weight) is None  # two rows: the exchange path
+    assert tp.push_gemv(x.float(), proj.weight.float()) is None  # 32-bit: no room for the flag
+    y = proj(x)
+    with pytest.raises(RuntimeError, match="pushed"):
+        norm(y.clone(), residual)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
 def test_silu_and_mul(dtype: torch.dtype, tol: float) -> None:
     x = (3 * torch.randn(4, 3, 2 * 1500, device=DEVICE)).to(dtype)  # d = 1500: two column tiles

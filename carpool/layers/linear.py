@@ -177,6 +177,10 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(load_narrow(loaded, 1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce_results and self.gemv is not None:  # batch-1 steps may push to the next norm
+            pushed = self.tp.push_gemv(x, self.weight)
+            if pushed is not None:
+                return pushed
         y = self.matmul(x, None)
         if not self.reduce_results:
             return y

@@ -210,6 +210,7 @@ class TPWorker:
         return {"custom_all_reduce": custom is not None,
                 "custom_all_reduce_max_bytes": custom.max_bytes if custom is not None else 0,
                 "fused_all_reduce_norm": custom is not None and custom.exchange is not None,
+                "push_all_reduce": custom is not None and custom.push is not None,
                 "cuda_graphs": self.runner.graph_runner is not None}
 
     def timings(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,18 @@ rows of D); NormExchange holds the exchange to one width.
 
 The grid is at most `max_programs` (the caller passes at most the GPU's SM count), so every program of
 a call is resident at once and no program can wait on a peer program that has no SM to run on.
+
+Push exchange, for batch-1 steps (one row): the row-parallel GEMV itself sends its outputs
+(ops/triton/gemv.py `gemv_push`), and `pushed_add_rms_norm` only waits for them, sums, adds and
+normalizes. No meeting, no read across NVLink on the critical path: the partial sums travel while the
+GEMV runs. Each GEMV program packs its two 16-bit outputs with the call's epoch into one 8-byte word and
+writes it, in one untorn write, into slot [half][its rank][program] of every rank (NCCL's "LL" idea: the
+flag travels with the data, so no fence is needed). The norm kernel polls its own slots until every
+rank's words carry the epoch, then unpacks them. The epoch is a per-rank call counter in device memory
+(equal on every rank), read by the GEMV and advanced by the norm; half = epoch & 1. A peer can be at
+most one call ahead (its next norm needs this rank's next GEMV, which follows this rank's norm), and
+the next call writes the other half, so no slot is overwritten while read. Epochs compare for
+equality, so they may wrap.
 """
 
 from __future__ import annotations
@@ -123,4 +135,58 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: tor
         x, residual, weight, out, res_out, buffer_ptrs, pad_ptrs, epochs, uses, n, half_stride, eps,
         RANK=rank, WORLD=world_size, D=d, BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out, res_out
+
+
+@triton.jit
+def _pushed_add_rms_norm_kernel(slots_ptr, epoch_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, slot_stride, eps,
+                                WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
+    dtype = res_ptr.dtype.element_ty
+    half_d: tl.constexpr = BLOCK_D // 2
+    pairs = tl.arange(0, half_d)
+    pmask = pairs < D // 2
+    epoch = tl.load(epoch_ptr) + 1
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for p in tl.static_range(WORLD):  # rank order: every rank sums the same bits the same way
+        base = slots_ptr + ((epoch & 1) * WORLD + p) * slot_stride
+        word = tl.load(base + pairs, mask=pmask, other=0, volatile=True)
+        waiting = tl.sum((pmask & ((word >> 32).to(tl.int32) != epoch)).to(tl.int32), axis=0)
+        while waiting > 0:
+            word = tl.load(base + pairs, mask=pmask, other=0, volatile=True)
+            waiting = tl.sum((pmask & ((word >> 32).to(tl.int32) != epoch)).to(tl.int32), axis=0)
+        data = word.to(tl.int32)
+        lo = data.to(tl.int16).to(dtype, bitcast=True)
+        hi = (data >> 16).to(tl.int16).to(dtype, bitcast=True)
+        acc += tl.reshape(tl.join(lo, hi), [BLOCK_D]).to(tl.float32)  # outputs 2j, 2j + 1 of program j
+    tl.store(epoch_ptr, epoch)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    r = tl.load(res_ptr + cols, mask=cmask, other=0.0)
+    # The rounding steps of the exchange kernel above (and so of the unfused path).
+    h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
+    tl.store(res_out_ptr + cols, h, mask=cmask)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    hf = h.to(tl.float32)[None, :]
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / D + eps)
+    y = (hf * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
+    tl.store(out_ptr + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
+
+
+def pushed_add_rms_norm(residual: torch.Tensor, weight: torch.Tensor, eps: float, slots: torch.Tensor,
+                        epoch: torch.Tensor, slot_stride: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(sum_ranks(x) + residual), sum_ranks(x) + residual) for the one row x that every rank's
+    `gemv_push` of this call wrote into `slots` (this rank's, int64 [2 * world_size * slot_stride]);
+    epoch: this rank's int32 [1] call counter, shared with gemv_push. residual: [1, D], 16-bit, D even."""
+    if residual.dim() != 2 or residual.shape[0] != 1 or residual.shape[1] % 2 or not residual.is_contiguous():
+        raise ValueError(f"residual: expected one contiguous row of even width, got {tuple(residual.shape)}")
+    d = residual.shape[1]
+    if weight.shape != (d,) or d // 2 > slot_stride:
+        raise ValueError(f"weight: expected shape ({d},) with {d} <= {2 * slot_stride}, got {tuple(weight.shape)}")
+    out = utils.empty_output(residual.shape, dtype=torch.result_type(weight, residual), device=residual.device)
+    res_out = utils.empty_output(residual.shape, dtype=residual.dtype, device=residual.device)
+    block_d = triton.next_power_of_2(d)
+    _pushed_add_rms_norm_kernel[(1,)](slots, epoch, residual, weight, out, res_out, slot_stride, eps, WORLD=world_size,
+                                      D=d, BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8,
+                                      USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out, res_out

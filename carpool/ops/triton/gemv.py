@@ -39,8 +39,9 @@ def default_gemv_config(k: int) -> GemvConfig:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr, USE_PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slot_ptrs, epoch_ptr, slot_stride,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr,
+                 PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, USE_PDL: tl.constexpr):
     if SILU_PAIR:  # program p reads rows p (gate) and p + pair_offset (up); BLOCK_N == 2
         rows = tl.program_id(0) + tl.arange(0, BLOCK_N) * pair_offset
     else:
@@ -74,6 +75,17 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, HAS
         tl.store(out_ptr + tl.program_id(0), (act.to(tl.float32) * up).to(out_ptr.dtype.element_ty))
     else:
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+    if PUSH:
+        # This program's two outputs (16-bit each) and the call's epoch in one 8-byte word, written to
+        # slot [half][RANK][program] of every rank (ops/triton/all_reduce_norm.py: push exchange).
+        bits = out.to(out_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        pair = tl.sum(tl.where(tl.arange(0, BLOCK_N) == 0, bits, bits << 16), axis=0)
+        epoch = tl.load(epoch_ptr) + 1
+        word = (epoch.to(tl.int64) << 32) | (pair.to(tl.int64) & 0xFFFFFFFF)
+        slot = ((epoch & 1) * WORLD + RANK) * slot_stride + tl.program_id(0)
+        for p in tl.static_range(WORLD):
+            peer = tl.load(slot_ptrs + p).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(peer + slot, word, sem="relaxed", scope="sys")  # one untorn 8-byte write
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
@@ -93,9 +105,29 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x = _check(x, weight, "gemv")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), 0, HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, SILU_PAIR=False, num_warps=config.num_warps,
-        num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), 0, out, out, 0,
+        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SILU_PAIR=False, PUSH=False,
+        RANK=0, WORLD=1, num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(),
+        launch_pdl=utils.pdl())
+    return out
+
+
+def gemv_push(x: torch.Tensor, weight: torch.Tensor, slot_ptrs: torch.Tensor, epoch: torch.Tensor,
+              slot_stride: int, rank: int, world_size: int, config: GemvConfig | None = None) -> torch.Tensor:
+    """gemv(x, weight) -> [1, N] (this rank's partial sums), also written into every rank's push slots
+    for `pushed_add_rms_norm` (ops/triton/all_reduce_norm.py) to reduce. Why: the partial sums cross
+    NVLink while the GEMV still runs, instead of in an exchange after it. weight: 16-bit, N even."""
+    n, k = weight.shape
+    if weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype or n % 2 or n // 2 > slot_stride:
+        raise ValueError(f"gemv_push: expected 16-bit x and weight with an even N <= {2 * slot_stride}, got "
+                         f"{x.dtype}, {weight.dtype} {tuple(weight.shape)}")
+    config = config or default_gemv_config(k)
+    x = _check(x, weight, "gemv_push")
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(n // 2,)](
+        x, weight, weight, out, n, k, weight.stride(0), 0, slot_ptrs, epoch, slot_stride, HAS_BIAS=False,
+        BLOCK_N=2, BLOCK_K=config.block_k, SILU_PAIR=False, PUSH=True, RANK=rank, WORLD=world_size,
+        num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
 
 
@@ -111,7 +143,7 @@ def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig 
     x = _check(x, weight, "gemv_silu_and_mul")
     out = torch.empty(1, two_d // 2, dtype=x.dtype, device=x.device)
     _gemv_kernel[(two_d // 2,)](
-        x, weight, weight, out, two_d, k, weight.stride(0), two_d // 2, HAS_BIAS=False, BLOCK_N=2,
-        BLOCK_K=config.block_k, SILU_PAIR=True, num_warps=config.num_warps, num_stages=config.num_stages,
-        USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+        x, weight, weight, out, two_d, k, weight.stride(0), two_d // 2, out, out, 0, HAS_BIAS=False, BLOCK_N=2,
+        BLOCK_K=config.block_k, SILU_PAIR=True, PUSH=False, RANK=0, WORLD=1, num_warps=config.num_warps,
+        num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
