@@ -17,7 +17,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export CARPOOL_CACHE_DIR=${CARPOOL_CACHE_DIR:-/tmp/carpool-cache}
 status=0
-step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; }; }
+step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; return 1; }; }
 
 device_file="$out/device.txt"
 if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ]; then  # at most 8 files come back: the device goes into the log
@@ -129,9 +129,11 @@ fi
 if [ "$mode" = tp ]; then
   nvidia-smi topo -m
   # (each step has a time limit: a collective that never completes must not eat the whole session)
+  # First the fused all-reduce + RMSNorm kernel and the batch-1 push exchange with ranks simulated on one
+  # GPU (streams); if they fail, the rest runs without the push exchange.
+  step timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k "all_reduce_add or push" -o addopts="" \
+    || { export CARPOOL_PUSH_ALL_REDUCE=0; echo "!!! push exchange off for the remaining steps"; }
   step timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
-  # the fused all-reduce + RMSNorm kernel and the batch-1 push exchange with ranks simulated on one GPU (streams)
-  step timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k "all_reduce_add or push" -o addopts=""
   # Llama-3-8B shape, batch 1: TP=2 (rank-0 profile), TP=2 without the push exchange (the fused exchange
   # after each row-parallel GEMV instead), TP=1
   step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --profile --out "$out/latency_tp2.json"
