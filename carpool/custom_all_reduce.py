@@ -204,9 +204,10 @@ class PushExchange:
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         from carpool.ops.triton.all_reduce_norm import pushed_add_rms_norm
 
-        if x is not self.pending:
-            raise RuntimeError("push exchange: a norm got other partial sums than the GEMV pushed last")
-        self.pending = None
+        pushed, self.pending = self.pending, None
+        if x is not pushed or residual.shape != x.shape:
+            raise RuntimeError("push exchange: a norm got other partial sums than the GEMV pushed last "
+                               f"(or a residual of another shape: {tuple(residual.shape)})")
         return pushed_add_rms_norm(residual, weight, eps, self.slots, self.epoch, self.slot_stride, self.world_size)
 
 
@@ -226,9 +227,13 @@ class CustomAllReduce:
     @classmethod
     def create(cls, device: torch.device, dtype: torch.dtype, rank: int, local_rank: int, world_size: int,
                local_world_size: int, cpu_group: Any, device_group: Any = None,
-               max_bytes: int = DEFAULT_MAX_BYTES) -> "CustomAllReduce | None":
+               max_bytes: int = DEFAULT_MAX_BYTES,
+               model_shape: tuple[int, int] | None = None) -> "CustomAllReduce | None":
         """Collective over every rank of `device_group` (default: the world group). `cpu_group` is a
-        gloo group of the same ranks, used to agree on the outcome."""
+        gloo group of the same ranks, used to agree on the outcome. model_shape: (hidden size,
+        intermediate size), so that the push exchange's self-test runs the model's own GEMV shapes.
+        Call after the process's PDL choice (ops/triton/utils.set_pdl): the self-tests launch as the
+        model will."""
         reasons = _local_reasons(device, dtype, local_rank, local_world_size, world_size)
         if not _agree(not reasons, cpu_group):
             logger.info("custom all-reduce off (rank %d: %s); using NCCL", rank, "; ".join(reasons) or "a peer")
@@ -258,16 +263,17 @@ class CustomAllReduce:
         logger.info("custom all-reduce on: one-shot over symmetric memory up to %d bytes", max_bytes)
         assert ar is not None
         if ar.exchange is not None and dtype in (torch.bfloat16, torch.float16) and os.environ.get(PUSH_ENV, "1") != "0":
-            ar._establish_push(rank, world_size, cpu_group, group)
+            ar._establish_push(rank, world_size, cpu_group, group, model_shape)
         return ar
 
-    def _establish_push(self, rank: int, world_size: int, cpu_group: Any, device_group: Any) -> None:
+    def _establish_push(self, rank: int, world_size: int, cpu_group: Any, device_group: Any,
+                        model_shape: tuple[int, int] | None) -> None:
         """The push exchange, agreed like the rest; if any stage fails on any rank, batch-1 steps keep
         the fused exchange."""
         stages = [("allocation", lambda: setattr(self, "push", PushExchange.create(
                       self.buffer.device, self.group_name, world_size))),
-                  ("eager self-test", lambda: self._push_test(rank, world_size, device_group, graph=False)),
-                  ("graph self-test", lambda: self._push_test(rank, world_size, device_group, graph=True))]
+                  ("eager self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, False)),
+                  ("graph self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, True))]
         for name, stage in stages:
             error = ""
             try:
@@ -280,17 +286,24 @@ class CustomAllReduce:
                 return
         logger.info("push exchange on for batch-1 steps")
 
-    def _push_test(self, rank: int, world_size: int, device_group: Any, graph: bool) -> str:
-        """gemv_push then pushed_add_rms_norm, twice (both halves), eagerly or captured and replayed,
-        against NCCL on the GEMV outputs then the torch norm; '' when they agree."""
+    def _push_test(self, rank: int, world_size: int, device_group: Any, model_shape: tuple[int, int] | None,
+                   graph: bool) -> str:
+        """gemv_push then pushed_add_rms_norm at two small shapes and, given model_shape, at the model's
+        o_proj and down_proj shapes (both halves used), eagerly or captured and replayed, against NCCL
+        on the GEMV outputs then the torch norm; '' when they agree."""
         from carpool.ops.torch_ref import fused_add_rms_norm
 
         push = self.push
         assert push is not None
         dev, dt = self.buffer.device, self.dtype
         gen = torch.Generator(device=dev).manual_seed(31 + rank)
-        xs = [torch.randn(1, 512, generator=gen, device=dev).to(dt) for _ in range(2)]
-        ws = [(0.05 * torch.randn(n, 512, generator=gen, device=dev)).to(dt) for n in (1024, 256)]
+        shapes = [(1024, 512), (256, 512)]  # (N, K) of the GEMV
+        if model_shape is not None:
+            hidden, inter = model_shape
+            if hidden % world_size == 0 and inter % world_size == 0:
+                shapes += [(hidden, hidden // world_size), (hidden, inter // world_size)]
+        xs = [torch.randn(1, k, generator=gen, device=dev).to(dt) for _, k in shapes]
+        ws = [(0.05 * torch.randn(n, k, generator=gen, device=dev)).to(dt) for n, k in shapes]
         gen.manual_seed(5)  # the same on every rank
         residuals = [torch.randn(1, w.shape[0], generator=gen, device=dev).to(dt) for w in ws]
         norm_ws = [torch.rand(w.shape[0], generator=gen, device=dev).to(dt) for w in ws]

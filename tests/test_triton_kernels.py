@@ -565,6 +565,10 @@ def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() ->
     y = proj(x)
     with pytest.raises(RuntimeError, match="pushed"):
         norm(y.clone(), residual)
+    assert push.pending is None  # cleared: the next norm does not stay on the push path
+    y = proj(x)
+    with pytest.raises(RuntimeError, match="residual of another shape"):  # it would wait for unwritten slots
+        norm(y, residual[:, :32])
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])

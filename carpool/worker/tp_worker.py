@@ -188,8 +188,13 @@ class TPWorker:
         self.commands = CommandSource(conn, info)
         custom = None
         if backend == "nccl" and not config.parallel.disable_custom_all_reduce:
+            if config.kernel_backend == "triton":  # the self-tests launch their kernels as the model will
+                from carpool.ops.triton import utils as triton_utils
+
+                triton_utils.set_pdl(not config.disable_pdl and triton_utils.pdl_supported(self.device))
             custom = CustomAllReduce.create(self.device, config.model.dtype, info.rank, info.local_rank,
-                                            info.world_size, info.local_world_size, self.cpu_group)
+                                            info.world_size, info.local_world_size, self.cpu_group,
+                                            model_shape=(config.model.hidden_size, config.model.intermediate_size))
         torch.manual_seed(config.seed)  # rank 0's unseeded sampling draws the same stream as TP=1
         self.runner = TPModelRunner(config, TPGroup(info.rank, info.world_size, custom), self.device)
         self.stats = WorkerStats()

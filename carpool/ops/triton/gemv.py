@@ -85,8 +85,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
         slot = ((epoch & 1) * WORLD + RANK) * slot_stride + tl.program_id(0)
         for p in tl.static_range(WORLD):
             peer = tl.load(slot_ptrs + p).to(tl.pointer_type(tl.int64))
-            # One aligned 8-byte store, not torn in flight; posted (an atomic here held each program
-            # until the peer answered: H200 run 44, 1.3% slower at batch 1 than no push at all).
+            # One aligned 8-byte store: posted (an atomic here held each program until the peer
+            # answered: H200 run 44, 1.3% slower at batch 1 than no push at all). Like NCCL's LL
+            # protocol this relies on an aligned 8-byte write arriving whole; the PTX model promises
+            # that only for .relaxed/.volatile stores, which tl.store does not emit (such a store
+            # through inline asm was not tried).
             tl.store(peer + slot, word)
 
 

@@ -82,6 +82,9 @@ def pdl() -> bool:
     return _pdl_enabled
 
 
+# Every PDL kernel must reach gdc_wait in every program before it exits (pdl_enter first thing, or the
+# GEMV's pdl_wait_then_release before its stores): the push exchange (all_reduce_norm.py) relies on a
+# kernel starting its writes only after all earlier kernels have finished, transitively.
 @triton.jit
 def pdl_enter(USE_PDL: tl.constexpr):
     """At a kernel's start: let the next kernel launch, then wait for the previous kernels' writes."""
