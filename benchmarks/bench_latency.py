@@ -39,12 +39,14 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
             assert len(out.outputs[0].token_ids) == new_tokens
             per_token.append((m.finished_time - m.first_token_time) / (new_tokens - 1))
             ttft.append(m.time_to_first_token)
+    # (TP workers compile in their own processes, where this count does not reach: None)
+    compiled = compiles.summary() if engine_kwargs.get("tensor_parallel_size", 1) == 1 else None
     result: dict[str, Any] = {}
     if hasattr(llm.engine.executor, "describe"):  # TP: which all-reduce paths the ranks agreed on
         result["tp_paths"] = llm.engine.executor.describe()
     result |= {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
                "repeats": repeats, "ms_per_token_each": [round(1e3 * t, 4) for t in per_token],
-               "jit_compiles_in_run": compiles.summary()}
+               "jit_compiles_in_run": compiled}
     if breakdown:  # one more run with per-step timings (a little slower: events around every step)
         from profile_util import step_breakdown
 

@@ -110,7 +110,8 @@ class JitCompiles:
     """Counts the Triton kernel specializations this process builds (or loads from the disk cache)
     while active, and the wall time they take. Why: a timed run should contain none; one compile is
     100+ ms that a long-running server pays once, and it once made two runs of the same workload in
-    one suite differ by 6%. Counts this process only (not tensor-parallel workers)."""
+    one suite differ by 6%. Counts this process only: under tensor parallelism the workers compile,
+    so the benchmarks report None there."""
 
     def __init__(self) -> None:
         self.kernels: Counter[str] = Counter()

@@ -262,7 +262,8 @@ class CustomAllReduce:
                 return None
         logger.info("custom all-reduce on: one-shot over symmetric memory up to %d bytes", max_bytes)
         assert ar is not None
-        if ar.exchange is not None and dtype in (torch.bfloat16, torch.float16) and os.environ.get(PUSH_ENV, "1") != "0":
+        push_wanted = os.environ.get(PUSH_ENV, "1") != "0"
+        if ar.exchange is not None and dtype in (torch.bfloat16, torch.float16) and push_wanted:
             ar._establish_push(rank, world_size, cpu_group, group, model_shape)
         return ar
 
