@@ -571,6 +571,44 @@ def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() ->
         norm(y, residual[:, :32])
 
 
+@pytest.mark.parametrize("arch,overrides,pushes_per_layer", [
+    ("llama", {}, 2), ("llama", {"attention_bias": True}, 1),  # with an o_proj bias only down_proj pushes
+    ("qwen2", {}, 2), ("qwen3", {}, 2)])
+def test_every_model_family_receives_what_its_projections_push(checkpoint_factory, monkeypatch, arch: str,
+                                                               overrides: dict, pushes_per_layer: int) -> None:
+    """The engine as rank 0 of a simulated pair (collectives as identities, a one-rank push exchange): every
+    batch-1 decode step pushes from each row-parallel projection without reduction and a norm receives
+    each push (else the next norm raises), so the epoch counts the pushes of every decode step."""
+    from types import SimpleNamespace
+
+    from carpool import LLM, SamplingParams
+    from carpool.custom_all_reduce import PushExchange
+    from carpool.distributed import TPGroup
+    from carpool.worker.model_runner import ModelRunner
+
+    class RankZeroOfTwo(TPGroup):
+        def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, x], dim=-1)
+
+    stride = 8192
+    slots = torch.zeros(2 * stride, dtype=torch.int64, device=DEVICE)
+    push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
+                        torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, rank=0, world_size=1)
+    tp = RankZeroOfTwo(0, 2, SimpleNamespace(push=push, norm_eligible=lambda *a: False))
+    real_init = ModelRunner.__init__
+    monkeypatch.setattr(ModelRunner, "__init__", lambda self, config, *a, **k: real_init(self, config, tp))
+    llm = LLM(checkpoint_factory(arch, **overrides), device=DEVICE, kernel_backend="triton", dtype="float16",
+              enforce_eager=True)
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4 and push.pending is None
+    layers = llm.engine.config.model.num_hidden_layers
+    assert push.epoch.item() == 3 * pushes_per_layer * layers  # three batch-1 decode steps (the prefill has 3 rows)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
 def test_silu_and_mul(dtype: torch.dtype, tol: float) -> None:
     x = (3 * torch.randn(4, 3, 2 * 1500, device=DEVICE)).to(dtype)  # d = 1500: two column tiles
