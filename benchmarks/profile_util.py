@@ -52,6 +52,7 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
             label = f"{category(before)} -> {category(after)}"
             idle[label] = idle.get(label, 0.0) + us
         act = DeviceActivity(report["span_us"], report["busy_us"], idle)
+        raw = report["idle_by_transition_us"]
     else:
         from torch.profiler import ProfilerActivity, profile
 
@@ -62,12 +63,17 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
             torch.cuda.synchronize()
         summary = summarize_kernels(device_kernel_times(prof), steps, top)
         act = device_activity(prof, category)
+        raw = device_activity(prof, lambda name: name).idle_by_transition
     # idle: launch gaps between kernels (cuBLAS kernels sit outside the PDL chain) and host waits
     summary.update(device_span_ms_per_step=act.span / 1e3 / max(steps, 1),
                    device_busy_ms_per_step=act.busy / 1e3 / max(steps, 1),
                    device_idle_share=round(1 - act.busy / act.span, 4) if act.span else 0.0,
                    idle_ms_per_step_by_transition={k: round(us / 1e3 / max(steps, 1), 4) for k, us in
                                                    sorted(act.idle_by_transition.items(), key=lambda kv: -kv[1])[:10]})
+    # the same by kernel name, for the categories that hide where a gap is ("other -> other")
+    summary["idle_ms_per_step_top_kernel_transitions"] = {
+        " -> ".join(n[:60] for n in k.split(" -> ")): round(us / 1e3 / max(steps, 1), 4)
+        for k, us in sorted(raw.items(), key=lambda kv: -kv[1])[:8]}
     return _with_pdl_flag(engine, summary)
 
 

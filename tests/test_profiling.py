@@ -79,6 +79,8 @@ def test_tensor_parallel_profile_groups_rank0_transitions_by_category() -> None:
     gemv, norm = profile_util.category("_gemv_kernel"), profile_util.category("_rms_norm_kernel")
     assert summary["device_idle_share"] == 0.25 and summary["device_span_ms_per_step"] == 0.4
     assert summary["idle_ms_per_step_by_transition"] == {f"{gemv} -> {norm}": 0.05, f"{norm} -> {gemv}": 0.05}
+    assert list(summary["idle_ms_per_step_top_kernel_transitions"].items())[0] == (
+        "_rms_norm_kernel -> _gemv_kernel", 0.05)  # by name too, largest first
 
 
 def test_jit_compiles_counts_specializations_built_while_active_and_restores_hooks() -> None:
