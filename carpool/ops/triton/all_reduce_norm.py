@@ -31,8 +31,8 @@ Push exchange, for batch-1 steps (one row): the row-parallel GEMV itself sends i
 (ops/triton/gemv.py `gemv_push`), and `pushed_add_rms_norm` only waits for them, sums, adds and
 normalizes. No meeting, no read across NVLink on the critical path: the partial sums travel while the
 GEMV runs. Each GEMV program packs its two 16-bit outputs with the call's epoch into one 8-byte word and
-writes it, in one untorn write, into slot [half][its rank][program] of every rank (NCCL's "LL" idea: the
-flag travels with the data, so no fence is needed). The norm kernel polls its own slots until every
+writes it, with one aligned 8-byte store, into slot [half][its rank][program] of every rank (NCCL's "LL"
+idea: the flag travels with the data, so no fence is needed; see gemv_push on the store). The norm kernel polls its own slots until every
 rank's words carry the epoch, then unpacks them. The epoch is a per-rank call counter in device memory
 (equal on every rank), read by the GEMV and advanced by the norm; half = epoch & 1. A peer can be at
 most one call ahead (its next norm needs this rank's next GEMV, which follows this rank's norm), and
