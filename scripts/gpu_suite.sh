@@ -18,6 +18,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS
 export CARPOOL_CACHE_DIR=${CARPOOL_CACHE_DIR:-/tmp/carpool-cache}
 status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; return 1; }; }
+gpu_tests="tests/test_gpu_engine.py tests/test_triton_kernels.py"  # (the server tests need fastapi/openai)
+# the single-GPU tests as one step; $@: what goes before pytest (e.g. "timeout 300")
+run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu_tests -o addopts=""; }
+# end of a mode: the exit status of its steps; the pause lets tee write the end of the log
+finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
 if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ]; then  # at most 8 files come back: the device goes into the log
@@ -38,7 +43,7 @@ if [ "$mode" = serve ] || [ "$mode" = final ]; then
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
   fi
   if [ "$mode" = final ]; then
-    step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+    run_gpu_tests
     step python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
     step python3 benchmarks/bench_kernels.py --parts mixed  # JSON into suite.log (no file left to return)
   fi
@@ -72,34 +77,28 @@ if [ "$mode" = serve ] || [ "$mode" = final ]; then
   serve --disable-frontend-multiprocessing
   saturated "$out/serve_saturated_thread.json"
   stop_server
-  echo "=== done ($(date +%T)), status $status"
-  sleep 1
-  exit $status
+  finish
 fi
 if [ "$mode" = balance ]; then
   # The decode attention's work balance for mixed context lengths: the GPU tests, batch-1 latency, the
   # decode kernel on equal and on mixed contexts (balanced and not), offline throughput with and without it.
-  step timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+  run_gpu_tests timeout 400
   step timeout 200 python3 benchmarks/bench_latency.py --breakdown --out "$out/latency.json"
   step timeout 300 python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
   step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
   step timeout 240 python3 benchmarks/bench_throughput.py --no-decode-balance --out "$out/throughput_unbalanced.json"
-  echo "=== done ($(date +%T)), status $status"
-  sleep 1
-  exit $status
+  finish
 fi
 if [ "$mode" = check ]; then
   # The figures of the targets, each measured twice, with the GPU tests first: batch-1 latency
   # (profiled, repeated, and without the fused gate/up GEMV + SiLU) and offline throughput (plain, profiled).
-  step timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+  run_gpu_tests timeout 300
   step timeout 150 python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
   step timeout 150 python3 benchmarks/bench_latency.py --no-fused-gemv-silu --out "$out/latency_unfused_silu.json"
   step timeout 150 python3 benchmarks/bench_latency.py --out "$out/latency_repeat.json"
   step timeout 240 python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
   step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput_profiled.json"
-  echo "=== done ($(date +%T)), status $status"
-  sleep 1
-  exit $status
+  finish
 fi
 if [ "$mode" = pdl ] || [ "$mode" = ablate ]; then
   # pdl: programmatic dependent launch on and off, side by side on one machine: the GPU tests (one of
@@ -108,7 +107,7 @@ if [ "$mode" = pdl ] || [ "$mode" = ablate ]; then
   # choice undone in turn (PDL, GEMV step widths) and offline
   # throughput. At most 8 files come back.
   exec > >(tee -a "$out/suite.log") 2>&1
-  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_kernels.py -o addopts=""
+  run_gpu_tests
   if [ "$mode" = pdl ]; then
     step python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
     step python3 benchmarks/bench_latency.py --disable-pdl --out "$out/latency_nopdl.json"
@@ -122,9 +121,7 @@ if [ "$mode" = pdl ] || [ "$mode" = ablate ]; then
     step python3 benchmarks/bench_latency.py --gemv-block-k 512 --out "$out/latency_gemv512.json"
     step python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
   fi
-  echo "=== done ($(date +%T)), status $status"
-  sleep 1
-  exit $status
+  finish
 fi
 if [ "$mode" = tp ]; then
   nvidia-smi topo -m
@@ -141,11 +138,8 @@ if [ "$mode" = tp ]; then
   step timeout 150 python3 benchmarks/bench_latency.py -tp 1 --out "$out/latency_tp1.json"
   # Qwen3-14B shape, 256 requests, TP=2 (batches above one row: the fused exchange)
   step timeout 200 python3 benchmarks/bench_throughput.py --shape qwen3-14b -tp 2 --load-format dummy --out "$out/throughput_14b_tp2.json"
-  echo "=== done ($(date +%T)), status $status"
-  sleep 1  # let tee write the end of the log
-  exit $status
+  finish
 fi
-gpu_tests="tests/test_gpu_engine.py tests/test_triton_kernels.py"  # (the server tests need fastapi/openai)
 step python3 -m pytest -q -m gpu -p no:cacheprovider $gpu_tests -o addopts="" --junitxml="$out/gpu_tests.xml" -s
 if [ "$mode" = quick ]; then
   step python3 benchmarks/bench_latency.py --out "$out/latency.json"
