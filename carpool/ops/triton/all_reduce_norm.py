@@ -52,6 +52,20 @@ from carpool.ops.triton.utils import pdl_enter
 MAX_PROGRAMS = 128
 
 
+@triton.jit
+def _add_residual_and_norm(acc, res_ptr, w, out_ptr, res_out_ptr, cols, cmask, eps, D: tl.constexpr):
+    """The end of both exchanges for one row: acc (the ranks' fp32 sum) rounds to the dtype as the
+    all-reduce result would, the residual add rounds again (the unfused path's steps), then RMSNorm."""
+    dtype = res_ptr.dtype.element_ty
+    r = tl.load(res_ptr + cols, mask=cmask, other=0.0)
+    h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
+    tl.store(res_out_ptr + cols, h, mask=cmask)
+    hf = h.to(tl.float32)[None, :]  # [1, BLOCK_D], the layout of the unfused norm kernel's long rows
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / D + eps)
+    y = (hf * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
+    tl.store(out_ptr + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
+
+
 @triton.jit(do_not_specialize=["n_rows"])  # half_stride is fixed per process: specialized, for alignment
 def _all_reduce_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buffer_ptrs, pad_ptrs,
                                     epochs_ptr, uses_ptr, n_rows, half_stride, eps,
@@ -97,14 +111,8 @@ def _all_reduce_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                                cache_modifier=".cg")
             acc += part.to(tl.float32)
         tl.store(uses_ptr + row, 1 - half)
-        r = tl.load(res_ptr + row_off + cols, mask=cmask, other=0.0)
-        # As the unfused path: the all-reduce result rounds to the dtype, then the residual add rounds.
-        h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(res_out_ptr + row_off + cols, h, mask=cmask)
-        hf = h.to(tl.float32)[None, :]  # [1, BLOCK_D], the layout of the unfused norm kernel's long rows
-        rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / D + eps)
-        y = (hf * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
-        tl.store(out_ptr + row_off + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
+        _add_residual_and_norm(acc, res_ptr + row_off, w, out_ptr + row_off, res_out_ptr + row_off, cols, cmask,
+                               eps, D)
 
 
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -162,15 +170,8 @@ def _pushed_add_rms_norm_kernel(slots_ptr, epoch_ptr, res_ptr, w_ptr, out_ptr, r
     tl.store(epoch_ptr, epoch)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    r = tl.load(res_ptr + cols, mask=cmask, other=0.0)
-    # The rounding steps of the exchange kernel above (and so of the unfused path).
-    h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
-    tl.store(res_out_ptr + cols, h, mask=cmask)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    hf = h.to(tl.float32)[None, :]
-    rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / D + eps)
-    y = (hf * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
-    tl.store(out_ptr + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
+    _add_residual_and_norm(acc, res_ptr, w, out_ptr, res_out_ptr, cols, cmask, eps, D)
 
 
 def pushed_add_rms_norm(residual: torch.Tensor, weight: torch.Tensor, eps: float, slots: torch.Tensor,

@@ -102,19 +102,30 @@ def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.stride(0) == 1 else x.contiguous()
 
 
+def _launch(name: str, x: torch.Tensor, weight: torch.Tensor, out_cols: int, config: GemvConfig | None,
+            block_n: int | None = None, bias: torch.Tensor | None = None, pair_offset: int = 0, silu_pair: bool = False,
+            push: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None) -> torch.Tensor:
+    """The one launch of _gemv_kernel behind gemv, gemv_push and gemv_silu_and_mul: programs of block_n
+    rows (default: the config's) over weight [N, K]; returns out [1, out_cols] in x's dtype. push:
+    (slot_ptrs, epoch, slot_stride, rank, world_size)."""
+    n, k = weight.shape
+    config = config or default_gemv_config(k)
+    block_n = block_n or config.block_n
+    x = _check(x, weight, name)
+    out = torch.empty(1, out_cols, dtype=x.dtype, device=x.device)
+    slot_ptrs, epoch, slot_stride, rank, world_size = push or (out, out, 0, 0, 1)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), pair_offset, slot_ptrs, epoch,
+        slot_stride, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=config.block_k, SILU_PAIR=silu_pair,
+        PUSH=push is not None, RANK=rank, WORLD=world_size, num_warps=config.num_warps,
+        num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None) -> torch.Tensor:
     """x [1, K] (or [K]) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype; weight's last dim contiguous."""
-    n, k = weight.shape
-    config = config or default_gemv_config(k)
-    x = _check(x, weight, "gemv")
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), 0, out, out, 0,
-        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SILU_PAIR=False, PUSH=False,
-        RANK=0, WORLD=1, num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(),
-        launch_pdl=utils.pdl())
-    return out
+    return _launch("gemv", x, weight, weight.shape[0], config, bias=bias)
 
 
 def gemv_push(x: torch.Tensor, weight: torch.Tensor, slot_ptrs: torch.Tensor, epoch: torch.Tensor,
@@ -122,18 +133,12 @@ def gemv_push(x: torch.Tensor, weight: torch.Tensor, slot_ptrs: torch.Tensor, ep
     """gemv(x, weight) -> [1, N] (this rank's partial sums), also written into every rank's push slots
     for `pushed_add_rms_norm` (ops/triton/all_reduce_norm.py) to reduce. Why: the partial sums cross
     NVLink while the GEMV still runs, instead of in an exchange after it. weight: 16-bit, N even."""
-    n, k = weight.shape
+    n = weight.shape[0]
     if weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype or n % 2 or n // 2 > slot_stride:
         raise ValueError(f"gemv_push: expected 16-bit x and weight with an even N <= {2 * slot_stride}, got "
                          f"{x.dtype}, {weight.dtype} {tuple(weight.shape)}")
-    config = config or default_gemv_config(k)
-    x = _check(x, weight, "gemv_push")
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(n // 2,)](
-        x, weight, weight, out, n, k, weight.stride(0), 0, slot_ptrs, epoch, slot_stride, HAS_BIAS=False,
-        BLOCK_N=2, BLOCK_K=config.block_k, SILU_PAIR=False, PUSH=True, RANK=rank, WORLD=world_size,
-        num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    return out
+    return _launch("gemv_push", x, weight, n, config, block_n=2,
+                   push=(slot_ptrs, epoch, slot_stride, rank, world_size))
 
 
 def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
@@ -141,14 +146,8 @@ def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig 
     gate/up projection). Why: a batch-1 layer then has one kernel fewer in its dependent chain (no
     separate silu_and_mul launch and wait), with the weight traffic of the plain GEMV; the result equals
     gemv followed by silu_and_mul (same roundings)."""
-    two_d, k = weight.shape
+    two_d = weight.shape[0]
     if two_d % 2:
         raise ValueError(f"gemv_silu_and_mul: weight must stack gate and up ([2d, K]), got {tuple(weight.shape)}")
-    config = config or default_gemv_config(k)
-    x = _check(x, weight, "gemv_silu_and_mul")
-    out = torch.empty(1, two_d // 2, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(two_d // 2,)](
-        x, weight, weight, out, two_d, k, weight.stride(0), two_d // 2, out, out, 0, HAS_BIAS=False, BLOCK_N=2,
-        BLOCK_K=config.block_k, SILU_PAIR=True, PUSH=False, RANK=0, WORLD=1, num_warps=config.num_warps,
-        num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    return out
+    return _launch("gemv_silu_and_mul", x, weight, two_d // 2, config, block_n=2, pair_offset=two_d // 2,
+                   silu_pair=True)
