@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,36 @@ def _agree(ok: bool, cpu_group: Any) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cpu_group)
     return bool(flag.item())
+
+
+def _agreed_stages(stages: list[tuple[str, Callable[[], str | None]]], cpu_group: Any, rank: int, what: str,
+                   fallback: str) -> bool:
+    """Run the stages in turn on every rank, agreeing after each one, so that a failure on one rank never
+    leaves a peer alone inside a collective kernel. A stage fails by raising or returning an error text.
+    False (with a warning naming the stage) at the first stage that failed on any rank."""
+    for name, stage in stages:
+        error = ""
+        try:
+            error = stage() or ""
+        except Exception as e:  # noqa: BLE001 - any failure means the fallback, agreed below
+            error = f"{type(e).__name__}: {e}"
+        if not _agree(not error, cpu_group):
+            logger.warning("%s off after its %s (rank %d: %s); %s", what, name, rank, error or "a peer failed",
+                           fallback)
+            return False
+    return True
+
+
+def _captured(device: torch.device, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """fn() captured in a new CUDA graph (on a side stream, as capture requires); the graph, not yet
+    replayed, and fn's outputs, which each replay refills."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        outputs = fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graph, outputs
 
 
 def _nccl(x: torch.Tensor, group: Any) -> torch.Tensor:
@@ -239,27 +270,18 @@ class CustomAllReduce:
             logger.info("custom all-reduce off (rank %d: %s); using NCCL", rank, "; ".join(reasons) or "a peer")
             return None
         group = device_group if device_group is not None else dist.group.WORLD
-        # Each stage ends in an agreement, so a failure on one rank never leaves a peer alone inside a
-        # collective kernel: the allocation, eager use, CUDA-graph capture, then replay of the capture.
+        # The allocation, eager use, CUDA-graph capture, then replay of the capture, agreed after each.
         ar: CustomAllReduce | None = None
-        stages = [("allocation", lambda: cls._establish(device, dtype, group, max_bytes)),
+
+        def allocate() -> None:
+            nonlocal ar
+            ar = cls._establish(device, dtype, group, max_bytes)
+        stages = [("allocation", allocate),
                   ("eager self-test", lambda: ar.self_test(rank, world_size, group)),  # type: ignore[union-attr]
                   ("graph capture", lambda: ar.capture_test()),  # type: ignore[union-attr]
                   ("graph replay", lambda: ar.replay_test(world_size, group))]  # type: ignore[union-attr]
-        for name, stage in stages:
-            error = ""
-            try:
-                value = stage()
-                if isinstance(value, CustomAllReduce):
-                    ar = value
-                elif value:
-                    error = str(value)
-            except Exception as e:  # noqa: BLE001 - any failure means NCCL, agreed below
-                error = f"{type(e).__name__}: {e}"
-            if not _agree(not error, cpu_group):
-                logger.warning("custom all-reduce off after its %s (rank %d: %s); using NCCL", name, rank,
-                               error or "a peer failed")
-                return None
+        if not _agreed_stages(stages, cpu_group, rank, "custom all-reduce", "using NCCL"):
+            return None
         logger.info("custom all-reduce on: one-shot over symmetric memory up to %d bytes", max_bytes)
         assert ar is not None
         push_wanted = os.environ.get(PUSH_ENV, "1") != "0"
@@ -275,17 +297,10 @@ class CustomAllReduce:
                       self.buffer.device, self.group_name, world_size))),
                   ("eager self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, False)),
                   ("graph self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, True))]
-        for name, stage in stages:
-            error = ""
-            try:
-                error = stage() or ""
-            except Exception as e:  # noqa: BLE001 - any failure means no push exchange, agreed below
-                error = f"{type(e).__name__}: {e}"
-            if not _agree(not error, cpu_group):
-                logger.warning("push exchange off after its %s (rank %d: %s)", name, rank, error or "a peer failed")
-                self.push = None
-                return
-        logger.info("push exchange on for batch-1 steps")
+        if _agreed_stages(stages, cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
+            logger.info("push exchange on for batch-1 steps")
+        else:
+            self.push = None
 
     def _push_test(self, rank: int, world_size: int, device_group: Any, model_shape: tuple[int, int] | None,
                    graph: bool) -> str:
@@ -316,12 +331,7 @@ class CustomAllReduce:
                 outs.append((y, *push.add_rms_norm(y, res, nw, 1e-6)))
             return outs
         if graph:
-            stream = torch.cuda.Stream(dev)
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
-                outs = calls()
-            torch.cuda.current_stream(dev).wait_stream(stream)
+            g, outs = _captured(dev, calls)
             for x in xs:
                 x.mul_(2)
             g.replay()
@@ -398,14 +408,8 @@ class CustomAllReduce:
     def capture_test(self) -> str:
         """Capture one all-reduce of the self-test's small input, and one fused all-reduce + RMSNorm,
         in a CUDA graph (not replayed yet)."""
-        stream = torch.cuda.Stream(self.buffer.device)
-        stream.wait_stream(torch.cuda.current_stream(self.buffer.device))
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            with torch.cuda.graph(self._graph, stream=stream):
-                self._graph_out = self.all_reduce(self._probe)
-                self._graph_norm = self._norm_pair(self._probe.view(4, 1024)) if self.exchange else None
-        torch.cuda.current_stream(self.buffer.device).wait_stream(stream)
+        self._graph, (self._graph_out, self._graph_norm) = _captured(self.buffer.device, lambda: (
+            self.all_reduce(self._probe), self._norm_pair(self._probe.view(4, 1024)) if self.exchange else None))
         return ""
 
     def replay_test(self, world_size: int, device_group: Any) -> str:

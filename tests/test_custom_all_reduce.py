@@ -21,6 +21,22 @@ def test_cpu_ranks_do_not_use_the_fast_path():
     assert _local_reasons(torch.device("cpu"), torch.float32, 0, 2, 2) == ["not a CUDA device"]
 
 
+def test_start_up_stages_stop_at_the_first_failure_on_any_rank(monkeypatch, caplog):
+    """The stages of establishing a fast path run in turn and are agreed after each (here one rank, whose
+    own outcome is the agreement): an error text or an exception stops them, naming the stage."""
+    import carpool.custom_all_reduce as car
+
+    monkeypatch.setattr(car, "_agree", lambda ok, group: ok)
+    ran = []
+    ok = car._agreed_stages([("one", lambda: ran.append(1)), ("two", lambda: ""), ("three", lambda: 1 / 0),
+                             ("four", lambda: ran.append(4))], None, 0, "fast path", "using the slow one")
+    assert not ok and ran == [1]
+    assert "fast path off after its three (rank 0: ZeroDivisionError" in caplog.text
+    assert "using the slow one" in caplog.text
+    assert not car._agreed_stages([("one", lambda: "mismatch")], None, 0, "x", "y")
+    assert car._agreed_stages([("one", lambda: None), ("two", lambda: "")], None, 0, "x", "y")
+
+
 def test_multicast_stays_off_in_tp_workers():
     assert MULTICAST_OFF == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                              "NVSHMEM_DISABLE_NVLS": "1"}
