@@ -31,7 +31,7 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
     from profile_util import JitCompiles
 
     per_token, ttft = [], []
-    with JitCompiles() as compiles:
+    with JitCompiles(counted=engine_kwargs.get("tensor_parallel_size", 1) == 1) as compiles:
         for _ in range(repeats):
             llm.reset_prefix_cache()
             out = llm.generate([prompt], params, use_tqdm=False)[0]
@@ -39,14 +39,12 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
             assert len(out.outputs[0].token_ids) == new_tokens
             per_token.append((m.finished_time - m.first_token_time) / (new_tokens - 1))
             ttft.append(m.time_to_first_token)
-    # (TP workers compile in their own processes, where this count does not reach: None)
-    compiled = compiles.summary() if engine_kwargs.get("tensor_parallel_size", 1) == 1 else None
     result: dict[str, Any] = {}
     if hasattr(llm.engine.executor, "describe"):  # TP: which all-reduce paths the ranks agreed on
         result["tp_paths"] = llm.engine.executor.describe()
     result |= {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
                "repeats": repeats, "ms_per_token_each": [round(1e3 * t, 4) for t in per_token],
-               "jit_compiles_in_run": compiled}
+               "jit_compiles_in_run": compiles.summary()}
     if breakdown:  # one more run with per-step timings (a little slower: events around every step)
         from profile_util import step_breakdown
 

@@ -95,7 +95,7 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
 
     num_steps = 0
     finished = []
-    with JitCompiles() as compiles:
+    with JitCompiles(counted=engine_kwargs.get("tensor_parallel_size", 1) == 1) as compiles:
         start = time.perf_counter()
         for prompt, p in zip(prompts, params):
             engine.add_request(None, {"prompt_token_ids": prompt}, p)
@@ -105,14 +105,12 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
             finished.extend(o for o in outs if o.finished)
         elapsed = time.perf_counter() - start
     out_tokens = sum(len(c.token_ids) for o in finished for c in o.outputs)
-    # (TP workers compile in their own processes, where this count does not reach: None)
-    compiled = compiles.summary() if engine_kwargs.get("tensor_parallel_size", 1) == 1 else None
     result: dict[str, Any] = {"seconds": elapsed, "output_tokens": out_tokens, "tokens_per_s": out_tokens / elapsed,
                               "num_steps": num_steps, "num_preemptions": engine.stats().num_preemptions,
                               "num_kv_blocks": engine.stats().num_kv_blocks,
                               "mean_ttft_s": statistics.mean(o.metrics.time_to_first_token for o in finished),
                               "prefix_cache_hits": engine.stats().prefix_cache_hits,
-                              "jit_compiles_in_run": compiled}
+                              "jit_compiles_in_run": compiles.summary()}
     if on_gpu:
         # Device time is measured with events around each step's kernels (rank 0's under TP); the wall
         # time they do not cover is host time the device waited for (exposed host overhead).

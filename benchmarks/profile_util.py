@@ -45,14 +45,7 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
         report = executor.profile("stop") or {"kernels": [], "span_us": 0.0, "busy_us": 0.0,
                                                "idle_by_transition_us": {}}
         summary = summarize_kernels([(k[0], k[1], k[2]) for k in report["kernels"]], steps, top)
-        # rank 0 reports transitions between kernel names: group them by category here
-        idle: dict[str, float] = {}
-        for key, us in report["idle_by_transition_us"].items():
-            before, _, after = key.partition(" -> ")
-            label = f"{category(before)} -> {category(after)}"
-            idle[label] = idle.get(label, 0.0) + us
-        act = DeviceActivity(report["span_us"], report["busy_us"], idle)
-        raw = report["idle_by_transition_us"]
+        by_name = DeviceActivity(report["span_us"], report["busy_us"], report["idle_by_transition_us"])
     else:
         from torch.profiler import ProfilerActivity, profile
 
@@ -62,8 +55,15 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
             steps = _run_steps(engine, num_steps)
             torch.cuda.synchronize()
         summary = summarize_kernels(device_kernel_times(prof), steps, top)
-        act = device_activity(prof, category)
-        raw = device_activity(prof, lambda name: name).idle_by_transition
+        by_name = device_activity(prof, lambda name: name)
+    # idle time between kernel names, grouped by category (and the largest by name, below)
+    raw = by_name.idle_by_transition
+    idle: dict[str, float] = {}
+    for key, us in raw.items():
+        before, _, after = key.partition(" -> ")
+        label = f"{category(before)} -> {category(after)}"
+        idle[label] = idle.get(label, 0.0) + us
+    act = DeviceActivity(by_name.span, by_name.busy, idle)
     # idle: launch gaps between kernels (cuBLAS kernels sit outside the PDL chain) and host waits
     summary.update(device_span_ms_per_step=act.span / 1e3 / max(steps, 1),
                    device_busy_ms_per_step=act.busy / 1e3 / max(steps, 1),
@@ -116,16 +116,19 @@ class JitCompiles:
     """Counts the Triton kernel specializations this process builds (or loads from the disk cache)
     while active, and the wall time they take. Why: a timed run should contain none; one compile is
     100+ ms that a long-running server pays once, and it once made two runs of the same workload in
-    one suite differ by 6%. Counts this process only: under tensor parallelism the workers compile,
-    so the benchmarks report None there."""
+    one suite differ by 6%. Counts this process only: under tensor parallelism the workers compile, so
+    pass counted=False there and the summary is None (not measured)."""
 
-    def __init__(self) -> None:
+    def __init__(self, counted: bool = True) -> None:
+        self.counted = counted
         self.kernels: Counter[str] = Counter()
         self.seconds = 0.0
         self._start = 0.0
         self._runtime: Any = None
 
     def __enter__(self) -> "JitCompiles":
+        if not self.counted:
+            return self
         try:
             from triton import knobs
         except ImportError:  # older Triton without hooks: nothing counted
@@ -149,7 +152,9 @@ class JitCompiles:
         if self._runtime is not None:
             self._runtime.jit_cache_hook, self._runtime.jit_post_compile_hook = self._prev
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any] | None:
+        if not self.counted:
+            return None
         return {"count": sum(self.kernels.values()), "seconds": round(self.seconds, 3),
                 "kernels": dict(self.kernels.most_common())}
 

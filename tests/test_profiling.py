@@ -107,5 +107,9 @@ def test_jit_compiles_counts_specializations_built_while_active_and_restores_hoo
         assert seen == ["_decode_kernel", "_decode_kernel", "_gemv_kernel"]  # an earlier hook still runs
         knobs.runtime.jit_post_compile_hook(fn=SimpleNamespace(name="after"))
         assert compiles.summary()["count"] == 3 and seen[-1] == "after"
+        hooks = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+        with profile_util.JitCompiles(counted=False) as uncounted:  # (TP: the workers compile)
+            assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == hooks  # not installed
+        assert uncounted.summary() is None
     finally:
         knobs.runtime.jit_post_compile_hook = before

@@ -57,7 +57,7 @@ class ModelRunner:
         self.model = load_model(config.model, self.ops, self.device, tp, config.load_format)
         if self.ops.name == "triton":
             from carpool.ops.triton import utils as triton_utils
-            triton_utils.set_pdl(not config.disable_pdl and triton_utils.pdl_supported(self.device))
+            triton_utils.choose_pdl(self.device, config.disable_pdl)
         if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
             fused_act = os.environ.get(FUSED_GEMV_SILU_ENV, "1") != "0"
             for module in self.model.modules():

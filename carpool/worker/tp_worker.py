@@ -191,7 +191,7 @@ class TPWorker:
             if config.kernel_backend == "triton":  # the self-tests launch their kernels as the model will
                 from carpool.ops.triton import utils as triton_utils
 
-                triton_utils.set_pdl(not config.disable_pdl and triton_utils.pdl_supported(self.device))
+                triton_utils.choose_pdl(self.device, config.disable_pdl)
             custom = CustomAllReduce.create(self.device, config.model.dtype, info.rank, info.local_rank,
                                             info.world_size, info.local_world_size, self.cpu_group,
                                             model_shape=(config.model.hidden_size, config.model.intermediate_size))

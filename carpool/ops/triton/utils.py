@@ -72,6 +72,12 @@ def pdl_supported(device: torch.device) -> bool:
     return hasattr(tl_cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def choose_pdl(device: torch.device, disabled: bool) -> None:
+    """The process's PDL choice (on where supported, unless disabled), made once before any kernel
+    launch that should follow it: the model runner's, and a TP worker's all-reduce self-tests."""
+    set_pdl(not disabled and pdl_supported(device))
+
+
 def set_pdl(enabled: bool) -> None:
     """Launch every Triton kernel of this process with PDL (the model runner decides once)."""
     global _pdl_enabled
