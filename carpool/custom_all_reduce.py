@@ -123,6 +123,18 @@ def _captured(device: torch.device, fn: Callable[[], Any]) -> tuple[torch.cuda.C
     return graph, outputs
 
 
+def _peer_addresses(t: torch.Tensor, group_name: str, world: int) -> tuple[torch.Tensor, int]:
+    """Every rank's address of its copy of the symmetric tensor t (int64 [world], on t's device), and
+    this rank's index in the group; collective over the group."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    handle = symm_mem.rendezvous(t, group_name)
+    assert handle.world_size == world, "symmetric-memory group size mismatch"
+    offset = t.data_ptr() - handle.buffer_ptrs[handle.rank]  # the tensor within its allocation
+    ptrs = [p + offset for p in handle.buffer_ptrs]
+    return torch.tensor(ptrs, dtype=torch.int64, device=t.device), handle.rank
+
+
 def _nccl(x: torch.Tensor, group: Any) -> torch.Tensor:
     y = x.clone()
     dist.all_reduce(y, group=group)
@@ -168,15 +180,8 @@ class NormExchange:
         pads.zero_()
         torch.cuda.synchronize(device)  # zero before any peer can signal (the caller agrees next)
 
-        def addresses(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-            handle = symm_mem.rendezvous(t, group_name)
-            assert handle.world_size == world, "symmetric-memory group size mismatch"
-            offset = t.data_ptr() - handle.buffer_ptrs[handle.rank]  # the tensor within its allocation
-            ptrs = [p + offset for p in handle.buffer_ptrs]
-            return torch.tensor(ptrs, dtype=torch.int64, device=device), handle.rank
-
-        buffer_ptrs, rank = addresses(data)
-        pad_ptrs, _ = addresses(pads)
+        buffer_ptrs, rank = _peer_addresses(data, group_name, world)
+        pad_ptrs, _ = _peer_addresses(pads, group_name, world)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return cls(data, pads, buffer_ptrs, pad_ptrs, torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device),
                    torch.zeros(max(1, half // 64), dtype=torch.int32, device=device), half, rank, world,
@@ -213,10 +218,8 @@ class PushExchange:
         slots = symm_mem.empty(2 * world * stride, dtype=torch.int64, device=device)
         slots.zero_()
         torch.cuda.synchronize(device)
-        handle = symm_mem.rendezvous(slots, group_name)
-        offset = slots.data_ptr() - handle.buffer_ptrs[handle.rank]
-        ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
-        return cls(slots, ptrs, torch.zeros(1, dtype=torch.int32, device=device), stride, handle.rank, world)
+        ptrs, rank = _peer_addresses(slots, group_name, world)
+        return cls(slots, ptrs, torch.zeros(1, dtype=torch.int32, device=device), stride, rank, world)
 
     def eligible(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """One row of a 16-bit model whose output fits the slots (equal on every rank)."""
