@@ -416,6 +416,11 @@ def run_ranks(world: int, call: Callable[[int], tuple[torch.Tensor, ...]]) -> li
     return results
 
 
+def shared(t: torch.Tensor) -> torch.Tensor:
+    """A simulated rank's exchange buffer: in the interpreter, memory the forked ranks see (run_ranks)."""
+    return t.share_memory_() if INTERPRET else t
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
     """The fused all-reduce + add + RMSNorm with `world` ranks simulated in one process (the symmetric
@@ -426,8 +431,6 @@ def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
 
     d, half = 48, 200 * 48
     gen = torch.Generator().manual_seed(world)
-    def shared(t: torch.Tensor) -> torch.Tensor:  # (in the interpreter: visible to the forked ranks)
-        return t.share_memory_() if INTERPRET else t
     data = [shared(torch.full((2 * half,), float("nan"), device=DEVICE)) for _ in range(world)]
     # Epochs start two calls short of the int32 limit (pads as if every rank had arrived there): they wrap.
     start = 2 ** 31 - 2
@@ -483,9 +486,6 @@ def test_gemv_push_then_pushed_add_rms_norm_over_simulated_ranks(world: int) -> 
     dt = torch.float16 if INTERPRET else torch.bfloat16  # (16-bit words; numpy has no bfloat16)
     stride = 32  # slots per rank and half: rows up to 64
     gen = torch.Generator().manual_seed(10 + world)
-
-    def shared(t: torch.Tensor) -> torch.Tensor:
-        return t.share_memory_() if INTERPRET else t
     slots = [shared(torch.zeros(2 * world * stride, dtype=torch.int64, device=DEVICE)) for _ in range(world)]
     slot_ptrs = torch.tensor([t.data_ptr() for t in slots], dtype=torch.int64, device=DEVICE)
     start = 2 ** 31 - 2
