@@ -17,6 +17,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from ablations import apply_ablations, export_to_workers  # noqa: E402
 from common import (SHAPES, ModelArithmetic, add_engine_flags, device_name, emit, engine_flags,  # noqa: E402
                     measure_copy_bandwidth, write_config)
 
@@ -68,28 +69,6 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
     return result
 
 
-def apply_ablations(gemv_block_k: int | None, gemv_block_k_long: int | None, gemv_block_n: int | None,
-                    decode_splits: int | None) -> None:
-    """Kernel choices undone for ablations, patched into this process (the engine runs in it at TP=1)."""
-    import dataclasses
-    import importlib
-
-    if gemv_block_k or gemv_block_k_long or gemv_block_n:
-        gemv_module = importlib.import_module("carpool.ops.triton.gemv")  # (tri.gemv is the function)
-        default = gemv_module.default_gemv_config
-
-        def patched(k: int):  # type: ignore[no-untyped-def]
-            config = default(k)
-            block_k = gemv_block_k if k <= 8192 else gemv_block_k_long
-            config = dataclasses.replace(config, block_k=block_k) if block_k else config
-            return dataclasses.replace(config, block_n=gemv_block_n) if gemv_block_n else config
-        gemv_module.default_gemv_config = patched  # type: ignore[attr-defined]
-    if decode_splits:
-        attention = importlib.import_module("carpool.ops.triton.attention")
-        attention.DECODE_SPLIT_TABLE = ((attention.DECODE_SPLIT_TABLE[0][0], decode_splits),
-                                        *attention.DECODE_SPLIT_TABLE[1:])
-
-
 def run_hf(model: str, prompt: list[int], new_tokens: int) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -122,12 +101,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     add_engine_flags(ap)
     ap.add_argument("--gemv-block-k", type=int, default=None,
-                    help="ablation (TP=1): GEMV columns per step for rows of at most 8192")
-    ap.add_argument("--gemv-block-n", type=int, default=None, help="ablation (TP=1): GEMV rows per program")
+                    help="ablation: GEMV columns per step for rows of at most 8192")
+    ap.add_argument("--gemv-block-n", type=int, default=None, help="ablation: GEMV rows per program")
     ap.add_argument("--decode-splits", type=int, default=None,
-                    help="ablation (TP=1): decode split count of the smallest batches (the split table's first row)")
+                    help="ablation: decode split count of the smallest batches (the split table's first row)")
     ap.add_argument("--gemv-block-k-long", type=int, default=None,
-                    help="ablation (TP=1): GEMV columns per step for longer rows (the down projection)")
+                    help="ablation: GEMV columns per step for longer rows (the down projection)")
     ap.add_argument("--breakdown", action="store_true",
                     help="add per-step host/device timings (always on with -tp > 1); see profile_util.stop_timings")
     ap.add_argument("--hf", action="store_true")
@@ -135,7 +114,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    apply_ablations(args.gemv_block_k, args.gemv_block_k_long, args.gemv_block_n, args.decode_splits)
+    ablations = (args.gemv_block_k, args.gemv_block_k_long, args.gemv_block_n, args.decode_splits)
+    apply_ablations(*ablations)
+    if args.tensor_parallel_size > 1 and any(ablations):
+        export_to_workers(*ablations)
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from carpool.profiling import DeviceActivity, device_activity, device_kernel_times, step_timings_summary
+from carpool.profiling import (DeviceActivity, device_activity, device_kernel_times, device_timeline,
+                               step_timings_summary)
 
 CATEGORIES = (
     ("communication", ("nccl", "all_reduce", "allreduce", "one_shot", "all_gather", "allgather", "broadcast",
@@ -46,6 +47,7 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
                                                "idle_by_transition_us": {}}
         summary = summarize_kernels([(k[0], k[1], k[2]) for k in report["kernels"]], steps, top)
         by_name = DeviceActivity(report["span_us"], report["busy_us"], report["idle_by_transition_us"])
+        timeline = report.get("timeline", [])
     else:
         from torch.profiler import ProfilerActivity, profile
 
@@ -56,6 +58,7 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
             torch.cuda.synchronize()
         summary = summarize_kernels(device_kernel_times(prof), steps, top)
         by_name = device_activity(prof, lambda name: name)
+        timeline = device_timeline(prof, 800)
     # idle time between kernel names, grouped by category (and the largest by name, below)
     raw = by_name.idle_by_transition
     idle: dict[str, float] = {}
@@ -74,7 +77,36 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
     summary["idle_ms_per_step_top_kernel_transitions"] = {
         " -> ".join(n[:60] for n in k.split(" -> ")): round(us / 1e3 / max(steps, 1), 4)
         for k, us in sorted(raw.items(), key=lambda kv: -kv[1])[:8]}
+    summary["last_step_critical_path"] = critical_path(timeline, round(summary["kernels_per_step"]))
     return _with_pdl_flag(engine, summary)
+
+
+def critical_path(timeline: list[list[Any]], per_step: int) -> dict[str, Any]:
+    """What each kernel adds to the step, from the last `per_step` events of a timeline ([name, start,
+    end] in order of start): the time by which its end passes the latest end before it. Under PDL a
+    kernel's own start..end includes its wait for the kernel before, so durations overlap; these
+    increments do not, and they sum to the window's span. Grouped by kernel name (with counts), and
+    the whole window in order for reading one layer."""
+    window = timeline[-per_step:] if per_step > 0 else []
+    if not window:
+        return {}
+    by_name: dict[str, list[float]] = {}
+    rows = []
+    latest = window[0][1]
+    for name, start, end in window:
+        added = max(0.0, end - max(latest, start)) if end > latest else 0.0
+        idle_before = max(0.0, start - latest)
+        latest = max(latest, end)
+        entry = by_name.setdefault(name, [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += added
+        entry[2] += idle_before
+        rows.append([name[:32], round(start - window[0][1], 1), round(end - start, 1), round(added, 1),
+                     round(idle_before, 1)])
+    return {"span_us": round(latest - window[0][1], 1),
+            "by_kernel_us": {n: {"calls": int(c), "adds": round(a, 1), "idle_before": round(i, 1)}
+                             for n, (c, a, i) in sorted(by_name.items(), key=lambda kv: -kv[1][1])},
+            "events": rows}
 
 
 def _with_pdl_flag(engine: Any, summary: dict[str, Any]) -> dict[str, Any]:

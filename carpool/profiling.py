@@ -58,6 +58,17 @@ def device_activity(prof: Any, label: Callable[[str], str]) -> DeviceActivity:
     return DeviceActivity(float(run_end - events[0][0]), float(busy), idle)
 
 
+def device_timeline(prof: Any, last: int) -> list[list[Any]]:
+    """The last `last` device events of `prof` in start order, as [name, start, end] with times in
+    microseconds from the first of them: enough to read one step's critical path kernel by kernel."""
+    events = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                    if str(getattr(e, "device_type", "")).endswith("CUDA"))[-last:]
+    if not events:
+        return []
+    t0 = events[0][0]
+    return [[name[:48], round(float(start - t0), 2), round(float(end - t0), 2)] for start, end, name in events]
+
+
 def ms_stats(seconds: list[float]) -> dict[str, float]:
     """Mean and median in milliseconds of per-step durations in seconds (zeros for none)."""
     if not seconds:

@@ -83,6 +83,25 @@ def test_tensor_parallel_profile_groups_rank0_transitions_by_category() -> None:
         "_rms_norm_kernel -> _gemv_kernel", 0.05)  # by name too, largest first
 
 
+def test_critical_path_counts_what_each_kernel_adds_past_the_latest_end() -> None:
+    """Under PDL a kernel starts before the one it waits for ends: its increment, not its duration,
+    is its share of the step; increments and idle gaps sum to the window's span."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import profile_util
+
+    timeline = [["old", -5.0, 0.0], ["gemv", 0.0, 10.0], ["norm", 2.0, 15.0], ["gemv", 20.0, 25.0],
+                ["copy", 21.0, 24.0]]
+    path = profile_util.critical_path(timeline, 4)  # the last four events
+    assert path["span_us"] == 25.0
+    assert path["by_kernel_us"]["gemv"] == {"calls": 2, "adds": 15.0, "idle_before": 5.0}
+    assert path["by_kernel_us"]["norm"]["adds"] == 5.0 and path["by_kernel_us"]["copy"]["adds"] == 0.0
+    assert [row[3] for row in path["events"]] == [10.0, 5.0, 5.0, 0.0]
+    assert profile_util.critical_path([], 4) == {}
+
+
 def test_jit_compiles_counts_specializations_built_while_active_and_restores_hooks() -> None:
     """The benchmarks' compile counter rides on Triton's cache-miss and post-compile hooks."""
     import os
@@ -113,3 +132,31 @@ def test_jit_compiles_counts_specializations_built_while_active_and_restores_hoo
         assert uncounted.summary() is None
     finally:
         knobs.runtime.jit_post_compile_hook = before
+
+
+def test_benchmark_ablations_reach_a_tensor_parallel_rank_through_its_environment() -> None:
+    """bench_latency's kernel ablations under TP: a rank is a new interpreter that inherits the
+    environment export_to_workers sets, and its sitecustomize patches carpool before anything runs."""
+    import os
+    import subprocess
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)
+    import ablations
+
+    saved = {k: os.environ.get(k) for k in (ablations.ENV, "PYTHONPATH")}
+    try:
+        ablations.export_to_workers(None, None, None, 1)
+        probe = ("import carpool.ops.triton.attention as a; print(a.decode_num_splits(1, 4))")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env=dict(os.environ))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert out.stdout.strip() == "1"  # 32 without the ablation (the split table's first row)
+    import carpool.ops.triton.attention as attention
+    assert attention.decode_num_splits(1, 4) == 32

@@ -45,7 +45,7 @@ from carpool.core.sched_output import TokenLogprobs
 from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
 from carpool.platform import dist_backend_for
-from carpool.profiling import device_activity, device_kernel_times, ms_stats, step_timings_summary
+from carpool.profiling import device_activity, device_kernel_times, device_timeline, ms_stats, step_timings_summary
 from carpool.worker import tp_codec
 from carpool.worker.model_runner import ModelRunner, PendingStep
 
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 # Followers wait in the control broadcast for as long as the engine sits idle, so that group's timeout
 # must outlast any idle period; a dead rank 0 still ends the wait at once (gloo sees the socket close).
 CONTROL_TIMEOUT = timedelta(days=365)
+TIMELINE_EVENTS = 800  # device events a profile returns in order (two decode steps and more at batch 1)
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,8 @@ class TPWorker:
         activity = device_activity(prof, lambda name: name)
         idle = sorted(activity.idle_by_transition.items(), key=lambda kv: -kv[1])[:200]
         return {"kernels": [list(k) for k in device_kernel_times(prof)[:80]], "span_us": activity.span,
-                "busy_us": activity.busy, "idle_by_transition_us": dict(idle)}
+                "busy_us": activity.busy, "idle_by_transition_us": dict(idle),
+                "timeline": device_timeline(prof, TIMELINE_EVENTS)}
 
     def _reply(self, payload: dict[str, Any]) -> None:
         if self.info.rank == 0:
