@@ -17,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablations import apply_ablations, export_to_workers  # noqa: E402
+from ablations import apply_ablations, export_to_workers, parse_gemv_override  # noqa: E402
 from common import (SHAPES, ModelArithmetic, add_engine_flags, device_name, emit, engine_flags,  # noqa: E402
                     measure_copy_bandwidth, write_config)
 
@@ -107,6 +107,8 @@ def main() -> None:
                     help="ablation: decode split count of the smallest batches (the split table's first row)")
     ap.add_argument("--gemv-block-k-long", type=int, default=None,
                     help="ablation: GEMV columns per step for longer rows (the down projection)")
+    ap.add_argument("--gemv-override", action="append", type=parse_gemv_override, default=[],
+                    metavar="K=BN,BK,WARPS,STAGES", help="ablation: the whole GEMV config for rows of length K")
     ap.add_argument("--breakdown", action="store_true",
                     help="add per-step host/device timings (always on with -tp > 1); see profile_util.stop_timings")
     ap.add_argument("--hf", action="store_true")
@@ -114,7 +116,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    ablations = (args.gemv_block_k, args.gemv_block_k_long, args.gemv_block_n, args.decode_splits)
+    ablations = (args.gemv_block_k, args.gemv_block_k_long, args.gemv_block_n, args.decode_splits,
+                 args.gemv_override)
     apply_ablations(*ablations)
     if args.tensor_parallel_size > 1 and any(ablations):
         export_to_workers(*ablations)
@@ -138,6 +141,7 @@ def main() -> None:
                               "push_all_reduce": not args.no_push_all_reduce,
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
                               "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
+                              "gemv_overrides": args.gemv_override,
                               "copy_bandwidth_bytes_per_s": bandwidth}
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
                                     args.breakdown or args.tensor_parallel_size > 1)

@@ -128,7 +128,10 @@ if [ "$mode" = tp ]; then
   # (each step has a time limit: a collective that never completes must not eat the whole session)
   # First the fused all-reduce + RMSNorm kernel and the batch-1 push exchange with ranks simulated on one
   # GPU (streams); if they fail, the rest runs without the push exchange.
-  step timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k "all_reduce_add or push" -o addopts="" \
+  # (the model-family push test is a CPU test of the wiring: on a GPU its engine start-up compiles for
+  # minutes, which once ran this step past its limit)
+  step timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -o addopts="" \
+    -k "over_simulated_ranks or pushes_to_the_next_norm" \
     || { export CARPOOL_PUSH_ALL_REDUCE=0; echo "!!! push exchange off for the remaining steps"; }
   step timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
   # Llama-3-8B shape, batch 1: TP=2 (rank-0 profile), TP=2 without the push exchange (the fused exchange
