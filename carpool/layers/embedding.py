@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,7 +41,14 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """logits = h W^T over this rank's vocab slice, gathered across ranks and cut to the real vocab."""
 
+    # The backend's GEMV for one row (set by the ModelRunner, like LinearBase.gemv): a batch-1 step's
+    # head is the step's largest weight read, and the GEMV launches under PDL where cuBLAS does not.
+    gemv: Callable[..., torch.Tensor] | None = None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden, self.weight)
+        if self.gemv is not None and hidden.dim() == 2 and hidden.shape[0] == 1:
+            logits = self.gemv(hidden, self.weight)
+        else:
+            logits = nn.functional.linear(hidden, self.weight)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., :self.vocab_size]

@@ -21,6 +21,7 @@ from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, TPGroup
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
+from carpool.layers.embedding import ParallelLMHead
 from carpool.layers.linear import LinearBase, MergedColumnParallelLinear
 from carpool.layers.sampler import Sampler, SamplingMetadata
 from carpool.models.loader import load_model
@@ -34,6 +35,8 @@ from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block, cpu_num_
 logger = logging.getLogger(__name__)
 # "0": batch-1 steps run the gate/up GEMV and silu_and_mul as two kernels (for ablations)
 FUSED_GEMV_SILU_ENV = "CARPOOL_FUSED_GEMV_SILU"
+# "0": batch-1 steps compute the LM head with cuBLAS instead of the GEMV (for ablations)
+LM_HEAD_GEMV_ENV = "CARPOOL_LM_HEAD_GEMV"
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,9 @@ class ModelRunner:
             triton_utils.choose_pdl(self.device, config.disable_pdl)
         if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
             fused_act = os.environ.get(FUSED_GEMV_SILU_ENV, "1") != "0"
+            head_gemv = os.environ.get(LM_HEAD_GEMV_ENV, "1") != "0"
             for module in self.model.modules():
-                if isinstance(module, LinearBase):
+                if isinstance(module, LinearBase) or (isinstance(module, ParallelLMHead) and head_gemv):
                     module.gemv = self.ops.gemv
                 if isinstance(module, MergedColumnParallelLinear) and fused_act:
                     module.gemv_silu_and_mul = self.ops.gemv_silu_and_mul

@@ -32,10 +32,11 @@ def default_gemv_config(k: int) -> GemvConfig:
     up to 4096 are read in one step: under PDL the whole weight slice of a program is then loaded before
     it waits for x, and batch-1 decode ran 1.6% faster than with 1024-column steps (2048 was 5% slower;
     results/h200_run24_gemv_k). Long rows (the down projection, K = 14336) keep 2048-column steps with
-    8 warps (4096 was 8% slower)."""
+    8 warps (4096 was 8% slower); so do rows of 4097-8192 (the down projection at TP=2, K = 7168: batch-1
+    decode 1.0-1.6% faster than with 1024-column steps and 4 warps, results/h200x2_run48_tp_sweep)."""
     if k <= 4096:
         return GemvConfig(block_k=max(16, triton.next_power_of_2(k)))
-    return GemvConfig(block_k=2048, num_warps=8) if k > 8192 else GemvConfig()
+    return GemvConfig(block_k=2048, num_warps=8)
 
 
 @triton.jit
