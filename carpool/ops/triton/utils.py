@@ -4,7 +4,8 @@ per-step host plans shared by all layers, and programmatic dependent launch (PDL
 PDL (Hopper and later): a kernel launched with it may start while the kernel before it in the stream is
 still running; it must call `griddepcontrol.wait` before it reads anything that kernel (or any earlier
 one) wrote, or writes anything they may still read. Every Triton kernel here does so at its start
-(`pdl_enter`), except that the GEMV first loads its first weight tile, which nothing writes: at batch 1
+(`pdl_enter`), except that the GEMV first loads its first weight tile, which nothing writes (and the
+push exchange's norm first polls its own slots: all_reduce_norm.py): at batch 1
 the next projection's weights then stream while the small kernels between two projections run, and
 the launch latency between kernels is hidden (inside CUDA graphs too). `pdl_enter` also lets the next
 kernel launch at once; the GEMV lets it launch only after its own wait (`pdl_wait_then_release`), so
@@ -89,7 +90,7 @@ def pdl() -> bool:
 
 
 # Every PDL kernel must reach gdc_wait in every program before it exits (pdl_enter first thing, or the
-# GEMV's pdl_wait_then_release before its stores): the push exchange (all_reduce_norm.py) relies on a
+# GEMV's pdl_wait_then_release and the pushed norm's wait before their stores): the push exchange (all_reduce_norm.py) relies on a
 # kernel starting its writes only after all earlier kernels have finished, transitively.
 @triton.jit
 def pdl_enter(USE_PDL: tl.constexpr):
