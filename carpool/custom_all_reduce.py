@@ -209,6 +209,9 @@ class PushExchange:
     rank: int
     world_size: int
     pending: torch.Tensor | None = None
+    # The first norm's residual after an embedding push, [1, >= D] of the model dtype; set (turning the
+    # embedding push on) once that push passed its own self-tests.
+    zeros: torch.Tensor | None = None
 
     @classmethod
     def create(cls, device: torch.device, group_name: str, world: int) -> "PushExchange":
@@ -233,6 +236,23 @@ class PushExchange:
         self.pending = gemv_push(x, weight, self.slot_ptrs, self.epoch, self.slot_stride, self.rank,
                                  self.world_size)
         return self.pending
+
+    def embedding(self, token_id: torch.Tensor, weight: torch.Tensor, vocab_start: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One token's vocab-parallel embedding, pushed (ops/triton/all_reduce_norm.py embedding_push):
+        (this rank's share, zeros as the residual for the norm that receives the sum); None when not
+        eligible, and then the embedding all-reduces as usual."""
+        zeros = self.zeros
+        if not (zeros is not None and self.pending is None and token_id.numel() == 1
+                and weight.dtype == zeros.dtype and weight.dtype in (torch.bfloat16, torch.float16)
+                and weight.shape[1] % 2 == 0 and weight.shape[1] <= min(zeros.shape[1], 2 * self.slot_stride)
+                and weight.stride(-1) == 1):
+            return None
+        from carpool.ops.triton.all_reduce_norm import embedding_push
+
+        self.pending = embedding_push(token_id, weight, vocab_start, self.slot_ptrs, self.epoch, self.slot_stride,
+                                      self.rank, self.world_size)
+        return self.pending, zeros[:, :weight.shape[1]]
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,10 +320,61 @@ class CustomAllReduce:
                       self.buffer.device, self.group_name, world_size))),
                   ("eager self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, False)),
                   ("graph self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, True))]
-        if _agreed_stages(stages, cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
-            logger.info("push exchange on for batch-1 steps")
-        else:
+        if not _agreed_stages(stages, cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
             self.push = None
+            return
+        logger.info("push exchange on for batch-1 steps")
+        width = model_shape[0] if model_shape is not None else 512
+        push = self.push
+        assert push is not None
+        push.zeros = torch.zeros(1, max(width, 512), dtype=self.dtype, device=self.buffer.device)
+        stages = [("eager self-test", lambda: self._embedding_push_test(rank, world_size, device_group, width, False)),
+                  ("graph self-test", lambda: self._embedding_push_test(rank, world_size, device_group, width, True))]
+        if not _agreed_stages(stages, cpu_group, rank, "embedding push", "the embedding all-reduces"):
+            push.zeros = None
+
+    def _embedding_push_test(self, rank: int, world_size: int, device_group: Any, width: int, graph: bool) -> str:
+        """embedding_push then pushed_add_rms_norm (zero residual) for tokens in the first and the last
+        rank's vocab slice and beyond every slice, at 512 wide and the model's hidden size, eagerly or
+        captured and replayed with other tokens, against NCCL on the masked rows then the torch norm."""
+        from carpool.ops.torch_ref import fused_add_rms_norm
+
+        push = self.push
+        assert push is not None
+        dev, dt, rows = self.buffer.device, self.dtype, 64
+        own = torch.Generator(device=dev).manual_seed(47 + rank)  # each rank's vocab slice
+        same = torch.Generator(device=dev).manual_seed(5)  # the norm weights, equal on every rank
+        cases = []
+        for d in sorted({512, width}):
+            w = (0.1 * torch.randn(rows, d, generator=own, device=dev)).to(dt)
+            norm_w = torch.rand(d, generator=same, device=dev).to(dt)
+            for token in (3, rows * world_size - 1, rows * world_size + 7):
+                cases.append((torch.tensor([token], device=dev), w, norm_w))
+
+        def calls() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            outs = []
+            for token, w, norm_w in cases:
+                pushed = push.embedding(token, w, rank * rows)
+                if pushed is None:
+                    raise RuntimeError(f"embedding push refused a {w.shape[1]}-wide row")
+                outs.append((pushed[0], *push.add_rms_norm(pushed[0], pushed[1], norm_w, 1e-6)))
+            return outs
+        if graph:
+            g, outs = _captured(dev, calls)
+            for token, _, _ in cases:
+                token.sub_(2)  # other tokens, in the same slices (the last still beyond all)
+            g.replay()
+        else:
+            outs = calls()
+        torch.cuda.synchronize(dev)
+        for (y, out, res_out), (token, w, norm_w) in zip(outs, cases):
+            local = int(token.item()) - rank * rows
+            expected = w[local:local + 1] if 0 <= local < rows else torch.zeros_like(y)
+            ref_out, ref_res = fused_add_rms_norm(_nccl(expected, device_group), torch.zeros_like(y), norm_w, 1e-6)
+            if not (torch.equal(y, expected) and _same(res_out, ref_res, world_size)
+                    and torch.allclose(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)):
+                return f"embedding push disagrees with NCCL ({'graph' if graph else 'eager'}, {y.shape[1]} wide)"
+        return ""
 
     def _push_test(self, rank: int, world_size: int, device_group: Any, model_shape: tuple[int, int] | None,
                    graph: bool) -> str:

@@ -56,6 +56,16 @@ class TPGroup:
             return None
         return custom.push.gemv(x, weight)
 
+    def push_embedding(self, token_id: torch.Tensor, weight: torch.Tensor, vocab_start: int
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One token's vocab-parallel embedding (this rank's share, sent to every rank as it is read) and
+        a zero residual, for the first layer's norm to sum; None when the push exchange does not take it
+        (then the embedding all-reduces as usual)."""
+        custom = self.custom_all_reduce
+        if self.size == 1 or custom is None or custom.push is None:
+            return None
+        return custom.push.embedding(token_id, weight, vocab_start)
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x

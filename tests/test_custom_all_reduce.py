@@ -80,3 +80,25 @@ def test_norm_exchange_takes_one_row_width_and_what_fits():
     assert not ex.eligible(x(0, 1024), x(0, 1024))
     ex.width = 1024  # as after a call
     assert ex.eligible(x(1, 1024), x(1, 1024)) and not ex.eligible(x(1, 512), x(1, 512))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (Triton interpreter) check of the self-test's logic")
+def test_embedding_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypatch):
+    """The start-up self-test of the embedding push, with one simulated rank in the interpreter and NCCL
+    replaced by the identity (one rank's sum): '' when the pushed rows and norms match the reference;
+    an error text when the reference differs; an exception when the push refuses (push off)."""
+    import carpool.custom_all_reduce as car
+
+    monkeypatch.setattr(car, "_nccl", lambda x, group: x.clone())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    slots = torch.zeros(2 * 512, dtype=torch.int64)
+    ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
+    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 512,
+                               rank=0, world_size=1, zeros=torch.zeros(1, 512, dtype=torch.float16))
+    assert ar._embedding_push_test(0, 1, None, 96, graph=False) == ""
+    assert ar.push.epoch.item() == 6 and ar.push.pending is None  # 3 tokens x 2 widths (96 and 512)
+    monkeypatch.setattr(car, "_nccl", lambda x, group: 2 * x)
+    assert "disagrees with NCCL" in ar._embedding_push_test(0, 1, None, 96, graph=False)
+    ar.push.zeros = None
+    with pytest.raises(RuntimeError, match="refused"):
+        ar._embedding_push_test(0, 1, None, 96, graph=False)

@@ -526,6 +526,59 @@ def test_gemv_push_then_pushed_add_rms_norm_over_simulated_ranks(world: int) -> 
     assert [e.item() for e in epochs] == [wrapped] * world
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_embedding_push_then_gemv_push_over_simulated_ranks(world: int) -> None:
+    """A batch-1 step's start with `world` simulated ranks: each rank pushes its vocab slice's share of one
+    token's embedding (its row, or zeros), the first norm sums them with a zero residual, then a GEMV
+    push and its norm follow on the same epochs. Every rank gets the same bits: the full table's row and
+    its norm, for tokens in the first and the last slice and beyond every slice."""
+    from carpool.ops.triton.all_reduce_norm import embedding_push, pushed_add_rms_norm
+    from carpool.ops.triton.gemv import gemv, gemv_push
+
+    dt = torch.float16 if INTERPRET else torch.bfloat16
+    stride, rows, d = 32, 5, 48
+    gen = torch.Generator().manual_seed(20 + world)
+    slots = [shared(torch.zeros(2 * world * stride, dtype=torch.int64, device=DEVICE)) for _ in range(world)]
+    slot_ptrs = torch.tensor([t.data_ptr() for t in slots], dtype=torch.int64, device=DEVICE)
+    epochs = [shared(torch.zeros(1, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    table = torch.randn(rows * world, d, generator=gen).to(DEVICE, dt)
+    w = (0.3 * torch.randn(d, d, generator=gen)).to(DEVICE, dt)
+    norm_w = torch.rand(d, generator=gen).to(DEVICE, dt)
+    zeros = torch.zeros(1, d, dtype=dt, device=DEVICE)
+    if not INTERPRET:  # compile and load each kernel alone first (see the test above)
+        ready = torch.full((2 * world * stride,), 1 << 32, dtype=torch.int64, device=DEVICE)
+        ready_ptrs = torch.tensor([ready.data_ptr()] * world, device=DEVICE)
+        for r in range(world):
+            embedding_push(torch.zeros(1, dtype=torch.long, device=DEVICE), table[:rows], 0, ready_ptrs,
+                           torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, r, world)
+            gemv_push(zeros, w, ready_ptrs, torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, r, world)
+        pushed_add_rms_norm(zeros, norm_w, 1e-6, ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, world)
+        torch.cuda.synchronize()
+    for token in (1, rows * world - 1, rows * world + 3):
+        ids = torch.tensor([token], device=DEVICE)
+
+        def call(r: int) -> tuple[torch.Tensor, ...]:
+            share = embedding_push(ids, table[r * rows:(r + 1) * rows], r * rows, slot_ptrs, epochs[r], stride, r, world)
+            out, res = pushed_add_rms_norm(zeros, norm_w, 1e-6, slots[r], epochs[r], stride, world)
+            gemv_push(out, w, slot_ptrs, epochs[r], stride, r, world)
+            return (share, out, res, *pushed_add_rms_norm(res, norm_w, 1e-6, slots[r], epochs[r], stride, world))
+        outs = run_ranks(world, call)
+        row = table[token:token + 1] if token < rows * world else zeros
+        ref_out, ref_res = torch_ref.fused_add_rms_norm(row, zeros, norm_w, 1e-6)
+        for r, (share, out, res, out2, res2) in enumerate(outs):
+            owner = token // rows
+            assert torch.equal(share.cpu(), (row if owner == r else zeros).cpu())
+            assert torch.equal(res.cpu(), row.cpu())  # the sum of one row and zeros is exact
+            torch.testing.assert_close(out.float().cpu(), ref_out.float().cpu(), atol=2e-3, rtol=2e-3)
+            assert torch.equal(out2, outs[0][3]) and torch.equal(res2, outs[0][4])
+        part = gemv(outs[0][1], w).float()  # every rank pushed the same GEMV of the same input
+        total = sum(part for _ in range(world)).to(dt)
+        ref_out2, ref_res2 = torch_ref.fused_add_rms_norm(total, outs[0][2], norm_w, 1e-6)
+        assert torch.equal(outs[0][4].cpu(), ref_res2.cpu())
+        torch.testing.assert_close(outs[0][3].float().cpu(), ref_out2.float().cpu(), atol=2e-2, rtol=2e-2)
+    assert [e.item() for e in epochs] == [6] * world  # two pushes per token
+
+
 def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() -> None:
     """The model's wiring of the push exchange (one simulated rank in a group of two): a row-parallel
     projection without reduction pushes its one-row output, the next RMSNorm with a residual receives
@@ -571,14 +624,58 @@ def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() ->
         norm(y, residual[:, :32])
 
 
+def test_vocab_parallel_embedding_pushes_one_token_to_the_first_norm() -> None:
+    """The embedding's wiring (one simulated rank of two, vocab slice [8, 16)): a one-token step returns
+    this rank's share in flight and a zero residual, and the first norm with that residual gives the
+    row's norm and the row as the residual stream. Off (no zeros buffer), several tokens, or a pending
+    push: the plain embedding (here with an identity all-reduce)."""
+    from types import SimpleNamespace
+
+    from carpool.custom_all_reduce import PushExchange
+    from carpool.distributed import TPGroup
+    from carpool.layers.embedding import VocabParallelEmbedding
+    from carpool.layers.norm import RMSNorm
+    from carpool.ops import get_kernel_ops
+
+    class RankOneOfTwo(TPGroup):
+        def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    dt = torch.float16 if INTERPRET else torch.bfloat16
+    slots = torch.zeros(2 * 64, dtype=torch.int64, device=DEVICE)
+    push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
+                        torch.zeros(1, dtype=torch.int32, device=DEVICE), 64, rank=0, world_size=1)
+    tp = RankOneOfTwo(rank=1, size=2, custom_all_reduce=SimpleNamespace(push=push, norm_eligible=lambda *a: False))
+    embed = VocabParallelEmbedding(16, 48, dt, tp).to(DEVICE)
+    embed.weight.data.copy_(torch.randn(8, 48))
+    norm = RMSNorm(48, 1e-6, get_kernel_ops("triton"), dt, tp).to(DEVICE)
+    norm.weight.data.copy_(torch.rand(48))
+    ids = torch.tensor([11], device=DEVICE)
+    hidden, residual = embed.forward_with_residual(ids)
+    assert residual is None and torch.equal(hidden, embed.weight[3:4])  # push off: the embedding itself
+    push.zeros = torch.zeros(1, 64, dtype=dt, device=DEVICE)
+    for token, row in ((11, embed.weight[3:4]), (2, torch.zeros(1, 48, dtype=dt, device=DEVICE))):
+        hidden, residual = embed.forward_with_residual(torch.tensor([token], device=DEVICE))
+        assert push.pending is hidden and torch.equal(hidden, row) and not residual.any()
+        out, res = norm(hidden, residual)
+        assert push.pending is None and torch.equal(res, row)
+        torch.testing.assert_close(out, get_kernel_ops("triton").rms_norm(row, norm.weight, 1e-6), atol=1e-3, rtol=1e-3)
+    hidden, residual = embed.forward_with_residual(torch.tensor([11, 12], device=DEVICE))
+    assert residual is None and push.pending is None and torch.equal(hidden, embed.weight[3:5])
+    push.pending = hidden  # a push not yet received: the embedding must not push over it
+    assert embed.forward_with_residual(ids)[1] is None
+    assert push.epoch.item() == 2
+
+
 @pytest.mark.parametrize("arch,overrides,pushes_per_layer", [
     ("llama", {}, 2), ("llama", {"attention_bias": True}, 1),  # with an o_proj bias only down_proj pushes
     ("qwen2", {}, 2), ("qwen3", {}, 2)])
 def test_every_model_family_receives_what_its_projections_push(checkpoint_factory, monkeypatch, arch: str,
                                                                overrides: dict, pushes_per_layer: int) -> None:
     """The engine as rank 0 of a simulated pair (collectives as identities, a one-rank push exchange): every
-    batch-1 decode step pushes from each row-parallel projection without reduction and a norm receives
-    each push (else the next norm raises), so the epoch counts the pushes of every decode step."""
+    batch-1 decode step pushes its embedding and each row-parallel projection's output without reduction,
+    and a norm receives each push (else the next norm raises), so the epoch counts the pushes of every
+    decode step."""
     from types import SimpleNamespace
 
     from carpool import LLM, SamplingParams
@@ -597,6 +694,7 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     slots = torch.zeros(2 * stride, dtype=torch.int64, device=DEVICE)
     push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
                         torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, rank=0, world_size=1)
+    push.zeros = torch.zeros(1, 1024, dtype=torch.float16, device=DEVICE)  # the embedding pushes too
     tp = RankZeroOfTwo(0, 2, SimpleNamespace(push=push, norm_eligible=lambda *a: False))
     real_init = ModelRunner.__init__
     monkeypatch.setattr(ModelRunner, "__init__", lambda self, config, *a, **k: real_init(self, config, tp))
@@ -606,7 +704,8 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
                        use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4 and push.pending is None
     layers = llm.engine.config.model.num_hidden_layers
-    assert push.epoch.item() == 3 * pushes_per_layer * layers  # three batch-1 decode steps (the prefill has 3 rows)
+    # three batch-1 decode steps (the prefill has 3 rows), each pushing its embedding and every layer's
+    assert push.epoch.item() == 3 * (pushes_per_layer * layers + 1)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])

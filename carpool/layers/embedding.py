@@ -28,6 +28,16 @@ class VocabParallelEmbedding(nn.Module):
         if rows:
             param.data[:rows].copy_(load_narrow(loaded, 0, self.vocab_start, rows))
 
+    def forward_with_residual(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, None), or on a one-token step under tensor parallelism with the push exchange this
+        rank's share of the row, in flight to every rank, and a zero residual: the first layer's norm
+        (which takes a residual) then sums the shares, so no all-reduce runs here."""
+        if self.tp.size > 1 and input_ids.numel() == 1:
+            pushed = self.tp.push_embedding(input_ids, self.weight, self.vocab_start)
+            if pushed is not None:
+                return pushed
+        return self(input_ids), None
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return nn.functional.embedding(input_ids, self.weight)

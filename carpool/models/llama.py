@@ -110,8 +110,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
+        hidden, residual = self.embed_tokens.forward_with_residual(input_ids)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, batch)
         hidden, _ = self.norm(hidden, residual)

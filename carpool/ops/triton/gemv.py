@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
+from carpool.ops.triton.all_reduce_norm import push_pairs
 from carpool.ops.triton.utils import pdl_wait_then_release
 
 
@@ -77,21 +78,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
     else:
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
     if PUSH:
-        # This program's two outputs (16-bit each) and the call's epoch in one 8-byte word, written to
-        # slot [half][RANK][program] of every rank (ops/triton/all_reduce_norm.py: push exchange).
+        # This program's two outputs are pair [program] of the row (ops/triton/all_reduce_norm.py:
+        # push exchange).
         bits = out.to(out_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         pair = tl.sum(tl.where(tl.arange(0, BLOCK_N) == 0, bits, bits << 16), axis=0)
-        epoch = tl.load(epoch_ptr) + 1
-        word = (epoch.to(tl.int64) << 32) | (pair.to(tl.int64) & 0xFFFFFFFF)
-        slot = ((epoch & 1) * WORLD + RANK) * slot_stride + tl.program_id(0)
-        for p in tl.static_range(WORLD):
-            peer = tl.load(slot_ptrs + p).to(tl.pointer_type(tl.int64))
-            # One aligned 8-byte store: posted (an atomic here held each program until the peer
-            # answered: H200 run 44, 1.3% slower at batch 1 than no push at all). Like NCCL's LL
-            # protocol this relies on an aligned 8-byte write arriving whole; the PTX model promises
-            # that only for .relaxed/.volatile stores, which tl.store does not emit (such a store
-            # through inline asm was not tried).
-            tl.store(peer + slot, word)
+        push_pairs(pair, tl.program_id(0), None, slot_ptrs, epoch_ptr, slot_stride, RANK, WORLD)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
