@@ -67,11 +67,19 @@ class TPGroup:
         return custom.push.embedding(token_id, weight, vocab_start)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranks' x side by side along the last dim. One gather into one tensor (the ranks' x one
+        after the other along dim 0): a list of outputs costs NCCL a copy out per rank, and then the cat;
+        with one row (a batch-1 step's logits) the gathered tensor already is the result, no copy follows."""
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=-1)
+        x = x.contiguous()
+        gathered = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        gather = getattr(torch.distributed, "all_gather_single", None)  # (its newer name)
+        (gather or torch.distributed.all_gather_into_tensor)(gathered, x)
+        stacked = gathered.view(self.size, *x.shape)
+        if x.dim() == 1 or x.shape[:-1].numel() == 1:
+            return stacked.view(*x.shape[:-1], self.size * x.shape[-1])
+        return stacked.movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
 
 
 SINGLE = TPGroup()
