@@ -111,6 +111,15 @@ def _agreed_stages(stages: list[tuple[str, Callable[[], str | None]]], cpu_group
     return True
 
 
+def _epochs_agree(epoch: torch.Tensor, cpu_group: Any) -> str:
+    """'' when every rank's push epoch is the same (they advance together, one per received push)."""
+    value = torch.tensor([int(epoch.item())], dtype=torch.long)
+    low, high = value.clone(), value.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=cpu_group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=cpu_group)
+    return "" if low.item() == high.item() else f"push epochs differ across ranks ({low.item()}..{high.item()})"
+
+
 def _captured(device: torch.device, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
     """fn() captured in a new CUDA graph (on a side stream, as capture requires); the graph, not yet
     replayed, and fn's outputs, which each replay refills."""
@@ -282,10 +291,12 @@ class CustomAllReduce:
     def create(cls, device: torch.device, dtype: torch.dtype, rank: int, local_rank: int, world_size: int,
                local_world_size: int, cpu_group: Any, device_group: Any = None,
                max_bytes: int = DEFAULT_MAX_BYTES,
-               model_shape: tuple[int, int] | None = None) -> "CustomAllReduce | None":
+               model_shape: tuple[int, int] | None = None, push: bool = True) -> "CustomAllReduce | None":
         """Collective over every rank of `device_group` (default: the world group). `cpu_group` is a
         gloo group of the same ranks, used to agree on the outcome. model_shape: (hidden size,
         intermediate size), so that the push exchange's self-test runs the model's own GEMV shapes.
+        push: whether to establish the batch-1 push exchange (its producers are Triton kernels: the
+        model must run the Triton backend).
         Call after the process's PDL choice (ops/triton/utils.set_pdl): the self-tests launch as the
         model will."""
         reasons = _local_reasons(device, dtype, local_rank, local_world_size, world_size)
@@ -307,7 +318,7 @@ class CustomAllReduce:
             return None
         logger.info("custom all-reduce on: one-shot over symmetric memory up to %d bytes", max_bytes)
         assert ar is not None
-        push_wanted = os.environ.get(PUSH_ENV, "1") != "0"
+        push_wanted = push and os.environ.get(PUSH_ENV, "1") != "0"
         if ar.exchange is not None and dtype in (torch.bfloat16, torch.float16) and push_wanted:
             ar._establish_push(rank, world_size, cpu_group, group, model_shape)
         return ar
@@ -329,9 +340,11 @@ class CustomAllReduce:
         assert push is not None
         push.zeros = torch.zeros(1, max(width, 512), dtype=self.dtype, device=self.buffer.device)
         stages = [("eager self-test", lambda: self._embedding_push_test(rank, world_size, device_group, width, False)),
-                  ("graph self-test", lambda: self._embedding_push_test(rank, world_size, device_group, width, True))]
-        if not _agreed_stages(stages, cpu_group, rank, "embedding push", "the embedding all-reduces"):
-            push.zeros = None
+                  ("graph self-test", lambda: self._embedding_push_test(rank, world_size, device_group, width, True)),
+                  ("epoch check", lambda: _epochs_agree(push.epoch, cpu_group))]
+        # A failure may leave the ranks' epochs or slots out of step: then no push at all.
+        if not _agreed_stages(stages, cpu_group, rank, "embedding push", "batch-1 steps keep the fused exchange"):
+            self.push = None
 
     def _embedding_push_test(self, rank: int, world_size: int, device_group: Any, width: int, graph: bool) -> str:
         """embedding_push then pushed_add_rms_norm (zero residual) for tokens in the first and the last

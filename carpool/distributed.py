@@ -73,8 +73,12 @@ class TPGroup:
         if self.size == 1:
             return x
         x = x.contiguous()
-        gathered = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         gather = getattr(torch.distributed, "all_gather_single", None)  # (its newer name)
+        if gather is None and x.device.type == "cpu":  # an older gloo gathers into lists only
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            torch.distributed.all_gather(parts, x)
+            return torch.cat(parts, dim=-1)
+        gathered = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         (gather or torch.distributed.all_gather_into_tensor)(gathered, x)
         stacked = gathered.view(self.size, *x.shape)
         if x.dim() == 1 or x.shape[:-1].numel() == 1:

@@ -102,3 +102,20 @@ def test_embedding_push_self_test_passes_on_agreement_and_names_a_mismatch(monke
     ar.push.zeros = None
     with pytest.raises(RuntimeError, match="refused"):
         ar._embedding_push_test(0, 1, None, 96, graph=False)
+
+
+def test_push_epochs_must_agree_across_ranks_after_the_self_tests(monkeypatch):
+    """The embedding push's last start-up stage: the ranks' epochs (one per received push) must be equal,
+    else a rank would wait for words its peer already sent; simulated with MIN/MAX over given values."""
+    import carpool.custom_all_reduce as car
+
+    def reduce_over(values):
+        def all_reduce(t, op, group):
+            t.fill_(min(values) if op == car.dist.ReduceOp.MIN else max(values))
+        return all_reduce
+
+    epoch = torch.tensor([12], dtype=torch.int32)
+    monkeypatch.setattr(car.dist, "all_reduce", reduce_over([12, 12]))
+    assert car._epochs_agree(epoch, None) == ""
+    monkeypatch.setattr(car.dist, "all_reduce", reduce_over([12, 11]))
+    assert "differ across ranks (11..12)" in car._epochs_agree(epoch, None)

@@ -536,7 +536,7 @@ def test_embedding_push_then_gemv_push_over_simulated_ranks(world: int) -> None:
     from carpool.ops.triton.gemv import gemv, gemv_push
 
     dt = torch.float16 if INTERPRET else torch.bfloat16
-    stride, rows, d = 32, 5, 48
+    stride, rows, d = 1024, 5, 1100  # 550 pairs: two programs, the second one partly masked
     gen = torch.Generator().manual_seed(20 + world)
     slots = [shared(torch.zeros(2 * world * stride, dtype=torch.int64, device=DEVICE)) for _ in range(world)]
     slot_ptrs = torch.tensor([t.data_ptr() for t in slots], dtype=torch.int64, device=DEVICE)
@@ -554,7 +554,7 @@ def test_embedding_push_then_gemv_push_over_simulated_ranks(world: int) -> None:
             gemv_push(zeros, w, ready_ptrs, torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, r, world)
         pushed_add_rms_norm(zeros, norm_w, 1e-6, ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, world)
         torch.cuda.synchronize()
-    for token in (1, rows * world - 1, rows * world + 3):
+    for token in (1, rows + 2, rows * world - 1, rows * world + 3):  # ranks 0, 1, the last, none
         ids = torch.tensor([token], device=DEVICE)
 
         def call(r: int) -> tuple[torch.Tensor, ...]:
@@ -576,7 +576,7 @@ def test_embedding_push_then_gemv_push_over_simulated_ranks(world: int) -> None:
         ref_out2, ref_res2 = torch_ref.fused_add_rms_norm(total, outs[0][2], norm_w, 1e-6)
         assert torch.equal(outs[0][4].cpu(), ref_res2.cpu())
         torch.testing.assert_close(outs[0][3].float().cpu(), ref_out2.float().cpu(), atol=2e-2, rtol=2e-2)
-    assert [e.item() for e in epochs] == [6] * world  # two pushes per token
+    assert [e.item() for e in epochs] == [8] * world  # two pushes per token
 
 
 def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() -> None:
@@ -700,12 +700,12 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     monkeypatch.setattr(ModelRunner, "__init__", lambda self, config, *a, **k: real_init(self, config, tp))
     llm = LLM(checkpoint_factory(arch, **overrides), device=DEVICE, kernel_backend="triton", dtype="float16",
               enforce_eager=True)
-    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+    out = llm.generate([{"prompt_token_ids": [5]}], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                        use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4 and push.pending is None
     layers = llm.engine.config.model.num_hidden_layers
-    # three batch-1 decode steps (the prefill has 3 rows), each pushing its embedding and every layer's
-    assert push.epoch.item() == 3 * (pushes_per_layer * layers + 1)
+    # a one-token prefill and three decode steps, each pushing its embedding and every layer's outputs
+    assert push.epoch.item() == 4 * (pushes_per_layer * layers + 1)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])

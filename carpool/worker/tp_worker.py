@@ -195,7 +195,8 @@ class TPWorker:
                 triton_utils.choose_pdl(self.device, config.disable_pdl)
             custom = CustomAllReduce.create(self.device, config.model.dtype, info.rank, info.local_rank,
                                             info.world_size, info.local_world_size, self.cpu_group,
-                                            model_shape=(config.model.hidden_size, config.model.intermediate_size))
+                                            model_shape=(config.model.hidden_size, config.model.intermediate_size),
+                                            push=config.kernel_backend == "triton")
         torch.manual_seed(config.seed)  # rank 0's unseeded sampling draws the same stream as TP=1
         self.runner = TPModelRunner(config, TPGroup(info.rank, info.world_size, custom), self.device)
         self.stats = WorkerStats()

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
-from carpool.ops.triton.utils import pdl_enter
+from carpool.ops.triton.utils import pdl_enter, pdl_wait_then_release
 
 MAX_PROGRAMS = 128
 
@@ -170,7 +170,9 @@ def push_pairs(pairs, index, mask, slot_ptrs, epoch_ptr, slot_stride, RANK: tl.c
 def _embedding_push_kernel(ids_ptr, w_ptr, out_ptr, vocab_start, shard_size, stride_w, slot_ptrs, epoch_ptr,
                            slot_stride, HALF_D: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
                            WORLD: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    # Wait, then release (as the GEMV does): the pushed norm after any push producer reads the epoch
+    # before its own wait, which is safe only if the norm before it has finished (see that kernel).
+    pdl_wait_then_release(USE_PDL)
     pairs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pmask = pairs < HALF_D
     local = tl.zeros([BLOCK], dtype=tl.int64) + (tl.load(ids_ptr).to(tl.int64) - vocab_start)
@@ -208,18 +210,19 @@ def embedding_push(token_id: torch.Tensor, weight: torch.Tensor, vocab_start: in
 @triton.jit
 def _pushed_add_rms_norm_kernel(slots_ptr, epoch_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, slot_stride, eps,
                                 WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
-    # Under PDL this kernel starts while the GEMV before it runs, and polls at once: its slots and the
-    # epoch are written by no kernel it could overtake (the epoch only by the previous norm, finished
-    # before that GEMV's programs passed their wait). It waits for the GEMV grid only before its first
-    # write, so the polling overlaps the GEMV's last programs (H200 run 49: TP=2 batch-1 decode 2.544
-    # -> 2.526 ms/token; not waiting at all gave 2.523).
+    # Under PDL this kernel starts while the push producer before it (GEMV or embedding) runs, and polls
+    # at once: its slots and the epoch are written by no kernel it could overtake. The epoch is written
+    # only by the previous norm, which has finished: a producer lets this kernel launch only after its
+    # own wait (pdl_wait_then_release), which follows that norm. It waits for the producer's grid only
+    # before its first write, so the polling overlaps the producer's last programs (H200 run 49: TP=2
+    # batch-1 decode 2.544 -> 2.526 ms/token; not waiting at all gave 2.523).
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     dtype = res_ptr.dtype.element_ty
     half_d: tl.constexpr = BLOCK_D // 2
     pairs = tl.arange(0, half_d)
     pmask = pairs < D // 2
-    epoch = tl.load(epoch_ptr) + 1
+    epoch = tl.load(epoch_ptr, volatile=True) + 1  # (before the wait: never a cached value)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for p in tl.static_range(WORLD):  # rank order: every rank sums the same bits the same way
         base = slots_ptr + ((epoch & 1) * WORLD + p) * slot_stride
