@@ -91,17 +91,19 @@ def test_embedding_push_self_test_passes_on_agreement_and_names_a_mismatch(monke
 
     monkeypatch.setattr(car, "_nccl", lambda x, group: x.clone())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    slots = torch.zeros(2 * 512, dtype=torch.int64)
+    slots = torch.zeros(2 * 1024, dtype=torch.int64)
     ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
-    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 512,
-                               rank=0, world_size=1, zeros=torch.zeros(1, 512, dtype=torch.float16))
-    assert ar._embedding_push_test(0, 1, None, 96, graph=False) == ""
-    assert ar.push.epoch.item() == 6 and ar.push.pending is None  # 3 tokens x 2 widths (96 and 512)
+    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
+                               rank=0, world_size=1)
+    # 512 and a model width of 1100 (550 pairs: two programs of the embedding kernel, one partly masked)
+    ar.push.zeros = torch.zeros(1, 1100, dtype=torch.float16)
+    assert ar._embedding_push_test(0, 1, None, 1100, graph=False) == ""
+    assert ar.push.epoch.item() == 6 and ar.push.pending is None  # 3 tokens x 2 widths
     monkeypatch.setattr(car, "_nccl", lambda x, group: 2 * x)
-    assert "disagrees with NCCL" in ar._embedding_push_test(0, 1, None, 96, graph=False)
+    assert "disagrees with NCCL" in ar._embedding_push_test(0, 1, None, 1100, graph=False)
     ar.push.zeros = None
     with pytest.raises(RuntimeError, match="refused"):
-        ar._embedding_push_test(0, 1, None, 96, graph=False)
+        ar._embedding_push_test(0, 1, None, 1100, graph=False)
 
 
 def test_push_epochs_must_agree_across_ranks_after_the_self_tests(monkeypatch):
