@@ -80,9 +80,8 @@ class TPGroup:
             return torch.cat(parts, dim=-1)
         gathered = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         (gather or torch.distributed.all_gather_into_tensor)(gathered, x)
+        # (a view when x has one row: the reshape copies only when rows interleave)
         stacked = gathered.view(self.size, *x.shape)
-        if x.dim() == 1 or x.shape[:-1].numel() == 1:
-            return stacked.view(*x.shape[:-1], self.size * x.shape[-1])
         return stacked.movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
 
 
