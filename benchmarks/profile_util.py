@@ -58,7 +58,7 @@ def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) 
             torch.cuda.synchronize()
         summary = summarize_kernels(device_kernel_times(prof), steps, top)
         by_name = device_activity(prof, lambda name: name)
-        timeline = device_timeline(prof, 800)
+        timeline = device_timeline(prof)
     # idle time between kernel names, grouped by category (and the largest by name, below)
     raw = by_name.idle_by_transition
     idle: dict[str, float] = {}

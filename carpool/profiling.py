@@ -37,10 +37,15 @@ class DeviceActivity:
     idle_by_transition: dict[str, float]
 
 
+def _device_events(prof: Any) -> list[tuple[float, float, str]]:
+    """(start, end, name) of every device event (kernel, copy) in `prof`, in start order."""
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if str(getattr(e, "device_type", "")).endswith("CUDA"))
+
+
 def device_activity(prof: Any, label: Callable[[str], str]) -> DeviceActivity:
     """DeviceActivity of the device events in `prof` (one pass over them, in start order)."""
-    events = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                    if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    events = _device_events(prof)
     idle: dict[str, float] = {}
     if not events:
         return DeviceActivity(0.0, 0.0, idle)
@@ -58,11 +63,14 @@ def device_activity(prof: Any, label: Callable[[str], str]) -> DeviceActivity:
     return DeviceActivity(float(run_end - events[0][0]), float(busy), idle)
 
 
-def device_timeline(prof: Any, last: int) -> list[list[Any]]:
+# Device events a profile's timeline keeps: more than two batch-1 decode steps of an 8B model.
+TIMELINE_EVENTS = 800
+
+
+def device_timeline(prof: Any, last: int = TIMELINE_EVENTS) -> list[list[Any]]:
     """The last `last` device events of `prof` in start order, as [name, start, end] with times in
     microseconds from the first of them: enough to read one step's critical path kernel by kernel."""
-    events = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                    if str(getattr(e, "device_type", "")).endswith("CUDA"))[-last:]
+    events = _device_events(prof)[-last:]
     if not events:
         return []
     t0 = events[0][0]

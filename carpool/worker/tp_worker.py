@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 # Followers wait in the control broadcast for as long as the engine sits idle, so that group's timeout
 # must outlast any idle period; a dead rank 0 still ends the wait at once (gloo sees the socket close).
 CONTROL_TIMEOUT = timedelta(days=365)
-TIMELINE_EVENTS = 800  # device events a profile returns in order (two decode steps and more at batch 1)
 
 
 @dataclass(frozen=True)
@@ -246,7 +245,7 @@ class TPWorker:
         idle = sorted(activity.idle_by_transition.items(), key=lambda kv: -kv[1])[:200]
         return {"kernels": [list(k) for k in device_kernel_times(prof)[:80]], "span_us": activity.span,
                 "busy_us": activity.busy, "idle_by_transition_us": dict(idle),
-                "timeline": device_timeline(prof, TIMELINE_EVENTS)}
+                "timeline": device_timeline(prof)}
 
     def _reply(self, payload: dict[str, Any]) -> None:
         if self.info.rank == 0:
