@@ -132,6 +132,26 @@ def _captured(device: torch.device, fn: Callable[[], Any]) -> tuple[torch.cuda.C
     return graph, outputs
 
 
+def _eager_or_replayed(device: torch.device, calls: Callable[[], Any], graph: bool,
+                       change_inputs: Callable[[], None]) -> Any:
+    """A push self-test's calls() run eagerly, or captured in a CUDA graph that is replayed after
+    change_inputs() (so the replay is not the capture's warm result); their outputs, synchronized."""
+    if graph:
+        g, outs = _captured(device, calls)
+        change_inputs()
+        g.replay()
+    else:
+        outs = calls()
+    torch.cuda.synchronize(device)
+    return outs
+
+
+def _norm_agrees(out: torch.Tensor, res_out: torch.Tensor, ref_out: torch.Tensor, ref_res: torch.Tensor,
+                 world_size: int) -> bool:
+    """A pushed norm's results against the reference: the residual stream as _same, the norm to 2e-2."""
+    return _same(res_out, ref_res, world_size) and torch.allclose(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
+
+
 def _peer_addresses(t: torch.Tensor, group_name: str, world: int) -> tuple[torch.Tensor, int]:
     """Every rank's address of its copy of the symmetric tensor t (int64 [world], on t's device), and
     this rank's index in the group; collective over the group."""
@@ -233,11 +253,16 @@ class PushExchange:
         ptrs, rank = _peer_addresses(slots, group_name, world)
         return cls(slots, ptrs, torch.zeros(1, dtype=torch.int32, device=device), stride, rank, world)
 
+    def _fits(self, width: int, weight: torch.Tensor) -> bool:
+        """A 16-bit weight, contiguous in its last dim, whose output rows of `width` fit the slots as
+        pairs (equal on every rank)."""
+        return (weight.dtype in (torch.bfloat16, torch.float16) and width % 2 == 0 and width // 2 <= self.slot_stride
+                and weight.stride(-1) == 1)
+
     def eligible(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """One row of a 16-bit model whose output fits the slots (equal on every rank)."""
+        """One row of a 16-bit model whose output fits the slots."""
         return (self.pending is None and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
-                and weight.dtype in (torch.bfloat16, torch.float16) and weight.shape[0] % 2 == 0
-                and weight.shape[0] // 2 <= self.slot_stride and weight.stride(-1) == 1)
+                and self._fits(weight.shape[0], weight))
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         from carpool.ops.triton.gemv import gemv_push
@@ -253,9 +278,8 @@ class PushExchange:
         eligible, and then the embedding all-reduces as usual."""
         zeros = self.zeros
         if not (zeros is not None and self.pending is None and token_id.numel() == 1
-                and weight.dtype == zeros.dtype and weight.dtype in (torch.bfloat16, torch.float16)
-                and weight.shape[1] % 2 == 0 and weight.shape[1] <= min(zeros.shape[1], 2 * self.slot_stride)
-                and weight.stride(-1) == 1):
+                and weight.dtype == zeros.dtype and weight.shape[1] <= zeros.shape[1]
+                and self._fits(weight.shape[1], weight)):
             return None
         from carpool.ops.triton.all_reduce_norm import embedding_push
 
@@ -325,25 +349,26 @@ class CustomAllReduce:
 
     def _establish_push(self, rank: int, world_size: int, cpu_group: Any, device_group: Any,
                         model_shape: tuple[int, int] | None) -> None:
-        """The push exchange, agreed like the rest; if any stage fails on any rank, batch-1 steps keep
-        the fused exchange."""
-        stages = [("allocation", lambda: setattr(self, "push", PushExchange.create(
-                      self.buffer.device, self.group_name, world_size))),
-                  ("eager self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, False)),
-                  ("graph self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, True))]
-        if not _agreed_stages(stages, cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
-            self.push = None
-            return
-        logger.info("push exchange on for batch-1 steps")
+        """The push exchange (GEMV outputs and one-token embeddings), agreed like the rest; if any stage
+        fails on any rank (which may leave the ranks' epochs or slots out of step), no push at all:
+        batch-1 steps keep the fused exchange."""
         width = model_shape[0] if model_shape is not None else 512
-        push = self.push
-        assert push is not None
-        push.zeros = torch.zeros(1, max(width, 512), dtype=self.dtype, device=self.buffer.device)
-        stages = [("eager self-test", lambda: self._embedding_push_test(rank, world_size, device_group, width, False)),
-                  ("graph self-test", lambda: self._embedding_push_test(rank, world_size, device_group, width, True)),
-                  ("epoch check", lambda: _epochs_agree(push.epoch, cpu_group))]
-        # A failure may leave the ranks' epochs or slots out of step: then no push at all.
-        if not _agreed_stages(stages, cpu_group, rank, "embedding push", "batch-1 steps keep the fused exchange"):
+
+        def allocate() -> None:
+            push = PushExchange.create(self.buffer.device, self.group_name, world_size)
+            push.zeros = torch.zeros(1, max(width, 512), dtype=self.dtype, device=self.buffer.device)
+            self.push = push
+        stages = [("allocation", allocate),
+                  ("eager self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, False)),
+                  ("graph self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, True)),
+                  ("embedding eager self-test",
+                   lambda: self._embedding_push_test(rank, world_size, device_group, width, False)),
+                  ("embedding graph self-test",
+                   lambda: self._embedding_push_test(rank, world_size, device_group, width, True)),
+                  ("epoch check", lambda: _epochs_agree(self.push.epoch, cpu_group))]  # type: ignore[union-attr]
+        if _agreed_stages(stages, cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
+            logger.info("push exchange on for batch-1 steps")
+        else:
             self.push = None
 
     def _embedding_push_test(self, rank: int, world_size: int, device_group: Any, width: int, graph: bool) -> str:
@@ -372,20 +397,15 @@ class CustomAllReduce:
                     raise RuntimeError(f"embedding push refused a {w.shape[1]}-wide row")
                 outs.append((pushed[0], *push.add_rms_norm(pushed[0], pushed[1], norm_w, 1e-6)))
             return outs
-        if graph:
-            g, outs = _captured(dev, calls)
+        def other_tokens() -> None:  # in the same slices (the last still beyond all)
             for token, _, _ in cases:
-                token.sub_(2)  # other tokens, in the same slices (the last still beyond all)
-            g.replay()
-        else:
-            outs = calls()
-        torch.cuda.synchronize(dev)
+                token.sub_(2)
+        outs = _eager_or_replayed(dev, calls, graph, other_tokens)
         for (y, out, res_out), (token, w, norm_w) in zip(outs, cases):
             local = int(token.item()) - rank * rows
             expected = w[local:local + 1] if 0 <= local < rows else torch.zeros_like(y)
             ref_out, ref_res = fused_add_rms_norm(_nccl(expected, device_group), torch.zeros_like(y), norm_w, 1e-6)
-            if not (torch.equal(y, expected) and _same(res_out, ref_res, world_size)
-                    and torch.allclose(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)):
+            if not (torch.equal(y, expected) and _norm_agrees(out, res_out, ref_out, ref_res, world_size)):
                 return f"embedding push disagrees with NCCL ({'graph' if graph else 'eager'}, {y.shape[1]} wide)"
         return ""
 
@@ -417,18 +437,13 @@ class CustomAllReduce:
                 y = push.gemv(x, w)
                 outs.append((y, *push.add_rms_norm(y, res, nw, 1e-6)))
             return outs
-        if graph:
-            g, outs = _captured(dev, calls)
+        def other_inputs() -> None:
             for x in xs:
                 x.mul_(2)
-            g.replay()
-        else:
-            outs = calls()
-        torch.cuda.synchronize(dev)
+        outs = _eager_or_replayed(dev, calls, graph, other_inputs)
         for (y, out, res_out), res, nw in zip(outs, residuals, norm_ws):
             ref_out, ref_res = fused_add_rms_norm(_nccl(y, device_group), res, nw, 1e-6)
-            if not (_same(res_out, ref_res, world_size)
-                    and torch.allclose(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)):
+            if not _norm_agrees(out, res_out, ref_out, ref_res, world_size):
                 return f"push exchange disagrees with NCCL ({'graph' if graph else 'eager'}, {y.shape[1]} wide)"
         return ""
 
