@@ -4,7 +4,13 @@ on the Llama-3-8B shapes, whole and split for TP=2, as a fraction of measured co
 Each case is timed inside a CUDA graph that cycles through enough weight copies (>= 512 MiB) that no call
 finds its matrix in L2, as a decode step would not. Prints one JSON object.
 
-    python benchmarks/bench_gemv.py [--out FILE] [--quick]
+    python benchmarks/bench_gemv.py [--out FILE] [--quick] [--push]
+
+--push: the TP=2 row-parallel shapes (o/2, down/2) as the batch-1 push exchange runs them
+(ops/triton/gemv.py gemv_push, under PDL like the engine): plain, pushing into two slot rows on this
+GPU, and (with a second GPU) pushing one of them into the peer's memory over NVLink; each with the
+engine's config and a few others. Separates the cost of pushing, and of pushing across NVLink, from the
+GEMV's own.
 """
 
 from __future__ import annotations
@@ -21,19 +27,71 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import num_sets, progress, time_in_graph  # noqa: E402
 from common import emit, measure_copy_bandwidth  # noqa: E402
 
-from carpool.ops.triton.gemv import GemvConfig, default_gemv_config, gemv  # noqa: E402
+from carpool.ops.triton import utils as triton_utils  # noqa: E402
+from carpool.ops.triton.gemv import GemvConfig, default_gemv_config, gemv, gemv_push  # noqa: E402
 
 # (name, N, K): Llama-3-8B projections, then their TP=2 halves (column-parallel halve N, row-parallel K)
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("qkv/2", 3072, 4096), ("o/2", 4096, 2048), ("gate_up/2", 14336, 4096), ("down/2", 4096, 7168)]
 
 
+PUSH_SHAPES = [("o", 4096, 4096), ("down", 4096, 14336), ("o/2", 4096, 2048), ("down/2", 4096, 7168)]
+PUSH_SWEEP = ((2, 1024, 4, 3), (2, 1024, 8, 3), (2, 2048, 4, 3), (2, 2048, 8, 3), (2, 512, 4, 4))
+
+
+def push_cases(bandwidth: float) -> list[dict]:
+    """Per shape and config: µs per call plain, pushing locally, pushing to the peer GPU."""
+    triton_utils.choose_pdl(torch.device("cuda"), disabled=False)
+    peer = torch.cuda.device_count() > 1 and torch.cuda.can_device_access_peer(0, 1)
+    stride = 4096  # slots per rank and half (N/2 = 2048 used)
+    local = torch.zeros(2 * 2 * stride, dtype=torch.int64, device="cuda")
+    local_ptrs = torch.tensor([local.data_ptr(), local.data_ptr()], dtype=torch.int64, device="cuda")
+    remote_ptrs = None
+    if peer:
+        remote = torch.zeros(2 * 2 * stride, dtype=torch.int64, device="cuda:1")
+        torch.zeros(1, device="cuda:1").copy_(torch.zeros(1, device="cuda:0"))  # (enables peer access both
+        torch.zeros(1, device="cuda:0").copy_(torch.zeros(1, device="cuda:1"))  # ways, as torch copies do)
+        remote_ptrs = torch.tensor([local.data_ptr(), remote.data_ptr()], dtype=torch.int64, device="cuda")
+    epoch = torch.zeros(1, dtype=torch.int32, device="cuda")
+    rows = []
+    for name, n, k in PUSH_SHAPES:
+        nbytes = n * k * 2 + k * 2 + n * 2
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5 for _ in range(num_sets(nbytes))]
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        configs = [default_gemv_config(k)] + [GemvConfig(*c) for c in PUSH_SWEEP]
+        for cfg in configs:
+            row = {"case": name, "n": n, "k": k, "block_k": cfg.block_k, "num_warps": cfg.num_warps,
+                   "num_stages": cfg.num_stages, "engine_config": cfg == configs[0]}
+            modes = [("plain", lambda w, cfg=cfg: gemv(x, w, config=cfg)),
+                     ("push_local", lambda w, cfg=cfg: gemv_push(x, w, local_ptrs, epoch, stride, 0, 2, cfg))]
+            if remote_ptrs is not None:
+                modes.append(("push_peer", lambda w, cfg=cfg: gemv_push(x, w, remote_ptrs, epoch, stride, 0, 2, cfg)))
+            for mode, call in modes:
+                sec = time_in_graph([(lambda w=w, call=call: call(w)) for w in ws])
+                row[f"{mode}_us"] = round(sec * 1e6, 2)
+                row[f"{mode}_ratio"] = round(nbytes / sec / bandwidth, 3)
+            progress(row)
+            rows.append(row)
+        if remote_ptrs is not None:  # the words arrived: the peer's slot row holds this call's epoch
+            torch.cuda.synchronize()
+            # (epoch 0 + 1 = 1: half 1, rank 0 -> slot row 2)
+            assert int(remote[2 * stride].item()) >> 32 == 1, "no pushed word reached the peer"
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="the engine's config for each shape only")
+    ap.add_argument("--push", action="store_true", help="the row-parallel shapes plain and pushing (see above)")
     args = ap.parse_args()
     bandwidth = measure_copy_bandwidth()
+    if args.push:
+        emit({"benchmark": "gemv/batch1-push", "device": torch.cuda.get_device_name(), "pdl": triton_utils.pdl(),
+              "copy_gb_per_s": round(bandwidth / 1e9, 1), "cases": push_cases(bandwidth)}, args.out)
+        return
     sweep = [
         GemvConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
         for bn, bk, w, st in ((4, 1024, 4, 3), (2, 1024, 4, 3), (8, 512, 4, 3), (4, 512, 4, 4), (8, 1024, 8, 3),

@@ -548,9 +548,9 @@ def test_embedding_push_then_gemv_push_over_simulated_ranks(world: int) -> None:
     if not INTERPRET:  # compile and load each kernel alone first (see the test above)
         ready = torch.full((2 * world * stride,), 1 << 32, dtype=torch.int64, device=DEVICE)
         ready_ptrs = torch.tensor([ready.data_ptr()] * world, device=DEVICE)
-        for r in range(world):
-            embedding_push(torch.zeros(1, dtype=torch.long, device=DEVICE), table[:rows], 0, ready_ptrs,
-                           torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, r, world)
+        for r in range(world):  # (each rank's own vocab_start: 0 and multiples of 16 compile apart)
+            embedding_push(torch.zeros(1, dtype=torch.long, device=DEVICE), table[r * rows:(r + 1) * rows], r * rows,
+                           ready_ptrs, torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, r, world)
             gemv_push(zeros, w, ready_ptrs, torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, r, world)
         pushed_add_rms_norm(zeros, norm_w, 1e-6, ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, world)
         torch.cuda.synchronize()
