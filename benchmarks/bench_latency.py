@@ -142,7 +142,6 @@ def main() -> None:
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
                               "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
                               "gemv_overrides": args.gemv_override,
-                              "l2_warmup": os.environ.get("CARPOOL_L2_WARMUP", ""),
                               "copy_bandwidth_bytes_per_s": bandwidth}
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
                                     args.breakdown or args.tensor_parallel_size > 1)

@@ -96,10 +96,6 @@ def call_every_op(dtype: torch.dtype) -> None:
         for n, k in ((3 * hidden, hidden), (hidden, 4 * hidden)):  # batch-1 projections, short and long rows
             tri.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
         tri.gemv_silu_and_mul(torch.zeros(1, hidden, dtype=dtype), torch.zeros(2 * 3 * hidden, hidden, dtype=dtype))
-        from carpool.ops.triton.gemv import L2Warmup  # a GEMV that warms L2 before its wait (inline PTX)
-        w = torch.zeros(hidden, hidden, dtype=dtype)
-        w.l2_warmup = L2Warmup((w.view(-1).view(torch.uint8)[4096:], w.view(-1).view(torch.uint8)[:1024]), 264)
-        tri.gemv(torch.zeros(1, hidden, dtype=dtype), w)
     tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
     from carpool.ops.triton.all_reduce_norm import MAX_PROGRAMS, all_reduce_add_rms_norm
 

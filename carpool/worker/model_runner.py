@@ -28,7 +28,6 @@ from carpool.models.loader import load_model
 from carpool.ops import get_kernel_ops
 from carpool.platform import to_device
 from carpool.sampling_params import SamplingParams
-from carpool.worker import l2_warmup
 from carpool.worker.cuda_graph import CUDAGraphRunner
 from carpool.worker.input_batch import InputBatch, StepInputs
 from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block, cpu_num_blocks, gpu_num_blocks
@@ -70,10 +69,6 @@ class ModelRunner:
                     module.gemv = self.ops.gemv
                 if isinstance(module, MergedColumnParallelLinear) and fused_act:
                     module.gemv_silu_and_mul = self.ops.gemv_silu_and_mul
-            warmed = l2_warmup.configure(self.model, self.device)
-            if warmed:
-                logger.info("L2 warm-up on %d batch-1 projections (%s)", warmed,
-                            os.environ.get(l2_warmup.L2_WARMUP_ENV))
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from carpool.ops.triton import utils
 from carpool.ops.triton.all_reduce_norm import push_pairs
-from carpool.ops.triton.utils import l2_prefetch_share, pdl_wait_then_release
+from carpool.ops.triton.utils import pdl_wait_then_release
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ def default_gemv_config(k: int) -> GemvConfig:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slot_ptrs, epoch_ptr, slot_stride,
-                 warm_a_ptr, warm_a_bytes, warm_a_chunk, warm_b_ptr, warm_b_bytes, warm_b_chunk,
-                 WARM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr,
                  PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, USE_PDL: tl.constexpr):
     if SILU_PAIR:  # program p reads rows p (gate) and p + pair_offset (up); BLOCK_N == 2
         rows = tl.program_id(0) + tl.arange(0, BLOCK_N) * pair_offset
@@ -55,9 +54,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
     # under PDL it streams while that kernel still runs.
     cols = tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-    if WARM:  # (L2Warmup) bytes later programs or the next projection read, into L2 while this one waits
-        l2_prefetch_share(warm_a_ptr, warm_a_bytes, warm_a_chunk)
-        l2_prefetch_share(warm_b_ptr, warm_b_bytes, warm_b_chunk)
     pdl_wait_then_release(USE_PDL)
     x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
@@ -89,43 +85,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
         push_pairs(pair, tl.program_id(0), None, slot_ptrs, epoch_ptr, slot_stride, RANK, WORLD)
 
 
-@dataclass(frozen=True)
-class L2Warmup:
-    """Bytes a batch-1 GEMV warms into L2 while it waits for its input under PDL (set on a weight as
-    `weight.l2_warmup`). Why: between two projections a few small kernels run (RoPE, attention, a norm)
-    and HBM idles except for the next GEMV's first tiles, which only its resident programs load. The
-    first programs can also ask for more: the rest of their own weight, or the projection after it."""
-
-    ranges: tuple[torch.Tensor, ...]  # contiguous, 16-byte aligned, a multiple of 16 bytes; at most two
-    programs: int  # the first `programs` programs share the work
-
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.ranges) <= 2 or self.programs < 1:
-            raise ValueError(f"L2Warmup: one or two ranges and programs >= 1, got {len(self.ranges)}, "
-                             f"{self.programs}")
-        for r in self.ranges:
-            nbytes = r.numel() * r.element_size()
-            if not r.is_contiguous() or r.data_ptr() % 16 or nbytes % 16 or nbytes == 0:
-                raise ValueError(f"L2Warmup: ranges must be contiguous, 16-byte aligned and a positive multiple "
-                                 f"of 16 bytes, got {nbytes} bytes at {r.data_ptr():#x}")
-
-
-def warm_chunk(nbytes: int, programs: int) -> int:
-    """Bytes per program, a multiple of 16, so that `programs` programs cover nbytes."""
-    return max(16, -(-nbytes // (16 * programs)) * 16)
-
-
-def _warm_args(warmup: L2Warmup | None, grid: int) -> tuple | None:
-    """The kernel's warm_* arguments (an empty second range when there is one), or None."""
-    if warmup is None or utils.interpreting():  # (the interpreter has no inline PTX; it is only a hint)
-        return None
-    args: list = []
-    for r in warmup.ranges:
-        nbytes = r.numel() * r.element_size()
-        args += [r.view(-1).view(torch.uint8), nbytes, warm_chunk(nbytes, min(grid, warmup.programs))]
-    return tuple(args + args[:1] + [0, 16]) if len(warmup.ranges) == 1 else tuple(args)
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
     n, k = weight.shape
     if x.numel() != k or weight.stride(-1) != 1:
@@ -147,12 +106,10 @@ def _launch(name: str, x: torch.Tensor, weight: torch.Tensor, out_cols: int, con
     x = _check(x, weight, name)
     out = torch.empty(1, out_cols, dtype=x.dtype, device=x.device)
     slot_ptrs, epoch, slot_stride, rank, world_size = push or (out, out, 0, 0, 1)
-    grid = triton.cdiv(n, block_n)
-    warm = _warm_args(getattr(weight, "l2_warmup", None), grid)
-    _gemv_kernel[(grid,)](
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), pair_offset, slot_ptrs, epoch,
-        slot_stride, *(warm or (weight, 0, 16) * 2), WARM=warm is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=config.block_k, SILU_PAIR=silu_pair, PUSH=push is not None, RANK=rank, WORLD=world_size, num_warps=config.num_warps,
+        slot_stride, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=config.block_k, SILU_PAIR=silu_pair,
+        PUSH=push is not None, RANK=rank, WORLD=world_size, num_warps=config.num_warps,
         num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
 

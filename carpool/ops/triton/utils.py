@@ -107,18 +107,3 @@ def pdl_wait_then_release(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def l2_prefetch_share(base_ptr, nbytes, chunk):
-    """This program's share of warming bytes [0, nbytes) at base_ptr (a uint8 pointer) into L2: bytes
-    [pid * chunk, (pid + 1) * chunk), as one bulk prefetch (sm_90) issued by the program's first thread.
-    A hint: it loads nothing into registers and changes no result. base_ptr 16-byte aligned; chunk and
-    nbytes multiples of 16."""
-    start = tl.program_id(0).to(tl.int64) * chunk
-    if start < nbytes:
-        size = tl.minimum(chunk, nbytes - start).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred first; .reg .u32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
-            "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [base_ptr + start, size], dtype=tl.int32, is_pure=False, pack=1)
