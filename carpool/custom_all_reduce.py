@@ -246,6 +246,9 @@ class PushExchange:
     def create(cls, device: torch.device, group_name: str, world: int) -> "PushExchange":
         import torch.distributed._symmetric_memory as symm_mem
 
+        from carpool.ops.triton.all_reduce_norm import MAX_PUSH_WORLD
+        if world > MAX_PUSH_WORLD:
+            raise ValueError(f"a push producer addresses at most {MAX_PUSH_WORLD} ranks, not {world}")
         stride = PUSH_MAX_WIDTH // 2
         slots = symm_mem.empty(2 * world * stride, dtype=torch.int64, device=device)
         slots.zero_()

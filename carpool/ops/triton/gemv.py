@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
-from carpool.ops.triton.all_reduce_norm import push_pairs
+from carpool.ops.triton.all_reduce_norm import MAX_PUSH_WORLD, push_pairs, push_targets
 from carpool.ops.triton.utils import pdl_wait_then_release
 
 
@@ -55,6 +55,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
     cols = tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
     pdl_wait_then_release(USE_PDL)
+    if PUSH:
+        peers, epoch = push_targets(slot_ptrs, epoch_ptr, WORLD)
     x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -82,7 +84,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
         # push exchange).
         bits = out.to(out_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         pair = tl.sum(tl.where(tl.arange(0, BLOCK_N) == 0, bits, bits << 16), axis=0)
-        push_pairs(pair, tl.program_id(0), None, slot_ptrs, epoch_ptr, slot_stride, RANK, WORLD)
+        push_pairs(pair, tl.program_id(0), None, peers, epoch, slot_stride, RANK, WORLD)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
@@ -129,6 +131,8 @@ def gemv_push(x: torch.Tensor, weight: torch.Tensor, slot_ptrs: torch.Tensor, ep
     if weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype or n % 2 or n // 2 > slot_stride:
         raise ValueError(f"gemv_push: expected 16-bit x and weight with an even N <= {2 * slot_stride}, got "
                          f"{x.dtype}, {weight.dtype} {tuple(weight.shape)}")
+    if not 1 <= world_size <= MAX_PUSH_WORLD:
+        raise ValueError(f"gemv_push: world_size must be 1..{MAX_PUSH_WORLD}, got {world_size}")
     return _launch("gemv_push", x, weight, n, config, block_n=2,
                    push=(slot_ptrs, epoch, slot_stride, rank, world_size))
 
