@@ -89,8 +89,9 @@ def main() -> None:
     args = ap.parse_args()
     bandwidth = measure_copy_bandwidth()
     if args.push:
+        cases = push_cases(bandwidth)  # (turns PDL on, as the engine does)
         emit({"benchmark": "gemv/batch1-push", "device": torch.cuda.get_device_name(), "pdl": triton_utils.pdl(),
-              "copy_gb_per_s": round(bandwidth / 1e9, 1), "cases": push_cases(bandwidth)}, args.out)
+              "copy_gb_per_s": round(bandwidth / 1e9, 1), "cases": cases}, args.out)
         return
     sweep = [
         GemvConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st)

@@ -624,6 +624,26 @@ def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() ->
         norm(y, residual[:, :32])
 
 
+def test_push_producers_refuse_what_their_words_cannot_carry() -> None:
+    """The producers' checks before any launch: 16-bit outputs in pairs that fit the slots, and at most
+    MAX_PUSH_WORLD ranks (push_targets loads every rank's slot address as one vector)."""
+    from carpool.ops.triton.all_reduce_norm import MAX_PUSH_WORLD, embedding_push
+    from carpool.ops.triton.gemv import gemv_push
+
+    x, w = torch.zeros(1, 8, dtype=torch.float16), torch.zeros(6, 8, dtype=torch.float16)
+    ptrs, epoch = torch.zeros(MAX_PUSH_WORLD + 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="world_size must be 1..8"):
+        gemv_push(x, w, ptrs, epoch, 4, 0, MAX_PUSH_WORLD + 1)
+    with pytest.raises(ValueError, match="even N"):
+        gemv_push(x, w[:5], ptrs, epoch, 4, 0, 2)
+    with pytest.raises(ValueError, match="even N <= 4"):  # 3 pairs, 2 slots
+        gemv_push(x, w, ptrs, epoch, 2, 0, 2)
+    with pytest.raises(ValueError, match="world_size must be 1..8"):
+        embedding_push(torch.zeros(1, dtype=torch.long), w, 0, ptrs, epoch, 4, 0, MAX_PUSH_WORLD + 1)
+    with pytest.raises(ValueError, match="one token"):
+        embedding_push(torch.zeros(2, dtype=torch.long), w, 0, ptrs, epoch, 4, 0, 2)
+
+
 def test_vocab_parallel_embedding_pushes_one_token_to_the_first_norm() -> None:
     """The embedding's wiring (one simulated rank of two, vocab slice [8, 16)): a one-token step returns
     this rank's share in flight and a zero residual, and the first norm with that residual gives the
