@@ -139,6 +139,7 @@ def main() -> None:
                               "fused_all_reduce_norm": not args.no_fused_all_reduce_norm,
                               "fused_gemv_silu": not args.no_fused_gemv_silu,
                               "push_all_reduce": not args.no_push_all_reduce,
+                              "push_logits": not args.no_push_logits,
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
                               "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
                               "gemv_overrides": args.gemv_override,

@@ -173,6 +173,8 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
                     help="TP ablation: the all-reduce before each residual add + RMSNorm as its own kernel")
     ap.add_argument("--no-push-all-reduce", action="store_true",
                     help="TP ablation: batch-1 steps reduce through the fused exchange, not the GEMV's push")
+    ap.add_argument("--no-push-logits", action="store_true",
+                    help="TP ablation: batch-1 steps all-gather their logits over NCCL, not by the LM head's push")
     ap.add_argument("--no-fused-gemv-silu", action="store_true",
                     help="ablation: batch-1 steps run the gate/up GEMV and SiLU-and-mul as two kernels")
 
@@ -188,6 +190,10 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         from carpool.custom_all_reduce import PUSH_ENV
 
         os.environ[PUSH_ENV] = "0"
+    if args.no_push_logits:
+        from carpool.custom_all_reduce import PUSH_LOGITS_ENV
+
+        os.environ[PUSH_LOGITS_ENV] = "0"
     if args.no_fused_gemv_silu:
         from carpool.worker.model_runner import FUSED_GEMV_SILU_ENV
 

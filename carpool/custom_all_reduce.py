@@ -48,6 +48,8 @@ FUSED_NORM_ENV = "CARPOOL_FUSED_ALL_REDUCE_NORM"
 # sending its outputs to every rank; benchmarks' --no-push-all-reduce).
 PUSH_ENV = "CARPOOL_PUSH_ALL_REDUCE"
 PUSH_MAX_WIDTH = 16384  # widest row (hidden size) the push slots hold
+# Set to 0 to all-gather a batch-1 step's logits over NCCL instead of the LM head's push (--no-push-logits).
+PUSH_LOGITS_ENV = "CARPOOL_PUSH_LOGITS"
 
 # Environment that keeps NVLink multicast off in NCCL, symmetric memory and NVSHMEM. Mandatory on the
 # shared hosts: set in every worker's environment and again in os.environ before torch.distributed starts.
@@ -171,6 +173,14 @@ def _nccl(x: torch.Tensor, group: Any) -> torch.Tensor:
     return y
 
 
+def _nccl_gather(x: torch.Tensor, group: Any, world_size: int) -> torch.Tensor:
+    """The ranks' one-row x side by side, over NCCL (the reference of the pushed logits gather)."""
+    y = torch.empty(1, world_size * x.shape[-1], dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(y.view(-1), x.contiguous().view(-1), group=group)
+    torch.cuda.synchronize(x.device)
+    return y
+
+
 def _same(a: torch.Tensor, b: torch.Tensor, world_size: int) -> bool:
     # Two ranks: a + b is the same number in either order, so exact; more ranks may add in other orders.
     if world_size == 2:
@@ -241,6 +251,14 @@ class PushExchange:
     # The first norm's residual after an embedding push, [1, >= D] of the model dtype; set (turning the
     # embedding push on) once that push passed its own self-tests.
     zeros: torch.Tensor | None = None
+    # The LM head's gather (pushed_gather): its own symmetric slots and every rank's address, for rows
+    # of `logit_shard` logits (the vocab slice); set by create_logits, kept once its self-tests passed.
+    logit_slots: torch.Tensor | None = None
+    logit_ptrs: torch.Tensor | None = None
+    logit_shard: int = 0
+    # Whether the last exchange op was a norm receiving a push (so the epoch moved since the last
+    # gather, whose words would otherwise look current: pushed_gather).
+    received: bool = False
 
     @classmethod
     def create(cls, device: torch.device, group_name: str, world: int) -> "PushExchange":
@@ -255,6 +273,18 @@ class PushExchange:
         torch.cuda.synchronize(device)
         ptrs, rank = _peer_addresses(slots, group_name, world)
         return cls(slots, ptrs, torch.zeros(1, dtype=torch.int32, device=device), stride, rank, world)
+
+    def create_logits(self, group_name: str, shard: int) -> None:
+        """The LM head's slots, for one-row logits of `shard` (even) values per rank; collective."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if shard % 2:
+            raise ValueError(f"the pushed logits gather needs an even vocab slice, not {shard}")
+        slots = symm_mem.empty(2 * self.world_size * (shard // 2), dtype=torch.int64, device=self.slots.device)
+        slots.zero_()
+        torch.cuda.synchronize(slots.device)
+        self.logit_ptrs, _ = _peer_addresses(slots, group_name, self.world_size)
+        self.logit_slots, self.logit_shard = slots, shard
 
     def _fits(self, width: int, weight: torch.Tensor) -> bool:
         """A 16-bit weight, contiguous in its last dim, whose output rows of `width` fit the slots as
@@ -272,6 +302,7 @@ class PushExchange:
 
         self.pending = gemv_push(x, weight, self.slot_ptrs, self.epoch, self.slot_stride, self.rank,
                                  self.world_size)
+        self.received = False
         return self.pending
 
     def embedding(self, token_id: torch.Tensor, weight: torch.Tensor, vocab_start: int
@@ -288,7 +319,25 @@ class PushExchange:
 
         self.pending = embedding_push(token_id, weight, vocab_start, self.slot_ptrs, self.epoch, self.slot_stride,
                                       self.rank, self.world_size)
+        self.received = False
         return self.pending, zeros[:, :weight.shape[1]]
+
+    def gather_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """A one-row step's vocab-parallel LM head, pushed (gemv_push into the logit slots, then
+        ops/triton/all_reduce_norm.py pushed_gather): [1, world_size * shard], every rank's logits side by
+        side. None when not eligible (then it all-gathers as usual): the gather needs the last exchange op
+        to have been a norm receiving a push (the model's order: the final norm, then the head)."""
+        if not (self.logit_slots is not None and self.received and self.pending is None and hidden.dim() == 2
+                and hidden.shape[0] == 1 and hidden.dtype == weight.dtype and weight.shape[0] == self.logit_shard
+                and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1):
+            return None
+        from carpool.ops.triton.all_reduce_norm import pushed_gather
+        from carpool.ops.triton.gemv import gemv_push
+
+        stride = self.logit_shard // 2
+        gemv_push(hidden, weight, self.logit_ptrs, self.epoch, stride, self.rank, self.world_size)
+        self.received = False
+        return pushed_gather(self.logit_slots, self.epoch, stride, self.world_size, self.logit_shard, weight.dtype)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +347,9 @@ class PushExchange:
         if x is not pushed or residual.shape != x.shape:
             raise RuntimeError("push exchange: a norm got other partial sums than the GEMV pushed last "
                                f"(or a residual of another shape: {tuple(residual.shape)})")
-        return pushed_add_rms_norm(residual, weight, eps, self.slots, self.epoch, self.slot_stride, self.world_size)
+        outs = pushed_add_rms_norm(residual, weight, eps, self.slots, self.epoch, self.slot_stride, self.world_size)
+        self.received = True
+        return outs
 
 
 class CustomAllReduce:
@@ -318,10 +369,11 @@ class CustomAllReduce:
     def create(cls, device: torch.device, dtype: torch.dtype, rank: int, local_rank: int, world_size: int,
                local_world_size: int, cpu_group: Any, device_group: Any = None,
                max_bytes: int = DEFAULT_MAX_BYTES,
-               model_shape: tuple[int, int] | None = None, push: bool = True) -> "CustomAllReduce | None":
+               model_shape: tuple[int, ...] | None = None, push: bool = True) -> "CustomAllReduce | None":
         """Collective over every rank of `device_group` (default: the world group). `cpu_group` is a
         gloo group of the same ranks, used to agree on the outcome. model_shape: (hidden size,
-        intermediate size), so that the push exchange's self-test runs the model's own GEMV shapes.
+        intermediate size[, LM head rows per rank]), so that the push exchange's self-tests run the
+        model's own shapes (with the third, the LM head's logits are gathered by the push too).
         push: whether to establish the batch-1 push exchange (its producers are Triton kernels: the
         model must run the Triton backend).
         Call after the process's PDL choice (ops/triton/utils.set_pdl): the self-tests launch as the
@@ -351,8 +403,9 @@ class CustomAllReduce:
         return ar
 
     def _establish_push(self, rank: int, world_size: int, cpu_group: Any, device_group: Any,
-                        model_shape: tuple[int, int] | None) -> None:
-        """The push exchange (GEMV outputs and one-token embeddings), agreed like the rest; if any stage
+                        model_shape: tuple[int, ...] | None) -> None:
+        """The push exchange (GEMV outputs, one-token embeddings and, given the LM head's rows per rank,
+        one-row logits), agreed like the rest; if any stage
         fails on any rank (which may leave the ranks' epochs or slots out of step), no push at all:
         batch-1 steps keep the fused exchange."""
         width = model_shape[0] if model_shape is not None else 512
@@ -367,8 +420,13 @@ class CustomAllReduce:
                   ("embedding eager self-test",
                    lambda: self._embedding_push_test(rank, world_size, device_group, width, False)),
                   ("embedding graph self-test",
-                   lambda: self._embedding_push_test(rank, world_size, device_group, width, True)),
-                  ("epoch check", lambda: _epochs_agree(self.push.epoch, cpu_group))]  # type: ignore[union-attr]
+                   lambda: self._embedding_push_test(rank, world_size, device_group, width, True))]
+        shard = model_shape[2] if model_shape is not None and len(model_shape) > 2 else 0
+        if shard % 2 == 0 and 0 < shard and os.environ.get(PUSH_LOGITS_ENV, "1") != "0":
+            stages += [("logits allocation", lambda: self.push.create_logits(self.group_name, shard)),  # type: ignore[union-attr]
+                       ("logits eager self-test", lambda: self._logits_push_test(rank, world_size, device_group, False)),
+                       ("logits graph self-test", lambda: self._logits_push_test(rank, world_size, device_group, True))]
+        stages.append(("epoch check", lambda: _epochs_agree(self.push.epoch, cpu_group)))  # type: ignore[union-attr]
         if _agreed_stages(stages, cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
             logger.info("push exchange on for batch-1 steps")
         else:
@@ -412,7 +470,35 @@ class CustomAllReduce:
                 return f"embedding push disagrees with NCCL ({'graph' if graph else 'eager'}, {y.shape[1]} wide)"
         return ""
 
-    def _push_test(self, rank: int, world_size: int, device_group: Any, model_shape: tuple[int, int] | None,
+    def _logits_push_test(self, rank: int, world_size: int, device_group: Any, graph: bool) -> str:
+        """Two one-row LM heads at the model's vocab slice, each after a pushed GEMV and its norm (the
+        gather's condition), pushed and gathered, eagerly or captured and replayed with another hidden
+        state; '' when every rank's gathered logits equal NCCL's all-gather of the plain GEMV's."""
+        from carpool.ops.triton.gemv import gemv
+
+        push = self.push
+        assert push is not None
+        dev, dt, k = self.buffer.device, self.dtype, 256
+        own = torch.Generator(device=dev).manual_seed(71 + rank)  # each rank's vocab slice
+        same = torch.Generator(device=dev).manual_seed(9)  # the hidden state and the norm, equal on every rank
+        head = (0.05 * torch.randn(push.logit_shard, k, generator=own, device=dev)).to(dt)
+        x, w = torch.randn(1, 64, generator=own, device=dev).to(dt), (0.1 * torch.randn(128, 64, generator=own, device=dev)).to(dt)
+        hidden = torch.randn(1, k, generator=same, device=dev).to(dt)
+        residual, norm_w = torch.randn(1, 128, generator=same, device=dev).to(dt), torch.rand(128, generator=same, device=dev).to(dt)
+
+        def calls() -> list[torch.Tensor | None]:
+            outs = []
+            for _ in range(2):  # both halves of the slots
+                push.add_rms_norm(push.gemv(x, w), residual, norm_w, 1e-6)
+                outs.append(push.gather_logits(hidden, head))
+            return outs
+        outs = _eager_or_replayed(dev, calls, graph, lambda: hidden.mul_(2))
+        expected = _nccl_gather(gemv(hidden, head), device_group, world_size)
+        if any(out is None or not torch.equal(out, expected) for out in outs):
+            return f"pushed logits gather disagrees with NCCL ({'graph' if graph else 'eager'}, {push.logit_shard} wide)"
+        return ""
+
+    def _push_test(self, rank: int, world_size: int, device_group: Any, model_shape: tuple[int, ...] | None,
                    graph: bool) -> str:
         """gemv_push then pushed_add_rms_norm at two small shapes and, given model_shape, at the model's
         o_proj and down_proj shapes (both halves used), eagerly or captured and replayed, against NCCL

@@ -7,7 +7,8 @@ group has one and the tensor is eligible (small, the model dtype), through NCCL 
 otherwise. Either way the result is the return value: callers must not rely on x being reduced in place.
 The all-reduce that feeds a residual add + RMSNorm has its own entry (all_reduce_add_rms_norm), which
 fuses the three into one kernel on the symmetric-memory path. On batch-1 steps the row-parallel GEMV can
-instead push its outputs to every rank as it computes them (push_gemv), and that norm only receives them.
+instead push its outputs to every rank as it computes them (push_gemv), and that norm only receives them;
+the vocab-parallel embedding and LM head push the same way (push_embedding, push_logits).
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ class TPGroup:
         if self.size == 1 or custom is None or custom.push is None:
             return None
         return custom.push.embedding(token_id, weight, vocab_start)
+
+    def push_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """A one-row step's vocab-parallel logits, hidden @ weight.T on every rank, gathered by the push
+        exchange (every rank's slice side by side, as all_gather_last_dim); None when it does not take
+        them (then compute and all-gather as usual)."""
+        custom = self.custom_all_reduce
+        if self.size == 1 or custom is None or custom.push is None:
+            return None
+        return custom.push.gather_logits(hidden, weight)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' x side by side along the last dim. One gather into one tensor (the ranks' x one

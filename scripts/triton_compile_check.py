@@ -106,7 +106,7 @@ def call_every_op(dtype: torch.dtype) -> None:
                                 torch.zeros(MAX_PROGRAMS, dtype=torch.int32), torch.zeros(8, dtype=torch.int32),
                                 8 * hidden, 0, 2)
         if dtype != torch.float32:  # the batch-1 push exchange (16-bit outputs packed with a flag)
-            from carpool.ops.triton.all_reduce_norm import embedding_push, pushed_add_rms_norm
+            from carpool.ops.triton.all_reduce_norm import embedding_push, pushed_add_rms_norm, pushed_gather
             from carpool.ops.triton.gemv import gemv_push
 
             slots = torch.zeros(2 * 2 * 8192, dtype=torch.int64)
@@ -116,6 +116,7 @@ def call_every_op(dtype: torch.dtype) -> None:
             pushed_add_rms_norm(x[:1], torch.zeros(hidden, dtype=dtype), 1e-6, slots, epoch, 8192, 2)
             embedding_push(torch.zeros(1, dtype=torch.long), torch.zeros(64, hidden, dtype=dtype), 0, ptrs, epoch,
                            8192, 0, 2)
+            pushed_gather(torch.zeros(2 * 2 * 32064, dtype=torch.int64), epoch, 32064, 2, 64128, dtype)
 
 
 def main() -> None:

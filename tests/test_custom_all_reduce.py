@@ -106,6 +106,31 @@ def test_embedding_push_self_test_passes_on_agreement_and_names_a_mismatch(monke
         ar._embedding_push_test(0, 1, None, 1100, graph=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (Triton interpreter) check of the self-test's logic")
+def test_logits_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypatch):
+    """The start-up self-test of the LM head's pushed gather, with one simulated rank in the interpreter
+    and NCCL replaced by the identity: '' when the gathered logits equal the reference (the self-test's
+    norms advance the epoch: two gathers, two pushes received); an error text when they differ or when
+    the gather is refused (no logit slots)."""
+    import carpool.custom_all_reduce as car
+
+    monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: x.clone())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    slots = torch.zeros(2 * 1024, dtype=torch.int64)
+    ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
+    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
+                               rank=0, world_size=1)
+    logit_slots = torch.zeros(2 * 650, dtype=torch.int64)  # 1300 logits: two gather programs, one partly masked
+    ar.push.logit_slots, ar.push.logit_ptrs, ar.push.logit_shard = logit_slots, torch.tensor([logit_slots.data_ptr()]), 1300
+    assert ar._logits_push_test(0, 1, None, graph=False) == ""
+    assert ar.push.epoch.item() == 2 and not ar.push.received
+    monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: 2 * x)
+    assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
+    monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: x.clone())
+    ar.push.logit_slots = None
+    assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
+
+
 def test_push_epochs_must_agree_across_ranks_after_the_self_tests(monkeypatch):
     """The embedding push's last start-up stage: the ranks' epochs (one per received push) must be equal,
     else a rank would wait for words its peer already sent; simulated with MIN/MAX over given values."""

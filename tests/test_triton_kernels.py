@@ -8,6 +8,7 @@ Outputs are allocated poisoned with NaN, so a kernel that skips an element fails
 
 from __future__ import annotations
 
+import json
 import os
 import multiprocessing
 import random
@@ -579,6 +580,53 @@ def test_embedding_push_then_gemv_push_over_simulated_ranks(world: int) -> None:
     assert [e.item() for e in epochs] == [8] * world  # two pushes per token
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> None:
+    """A batch-1 step's end with `world` simulated ranks: the final norm receives a GEMV push (the
+    epoch moves), then each rank's LM head pushes its vocab slice's logits into the logit slots and
+    every rank gathers the same row: the ranks' GEMV outputs side by side, bit for bit. Twice, so both
+    halves of the slots are used; the gather leaves the epoch where the norm put it."""
+    from carpool.ops.triton.all_reduce_norm import pushed_add_rms_norm, pushed_gather
+    from carpool.ops.triton.gemv import gemv, gemv_push
+
+    dt = torch.float16 if INTERPRET else torch.bfloat16
+    stride, shard, k = 32, 2 * 600, 24  # 600 pairs a rank: one gather program and part of another
+    gen = torch.Generator().manual_seed(30 + world)
+    slots = [shared(torch.zeros(2 * world * stride, dtype=torch.int64, device=DEVICE)) for _ in range(world)]
+    slot_ptrs = torch.tensor([t.data_ptr() for t in slots], dtype=torch.int64, device=DEVICE)
+    logits = [shared(torch.zeros(2 * world * (shard // 2), dtype=torch.int64, device=DEVICE)) for _ in range(world)]
+    logit_ptrs = torch.tensor([t.data_ptr() for t in logits], dtype=torch.int64, device=DEVICE)
+    epochs = [shared(torch.zeros(1, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    heads = [(0.3 * torch.randn(shard, k, generator=gen)).to(DEVICE, dt) for _ in range(world)]
+    w = (0.3 * torch.randn(k, k, generator=gen)).to(DEVICE, dt)
+    norm_w = torch.rand(k, generator=gen).to(DEVICE, dt)
+    residual = torch.randn(1, k, generator=gen).to(DEVICE, dt)
+    if not INTERPRET:  # compile and load each rank's kernels alone first (see the tests above)
+        ready = torch.full((2 * world * (shard // 2),), 1 << 32, dtype=torch.int64, device=DEVICE)
+        ready_ptrs = torch.tensor([ready.data_ptr()] * world, device=DEVICE)
+        for r in range(world):
+            zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+            gemv_push(residual, w, ready_ptrs, zero, stride, r, world)
+            gemv_push(residual, heads[r], ready_ptrs, zero, shard // 2, r, world)
+        zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        pushed_add_rms_norm(residual, norm_w, 1e-6, ready, zero, stride, world)
+        pushed_gather(ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), shard // 2, world, shard, dt)
+        torch.cuda.synchronize()
+    for round in range(2):
+        x = torch.randn(1, k, generator=gen).to(DEVICE, dt)
+
+        def call(r: int) -> tuple[torch.Tensor, ...]:
+            y = gemv_push(x, w, slot_ptrs, epochs[r], stride, r, world)
+            out, _ = pushed_add_rms_norm(y, norm_w, 1e-6, slots[r], epochs[r], stride, world)
+            gemv_push(out, heads[r], logit_ptrs, epochs[r], shard // 2, r, world)
+            return out, pushed_gather(logits[r], epochs[r], shard // 2, world, shard, dt)
+        outs = run_ranks(world, call)
+        expected = torch.cat([gemv(outs[0][0], heads[r]) for r in range(world)], dim=-1)
+        for out, gathered in outs:
+            assert torch.equal(out, outs[0][0]) and torch.equal(gathered.cpu(), expected.cpu())
+        assert [e.item() for e in epochs] == [round + 1] * world  # the norm's advance only
+
+
 def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() -> None:
     """The model's wiring of the push exchange (one simulated rank in a group of two): a row-parallel
     projection without reduction pushes its one-row output, the next RMSNorm with a residual receives
@@ -687,6 +735,55 @@ def test_vocab_parallel_embedding_pushes_one_token_to_the_first_norm() -> None:
     assert push.epoch.item() == 2
 
 
+def test_lm_head_gathers_its_logits_by_push_only_after_a_received_push() -> None:
+    """The LM head's wiring (one simulated rank of two, a one-rank push exchange with logit slots): a
+    one-row head gathers through the push only when the last exchange op was a norm receiving a push
+    (else the gather's words could be the last step's) and then returns the GEMV's logits cut to the
+    vocab; otherwise, and for two rows, it computes and all-gathers as usual."""
+    from types import SimpleNamespace
+
+    from carpool.custom_all_reduce import PushExchange
+    from carpool.distributed import TPGroup
+    from carpool.layers.embedding import ParallelLMHead
+    from carpool.ops import get_kernel_ops
+
+    gathered_by_nccl = []
+
+    class RankZeroOfTwo(TPGroup):
+        def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+            gathered_by_nccl.append(x)
+            return x
+
+    dt = torch.float16 if INTERPRET else torch.bfloat16
+    slots = torch.zeros(2 * 64, dtype=torch.int64, device=DEVICE)
+    push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
+                        torch.zeros(1, dtype=torch.int32, device=DEVICE), 64, rank=0, world_size=1)
+    logit_slots = torch.zeros(2 * 40, dtype=torch.int64, device=DEVICE)
+    push.logit_slots, push.logit_ptrs, push.logit_shard = logit_slots, torch.tensor([logit_slots.data_ptr()], device=DEVICE), 80
+    tp = RankZeroOfTwo(rank=0, size=2, custom_all_reduce=SimpleNamespace(push=push))
+    head = ParallelLMHead(150, 32, dt, tp).to(DEVICE)  # 76 rows a rank (75, made even): not the slots' 80
+    head.weight.data.copy_(torch.randn(76, 32))
+    head.gemv = get_kernel_ops("triton").gemv
+    hidden = torch.randn(1, 32, device=DEVICE).to(dt)
+    x, w = torch.randn(1, 16, device=DEVICE).to(dt), torch.randn(48, 16, device=DEVICE).to(dt)
+    push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt), torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
+    head.compute_logits(hidden)  # 76 rows: not the gather's width, all-gathered
+    assert len(gathered_by_nccl) == 1 and push.received
+    head = ParallelLMHead(160, 32, dt, tp).to(DEVICE)  # 80 rows a rank
+    head.weight.data.copy_(torch.randn(80, 32))
+    head.gemv = get_kernel_ops("triton").gemv
+    expected = get_kernel_ops("triton").gemv(hidden, head.weight)
+    assert torch.equal(head.compute_logits(hidden), expected)  # pushed: the GEMV's logits, no all-gather
+    assert len(gathered_by_nccl) == 1 and not push.received and push.epoch.item() == 1
+    head.compute_logits(hidden)  # no push received since: the words in the slots are not new
+    assert len(gathered_by_nccl) == 2
+    push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt), torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
+    head.compute_logits(hidden.expand(2, 32).contiguous())  # two rows
+    assert len(gathered_by_nccl) == 3
+    assert torch.equal(head.compute_logits(2 * hidden), get_kernel_ops("triton").gemv(2 * hidden, head.weight))
+    assert len(gathered_by_nccl) == 3 and push.epoch.item() == 2  # the other half of the slots
+
+
 @pytest.mark.parametrize("arch,overrides,pushes_per_layer", [
     ("llama", {}, 2), ("llama", {"attention_bias": True}, 1),  # with an o_proj bias only down_proj pushes
     ("qwen2", {}, 2), ("qwen3", {}, 2)])
@@ -701,6 +798,7 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     from carpool import LLM, SamplingParams
     from carpool.custom_all_reduce import PushExchange
     from carpool.distributed import TPGroup
+    from carpool.layers.embedding import vocab_shard_size
     from carpool.worker.model_runner import ModelRunner
 
     class RankZeroOfTwo(TPGroup):
@@ -716,16 +814,33 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
                         torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, rank=0, world_size=1)
     push.zeros = torch.zeros(1, 1024, dtype=torch.float16, device=DEVICE)  # the embedding pushes too
     tp = RankZeroOfTwo(0, 2, SimpleNamespace(push=push, norm_eligible=lambda *a: False))
+    # and the LM head: a one-rank gather of this rank's slice, which the second rank would mirror
+    # (the identity collectives' all-gather does the same)
+    path = checkpoint_factory(arch, **overrides)
+    with open(os.path.join(path, "config.json")) as f:
+        shard = vocab_shard_size(json.load(f)["vocab_size"], 2)
+    logit_slots = torch.zeros(2 * (shard // 2), dtype=torch.int64, device=DEVICE)
+    push.logit_slots, push.logit_ptrs, push.logit_shard = (
+        logit_slots, torch.tensor([logit_slots.data_ptr()], device=DEVICE), shard)
+    real_gather, gathers = PushExchange.gather_logits, []
+
+    def gather_as_two_ranks(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        logits = real_gather(self, hidden, weight)
+        gathers.append(logits is not None)
+        return None if logits is None else torch.cat([logits, logits], dim=-1)
+    monkeypatch.setattr(PushExchange, "gather_logits", gather_as_two_ranks)
     real_init = ModelRunner.__init__
     monkeypatch.setattr(ModelRunner, "__init__", lambda self, config, *a, **k: real_init(self, config, tp))
-    llm = LLM(checkpoint_factory(arch, **overrides), device=DEVICE, kernel_backend="triton", dtype="float16",
+    llm = LLM(path, device=DEVICE, kernel_backend="triton", dtype="float16",
               enforce_eager=True)
     out = llm.generate([{"prompt_token_ids": [5]}], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
                        use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3 and push.pending is None
     layers = llm.engine.config.model.num_hidden_layers
-    # a one-token prefill and two decode steps, each pushing its embedding and every layer's outputs
+    # a one-token prefill and two decode steps, each pushing its embedding and every layer's outputs,
+    # and gathering its logits by push
     assert push.epoch.item() == 3 * (pushes_per_layer * layers + 1)
+    assert gathers == [True] * 3 and not push.received
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])

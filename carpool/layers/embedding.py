@@ -12,13 +12,22 @@ from carpool.distributed import SINGLE, TPGroup
 from carpool.layers.linear import load_narrow, loaded_shape
 
 
+def vocab_shard_size(vocab_size: int, tp_size: int) -> int:
+    """Rows of each rank's vocab slice: the vocab split evenly, the last slice padded with zero rows, and
+    under TP an even count (the push exchange moves one-row logits in pairs: PushExchange.gather_logits)."""
+    if tp_size == 1:
+        return vocab_size
+    shard = -(-vocab_size // tp_size)
+    return shard + shard % 2
+
+
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
                  tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
-        self.shard_size = -(-vocab_size // tp.size)  # the last shard is padded with zero rows
+        self.shard_size = vocab_shard_size(vocab_size, tp.size)
         self.vocab_start = tp.rank * self.shard_size
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
@@ -57,6 +66,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and hidden.dim() == 2 and hidden.shape[0] == 1:
+            gathered = self.tp.push_logits(hidden, self.weight)  # under TP: pushed while computed
+            if gathered is not None:
+                return gathered[..., :self.vocab_size]
             logits = self.gemv(hidden, self.weight)
         else:
             logits = nn.functional.linear(hidden, self.weight)

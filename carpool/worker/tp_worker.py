@@ -44,6 +44,7 @@ from carpool.config import EngineConfig
 from carpool.core.sched_output import TokenLogprobs
 from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
+from carpool.layers.embedding import vocab_shard_size
 from carpool.platform import dist_backend_for
 from carpool.profiling import device_activity, device_kernel_times, device_timeline, ms_stats, step_timings_summary
 from carpool.worker import tp_codec
@@ -194,7 +195,8 @@ class TPWorker:
                 triton_utils.choose_pdl(self.device, config.disable_pdl)
             custom = CustomAllReduce.create(self.device, config.model.dtype, info.rank, info.local_rank,
                                             info.world_size, info.local_world_size, self.cpu_group,
-                                            model_shape=(config.model.hidden_size, config.model.intermediate_size),
+                                            model_shape=(config.model.hidden_size, config.model.intermediate_size,
+                                                         vocab_shard_size(config.model.vocab_size, info.world_size)),
                                             push=config.kernel_backend == "triton")
         torch.manual_seed(config.seed)  # rank 0's unseeded sampling draws the same stream as TP=1
         self.runner = TPModelRunner(config, TPGroup(info.rank, info.world_size, custom), self.device)
@@ -217,6 +219,7 @@ class TPWorker:
                 "custom_all_reduce_max_bytes": custom.max_bytes if custom is not None else 0,
                 "fused_all_reduce_norm": custom is not None and custom.exchange is not None,
                 "push_all_reduce": custom is not None and custom.push is not None,
+                "push_logits": custom is not None and custom.push is not None and custom.push.logit_slots is not None,
                 "cuda_graphs": self.runner.graph_runner is not None}
 
     def timings(self, msg: dict[str, Any]) -> dict[str, Any]:

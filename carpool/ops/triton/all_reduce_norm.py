@@ -39,7 +39,9 @@ most one call ahead (its next norm needs this rank's next GEMV, which follows th
 the next call writes the other half, so no slot is overwritten while read. Epochs compare for
 equality, so they may wrap. The vocab-parallel embedding of a one-token step pushes the same way
 (`embedding_push`: each rank its row or zeros), and the first layer's norm receives it with a zero
-residual: a batch-1 step's only other collectives are the logits' all-gather and the token broadcast.
+residual. The LM head's GEMV pushes its logits into slots of their own, and `pushed_gather` receives
+every rank's row without advancing the epoch (see there): a batch-1 step's only other collective is
+the broadcast of the sampled token.
 """
 
 from __future__ import annotations
@@ -225,6 +227,19 @@ def embedding_push(token_id: torch.Tensor, weight: torch.Tensor, vocab_start: in
 
 
 @triton.jit
+def receive_pairs(base, pairs, pmask, epoch, dtype: tl.constexpr):
+    """The consumer's side: poll this rank's slots base[pairs] until every word carries `epoch`, then
+    unpack them: (first, second) 16-bit outputs of each pair, as `dtype`."""
+    word = tl.load(base + pairs, mask=pmask, other=0, volatile=True)
+    waiting = tl.sum((pmask & ((word >> 32).to(tl.int32) != epoch)).to(tl.int32), axis=0)
+    while waiting > 0:
+        word = tl.load(base + pairs, mask=pmask, other=0, volatile=True)
+        waiting = tl.sum((pmask & ((word >> 32).to(tl.int32) != epoch)).to(tl.int32), axis=0)
+    data = word.to(tl.int32)
+    return data.to(tl.int16).to(dtype, bitcast=True), (data >> 16).to(tl.int16).to(dtype, bitcast=True)
+
+
+@triton.jit
 def _pushed_add_rms_norm_kernel(slots_ptr, epoch_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, slot_stride, eps,
                                 WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     # Under PDL this kernel starts while the push producer before it (GEMV or embedding) runs, and polls
@@ -242,15 +257,7 @@ def _pushed_add_rms_norm_kernel(slots_ptr, epoch_ptr, res_ptr, w_ptr, out_ptr, r
     epoch = tl.load(epoch_ptr, volatile=True) + 1  # (before the wait: never a cached value)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for p in tl.static_range(WORLD):  # rank order: every rank sums the same bits the same way
-        base = slots_ptr + ((epoch & 1) * WORLD + p) * slot_stride
-        word = tl.load(base + pairs, mask=pmask, other=0, volatile=True)
-        waiting = tl.sum((pmask & ((word >> 32).to(tl.int32) != epoch)).to(tl.int32), axis=0)
-        while waiting > 0:
-            word = tl.load(base + pairs, mask=pmask, other=0, volatile=True)
-            waiting = tl.sum((pmask & ((word >> 32).to(tl.int32) != epoch)).to(tl.int32), axis=0)
-        data = word.to(tl.int32)
-        lo = data.to(tl.int16).to(dtype, bitcast=True)
-        hi = (data >> 16).to(tl.int16).to(dtype, bitcast=True)
+        lo, hi = receive_pairs(slots_ptr + ((epoch & 1) * WORLD + p) * slot_stride, pairs, pmask, epoch, dtype)
         acc += tl.reshape(tl.join(lo, hi), [BLOCK_D]).to(tl.float32)  # outputs 2j, 2j + 1 of program j
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -278,3 +285,42 @@ def pushed_add_rms_norm(residual: torch.Tensor, weight: torch.Tensor, eps: float
                                       D=d, BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8,
                                       USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out, res_out
+
+
+@triton.jit
+def _pushed_gather_kernel(slots_ptr, epoch_ptr, out_ptr, slot_stride, shard, HALF_SHARD: tl.constexpr,
+                          WORLD: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    # Program (b, r) receives pairs [b * BLOCK, (b + 1) * BLOCK) of rank r's row. Unlike the pushed norm it
+    # polls only after its PDL wait (this rank's producer has finished): its many programs would
+    # otherwise poll L2 while the LM head GEMV streams its weights.
+    pdl_enter(USE_PDL)
+    rank = tl.program_id(1)
+    pairs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pmask = pairs < HALF_SHARD
+    epoch = tl.load(epoch_ptr) + 1  # what the producer pushed; not advanced (pushed_gather)
+    lo, hi = receive_pairs(slots_ptr + ((epoch & 1) * WORLD + rank) * slot_stride, pairs, pmask, epoch,
+                           out_ptr.dtype.element_ty)
+    row = out_ptr + rank * shard
+    tl.store(row + 2 * pairs, lo, mask=pmask)
+    tl.store(row + 2 * pairs + 1, hi, mask=pmask)
+
+
+def pushed_gather(slots: torch.Tensor, epoch: torch.Tensor, slot_stride: int, world_size: int, shard: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """[1, world_size * shard]: every rank's row of `shard` 16-bit values side by side, received from the
+    `gemv_push` of this call into `slots` (this rank's, int64 [2 * world_size * slot_stride], used by no
+    other exchange). Why: a batch-1 step's logits then cross NVLink while the LM head GEMV runs, instead
+    of in an all-gather after it.
+
+    It does not advance the epoch, unlike the norm (its programs could not agree on when to): it
+    expects the words of epoch + 1, which the caller must guarantee to be new, by receiving at least one
+    push with a norm (which advances the epoch) between two gathers (PushExchange.gather_logits)."""
+    if shard % 2 or shard // 2 > slot_stride or dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"pushed_gather: expected a 16-bit row of even width <= {2 * slot_stride}, got "
+                         f"{shard} of {dtype}")
+    out = utils.empty_output((1, world_size * shard), dtype=dtype, device=slots.device)
+    block = min(1024, triton.next_power_of_2(shard // 2))
+    _pushed_gather_kernel[(triton.cdiv(shard // 2, block), world_size)](
+        slots, epoch, out, slot_stride, shard, HALF_SHARD=shard // 2, WORLD=world_size, BLOCK=block,
+        num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out
