@@ -239,7 +239,8 @@ class PushExchange:
     """Device state of the batch-1 push exchange (ops/triton/gemv.py gemv_push, then
     ops/triton/all_reduce_norm.py pushed_add_rms_norm): symmetric int64 slots, every rank's slot
     address, this rank's call epoch. `pending` is the GEMV output whose sums are in flight: the next
-    norm must be the one that receives them (the model's order: row-parallel projection, then norm)."""
+    norm must be the one that receives them (the model's order: row-parallel projection, then norm).
+    The LM head's logits have slots of their own (create_logits, gather_logits)."""
 
     slots: torch.Tensor  # symmetric, int64 [2 * world_size * slot_stride], zero at start
     slot_ptrs: torch.Tensor  # int64 [world_size]
@@ -256,8 +257,9 @@ class PushExchange:
     logit_slots: torch.Tensor | None = None
     logit_ptrs: torch.Tensor | None = None
     logit_shard: int = 0
-    # Whether the last exchange op was a norm receiving a push (so the epoch moved since the last
-    # gather, whose words would otherwise look current: pushed_gather).
+    # Whether the last exchange op of this forward was a norm receiving a push (so the epoch moved since
+    # the last gather, whose words would otherwise look current: pushed_gather). Reset as each forward
+    # starts (begin_forward): a CUDA graph replay may have gathered since a push received eagerly.
     received: bool = False
 
     @classmethod
@@ -285,6 +287,10 @@ class PushExchange:
         torch.cuda.synchronize(slots.device)
         self.logit_ptrs, _ = _peer_addresses(slots, group_name, self.world_size)
         self.logit_slots, self.logit_shard = slots, shard
+
+    def begin_forward(self) -> None:
+        """Called before every forward, eager or replayed (ModelRunner): nothing received yet."""
+        self.received = False
 
     def _fits(self, width: int, weight: torch.Tensor) -> bool:
         """A 16-bit weight, contiguous in its last dim, whose output rows of `width` fit the slots as
@@ -404,32 +410,43 @@ class CustomAllReduce:
 
     def _establish_push(self, rank: int, world_size: int, cpu_group: Any, device_group: Any,
                         model_shape: tuple[int, ...] | None) -> None:
-        """The push exchange (GEMV outputs, one-token embeddings and, given the LM head's rows per rank,
-        one-row logits), agreed like the rest; if any stage
+        """The push exchange (GEMV outputs and one-token embeddings), agreed like the rest; if any stage
         fails on any rank (which may leave the ranks' epochs or slots out of step), no push at all:
-        batch-1 steps keep the fused exchange."""
+        batch-1 steps keep the fused exchange. Then, given the LM head's rows per rank (model_shape[2]),
+        its pushed logits gather, agreed the same way: if it fails, only the logits all-gather over
+        NCCL (unless the epochs no longer agree: then no push at all)."""
         width = model_shape[0] if model_shape is not None else 512
 
         def allocate() -> None:
             push = PushExchange.create(self.buffer.device, self.group_name, world_size)
             push.zeros = torch.zeros(1, max(width, 512), dtype=self.dtype, device=self.buffer.device)
             self.push = push
+        epoch_check = ("epoch check", lambda: _epochs_agree(self.push.epoch, cpu_group))  # type: ignore[union-attr]
         stages = [("allocation", allocate),
                   ("eager self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, False)),
                   ("graph self-test", lambda: self._push_test(rank, world_size, device_group, model_shape, True)),
                   ("embedding eager self-test",
                    lambda: self._embedding_push_test(rank, world_size, device_group, width, False)),
                   ("embedding graph self-test",
-                   lambda: self._embedding_push_test(rank, world_size, device_group, width, True))]
+                   lambda: self._embedding_push_test(rank, world_size, device_group, width, True)),
+                  epoch_check]
+        if not _agreed_stages(stages, cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
+            self.push = None
+            return
+        logger.info("push exchange on for batch-1 steps")
         shard = model_shape[2] if model_shape is not None and len(model_shape) > 2 else 0
-        if shard % 2 == 0 and 0 < shard and os.environ.get(PUSH_LOGITS_ENV, "1") != "0":
-            stages += [("logits allocation", lambda: self.push.create_logits(self.group_name, shard)),  # type: ignore[union-attr]
-                       ("logits eager self-test", lambda: self._logits_push_test(rank, world_size, device_group, False)),
-                       ("logits graph self-test", lambda: self._logits_push_test(rank, world_size, device_group, True))]
-        stages.append(("epoch check", lambda: _epochs_agree(self.push.epoch, cpu_group)))  # type: ignore[union-attr]
-        if _agreed_stages(stages, cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
-            logger.info("push exchange on for batch-1 steps")
+        # (agreed first: ranks that ran different stage lists would meet in different collectives)
+        if not _agree(shard > 0 and os.environ.get(PUSH_LOGITS_ENV, "1") != "0", cpu_group):
+            return
+        push = self.push
+        logits = [("allocation", lambda: push.create_logits(self.group_name, shard)),
+                  ("eager self-test", lambda: self._logits_push_test(rank, world_size, device_group, False)),
+                  ("graph self-test", lambda: self._logits_push_test(rank, world_size, device_group, True))]
+        if _agreed_stages(logits, cpu_group, rank, "pushed logits gather", "batch-1 steps all-gather their logits"):
+            logger.info("pushed logits gather on for batch-1 steps")
         else:
+            push.logit_slots = push.logit_ptrs = None
+        if not _agreed_stages([epoch_check], cpu_group, rank, "push exchange", "batch-1 steps keep the fused exchange"):
             self.push = None
 
     def _embedding_push_test(self, rank: int, world_size: int, device_group: Any, width: int, graph: bool) -> str:
@@ -511,7 +528,7 @@ class CustomAllReduce:
         gen = torch.Generator(device=dev).manual_seed(31 + rank)
         shapes = [(1024, 512), (256, 512)]  # (N, K) of the GEMV
         if model_shape is not None:
-            hidden, inter = model_shape
+            hidden, inter = model_shape[:2]
             if hidden % world_size == 0 and inter % world_size == 0:
                 shapes += [(hidden, hidden // world_size), (hidden, inter // world_size)]
         xs = [torch.randn(1, k, generator=gen, device=dev).to(dt) for _, k in shapes]

@@ -67,6 +67,12 @@ class TPGroup:
             return None
         return custom.push.embedding(token_id, weight, vocab_start)
 
+    def begin_forward(self) -> None:
+        """Before each forward (eager, or a CUDA graph replay): the push exchange's per-forward state."""
+        custom = self.custom_all_reduce
+        if self.size > 1 and custom is not None and custom.push is not None:
+            custom.push.begin_forward()
+
     def push_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """A one-row step's vocab-parallel logits, hidden @ weight.T on every rank, gathered by the push
         exchange (every rank's slice side by side, as all_gather_last_dim); None when it does not take

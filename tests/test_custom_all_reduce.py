@@ -107,6 +107,25 @@ def test_embedding_push_self_test_passes_on_agreement_and_names_a_mismatch(monke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (Triton interpreter) check of the self-test's logic")
+def test_push_self_test_takes_the_model_shape_with_the_lm_head_rows(monkeypatch):
+    """The GEMV push's start-up self-test with the model shape the TP worker passes (hidden, intermediate,
+    LM head rows per rank), one simulated rank and NCCL as the identity: it runs the model's o_proj and
+    down_proj shapes and agrees ('' ), and names a mismatch against the reference."""
+    import carpool.custom_all_reduce as car
+
+    monkeypatch.setattr(car, "_nccl", lambda x, group: x.clone())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    slots = torch.zeros(2 * 1024, dtype=torch.int64)
+    ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
+    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
+                               rank=0, world_size=1)
+    assert ar._push_test(0, 1, None, (64, 96, 80), graph=False) == ""
+    assert ar.push.epoch.item() == 4 and ar.push.received  # two small shapes, o_proj's and down_proj's
+    monkeypatch.setattr(car, "_nccl", lambda x, group: 2 * x)
+    assert "disagrees with NCCL" in ar._push_test(0, 1, None, (64, 96, 80), graph=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (Triton interpreter) check of the self-test's logic")
 def test_logits_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypatch):
     """The start-up self-test of the LM head's pushed gather, with one simulated rank in the interpreter
     and NCCL replaced by the identity: '' when the gathered logits equal the reference (the self-test's
@@ -120,8 +139,8 @@ def test_logits_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypa
     ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
     ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
                                rank=0, world_size=1)
-    logit_slots = torch.zeros(2 * 650, dtype=torch.int64)  # 1300 logits: two gather programs, one partly masked
-    ar.push.logit_slots, ar.push.logit_ptrs, ar.push.logit_shard = logit_slots, torch.tensor([logit_slots.data_ptr()]), 1300
+    logit_slots = torch.zeros(2 * 40, dtype=torch.int64)  # 80 logits a rank
+    ar.push.logit_slots, ar.push.logit_ptrs, ar.push.logit_shard = logit_slots, torch.tensor([logit_slots.data_ptr()]), 80
     assert ar._logits_push_test(0, 1, None, graph=False) == ""
     assert ar.push.epoch.item() == 2 and not ar.push.received
     monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: 2 * x)

@@ -44,7 +44,10 @@ def generate(path: str, tp: int, prompts: list[list[int]], dtype: str = "bfloat1
               gpu_memory_utilization=0.3, **kwargs)
     try:
         if tp > 1:
-            print(json.dumps({"tp": tp, **kwargs, **llm.engine.executor.describe()}))
+            paths = llm.engine.executor.describe()
+            print(json.dumps({"tp": tp, **kwargs, **paths}))
+            # the push exchange (and its logits gather) comes with the custom all-reduce on a bf16 model
+            assert paths["push_all_reduce"] == paths["custom_all_reduce"] == paths["push_logits"], paths
         outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS,
                                                    use_tqdm=False)]
         return outs + [llm.generate([{"prompt_token_ids": prompts[0]}], PARAMS, use_tqdm=False)[0].outputs[0]]

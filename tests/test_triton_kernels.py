@@ -596,7 +596,8 @@ def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> Non
     slot_ptrs = torch.tensor([t.data_ptr() for t in slots], dtype=torch.int64, device=DEVICE)
     logits = [shared(torch.zeros(2 * world * (shard // 2), dtype=torch.int64, device=DEVICE)) for _ in range(world)]
     logit_ptrs = torch.tensor([t.data_ptr() for t in logits], dtype=torch.int64, device=DEVICE)
-    epochs = [shared(torch.zeros(1, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
+    start = 2 ** 31 - 2  # the norm's advances and the gather's epoch + 1 wrap past the int32 limit
+    epochs = [shared(torch.full((1,), start, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
     heads = [(0.3 * torch.randn(shard, k, generator=gen)).to(DEVICE, dt) for _ in range(world)]
     w = (0.3 * torch.randn(k, k, generator=gen)).to(DEVICE, dt)
     norm_w = torch.rand(k, generator=gen).to(DEVICE, dt)
@@ -624,7 +625,8 @@ def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> Non
         expected = torch.cat([gemv(outs[0][0], heads[r]) for r in range(world)], dim=-1)
         for out, gathered in outs:
             assert torch.equal(out, outs[0][0]) and torch.equal(gathered.cpu(), expected.cpu())
-        assert [e.item() for e in epochs] == [round + 1] * world  # the norm's advance only
+        wrapped = (start + round + 1 + 2 ** 31) % 2 ** 32 - 2 ** 31  # the norm's advance only (int32)
+        assert [e.item() for e in epochs] == [wrapped] * world
 
 
 def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() -> None:
@@ -737,9 +739,9 @@ def test_vocab_parallel_embedding_pushes_one_token_to_the_first_norm() -> None:
 
 def test_lm_head_gathers_its_logits_by_push_only_after_a_received_push() -> None:
     """The LM head's wiring (one simulated rank of two, a one-rank push exchange with logit slots): a
-    one-row head gathers through the push only when the last exchange op was a norm receiving a push
-    (else the gather's words could be the last step's) and then returns the GEMV's logits cut to the
-    vocab; otherwise, and for two rows, it computes and all-gathers as usual."""
+    one-row head gathers through the push only when the last exchange op of this forward was a norm
+    receiving a push (else the gather's words could be the last step's) and then returns the GEMV's
+    logits cut to the vocab; otherwise, and for two rows, it computes and all-gathers as usual."""
     from types import SimpleNamespace
 
     from carpool.custom_all_reduce import PushExchange
@@ -779,9 +781,13 @@ def test_lm_head_gathers_its_logits_by_push_only_after_a_received_push() -> None
     assert len(gathered_by_nccl) == 2
     push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt), torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
     head.compute_logits(hidden.expand(2, 32).contiguous())  # two rows
-    assert len(gathered_by_nccl) == 3
+    assert len(gathered_by_nccl) == 3 and push.received
+    tp.begin_forward()  # a new forward (a graph replay may have gathered since): nothing received in it
+    head.compute_logits(hidden)
+    assert len(gathered_by_nccl) == 4
+    push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt), torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
     assert torch.equal(head.compute_logits(2 * hidden), get_kernel_ops("triton").gemv(2 * hidden, head.weight))
-    assert len(gathered_by_nccl) == 3 and push.epoch.item() == 2  # the other half of the slots
+    assert len(gathered_by_nccl) == 4 and push.epoch.item() == 3
 
 
 @pytest.mark.parametrize("arch,overrides,pushes_per_layer", [

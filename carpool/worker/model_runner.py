@@ -283,6 +283,7 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs, fixup: tuple[torch.Tensor, torch.Tensor] | None
                  ) -> torch.Tensor | None:
         """Logits of the sampling requests (None if no request samples this step)."""
+        self.tp.begin_forward()
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
             return self.graph_runner.run(inputs, fixup)
         batch = self._to_device(inputs)
