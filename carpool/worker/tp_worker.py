@@ -48,7 +48,7 @@ from carpool.layers.embedding import vocab_shard_size
 from carpool.platform import dist_backend_for
 from carpool.profiling import device_activity, device_kernel_times, device_timeline, ms_stats, step_timings_summary
 from carpool.worker import tp_codec
-from carpool.worker.model_runner import ModelRunner, PendingStep
+from carpool.worker.model_runner import LM_HEAD_GEMV_ENV, ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,8 @@ class TPWorker:
                 "custom_all_reduce_max_bytes": custom.max_bytes if custom is not None else 0,
                 "fused_all_reduce_norm": custom is not None and custom.exchange is not None,
                 "push_all_reduce": custom is not None and custom.push is not None,
-                "push_logits": custom is not None and custom.push is not None and custom.push.logit_slots is not None,
+                "push_logits": (custom is not None and custom.push is not None and custom.push.logit_slots is not None
+                                and os.environ.get(LM_HEAD_GEMV_ENV, "1") != "0"),  # (the head pushes from its GEMV)
                 "cuda_graphs": self.runner.graph_runner is not None}
 
     def timings(self, msg: dict[str, Any]) -> dict[str, Any]:
