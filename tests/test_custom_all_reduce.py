@@ -82,6 +82,19 @@ def test_norm_exchange_takes_one_row_width_and_what_fits():
     assert ex.eligible(x(1, 1024), x(1, 1024)) and not ex.eligible(x(1, 512), x(1, 512))
 
 
+def _one_rank_push(monkeypatch):
+    """A CustomAllReduce of one simulated rank with a push exchange (slots of 1024 pairs), for the
+    self-tests' logic in the interpreter: no device to synchronize."""
+    import carpool.custom_all_reduce as car
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    slots = torch.zeros(2 * 1024, dtype=torch.int64)
+    ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
+    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
+                               rank=0, world_size=1)
+    return ar
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (Triton interpreter) check of the self-test's logic")
 def test_embedding_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypatch):
     """The start-up self-test of the embedding push, with one simulated rank in the interpreter and NCCL
@@ -90,11 +103,7 @@ def test_embedding_push_self_test_passes_on_agreement_and_names_a_mismatch(monke
     import carpool.custom_all_reduce as car
 
     monkeypatch.setattr(car, "_nccl", lambda x, group: x.clone())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    slots = torch.zeros(2 * 1024, dtype=torch.int64)
-    ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
-    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
-                               rank=0, world_size=1)
+    ar = _one_rank_push(monkeypatch)
     # 512 and a model width of 1100 (550 pairs: two programs of the embedding kernel, one partly masked)
     ar.push.zeros = torch.zeros(1, 1100, dtype=torch.float16)
     assert ar._embedding_push_test(0, 1, None, 1100, graph=False) == ""
@@ -114,11 +123,7 @@ def test_push_self_test_takes_the_model_shape_with_the_lm_head_rows(monkeypatch)
     import carpool.custom_all_reduce as car
 
     monkeypatch.setattr(car, "_nccl", lambda x, group: x.clone())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    slots = torch.zeros(2 * 1024, dtype=torch.int64)
-    ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
-    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
-                               rank=0, world_size=1)
+    ar = _one_rank_push(monkeypatch)
     assert ar._push_test(0, 1, None, (64, 96, 80), graph=False) == ""
     assert ar.push.epoch.item() == 4 and ar.push.received  # two small shapes, o_proj's and down_proj's
     monkeypatch.setattr(car, "_nccl", lambda x, group: 2 * x)
@@ -134,11 +139,7 @@ def test_logits_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypa
     import carpool.custom_all_reduce as car
 
     monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: x.clone())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    slots = torch.zeros(2 * 1024, dtype=torch.int64)
-    ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
-    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
-                               rank=0, world_size=1)
+    ar = _one_rank_push(monkeypatch)
     logit_slots = torch.zeros(2 * 40, dtype=torch.int64)  # 80 logits a rank
     ar.push.logit_slots, ar.push.logit_ptrs, ar.push.logit_shard = logit_slots, torch.tensor([logit_slots.data_ptr()]), 80
     assert ar._logits_push_test(0, 1, None, graph=False) == ""
