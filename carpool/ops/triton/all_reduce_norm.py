@@ -306,11 +306,11 @@ def _pushed_gather_kernel(slots_ptr, epoch_ptr, out_ptr, slot_stride, shard, HAL
 
 
 def pushed_gather(slots: torch.Tensor, epoch: torch.Tensor, slot_stride: int, world_size: int, shard: int,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, block: int | None = None) -> torch.Tensor:
     """[1, world_size * shard]: every rank's row of `shard` 16-bit values side by side, received from the
     `gemv_push` of this call into `slots` (this rank's, int64 [2 * world_size * slot_stride], used by no
     other exchange). Why: a batch-1 step's logits then cross NVLink while the LM head GEMV runs, instead
-    of in an all-gather after it.
+    of in an all-gather after it. block: pairs per program (a power of two; default up to 1024).
 
     It does not advance the epoch, unlike the norm (its programs could not agree on when to): it
     expects the words of epoch + 1, which the caller must guarantee to be new, by receiving at least one
@@ -319,7 +319,7 @@ def pushed_gather(slots: torch.Tensor, epoch: torch.Tensor, slot_stride: int, wo
         raise ValueError(f"pushed_gather: expected a 16-bit row of even width <= {2 * slot_stride}, got "
                          f"{shard} of {dtype}")
     out = utils.empty_output((1, world_size * shard), dtype=dtype, device=slots.device)
-    block = min(1024, triton.next_power_of_2(shard // 2))
+    block = block or min(1024, triton.next_power_of_2(shard // 2))
     _pushed_gather_kernel[(triton.cdiv(shard // 2, block), world_size)](
         slots, epoch, out, slot_stride, shard, HALF_SHARD=shard // 2, WORLD=world_size, BLOCK=block,
         num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
