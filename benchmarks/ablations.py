@@ -35,11 +35,11 @@ def apply_ablations(gemv_block_k: int | None, gemv_block_k_long: int | None, gem
         gemv_module = importlib.import_module("carpool.ops.triton.gemv")  # (tri.gemv is the function)
         default = gemv_module.default_gemv_config
 
-        def patched(k: int):  # type: ignore[no-untyped-def]
+        def patched(k: int, push: bool = False):  # type: ignore[no-untyped-def]
             if k in overrides:
                 bn, bk, warps, stages = overrides[k]
                 return gemv_module.GemvConfig(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-            config = default(k)
+            config = default(k, push)
             block_k = gemv_block_k if k <= 8192 else gemv_block_k_long
             config = dataclasses.replace(config, block_k=block_k) if block_k else config
             return dataclasses.replace(config, block_n=gemv_block_n) if gemv_block_n else config

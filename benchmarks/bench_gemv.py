@@ -58,10 +58,12 @@ def push_cases(bandwidth: float) -> list[dict]:
         nbytes = n * k * 2 + k * 2 + n * 2
         ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5 for _ in range(num_sets(nbytes))]
         x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-        configs = [default_gemv_config(k)] + [GemvConfig(*c) for c in PUSH_SWEEP]
+        plain_cfg, push_cfg = default_gemv_config(k), default_gemv_config(k, push=True)
+        configs = list(dict.fromkeys([plain_cfg, push_cfg] + [GemvConfig(*c) for c in PUSH_SWEEP]))
         for cfg in configs:
             row = {"case": name, "n": n, "k": k, "block_k": cfg.block_k, "num_warps": cfg.num_warps,
-                   "num_stages": cfg.num_stages, "engine_config": cfg == configs[0]}
+                   "num_stages": cfg.num_stages, "engine_config_plain": cfg == plain_cfg,
+                   "engine_config_push": cfg == push_cfg}
             modes = [("plain", lambda w, cfg=cfg: gemv(x, w, config=cfg)),
                      ("push_local", lambda w, cfg=cfg: gemv_push(x, w, local_ptrs, epoch, stride, 0, 2, cfg))]
             if remote_ptrs is not None:

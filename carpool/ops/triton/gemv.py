@@ -27,17 +27,18 @@ class GemvConfig:
     num_stages: int = 3
 
 
-def default_gemv_config(k: int) -> GemvConfig:
+def default_gemv_config(k: int, push: bool = False) -> GemvConfig:
     """Measured on H200s. Two rows per program was best or within 5% of best for every Llama-3-8B
     projection, whole or halved for TP=2 (benchmarks/bench_gemv.py, results/h200_run16_gemv). Rows of
-    4096 are read in one step: under PDL the whole weight slice of a program is then loaded before it
-    waits for x, and batch-1 decode ran 1.6% faster than with 1024-column steps (2048 was 5% slower;
-    results/h200_run24_gemv_k). Rows of 1025-2048 (o_proj at TP=2) and of 4097-8192 (down_proj at TP=2,
-    K = 7168) take 1024-column steps with 4 warps: since the push GEMV loads its targets before its loop,
-    TP=2 batch-1 decode ran 3.0% faster with them than with whole 2048 rows and 2048-column steps of 8
-    warps (results/h200x2_run53_push_configs). Long rows (the down projection, K = 14336) keep 2048-column
-    steps with 8 warps (4096 was 8% slower)."""
-    if 1024 < k <= 2048 or 4096 < k <= 8192:
+    up to 4096 are read in one step: under PDL the whole weight slice of a program is then loaded before
+    it waits for x, and batch-1 decode ran 1.6% faster than with 1024-column steps (2048 was 5% slower;
+    results/h200_run24_gemv_k). Long rows (the down projection, K = 14336) take 2048-column steps with
+    8 warps (4096 was 8% slower); so do rows of 4097-8192 (K = 7168: batch-1 decode 1.0-1.6% faster
+    than with 1024-column steps and 4 warps, results/h200x2_run48_tp_sweep).
+    push (gemv_push, o_proj and down_proj at TP=2): rows of 1025-2048 and 4097-8192 take 1024-column
+    steps with 4 warps, with which pushing costs nothing (bench_gemv.py --push) and TP=2 batch-1 decode
+    ran 3.0% faster than with the plain GEMV's configs (results/h200x2_run53_push_configs)."""
+    if push and (1024 < k <= 2048 or 4096 < k <= 8192):
         return GemvConfig(block_k=1024)
     if k <= 4096:
         return GemvConfig(block_k=max(16, triton.next_power_of_2(k)))
@@ -107,7 +108,7 @@ def _launch(name: str, x: torch.Tensor, weight: torch.Tensor, out_cols: int, con
     rows (default: the config's) over weight [N, K]; returns out [1, out_cols] in x's dtype. push:
     (slot_ptrs, epoch, slot_stride, rank, world_size)."""
     n, k = weight.shape
-    config = config or default_gemv_config(k)
+    config = config or default_gemv_config(k, push is not None)
     block_n = block_n or config.block_n
     x = _check(x, weight, name)
     out = torch.empty(1, out_cols, dtype=x.dtype, device=x.device)
