@@ -262,40 +262,44 @@ class PushExchange:
     # starts (begin_forward): a CUDA graph replay may have gathered since a push received eagerly.
     received: bool = False
 
-    @classmethod
-    def create(cls, device: torch.device, group_name: str, world: int) -> "PushExchange":
+    @staticmethod
+    def _symmetric_slots(device: torch.device, group_name: str, world: int, stride: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Zeroed symmetric int64 slots [2 halves * world * stride], every rank's address of them and
+        this rank's index; collective."""
         import torch.distributed._symmetric_memory as symm_mem
 
-        from carpool.ops.triton.all_reduce_norm import MAX_PUSH_WORLD
-        if world > MAX_PUSH_WORLD:
-            raise ValueError(f"a push producer addresses at most {MAX_PUSH_WORLD} ranks, not {world}")
-        stride = PUSH_MAX_WIDTH // 2
         slots = symm_mem.empty(2 * world * stride, dtype=torch.int64, device=device)
         slots.zero_()
         torch.cuda.synchronize(device)
-        ptrs, rank = _peer_addresses(slots, group_name, world)
+        return (slots, *_peer_addresses(slots, group_name, world))
+
+    @classmethod
+    def create(cls, device: torch.device, group_name: str, world: int) -> "PushExchange":
+        from carpool.ops.triton.all_reduce_norm import check_push_world
+
+        check_push_world("push exchange", world)
+        stride = PUSH_MAX_WIDTH // 2
+        slots, ptrs, rank = cls._symmetric_slots(device, group_name, world, stride)
         return cls(slots, ptrs, torch.zeros(1, dtype=torch.int32, device=device), stride, rank, world)
 
     def create_logits(self, group_name: str, shard: int) -> None:
         """The LM head's slots, for one-row logits of `shard` (even) values per rank; collective."""
-        import torch.distributed._symmetric_memory as symm_mem
-
         if shard % 2:
             raise ValueError(f"the pushed logits gather needs an even vocab slice, not {shard}")
-        slots = symm_mem.empty(2 * self.world_size * (shard // 2), dtype=torch.int64, device=self.slots.device)
-        slots.zero_()
-        torch.cuda.synchronize(slots.device)
-        self.logit_ptrs, _ = _peer_addresses(slots, group_name, self.world_size)
-        self.logit_slots, self.logit_shard = slots, shard
+        self.logit_slots, self.logit_ptrs, _ = self._symmetric_slots(self.slots.device, group_name, self.world_size,
+                                                                     shard // 2)
+        self.logit_shard = shard
 
     def begin_forward(self) -> None:
         """Called before every forward, eager or replayed (ModelRunner): nothing received yet."""
         self.received = False
 
-    def _fits(self, width: int, weight: torch.Tensor) -> bool:
-        """A 16-bit weight, contiguous in its last dim, whose output rows of `width` fit the slots as
-        pairs (equal on every rank)."""
-        return (weight.dtype in (torch.bfloat16, torch.float16) and width % 2 == 0 and width // 2 <= self.slot_stride
+    def _fits(self, width: int, weight: torch.Tensor, slot_stride: int | None = None) -> bool:
+        """A 16-bit weight, contiguous in its last dim, whose output rows of `width` fit slots of
+        `slot_stride` pairs (default: the norm's) (equal on every rank)."""
+        stride = self.slot_stride if slot_stride is None else slot_stride
+        return (weight.dtype in (torch.bfloat16, torch.float16) and width % 2 == 0 and width // 2 <= stride
                 and weight.stride(-1) == 1)
 
     def eligible(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -335,7 +339,7 @@ class PushExchange:
         to have been a norm receiving a push (the model's order: the final norm, then the head)."""
         if not (self.logit_slots is not None and self.received and self.pending is None and hidden.dim() == 2
                 and hidden.shape[0] == 1 and hidden.dtype == weight.dtype and weight.shape[0] == self.logit_shard
-                and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1):
+                and self._fits(self.logit_shard, weight, self.logit_shard // 2)):
             return None
         from carpool.ops.triton.all_reduce_norm import pushed_gather
         from carpool.ops.triton.gemv import gemv_push

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from carpool.custom_all_reduce import CustomAllReduce
+    from carpool.custom_all_reduce import CustomAllReduce, PushExchange
     from carpool.ops import KernelOps
 
 
@@ -41,46 +41,45 @@ class TPGroup:
                                 ops: "KernelOps") -> tuple[torch.Tensor, torch.Tensor]:
         """ops.fused_add_rms_norm(all_reduce(x), residual, ...): one kernel on the symmetric-memory path
         (Triton kernels, an eligible shape), the two steps otherwise."""
-        custom = self.custom_all_reduce
-        if self.size > 1 and custom is not None and custom.push is not None and custom.push.pending is not None:
-            return custom.push.add_rms_norm(x, residual, weight, eps)
+        push, custom = self._push(), self.custom_all_reduce
+        if push is not None and push.pending is not None:
+            return push.add_rms_norm(x, residual, weight, eps)
         if self.size > 1 and custom is not None and ops.name == "triton" and custom.norm_eligible(x, residual):
             return custom.all_reduce_add_rms_norm(x, residual, weight, eps)
         return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
+
+    def _push(self) -> "PushExchange | None":
+        """The batch-1 push exchange, when this group has one."""
+        custom = self.custom_all_reduce
+        return custom.push if self.size > 1 and custom is not None else None
 
     def push_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """x @ weight.T (this rank's partial sums), sent to every rank as it is computed, for the next
         all_reduce_add_rms_norm to receive; None when the push exchange does not take x (then compute
         and reduce as usual). Only for a row-parallel projection whose output goes to that norm."""
-        custom = self.custom_all_reduce
-        if self.size == 1 or custom is None or custom.push is None or not custom.push.eligible(x, weight):
-            return None
-        return custom.push.gemv(x, weight)
+        push = self._push()
+        return push.gemv(x, weight) if push is not None and push.eligible(x, weight) else None
 
     def push_embedding(self, token_id: torch.Tensor, weight: torch.Tensor, vocab_start: int
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One token's vocab-parallel embedding (this rank's share, sent to every rank as it is read) and
         a zero residual, for the first layer's norm to sum; None when the push exchange does not take it
         (then the embedding all-reduces as usual)."""
-        custom = self.custom_all_reduce
-        if self.size == 1 or custom is None or custom.push is None:
-            return None
-        return custom.push.embedding(token_id, weight, vocab_start)
+        push = self._push()
+        return push.embedding(token_id, weight, vocab_start) if push is not None else None
 
     def begin_forward(self) -> None:
         """Before each forward (eager, or a CUDA graph replay): the push exchange's per-forward state."""
-        custom = self.custom_all_reduce
-        if self.size > 1 and custom is not None and custom.push is not None:
-            custom.push.begin_forward()
+        push = self._push()
+        if push is not None:
+            push.begin_forward()
 
     def push_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """A one-row step's vocab-parallel logits, hidden @ weight.T on every rank, gathered by the push
         exchange (every rank's slice side by side, as all_gather_last_dim); None when it does not take
         them (then compute and all-gather as usual)."""
-        custom = self.custom_all_reduce
-        if self.size == 1 or custom is None or custom.push is None:
-            return None
-        return custom.push.gather_logits(hidden, weight)
+        push = self._push()
+        return push.gather_logits(hidden, weight) if push is not None else None
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' x side by side along the last dim. One gather into one tensor (the ranks' x one

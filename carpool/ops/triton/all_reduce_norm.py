@@ -154,6 +154,12 @@ MAX_PUSH_WORLD = 8  # ranks a push producer can address (push_targets loads them
 _PUSH_LANES = tl.constexpr(MAX_PUSH_WORLD)  # (the same, as kernels can read it)
 
 
+def check_push_world(name: str, world_size: int) -> None:
+    """ValueError unless a push producer can address world_size ranks."""
+    if not 1 <= world_size <= MAX_PUSH_WORLD:
+        raise ValueError(f"{name}: world_size must be 1..{MAX_PUSH_WORLD}, got {world_size}")
+
+
 @triton.jit
 def push_targets(slot_ptrs, epoch_ptr, WORLD: tl.constexpr):
     """The producer's targets, loaded before its main work so that their latency overlaps it: every
@@ -212,8 +218,7 @@ def embedding_push(token_id: torch.Tensor, weight: torch.Tensor, vocab_start: in
     [rows, D], D even; token_id: one int64 on the device."""
     if token_id.numel() != 1:
         raise ValueError(f"token_id: expected one token, got {tuple(token_id.shape)}")
-    if not 1 <= world_size <= MAX_PUSH_WORLD:
-        raise ValueError(f"embedding_push: world_size must be 1..{MAX_PUSH_WORLD}, got {world_size}")
+    check_push_world("embedding_push", world_size)
     rows, d = weight.shape
     if d % 2 or d // 2 > slot_stride or weight.stride(-1) != 1 or weight.element_size() != 2:
         raise ValueError(f"weight: expected 16-bit [rows, D] with D even and D <= {2 * slot_stride}, "

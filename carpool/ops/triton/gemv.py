@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
-from carpool.ops.triton.all_reduce_norm import MAX_PUSH_WORLD, push_pairs, push_targets
+from carpool.ops.triton.all_reduce_norm import check_push_world, push_pairs, push_targets
 from carpool.ops.triton.utils import pdl_wait_then_release
 
 
@@ -136,8 +136,7 @@ def gemv_push(x: torch.Tensor, weight: torch.Tensor, slot_ptrs: torch.Tensor, ep
     if weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype or n % 2 or n // 2 > slot_stride:
         raise ValueError(f"gemv_push: expected 16-bit x and weight with an even N <= {2 * slot_stride}, got "
                          f"{x.dtype}, {weight.dtype} {tuple(weight.shape)}")
-    if not 1 <= world_size <= MAX_PUSH_WORLD:
-        raise ValueError(f"gemv_push: world_size must be 1..{MAX_PUSH_WORLD}, got {world_size}")
+    check_push_world("gemv_push", world_size)
     return _launch("gemv_push", x, weight, n, config, block_n=2,
                    push=(slot_ptrs, epoch, slot_stride, rank, world_size))
 
