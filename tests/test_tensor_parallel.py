@@ -20,6 +20,7 @@ from checkpoints import copy_without_weight, hf_greedy, prompts_of_lengths
 
 from carpool import LLM, SamplingParams
 from carpool.worker.multiproc_executor import TPWorkerError, check_tensor_parallel
+from carpool.worker.tp_worker import samples_on_every_rank
 
 LENGTHS = [1, 2, 5, 16, 17, 33, 64, 100, 150, 200]
 MAX_NEW = 10
@@ -136,20 +137,39 @@ def test_kv_blocks_are_sized_per_rank(checkpoint_factory):
 
 
 def test_seeded_sampling_and_logprobs_agree_with_tp1(checkpoint_factory):
+    """Seeded, greedy and penalized greedy rows in one batch, finishing at different steps: steps go from
+    rank 0 sampling and broadcasting to every rank sampling alone (all greedy, unpenalized) and back."""
     path = checkpoint_factory("llama")
-    params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=8, ignore_eos=True, logprobs=3)
-    prompts = PROMPTS[:4]
-    tp1 = LLM(path, device="cpu").generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    seeded = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=8, ignore_eos=True, logprobs=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    penalized = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, repetition_penalty=1.3)
+    params = [seeded, greedy, seeded, penalized, greedy, seeded]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:6]]
+    tp1 = LLM(path, device="cpu").generate(prompts, params, use_tqdm=False)
     llm = LLM(path, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22)
     try:
-        tp2 = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        tp2 = llm.generate(prompts, params, use_tqdm=False)
+        # the same greedy requests again, alone: every step then samples on every rank
+        alone = llm.generate(prompts[:2], greedy, use_tqdm=False)
     finally:
         llm.engine.shutdown()
+    tp1_alone = LLM(path, device="cpu").generate(prompts[:2], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in alone] == [o.outputs[0].token_ids for o in tp1_alone]
     for a, b in zip(tp1, tp2):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+        assert (a.outputs[0].logprobs is None) == (b.outputs[0].logprobs is None)
+        for la, lb in zip(a.outputs[0].logprobs or [], b.outputs[0].logprobs or []):
             assert la.keys() == lb.keys()
             assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
+
+
+def test_only_greedy_unpenalized_steps_sample_on_every_rank():
+    greedy = SamplingParams(temperature=0.0, logprobs=3)
+    assert samples_on_every_rank([greedy, SamplingParams(temperature=1e-6, min_tokens=2)])
+    assert not samples_on_every_rank([greedy, SamplingParams(temperature=0.7, seed=1)])
+    assert not samples_on_every_rank([greedy, SamplingParams(temperature=0.0, presence_penalty=0.5)])
+    assert not samples_on_every_rank([SamplingParams(temperature=0.0, repetition_penalty=1.1)])
+    assert not samples_on_every_rank([greedy, None])
 
 
 @pytest.mark.parametrize("field,overrides,tp", [

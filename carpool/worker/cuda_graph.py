@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from carpool.forward_batch import AttentionMetadata, ForwardBatch
 from carpool.worker.input_batch import CASCADE_MIN_BATCH, StepInputs
 from carpool.platform import to_device
 from carpool.worker.staging import Field, StaticInputs
+
+if TYPE_CHECKING:
+    from carpool.worker.model_runner import PendingFixup
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class CUDAGraphRunner:
             Field("slot_mapping", torch.long, (n,), -1), Field("seq_lens", torch.int32, (n,), 1),
             Field("decode_order", torch.int32, (n,), np.arange(n, dtype=np.int32)),
             Field("decode_split_len", torch.int32, (1,), 1), Field("prefix_len", torch.int32, (1,), 0),
+            Field("fixup_index", torch.long, (n,), 0),
             Field("packed_block_tables", torch.int32, (n * max_blocks_per_req,), 0)], device)
         t = self.staged.tensors
         self.input_ids, self.positions, self.slot_mapping = t["input_ids"], t["positions"], t["slot_mapping"]
@@ -106,7 +111,7 @@ class CUDAGraphRunner:
     def can_run(self, inputs: StepInputs) -> bool:
         return bool(self.graphs) and inputs.max_query_len == 1 and len(inputs.rows) <= self.max_bs
 
-    def run(self, inputs: StepInputs, fixup: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def run(self, inputs: StepInputs, fixup: PendingFixup | None = None) -> torch.Tensor:
         """Replay the graph for this decode step; returns logits of the sampling rows."""
         b = len(inputs.rows)
         bs = next(s for s in self.batch_sizes if s >= b)
@@ -126,11 +131,13 @@ class CUDAGraphRunner:
         cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
         if cascade:
             host["prefix_len"][0] = inputs.cascade_prefix_len
+        if fixup is not None:  # where the tokens sampled by the previous step go: in the same upload
+            host["fixup_index"][:len(fixup.index)] = fixup.index
         self.staged.upload(self.staged.end_of("packed_block_tables", bs * width))
         packed = self.staged.tensors["packed_block_tables"][:bs * width].view(bs, width)
         self.block_tables[:bs, :width].copy_(packed)
         if fixup is not None:  # tokens sampled by the previous step, still on the device
-            self.input_ids.index_copy_(0, fixup[0], fixup[1])
+            self.input_ids.index_copy_(0, self.staged.tensors["fixup_index"][:len(fixup.index)], fixup.values)
         self.graphs[(bs, cascade)].replay()
         logits = self.logits[(bs, cascade)]
         if len(inputs.logits_indices) == b:

@@ -72,6 +72,7 @@ class ModelRunner:
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)
+        self._zero_buffers: dict[torch.dtype, torch.Tensor] = {}
         self.input_batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len,
                                       self.block_size)
         self.kv_cache: torch.Tensor | None = None
@@ -187,9 +188,12 @@ class ModelRunner:
         def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return to_device(torch.tensor(values, dtype=dtype), dev)
 
-        md = SamplingMetadata(temperature=column([p.temperature for p in params]),
-                              all_greedy=all(p.greedy for p in params),
-                              num_logprobs=[p.logprobs for p in params])
+        all_greedy = all(p.greedy for p in params)
+        # All-greedy rows take the argmax, which reads neither temperatures nor noise seeds: zeros kept on
+        # the device serve for both, so such a step uploads nothing here.
+        md = SamplingMetadata(temperature=self._zeros(len(params), torch.float32) if all_greedy
+                              else column([p.temperature for p in params]),
+                              all_greedy=all_greedy, num_logprobs=[p.logprobs for p in params])
         if any(p.top_k > 0 for p in params):
             md.top_k = column([p.top_k for p in params], torch.long)
         if any(p.top_p < 1.0 for p in params):
@@ -216,6 +220,9 @@ class ModelRunner:
         fast = (self.sampler.fast_sample is not None and md.top_k is None and md.top_p is None
                 and md.min_p is None and md.repetition_penalty is None and not md.banned_token_ids
                 and all(p.logprobs is None for p in params))
+        if fast and all_greedy:
+            md.seeds = self._zeros(len(params), torch.long)
+            return md
         if fast:
             seeds = self._noise_rng.integers(0, 1 << 62, size=len(params), dtype=np.int64)
             for i, seed in seeded:
@@ -227,6 +234,14 @@ class ModelRunner:
             gen.manual_seed(seed)
             md.generators[i] = gen
         return md
+
+    def _zeros(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """n zeros of dtype on the device, from a buffer kept for reuse (read only)."""
+        buf = self._zero_buffers.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = self._zero_buffers[dtype] = torch.zeros(max(n, self.config.scheduler.max_num_seqs), dtype=dtype,
+                                                          device=self.device)
+        return buf[:n]
 
     def sample(self, logits: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
         """One token per sampling row (+ logprobs). A hook: under tensor parallelism rank 0 samples and
@@ -269,30 +284,41 @@ class ModelRunner:
         return PendingStep(self, [ids[r] for r in inputs.sample_rows], inputs.sample_rows,  # type: ignore[misc]
                            tokens, logprobs, timing)
 
-    def _pending_fixup(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(packed index, device token) for input tokens sampled by the previous, unresolved step."""
+    def _pending_fixup(self, inputs: StepInputs) -> PendingFixup | None:
+        """Input tokens sampled by the previous, unresolved step: where they go, and their values on the
+        device. In steady decode the rows are those the last step sampled, in the same order, and the
+        sampled tensor is used as it is: no index upload and no gather kernel in the step's chain."""
         if not len(inputs.pending_token_index):
             return None
         tokens, rows = self._last_sampled
         assert tokens is not None, "a pending token without a launched step that sampled it"
         index_of_row = {int(r): i for i, r in enumerate(rows)}
         src = np.array([index_of_row[int(r)] for r in inputs.pending_rows], dtype=np.int64)
-        return (to_device(inputs.pending_token_index, self.device),
-                tokens.index_select(0, to_device(src, self.device)))
+        if np.array_equal(src, np.arange(len(src))):
+            values = tokens[:len(src)]
+        else:
+            values = tokens.index_select(0, to_device(src, self.device))
+        return PendingFixup(inputs.pending_token_index.astype(np.int64, copy=False), values)
 
-    def _forward(self, inputs: StepInputs, fixup: tuple[torch.Tensor, torch.Tensor] | None
-                 ) -> torch.Tensor | None:
+    def _forward(self, inputs: StepInputs, fixup: PendingFixup | None) -> torch.Tensor | None:
         """Logits of the sampling requests (None if no request samples this step)."""
         self.tp.begin_forward()
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
             return self.graph_runner.run(inputs, fixup)
         batch = self._to_device(inputs)
         if fixup is not None:
-            batch.input_ids.index_copy_(0, fixup[0], fixup[1])
+            batch.input_ids.index_copy_(0, to_device(fixup.index, self.device), fixup.values)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         if not len(inputs.logits_indices):
             return None
         return self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
+
+
+@dataclass(frozen=True)
+class PendingFixup:
+    """Tokens of a step's input that the previous step sampled and the host has not seen yet."""
+    index: np.ndarray  # int64: packed input positions to overwrite (host: it rides in the step's upload)
+    values: torch.Tensor  # the sampled token ids, on the device, one per index
 
 
 @dataclass
