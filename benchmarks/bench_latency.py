@@ -138,6 +138,7 @@ def main() -> None:
                               "disable_pdl": args.disable_pdl,
                               "fused_all_reduce_norm": not args.no_fused_all_reduce_norm,
                               "fused_gemv_silu": not args.no_fused_gemv_silu,
+                              "fused_qkv_rope": not args.no_fused_qkv_rope,
                               "push_all_reduce": not args.no_push_all_reduce,
                               "push_logits": not args.no_push_logits,
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,

@@ -177,6 +177,8 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
                     help="TP ablation: batch-1 steps all-gather their logits over NCCL, not by the LM head's push")
     ap.add_argument("--no-fused-gemv-silu", action="store_true",
                     help="ablation: batch-1 steps run the gate/up GEMV and SiLU-and-mul as two kernels")
+    ap.add_argument("--no-fused-qkv-rope", action="store_true",
+                    help="ablation: batch-1 steps run the q/k/v GEMV and RoPE + KV store as two kernels")
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,6 +200,10 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         from carpool.worker.model_runner import FUSED_GEMV_SILU_ENV
 
         os.environ[FUSED_GEMV_SILU_ENV] = "0"
+    if args.no_fused_qkv_rope:
+        from carpool.worker.model_runner import FUSED_QKV_ROPE_ENV
+
+        os.environ[FUSED_QKV_ROPE_ENV] = "0"
     return dict(enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
                 tensor_parallel_size=args.tensor_parallel_size,
                 disable_custom_all_reduce=args.disable_custom_all_reduce)

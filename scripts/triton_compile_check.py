@@ -96,6 +96,11 @@ def call_every_op(dtype: torch.dtype) -> None:
         for n, k in ((3 * hidden, hidden), (hidden, 4 * hidden)):  # batch-1 projections, short and long rows
             tri.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
         tri.gemv_silu_and_mul(torch.zeros(1, hidden, dtype=dtype), torch.zeros(2 * 3 * hidden, hidden, dtype=dtype))
+        heads = hidden // 128  # the fused q/k/v GEMV with RoPE and the KV store (GQA 4)
+        kv_cache = torch.zeros(16, 16, heads // 4, 128, dtype=dtype)
+        tri.gemv_rope_and_store_kv(torch.zeros(1, hidden, dtype=dtype), torch.zeros(3 * hidden // 2, hidden, dtype=dtype),
+                                   None, torch.zeros(1, dtype=torch.long), torch.zeros(4096, 128), kv_cache,
+                                   kv_cache.clone(), torch.zeros(1, dtype=torch.long), heads, heads // 4)
     tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
     from carpool.ops.triton.all_reduce_norm import MAX_PROGRAMS, all_reduce_add_rms_norm
 

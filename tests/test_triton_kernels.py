@@ -919,6 +919,39 @@ def test_gemv_silu_and_mul_equals_gemv_then_silu_and_mul(d: int, k: int) -> None
         gemv_silu_and_mul(x, w[1:])
 
 
+def _qkv_rope_case(hq: int, hkv: int, head_dim: int, k: int, dtype: torch.dtype, with_bias: bool, device: str):
+    w = 0.1 * torch.randn((hq + 2 * hkv) * head_dim, k, device=device).to(dtype)
+    x = torch.randn(1, k, device=device).to(dtype)
+    b = torch.randn(w.shape[0], device=device).to(dtype) if with_bias else None
+    cos_sin = torch.randn(50, head_dim, device=device)  # float32, as RotaryEmbedding keeps it
+    caches = [torch.full((5, 4, hkv, head_dim), 7.0, device=device).to(dtype) for _ in range(4)]
+    return w, x, b, cos_sin, caches
+
+
+@pytest.mark.parametrize("hq,hkv,head_dim,with_bias", [(4, 2, 16, False), (3, 1, 24, True)])
+def test_gemv_rope_and_store_kv_equals_gemv_then_rope_and_store_kv(hq, hkv, head_dim, with_bias) -> None:
+    from carpool.ops.triton.gemv import gemv, gemv_rope_and_store_kv
+
+    w, x, b, cos_sin, caches = _qkv_rope_case(hq, hkv, head_dim, 70, torch.float32, with_bias, DEVICE)
+    for pos, slot in ((0, 5), (49, 19), (7, -1)):  # the last: a padded step stores nothing
+        positions = torch.tensor([pos], device=DEVICE)
+        slots = torch.tensor([slot], device=DEVICE)
+        qkv = gemv(x, w, b)
+        q = qkv[:, :hq * head_dim].view(1, hq, head_dim)
+        k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(1, hkv, head_dim)
+        v = qkv[:, (hq + hkv) * head_dim:].view(1, hkv, head_dim)
+        expected = tri.rope_and_store_kv(positions, q, k, v, cos_sin, caches[0], caches[1], slots).clone()
+        got = gemv_rope_and_store_kv(x, w, b, positions, cos_sin, caches[2], caches[3], slots, hq, hkv)
+        assert got.shape == (1, hq, head_dim)
+        assert torch.equal(got, expected)  # the same roundings: equal bits
+        assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    assert (caches[2] == 7.0).sum() == caches[2].numel() - 2 * hkv * head_dim  # two slots written
+    with pytest.raises(ValueError, match="gemv_rope_and_store_kv"):
+        gemv_rope_and_store_kv(x, w[2:], b, positions, cos_sin, caches[2], caches[3], slots, hq, hkv)
+    with pytest.raises(ValueError, match="float32 cos_sin_cache"):
+        gemv_rope_and_store_kv(x, w, b, positions, cos_sin.half(), caches[2], caches[3], slots, hq, hkv)
+
+
 # ---- in the model ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # head_dim 16; head_dim 24 with q/k norms on views
@@ -950,6 +983,9 @@ def test_engine_batch_one_steps_take_the_gemv_and_match_torch(checkpoint_factory
     fused = []
     real_fused = tri.gemv_silu_and_mul
     monkeypatch.setattr(tri, "gemv_silu_and_mul", lambda *a, **k: fused.append(1) or real_fused(*a, **k))
+    rope = []
+    real_rope = tri.gemv_rope_and_store_kv
+    monkeypatch.setattr(tri, "gemv_rope_and_store_kv", lambda *a, **k: rope.append(1) or real_rope(*a, **k))
     path = checkpoint_factory("qwen2")  # q/k/v biases go through the GEMV's bias
     prompt = {"prompt_token_ids": prompts_of_lengths([23])[0]}
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -957,6 +993,7 @@ def test_engine_batch_one_steps_take_the_gemv_and_match_torch(checkpoint_factory
         [prompt], params, use_tqdm=False)[0].outputs[0].token_ids for backend in ("torch", "triton")}
     assert calls, "a batch-1 decode step should use the Triton GEMV"
     assert fused, "a batch-1 decode step's gate/up projection should use the GEMV with SiLU-and-mul"
+    assert rope, "a batch-1 decode step's q/k/v projection should use the GEMV with RoPE and the KV store"
     assert tokens["triton"] == tokens["torch"]
 
 
@@ -1025,6 +1062,25 @@ def test_gpu_gemv_silu_and_mul_bf16_equals_the_two_kernels(d: int) -> None:
     gate, up = torch.nn.functional.linear(x.float(), w.float()).chunk(2, dim=-1)
     torch.testing.assert_close(gemv_silu_and_mul(x, w).float(), torch.nn.functional.silu(gate) * up,
                                atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (16, 4)])  # Llama-3-8B's heads, whole and halved for TP=2
+def test_gpu_gemv_rope_and_store_kv_bf16_equals_the_two_kernels(hq: int, hkv: int) -> None:
+    from carpool.ops.triton.gemv import gemv, gemv_rope_and_store_kv
+
+    w, x, _, cos_sin, caches = _qkv_rope_case(hq, hkv, 128, 4096, torch.bfloat16, False, "cuda")
+    positions, slots = torch.tensor([37], device="cuda"), torch.tensor([13], device="cuda")
+    qkv = gemv(x, w)
+    q, k, v = qkv.split([hq * 128, hkv * 128, hkv * 128], dim=-1)
+    expected = tri.rope_and_store_kv(positions, q.view(1, hq, 128), k.view(1, hkv, 128), v.view(1, hkv, 128),
+                                     cos_sin, caches[0], caches[1], slots).clone()
+    got = gemv_rope_and_store_kv(x, w, None, positions, cos_sin, caches[2], caches[3], slots, hq, hkv)
+    # Same roundings; the rotation's multiply-adds may contract differently in the two kernels.
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(caches[2].float(), caches[0].float(), atol=1e-2, rtol=1e-2)
+    assert torch.equal(caches[3], caches[1])
 
 
 # ---- one-pass sampling ---------------------------------------------------------------------------

@@ -126,6 +126,10 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul. Heads are split across ranks; when there are fewer KV heads
     than ranks, each KV head is replicated on the ranks that share it."""
 
+    # The backend's GEMV with RoPE and the KV-cache store (see ModelRunner), for batch-1 steps of models
+    # without a q/k norm; attention layers call it through fused_rope_and_store_kv.
+    gemv_rope_and_store_kv: Callable[..., torch.Tensor] | None = None
+
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE) -> None:
         if num_heads % tp.size:
@@ -151,6 +155,16 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             raise ValueError(f"unknown qkv shard {shard_id!r}")
         param.data.narrow(0, offset, size).copy_(load_narrow(loaded, 0, start, size))
+
+    def fused_rope_and_store_kv(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_mapping: torch.Tensor) -> torch.Tensor | None:
+        """This projection, RoPE on q and k, and k and v written to the cache, in one kernel when the
+        backend has one for x's shape (one row): returns q [1, heads, head_dim]; None otherwise."""
+        if self.gemv_rope_and_store_kv is None or x.dim() != 2 or x.shape[0] != 1:
+            return None
+        return self.gemv_rope_and_store_kv(x, self.weight, self.bias, positions, cos_sin_cache, k_cache, v_cache,
+                                           slot_mapping, self.num_heads, self.num_kv_heads)
 
 
 class RowParallelLinear(LinearBase):

@@ -48,14 +48,20 @@ class LlamaAttention(nn.Module):
         return None, None, 0.0
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # RoPE and the KV-cache store in one op; attention then reads this step's k and v from the cache.
-        q = self.attn.rope_and_store_kv(positions, q, k, v, self.rotary_emb.cos_sin_cache, batch,
-                                        *self.qk_norm_weights())
+        q_norm, k_norm, eps = self.qk_norm_weights()
+        q = None
+        if q_norm is None and k_norm is None:  # a batch-1 step: projection, RoPE and store in one kernel
+            q = self.qkv_proj.fused_rope_and_store_kv(hidden, positions, self.rotary_emb.cos_sin_cache,
+                                                      self.attn.k_cache, self.attn.v_cache, batch.attn.slot_mapping)
+        if q is None:
+            qkv = self.qkv_proj(hidden)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            # RoPE and the KV-cache store in one op; attention then reads this step's k and v from the cache.
+            q = self.attn.rope_and_store_kv(positions, q, k, v, self.rotary_emb.cos_sin_cache, batch,
+                                            q_norm, k_norm, eps)
         out = self.attn(q, None, None, batch)
         return self.o_proj(out.view(-1, self.q_size))
 

@@ -28,6 +28,8 @@ class KernelOps:
     # silu(x @ gate.T) * (x @ up.T) for batch-1 steps from a merged [gate; up] weight; None: gemv or
     # matmul, then silu_and_mul.
     gemv_silu_and_mul: Callable | None = None
+    # a batch-1 step's q/k/v GEMV with rope_and_store_kv (no q/k norm) in one kernel; None: the two ops.
+    gemv_rope_and_store_kv: Callable | None = None
 
 
 def get_kernel_ops(name: str) -> KernelOps:
@@ -42,4 +44,5 @@ def get_kernel_ops(name: str) -> KernelOps:
                      rope_and_store_kv=impl.rope_and_store_kv,
                      sample_from_logits=getattr(impl, "sample_from_logits", None),
                      gemv=getattr(impl, "gemv", None),
-                     gemv_silu_and_mul=getattr(impl, "gemv_silu_and_mul", None))
+                     gemv_silu_and_mul=getattr(impl, "gemv_silu_and_mul", None),
+                     gemv_rope_and_store_kv=getattr(impl, "gemv_rope_and_store_kv", None))

@@ -22,7 +22,7 @@ from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenL
 from carpool.distributed import SINGLE, TPGroup
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
 from carpool.layers.embedding import ParallelLMHead
-from carpool.layers.linear import LinearBase, MergedColumnParallelLinear
+from carpool.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
 from carpool.layers.sampler import Sampler, SamplingMetadata
 from carpool.models.loader import load_model
 from carpool.ops import get_kernel_ops
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 FUSED_GEMV_SILU_ENV = "CARPOOL_FUSED_GEMV_SILU"
 # "0": batch-1 steps compute the LM head with cuBLAS instead of the GEMV (for ablations)
 LM_HEAD_GEMV_ENV = "CARPOOL_LM_HEAD_GEMV"
+# "0": batch-1 steps run the q/k/v GEMV and rope_and_store_kv as two kernels (for ablations)
+FUSED_QKV_ROPE_ENV = "CARPOOL_FUSED_QKV_ROPE"
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,14 @@ class ModelRunner:
         if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
             fused_act = os.environ.get(FUSED_GEMV_SILU_ENV, "1") != "0"
             head_gemv = os.environ.get(LM_HEAD_GEMV_ENV, "1") != "0"
+            fused_rope = os.environ.get(FUSED_QKV_ROPE_ENV, "1") != "0"
             for module in self.model.modules():
                 if isinstance(module, LinearBase) or (isinstance(module, ParallelLMHead) and head_gemv):
                     module.gemv = self.ops.gemv
                 if isinstance(module, MergedColumnParallelLinear) and fused_act:
                     module.gemv_silu_and_mul = self.ops.gemv_silu_and_mul
+                if isinstance(module, QKVParallelLinear) and fused_rope:
+                    module.gemv_rope_and_store_kv = self.ops.gemv_rope_and_store_kv
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)

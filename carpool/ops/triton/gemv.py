@@ -47,10 +47,17 @@ def default_gemv_config(k: int, push: bool = False) -> GemvConfig:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slot_ptrs, epoch_ptr, slot_stride,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr,
-                 PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, USE_PDL: tl.constexpr):
+                 pos_ptr, cos_sin_ptr, slot_map_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_cb, stride_cp,
+                 stride_ch, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SILU_PAIR: tl.constexpr, PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                 ROPE: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr):
     if SILU_PAIR:  # program p reads rows p (gate) and p + pair_offset (up); BLOCK_N == 2
         rows = tl.program_id(0) + tl.arange(0, BLOCK_N) * pair_offset
+    elif ROPE:  # program p reads the rotate-half pair (i, i + HALF) of head p // HALF; BLOCK_N == 2
+        head = tl.program_id(0) // HALF
+        i = tl.program_id(0) % HALF
+        rows = head * (2 * HALF) + i + tl.arange(0, BLOCK_N) * HALF
     else:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -59,6 +66,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
     # under PDL it streams while that kernel still runs.
     cols = tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    if ROPE:  # the step's position and slot come from its upload, before any kernel: safe to read early
+        cos, sin, k_dst, v_dst, n_k, n_v = _rope_targets(pos_ptr, cos_sin_ptr, slot_map_ptr, k_cache_ptr,
+                                                         v_cache_ptr, stride_cs, stride_cb, stride_cp, stride_ch,
+                                                         head, i, Q_HEADS, KV_HEADS, HALF, PAGE_SIZE)
     pdl_wait_then_release(USE_PDL)
     if PUSH:
         peers, epoch = push_targets(slot_ptrs, epoch_ptr, WORLD)
@@ -82,6 +93,20 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
         up = tl.sum(tl.where(is_gate, 0.0, out), axis=0)
         act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + tl.program_id(0), (act.to(tl.float32) * up).to(out_ptr.dtype.element_ty))
+    elif ROPE:
+        # The same roundings as the GEMV followed by rope_and_store_kv: q and k as the GEMV stores them,
+        # then [x1, x2] -> [x1 c - x2 s, x2 c + x1 s] in float32. v is stored as it is.
+        y = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        first = tl.arange(0, BLOCK_N) == 0
+        x1 = tl.sum(tl.where(first, y, 0.0), axis=0)
+        x2 = tl.sum(tl.where(first, 0.0, y), axis=0)
+        rotated = tl.where(first, x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+        y = tl.where(head < Q_HEADS + KV_HEADS, rotated, y).to(out_ptr.dtype.element_ty)
+        pair = tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + rows, y, mask=pair < tl.where(head < Q_HEADS, BLOCK_N, 0))  # q rows only
+        offs = pair * HALF
+        tl.store(k_dst + offs, y.to(k_dst.dtype.element_ty), mask=pair < n_k)
+        tl.store(v_dst + offs, y.to(v_dst.dtype.element_ty), mask=pair < n_v)
     else:
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
     if PUSH:
@@ -90,6 +115,40 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
         bits = out.to(out_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         pair = tl.sum(tl.where(tl.arange(0, BLOCK_N) == 0, bits, bits << 16), axis=0)
         push_pairs(pair, tl.program_id(0), None, peers, epoch, slot_stride, RANK, WORLD)
+
+
+@triton.jit
+def _rope_targets(pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_cb, stride_cp,
+                  stride_ch, head, i, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                  PAGE_SIZE: tl.constexpr):
+    """For a program of the fused q/k/v GEMV (ROPE): cos and sin of column i at the step's position,
+    where its pair goes in the caches (k and v share strides: block, slot in block, head), and how many
+    of its two values go to each: 2 for a k head's to the k cache, a v head's to the v cache, else 0
+    (q heads, and every head of a padded step, slot < 0)."""
+    pos = tl.load(pos_ptr).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + i)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    n_store = tl.where(slot >= 0, 2, 0)
+    slot = tl.maximum(slot, 0)
+    kv_head = tl.maximum(tl.where(head < Q_HEADS + KV_HEADS, head - Q_HEADS, head - Q_HEADS - KV_HEADS), 0)
+    off = (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_cp + kv_head * stride_ch + i
+    n_k = tl.where(head < Q_HEADS, 0, tl.where(head < Q_HEADS + KV_HEADS, n_store, 0))
+    n_v = tl.where(head < Q_HEADS + KV_HEADS, 0, n_store)
+    return cos, sin, k_cache_ptr + off, v_cache_ptr + off, n_k, n_v
+
+
+@dataclass(frozen=True)
+class RopeTargets:
+    """What the fused q/k/v GEMV needs for RoPE and the KV-cache store (gemv_rope_and_store_kv)."""
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    half: int
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
@@ -103,20 +162,29 @@ def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
 
 def _launch(name: str, x: torch.Tensor, weight: torch.Tensor, out_cols: int, config: GemvConfig | None,
             block_n: int | None = None, bias: torch.Tensor | None = None, pair_offset: int = 0, silu_pair: bool = False,
-            push: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None) -> torch.Tensor:
-    """The one launch of _gemv_kernel behind gemv, gemv_push and gemv_silu_and_mul: programs of block_n
-    rows (default: the config's) over weight [N, K]; returns out [1, out_cols] in x's dtype. push:
-    (slot_ptrs, epoch, slot_stride, rank, world_size)."""
+            push: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None,
+            rope: RopeTargets | None = None) -> torch.Tensor:
+    """The one launch of _gemv_kernel behind gemv, gemv_push, gemv_silu_and_mul and
+    gemv_rope_and_store_kv: programs of block_n rows (default: the config's) over weight [N, K]; returns
+    out [1, out_cols] in x's dtype. push: (slot_ptrs, epoch, slot_stride, rank, world_size)."""
     n, k = weight.shape
     config = config or default_gemv_config(k, push is not None)
     block_n = block_n or config.block_n
     x = _check(x, weight, name)
     out = torch.empty(1, out_cols, dtype=x.dtype, device=x.device)
     slot_ptrs, epoch, slot_stride, rank, world_size = push or (out, out, 0, 0, 1)
+    if rope is not None:
+        cache = rope.k_cache
+        r_args = (rope.positions, rope.cos_sin_cache, rope.slot_mapping, cache, rope.v_cache,
+                  rope.cos_sin_cache.stride(0), cache.stride(0), cache.stride(1), cache.stride(2))
+        q_heads, kv_heads, half, page_size = rope.num_heads, rope.num_kv_heads, rope.half, cache.shape[1]
+    else:
+        r_args, q_heads, kv_heads, half, page_size = (out, out, out, out, out, 0, 0, 0, 0), 0, 0, 1, 1
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), pair_offset, slot_ptrs, epoch,
-        slot_stride, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=config.block_k, SILU_PAIR=silu_pair,
-        PUSH=push is not None, RANK=rank, WORLD=world_size, num_warps=config.num_warps,
+        slot_stride, *r_args, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=config.block_k,
+        SILU_PAIR=silu_pair, PUSH=push is not None, RANK=rank, WORLD=world_size, ROPE=rope is not None,
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, PAGE_SIZE=page_size, num_warps=config.num_warps,
         num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
 
@@ -151,3 +219,30 @@ def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig 
         raise ValueError(f"gemv_silu_and_mul: weight must stack gate and up ([2d, K]), got {tuple(weight.shape)}")
     return _launch("gemv_silu_and_mul", x, weight, two_d // 2, config, block_n=2, pair_offset=two_d // 2,
                    silu_pair=True)
+
+
+def gemv_rope_and_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           positions: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                           num_kv_heads: int) -> torch.Tensor:
+    """A batch-1 step's q/k/v projection (weight = [q; k; v] heads of head_dim rows, + bias) with
+    rope_and_store_kv on its result (ops/triton/elementwise.py; no q/k norm) in one kernel: returns q
+    [1, num_heads, head_dim], rotated, and writes the rotated k and v at the step's cache slot (none if
+    it is < 0). Why: one kernel fewer in each layer's dependent chain, and the RoPE inputs (position,
+    cos/sin, slot) are read while the weights stream. Equal to the two kernels (same roundings)."""
+    n, k = weight.shape
+    head_dim = cos_sin_cache.shape[-1]
+    if (head_dim % 2 or n != (num_heads + 2 * num_kv_heads) * head_dim or k_cache.dim() != 4
+            or k_cache.shape[2:] != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape
+            or v_cache.stride() != k_cache.stride() or k_cache.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1
+            or cos_sin_cache.dtype != torch.float32 or positions.numel() != 1 or slot_mapping.numel() != 1):
+        raise ValueError(
+            f"gemv_rope_and_store_kv: expected weight [({num_heads} + 2 * {num_kv_heads}) * head_dim, K], "
+            f"caches [blocks, page, {num_kv_heads}, head_dim] of equal strides, a float32 cos_sin_cache "
+            f"[positions, head_dim] and one position and slot; got weight {tuple(weight.shape)}, caches "
+            f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}, cos_sin_cache {tuple(cos_sin_cache.shape)} "
+            f"{cos_sin_cache.dtype}, {positions.numel()} positions, {slot_mapping.numel()} slots")
+    rope = RopeTargets(positions, cos_sin_cache, slot_mapping, k_cache, v_cache, num_heads, num_kv_heads,
+                       head_dim // 2)
+    out = _launch("gemv_rope_and_store_kv", x, weight, n, None, block_n=2, bias=bias, rope=rope)
+    return out[:, :num_heads * head_dim].view(1, num_heads, head_dim)
