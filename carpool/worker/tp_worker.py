@@ -45,12 +45,12 @@ import torch.distributed as dist
 
 from carpool.config import EngineConfig
 from carpool.core.sched_output import TokenLogprobs
-from carpool.sampling_params import SamplingParams
 from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
 from carpool.layers.embedding import vocab_shard_size
 from carpool.platform import dist_backend_for
 from carpool.profiling import device_activity, device_kernel_times, device_timeline, ms_stats, step_timings_summary
+from carpool.sampling_params import SamplingParams
 from carpool.worker import tp_codec
 from carpool.worker.model_runner import LM_HEAD_GEMV_ENV, ModelRunner, PendingStep
 
@@ -128,7 +128,8 @@ class TPModelRunner(ModelRunner):
 
 def samples_on_every_rank(params: list[SamplingParams | None]) -> bool:
     """Whether every rank samples a step of these rows itself (module docstring): all greedy, none
-    penalized. Depends only on request state, which every rank holds alike."""
+    penalized. Depends only on request state, which every rank holds alike. Relies on every rank's
+    logits being the same bits: a gather of the ranks' vocab shards (ParallelLMHead), as they are."""
     return all(p is not None and p.greedy and not p.has_penalties for p in params)
 
 

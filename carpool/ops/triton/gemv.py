@@ -66,7 +66,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, pair_offset, slo
     # under PDL it streams while that kernel still runs.
     cols = tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-    if ROPE:  # the step's position and slot come from its upload, before any kernel: safe to read early
+    # The step's position and slot come from its upload, which precedes every kernel of the step, and no
+    # kernel writes them: safe to read before the wait (a device-side position update would need the wait).
+    if ROPE:
         cos, sin, k_dst, v_dst, n_k, n_v = _rope_targets(pos_ptr, cos_sin_ptr, slot_map_ptr, k_cache_ptr,
                                                          v_cache_ptr, stride_cs, stride_cb, stride_cp, stride_ch,
                                                          head, i, Q_HEADS, KV_HEADS, HALF, PAGE_SIZE)
@@ -229,7 +231,8 @@ def gemv_rope_and_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     rope_and_store_kv on its result (ops/triton/elementwise.py; no q/k norm) in one kernel: returns q
     [1, num_heads, head_dim], rotated, and writes the rotated k and v at the step's cache slot (none if
     it is < 0). Why: one kernel fewer in each layer's dependent chain, and the RoPE inputs (position,
-    cos/sin, slot) are read while the weights stream. Equal to the two kernels (same roundings)."""
+    cos/sin, slot) are read while the weights stream. The same roundings as the two kernels: equal in the
+    interpreter; compiled, the rotation's multiply-adds may contract differently (one bf16 ulp)."""
     n, k = weight.shape
     head_dim = cos_sin_cache.shape[-1]
     if (head_dim % 2 or n != (num_heads + 2 * num_kv_heads) * head_dim or k_cache.dim() != 4
