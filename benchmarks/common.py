@@ -177,6 +177,8 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
                     help="TP ablation: batch-1 steps all-gather their logits over NCCL, not by the LM head's push")
     ap.add_argument("--no-fused-gemv-silu", action="store_true",
                     help="ablation: batch-1 steps run the gate/up GEMV and SiLU-and-mul as two kernels")
+    ap.add_argument("--no-gather-argmax", action="store_true",
+                    help="TP ablation: greedy batch-1 steps sample from the gathered logits, not the gather's argmax")
     ap.add_argument("--no-fused-qkv-rope", action="store_true",
                     help="ablation: batch-1 steps run the q/k/v GEMV and RoPE + KV store as two kernels")
 
@@ -200,6 +202,10 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         from carpool.worker.model_runner import FUSED_GEMV_SILU_ENV
 
         os.environ[FUSED_GEMV_SILU_ENV] = "0"
+    if args.no_gather_argmax:
+        from carpool.custom_all_reduce import GATHER_ARGMAX_ENV
+
+        os.environ[GATHER_ARGMAX_ENV] = "0"
     if args.no_fused_qkv_rope:
         from carpool.worker.model_runner import FUSED_QKV_ROPE_ENV
 

@@ -50,6 +50,8 @@ PUSH_ENV = "CARPOOL_PUSH_ALL_REDUCE"
 PUSH_MAX_WIDTH = 16384  # widest row (hidden size) the push slots hold
 # Set to 0 to all-gather a batch-1 step's logits over NCCL instead of the LM head's push (--no-push-logits).
 PUSH_LOGITS_ENV = "CARPOOL_PUSH_LOGITS"
+# "0": the pushed logits gather takes no argmax in passing (greedy steps then sample as others; ablations)
+GATHER_ARGMAX_ENV = "CARPOOL_GATHER_ARGMAX"
 
 # Environment that keeps NVLink multicast off in NCCL, symmetric memory and NVSHMEM. Mandatory on the
 # shared hosts: set in every worker's environment and again in os.environ before torch.distributed starts.
@@ -261,6 +263,8 @@ class PushExchange:
     # the last gather, whose words would otherwise look current: pushed_gather). Reset as each forward
     # starts (begin_forward): a CUDA graph replay may have gathered since a push received eagerly.
     received: bool = False
+    # The argmax of the last gathered logits ([1] int64), until taken (TPGroup.take_greedy_tokens).
+    greedy: torch.Tensor | None = None
 
     @staticmethod
     def _symmetric_slots(device: torch.device, group_name: str, world: int, stride: int
@@ -332,11 +336,12 @@ class PushExchange:
         self.received = False
         return self.pending, zeros[:, :weight.shape[1]]
 
-    def gather_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    def gather_logits(self, hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor | None:
         """A one-row step's vocab-parallel LM head, pushed (gemv_push into the logit slots, then
-        ops/triton/all_reduce_norm.py pushed_gather): [1, world_size * shard], every rank's logits side by
-        side. None when not eligible (then it all-gathers as usual): the gather needs the last exchange op
-        to have been a norm receiving a push (the model's order: the final norm, then the head)."""
+        ops/triton/all_reduce_norm.py pushed_gather): [1, vocab], every rank's logits side by side, cut to
+        the vocab; their argmax ([1] int64, taken by the gather in passing) goes to `greedy`. None when
+        not eligible (then it all-gathers as usual): the gather needs the last exchange op to have been a
+        norm receiving a push (the model's order: the final norm, then the head)."""
         if not (self.logit_slots is not None and self.received and self.pending is None and hidden.dim() == 2
                 and hidden.shape[0] == 1 and hidden.dtype == weight.dtype and weight.shape[0] == self.logit_shard
                 and self._fits(self.logit_shard, weight, self.logit_shard // 2)):
@@ -347,7 +352,10 @@ class PushExchange:
         stride = self.logit_shard // 2
         gemv_push(hidden, weight, self.logit_ptrs, self.epoch, stride, self.rank, self.world_size)
         self.received = False
-        return pushed_gather(self.logit_slots, self.epoch, stride, self.world_size, self.logit_shard, weight.dtype)
+        argmax = os.environ.get(GATHER_ARGMAX_ENV, "1") != "0"
+        logits, self.greedy = pushed_gather(self.logit_slots, self.epoch, stride, self.world_size,
+                                            self.logit_shard, weight.dtype, argmax_below=vocab if argmax else None)
+        return logits[..., :vocab]
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -494,7 +502,8 @@ class CustomAllReduce:
     def _logits_push_test(self, rank: int, world_size: int, device_group: Any, graph: bool) -> str:
         """Two one-row LM heads at the model's vocab slice, each after a pushed GEMV and its norm (the
         gather's condition), pushed and gathered, eagerly or captured and replayed with another hidden
-        state; '' when every rank's gathered logits equal NCCL's all-gather of the plain GEMV's."""
+        state; '' when every rank's gathered logits equal NCCL's all-gather of the plain GEMV's, and the
+        gather's argmax theirs (over a vocab one short of the slices, as padded vocabularies are)."""
         from carpool.ops.triton.gemv import gemv
 
         push = self.push
@@ -507,15 +516,21 @@ class CustomAllReduce:
         hidden = torch.randn(1, k, generator=same, device=dev).to(dt)
         residual, norm_w = torch.randn(1, 128, generator=same, device=dev).to(dt), torch.rand(128, generator=same, device=dev).to(dt)
 
+        vocab = world_size * push.logit_shard - 1
+
         def calls() -> list[torch.Tensor | None]:
-            outs = []
+            outs: list[torch.Tensor | None] = []
             for _ in range(2):  # both halves of the slots
                 push.add_rms_norm(push.gemv(x, w), residual, norm_w, 1e-6)
-                outs.append(push.gather_logits(hidden, head))
+                outs += [push.gather_logits(hidden, head, vocab), push.greedy]
             return outs
         outs = _eager_or_replayed(dev, calls, graph, lambda: hidden.mul_(2))
-        expected = _nccl_gather(gemv(hidden, head), device_group, world_size)
-        if any(out is None or not torch.equal(out, expected) for out in outs):
+        push.greedy = None
+        expected = _nccl_gather(gemv(hidden, head), device_group, world_size)[..., :vocab]
+        argmax_on = os.environ.get(GATHER_ARGMAX_ENV, "1") != "0"
+        wanted = [expected, expected.argmax(dim=-1) if argmax_on else None] * 2
+        if any((out is None) != (want is None) or (want is not None and not torch.equal(out, want))
+               for out, want in zip(outs, wanted)):
             return f"pushed logits gather disagrees with NCCL ({'graph' if graph else 'eager'}, {push.logit_shard} wide)"
         return ""
 

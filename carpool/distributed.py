@@ -74,12 +74,23 @@ class TPGroup:
         if push is not None:
             push.begin_forward()
 
-    def push_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    def push_logits(self, hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor | None:
         """A one-row step's vocab-parallel logits, hidden @ weight.T on every rank, gathered by the push
-        exchange (every rank's slice side by side, as all_gather_last_dim); None when it does not take
-        them (then compute and all-gather as usual)."""
+        exchange (every rank's slice side by side, as all_gather_last_dim) and cut to `vocab`; None when
+        it does not take them (then compute and all-gather as usual). The gather also takes their argmax
+        in passing: `take_greedy_tokens` hands it to the sampler."""
         push = self._push()
-        return push.gather_logits(hidden, weight) if push is not None else None
+        return push.gather_logits(hidden, weight, vocab) if push is not None else None
+
+    def take_greedy_tokens(self) -> torch.Tensor | None:
+        """The argmax of the logits gathered by push since the last call ([1] int64 on the device), or
+        None; clears it. Why: a greedy step's token is then ready when the logits are, without a sampling
+        pass over them (ModelRunner takes it right after each forward, and after each graph capture)."""
+        push = self._push()
+        if push is None:
+            return None
+        greedy, push.greedy = push.greedy, None
+        return greedy
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' x side by side along the last dim. One gather into one tensor (the ranks' x one

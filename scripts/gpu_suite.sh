@@ -4,7 +4,7 @@
 #   bash scripts/gpu_suite.sh /path/to/results [quick]
 # "final" = GPU tests + latency + serve. "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
 # (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
-# tensor-parallel tests and benchmarks (2 GPUs, ~8 min): 6 JSON files + suite.log, nothing else;
+# tensor-parallel tests and benchmarks (2 GPUs, ~8 min): 7 JSON files + suite.log, nothing else;
 # "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
 # "ablate" times batch-1 latency with each kernel choice undone in turn; "balance" compares the decode
 # attention's work balance on and off; "check" measures the targets twice after the GPU tests.
@@ -138,12 +138,14 @@ if [ "$mode" = tp ]; then
   step timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
   # Llama-3-8B shape, batch 1: TP=2 (rank-0 profile), TP=2 without the push exchange (the fused exchange
   # after each row-parallel GEMV instead), TP=1, and both sizes with the q/k/v GEMV and RoPE + KV store
-  # as two kernels. (The NCCL logits all-gather, --no-push-logits, was last compared in run 55.)
+  # as two kernels, and TP=2 sampling greedy steps from the logits instead of the gather's argmax.
+  # (The NCCL logits all-gather, --no-push-logits, was last compared in run 55.)
   step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --profile --out "$out/latency_tp2.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --no-push-all-reduce --out "$out/latency_tp2_no_push.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 1 --out "$out/latency_tp1.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --no-fused-qkv-rope --out "$out/latency_tp2_unfused_rope.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 1 --no-fused-qkv-rope --out "$out/latency_tp1_unfused_rope.json"
+  step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --no-gather-argmax --out "$out/latency_tp2_no_gather_argmax.json"
   # Qwen3-14B shape, 256 requests, TP=2 (batches above one row: the fused exchange)
   step timeout 200 python3 benchmarks/bench_throughput.py --shape qwen3-14b -tp 2 --load-format dummy --out "$out/throughput_14b_tp2.json"
   finish

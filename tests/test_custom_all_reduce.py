@@ -147,6 +147,16 @@ def test_logits_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypa
     monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: 2 * x)
     assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
     monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: x.clone())
+    import carpool.ops.triton.sampling as sampling
+
+    real_reduce = sampling.reduce_partials  # the logits agree, the argmax taken in passing does not
+    monkeypatch.setattr(sampling, "reduce_partials", lambda score, idx: real_reduce(score, idx) + 1)
+    assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
+    monkeypatch.setattr(sampling, "reduce_partials", real_reduce)
+    assert ar._logits_push_test(0, 1, None, graph=False) == "" and ar.push.greedy is None
+    monkeypatch.setenv(car.GATHER_ARGMAX_ENV, "0")  # (--no-gather-argmax): the gather alone still passes
+    assert ar._logits_push_test(0, 1, None, graph=False) == ""
+    monkeypatch.delenv(car.GATHER_ARGMAX_ENV)
     ar.push.logit_slots = None
     assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
 

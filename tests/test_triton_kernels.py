@@ -599,6 +599,11 @@ def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> Non
     start = 2 ** 31 - 2  # the norm's advances and the gather's epoch + 1 wrap past the int32 limit
     epochs = [shared(torch.full((1,), start, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
     heads = [(0.3 * torch.randn(shard, k, generator=gen)).to(DEVICE, dt) for _ in range(world)]
+    vocab = world * shard - 3  # a padded vocabulary: the argmax ignores the last rank's last 3 columns
+    heads[-1][-1], heads[-1][-2] = 30 * heads[-1][-1], -30 * heads[-1][-1]  # the row's largest, but masked
+    heads[-1][7] = heads[0][9] = 10 * heads[0][9]  # equal logits on two ranks: the lower column wins
+    heads[-1][8] = heads[0][10] = -heads[0][9]  # (one pair or the other holds the largest unmasked)
+    hits = []
     w = (0.3 * torch.randn(k, k, generator=gen)).to(DEVICE, dt)
     norm_w = torch.rand(k, generator=gen).to(DEVICE, dt)
     residual = torch.randn(1, k, generator=gen).to(DEVICE, dt)
@@ -611,7 +616,8 @@ def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> Non
             gemv_push(residual, heads[r], ready_ptrs, zero, shard // 2, r, world)
         zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
         pushed_add_rms_norm(residual, norm_w, 1e-6, ready, zero, stride, world)
-        pushed_gather(ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), shard // 2, world, shard, dt, 16)
+        pushed_gather(ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), shard // 2, world, shard, dt, 16,
+                      argmax_below=vocab)
         torch.cuda.synchronize()
     for round in range(2):
         x = torch.randn(1, k, generator=gen).to(DEVICE, dt)
@@ -620,13 +626,17 @@ def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> Non
             y = gemv_push(x, w, slot_ptrs, epochs[r], stride, r, world)
             out, _ = pushed_add_rms_norm(y, norm_w, 1e-6, slots[r], epochs[r], stride, world)
             gemv_push(out, heads[r], logit_ptrs, epochs[r], shard // 2, r, world)
-            return out, pushed_gather(logits[r], epochs[r], shard // 2, world, shard, dt, 16)
+            return (out, *pushed_gather(logits[r], epochs[r], shard // 2, world, shard, dt, 16, argmax_below=vocab))
         outs = run_ranks(world, call)
         expected = torch.cat([gemv(outs[0][0], heads[r]) for r in range(world)], dim=-1)
-        for out, gathered in outs:
+        for out, gathered, greedy in outs:
             assert torch.equal(out, outs[0][0]) and torch.equal(gathered.cpu(), expected.cpu())
+            assert greedy.tolist() == expected[..., :vocab].float().argmax(dim=-1).tolist()
+        row = expected.float().cpu()[0]
+        hits.append((int(row.argmax()) >= vocab, int((row[:vocab] == row[:vocab].max()).sum()) == 2))
         wrapped = (start + round + 1 + 2 ** 31) % 2 ** 32 - 2 ** 31  # the norm's advance only (int32)
         assert [e.item() for e in epochs] == [wrapped] * world
+    assert any(masked for masked, _ in hits) and any(tie for _, tie in hits)  # both cases were met
 
 
 def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() -> None:
@@ -775,10 +785,13 @@ def test_lm_head_gathers_its_logits_by_push_only_after_a_received_push() -> None
     head.weight.data.copy_(torch.randn(80, 32))
     head.gemv = get_kernel_ops("triton").gemv
     expected = get_kernel_ops("triton").gemv(hidden, head.weight)
+    assert tp.take_greedy_tokens() is None
     assert torch.equal(head.compute_logits(hidden), expected)  # pushed: the GEMV's logits, no all-gather
     assert len(gathered_by_nccl) == 1 and not push.received and push.epoch.item() == 1
+    assert torch.equal(tp.take_greedy_tokens(), expected.argmax(dim=-1))  # taken in passing, once
+    assert tp.take_greedy_tokens() is None
     head.compute_logits(hidden)  # no push received since: the words in the slots are not new
-    assert len(gathered_by_nccl) == 2
+    assert len(gathered_by_nccl) == 2 and tp.take_greedy_tokens() is None
     push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt), torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
     head.compute_logits(hidden.expand(2, 32).contiguous())  # two rows
     assert len(gathered_by_nccl) == 3 and push.received
@@ -830,11 +843,22 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
         logit_slots, torch.tensor([logit_slots.data_ptr()], device=DEVICE), shard)
     real_gather, gathers = PushExchange.gather_logits, []
 
-    def gather_as_two_ranks(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        logits = real_gather(self, hidden, weight)
+    def gather_as_two_ranks(self, hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor | None:
+        logits = real_gather(self, hidden, weight, vocab)
         gathers.append(logits is not None)
-        return None if logits is None else torch.cat([logits, logits], dim=-1)
+        # (the mirrored half repeats the first: the argmax the gather took stays the row's, lowest first)
+        return None if logits is None else torch.cat([logits, logits], dim=-1)[..., :vocab]
     monkeypatch.setattr(PushExchange, "gather_logits", gather_as_two_ranks)
+    from carpool.layers.sampler import Sampler
+
+    real_forward, taken = Sampler.forward, []
+
+    def forward(self, logits: torch.Tensor, md):  # the gather's argmax, where the sampler takes it
+        taken.append(md.greedy_tokens is not None)
+        if md.greedy_tokens is not None:
+            assert torch.equal(md.greedy_tokens, logits.argmax(dim=-1))
+        return real_forward(self, logits, md)
+    monkeypatch.setattr(Sampler, "forward", forward)
     real_init = ModelRunner.__init__
     monkeypatch.setattr(ModelRunner, "__init__", lambda self, config, *a, **k: real_init(self, config, tp))
     llm = LLM(path, device=DEVICE, kernel_backend="triton", dtype="float16",
@@ -847,6 +871,10 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     # and gathering its logits by push
     assert push.epoch.item() == 3 * (pushes_per_layer * layers + 1)
     assert gathers == [True] * 3 and not push.received
+    assert taken == [True] * 3  # greedy: each step's token is the gather's argmax, no sampling pass
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=1)
+    out = llm.generate([{"prompt_token_ids": [5]}], with_logprobs, use_tqdm=False)[0]
+    assert taken[3:] == [False] * 2 and len(out.outputs[0].logprobs) == 2  # logprobs: sampled as usual
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])

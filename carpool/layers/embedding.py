@@ -66,9 +66,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and hidden.dim() == 2 and hidden.shape[0] == 1:
-            gathered = self.tp.push_logits(hidden, self.weight)  # under TP: pushed while computed
+            gathered = self.tp.push_logits(hidden, self.weight, self.vocab_size)  # under TP: pushed while computed
             if gathered is not None:
-                return gathered[..., :self.vocab_size]
+                return gathered
             logits = self.gemv(hidden, self.weight)
         else:
             logits = nn.functional.linear(hidden, self.weight)

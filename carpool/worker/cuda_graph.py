@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,8 +41,13 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class CUDAGraphRunner:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, take_greedy: Callable[[], torch.Tensor | None] = lambda: None) -> None:
         self.model = model
+        # The model's side output of a forward, if any: the argmax its logits gather took in passing
+        # (TPGroup.take_greedy_tokens); captured with each graph, read by the sampler after a replay.
+        self.take_greedy = take_greedy
+        self.greedy: dict[tuple[int, bool], torch.Tensor | None] = {}
+        self.last_greedy: torch.Tensor | None = None
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.max_bs = self.batch_sizes[-1]
         n = self.max_bs
@@ -98,10 +104,12 @@ class CUDAGraphRunner:
                     batch = self._batch(bs, cascade)
                     for _ in range(2):  # warm up: Triton compiles outside the capture
                         self.model.compute_logits(self.model(batch.input_ids, batch.positions, batch))
+                    self.take_greedy()  # (the warm-up's, not the graph's)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         hidden = self.model(batch.input_ids, batch.positions, batch)
                         self.logits[(bs, cascade)] = self.model.compute_logits(hidden)
+                        self.greedy[(bs, cascade)] = self.take_greedy()
                     self.graphs[(bs, cascade)] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
@@ -139,6 +147,7 @@ class CUDAGraphRunner:
         if fixup is not None:  # tokens sampled by the previous step, still on the device
             self.input_ids.index_copy_(0, self.staged.tensors["fixup_index"][:len(fixup.index)], fixup.values)
         self.graphs[(bs, cascade)].replay()
+        self.last_greedy = self.greedy.get((bs, cascade))
         logits = self.logits[(bs, cascade)]
         if len(inputs.logits_indices) == b:
             return logits[:b]

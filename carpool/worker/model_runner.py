@@ -78,6 +78,9 @@ class ModelRunner:
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)
         self._zero_buffers: dict[torch.dtype, torch.Tensor] = {}
+        # The argmax of this step's logits when the forward took it in passing (a TP batch-1 step's
+        # pushed gather), else None: a greedy step samples nothing more.
+        self._greedy_tokens: torch.Tensor | None = None
         self.input_batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len,
                                       self.block_size)
         self.kv_cache: torch.Tensor | None = None
@@ -107,7 +110,7 @@ class ModelRunner:
         if self.use_cuda_graphs:
             self.graph_runner = CUDAGraphRunner(self.model, self.config.scheduler.max_num_seqs,
                                                 self.config.scheduler.max_model_len, self.block_size,
-                                                self.device)
+                                                self.device, self.tp.take_greedy_tokens)
             self.graph_runner.capture()
 
     @property
@@ -227,6 +230,8 @@ class ModelRunner:
                 and all(p.logprobs is None for p in params))
         if fast and all_greedy:
             md.seeds = self._zeros(len(params), torch.long)
+            if self._greedy_tokens is not None and self._greedy_tokens.numel() == len(params):
+                md.greedy_tokens = self._greedy_tokens
             return md
         if fast:
             seeds = self._noise_rng.integers(0, 1 << 62, size=len(params), dtype=np.int64)
@@ -308,15 +313,23 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs, fixup: PendingFixup | None) -> torch.Tensor | None:
         """Logits of the sampling requests (None if no request samples this step)."""
         self.tp.begin_forward()
+        self.tp.take_greedy_tokens()  # (a stale one, e.g. from a capture's warm-up)
+        self._greedy_tokens = None
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
-            return self.graph_runner.run(inputs, fixup)
+            logits = self.graph_runner.run(inputs, fixup)
+            # (like the logits, a buffer of the graph, valid until its next replay: every reader, the
+            # copy to the host and the next step's fix-up, is queued on this stream before that replay)
+            self._greedy_tokens = self.graph_runner.last_greedy if len(inputs.logits_indices) else None
+            return logits
         batch = self._to_device(inputs)
         if fixup is not None:
             batch.input_ids.index_copy_(0, to_device(fixup.index, self.device), fixup.values)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         if not len(inputs.logits_indices):
             return None
-        return self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
+        logits = self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
+        self._greedy_tokens = self.tp.take_greedy_tokens()
+        return logits
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from carpool.config import EngineConfig
 from carpool.core.sched_output import TokenLogprobs
-from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
+from carpool.custom_all_reduce import GATHER_ARGMAX_ENV, CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
 from carpool.layers.embedding import vocab_shard_size
 from carpool.platform import dist_backend_for
@@ -232,12 +232,14 @@ class TPWorker:
 
     def describe(self, _: dict[str, Any]) -> dict[str, Any]:
         custom = self.runner.tp.custom_all_reduce
+        push_logits = (custom is not None and custom.push is not None and custom.push.logit_slots is not None
+                       and os.environ.get(LM_HEAD_GEMV_ENV, "1") != "0")  # (the head pushes from its GEMV)
         return {"custom_all_reduce": custom is not None,
                 "custom_all_reduce_max_bytes": custom.max_bytes if custom is not None else 0,
                 "fused_all_reduce_norm": custom is not None and custom.exchange is not None,
                 "push_all_reduce": custom is not None and custom.push is not None,
-                "push_logits": (custom is not None and custom.push is not None and custom.push.logit_slots is not None
-                                and os.environ.get(LM_HEAD_GEMV_ENV, "1") != "0"),  # (the head pushes from its GEMV)
+                "push_logits": push_logits,
+                "gather_argmax": push_logits and os.environ.get(GATHER_ARGMAX_ENV, "1") != "0",
                 "cuda_graphs": self.runner.graph_runner is not None}
 
     def timings(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -103,22 +103,30 @@ def _sample_reduce_kernel(part_score_ptr, part_idx_ptr, out_ptr, n_chunks, BLOCK
     tl.store(out_ptr + row, winner.to(tl.int64))
 
 
+def reduce_partials(part_score: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
+    """[N] int64: per row, the column of the best of its partial (score, column) pairs ([N, P] float32
+    and int32), the lowest column on ties; column 0 for a row whose scores are all -inf."""
+    n, parts = part_score.shape
+    out = torch.empty(n, dtype=torch.int64, device=part_score.device)
+    if n:
+        _sample_reduce_kernel[(n,)](part_score, part_idx, out, parts, BLOCK_C=max(16, triton.next_power_of_2(parts)),
+                                    num_warps=1, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out
+
+
 def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """logits [N, V] (any float dtype, last dim contiguous), temperature [N] float32 (0 = greedy),
     seeds [N] int64 -> sampled token ids [N] int64."""
     n, vocab = logits.shape
-    out = torch.empty(n, dtype=torch.int64, device=logits.device)
-    if n:
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        n_chunks = triton.cdiv(vocab, CHUNK)
-        part_score = torch.empty((n, n_chunks), dtype=torch.float32, device=logits.device)
-        part_idx = torch.empty((n, n_chunks), dtype=torch.int32, device=logits.device)
-        _sample_partial_kernel[(n, n_chunks)](logits, logits.stride(0), temperature, seeds, part_score, part_idx,
-                                              vocab, n_chunks, QUARTER=QUARTER, CHUNK=CHUNK, num_warps=4,
-                                              FAST_LOG=not utils.interpreting(),
-                                              USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-        _sample_reduce_kernel[(n,)](part_score, part_idx, out, n_chunks,
-                                    BLOCK_C=max(16, triton.next_power_of_2(n_chunks)), num_warps=1,
-                                    USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    return out
+    if not n:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    n_chunks = triton.cdiv(vocab, CHUNK)
+    part_score = torch.empty((n, n_chunks), dtype=torch.float32, device=logits.device)
+    part_idx = torch.empty((n, n_chunks), dtype=torch.int32, device=logits.device)
+    _sample_partial_kernel[(n, n_chunks)](logits, logits.stride(0), temperature, seeds, part_score, part_idx,
+                                          vocab, n_chunks, QUARTER=QUARTER, CHUNK=CHUNK, num_warps=4,
+                                          FAST_LOG=not utils.interpreting(),
+                                          USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return reduce_partials(part_score, part_idx)
