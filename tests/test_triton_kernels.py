@@ -872,9 +872,10 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     assert push.epoch.item() == 3 * (pushes_per_layer * layers + 1)
     assert gathers == [True] * 3 and not push.received
     assert taken == [True] * 3  # greedy: each step's token is the gather's argmax, no sampling pass
-    with_logprobs = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=1)
-    out = llm.generate([{"prompt_token_ids": [5]}], with_logprobs, use_tqdm=False)[0]
-    assert taken[3:] == [False] * 2 and len(out.outputs[0].logprobs) == 2  # logprobs: sampled as usual
+    if arch == "qwen2":  # (one family is enough for this, and each step costs interpreter time)
+        with_logprobs = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=1)
+        out = llm.generate([{"prompt_token_ids": [5]}], with_logprobs, use_tqdm=False)[0]
+        assert taken[3:] == [False] * 2 and len(out.outputs[0].logprobs) == 2  # logprobs: sampled as usual
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
