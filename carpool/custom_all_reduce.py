@@ -263,7 +263,9 @@ class PushExchange:
     # the last gather, whose words would otherwise look current: pushed_gather). Reset as each forward
     # starts (begin_forward): a CUDA graph replay may have gathered since a push received eagerly.
     received: bool = False
-    # The argmax of the last gathered logits ([1] int64), until taken (TPGroup.take_greedy_tokens).
+    # Whether the gather takes the argmax in passing (GATHER_ARGMAX_ENV, read once as the slots are
+    # made), and the last one ([1] int64) until taken (TPGroup.take_greedy_tokens) or the next forward.
+    gather_argmax: bool = True
     greedy: torch.Tensor | None = None
 
     @staticmethod
@@ -294,10 +296,13 @@ class PushExchange:
         self.logit_slots, self.logit_ptrs, _ = self._symmetric_slots(self.slots.device, group_name, self.world_size,
                                                                      shard // 2)
         self.logit_shard = shard
+        self.gather_argmax = os.environ.get(GATHER_ARGMAX_ENV, "1") != "0"
 
     def begin_forward(self) -> None:
-        """Called before every forward, eager or replayed (ModelRunner): nothing received yet."""
+        """Called before every forward, eager or replayed (ModelRunner): nothing received or gathered
+        yet."""
         self.received = False
+        self.greedy = None
 
     def _fits(self, width: int, weight: torch.Tensor, slot_stride: int | None = None) -> bool:
         """A 16-bit weight, contiguous in its last dim, whose output rows of `width` fit slots of
@@ -352,9 +357,8 @@ class PushExchange:
         stride = self.logit_shard // 2
         gemv_push(hidden, weight, self.logit_ptrs, self.epoch, stride, self.rank, self.world_size)
         self.received = False
-        argmax = os.environ.get(GATHER_ARGMAX_ENV, "1") != "0"
-        logits, self.greedy = pushed_gather(self.logit_slots, self.epoch, stride, self.world_size,
-                                            self.logit_shard, weight.dtype, argmax_below=vocab if argmax else None)
+        logits, self.greedy = pushed_gather(self.logit_slots, self.epoch, stride, self.world_size, self.logit_shard,
+                                            weight.dtype, argmax_below=vocab if self.gather_argmax else None)
         return logits[..., :vocab]
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -527,8 +531,7 @@ class CustomAllReduce:
         outs = _eager_or_replayed(dev, calls, graph, lambda: hidden.mul_(2))
         push.greedy = None
         expected = _nccl_gather(gemv(hidden, head), device_group, world_size)[..., :vocab]
-        argmax_on = os.environ.get(GATHER_ARGMAX_ENV, "1") != "0"
-        wanted = [expected, expected.argmax(dim=-1) if argmax_on else None] * 2
+        wanted = [expected, expected.argmax(dim=-1) if push.gather_argmax else None] * 2
         if any((out is None) != (want is None) or (want is not None and not torch.equal(out, want))
                for out, want in zip(outs, wanted)):
             return f"pushed logits gather disagrees with NCCL ({'graph' if graph else 'eager'}, {push.logit_shard} wide)"

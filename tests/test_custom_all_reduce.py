@@ -154,9 +154,8 @@ def test_logits_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypa
     assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
     monkeypatch.setattr(sampling, "reduce_partials", real_reduce)
     assert ar._logits_push_test(0, 1, None, graph=False) == "" and ar.push.greedy is None
-    monkeypatch.setenv(car.GATHER_ARGMAX_ENV, "0")  # (--no-gather-argmax): the gather alone still passes
-    assert ar._logits_push_test(0, 1, None, graph=False) == ""
-    monkeypatch.delenv(car.GATHER_ARGMAX_ENV)
+    ar.push.gather_argmax = False  # (--no-gather-argmax, read as the slots are made): the gather alone passes
+    assert ar._logits_push_test(0, 1, None, graph=False) == "" and ar.push.greedy is None
     ar.push.logit_slots = None
     assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
 

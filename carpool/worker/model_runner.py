@@ -312,8 +312,7 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs, fixup: PendingFixup | None) -> torch.Tensor | None:
         """Logits of the sampling requests (None if no request samples this step)."""
-        self.tp.begin_forward()
-        self.tp.take_greedy_tokens()  # (a stale one, e.g. from a capture's warm-up)
+        self.tp.begin_forward()  # (clears a gathered argmax left by another forward)
         self._greedy_tokens = None
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
             logits = self.graph_runner.run(inputs, fixup)

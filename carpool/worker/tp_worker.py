@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from carpool.config import EngineConfig
 from carpool.core.sched_output import TokenLogprobs
-from carpool.custom_all_reduce import GATHER_ARGMAX_ENV, CustomAllReduce, disable_multicast
+from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
 from carpool.layers.embedding import vocab_shard_size
 from carpool.platform import dist_backend_for
@@ -239,7 +239,7 @@ class TPWorker:
                 "fused_all_reduce_norm": custom is not None and custom.exchange is not None,
                 "push_all_reduce": custom is not None and custom.push is not None,
                 "push_logits": push_logits,
-                "gather_argmax": push_logits and os.environ.get(GATHER_ARGMAX_ENV, "1") != "0",
+                "gather_argmax": push_logits and custom.push.gather_argmax,  # type: ignore[union-attr]
                 "cuda_graphs": self.runner.graph_runner is not None}
 
     def timings(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -346,8 +346,8 @@ def pushed_gather(slots: torch.Tensor, epoch: torch.Tensor, slot_stride: int, wo
     grid = (triton.cdiv(shard // 2, block), world_size)
     argmax = argmax_below is not None
     parts = grid[0] * world_size
-    score = torch.empty(parts if argmax else 1, dtype=torch.float32, device=slots.device)
-    index = torch.empty(parts if argmax else 1, dtype=torch.int32, device=slots.device)
+    score, index = ((torch.empty(parts, dtype=torch.float32, device=slots.device),
+                     torch.empty(parts, dtype=torch.int32, device=slots.device)) if argmax else (out, out))  # (unread)
     _pushed_gather_kernel[grid](
         slots, epoch, out, slot_stride, shard, argmax_below or 0, score, index, HALF_SHARD=shard // 2,
         WORLD=world_size, BLOCK=block, ARGMAX=argmax, num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())

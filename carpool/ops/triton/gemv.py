@@ -16,6 +16,7 @@ import triton.language as tl
 
 from carpool.ops.triton import utils
 from carpool.ops.triton.all_reduce_norm import check_push_world, push_pairs, push_targets
+from carpool.ops.triton.paged_kv import slot_row
 from carpool.ops.triton.utils import pdl_wait_then_release
 
 
@@ -130,11 +131,9 @@ def _rope_targets(pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stri
     pos = tl.load(pos_ptr).to(tl.int64)
     cos = tl.load(cos_sin_ptr + pos * stride_cs + i)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i)
-    slot = tl.load(slot_ptr).to(tl.int64)
-    n_store = tl.where(slot >= 0, 2, 0)
-    slot = tl.maximum(slot, 0)
+    page, row, n_store = slot_row(slot_ptr, 0, 2, PAGE_SIZE)
     kv_head = tl.maximum(tl.where(head < Q_HEADS + KV_HEADS, head - Q_HEADS, head - Q_HEADS - KV_HEADS), 0)
-    off = (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_cp + kv_head * stride_ch + i
+    off = page * stride_cb + row * stride_cp + kv_head * stride_ch + i
     n_k = tl.where(head < Q_HEADS, 0, tl.where(head < Q_HEADS + KV_HEADS, n_store, 0))
     n_v = tl.where(head < Q_HEADS + KV_HEADS, 0, n_store)
     return cos, sin, k_cache_ptr + off, v_cache_ptr + off, n_k, n_v
