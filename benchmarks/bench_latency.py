@@ -142,6 +142,7 @@ def main() -> None:
                               "push_all_reduce": not args.no_push_all_reduce,
                               "push_logits": not args.no_push_logits,
                               "gather_argmax": not args.no_gather_argmax,
+                              "kernel_host_io": not args.no_kernel_host_io,
                               "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
                               "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
                               "gemv_overrides": args.gemv_override,

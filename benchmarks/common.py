@@ -181,6 +181,8 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
                     help="TP ablation: greedy batch-1 steps sample from the gathered logits, not the gather's argmax")
     ap.add_argument("--no-fused-qkv-rope", action="store_true",
                     help="ablation: batch-1 steps run the q/k/v GEMV and RoPE + KV store as two kernels")
+    ap.add_argument("--no-kernel-host-io", action="store_true",
+                    help="ablation: graph replays upload inputs and steps copy tokens with the copy engine")
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -210,6 +212,10 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         from carpool.worker.model_runner import FUSED_QKV_ROPE_ENV
 
         os.environ[FUSED_QKV_ROPE_ENV] = "0"
+    if args.no_kernel_host_io:
+        from carpool.worker.model_runner import KERNEL_HOST_IO_ENV
+
+        os.environ[KERNEL_HOST_IO_ENV] = "0"
     return dict(enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
                 tensor_parallel_size=args.tensor_parallel_size,
                 disable_custom_all_reduce=args.disable_custom_all_reduce)

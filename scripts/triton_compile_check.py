@@ -102,6 +102,14 @@ def call_every_op(dtype: torch.dtype) -> None:
                                    None, torch.zeros(1, dtype=torch.long), torch.zeros(4096, 128), kv_cache,
                                    kv_cache.clone(), torch.zeros(1, dtype=torch.long), heads, heads // 4)
     tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
+    from carpool.ops.triton.host_io import copy_to_host, stage_inputs  # step boundaries through pinned memory
+
+    copy_to_host(torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+    for fixup in (None, torch.zeros(8, dtype=torch.int32)):
+        stage_inputs(torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.int64), fixup,
+                     None if fixup is None else torch.zeros(8, dtype=torch.int64), torch.zeros(64, dtype=torch.int32),
+                     torch.zeros(64, dtype=torch.int32), 16, 40, torch.zeros(8, 3, dtype=torch.int32),
+                     torch.zeros(8, 10, dtype=torch.int32))
     from carpool.ops.triton.all_reduce_norm import MAX_PROGRAMS, all_reduce_add_rms_norm
 
     for hidden in (4096, 5120):  # rank 0 of 2

@@ -237,24 +237,28 @@ def test_balanced_plan_orders_longest_first_and_sizes_splits() -> None:
     assert [decode_num_splits(n, 8) for n in (1, 4, 16, 32, 64, 65, 256)] == [32, 16, 8, 4, 2, 1, 1]
 
 
-def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_last() -> None:
-    """What a captured graph reads from its static buffers, refilled before each replay by one copy from
-    one of two host mirrors in turn: the step's rows, padding rows that attend one key and store nothing,
-    and the decode plan (longest request first, padding last). Replays are faked: the buffers are checked
-    at each replay, through steps of different sizes so each mirror is reused with other row counts."""
+@pytest.mark.parametrize("kernel_io", [False, True])
+def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_last(kernel_io: bool) -> None:
+    """What a captured graph reads from its static buffers, refilled before each replay from one of two
+    host mirrors in turn (by one copy, or with kernel_io by one kernel that reads the mirror itself): the
+    step's rows, padding rows that attend one key and store nothing, the decode plan (longest request
+    first, padding last), and the tokens the previous step sampled, which only the device holds (the
+    fix-up). Replays are faked: the buffers are checked at each replay, through steps of different
+    sizes so each mirror is reused with other row counts."""
     from types import SimpleNamespace
 
     from carpool.worker.cuda_graph import CUDAGraphRunner
     from carpool.worker.input_batch import StepInputs
+    from carpool.worker.model_runner import PendingFixup
 
     model = SimpleNamespace(attention_layers=lambda: [SimpleNamespace(num_kv_heads=8)])
-    runner = CUDAGraphRunner(model, 64, 4096, 16, torch.device("cpu"))  # type: ignore[arg-type]
+    runner = CUDAGraphRunner(model, 64, 4096, 16, torch.device(DEVICE), kernel_io=kernel_io)  # type: ignore[arg-type]
     assert runner.decode_splits[1] == 32 and runner.decode_splits[48] == 2 and runner.decode_splits[64] == 2
     seen: list[dict] = []
     for bs in runner.batch_sizes:
         runner.graphs[(bs, False)] = SimpleNamespace(replay=lambda: seen.append(
-            {**{name: t.clone() for name, t in runner.staged.tensors.items()},
-             "block_tables": runner.block_tables.clone()}))
+            {**{name: t.to("cpu", copy=True) for name, t in runner.staged.tensors.items()},
+             "block_tables": runner.block_tables.to("cpu", copy=True)}))
         runner.logits[(bs, False)] = torch.zeros(bs, 5)
 
     def step(lens: list[int], width: int, salt: int) -> StepInputs:
@@ -267,15 +271,20 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
                           max_seq_len=max(lens), pending_token_index=np.zeros(0, dtype=np.int64),
                           pending_rows=np.zeros(0, dtype=np.int64))
 
-    # (the third step reuses the first one's mirror: its padding row 3 held a real row there)
-    cases = [([300, 1000] + [100] * 45, 63, 100), ([5, 9], 1, 200), ([8] * 3, 1, 300),
-             ([40] * 16 + [700] * 31, 44, 400)]
-    for lens, width, salt in cases:
+    # (the third step reuses the first one's mirror: its padding row 3 held a real row there). Fix-ups:
+    # input rows -> the previous step's sampled tokens (device values), in and out of order, or none.
+    cases = [([300, 1000] + [100] * 45, 63, 100, [3, 0, 46]), ([5, 9], 1, 200, [0, 1]), ([8] * 3, 1, 300, []),
+             ([40] * 16 + [700] * 31, 44, 400, [5])]
+    for lens, width, salt, fix_rows in cases:
         inputs = step(lens, width, salt)
-        runner.run(inputs)
+        values = torch.arange(len(fix_rows), dtype=torch.int64, device=DEVICE) * 11 + 5000 + salt
+        runner.run(inputs, PendingFixup(np.array(fix_rows, dtype=np.int64), values) if fix_rows else None)
         got, b = seen[-1], len(lens)
         bs = next(s for s in runner.batch_sizes if s >= b)
-        for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+        expected_ids = inputs.input_ids.copy()
+        expected_ids[fix_rows] = values.cpu().numpy()
+        assert got["input_ids"][:b].tolist() == expected_ids.tolist()
+        for name in ("positions", "slot_mapping", "seq_lens"):
             assert got[name][:b].tolist() == getattr(inputs, name).tolist(), name
         assert torch.equal(got["block_tables"][:b, :width], torch.from_numpy(inputs.block_tables))
         assert (got["slot_mapping"][b:bs] == -1).all() and (got["seq_lens"][b:bs] == 1).all()
@@ -304,6 +313,44 @@ def test_static_inputs_upload_a_prefix_from_alternating_mirrors() -> None:
     assert host2["a"].tolist() == [-1, -1, -1] and staged.host() is host2
     staged.upload()
     assert staged.tensors["a"].tolist() == [-1, -1, -1] and staged.host() is host
+
+
+def test_copy_to_host_and_stage_inputs_read_and_write_where_told() -> None:
+    """The host_io kernels (their host side in pinned memory on a GPU): a plain copy, and the staging of
+    a replay's inputs: ids with the fix-up applied, a word range copied and nothing outside it, packed
+    block tables spread into their wider home and nothing else of it touched."""
+    from carpool.ops.triton.host_io import copy_to_host, stage_inputs
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if DEVICE == "cuda" else t
+
+    src = torch.arange(7, dtype=torch.int64, device=DEVICE) * 3
+    dst = host(torch.full((7,), -1, dtype=torch.int64))
+    copy_to_host(src, dst)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()  # (the host reads what a kernel wrote)
+    assert dst.tolist() == src.tolist()
+    with pytest.raises(ValueError, match="copy_to_host"):
+        copy_to_host(src, host(torch.empty(6, dtype=torch.int64)))
+
+    host_ids = host(torch.tensor([10, 11, 12, 13], dtype=torch.int64))
+    ids = torch.full((6,), -1, dtype=torch.int64, device=DEVICE)
+    source = host(torch.tensor([-1, 1, -1, 0], dtype=torch.int32))
+    values = torch.tensor([900, 901], dtype=torch.int64, device=DEVICE)
+    host_words = host(torch.arange(20, dtype=torch.int32) + 100)
+    words = torch.zeros(20, dtype=torch.int32, device=DEVICE)
+    host_tables = host(torch.arange(6, dtype=torch.int32).view(2, 3) + 50)
+    tables = torch.full((4, 5), -7, dtype=torch.int32, device=DEVICE)
+    stage_inputs(host_ids, ids, source, values, host_words, words, 4, 9, host_tables, tables)
+    assert ids.tolist() == [10, 901, 12, 900, -1, -1]
+    assert words.tolist() == [0] * 4 + list(range(104, 109)) + [0] * 11
+    assert tables[:2, :3].tolist() == host_tables.tolist()
+    assert (tables[2:] == -7).all() and (tables[:, 3:] == -7).all()
+    stage_inputs(host_ids, ids, None, None, host_words, words, 0, 0, host(host_tables[:1, :2].contiguous()), tables)
+    assert ids[:4].tolist() == host_ids.tolist()  # (no fix-up)
+    with pytest.raises(ValueError, match="stage_inputs"):
+        stage_inputs(host_ids, ids, None, None, host_words, words, 0, 0, host(torch.zeros(5, 3, dtype=torch.int32)),
+                     tables)
 
 
 # ---- prefill / extend path ------------------------------------------------------------------------

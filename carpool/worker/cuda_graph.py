@@ -41,8 +41,12 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class CUDAGraphRunner:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device, take_greedy: Callable[[], torch.Tensor | None] = lambda: None) -> None:
+                 device: torch.device, take_greedy: Callable[[], torch.Tensor | None] = lambda: None,
+                 kernel_io: bool = False) -> None:
         self.model = model
+        # Inputs read from pinned memory by one kernel (ops/triton/host_io.stage_inputs) instead of the
+        # copy engine's upload, device-to-device copy of the tables and index_copy_ of the fix-up.
+        self.kernel_io = kernel_io
         # The model's side output of a forward, if any: the argmax its logits gather took in passing
         # (TPGroup.take_greedy_tokens); captured with each graph, read by the sampler after a replay.
         self.take_greedy = take_greedy
@@ -64,7 +68,7 @@ class CUDAGraphRunner:
             Field("slot_mapping", torch.long, (n,), -1), Field("seq_lens", torch.int32, (n,), 1),
             Field("decode_order", torch.int32, (n,), np.arange(n, dtype=np.int32)),
             Field("decode_split_len", torch.int32, (1,), 1), Field("prefix_len", torch.int32, (1,), 0),
-            Field("fixup_index", torch.long, (n,), 0),
+            Field("fixup_index", torch.long, (n,), 0), Field("fixup_source", torch.int32, (n,), -1),
             Field("packed_block_tables", torch.int32, (n * max_blocks_per_req,), 0)], device)
         t = self.staged.tensors
         self.input_ids, self.positions, self.slot_mapping = t["input_ids"], t["positions"], t["slot_mapping"]
@@ -139,19 +143,41 @@ class CUDAGraphRunner:
         cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
         if cascade:
             host["prefix_len"][0] = inputs.cascade_prefix_len
-        if fixup is not None:  # where the tokens sampled by the previous step go: in the same upload
-            host["fixup_index"][:len(fixup.index)] = fixup.index
-        self.staged.upload(self.staged.end_of("packed_block_tables", bs * width))
-        packed = self.staged.tensors["packed_block_tables"][:bs * width].view(bs, width)
-        self.block_tables[:bs, :width].copy_(packed)
-        if fixup is not None:  # tokens sampled by the previous step, still on the device
-            self.input_ids.index_copy_(0, self.staged.tensors["fixup_index"][:len(fixup.index)], fixup.values)
+        if self.kernel_io:
+            self._stage_by_kernel(host, fixup, bs, width)
+        else:
+            if fixup is not None:  # where the tokens sampled by the previous step go: in the same upload
+                host["fixup_index"][:len(fixup.index)] = fixup.index
+            self.staged.upload(self.staged.end_of("packed_block_tables", bs * width))
+            packed = self.staged.tensors["packed_block_tables"][:bs * width].view(bs, width)
+            self.block_tables[:bs, :width].copy_(packed)
+            if fixup is not None:  # tokens sampled by the previous step, still on the device
+                self.input_ids.index_copy_(0, self.staged.tensors["fixup_index"][:len(fixup.index)],
+                                           fixup.values)
         self.graphs[(bs, cascade)].replay()
         self.last_greedy = self.greedy.get((bs, cascade))
         logits = self.logits[(bs, cascade)]
         if len(inputs.logits_indices) == b:
             return logits[:b]
         return logits.index_select(0, to_device(inputs.logits_indices, logits.device))
+
+    def _stage_by_kernel(self, host: dict[str, np.ndarray], fixup: PendingFixup | None, bs: int, width: int
+                         ) -> None:
+        """The replay's inputs, read from the pinned mirror by one kernel (see kernel_io)."""
+        from carpool.ops.triton.host_io import stage_inputs
+
+        source = None
+        if fixup is not None:  # input row -> index of its token among the previous step's sampled ones
+            host["fixup_source"][:bs] = -1
+            host["fixup_source"][fixup.index] = np.arange(len(fixup.index), dtype=np.int32)
+            source = self.staged.host_tensor("fixup_source")[:bs]
+        staged = self.staged
+        tables = staged.host_tensor("packed_block_tables")[:bs * width].view(bs, width)
+        stage_inputs(staged.host_tensor("input_ids")[:bs], self.input_ids[:bs], source,
+                     None if fixup is None else fixup.values, staged.host_words(), staged.device_words(),
+                     staged.word_offset("positions"), staged.word_offset("fixup_index"), tables,
+                     self.block_tables)
+        staged.uploaded()
 
     def _plan_decode(self, host: dict[str, np.ndarray], seq_lens: np.ndarray, bs: int) -> None:
         """Work balance of decode attention for this replay; padded rows (one key each) go last."""

@@ -8,6 +8,7 @@ replay CUDA graphs; every other step runs eagerly.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -39,6 +40,9 @@ FUSED_GEMV_SILU_ENV = "CARPOOL_FUSED_GEMV_SILU"
 LM_HEAD_GEMV_ENV = "CARPOOL_LM_HEAD_GEMV"
 # "0": batch-1 steps run the q/k/v GEMV and rope_and_store_kv as two kernels (for ablations)
 FUSED_QKV_ROPE_ENV = "CARPOOL_FUSED_QKV_ROPE"
+# "0": graph replays upload their inputs and steps copy their tokens to the host with the copy engine
+# instead of kernels that read and write pinned memory (ops/triton/host_io; for ablations)
+KERNEL_HOST_IO_ENV = "CARPOOL_KERNEL_HOST_IO"
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,13 @@ class ModelRunner:
         self._last_end_event: torch.cuda.Event | None = None
         # Sampled tokens (on the device) and their rows, of the last launched step.
         self._last_sampled: tuple[torch.Tensor | None, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
+        # Kernels move a step's inputs and tokens through pinned memory (ops/triton/host_io) on CUDA with
+        # the Triton backend. The pinned token buffers of the last steps stay referenced here: a kernel,
+        # unlike a copy, does not hold its block in PyTorch's pinned allocator, and a step dropped unresolved
+        # must not hand its buffer to another allocation before the kernel has written it.
+        self.kernel_host_io = (self.device.type == "cuda" and self.ops.name == "triton"
+                               and os.environ.get(KERNEL_HOST_IO_ENV, "1") != "0")
+        self._recent_host_tokens: collections.deque[torch.Tensor] = collections.deque(maxlen=8)
 
     # ---- KV memory -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -110,7 +121,7 @@ class ModelRunner:
         if self.use_cuda_graphs:
             self.graph_runner = CUDAGraphRunner(self.model, self.config.scheduler.max_num_seqs,
                                                 self.config.scheduler.max_model_len, self.block_size,
-                                                self.device, self.tp.take_greedy_tokens)
+                                                self.device, self.tp.take_greedy_tokens, self.kernel_host_io)
             self.graph_runner.capture()
 
     @property
@@ -362,7 +373,13 @@ class PendingStep:
         if tokens is not None:
             if tokens.is_cuda:
                 self.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                self.host_tokens.copy_(tokens, non_blocking=True)
+                if runner.kernel_host_io and tokens.is_contiguous():
+                    from carpool.ops.triton.host_io import copy_to_host
+
+                    copy_to_host(tokens, self.host_tokens)
+                    runner._recent_host_tokens.append(self.host_tokens)
+                else:
+                    self.host_tokens.copy_(tokens, non_blocking=True)
                 self.ready = torch.cuda.Event()
                 self.ready.record()
             else:

@@ -78,9 +78,32 @@ class StaticInputs:
         src = self._host[self._turn][:n]
         if self.device.type == "cuda":
             self._device_buf[:n].copy_(src, non_blocking=True)
+        else:
+            self._device_buf[:n].copy_(src)
+        self.uploaded()
+
+    def host_tensor(self, name: str) -> torch.Tensor:
+        """Field `name` of the mirror the next upload reads, as a (pinned) tensor: for a kernel that reads
+        it from the device itself (ops/triton/host_io.stage_inputs) instead of `upload`."""
+        return self._view(self._host[self._turn], name)
+
+    def host_words(self) -> torch.Tensor:
+        """The mirror the next upload reads, as int32 words."""
+        return self._host[self._turn].view(torch.int32)
+
+    def device_words(self) -> torch.Tensor:
+        """The device buffer, as int32 words (every field starts on a word: ALIGN)."""
+        return self._device_buf.view(torch.int32)
+
+    def word_offset(self, name: str) -> int:
+        """Where field `name` starts, in 4-byte words."""
+        return self.layout[name][0] // 4
+
+    def uploaded(self) -> None:
+        """The mirror's data is queued to the device (by `upload` or a kernel that reads it): the next
+        upload fills the other mirror, and this one is rewritten only once that work has run."""
+        if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
             self._copied[self._turn] = event
-        else:
-            self._device_buf[:n].copy_(src)
         self._turn ^= 1
