@@ -238,14 +238,19 @@ def test_balanced_plan_orders_longest_first_and_sizes_splits() -> None:
 
 
 @pytest.mark.parametrize("kernel_io", [False, True])
-def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_last(kernel_io: bool) -> None:
+def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_last(monkeypatch,
+                                                                                  kernel_io: bool) -> None:
     """What a captured graph reads from its static buffers, refilled before each replay from one of two
     host mirrors in turn (by one copy, or with kernel_io by one kernel that reads the mirror itself): the
     step's rows, padding rows that attend one key and store nothing, the decode plan (longest request
     first, padding last), and the tokens the previous step sampled, which only the device holds (the
     fix-up). Replays are faked: the buffers are checked at each replay, through steps of different
-    sizes so each mirror is reused with other row counts."""
+    sizes so each mirror is reused with other row counts (and, with kernel_io, by the kernel for small
+    steps and the copy for large ones in turn)."""
     from types import SimpleNamespace
+
+    from carpool.ops.triton import host_io
+    from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS
 
     from carpool.worker.cuda_graph import CUDAGraphRunner
     from carpool.worker.input_batch import StepInputs
@@ -274,7 +279,11 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
     # (the third step reuses the first one's mirror: its padding row 3 held a real row there). Fix-ups:
     # input rows -> the previous step's sampled tokens (device values), in and out of order, or none.
     cases = [([300, 1000] + [100] * 45, 63, 100, [3, 0, 46]), ([5, 9], 1, 200, [0, 1]), ([8] * 3, 1, 300, []),
-             ([40] * 16 + [700] * 31, 44, 400, [5])]
+             ([40] * 16 + [700] * 31, 44, 400, [5]), ([7, 300, 20], 19, 500, [2, 0]),
+             ([64] * 5, 4, 600, [4, 1, 3]), ([33] * 9, 3, 700, [8])]
+    staged_by_kernel = []
+    real_stage = host_io.stage_inputs
+    monkeypatch.setattr(host_io, "stage_inputs", lambda *a: staged_by_kernel.append(1) or real_stage(*a))
     for lens, width, salt, fix_rows in cases:
         inputs = step(lens, width, salt)
         values = torch.arange(len(fix_rows), dtype=torch.int64, device=DEVICE) * 11 + 5000 + salt
@@ -292,6 +301,8 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
         plan = balanced_decode_plan(inputs.seq_lens, 8, runner.decode_splits[bs])
         assert got["decode_order"][:bs].tolist() == plan.order.tolist() + list(range(b, bs))
         assert got["decode_split_len"].item() == plan.split_len
+    small = sum(1 for lens, *_ in cases if next(s for s in runner.batch_sizes if s >= len(lens)) <= HOST_IO_MAX_ROWS)
+    assert len(staged_by_kernel) == (small if kernel_io else 0) and 0 < small < len(cases)
     assert seen[0]["decode_order"][:2].tolist() == [1, 0]  # longest first
     assert seen[0]["decode_split_len"].item() >= MIN_TOKENS_PER_SPLIT
     assert seen[1]["decode_split_len"].item() == 1  # many splits: batch order, one-tile splits

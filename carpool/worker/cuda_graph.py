@@ -27,6 +27,11 @@ from carpool.worker.input_batch import CASCADE_MIN_BATCH, StepInputs
 from carpool.platform import to_device
 from carpool.worker.staging import Field, StaticInputs
 
+# Steps through pinned memory by kernels (ops/triton/host_io) for at most this many rows only: a kernel
+# reads pinned memory with far fewer requests in flight than the copy engine, and at batch 256 (block
+# tables of ~100 KB per step) the offline benchmark lost 2% with it (run 64), where batch-1 steps gained.
+HOST_IO_MAX_ROWS = 8
+
 if TYPE_CHECKING:
     from carpool.worker.model_runner import PendingFixup
 
@@ -44,8 +49,9 @@ class CUDAGraphRunner:
                  device: torch.device, take_greedy: Callable[[], torch.Tensor | None] = lambda: None,
                  kernel_io: bool = False) -> None:
         self.model = model
-        # Inputs read from pinned memory by one kernel (ops/triton/host_io.stage_inputs) instead of the
-        # copy engine's upload, device-to-device copy of the tables and index_copy_ of the fix-up.
+        # Small replays' inputs read from pinned memory by one kernel (ops/triton/host_io.stage_inputs)
+        # instead of the copy engine's upload, device-to-device copy of the tables and index_copy_ of the
+        # fix-up (graphs of at most HOST_IO_MAX_ROWS rows).
         self.kernel_io = kernel_io
         # The model's side output of a forward, if any: the argmax its logits gather took in passing
         # (TPGroup.take_greedy_tokens); captured with each graph, read by the sampler after a replay.
@@ -143,7 +149,7 @@ class CUDAGraphRunner:
         cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
         if cascade:
             host["prefix_len"][0] = inputs.cascade_prefix_len
-        if self.kernel_io:
+        if self.kernel_io and bs <= HOST_IO_MAX_ROWS:
             self._stage_by_kernel(host, fixup, bs, width)
         else:
             if fixup is not None:  # where the tokens sampled by the previous step go: in the same upload

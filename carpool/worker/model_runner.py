@@ -29,7 +29,7 @@ from carpool.models.loader import load_model
 from carpool.ops import get_kernel_ops
 from carpool.platform import to_device
 from carpool.sampling_params import SamplingParams
-from carpool.worker.cuda_graph import CUDAGraphRunner
+from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS, CUDAGraphRunner
 from carpool.worker.input_batch import InputBatch, StepInputs
 from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block, cpu_num_blocks, gpu_num_blocks
 
@@ -373,7 +373,7 @@ class PendingStep:
         if tokens is not None:
             if tokens.is_cuda:
                 self.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                if runner.kernel_host_io and tokens.is_contiguous():
+                if runner.kernel_host_io and tokens.is_contiguous() and tokens.numel() <= HOST_IO_MAX_ROWS:
                     from carpool.ops.triton.host_io import copy_to_host
 
                     copy_to_host(tokens, self.host_tokens)

@@ -11,6 +11,7 @@ against 15.1 with the copies (benchmarks/bench_step_boundary.py, results/h200_ru
 In the engine, the Llama-3-8B shape at batch 1, it gained less (results/h200x2_run63_kernel_host_io):
 - TP=1: 3.9228 ms/token against 3.9300;
 - TP=2: within the repeats' spread.
+Larger steps keep the copies (worker/cuda_graph.HOST_IO_MAX_ROWS).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton.language as tl
 BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # (sizes change per step: one compiled variant)
 def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -41,7 +42,7 @@ def copy_to_host(src: torch.Tensor, dst: torch.Tensor) -> None:
         _copy_kernel[(triton.cdiv(n, BLOCK),)](src, dst, n, BLOCK=BLOCK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_ids", "words_lo", "words_hi", "table_stride", "n_table_words", "width"])
 def _stage_kernel(host_ids_ptr, ids_ptr, fix_src_ptr, fix_val_ptr, n_ids, host_words_ptr, words_ptr, words_lo,
                   words_hi, host_tables_ptr, tables_ptr, table_stride, n_table_words, width,
                   HAS_FIXUP: tl.constexpr, BLOCK: tl.constexpr):
