@@ -250,14 +250,14 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
     from types import SimpleNamespace
 
     from carpool.ops.triton import host_io
-    from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS
+    from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS, HOST_IO_MAX_TABLE_WORDS
 
     from carpool.worker.cuda_graph import CUDAGraphRunner
     from carpool.worker.input_batch import StepInputs
     from carpool.worker.model_runner import PendingFixup
 
     model = SimpleNamespace(attention_layers=lambda: [SimpleNamespace(num_kv_heads=8)])
-    runner = CUDAGraphRunner(model, 64, 4096, 16, torch.device(DEVICE), kernel_io=kernel_io)  # type: ignore[arg-type]
+    runner = CUDAGraphRunner(model, 64, 65536, 16, torch.device(DEVICE), kernel_io=kernel_io)  # type: ignore[arg-type]
     assert runner.decode_splits[1] == 32 and runner.decode_splits[48] == 2 and runner.decode_splits[64] == 2
     seen: list[dict] = []
     for bs in runner.batch_sizes:
@@ -280,7 +280,9 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
     # input rows -> the previous step's sampled tokens (device values), in and out of order, or none.
     cases = [([300, 1000] + [100] * 45, 63, 100, [3, 0, 46]), ([5, 9], 1, 200, [0, 1]), ([8] * 3, 1, 300, []),
              ([40] * 16 + [700] * 31, 44, 400, [5]), ([7, 300, 20], 19, 500, [2, 0]),
-             ([64] * 5, 4, 600, [4, 1, 3]), ([33] * 9, 3, 700, [8])]
+             ([64] * 5, 4, 600, [4, 1, 3]), ([33] * 9, 3, 700, [8]), ([10] * 2, 3000, 800, [1])]
+    if kernel_io:
+        runner._compile_host_io()  # (start-up: both kernel variants once, before any step)
     staged_by_kernel = []
     real_stage = host_io.stage_inputs
     monkeypatch.setattr(host_io, "stage_inputs", lambda *a: staged_by_kernel.append(1) or real_stage(*a))
@@ -301,7 +303,9 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
         plan = balanced_decode_plan(inputs.seq_lens, 8, runner.decode_splits[bs])
         assert got["decode_order"][:bs].tolist() == plan.order.tolist() + list(range(b, bs))
         assert got["decode_split_len"].item() == plan.split_len
-    small = sum(1 for lens, *_ in cases if next(s for s in runner.batch_sizes if s >= len(lens)) <= HOST_IO_MAX_ROWS)
+    # (small: few rows and block tables of at most HOST_IO_MAX_TABLE_WORDS; the last case has long ones)
+    small = sum(1 for lens, width, *_ in cases if (bs := next(s for s in runner.batch_sizes if s >= len(lens)))
+                <= HOST_IO_MAX_ROWS and bs * width <= HOST_IO_MAX_TABLE_WORDS)
     assert len(staged_by_kernel) == (small if kernel_io else 0) and 0 < small < len(cases)
     assert seen[0]["decode_order"][:2].tolist() == [1, 0]  # longest first
     assert seen[0]["decode_split_len"].item() >= MIN_TOKENS_PER_SPLIT
@@ -362,6 +366,10 @@ def test_copy_to_host_and_stage_inputs_read_and_write_where_told() -> None:
     with pytest.raises(ValueError, match="stage_inputs"):
         stage_inputs(host_ids, ids, None, None, host_words, words, 0, 0, host(torch.zeros(5, 3, dtype=torch.int32)),
                      tables)
+    with pytest.raises(ValueError, match="together"):
+        stage_inputs(host_ids, ids, source, None, host_words, words, 0, 0, host_tables, tables)
+    with pytest.raises(ValueError, match="word range"):
+        stage_inputs(host_ids, ids, None, None, host_words, words, 4, 21, host_tables, tables)
 
 
 # ---- prefill / extend path ------------------------------------------------------------------------

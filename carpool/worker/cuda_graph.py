@@ -31,6 +31,7 @@ from carpool.worker.staging import Field, StaticInputs
 # reads pinned memory with far fewer requests in flight than the copy engine, and at batch 256 (block
 # tables of ~100 KB per step) the offline benchmark lost 2% with it (run 64), where batch-1 steps gained.
 HOST_IO_MAX_ROWS = 8
+HOST_IO_MAX_TABLE_WORDS = 4096  # (and block tables of at most 16 KB: the reads' cost grows with bytes)
 
 if TYPE_CHECKING:
     from carpool.worker.model_runner import PendingFixup
@@ -66,7 +67,8 @@ class CUDAGraphRunner:
         # Every input a replay changes, in one device buffer that one copy from pinned memory refills
         # (staging.StaticInputs). Block tables go last and packed ([rows, the step's width] instead of
         # [max_num_seqs, max blocks per request]: 2.6 MB at 256 x 40k tokens), so a replay copies only
-        # what it uses, and one device copy spreads them into the tables the graphs read. Decode batches
+        # what it uses, and one device copy spreads them into the tables the graphs read. Small replays
+        # do all of it, and the fix-up, with one kernel that reads the pinned memory (kernel_io). Decode batches
         # of at least CASCADE_MIN_BATCH get a second graph with cascade attention over a shared prefix,
         # whose length is read from prefix_len at replay.
         self.staged = StaticInputs([
@@ -122,6 +124,8 @@ class CUDAGraphRunner:
                         self.greedy[(bs, cascade)] = self.take_greedy()
                     self.graphs[(bs, cascade)] = graph
         torch.cuda.current_stream().wait_stream(stream)
+        if self.kernel_io:
+            self._compile_host_io()
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.graphs),
                     self.batch_sizes[0], self.max_bs, time.perf_counter() - start)
@@ -149,7 +153,7 @@ class CUDAGraphRunner:
         cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
         if cascade:
             host["prefix_len"][0] = inputs.cascade_prefix_len
-        if self.kernel_io and bs <= HOST_IO_MAX_ROWS:
+        if self.kernel_io and bs <= HOST_IO_MAX_ROWS and bs * width <= HOST_IO_MAX_TABLE_WORDS:
             self._stage_by_kernel(host, fixup, bs, width)
         else:
             if fixup is not None:  # where the tokens sampled by the previous step go: in the same upload
@@ -166,6 +170,17 @@ class CUDAGraphRunner:
         if len(inputs.logits_indices) == b:
             return logits[:b]
         return logits.index_select(0, to_device(inputs.logits_indices, logits.device))
+
+    def _compile_host_io(self) -> None:
+        """Launch the host_io kernels once (all their variants) so that they compile at start-up, not at
+        the first small step. They rewrite the static inputs with the mirror's values, which the next
+        replay rewrites again."""
+        from carpool.ops.triton.host_io import copy_to_host
+        from carpool.worker.model_runner import PendingFixup
+
+        for fixup in (None, PendingFixup(np.zeros(1, dtype=np.int64), self.input_ids[:1].clone())):
+            self._stage_by_kernel(self.staged.host(), fixup, 1, 1)
+        copy_to_host(self.input_ids[:1], torch.empty(1, dtype=torch.long, pin_memory=self.input_ids.is_cuda))
 
     def _stage_by_kernel(self, host: dict[str, np.ndarray], fixup: PendingFixup | None, bs: int, width: int
                          ) -> None:

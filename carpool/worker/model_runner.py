@@ -256,6 +256,10 @@ class ModelRunner:
             md.generators[i] = gen
         return md
 
+    def keep_until_written(self, host: torch.Tensor) -> None:
+        """Hold a pinned buffer that a kernel writes (see _recent_host_tokens) for the next few steps."""
+        self._recent_host_tokens.append(host)
+
     def _zeros(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """n zeros of dtype on the device, from a buffer kept for reuse (read only)."""
         buf = self._zero_buffers.get(dtype)
@@ -377,7 +381,7 @@ class PendingStep:
                     from carpool.ops.triton.host_io import copy_to_host
 
                     copy_to_host(tokens, self.host_tokens)
-                    runner._recent_host_tokens.append(self.host_tokens)
+                    runner.keep_until_written(self.host_tokens)
                 else:
                     self.host_tokens.copy_(tokens, non_blocking=True)
                 self.ready = torch.cuda.Event()

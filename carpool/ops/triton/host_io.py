@@ -75,11 +75,17 @@ def stage_inputs(host_ids: torch.Tensor, ids: torch.Tensor, fixup_source: torch.
       step's block tables) into tables [>= rows, >= width] (row stride table_stride).
     fixup_source: int32 [n] on the host (-1: keep host_ids); None: no fix-up."""
     rows, width = host_tables.shape
+    if (fixup_source is None) != (fixup_values is None):
+        raise ValueError("stage_inputs: pass fixup_source and fixup_values together, or neither")
+    if fixup_values is not None and (fixup_values.dtype != ids.dtype or not fixup_values.is_contiguous()):
+        raise ValueError(f"stage_inputs: fixup_values must be contiguous {ids.dtype}, got {fixup_values.dtype}")
+    if not 0 <= words_lo <= words_hi <= min(host_words.numel(), words.numel()):
+        raise ValueError(f"stage_inputs: word range [{words_lo}, {words_hi}) outside the buffers")
     if tables.shape[0] < rows or tables.shape[1] < width or tables.stride(1) != 1 or ids.numel() < host_ids.numel():
         raise ValueError(f"stage_inputs: tables {tuple(tables.shape)} cannot take {rows} x {width}, or ids "
                          f"{ids.numel()} < {host_ids.numel()}")
     n = max(host_ids.numel(), words_hi - words_lo, rows * width)
-    fix = fixup_source is not None and fixup_values is not None
+    fix = fixup_source is not None
     _stage_kernel[(triton.cdiv(n, BLOCK),)](
         host_ids, ids, fixup_source if fix else host_ids, fixup_values if fix else ids, host_ids.numel(), host_words,
         words, words_lo, words_hi, host_tables, tables, tables.stride(0), rows * width, max(width, 1),
