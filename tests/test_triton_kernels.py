@@ -41,6 +41,8 @@ gpu = pytest.mark.gpu
 # Idle decode splits compute log2(0) = -inf on purpose; numpy warns about it in the interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU")
+# A CPU engine with the Triton backend: its kernels run only through the interpreter.
+interpreter_only = pytest.mark.skipif(not INTERPRET, reason="a CPU engine's Triton kernels need the interpreter")
 
 
 @pytest.fixture(autouse=True)
@@ -1229,6 +1231,7 @@ def check_sampling_distribution(device: str, n: int) -> None:
         assert bool(((counts - expected).abs() <= 5 * std + 1).all()), (name, counts, expected)
 
 
+@interpreter_only
 def test_engine_seeded_sampling_with_the_one_pass_kernel_is_batch_independent(checkpoint_factory) -> None:
     from checkpoints import prompts_of_lengths
 
@@ -1244,6 +1247,7 @@ def test_engine_seeded_sampling_with_the_one_pass_kernel_is_batch_independent(ch
     assert batch[1].outputs[0].token_ids == alone
 
 
+@interpreter_only
 def test_engine_decodes_a_shared_prefix_with_cascade_attention(checkpoint_factory) -> None:
     """16 requests behind one 320-token prefix: after the first computes it, the others hit its cached
     blocks, and their decode steps read it once through the cascade kernels; tokens equal torch_ref's."""
