@@ -12,8 +12,8 @@ runs one boundary variant. The variant's cost is its time per step minus the gra
 back; the host queues ahead, so host launch time does not count.
 - copies: the engine's boundary today: the token to pinned memory (DtoH), the next inputs from pinned
   memory (HtoD), a device-to-device copy (block tables), an index_copy_ (the fix-up token).
-- kernels: one kernel writes the token to pinned memory, one reads the inputs from pinned memory and
-  writes the device buffers, the fix-up included.
+- kernels: the engine's (ops/triton/host_io): `copy_to_host` writes the token to pinned memory, and
+  `stage_inputs` reads the inputs from pinned memory and writes the device buffers, the fix-up included.
 - side_stream: the engine's copies, with the token's DtoH and the upload on a second stream, so the
   forward's stream only waits for the upload (issued a step early) and for nothing of the DtoH.
 """
@@ -25,48 +25,27 @@ import os
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, emit  # noqa: E402
 
+from carpool.ops.triton.host_io import copy_to_host, stage_inputs  # noqa: E402
+
 UPLOAD_WORDS = 256  # int32 words: a batch-1 step's inputs, padded (positions, slots, tables, ...)
 
 
-@triton.jit
-def _copy_words_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
-
-
-@triton.jit
-def _stage_kernel(host_ptr, dst_ptr, n, token_ptr, fixup_at, BLOCK: tl.constexpr):
-    """The upload as a kernel: words from pinned memory, then the fix-up token from the device."""
-    offs = tl.arange(0, BLOCK)
-    words = tl.load(host_ptr + offs, mask=offs < n)
-    words = tl.where(offs == fixup_at, tl.load(token_ptr).to(tl.int32), words)
-    tl.store(dst_ptr + offs, words, mask=offs < n)
-
-
-def copy_words(src: torch.Tensor, dst: torch.Tensor) -> None:
-    n = src.numel()
-    _copy_words_kernel[(triton.cdiv(n, 1024),)](src, dst, n, BLOCK=1024)
-
-
 def make_forward(num_kernels: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """A graph of num_kernels small copies (1 MB each); returns it and its 'token' (an int64 it writes)."""
+    """A graph of num_kernels small elementwise kernels (1 MB each); returns it and its 'token' (an int64
+    it writes)."""
     a = torch.randint(0, 1000, (1 << 18,), dtype=torch.int32, device="cuda")
     b = torch.empty_like(a)
     token = torch.zeros(1, dtype=torch.int64, device="cuda")
-    for _ in range(2):
-        copy_words(a, b)
+    torch.add(a, 1, out=b)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(num_kernels):
-            copy_words(a, b) if i % 2 == 0 else copy_words(b, a)
+            torch.add(a, 1, out=b) if i % 2 == 0 else torch.add(b, 1, out=a)
         token.copy_(a[:1].to(torch.int64))
     return graph, token
 
@@ -99,6 +78,11 @@ def main() -> None:
     static = torch.zeros(UPLOAD_WORDS, dtype=torch.int32, device="cuda")
     static_ids = torch.zeros(8, dtype=torch.int64, device="cuda")
     fixup_index = torch.zeros(1, dtype=torch.int64, device="cuda")
+    # stage_inputs' host side: one input id, replaced by the token (the fix-up), and a row of block tables
+    host_ids = torch.zeros(1, dtype=torch.int64).pin_memory()
+    fixup_source = torch.zeros(1, dtype=torch.int32).pin_memory()
+    host_tables = torch.arange(16, dtype=torch.int32).view(1, 16).pin_memory()
+    tables = torch.zeros(8, 64, dtype=torch.int32, device="cuda")
     side = torch.cuda.Stream()
     result: dict[str, object] = {"benchmark": "step_boundary", "device": device_name(),
                                  "graph_kernels": args.graph_kernels, "steps": args.steps}
@@ -115,8 +99,9 @@ def main() -> None:
 
     def kernels() -> None:
         graph.replay()
-        copy_words(token.view(torch.int32), host_token.view(torch.int32))
-        _stage_kernel[(1,)](host_inputs, static, UPLOAD_WORDS, token, 3, BLOCK=UPLOAD_WORDS)
+        copy_to_host(token, host_token)
+        stage_inputs(host_ids, static_ids[:1], fixup_source, token, host_inputs, static, 0, UPLOAD_WORDS,
+                     host_tables, tables)
 
     def side_stream() -> None:
         side.wait_stream(torch.cuda.current_stream())  # (the upload a step early: here, at the same point)
@@ -131,12 +116,12 @@ def main() -> None:
             side.wait_event(forward_done)
             host_token.copy_(token, non_blocking=True)
         torch.cuda.current_stream().wait_event(uploaded)
-        copy_words(staged, static)
+        static.copy_(staged)
         static_ids.index_copy_(0, fixup_index, token)
 
     try:  # does Triton take a pinned host tensor as a pointer?
         token.fill_(12345)
-        copy_words(token.view(torch.int32), host_token.view(torch.int32))
+        copy_to_host(token, host_token)
         torch.cuda.synchronize()
         result["pinned_pointer_ok"] = int(host_token[0]) == 12345
     except Exception as e:  # noqa: BLE001 (reported, and the kernel variant skipped)

@@ -4,6 +4,7 @@ in the same run (copy bandwidth, bf16 matmul rate), and the roofline arithmetic.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -185,37 +186,24 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
                     help="ablation: graph replays upload inputs and steps copy tokens with the copy engine")
 
 
+# add_engine_flags' "--no-..." switches -> (module, name of the environment variable it sets to "0")
+ABLATION_SWITCHES: dict[str, tuple[str, str]] = {
+    "no_fused_all_reduce_norm": ("carpool.custom_all_reduce", "FUSED_NORM_ENV"),
+    "no_push_all_reduce": ("carpool.custom_all_reduce", "PUSH_ENV"),
+    "no_push_logits": ("carpool.custom_all_reduce", "PUSH_LOGITS_ENV"),
+    "no_fused_gemv_silu": ("carpool.worker.model_runner", "FUSED_GEMV_SILU_ENV"),
+    "no_gather_argmax": ("carpool.custom_all_reduce", "GATHER_ARGMAX_ENV"),
+    "no_fused_qkv_rope": ("carpool.worker.model_runner", "FUSED_QKV_ROPE_ENV"),
+    "no_kernel_host_io": ("carpool.worker.model_runner", "KERNEL_HOST_IO_ENV"),
+}
+
+
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     """add_engine_flags' values as LLM keyword arguments (and the fusion switches, which the engine and
     the TP workers read from the environment they inherit)."""
-    if args.no_fused_all_reduce_norm:
-        from carpool.custom_all_reduce import FUSED_NORM_ENV
-
-        os.environ[FUSED_NORM_ENV] = "0"
-    if args.no_push_all_reduce:
-        from carpool.custom_all_reduce import PUSH_ENV
-
-        os.environ[PUSH_ENV] = "0"
-    if args.no_push_logits:
-        from carpool.custom_all_reduce import PUSH_LOGITS_ENV
-
-        os.environ[PUSH_LOGITS_ENV] = "0"
-    if args.no_fused_gemv_silu:
-        from carpool.worker.model_runner import FUSED_GEMV_SILU_ENV
-
-        os.environ[FUSED_GEMV_SILU_ENV] = "0"
-    if args.no_gather_argmax:
-        from carpool.custom_all_reduce import GATHER_ARGMAX_ENV
-
-        os.environ[GATHER_ARGMAX_ENV] = "0"
-    if args.no_fused_qkv_rope:
-        from carpool.worker.model_runner import FUSED_QKV_ROPE_ENV
-
-        os.environ[FUSED_QKV_ROPE_ENV] = "0"
-    if args.no_kernel_host_io:
-        from carpool.worker.model_runner import KERNEL_HOST_IO_ENV
-
-        os.environ[KERNEL_HOST_IO_ENV] = "0"
+    for flag, (module, env) in ABLATION_SWITCHES.items():
+        if getattr(args, flag):
+            os.environ[getattr(importlib.import_module(module), env)] = "0"
     return dict(enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
                 tensor_parallel_size=args.tensor_parallel_size,
                 disable_custom_all_reduce=args.disable_custom_all_reduce)

@@ -187,13 +187,14 @@ class CUDAGraphRunner:
         """The replay's inputs, read from the pinned mirror by one kernel (see kernel_io)."""
         from carpool.ops.triton.host_io import stage_inputs
 
+        staged = self.staged
         source = None
         if fixup is not None:  # input row -> index of its token among the previous step's sampled ones
             host["fixup_source"][:bs] = -1
             host["fixup_source"][fixup.index] = np.arange(len(fixup.index), dtype=np.int32)
-            source = self.staged.host_tensor("fixup_source")[:bs]
-        staged = self.staged
+            source = staged.host_tensor("fixup_source")[:bs]
         tables = staged.host_tensor("packed_block_tables")[:bs * width].view(bs, width)
+        # (words: every field after input_ids up to the fix-up's own, positions .. prefix_len)
         stage_inputs(staged.host_tensor("input_ids")[:bs], self.input_ids[:bs], source,
                      None if fixup is None else fixup.values, staged.host_words(), staged.device_words(),
                      staged.word_offset("positions"), staged.word_offset("fixup_index"), tables,

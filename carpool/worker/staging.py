@@ -27,8 +27,8 @@ class Field:
 
 class StaticInputs:
     """Named device tensors that are views of one buffer, refilled by one copy from a pinned host
-    mirror (or by a kernel that reads the mirror itself, then `uploaded()`). There are two mirrors, used in turn: the host fills one while the copy from the other may
-    still be queued behind the running step, and `host()` waits (rarely) only for a copy two uploads
+    mirror (or by a kernel that reads the mirror itself, then `uploaded()`). There are two mirrors, used
+    in turn: the host fills one while the copy from the other may still be queued behind the running step, and `host()` waits (rarely) only for a copy two uploads
     old. So a mirror holds what was written two uploads ago until it is overwritten: write every value
     a step reads. Put the field whose rows a step uses only in part last; `upload(nbytes)` copies a
     prefix of the buffer (`end_of`)."""
@@ -76,10 +76,7 @@ class StaticInputs:
         """Queue the copy of the mirror's first nbytes (default: all) to the device buffer."""
         n = self.total if nbytes is None else nbytes
         src = self._host[self._turn][:n]
-        if self.device.type == "cuda":
-            self._device_buf[:n].copy_(src, non_blocking=True)
-        else:
-            self._device_buf[:n].copy_(src)
+        self._device_buf[:n].copy_(src, non_blocking=self.device.type == "cuda")
         self.uploaded()
 
     def host_tensor(self, name: str) -> torch.Tensor:

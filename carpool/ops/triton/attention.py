@@ -135,11 +135,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
             # From the table alone (no context hint): eager steps then use the same few split counts as
             # the captured graphs, so no step ever waits for a fresh compile of another NUM_SPLITS; a
             # short context simply leaves some splits idle (the kernel sizes its range on the device).
-            num_splits = decode_num_splits(num_decodes, k_cache.shape[2])
-            if utils.interpreting():
-                # On CPU (the interpreter) nothing compiles, and each idle split still costs a program run
-                # (~50 ms): split by the context, as decode_num_splits does with a length hint.
-                num_splits = decode_num_splits(num_decodes, k_cache.shape[2], meta.max_seq_len)
+            # On CPU (the interpreter) nothing compiles, and each idle split still costs a program run
+            # (~50 ms): there the context length is given as the hint.
+            num_splits = decode_num_splits(num_decodes, k_cache.shape[2],
+                                           meta.max_seq_len if utils.interpreting() else None)
         elif int(num_splits) < 1:
             raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
         order, split_len = meta.extra.get("decode_order"), meta.extra.get("decode_split_len")
