@@ -18,6 +18,10 @@ by request, and `_merge_kernel` (grid (num_reqs, num_q_heads)) combines the `use
     out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max).
 With a shared prefix (cascade) every split writes a partial (idle ones with weight 0) and the merge
 reads all slots, the prefix kernel's too.
+
+Latency (batch 1 under PDL): both kernels launch while the kernel before them still runs and read the
+step's metadata before they wait for it. (Loading the first tile's older keys before the wait as well
+was slower at batch 1: results/h200x2_run65_decode_prefetch.)
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import triton.language as tl
 from carpool.forward_batch import CASCADE_ALIGN  # prefix kernel tile; split kernel tiles divide it
 from carpool.ops.triton import utils
 from carpool.ops.triton.paged_kv import attend_tile
-from carpool.ops.triton.utils import pdl_enter
+from carpool.ops.triton.utils import pdl_enter, pdl_release, pdl_wait
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    HAS_PREFIX: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_SPLIT_LEN: tl.constexpr,
                    USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    # Until pdl_wait: only the step's metadata, complete before this layer's q/k/v projection started
+    # (utils.pdl_wait).
+    pdl_release(USE_PDL)
     kv_head = tl.program_id(0) // NUM_SPLITS
     split = tl.program_id(0) % NUM_SPLITS
     req = tl.program_id(1)
@@ -102,6 +108,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     active_rows = tl.where(split < used_splits, num_rows, 0)
     mask_d = offs_d[None, :] < HEAD_DIM
     q_row64 = q_row.to(tl.int64)
+    bt_ptr = block_tables_ptr + req.to(tl.int64) * stride_bt
+    kv_off_k = kv_head.to(tl.int64) * stride_kh
+    kv_off_v = kv_head.to(tl.int64) * stride_vh
+    pdl_wait(USE_PDL)
+
     q = tl.load(q_ptr + q_row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=(offs_g < active_rows)[:, None] & mask_d, other=0.0)
     q = q.to(k_cache_ptr.dtype.element_ty)
@@ -109,9 +120,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    bt_ptr = block_tables_ptr + req.to(tl.int64) * stride_bt
-    kv_off_k = kv_head.to(tl.int64) * stride_kh
-    kv_off_v = kv_head.to(tl.int64) * stride_vh
     for tile in range(tile_lo, tile_hi):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
                                     seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
@@ -189,7 +197,7 @@ def _merge_kernel(qsl_ptr, seq_lens_ptr, split_len_ptr, part_out_ptr, part_lse_p
                   NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
                   BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SPLIT_LEN: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    pdl_release(USE_PDL)  # the step's metadata is read before the wait (see _decode_kernel)
     req = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(qsl_ptr + req)
@@ -204,6 +212,7 @@ def _merge_kernel(qsl_ptr, seq_lens_ptr, split_len_ptr, part_out_ptr, part_lse_p
         num_slots = tl.where(used_splits > 1, used_splits, 0)  # one split wrote the output itself
     q_row64 = q_row.to(tl.int64)
     req64 = req.to(tl.int64)
+    pdl_wait(USE_PDL)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_slots

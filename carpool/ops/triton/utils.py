@@ -94,11 +94,26 @@ def pdl() -> bool:
 # to the next norm must wait before it releases (pdl_wait_then_release): the push exchange (all_reduce_norm.py) relies on a
 # kernel starting its writes only after all earlier kernels have finished, transitively.
 @triton.jit
-def pdl_enter(USE_PDL: tl.constexpr):
-    """At a kernel's start: let the next kernel launch, then wait for the previous kernels' writes."""
+def pdl_release(USE_PDL: tl.constexpr):
+    """Let the next kernel launch."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait for the previous kernels' writes. Before it, a kernel may read only what was complete when
+    its predecessor started: the decode kernel reads what came before its q/k/v projection (a GEMV
+    releases after its own wait; a cuBLAS GEMM starts only after the kernel before it ends)."""
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """At a kernel's start: let the next kernel launch, then wait for the previous kernels' writes."""
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
 
 
 @triton.jit
