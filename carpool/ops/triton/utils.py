@@ -4,8 +4,9 @@ per-step host plans shared by all layers, and programmatic dependent launch (PDL
 PDL (Hopper and later): a kernel launched with it may start while the kernel before it in the stream is
 still running; it must call `griddepcontrol.wait` before it reads anything that kernel (or any earlier
 one) wrote, or writes anything they may still read. Every Triton kernel here does so at its start
-(`pdl_enter`), except that the GEMV first loads its first weight tile, which nothing writes (and the
-push exchange's norm first polls its own slots: all_reduce_norm.py): at batch 1
+(`pdl_enter`), except that the GEMV first loads its first weight tile, which nothing writes (the push
+exchange's norm first polls its own slots: all_reduce_norm.py; the decode attention and its merge first
+read the step's metadata: `pdl_wait`): at batch 1
 the next projection's weights then stream while the small kernels between two projections run, and
 the launch latency between kernels is hidden (inside CUDA graphs too). `pdl_enter` also lets the next
 kernel launch at once; the GEMV lets it launch only after its own wait (`pdl_wait_then_release`), so
