@@ -28,10 +28,11 @@ class Field:
 class StaticInputs:
     """Named device tensors that are views of one buffer, refilled by one copy from a pinned host
     mirror (or by a kernel that reads the mirror itself, then `uploaded()`). There are two mirrors, used
-    in turn: the host fills one while the copy from the other may still be queued behind the running step, and `host()` waits (rarely) only for a copy two uploads
-    old. So a mirror holds what was written two uploads ago until it is overwritten: write every value
-    a step reads. Put the field whose rows a step uses only in part last; `upload(nbytes)` copies a
-    prefix of the buffer (`end_of`)."""
+    in turn: the host fills one while the copy from the other may still be queued behind the running
+    step, and `host()` waits (rarely) only for a copy two uploads old. So a mirror holds what was
+    written two uploads ago until it is overwritten: write every value a step reads. Put the field
+    whose rows a step uses only in part last; `upload(nbytes)` copies a prefix of the buffer
+    (`end_of`)."""
 
     def __init__(self, fields: list[Field], device: torch.device) -> None:
         self.device = device

@@ -232,14 +232,15 @@ class TPWorker:
 
     def describe(self, _: dict[str, Any]) -> dict[str, Any]:
         custom = self.runner.tp.custom_all_reduce
-        push_logits = (custom is not None and custom.push is not None and custom.push.logit_slots is not None
+        push = custom.push if custom is not None else None
+        push_logits = (push is not None and push.logit_slots is not None
                        and os.environ.get(LM_HEAD_GEMV_ENV, "1") != "0")  # (the head pushes from its GEMV)
         return {"custom_all_reduce": custom is not None,
                 "custom_all_reduce_max_bytes": custom.max_bytes if custom is not None else 0,
                 "fused_all_reduce_norm": custom is not None and custom.exchange is not None,
-                "push_all_reduce": custom is not None and custom.push is not None,
+                "push_all_reduce": push is not None,
                 "push_logits": push_logits,
-                "gather_argmax": push_logits and custom.push.gather_argmax,  # type: ignore[union-attr]
+                "gather_argmax": push_logits and push is not None and push.gather_argmax,
                 "cuda_graphs": self.runner.graph_runner is not None}
 
     def timings(self, msg: dict[str, Any]) -> dict[str, Any]:
