@@ -86,7 +86,8 @@ def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
     epochs = [shared(torch.full((MAX_PROGRAMS,), start, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
     uses = [shared(torch.zeros(200, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
     w = torch.randn(d, generator=gen).to(DEVICE)
-    max_programs = MAX_PROGRAMS if INTERPRET else min(MAX_PROGRAMS, torch.cuda.get_device_properties(0).multi_processor_count)
+    max_programs = (MAX_PROGRAMS if INTERPRET
+                    else min(MAX_PROGRAMS, torch.cuda.get_device_properties(0).multi_processor_count))
     if not INTERPRET:
         # Compile and load every rank's kernel first, alone, against pads that read as already signalled:
         # a first launch loads its module, which waits for the running kernels, so a rank spinning on
@@ -94,7 +95,8 @@ def test_all_reduce_add_rms_norm_over_simulated_ranks(world: int) -> None:
         ready = torch.full((MAX_PROGRAMS * world,), 1 << 30, dtype=torch.int32, device=DEVICE)
         scratch = torch.empty(2 * half, device=DEVICE)
         for r in range(world):
-            all_reduce_add_rms_norm(w[None], w[None], w, 1e-6, torch.tensor([scratch.data_ptr()] * world, device=DEVICE),
+            all_reduce_add_rms_norm(w[None], w[None], w, 1e-6,
+                                    torch.tensor([scratch.data_ptr()] * world, device=DEVICE),
                                     torch.tensor([ready.data_ptr()] * world, device=DEVICE),
                                     torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE),
                                     torch.zeros(1, dtype=torch.int32, device=DEVICE), half, r, world)
@@ -204,7 +206,8 @@ def test_embedding_push_then_gemv_push_over_simulated_ranks(world: int) -> None:
         ids = torch.tensor([token], device=DEVICE)
 
         def call(r: int) -> tuple[torch.Tensor, ...]:
-            share = embedding_push(ids, table[r * rows:(r + 1) * rows], r * rows, slot_ptrs, epochs[r], stride, r, world)
+            share = embedding_push(ids, table[r * rows:(r + 1) * rows], r * rows, slot_ptrs, epochs[r], stride, r,
+                                   world)
             out, res = pushed_add_rms_norm(zeros, norm_w, 1e-6, slots[r], epochs[r], stride, world)
             gemv_push(out, w, slot_ptrs, epochs[r], stride, r, world)
             return (share, out, res, *pushed_add_rms_norm(res, norm_w, 1e-6, slots[r], epochs[r], stride, world))

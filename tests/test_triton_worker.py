@@ -58,7 +58,8 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
     def step(lens: list[int], width: int, salt: int) -> StepInputs:
         n = len(lens)
         return StepInputs(rows=np.arange(n), input_ids=np.arange(n, dtype=np.int64) + salt,
-                          positions=np.array(lens, dtype=np.int64) - 1, slot_mapping=np.arange(n, dtype=np.int64) * 7 + salt,
+                          positions=np.array(lens, dtype=np.int64) - 1,
+                          slot_mapping=np.arange(n, dtype=np.int64) * 7 + salt,
                           query_start_loc=np.arange(n + 1, dtype=np.int32), seq_lens=np.array(lens, dtype=np.int32),
                           block_tables=np.arange(n * width, dtype=np.int32).reshape(n, width) + salt,
                           sample_rows=np.arange(n), logits_indices=np.arange(n, dtype=np.int64), max_query_len=1,

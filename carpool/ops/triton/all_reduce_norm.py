@@ -32,17 +32,16 @@ Push exchange, for batch-1 steps (one row): the row-parallel GEMV itself sends i
 normalizes. No meeting, no read across NVLink on the critical path: the partial sums travel while the
 GEMV runs. Each GEMV program packs its two 16-bit outputs with the call's epoch into one 8-byte word and
 writes it, with one aligned 8-byte store, into slot [half][its rank][program] of every rank (NCCL's "LL"
-idea: the flag travels with the data, so no fence is needed; see gemv_push on the store). The norm kernel polls its own slots until every
-rank's words carry the epoch, then unpacks them. The epoch is a per-rank call counter in device memory
-(equal on every rank), read by the GEMV and advanced by the norm; half = epoch & 1. A peer can be at
-most one call ahead (its next norm needs this rank's next GEMV, which follows this rank's norm), and
-the next call writes the other half, so no slot is overwritten while read. Epochs compare for
-equality, so they may wrap. The vocab-parallel embedding of a one-token step pushes the same way
-(`embedding_push`: each rank its row or zeros), and the first layer's norm receives it with a zero
-residual. The LM head's GEMV pushes its logits into slots of their own, and `pushed_gather` receives
-every rank's row without advancing the epoch (see there): a batch-1 step's only other collective is
-the broadcast of the sampled token.
-"""
+idea: the flag travels with the data, so no fence is needed; see gemv_push on the store). The norm
+kernel polls its own slots until every rank's words carry the epoch, then unpacks them. The epoch is a
+per-rank call counter in device memory (equal on every rank), read by the GEMV and advanced by the norm;
+half = epoch & 1. A peer can be at most one call ahead (its next norm needs this rank's next GEMV, which
+follows this rank's norm), and the next call writes the other half, so no slot is overwritten while
+read. Epochs compare for equality, so they may wrap. The vocab-parallel embedding of a one-token step
+pushes the same way (`embedding_push`: each rank its row or zeros), and the first layer's norm receives
+it with a zero residual. The LM head's GEMV pushes its logits into slots of their own, and
+`pushed_gather` receives every rank's row without advancing the epoch (see there): a batch-1 step's only
+other collective is the broadcast of the sampled token. """
 
 from __future__ import annotations
 

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import triton
 
-from carpool.utils import cdiv
 from carpool.forward_batch import AttentionMetadata, TritonAttentionMetadata
 from carpool.ops.triton import utils
 from carpool.ops.triton.decode_attention import decode_attention
 from carpool.ops.triton.paged_kv import store_kvcache
 from carpool.ops.triton.prefill_attention import prefill_attention
 from carpool.platform import to_device
+from carpool.utils import cdiv
 
 # Decode split count by "units" = num_reqs * num_kv_heads, the programs there would be without
 # splitting. An H100/H200 has 132 SMs and needs a few hundred programs in flight to saturate HBM, so
@@ -147,7 +147,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
         # Cascade (shared-prefix) attention only on decode-only steps, where the runner found the prefix.
         prefix_len = plan.cascade_prefix_len if decode_only and plan is not None else None
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                         scale, int(num_splits), scratch=plan.decode_scratch if plan is not None else None, prefix_len=prefix_len,
+                         scale, int(num_splits), scratch=plan.decode_scratch if plan is not None else None,
+                         prefix_len=prefix_len,
                          order=order, split_len=split_len)
     if not decode_only:
         prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True)
