@@ -347,8 +347,9 @@ def test_row_parallel_projection_pushes_to_the_norm_it_is_handed_to_on_batch_one
 def test_push_producers_refuse_what_their_words_cannot_carry() -> None:
     """The producers' checks before any launch: 16-bit outputs in pairs that fit the slots, and at most
     MAX_PUSH_WORLD ranks (push_targets loads every rank's slot address as one vector)."""
-    from carpool.ops.triton.all_reduce_norm import MAX_PUSH_WORLD, embedding_push
+    from carpool.ops.triton.all_reduce_norm import embedding_push
     from carpool.ops.triton.gemv import gemv_push
+    from carpool.ops.triton.push_words import MAX_PUSH_WORLD
 
     x, w = torch.zeros(1, 8, dtype=torch.float16), torch.zeros(6, 8, dtype=torch.float16)
     ptrs, epoch = torch.zeros(MAX_PUSH_WORLD + 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int32)

@@ -65,7 +65,7 @@ class PushExchange:
 
     @classmethod
     def create(cls, device: torch.device, group_name: str, world: int) -> "PushExchange":
-        from carpool.ops.triton.all_reduce_norm import check_push_world
+        from carpool.ops.triton.push_words import check_push_world
 
         check_push_world("push exchange", world)
         stride = PUSH_MAX_WIDTH // 2
