@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -209,6 +209,123 @@ class KernelConfig:
     push_logits: bool = True
 
 
+SPEC_METHODS = ("ngram", "draft_model", "replay")
+# Speculation stops for steps with at least this many running requests (vLLM's disable_by_batch_size).
+# Verifying k + 1 tokens for each of 32 requests keeps a Llama-3-8B-sized step under the H100/H200 ridge
+# point (~300 tokens per read of the bf16 weights), where extra tokens are nearly free; past it a step pays
+# compute for tokens it may throw away. benchmarks/bench_spec_decode.py measures the crossover (replay at
+# batch 1, 8, 32, 256).
+DEFAULT_DISABLE_BY_BATCH_SIZE = 32
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding as vLLM configures it (`--speculative-config '{"method": "ngram", ...}'`).
+
+    A proposer guesses up to `num_speculative_tokens` next tokens of a request; the target model verifies
+    them in one step and keeps the longest prefix its own sampling agrees with, so the output is the
+    target's (carpool/spec_decode/). Methods:
+    - "ngram": prompt lookup: the longest suffix n-gram (prompt_lookup_max down to prompt_lookup_min
+      tokens) found earlier in prompt + output proposes the tokens that followed it;
+    - "draft_model": a smaller checkpoint `model` with the target's vocabulary runs k greedy steps;
+    - "replay" (benchmarks): proposes the continuation recorded in `replay_path` (JSON
+      {"prompt_token_ids": [[...]], "output_token_ids": [[...]]}, the target's own greedy outputs), each
+      token kept with probability `acceptance_rate` and otherwise replaced by a token greedy rejects.
+    Built with `from_dict` (what the CLI flag and `LLM(speculative_config=...)` pass), which refuses
+    unknown keys and fills vLLM's defaults; every field is checked, the message naming it.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE  # None: never disabled
+    acceptance_rate: float | None = None
+    replay_path: str | None = None
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"speculative_config.{name}: {why}")
+
+        def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, f"must be an integer, got {value!r}")
+            assert isinstance(value, int)
+            if value < low or (high is not None and value > high):
+                fail(name, f"must be in [{low}, {high if high is not None else 'inf'}], got {value}")
+
+        if self.method not in SPEC_METHODS:
+            fail("method", f"must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}")
+        check_int("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
+        if self.disable_by_batch_size is not None:
+            check_int("disable_by_batch_size", self.disable_by_batch_size, 1)
+        ngram = self.method == "ngram"
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if ngram:
+                check_int(name, value, 1)
+            elif value is not None:
+                fail(name, f"applies to method 'ngram' only, not {self.method!r}")
+        if ngram and self.prompt_lookup_min > self.prompt_lookup_max:  # type: ignore[operator]
+            fail("prompt_lookup_min", f"must be <= prompt_lookup_max={self.prompt_lookup_max}, "
+                                      f"got {self.prompt_lookup_min}")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                fail("model", "method 'draft_model' needs the draft checkpoint's directory")
+        elif self.model is not None:
+            fail("model", f"applies to method 'draft_model' only, not {self.method!r}")
+        if self.method == "replay":
+            rate = self.acceptance_rate
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+                fail("acceptance_rate", f"method 'replay' needs a number in [0, 1], got {rate!r}")
+            if not isinstance(self.replay_path, str) or not os.path.isfile(self.replay_path):
+                fail("replay_path", f"method 'replay' needs an existing JSON file, got {self.replay_path!r}")
+        else:
+            for name in ("acceptance_rate", "replay_path"):
+                if getattr(self, name) is not None:
+                    fail(name, f"applies to method 'replay' only, not {self.method!r}")
+
+    @staticmethod
+    def from_dict(value: "SpeculativeConfig | dict[str, Any] | str") -> "SpeculativeConfig":
+        """From vLLM's JSON (a string, as the CLI flag gives it) or the same as a dict."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config: not valid JSON ({e})") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config: must be a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(SpeculativeConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config.{unknown[0]}: unknown key; known keys: {', '.join(sorted(known))}")
+        d = dict(value)
+        if d.get("method") is None:
+            if d.get("model") is None:
+                raise ValueError(f"speculative_config.method: required, one of {', '.join(SPEC_METHODS)}")
+            d["method"] = "draft_model"  # vLLM infers a draft model from `model` alone
+        if "num_speculative_tokens" not in d:
+            raise ValueError("speculative_config.num_speculative_tokens: required")
+        if d["method"] == "ngram":  # vLLM's defaults: one bound gives the other; neither gives 5 and 5
+            lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
+            d["prompt_lookup_min"] = lo if lo is not None else (hi if hi is not None else 5)
+            d["prompt_lookup_max"] = hi if hi is not None else d["prompt_lookup_min"]
+        return SpeculativeConfig(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def num_lookahead_slots(self) -> int:
+        """KV slots a request holds beyond its scheduled tokens: a draft model writes its own K/V for the
+        tokens it proposes (positions up to k - 1 past the verified tokens) into the request's blocks."""
+        return self.num_speculative_tokens if self.method == "draft_model" else 0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -223,3 +340,4 @@ class EngineConfig:
     tokenizer: str | None = None
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
     load_format: str = "auto"  # "auto": safetensors from the checkpoint; "dummy": random weights (benchmarks)
+    speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding

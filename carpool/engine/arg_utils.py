@@ -8,8 +8,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, fields
+from typing import Any
 
-from carpool.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from carpool.config import (
+    CacheConfig,
+    EngineConfig,
+    KernelConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from carpool.platform import default_device, kernel_backend_for
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
 
@@ -47,6 +56,8 @@ class EngineArgs:
     kernel_backend: str | None = None  # "torch" | "triton"; default follows the device
     load_format: str = "auto"
     async_scheduling: bool | None = None  # default: on for GPUs
+    # vLLM's --speculative-config: a dict or its JSON string (SpeculativeConfig); None: off
+    speculative_config: dict[str, Any] | str | None = None
     # GPU fast paths (KernelConfig; each field's flag is --X / --no-X with X its name in kebab case)
     fused_gemv_silu: bool = True
     fused_qkv_rope: bool = True
@@ -93,6 +104,7 @@ class EngineArgs:
         path = resolve_model_path(self.model) if self.model else demo_model_path()
         model = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, device="cpu"
                                             if device == "cpu" else "cuda")
+        speculative = self._speculative_config(model)
         return EngineConfig(
             model=model,
             cache=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
@@ -113,7 +125,32 @@ class EngineArgs:
             tokenizer=self.tokenizer,
             load_format=self.load_format,
             async_scheduling=device != "cpu" if self.async_scheduling is None else self.async_scheduling,
+            speculative_config=speculative,
         )
+
+    def _speculative_config(self, target: ModelConfig) -> SpeculativeConfig | None:
+        """Parse and check the speculative config against the target: a draft model must exist, share the
+        target's vocabulary and reach max_model_len, and runs on one rank only."""
+        if self.speculative_config is None:
+            return None
+        spec = SpeculativeConfig.from_dict(self.speculative_config)
+        if spec.method != "draft_model":
+            return spec
+        from carpool.models.loader import resolve_model_path
+
+        if self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config.method: 'draft_model' runs with tensor_parallel_size=1 only; "
+                             "use 'ngram' under tensor parallelism")
+        assert spec.model is not None
+        try:
+            path = resolve_model_path(spec.model)
+            draft = ModelConfig.from_pretrained(path, "float32", target.max_model_len)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"speculative_config.model: {spec.model!r} is not a usable draft model ({e})") from e
+        if draft.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_config.model: the draft's vocab_size {draft.vocab_size} differs from "
+                             f"the target's {target.vocab_size}; a draft model must share the tokenizer")
+        return dataclasses.replace(spec, model=path)
 
     # ---- CLI -----------------------------------------------------------------------------------
     @staticmethod
@@ -161,6 +198,10 @@ class EngineArgs:
         g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="auto: load the checkpoint's safetensors; dummy: random weights from config.json "
                             "only (for benchmarks)")
+        g.add_argument("--speculative-config", default=None,
+                       help='speculative decoding, as JSON: {"method": "ngram" | "draft_model", '
+                            '"num_speculative_tokens": k, "prompt_lookup_min": ..., "prompt_lookup_max": ..., '
+                            '"model": draft checkpoint, "disable_by_batch_size": ...} (default: off)')
         k = parser.add_argument_group("kernels", "GPU fast paths, all on by default; each is exact, and --no-X "
                                                  "turns one off (for ablations or as a workaround)")
         for name, help_text in KERNEL_FLAG_HELP.items():

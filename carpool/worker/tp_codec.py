@@ -19,6 +19,7 @@ from carpool.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     parse_dtype,
 )
 from carpool.core.sched_output import (
@@ -117,7 +118,7 @@ def runner_output_from_dict(d: dict[str, Any]) -> ModelRunnerOutput:
 
 
 # ---- engine config (sent once, when a worker starts) ----------------------------------------------
-_NESTED = ("model", "cache", "scheduler", "parallel", "kernels")
+_NESTED = ("model", "cache", "scheduler", "parallel", "kernels", "speculative_config")
 
 
 def engine_config_to_dict(c: EngineConfig) -> dict[str, Any]:
@@ -131,6 +132,7 @@ def engine_config_to_dict(c: EngineConfig) -> dict[str, Any]:
         "scheduler": {f.name: getattr(c.scheduler, f.name) for f in fields(SchedulerConfig)},
         "parallel": {f.name: getattr(c.parallel, f.name) for f in fields(ParallelConfig)},
         "kernels": {f.name: getattr(c.kernels, f.name) for f in fields(KernelConfig)},
+        "speculative_config": c.speculative_config.to_dict() if c.speculative_config is not None else None,
         # every plain top-level field (device, kernels, seed, load format, ...), whatever is added later
         **{f.name: getattr(c, f.name) for f in fields(EngineConfig) if f.name not in _NESTED},
     }
@@ -143,4 +145,6 @@ def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
     return EngineConfig(model=ModelConfig(**model), cache=CacheConfig(**d["cache"]),
                         scheduler=SchedulerConfig(**d["scheduler"]), parallel=ParallelConfig(**d["parallel"]),
                         kernels=KernelConfig(**d["kernels"]),
+                        speculative_config=(SpeculativeConfig(**d["speculative_config"])
+                                            if d["speculative_config"] is not None else None),
                         **{f.name: d[f.name] for f in fields(EngineConfig) if f.name not in _NESTED})
