@@ -55,6 +55,9 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     # Extra hash key: requests with different salts never share cached blocks (e.g. per tenant or adapter).
     cache_salt: str | None = None
+    # Speculative decoding: the proposer's guesses of the tokens after output_token_ids, not yet verified.
+    # They are never part of num_tokens (nor of any block hash); the next step may verify them.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

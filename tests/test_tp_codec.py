@@ -55,22 +55,26 @@ def test_scheduler_output_round_trip_keeps_batch_order():
     so = SchedulerOutput(
         new_reqs=[NewRequestData("b", [1, 2, 3], [9], unusual_params(), [4, 5], 16),
                   NewRequestData("a", [7], [], SamplingParams(temperature=0.0), [6], 0)],
-        cached_reqs=[CachedRequestData("z", [8], 40), CachedRequestData("c", [], 12)],
-        num_scheduled_tokens={"z": 1, "c": 1, "b": 4, "a": 1},
-        total_num_scheduled_tokens=7, finished_req_ids={"x", "y"})
+        cached_reqs=[CachedRequestData("z", [8], 40), CachedRequestData("c", [], 12, num_blocks_kept=3)],
+        num_scheduled_tokens={"z": 1, "c": 3, "b": 4, "a": 1},
+        total_num_scheduled_tokens=9, finished_req_ids={"x", "y"}, scheduled_spec_decode_tokens={"c": [5, 6]})
     back = roundtrip(tp_codec.scheduler_output_to_dict, tp_codec.scheduler_output_from_dict, so)
     assert back == so
     assert list(back.num_scheduled_tokens) == ["z", "c", "b", "a"]
     assert set(tp_codec.scheduler_output_to_dict(so)) == {f.name for f in dataclasses.fields(SchedulerOutput)}
     new_keys = set(tp_codec.scheduler_output_to_dict(so)["new_reqs"][0])
     assert new_keys == {f.name for f in dataclasses.fields(NewRequestData)}
+    cached_keys = set(tp_codec.scheduler_output_to_dict(so)["cached_reqs"][0])
+    assert cached_keys == {f.name for f in dataclasses.fields(CachedRequestData)}
 
 
 def test_runner_output_round_trip_keeps_infinite_logprobs():
     out = ModelRunnerOutput(req_ids=["a", "b"], sampled_token_ids=[5, 6],
-                            logprobs=[None, TokenLogprobs([6, 1], [-0.1234567891234, -math.inf], [1, 2])])
+                            logprobs=[None, TokenLogprobs([6, 1], [-0.1234567891234, -math.inf], [1, 2])],
+                            spec_token_ids={"b": [7, 8, 9]})
     back = roundtrip(tp_codec.runner_output_to_dict, tp_codec.runner_output_from_dict, out)
     assert back == out
+    assert set(tp_codec.runner_output_to_dict(out)) == {f.name for f in dataclasses.fields(ModelRunnerOutput)}
 
 
 def test_engine_config_round_trip(llama_path):

@@ -3,7 +3,8 @@
 Invariants (checked by `check_integrity`):
 - every block is either in the free queue (ref_cnt == 0) or held by at least one request (ref_cnt > 0);
 - a block with a hash is the one block registered under that hash in `cached_blocks`;
-- the free queue is ordered least-recently-freed first, so fresh allocations evict the LRU cached block.
+- the free queue is ordered least-recently-freed first, so fresh allocations evict the LRU cached block
+  (blocks freed with `reuse_first`, which hold nothing cacheable, go ahead of every cached one).
 """
 
 from __future__ import annotations
@@ -82,14 +83,17 @@ class BlockPool:
                 del self.free_queue[block.block_id]
             block.ref_cnt += 1
 
-    def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
+    def free_blocks(self, blocks: Iterable[KVCacheBlock], reuse_first: bool = False) -> None:
         """Drop one reference from each block; blocks reaching 0 join the end of the queue in the
-        given order (callers pass a request's blocks tail first, so a shared prefix is evicted last)."""
+        given order (callers pass a request's blocks tail first, so a shared prefix is evicted last).
+        `reuse_first`: they join the front instead (blocks holding nothing worth caching)."""
         for block in blocks:
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed more often than held"
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = block
+                if reuse_first:
+                    self.free_queue.move_to_end(block.block_id, last=False)
 
     def cache_block(self, block: KVCacheBlock, block_hash: bytes) -> None:
         """Register a full block under its content hash. If another block already holds the same

@@ -126,6 +126,21 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], hashes[i])
         self.num_hashed_blocks[request.request_id] = num_full
 
+    def free_tail(self, request: Request, num_tokens: int) -> int:
+        """Free the request's blocks past those its first `num_tokens` tokens need (the slots of rejected
+        proposed tokens); returns the number of blocks it keeps. Freed blocks carry no hash (hashes
+        cover known tokens only), so they are the first to be reused."""
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks is None:
+            return 0
+        keep = cdiv(num_tokens, self.block_size)
+        if len(blocks) > keep:
+            tail = blocks[keep:]
+            del blocks[keep:]
+            assert keep >= self.num_hashed_blocks[request.request_id], "a freed tail block had a hash"
+            self.pool.free_blocks(reversed(tail), reuse_first=True)
+        return len(blocks)
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.num_hashed_blocks.pop(request.request_id, None)

@@ -30,6 +30,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Set when rejected drafts freed blocks at the end of the request's table since it was last scheduled:
+    # the runner cuts the table to this many blocks before appending new_block_ids.
+    num_blocks_kept: int | None = None
 
 
 @dataclass
@@ -41,6 +44,10 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # Requests the runner must forget: finished, aborted or preempted since the previous step.
     finished_req_ids: set[str] = field(default_factory=set)
+    # Speculative decoding (vLLM's name): req_id -> proposed tokens scheduled for verification. Each is
+    # counted in num_scheduled_tokens after the request's known tokens; the runner computes logits at
+    # the last known token and at every proposed one.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -59,10 +66,13 @@ class TokenLogprobs:
 @dataclass
 class ModelRunnerOutput:
     # Requests that produced a token this step (those whose scheduled tokens reached the end of
-    # their known tokens), with the token each sampled.
+    # their known tokens), with the token each sampled. A request that verified proposed tokens appears
+    # once per token it emits (its accepted tokens, then the target's own), consecutively and in order.
     req_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    # Speculative decoding: req_id -> the proposer's guesses of the tokens after this step's.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

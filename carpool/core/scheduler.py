@@ -8,6 +8,15 @@ When blocks run out for a running request, the newest running request is preempt
 freed, its progress counter resets to 0 and it returns to the head of the waiting queue, keeping the
 tokens it generated; it is recomputed (prompt + outputs) when memory frees up. The oldest request is
 never preempted for a newer one, so every admitted request finishes.
+
+Speculative decoding is the same rule: a running request's proposed tokens (`spec_token_ids`) are more
+tokens to compute, scheduled after its known ones inside the budget, with KV slots allocated like the
+rest. The step verifies them; `update_from_output` rolls `num_computed_tokens` back past the rejected
+ones and frees the blocks that only they used. Block hashes (prefix caching) are computed over known
+tokens only, so a proposed token never reaches the cache unverified. Speculation is off for steps that
+start with `disable_by_batch_size` or more running requests, and for requests with penalties (which
+read every earlier token) or with a step still in flight (async scheduling: their last token is not
+known yet).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from carpool.config import SchedulerConfig
+from carpool.config import SchedulerConfig, SpeculativeConfig
 from carpool.core.kv_cache_manager import KVCacheManager, cdiv
 from carpool.core.sched_output import (
     CachedRequestData,
@@ -24,12 +33,18 @@ from carpool.core.sched_output import (
     NewRequestData,
     SchedulerOutput,
 )
+from carpool.core.spec_stats import SpecDecodingStats
 from carpool.request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.config = config
+        self.spec = speculative_config
+        self.spec_stats = SpecDecodingStats(speculative_config.num_speculative_tokens if speculative_config else 0)
+        # Requests whose block tables lost blocks to rejected drafts since the runner last heard of them.
+        self._trimmed: set[str] = set()
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -51,7 +66,9 @@ class Scheduler:
         if total > max_len:
             raise ValueError(f"max_tokens: prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                              f"({request.max_tokens}) = {total} exceeds max_model_len={max_len}")
-        blocks_needed = cdiv(total, self.kv.block_size)
+        # (a draft model's lookahead slots may extend the last step's allocation up to max_model_len)
+        lookahead = self.spec.num_lookahead_slots if self.spec is not None else 0
+        blocks_needed = cdiv(min(total + lookahead, max_len), self.kv.block_size)
         if blocks_needed > self.kv.num_blocks:
             raise ValueError(f"max_tokens: the request needs {blocks_needed} KV blocks of "
                              f"{self.kv.block_size} tokens but the cache has only {self.kv.num_blocks}")
@@ -67,7 +84,9 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         cached_reqs: list[CachedRequestData] = []
         new_reqs: list[NewRequestData] = []
+        scheduled_spec: dict[str, list[int]] = {}
         preempted_now = False
+        speculate = self.speculation_on()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -79,24 +98,33 @@ class Scheduler:
             num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
                           budget)
             assert num_new > 0, "a running request always has at least one token to compute"
-            new_block_ids = self.kv.allocate_slots(request, num_new)
+            drafts = self._drafts_to_verify(request, num_new, budget) if speculate else []
+            request.spec_token_ids = []  # verified now or never: the next proposal follows this step's tokens
+            num_new += len(drafts)
+            extra = (self._lookahead_slots(request, request.num_computed_tokens, num_new, len(drafts))
+                     if speculate else 0)
+            kept = len(self.kv.block_ids(request.request_id)) if request.request_id in self._trimmed else None
+            new_block_ids = self.kv.allocate_slots(request, num_new + extra)
             while new_block_ids is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted_now = True
                 if victim is request:
                     break
-                new_block_ids = self.kv.allocate_slots(request, num_new)
+                new_block_ids = self.kv.allocate_slots(request, num_new + extra)
             if new_block_ids is None:
                 break
             num_scheduled[request.request_id] = num_new
             budget -= num_new
+            if drafts:
+                scheduled_spec[request.request_id] = drafts
             if request.request_id in self._in_runner:
                 cached_reqs.append(CachedRequestData(request.request_id, new_block_ids,
-                                                     request.num_computed_tokens))
+                                                     request.num_computed_tokens, num_blocks_kept=kept))
             else:
                 new_reqs.append(self._new_request_data(request))
-            self._advance(request, num_new)
+            self._trimmed.discard(request.request_id)
+            self._advance(request, num_new, len(drafts))
             i += 1
 
         # Admit waiting requests only when nothing was preempted: memory is tight otherwise.
@@ -105,7 +133,8 @@ class Scheduler:
             request = self.waiting[0]
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
-            if self.kv.allocate_slots(request, num_new, hit_blocks) is None:
+            extra = self._lookahead_slots(request, num_hit_tokens, num_new, 0) if speculate else 0
+            if self.kv.allocate_slots(request, num_new + extra, hit_blocks) is None:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -124,16 +153,46 @@ class Scheduler:
         return SchedulerOutput(new_reqs=new_reqs, cached_reqs=cached_reqs,
                                num_scheduled_tokens=num_scheduled,
                                total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
-                               finished_req_ids=finished)
+                               finished_req_ids=finished, scheduled_spec_decode_tokens=scheduled_spec)
 
     @staticmethod
-    def _advance(request: Request, num_new: int) -> None:
+    def _advance(request: Request, num_new: int, num_drafts: int = 0) -> None:
         """Progress counts at schedule time: the step's tokens are as good as computed for the next
         schedule(). A step that reaches the end of the known tokens samples one more (a placeholder
-        until its value arrives)."""
+        until its value arrives); one verifying `num_drafts` proposed tokens emits 1 to num_drafts + 1
+        tokens, and update_from_output moves the counter back past the rejected ones."""
         request.num_computed_tokens += num_new
-        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+        if request.num_computed_tokens - num_drafts == request.num_tokens + request.num_output_placeholders:
             request.num_output_placeholders += 1
+
+    # ---- speculative decoding ---------------------------------------------------------------------
+    def speculation_on(self) -> bool:
+        """Whether this step may verify proposed tokens (load awareness: not at disable_by_batch_size or
+        more running requests). The engine core does not overlap steps while it is on: a verification
+        must be resolved before the next schedule() knows where the request stands."""
+        if self.spec is None:
+            return False
+        limit = self.spec.disable_by_batch_size
+        return limit is None or len(self.running) < limit
+
+    def _drafts_to_verify(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The proposed tokens to schedule after `num_new` known ones: only when those reach the end of
+        the known tokens, within the budget, and short enough that the emitted tokens (accepted + one)
+        stay within max_tokens."""
+        if (not request.spec_token_ids or request.num_output_placeholders or request.sampling_params.has_penalties
+                or request.num_computed_tokens + num_new != request.num_tokens):
+            return []
+        room = min(budget - num_new, request.max_tokens - len(request.output_token_ids) - 1)
+        return request.spec_token_ids[:max(room, 0)]
+
+    def _lookahead_slots(self, request: Request, start: int, num_new: int, num_drafts: int) -> int:
+        """KV slots past this step's `num_new` tokens (computed from `start`) for a draft model to write
+        into while it proposes after the step (SpeculativeConfig.num_lookahead_slots); only for a step
+        that samples, and never past max_model_len."""
+        assert self.spec is not None
+        if not self.spec.num_lookahead_slots or start + num_new - num_drafts < request.num_tokens:
+            return 0
+        return max(0, min(self.spec.num_lookahead_slots, self.config.max_model_len - (start + num_new)))
 
     def _new_request_data(self, request: Request) -> NewRequestData:
         return NewRequestData(req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
@@ -147,6 +206,8 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_output_placeholders = 0  # an in-flight token of a preempted request is dropped
+        request.spec_token_ids = []
+        self._trimmed.discard(request.request_id)
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._forget_in_runner(request.request_id)
@@ -162,24 +223,54 @@ class Scheduler:
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Append sampled tokens and finish requests that hit a stop. Progress counters already moved
         when the step was scheduled; outputs of requests that finished or were preempted since then
-        (possible with async scheduling) are dropped."""
+        (possible with async scheduling) are dropped.
+
+        A request that verified proposed tokens emits several tokens (consecutive entries of the runner's
+        output): its counter moves back past the rejected ones, the blocks only they used are freed, and
+        a stop or max_tokens inside the run ends the request there (later tokens are dropped)."""
         running = RequestStatus.RUNNING
         requests = self.requests
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
-        for req_id, token, logprobs in zip(runner_output.req_ids, runner_output.sampled_token_ids,
-                                           runner_output.logprobs):
+        req_ids, sampled, all_logprobs = runner_output.req_ids, runner_output.sampled_token_ids, runner_output.logprobs
+        spec_scheduled = scheduler_output.scheduled_spec_decode_tokens
+        i, n = 0, len(req_ids)
+        while i < n:
+            req_id, start = req_ids[i], i
+            i += 1
+            while i < n and req_ids[i] == req_id:
+                i += 1
             request = requests.get(req_id)
             if request is None or request.status is not running or not request.num_output_placeholders:
                 continue  # aborted, finished or preempted while the step ran
             request.num_output_placeholders -= 1
-            request.output_token_ids.append(token)
-            reason = self._check_stop(request, token)
+            drafts = spec_scheduled.get(req_id)
+            if drafts is not None:
+                num_accepted = i - start - 1
+                request.num_computed_tokens -= len(drafts) - num_accepted
+                self.spec_stats.observe(len(drafts), num_accepted)
+            reason = None
+            for j in range(start, i):
+                request.output_token_ids.append(sampled[j])
+                reason = self._check_stop(request, sampled[j])
+                if reason is not None:
+                    i_end = j + 1
+                    break
+            else:
+                i_end = i
             outputs.append(EngineCoreOutput(
-                request_id=req_id, new_token_ids=[token], new_logprobs=[logprobs], finish_reason=reason,
-                stop_reason=request.stop_reason, num_cached_tokens=max(request.num_cached_tokens, 0)))
+                request_id=req_id, new_token_ids=sampled[start:i_end], new_logprobs=all_logprobs[start:i_end],
+                finish_reason=reason, stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0)))
             if reason is not None:
                 finished.append(request)
+                continue
+            if drafts is not None:
+                held = len(self.kv.block_ids(req_id))
+                if self.kv.free_tail(request, request.num_tokens) < held:
+                    self._trimmed.add(req_id)
+            if not request.num_output_placeholders:  # proposals follow the last token: only if it is this one
+                request.spec_token_ids = runner_output.spec_token_ids.get(req_id, [])
         for request in finished:
             self._remove(request)
         return outputs
@@ -223,6 +314,7 @@ class Scheduler:
             self.running.remove(request)
         self.kv.free(request)
         self._forget_in_runner(request.request_id)
+        self._trimmed.discard(request.request_id)
         del self.requests[request.request_id]
 
     # ---- introspection -------------------------------------------------------------------------

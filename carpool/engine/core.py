@@ -50,6 +50,11 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_kv_blocks: int
+    # speculative decoding (SpecDecodingStats), cumulative
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +76,7 @@ class EngineCore:
         logger.info("engine core: %d KV blocks; paths: %s", num_blocks, self.executor.describe())
         self.kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                                config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, config.speculative_config)
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -114,7 +119,7 @@ class EngineCore:
         if self._in_flight is not None:
             result.outputs = self._finish_step(*self._drain())
         if launched is not None:
-            if self._can_overlap():
+            if self._can_overlap() and not scheduler_output.scheduled_spec_decode_tokens:
                 self._in_flight = launched
             else:
                 result.outputs += self._finish_step(*launched)
@@ -127,12 +132,15 @@ class EngineCore:
 
     def _can_overlap(self) -> bool:
         # Penalties read every earlier token on the host, so a step using them waits for the one before.
-        return self.config.async_scheduling and not any(
+        # Speculation needs each step's tokens before the next schedule (proposals follow them, and a
+        # verification moves num_computed_tokens back), so steps do not overlap while it is on: the
+        # simplest correct rule. It is off at disable_by_batch_size requests, where overlap resumes.
+        return self.config.async_scheduling and not self.scheduler.speculation_on() and not any(
             r.sampling_params.has_penalties for r in self.scheduler.running)
 
     def _finish_step(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> list[EngineCoreOutput]:
         outputs = self.scheduler.update_from_output(scheduler_output, handle.resolve())
-        self.generation_tokens_total += len(outputs)
+        self.generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -143,13 +151,18 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         prefix = self.kv_cache_manager.prefix_stats
+        spec = self.scheduler.spec_stats
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            kv_cache_usage=self.kv_cache_manager.usage,
                            num_preemptions=self.scheduler.num_preemptions,
                            prefix_cache_queries=prefix.queries, prefix_cache_hits=prefix.hits,
                            prompt_tokens=self.prompt_tokens_total,
                            generation_tokens=self.generation_tokens_total,
-                           num_kv_blocks=self.kv_cache_manager.num_blocks)
+                           num_kv_blocks=self.kv_cache_manager.num_blocks,
+                           spec_decode_num_drafts=spec.num_drafts,
+                           spec_decode_num_draft_tokens=spec.num_draft_tokens,
+                           spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
+                           spec_decode_num_accepted_tokens_per_pos=list(spec.num_accepted_tokens_per_pos))
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -67,19 +67,25 @@ class Sampler(nn.Module):
         return sampled, logprobs
 
     def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        temperature = torch.where(md.temperature < 1e-5, torch.ones_like(md.temperature), md.temperature)
-        logits = logits / temperature.unsqueeze(1)
-        if md.min_p is not None:
-            probs = torch.softmax(logits, dim=-1)
-            threshold = probs.amax(dim=-1, keepdim=True) * md.min_p.unsqueeze(1)
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
-        if md.top_k is not None or md.top_p is not None:
-            logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
-        probs = torch.softmax(logits, dim=-1)
+        probs = processed_probs(logits, md)
         noise = torch.empty_like(probs).exponential_()
         for row, gen in md.generators.items():
             noise[row].exponential_(generator=gen)
         return probs.div_(noise).argmax(dim=-1)
+
+
+def processed_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """The distribution a random row samples from: logits / temperature, then min_p, top_k and top_p
+    (greedy rows are divided by 1). The rejection sampler verifies against exactly this."""
+    temperature = torch.where(md.temperature < 1e-5, torch.ones_like(md.temperature), md.temperature)
+    logits = logits / temperature.unsqueeze(1)
+    if md.min_p is not None:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * md.min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if md.top_k is not None or md.top_p is not None:
+        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+    return torch.softmax(logits, dim=-1)
 
 
 def _flat_pairs(lists: list[list[int]], device: torch.device, row_ids: list[int] | None = None

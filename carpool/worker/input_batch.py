@@ -37,6 +37,9 @@ class StepInputs:
     pending_rows: np.ndarray  # the row each of those tokens belongs to
     # Keys every request of a decode-only step shares through the same blocks (cascade attention); 0 = none.
     cascade_prefix_len: int = 0
+    # Speculative decoding: proposed tokens each sampling row verifies (None: no row verifies any). A row
+    # with d of them owns d + 1 consecutive logits_indices: its last known token's, then each proposed one's.
+    num_drafts: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,14 @@ def shared_prefix_len(block_tables: np.ndarray, num_blocks: np.ndarray, seq_lens
     return length if length >= CASCADE_MIN_PREFIX else 0
 
 
+def spread_logits_indices(last_indices: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """Logit rows of a verification step: a request whose last scheduled token is at packed index e and
+    which verifies d proposed tokens needs the logits at e - d .. e."""
+    counts = num_drafts + 1
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(last_indices - num_drafts, counts) + offsets
+
+
 class InputBatch:
     def __init__(self, max_num_reqs: int, max_model_len: int, block_size: int) -> None:
         self.max_num_reqs = max_num_reqs
@@ -73,6 +84,8 @@ class InputBatch:
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         # Tokens sampled by launched steps whose values have not reached the host yet (async scheduling).
         self.num_pending = np.zeros(max_num_reqs, dtype=np.int64)
+        # Proposed tokens scheduled for verification this step, stored after the known ones in token_ids.
+        self.num_drafts = np.zeros(max_num_reqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_reqs, self.max_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.params: list[SamplingParams | None] = [None] * max_num_reqs
@@ -95,6 +108,7 @@ class InputBatch:
         self.num_prompt_tokens[row] = len(new.prompt_token_ids)
         self.num_computed_tokens[row] = new.num_computed_tokens
         self.num_pending[row] = 0
+        self.num_drafts[row] = 0
         self.num_blocks[row] = 0
         self._append_blocks(row, new.block_ids)
         self.params[row] = new.sampling_params
@@ -109,8 +123,20 @@ class InputBatch:
         assert self.num_computed_tokens[row] == cached.num_computed_tokens, (
             f"{cached.req_id}: runner at {self.num_computed_tokens[row]}, "
             f"scheduler at {cached.num_computed_tokens}")
+        if cached.num_blocks_kept is not None:
+            assert cached.num_blocks_kept <= self.num_blocks[row]
+            self.num_blocks[row] = cached.num_blocks_kept
         if cached.new_block_ids:
             self._append_blocks(row, cached.new_block_ids)
+
+    def set_drafts(self, req_id: str, draft_token_ids: list[int]) -> None:
+        """Proposed tokens to verify this step: written after the request's known tokens (where the
+        step's input ids are gathered from) until the step's tokens arrive."""
+        row = self.req_to_row[req_id]
+        assert not self.num_pending[row], "a request with a step in flight does not verify proposals"
+        start = int(self.num_tokens[row])
+        self.token_ids[row, start:start + len(draft_token_ids)] = draft_token_ids
+        self.num_drafts[row] = len(draft_token_ids)
 
     def _append_blocks(self, row: int, block_ids: list[int]) -> None:
         start = int(self.num_blocks[row])
@@ -145,7 +171,13 @@ class InputBatch:
         # Width rounded up to 16 columns: kernels see a block-table stride that is always a multiple of 16,
         # so Triton compiles one variant instead of one per alignment class of the step's longest request.
         max_blocks = min(cdiv(int(self.num_blocks[rows].max()), 16) * 16, self.max_blocks_per_req)
-        sampling = seq_lens == self.num_tokens[rows] + self.num_pending[rows]
+        drafts = self.num_drafts[rows]
+        sampling = seq_lens == self.num_tokens[rows] + self.num_pending[rows] + drafts
+        logits_indices = qsl[1:][sampling] - 1
+        num_drafts = None
+        if drafts.any():
+            num_drafts = drafts[sampling]
+            logits_indices = spread_logits_indices(logits_indices, num_drafts)
         # Tokens whose value is still on the device (sampled by the step in flight): a running request
         # decodes exactly one such token, the first of its chunk.
         pending = positions[qsl[:-1]] >= self.num_tokens[rows]
@@ -155,9 +187,9 @@ class InputBatch:
         return StepInputs(rows=rows, input_ids=input_ids, positions=positions, slot_mapping=slots,
                           query_start_loc=qsl.astype(np.int32), seq_lens=seq_lens.astype(np.int32),
                           block_tables=self.block_table[rows, :max_blocks], sample_rows=rows[sampling],
-                          logits_indices=qsl[1:][sampling] - 1, max_query_len=int(n.max()),
+                          logits_indices=logits_indices, max_query_len=int(n.max()),
                           max_seq_len=int(seq_lens.max()), pending_token_index=qsl[:-1][pending],
-                          pending_rows=rows[pending], cascade_prefix_len=cascade)
+                          pending_rows=rows[pending], cascade_prefix_len=cascade, num_drafts=num_drafts)
 
     def launched(self, rows: np.ndarray, counts: list[int], sample_rows: np.ndarray) -> None:
         """A step was launched: progress counters move on; its sampled tokens are pending."""
@@ -170,6 +202,17 @@ class InputBatch:
             self.token_ids[rows, self.num_tokens[rows]] = sampled
             self.num_tokens[rows] += 1
             self.num_pending[rows] -= 1
+
+    def append_verified(self, rows: np.ndarray, token_ids: list[list[int]]) -> None:
+        """A verification's tokens reached the host: each row emitted its accepted proposed tokens and one
+        of the target's (1 to num_drafts + 1 tokens); its counter moves back past the rejected ones."""
+        for row, tokens in zip(rows.tolist(), token_ids):
+            start = int(self.num_tokens[row])
+            self.token_ids[row, start:start + len(tokens)] = tokens
+            self.num_tokens[row] = start + len(tokens)
+            self.num_pending[row] -= 1
+            self.num_computed_tokens[row] -= self.num_drafts[row] + 1 - len(tokens)
+            self.num_drafts[row] = 0
 
     def output_token_ids(self, row: int) -> list[int]:
         return self.token_ids[row, self.num_prompt_tokens[row]:self.num_tokens[row]].tolist()

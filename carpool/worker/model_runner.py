@@ -4,6 +4,12 @@ The runner keeps each live request's tokens, block table and sampling params in 
 scheduler only sends what changed. A request samples in a step exactly when its scheduled tokens reach
 the end of its known tokens; earlier prefill chunks only fill the KV cache. Decode-only steps on a GPU
 replay CUDA graphs; every other step runs eagerly.
+
+Speculative decoding: a request the scheduler gives proposed tokens (`scheduled_spec_decode_tokens`)
+computes them after its known ones; the runner takes logits at all its k + 1 positions and the
+rejection sampler decides what it emits. Verification steps (more than one query token per request) run
+eagerly, outside the decode CUDA graphs. Once a step's tokens are on the host, the proposer guesses the
+next tokens of the rows that sampled; they travel back to the scheduler in `ModelRunnerOutput.spec_token_ids`.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, Communicator, TPGroup
 from carpool.forward_batch import ForwardBatch
+from carpool.layers.rejection_sampler import RejectionSampler
 from carpool.layers.sampler import Sampler, SamplingMetadata
 from carpool.models.loader import load_model
 from carpool.models.runtime import ModelRuntime
 from carpool.platform import to_device
 from carpool.sampling_params import SamplingParams
+from carpool.spec_decode import make_proposer
 from carpool.utils import cdiv
 from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS, CUDAGraphRunner
 from carpool.worker.input_batch import InputBatch, PendingFixup, StepInputs
@@ -82,6 +90,10 @@ class ModelRunner:
         self.kernel_host_io = (self.device.type == "cuda" and self.ops.name == "triton"
                                and config.kernels.kernel_host_io)
         self._recent_host_tokens: collections.deque[torch.Tensor] = collections.deque(maxlen=8)
+        # Speculative decoding: the proposer runs where the step's tokens are resolved (rank 0 under TP,
+        # whose output is the one the engine reads); the rejection sampler wherever tokens are sampled.
+        self.rejection_sampler = RejectionSampler()
+        self.proposer = make_proposer(config, self) if tp.rank == 0 else None
 
     def describe(self) -> dict:
         """The kernel paths this runner uses: the backend, the fast paths asked for (KernelConfig) and
@@ -92,7 +104,9 @@ class ModelRunner:
     # ---- KV memory -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
-        return bytes_per_block(self.config.model, self.block_size, layer.num_kv_heads)
+        per_block = bytes_per_block(self.config.model, self.block_size, layer.num_kv_heads)
+        # a draft model keeps its own K/V for the same block ids: a block costs both
+        return per_block + (self.proposer.kv_bytes_per_block() if self.proposer is not None else 0)
 
     def determine_num_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -103,6 +117,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_cache = allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
                                           self.config.model.dtype, self.device)
+        if self.proposer is not None:
+            self.proposer.initialize_kv_cache(num_blocks)
         if self.use_cuda_graphs:
             self.graph_runner = CUDAGraphRunner(self.model, self.attention, self.config.scheduler.max_num_seqs,
                                                 self.config.scheduler.max_model_len, self.block_size,
@@ -160,7 +176,10 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         batch = self.input_batch
         for req_id in so.finished_req_ids:
+            row = batch.req_to_row.get(req_id)
             batch.remove(req_id)
+            if row is not None and self.proposer is not None:
+                self.proposer.remove(row)
         for new in so.new_reqs:
             gen = None
             if new.sampling_params.seed is not None and not new.sampling_params.greedy:
@@ -168,13 +187,17 @@ class ModelRunner:
             batch.add(new, gen)
         for cached in so.cached_reqs:
             batch.update(cached)
+        for req_id, draft_token_ids in so.scheduled_spec_decode_tokens.items():
+            batch.set_drafts(req_id, draft_token_ids)
 
     def _to_device(self, inputs: StepInputs) -> ForwardBatch:
         return ForwardBatch(input_ids=to_device(inputs.input_ids, self.device),
                             positions=to_device(inputs.positions, self.device),
                             attn=self.attention.build_metadata(inputs, self.device))
 
-    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+    def _sampling_metadata(self, rows: np.ndarray, output_offsets: np.ndarray | None = None) -> SamplingMetadata:
+        """Sampling metadata of `rows` (one per logit row). `output_offsets` (verification): row i samples
+        the request's output token output_offsets[i] places further on (a row repeats once per position)."""
         batch = self.input_batch
         params = cast(list[SamplingParams], [batch.params[r] for r in rows])
         dev = self.device
@@ -202,6 +225,8 @@ class ModelRunner:
             md.output_token_ids = [batch.output_token_ids(r) for r in rows]
         # index of the token being sampled: known outputs plus those still in flight
         num_out = batch.num_tokens[rows] + batch.num_pending[rows] - batch.num_prompt_tokens[rows]
+        if output_offsets is not None:
+            num_out = num_out + output_offsets
         for i, p in enumerate(params):
             if num_out[i] < p.min_tokens:
                 banned = [t for t in p.all_stop_token_ids() if t < self.vocab_size]
@@ -213,7 +238,7 @@ class ModelRunner:
                   for i, p in enumerate(params) if p.seed is not None and not p.greedy]
         fast = (self.sampler.fast_sample is not None and md.top_k is None and md.top_p is None
                 and md.min_p is None and md.repetition_penalty is None and not md.banned_token_ids
-                and all(p.logprobs is None for p in params))
+                and all(p.logprobs is None for p in params) and output_offsets is None)
         if fast and all_greedy:
             md.seeds = self._zeros(len(params), torch.long)
             return md
@@ -224,7 +249,8 @@ class ModelRunner:
             md.seeds = to_device(seeds, dev)
             return md
         for i, seed in seeded:
-            gen = batch.generators[int(rows[i])]
+            # (a verification's positions of one request each need their own generator)
+            gen = batch.generators[int(rows[i])] if output_offsets is None else torch.Generator(device=self.device)
             gen.manual_seed(seed)
             md.generators[i] = gen
         return md
@@ -245,6 +271,46 @@ class ModelRunner:
         """One token per sampling row (+ logprobs). A hook: under tensor parallelism rank 0 samples and
         broadcasts the tokens (worker/tp_worker.py), so every rank appends the same tokens."""
         return self.sampler(logits, self._sampling_metadata(rows))
+
+    def verify(self, logits: torch.Tensor, inputs: StepInputs
+               ) -> tuple[torch.Tensor, torch.Tensor, list[TokenLogprobs | None]]:
+        """The emitted tokens of each sampling row of a verification step (rejection_sampler.py): tokens
+        [S, max_drafts + 1], num_emitted [S], logprobs per logit row. A hook, like `sample` (TP: rank 0
+        verifies and broadcasts)."""
+        assert inputs.num_drafts is not None
+        batch = self.input_batch
+        counts = inputs.num_drafts + 1
+        rows = np.repeat(inputs.sample_rows, counts)
+        offsets = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        # the proposed token judged at each logit row: the one after it; a request's last row judges none
+        width = batch.token_ids.shape[1]
+        draft_ids = batch.token_ids[rows, np.minimum(batch.num_tokens[rows] + offsets, width - 1)]
+        draft_ids[np.cumsum(counts) - 1] = -1
+        md = self._sampling_metadata(rows, offsets)
+        return self.rejection_sampler(logits, md, to_device(draft_ids, self.device), inputs.num_drafts)
+
+    def propose(self, rows: np.ndarray) -> dict[str, list[int]]:
+        """The proposer's guesses for rows whose tokens just reached the host. None while the batch is at
+        disable_by_batch_size or more (the scheduler would not verify them), for rows with a later step
+        in flight (their next token is unknown), or with penalties (never verified)."""
+        spec = self.config.speculative_config
+        batch = self.input_batch
+        if self.proposer is None or spec is None or not len(rows):
+            return {}
+        if spec.disable_by_batch_size is not None and len(batch) >= spec.disable_by_batch_size:
+            return {}
+        rows = rows[batch.num_pending[rows] == 0]
+        remaining = np.fromiter((cast(SamplingParams, batch.params[r]).max_tokens or 0 for r in rows),
+                                dtype=np.int64, count=len(rows))
+        remaining -= batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+        max_lens = np.clip(remaining - 1, 0, spec.num_speculative_tokens)
+        for i, r in enumerate(rows.tolist()):
+            if cast(SamplingParams, batch.params[r]).has_penalties:
+                max_lens[i] = 0
+        if not max_lens.any():
+            return {}
+        proposals = self.proposer.propose(batch, rows, max_lens)
+        return {cast(str, batch.req_ids[r]): p for r, p in zip(rows.tolist(), proposals) if p}
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -269,18 +335,22 @@ class ModelRunner:
         else:
             self._last_end_event = None
         logits = self._forward(inputs, self._pending_fixup(inputs))
-        tokens, logprobs = None, []
-        if logits is not None:
+        tokens, logprobs, num_emitted = None, [], None
+        if logits is not None and inputs.num_drafts is not None:
+            tokens, num_emitted, logprobs = self.verify(logits, inputs)
+        elif logits is not None:
             tokens, logprobs = self.sample(logits, inputs.sample_rows)
         if timing is not None:
             timing.end.record()
             self._last_end_event = timing.end
             timing.launch_s = time.perf_counter() - launch_start
         self.input_batch.launched(inputs.rows, counts, inputs.sample_rows)
-        self._last_sampled = (tokens, inputs.sample_rows)
+        # (a verification is resolved before the next step is launched: nothing for a fix-up to read)
+        self._last_sampled = ((tokens, inputs.sample_rows) if num_emitted is None
+                              else (None, np.zeros(0, dtype=np.int64)))
         ids = self.input_batch.req_ids
         return PendingStep(self, [ids[r] for r in inputs.sample_rows], inputs.sample_rows,  # type: ignore[misc]
-                           tokens, logprobs, timing)
+                           tokens, logprobs, timing, num_emitted, inputs.num_drafts)
 
     def _pending_fixup(self, inputs: StepInputs) -> PendingFixup | None:
         """Input tokens sampled by the previous, unresolved step: where they go, and their values on the
@@ -327,8 +397,13 @@ class PendingStep:
     them, so resolving waits for this step only, never for the steps launched after it."""
 
     def __init__(self, runner: ModelRunner, req_ids: list[str], rows: np.ndarray, tokens: torch.Tensor | None,
-                 logprobs: list, timing: StepEvents | None) -> None:
+                 logprobs: list, timing: StepEvents | None, num_emitted: torch.Tensor | None = None,
+                 num_drafts: np.ndarray | None = None) -> None:
         self.runner = runner
+        # A verification (speculative decoding): tokens is [rows, max_drafts + 1], row i's first
+        # num_emitted[i] valid, and logprobs has one entry per logit row (num_drafts[i] + 1 per row).
+        self.num_drafts = num_drafts
+        self.host_num_emitted: torch.Tensor | None = None
         self.req_ids = req_ids
         self.rows = rows
         self.logprobs = logprobs
@@ -338,7 +413,12 @@ class PendingStep:
         if tokens is not None:
             if tokens.is_cuda:
                 self.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                if runner.kernel_host_io and tokens.is_contiguous() and tokens.numel() <= HOST_IO_MAX_ROWS:
+                if num_emitted is not None:
+                    self.host_tokens.copy_(tokens, non_blocking=True)
+                    self.host_num_emitted = torch.empty(num_emitted.shape, dtype=num_emitted.dtype,
+                                                        pin_memory=True)
+                    self.host_num_emitted.copy_(num_emitted, non_blocking=True)
+                elif runner.kernel_host_io and tokens.is_contiguous() and tokens.numel() <= HOST_IO_MAX_ROWS:
                     from carpool.ops.triton.host_io import copy_to_host
 
                     copy_to_host(tokens, self.host_tokens)
@@ -349,6 +429,7 @@ class PendingStep:
                 self.ready.record()
             else:
                 self.host_tokens = tokens
+                self.host_num_emitted = num_emitted
 
     def resolve(self) -> ModelRunnerOutput:
         sampled: list[int] = []
@@ -361,6 +442,8 @@ class PendingStep:
                 gap = t.previous_end.elapsed_time(t.start) / 1e3 if t.previous_end is not None else 0.0
                 self.runner.timings.append(StepTiming(launch_s=t.launch_s, wait_s=time.perf_counter() - wait_start,
                                                       gpu_s=t.start.elapsed_time(t.end) / 1e3, gap_s=gap))
+            if self.host_num_emitted is not None:
+                return self._resolve_verification()
             sampled = self.host_tokens.tolist()
         batch = self.runner.input_batch
         # A row may have been handed to another request since launch: only append where the owner is
@@ -370,4 +453,31 @@ class PendingStep:
             batch.append_sampled(self.rows, sampled)
         else:
             batch.append_sampled(self.rows[keep], [sampled[i] for i in keep])
-        return ModelRunnerOutput(req_ids=self.req_ids, sampled_token_ids=sampled, logprobs=self.logprobs)
+        spec = self.runner.propose(self.rows[keep]) if self.runner.proposer is not None else {}
+        return ModelRunnerOutput(req_ids=self.req_ids, sampled_token_ids=sampled, logprobs=self.logprobs,
+                                 spec_token_ids=spec)
+
+    def _resolve_verification(self) -> ModelRunnerOutput:
+        """Each row's emitted tokens, flattened: a row emitting m tokens appears m times in a row."""
+        assert self.host_tokens is not None and self.host_num_emitted is not None and self.num_drafts is not None
+        batch = self.runner.input_batch
+        token_rows = self.host_tokens.tolist()
+        num_emitted = self.host_num_emitted.tolist()
+        starts = np.cumsum(self.num_drafts + 1) - (self.num_drafts + 1)
+        req_ids: list[str] = []
+        sampled: list[int] = []
+        logprobs: list[TokenLogprobs | None] = []
+        kept_rows, kept_tokens = [], []
+        for i, (row, rid) in enumerate(zip(self.rows.tolist(), self.req_ids)):
+            m = num_emitted[i]
+            tokens = token_rows[i][:m]
+            req_ids += [rid] * m
+            sampled += tokens
+            logprobs += self.logprobs[starts[i]:starts[i] + m]
+            if batch.req_ids[row] == rid:
+                kept_rows.append(row)
+                kept_tokens.append(tokens)
+        kept = np.asarray(kept_rows, dtype=np.int64)
+        batch.append_verified(kept, kept_tokens)
+        spec = self.runner.propose(kept) if self.runner.proposer is not None else {}
+        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs, spec_token_ids=spec)

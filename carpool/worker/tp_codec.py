@@ -78,11 +78,13 @@ def scheduler_output_to_dict(so: SchedulerOutput) -> dict[str, Any]:
                       "block_ids": r.block_ids, "num_computed_tokens": r.num_computed_tokens}
                      for r in so.new_reqs],
         "cached_reqs": [{"req_id": r.req_id, "new_block_ids": r.new_block_ids,
-                         "num_computed_tokens": r.num_computed_tokens} for r in so.cached_reqs],
+                         "num_computed_tokens": r.num_computed_tokens, "num_blocks_kept": r.num_blocks_kept}
+                        for r in so.cached_reqs],
         # A list of pairs: JSON objects keep insertion order too, but the batch order is the point here.
         "num_scheduled_tokens": list(so.num_scheduled_tokens.items()),
         "total_num_scheduled_tokens": so.total_num_scheduled_tokens,
         "finished_req_ids": sorted(so.finished_req_ids),
+        "scheduled_spec_decode_tokens": so.scheduled_spec_decode_tokens,
     }
 
 
@@ -94,10 +96,12 @@ def scheduler_output_from_dict(d: dict[str, Any]) -> SchedulerOutput:
                                  block_ids=list(r["block_ids"]), num_computed_tokens=r["num_computed_tokens"])
                   for r in d["new_reqs"]],
         cached_reqs=[CachedRequestData(req_id=r["req_id"], new_block_ids=list(r["new_block_ids"]),
-                                       num_computed_tokens=r["num_computed_tokens"]) for r in d["cached_reqs"]],
+                                       num_computed_tokens=r["num_computed_tokens"],
+                                       num_blocks_kept=r["num_blocks_kept"]) for r in d["cached_reqs"]],
         num_scheduled_tokens={req_id: n for req_id, n in d["num_scheduled_tokens"]},
         total_num_scheduled_tokens=d["total_num_scheduled_tokens"],
         finished_req_ids=set(d["finished_req_ids"]),
+        scheduled_spec_decode_tokens={req_id: list(t) for req_id, t in d["scheduled_spec_decode_tokens"].items()},
     )
 
 
@@ -107,6 +111,7 @@ def runner_output_to_dict(out: ModelRunnerOutput) -> dict[str, Any]:
         "req_ids": out.req_ids, "sampled_token_ids": out.sampled_token_ids,
         "logprobs": [None if lp is None else {"token_ids": lp.token_ids, "logprobs": lp.logprobs,
                                               "ranks": lp.ranks} for lp in out.logprobs],
+        "spec_token_ids": out.spec_token_ids,
     }
 
 
@@ -114,7 +119,8 @@ def runner_output_from_dict(d: dict[str, Any]) -> ModelRunnerOutput:
     return ModelRunnerOutput(
         req_ids=list(d["req_ids"]), sampled_token_ids=list(d["sampled_token_ids"]),
         logprobs=[None if lp is None else TokenLogprobs(token_ids=lp["token_ids"], logprobs=lp["logprobs"],
-                                                        ranks=lp["ranks"]) for lp in d["logprobs"]])
+                                                        ranks=lp["ranks"]) for lp in d["logprobs"]],
+        spec_token_ids={req_id: list(t) for req_id, t in d["spec_token_ids"].items()})
 
 
 # ---- engine config (sent once, when a worker starts) ----------------------------------------------
