@@ -1,0 +1,130 @@
+"""Draft-model proposer: a smaller checkpoint with the target's vocabulary runs k greedy steps per target
+step, in the target's process and on its device.
+
+KV memory: the draft keeps its own K/V tensors with the target's block count and reads them through the
+target's block tables (the same block ids), so one block of the shared pool costs the target's bytes
+plus the draft's (`kv_bytes_per_block`, counted when the pool is sized). The scheduler holds
+`num_speculative_tokens` lookahead slots past a sampling step's tokens, where the draft writes the K/V of
+the tokens it proposes; a row proposes fewer tokens where its table ends sooner.
+
+Per row, `num_computed[row]` counts leading positions whose draft K/V was computed from verified tokens.
+A proposal first catches up on the verified tokens from there (a whole prompt the first time; after a
+verification, the accepted tokens and the target's own), whose last logits give the first guess, then
+feeds back each guess for k - 1 single-token steps; positions holding guesses are recomputed next time,
+so a rejected guess never lingers. Draft K/V of a prefix-cache hit block is recomputed too (its
+computing request may not have drafted): a new row starts at 0. Steps run eagerly (no CUDA graphs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from carpool.config import EngineConfig, ModelConfig
+from carpool.distributed import Communicator
+from carpool.forward_batch import ForwardBatch
+from carpool.models.loader import load_model
+from carpool.models.runtime import ModelRuntime
+from carpool.platform import to_device
+from carpool.spec_decode.proposer import Proposer
+from carpool.utils import cdiv
+from carpool.worker.input_batch import StepInputs
+from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block
+
+if TYPE_CHECKING:
+    from carpool.worker.input_batch import InputBatch
+    from carpool.worker.model_runner import ModelRunner
+
+
+class DraftModelProposer(Proposer):
+    def __init__(self, config: EngineConfig, runner: "ModelRunner") -> None:
+        spec = config.speculative_config
+        assert spec is not None and spec.model is not None
+        self.device = runner.device
+        self.block_size = config.cache.block_size
+        self.draft_config = ModelConfig.from_pretrained(spec.model, config.model.dtype,  # type: ignore[arg-type]
+                                                        config.model.max_model_len)
+        self.runtime = ModelRuntime.for_inference(config.kernel_backend, Communicator(kernels=config.kernels),
+                                                  config.kernels)
+        self.model = load_model(self.draft_config, self.runtime, self.device, config.load_format)
+        self.num_computed = np.zeros(config.scheduler.max_num_seqs, dtype=np.int64)
+        self.kv_cache: torch.Tensor | None = None
+
+    def kv_bytes_per_block(self) -> int:
+        layer = self.model.attention_layers()[0]
+        return bytes_per_block(self.draft_config, self.block_size, layer.num_kv_heads)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_cache = allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
+                                          self.draft_config.dtype, self.device)
+
+    def remove(self, row: int) -> None:
+        self.num_computed[row] = 0
+
+    @torch.inference_mode()
+    def propose(self, batch: "InputBatch", rows: np.ndarray, max_lens: np.ndarray) -> list[list[int]]:
+        num_tokens = batch.num_tokens[rows]
+        # a guess at position p is proposed after writing the K/V of positions up to p - 1: the table ends it
+        capacity = batch.num_blocks[rows] * self.block_size
+        k = np.minimum(max_lens, capacity - num_tokens + 1)
+        active = np.flatnonzero(k > 0)
+        out: list[list[int]] = [[] for _ in rows]
+        if not len(active):
+            return out
+        rows, k, num_tokens = rows[active], k[active], num_tokens[active]
+        start = np.minimum(self.num_computed[rows], num_tokens - 1)
+        # Step 0: the verified tokens not yet in the draft's cache; the last one's logits guess first.
+        counts = num_tokens - start
+        token_row = np.repeat(rows, counts)
+        positions = np.repeat(start, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts,
+                                                                                          counts)
+        ids = to_device(batch.token_ids[token_row, positions], self.device)
+        guesses = [self._step(batch, rows, ids, positions, counts)]
+        self.num_computed[rows] = num_tokens
+        # Steps 1 .. k - 1: each row feeds back its last guess while it wants more.
+        alive = np.arange(len(rows))
+        for j in range(1, int(k.max())):
+            keep = np.flatnonzero(k[alive] > j)
+            if not len(keep):
+                break
+            prev = guesses[-1] if len(keep) == len(alive) else guesses[-1].index_select(
+                0, to_device(keep, self.device))
+            alive = alive[keep]
+            guesses.append(self._step(batch, rows[alive], prev, num_tokens[alive] + j - 1,
+                                      np.ones(len(alive), dtype=np.int64)))
+        host = [g.tolist() for g in guesses]  # one wait, after every step is queued
+        # guesses[j] lists the rows alive at step j, in order: row i is alive at j iff k[i] > j
+        cursor = [0] * len(host)
+        for i in range(len(rows)):
+            proposal = []
+            for j in range(int(k[i])):
+                proposal.append(host[j][cursor[j]])
+                cursor[j] += 1
+            out[int(active[i])] = proposal
+        return out
+
+    def _step(self, batch: "InputBatch", rows: np.ndarray, input_ids: torch.Tensor, positions: np.ndarray,
+              counts: np.ndarray) -> torch.Tensor:
+        """One draft forward: each row computes counts[i] tokens at `positions` (packed) and guesses the
+        token after its last one (greedy). Returns the guesses [len(rows)] on the device."""
+        bs = self.block_size
+        qsl = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=qsl[1:])
+        token_row = np.repeat(rows, counts)
+        slots = batch.block_table[token_row, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = positions[qsl[1:] - 1] + 1
+        max_blocks = min(cdiv(int(batch.num_blocks[rows].max()), 16) * 16, batch.max_blocks_per_req)
+        inputs = StepInputs(rows=rows, input_ids=np.zeros(0, dtype=np.int64), positions=positions.astype(np.int64),
+                            slot_mapping=slots, query_start_loc=qsl.astype(np.int32),
+                            seq_lens=seq_lens.astype(np.int32), block_tables=batch.block_table[rows, :max_blocks],
+                            sample_rows=rows, logits_indices=qsl[1:] - 1, max_query_len=int(counts.max()),
+                            max_seq_len=int(seq_lens.max()), pending_token_index=np.zeros(0, dtype=np.int64),
+                            pending_rows=np.zeros(0, dtype=np.int64))
+        fwd = ForwardBatch(input_ids=input_ids, positions=to_device(inputs.positions, self.device),
+                           attn=self.runtime.attention.build_metadata(inputs, self.device))
+        self.runtime.comm.begin_forward()
+        hidden = self.model(fwd.input_ids, fwd.positions, fwd)
+        logits = self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
+        return logits.argmax(dim=-1)
