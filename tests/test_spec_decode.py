@@ -1,0 +1,187 @@
+"""Speculative decoding through the engine (CPU, tiny checkpoints): greedy output with each proposer is
+token for token the output without speculation, in batches mixing speculating and plain requests, under
+chunked prefill, preemption and prefix hits, with stops and max_tokens ending inside an accepted run;
+blocks are all free at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from checkpoints import prompts_of_lengths
+from safetensors.torch import load_file, save_file
+
+from carpool import LLM, Engine, EngineArgs, SamplingParams
+
+K = 3
+MAX_NEW = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+# Engine settings that exercise chunking (budget 24 tokens), preemption (the batch needs more than 20
+# blocks of 8 tokens at once) and prefix hits (prompts sharing a prefix, one prompt twice).
+PRESSURE = dict(max_num_batched_tokens=24, block_size=8, num_kv_blocks=20)
+
+
+def workload() -> list[list[int]]:
+    """Input-grounded prompts (a segment repeated, so n-gram lookup finds something), plain random ones,
+    a shared prefix and a prompt given twice."""
+    seg = prompts_of_lengths([12, 9], seed=4)
+    rnd = prompts_of_lengths([5, 30, 17], seed=5)
+    return [seg[0] * 3, seg[1] + rnd[0] + seg[1], rnd[1], rnd[1][:16] + rnd[2], rnd[2], rnd[2]]
+
+
+def smaller_draft(target: str, dst: str) -> str:
+    """The target without its last layer: a cheaper model with the same vocabulary that agrees with the
+    target often, not always."""
+    if not os.path.exists(os.path.join(dst, "config.json")):
+        shutil.copytree(target, dst, dirs_exist_ok=True)
+        with open(os.path.join(target, "config.json")) as f:
+            cfg = json.load(f)
+        last = cfg["num_hidden_layers"] - 1
+        cfg["num_hidden_layers"] = last
+        weights = load_file(os.path.join(target, "model.safetensors"))
+        save_file({n: w for n, w in weights.items() if f".layers.{last}." not in n},
+                  os.path.join(dst, "model.safetensors"))
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(cfg, f)
+    return dst
+
+
+def record(path: str, dst: str, prompts: list[list[int]], outputs: list[list[int]]) -> str:
+    with open(dst, "w") as f:
+        json.dump({"prompt_token_ids": prompts, "output_token_ids": outputs}, f)
+    return dst
+
+
+def generate(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def token_ids(outputs) -> list[list[list[int]]]:
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+_reference: dict[str, list] = {}
+
+
+def reference(path: str, prompts: list[list[int]], params) -> list:
+    key = f"{path}:{id(params)}"
+    if key not in _reference:
+        _reference[key] = token_ids(generate(LLM(path, device="cpu", **PRESSURE), prompts, params))
+    return _reference[key]
+
+
+def spec_config(method: str, path: str, tmp_path, prompts: list[list[int]], **extra) -> dict:
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+                **extra}
+    if method == "draft_model":
+        return {"method": "draft_model", "model": smaller_draft(path, str(tmp_path / "draft")),
+                "num_speculative_tokens": K, **extra}
+    # replay: the first half of the prompts are recorded (they speculate), the rest are not (plain)
+    outputs = [t[0] for t in reference(path, prompts, GREEDY)]
+    half = len(prompts) // 2
+    rec = record(path, str(tmp_path / "rec.json"), prompts[:half], outputs[:half])
+    return {"method": "replay", "num_speculative_tokens": K, "acceptance_rate": 0.7, "replay_path": rec, **extra}
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "replay"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_greedy_with_speculation_equals_greedy_without(checkpoint_factory, tmp_path, arch, method):
+    path = checkpoint_factory(arch)
+    prompts = workload()
+    # one request is penalized: it never verifies, so every batch mixes speculating and plain requests
+    params = [GREEDY] * len(prompts)
+    params[2] = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, repetition_penalty=1.3)
+    llm = LLM(path, device="cpu", speculative_config=spec_config(method, path, tmp_path, prompts), **PRESSURE)
+    assert token_ids(generate(llm, prompts, params)) == reference(path, prompts, params)
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    llm.engine.core.kv_cache_manager.check_integrity(live_request_ids=[])
+    assert llm.engine.core.kv_cache_manager.pool.num_free_blocks == PRESSURE["num_kv_blocks"]
+
+
+@pytest.fixture(scope="module")
+def replay_llm(llama_path, tmp_path_factory) -> LLM:
+    """Every proposed token accepted: each verification emits k + 1 tokens, so stops land inside runs."""
+    prompts = workload()
+    outputs = [t[0] for t in token_ids(generate(LLM(llama_path, device="cpu"), prompts))]
+    rec = record(llama_path, str(tmp_path_factory.mktemp("replay") / "rec.json"), prompts, outputs)
+    return LLM(llama_path, device="cpu", speculative_config={
+        "method": "replay", "num_speculative_tokens": 4, "acceptance_rate": 1.0, "replay_path": rec})
+
+
+def test_max_tokens_and_stop_tokens_end_inside_an_accepted_run(replay_llm):
+    prompt = workload()[0]
+    full = token_ids(generate(replay_llm, [prompt]))[0][0]
+    # prefill emits token 0; the first verification tokens 1..5: max_tokens 4 and a stop at token 3 end there
+    short = generate(replay_llm, [prompt], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert short.outputs[0].token_ids == full[:4] and short.outputs[0].finish_reason == "length"
+    stop = full[3]
+    first = full.index(stop)
+    stopped = generate(replay_llm, [prompt], SamplingParams(temperature=0.0, max_tokens=MAX_NEW,
+                                                            stop_token_ids=[stop], ignore_eos=True))[0]
+    assert stopped.outputs[0].token_ids == full[:first + 1] and stopped.outputs[0].finish_reason == "stop"
+    assert replay_llm.engine.stats().spec_decode_num_accepted_tokens > 0
+    assert replay_llm.engine.core.kv_cache_manager.pool.num_free_blocks == replay_llm.engine.stats().num_kv_blocks
+
+
+def test_stop_string_inside_an_accepted_run_ends_text_and_tokens_there(replay_llm):
+    prompt = workload()[0]
+    full = generate(replay_llm, [prompt])[0].outputs[0]
+    text = full.text
+    start = next(i for i in range(2, len(text) - 1) if "\ufffd" not in text[i:i + 2])
+    stop = text[start:start + 2]
+    out = generate(replay_llm, [prompt], SamplingParams(temperature=0.0, max_tokens=MAX_NEW, stop=[stop],
+                                                        ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.index(stop)]
+    assert full.token_ids[:len(out.token_ids)] == out.token_ids and len(out.token_ids) < MAX_NEW
+
+
+def test_n_sequences_and_logprobs_are_the_targets(replay_llm, llama_path):
+    prompt = workload()[1]
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
+    plain = generate(LLM(llama_path, device="cpu"), [prompt], params)[0]
+    spec = generate(replay_llm, [prompt], params)[0]
+    for a, b in zip(plain.outputs, spec.outputs):
+        assert a.token_ids == b.token_ids
+        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
+            assert lp_a.keys() == lp_b.keys()
+            assert all(abs(lp_a[t].logprob - lp_b[t].logprob) < 1e-4 for t in lp_a)
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(llama_path):
+    llm = LLM(llama_path, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": K,
+                                                            "prompt_lookup_min": 1, "prompt_lookup_max": 2})
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=MAX_NEW, ignore_eos=True)
+    prompts = workload()[:3]
+    first = token_ids(generate(llm, prompts, params))
+    assert token_ids(generate(llm, prompts, params)) == first
+    assert llm.engine.stats().spec_decode_num_drafts > 0
+
+
+def test_async_engine_overlaps_steps_only_while_speculation_is_off(llama_path):
+    """disable_by_batch_size=3 with 6 requests: steps overlap while 3 or more run, then speculation takes
+    over as requests finish; the tokens are those of the plain synchronous engine."""
+    prompts = workload()
+    lengths = [MAX_NEW, 14, 4, 6, 8, 10]  # the repetitive prompts (n-gram matches) run longest
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    expected = token_ids(generate(LLM(llama_path, device="cpu"), prompts, params))
+    engine = Engine.from_engine_args(EngineArgs(
+        model=llama_path, device="cpu", async_scheduling=True, speculative_config={
+            "method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+            "disable_by_batch_size": 3}))
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+    got: dict[str, list[int]] = {}
+    overlapped = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        overlapped += engine.core._in_flight is not None
+        engine.core.scheduler.check_integrity()
+    assert [got[str(i)] for i in range(len(prompts))] == [t[0] for t in expected]
+    assert overlapped > 0 and engine.stats().spec_decode_num_drafts > 0
