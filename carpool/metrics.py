@@ -60,6 +60,27 @@ class _EngineStatsCollector(Collector):
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        if s.spec_decode_num_accepted_tokens_per_pos:  # speculative decoding is configured
+            yield from spec_decode_metrics(s, labels, values)
+
+
+def spec_decode_metrics(s: EngineStats, labels: list[str], values: list[str]) -> Iterator[Metric]:
+    """vLLM's speculative decoding counters. Acceptance rate = accepted / draft tokens; mean accepted
+    length = accepted tokens / drafts (each verification also emits one token of the target's own)."""
+    for name, doc, value in (
+            ("spec_decode_num_drafts", "Verifications: a request checking its proposed tokens in one step.",
+             s.spec_decode_num_drafts),
+            ("spec_decode_num_draft_tokens", "Proposed tokens verified.", s.spec_decode_num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Proposed tokens accepted.", s.spec_decode_num_accepted_tokens)):
+        c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+        c.add_metric(values, value)
+        yield c
+    per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                  "Verifications that accepted the proposed token at each position.",
+                                  labels=[*labels, "position"])
+    for position, value in enumerate(s.spec_decode_num_accepted_tokens_per_pos):
+        per_pos.add_metric([*values, str(position)], value)
+    yield per_pos
 
 
 class ServerMetrics:

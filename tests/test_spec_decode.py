@@ -185,3 +185,20 @@ def test_async_engine_overlaps_steps_only_while_speculation_is_off(llama_path):
         engine.core.scheduler.check_integrity()
     assert [got[str(i)] for i in range(len(prompts))] == [t[0] for t in expected]
     assert overlapped > 0 and engine.stats().spec_decode_num_drafts > 0
+
+
+def test_metrics_expose_vllm_spec_decode_counters(replay_llm):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from carpool.metrics import ServerMetrics
+
+    generate(replay_llm, workload()[:2])
+    stats = replay_llm.engine.stats()
+    text = ServerMetrics(replay_llm.engine.stats, "m").render().decode()
+    samples = {(s.name, s.labels.get("position")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("carpool:spec_decode_num_drafts_total", None)] == stats.spec_decode_num_drafts > 0
+    assert samples[("carpool:spec_decode_num_draft_tokens_total", None)] == stats.spec_decode_num_draft_tokens
+    assert samples[("carpool:spec_decode_num_accepted_tokens_total", None)] == stats.spec_decode_num_accepted_tokens
+    per_pos = [samples[("carpool:spec_decode_num_accepted_tokens_per_pos_total", str(i))] for i in range(4)]
+    assert per_pos == stats.spec_decode_num_accepted_tokens_per_pos and per_pos[0] > 0
