@@ -1,0 +1,319 @@
+"""Speculative decoding: what verification costs and what it buys, as ratios measured in one run.
+
+1. verify_cost: ms of one step verifying k = 1..8 proposed tokens at batch 1, over ms of one plain decode
+   step (the same engine settings; plain steps replay CUDA graphs, verification steps run eagerly). The
+   weight-bound ideal is ~1.0: a step reads the weights once whatever its query length. Shape: Llama-3-8B
+   with random bf16 weights (--shape), a --context-len prompt.
+2. replay: tokens/s with the replay proposer (the target's own recorded greedy tokens, each kept with
+   probability `acceptance_rate`) over tokens/s without speculation, at batch 1, 8, 32 and 256: the
+   mechanics' ceiling, independent of any proposer's quality. Speculation is forced on at every batch
+   size here; `load_aware` repeats the largest batch with the default disable_by_batch_size.
+3. real (with --model PATH): n-gram and, with --draft-model, the draft model on an input-grounded
+   workload (prompts asking to repeat a source file with one identifier renamed), tokens/s over plain at
+   batch 1 and at --throughput-batch (load awareness on, as configured by default); acceptance rates.
+
+Parts 1 and 2 use the model of --model when given (then no shape arithmetic), else --shape with dummy
+weights. Prints one JSON object (and writes it to --out). A smoke run on CPU with a tiny checkpoint:
+  python benchmarks/bench_spec_decode.py --model DIR --device cpu --new-tokens 12 --context-len 16 \
+      --prompt-len 16 --batch-sizes 1,2 --ks 1,2 --rates 0.5,1.0 --throughput-batch 3 --source-chars 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import SHAPES, add_engine_flags, device_name, emit, engine_flags, write_config  # noqa: E402
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+def make_llm(model: str, engine_kwargs: dict[str, Any], speculative_config: dict[str, Any] | None = None) -> Any:
+    from carpool import LLM
+
+    return LLM(model, speculative_config=speculative_config, **engine_kwargs)
+
+
+def release(llm: Any) -> None:
+    llm.engine.shutdown()
+    del llm
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def spec_counts(llm: Any) -> dict[str, Any]:
+    s = llm.engine.stats()
+    return {"drafts": s.spec_decode_num_drafts, "draft_tokens": s.spec_decode_num_draft_tokens,
+            "accepted_tokens": s.spec_decode_num_accepted_tokens,
+            "accepted_per_pos": list(s.spec_decode_num_accepted_tokens_per_pos)}
+
+
+def acceptance(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    drafts = after["drafts"] - before["drafts"]
+    draft_tokens = after["draft_tokens"] - before["draft_tokens"]
+    accepted = after["accepted_tokens"] - before["accepted_tokens"]
+    per_pos = [a - b for a, b in zip(after["accepted_per_pos"], before["accepted_per_pos"])]
+    return {"acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+            "mean_accepted_length": accepted / drafts if drafts else 0.0, "num_drafts": drafts,
+            "accepted_per_pos": [round(p / drafts, 4) if drafts else 0.0 for p in per_pos]}
+
+
+class LaunchCounter:
+    """Counts the steps the engine core launches (wraps its executor's launch; benchmark-only)."""
+
+    def __init__(self, llm: Any) -> None:
+        self.count = 0
+        executor = llm.engine.core.executor
+        launch = executor.launch
+
+        def counted(scheduler_output: Any) -> Any:
+            self.count += 1
+            return launch(scheduler_output)
+
+        executor.launch = counted
+
+
+def run_batch(llm: Any, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]], int]:
+    """Generate greedily for all prompts at once, stepping the engine by hand: (decode seconds, outputs,
+    decode steps launched). Decode time starts once every request has its first token."""
+    from carpool import SamplingParams
+
+    engine = llm.engine
+    counter = getattr(llm, "_launch_counter", None) or LaunchCounter(llm)
+    llm._launch_counter = counter
+    llm.reset_prefix_cache()
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    ids = [engine.add_request(None, {"prompt_token_ids": p}, params) for p in prompts]
+    outputs: dict[str, list[int]] = {}
+    started: float | None = None
+    first_launch = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        if started is None and engine.stats().num_waiting == 0 and all(
+                r.output_token_ids for r in engine.core.scheduler.requests.values()):
+            _sync()
+            started = time.perf_counter()
+            first_launch = counter.count
+    _sync()
+    assert started is not None
+    return time.perf_counter() - started, [outputs[i] for i in ids], counter.count - first_launch
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def set_speculation(llm: Any, num_speculative_tokens: int, disable_by_batch_size: int | None,
+                    acceptance_rate: float | None = None) -> None:
+    """Benchmark-only: change a live single-process engine's speculation (k, load awareness, the replay
+    rate) instead of building a new 8B engine for each point. Scheduler and runner read these per step."""
+    core = llm.engine.core
+    runner = core.executor.runner
+    spec = dataclasses.replace(core.config.speculative_config, num_speculative_tokens=num_speculative_tokens,
+                               disable_by_batch_size=disable_by_batch_size)
+    core.scheduler.spec = spec
+    runner.config = dataclasses.replace(runner.config, speculative_config=spec)
+    if acceptance_rate is not None:
+        runner.proposer.acceptance_rate = acceptance_rate
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(0, vocab - 1) for _ in range(length)] for _ in range(n)]
+
+
+# ---- parts 1 and 2: the mechanics (replay proposer) ----------------------------------------------------
+def mechanics(model: str, engine_kwargs: dict[str, Any], args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    ks = [int(k) for k in args.ks.split(",")]
+    rates = [float(r) for r in args.rates.split(",")]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    context = random_prompts(1, args.context_len, vocab, seed=1)
+    batches = {b: random_prompts(b, args.prompt_len, vocab, seed=100 + b) for b in batch_sizes}
+
+    # Plain engine: the baselines, and the greedy outputs the replay proposer will propose.
+    llm = make_llm(model, engine_kwargs)
+    run_batch(llm, context, 8)  # warm-up
+    seconds, context_out, steps = run_batch(llm, context, args.new_tokens)
+    plain_step_ms = 1e3 * seconds / steps
+    plain: dict[int, float] = {}
+    recorded = {"prompt_token_ids": context, "output_token_ids": context_out}
+    for b, prompts in batches.items():
+        seconds, outs, _ = run_batch(llm, prompts, args.new_tokens)
+        plain[b] = b * (args.new_tokens - 1) / seconds
+        recorded["prompt_token_ids"] = recorded["prompt_token_ids"] + prompts
+        recorded["output_token_ids"] = recorded["output_token_ids"] + outs
+    release(llm)
+
+    path = os.path.join(tempfile.mkdtemp(prefix="carpool-replay-"), "recorded.json")
+    with open(path, "w") as f:
+        json.dump(recorded, f)
+    k_max = max(max(ks), args.k)
+    llm = make_llm(model, engine_kwargs, {"method": "replay", "num_speculative_tokens": k_max,
+                                          "acceptance_rate": 1.0, "replay_path": path,
+                                          "disable_by_batch_size": None})
+    run_batch(llm, context, 8)  # warm-up (eager shapes)
+    verify: dict[str, Any] = {}
+    for k in ks:
+        set_speculation(llm, k, None, 1.0)
+        seconds, outs, steps = run_batch(llm, context, args.new_tokens)
+        step_ms = 1e3 * seconds / steps
+        # (in bf16 on a GPU a verification's kernels may round a near-tie differently from decode's; the
+        # replay then stops proposing where the outputs part: reported, not asserted)
+        verify[str(k)] = {"ms_per_step": step_ms, "cost_ratio": step_ms / plain_step_ms,
+                          "greedy_equals_plain": outs == context_out,
+                          "tokens_per_step": (args.new_tokens - 1) / steps,
+                          "speedup": (args.new_tokens - 1) / seconds / (1e3 / plain_step_ms)}
+    replay: dict[str, Any] = {}
+    for b, prompts in batches.items():
+        row: dict[str, Any] = {"plain_tokens_per_s": plain[b]}
+        for rate in rates:
+            set_speculation(llm, args.k, None, rate)
+            before = spec_counts(llm)
+            seconds, _, _ = run_batch(llm, prompts, args.new_tokens)
+            tps = b * (args.new_tokens - 1) / seconds
+            row[str(rate)] = {"speedup": tps / plain[b], "tokens_per_s": tps,
+                              **acceptance(before, spec_counts(llm))}
+        replay[str(b)] = row
+    largest = max(batch_sizes)
+    set_speculation(llm, args.k, args.disable_by_batch_size, max(rates))
+    seconds, _, _ = run_batch(llm, batches[largest], args.new_tokens)
+    load_aware = {"batch": largest, "disable_by_batch_size": args.disable_by_batch_size,
+                  "throughput_ratio": largest * (args.new_tokens - 1) / seconds / plain[largest]}
+    release(llm)
+    return {"plain_decode_step_ms": plain_step_ms, "verify_cost": verify,
+            "replay": {"num_speculative_tokens": args.k, "by_batch": replay, "load_aware": load_aware}}
+
+
+# ---- part 3: real weights, input-grounded workload ----------------------------------------------------
+def grounded_prompts(tokenizer: Any, n: int, chars: int, seed: int = 0) -> list[list[int]]:
+    """Prompts asking to repeat a source file of this repository with one identifier renamed: the answer
+    is mostly text already in the context, where n-gram lookup and a draft model both do well."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "carpool")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".py"))
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        with open(files[rng.randrange(len(files))]) as f:
+            src = f.read()[:chars]
+        names = sorted({w for w in src.replace("(", " ").replace(".", " ").split() if w.isidentifier()
+                        and len(w) > 5})
+        old = names[rng.randrange(len(names))] if names else "self"
+        text = (f"Here is a Python file:\n```python\n{src}\n```\nRepeat the whole file exactly, except rename "
+                f"`{old}` to `{old}_{i}`.\n```python\n")
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True) + "```python\n"
+        prompts.append(tokenizer(text)["input_ids"])
+    return prompts
+
+
+def real_models(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    from carpool.engine.llm_engine import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    assert tokenizer is not None, "--model needs a tokenizer for the input-grounded workload"
+    one = grounded_prompts(tokenizer, 4, args.source_chars)
+    many = grounded_prompts(tokenizer, args.throughput_batch, args.source_chars, seed=1)
+    kwargs = dict(engine_kwargs, max_model_len=max(len(p) for p in one + many) + args.new_tokens + 8)
+    kwargs.pop("load_format", None)
+    methods: dict[str, dict[str, Any] | None] = {
+        "plain": None,
+        "ngram": {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": args.lookup_min,
+                  "prompt_lookup_max": args.lookup_max}}
+    if args.draft_model:
+        methods["draft_model"] = {"method": "draft_model", "model": args.draft_model,
+                                  "num_speculative_tokens": args.k}
+    out: dict[str, Any] = {"num_speculative_tokens": args.k}
+    base: dict[str, float] = {}
+    for name, spec in methods.items():
+        llm = make_llm(args.model, kwargs, spec)
+        run_batch(llm, one[:1], 8)  # warm-up
+        before = spec_counts(llm) if spec else None
+        seconds = 0.0
+        for prompt in one:  # batch 1, one prompt after the other
+            s, _, _ = run_batch(llm, [prompt], args.new_tokens)
+            seconds += s
+        tps1 = len(one) * (args.new_tokens - 1) / seconds
+        row: dict[str, Any] = {"batch1_tokens_per_s": tps1}
+        if before is not None:
+            row.update(acceptance(before, spec_counts(llm)))
+        seconds, _, _ = run_batch(llm, many, args.new_tokens)
+        row[f"batch{args.throughput_batch}_tokens_per_s"] = len(many) * (args.new_tokens - 1) / seconds
+        release(llm)
+        if name == "plain":
+            base = {"b1": tps1, "bn": row[f"batch{args.throughput_batch}_tokens_per_s"]}
+        else:
+            row["batch1_speedup"] = tps1 / base["b1"]
+            row[f"batch{args.throughput_batch}_throughput_ratio"] = (
+                row[f"batch{args.throughput_batch}_tokens_per_s"] / base["bn"])
+        out[name] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--model", default=None, help="a real checkpoint: parts 1-2 run on it and part 3 runs")
+    ap.add_argument("--draft-model", default=None, help="part 3: a draft checkpoint with --model's vocabulary")
+    ap.add_argument("--checkpoint-dir", default="/tmp/carpool-bench")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    ap.add_argument("--context-len", type=int, default=512, help="part 1: the prompt of the batch-1 request")
+    ap.add_argument("--prompt-len", type=int, default=128, help="part 2: prompt length of each request")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="part 1: proposed tokens per verification")
+    ap.add_argument("--k", type=int, default=4, help="parts 2-3: num_speculative_tokens")
+    ap.add_argument("--rates", default="0.0,0.5,0.7,0.8,0.9,1.0", help="part 2: replay acceptance rates")
+    ap.add_argument("--batch-sizes", default="1,8,32,256")
+    ap.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="load-aware runs (default: SpeculativeConfig's default)")
+    ap.add_argument("--lookup-min", type=int, default=2)
+    ap.add_argument("--lookup-max", type=int, default=5)
+    ap.add_argument("--throughput-batch", type=int, default=256, help="part 3: the large batch")
+    ap.add_argument("--source-chars", type=int, default=3000, help="part 3: characters of source per prompt")
+    ap.add_argument("--skip-mechanics", action="store_true", help="only part 3")
+    add_engine_flags(ap)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from carpool.config import DEFAULT_DISABLE_BY_BATCH_SIZE, ModelConfig
+
+    if args.disable_by_batch_size is None:
+        args.disable_by_batch_size = DEFAULT_DISABLE_BY_BATCH_SIZE
+    assert args.tensor_parallel_size == 1, "the benchmark changes speculation on a single-process engine"
+    largest = max(int(b) for b in args.batch_sizes.split(","))
+    model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
+    engine_kwargs: dict[str, Any] = dict(max_num_seqs=max(largest, args.throughput_batch),
+                                         max_model_len=max(args.context_len, args.prompt_len) + args.new_tokens + 16,
+                                         max_num_batched_tokens=8192, async_scheduling=True, **engine_flags(args))
+    if args.device:
+        engine_kwargs["device"] = args.device
+    if args.model is None:
+        engine_kwargs["load_format"] = "dummy"
+    vocab = min(ModelConfig.from_pretrained(model).vocab_size, 10000)
+    result: dict[str, Any] = {"benchmark": "spec_decode", "device": device_name(),
+                              "model": args.model or f"{args.shape} (random bf16 weights)",
+                              "engine_args": engine_kwargs, "new_tokens": args.new_tokens}
+    if not args.skip_mechanics:
+        result |= mechanics(model, engine_kwargs, args, vocab)
+    if args.model:
+        result["real"] = real_models(args, engine_kwargs)
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
