@@ -202,3 +202,19 @@ def test_metrics_expose_vllm_spec_decode_counters(replay_llm):
     assert samples[("carpool:spec_decode_num_accepted_tokens_total", None)] == stats.spec_decode_num_accepted_tokens
     per_pos = [samples[("carpool:spec_decode_num_accepted_tokens_per_pos_total", str(i))] for i in range(4)]
     assert per_pos == stats.spec_decode_num_accepted_tokens_per_pos and per_pos[0] > 0
+
+
+def test_tensor_parallel_verification_agrees_with_one_process(llama_path):
+    """TP=2: greedy rows verify on every rank, random ones on rank 0 (broadcast); the tokens equal TP=1's."""
+    spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    prompts = workload()[:3]
+    seeded = SamplingParams(temperature=0.8, top_k=40, seed=5, max_tokens=MAX_NEW, ignore_eos=True)
+    one = LLM(llama_path, device="cpu", speculative_config=spec, kv_cache_memory_bytes=1 << 22)
+    two = LLM(llama_path, device="cpu", tensor_parallel_size=2, speculative_config=spec,
+              kv_cache_memory_bytes=1 << 22)
+    try:
+        for params in (GREEDY, seeded):
+            assert token_ids(generate(two, prompts, params)) == token_ids(generate(one, prompts, params))
+        assert 0 < two.engine.stats().spec_decode_num_accepted_tokens
+    finally:
+        two.engine.shutdown()

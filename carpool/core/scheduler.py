@@ -335,3 +335,6 @@ class Scheduler:
             held = len(self.kv.block_ids(request.request_id))
             assert held * self.kv.block_size >= request.num_computed_tokens, (
                 f"{request.request_id} computed {request.num_computed_tokens} tokens in {held} blocks")
+            hashed = self.kv.num_hashed_blocks.get(request.request_id, 0)
+            assert hashed * self.kv.block_size <= request.num_tokens, (
+                f"{request.request_id}: a hashed block covers a token that is not verified")
