@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from carpool.layers.rejection_sampler import RejectionSampler
-from carpool.layers.sampler import SamplingMetadata, apply_top_k_top_p
+from carpool.layers.sampler import Sampler, SamplingMetadata, apply_top_k_top_p
 
 # chi-square critical values at alpha = 1e-4 by degrees of freedom
 CHI2_CRITICAL = {1: 15.137, 2: 18.421, 3: 21.108, 4: 23.513, 5: 25.745}
@@ -70,7 +70,7 @@ def test_emitted_tokens_follow_the_target_distribution(temperature, top_k, top_p
         draft_probs = None
         drafts = torch.tensor([2, 4, 0]).repeat(N)
     drafts.view(N, 3)[:, 2] = -1
-    tokens, num_emitted, _ = RejectionSampler()(logits, metadata(3 * N, temperature, top_k, top_p), drafts,
+    tokens, num_emitted, _ = RejectionSampler(Sampler())(logits, metadata(3 * N, temperature, top_k, top_p), drafts,
                                                 np.full(N, 2), draft_probs)
     assert_distributed_as(tokens[:, 0], target(0, temperature, top_k, top_p))
     # after an accepted first token the second is position 2's; after two, the bonus is position 3's
@@ -86,7 +86,7 @@ def test_greedy_accepts_the_longest_agreeing_prefix_and_adds_the_targets_token()
                            [0.0, 0.0, 5.0, 0.0]])  # request 2: nothing proposed
     drafts = torch.tensor([1, 3, -1, 3, -1, -1])  # request 0: right, wrong; request 1: right
     md = SamplingMetadata(temperature=torch.zeros(6), all_greedy=True, num_logprobs=[None] * 6)
-    tokens, num_emitted, _ = RejectionSampler()(logits, md, drafts, np.array([2, 1, 0]))
+    tokens, num_emitted, _ = RejectionSampler(Sampler())(logits, md, drafts, np.array([2, 1, 0]))
     assert num_emitted.tolist() == [2, 2, 1]
     assert tokens.tolist() == [[1, 2, -1], [3, 1, -1], [2, -1, -1]]
 
@@ -96,7 +96,7 @@ def test_seeded_rows_draw_the_same_tokens_again():
         gens = {i: torch.Generator().manual_seed(100 + i) for i in range(6)}
         md = metadata(6, 1.0, 0, 1.0)
         md.generators = gens
-        tokens, _, _ = RejectionSampler()(LOGITS.repeat(2, 1), md, torch.tensor([2, 4, -1, 3, 3, -1]),
+        tokens, _, _ = RejectionSampler(Sampler())(LOGITS.repeat(2, 1), md, torch.tensor([2, 4, -1, 3, 3, -1]),
                                           np.array([2, 2]))
         return tokens.tolist()
 

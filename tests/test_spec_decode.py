@@ -152,14 +152,19 @@ def test_n_sequences_and_logprobs_are_the_targets(replay_llm, llama_path):
             assert all(abs(lp_a[t].logprob - lp_b[t].logprob) < 1e-4 for t in lp_a)
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(llama_path):
+def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(llama_path):
+    """Deterministic proposals: each position samples as plain decoding would (seed per output index) and
+    a proposed token is accepted iff it is that sample, so seeded outputs match token for token."""
     llm = LLM(llama_path, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": K,
                                                             "prompt_lookup_min": 1, "prompt_lookup_max": 2})
-    params = SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=MAX_NEW, ignore_eos=True)
-    prompts = workload()[:3]
-    first = token_ids(generate(llm, prompts, params))
-    assert token_ids(generate(llm, prompts, params)) == first
-    assert llm.engine.stats().spec_decode_num_drafts > 0
+    params = SamplingParams(temperature=0.3, top_p=0.95, seed=11, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+    prompts = workload()
+    plain = generate(LLM(llama_path, device="cpu"), prompts, params)
+    spec = generate(llm, prompts, params)
+    assert token_ids(spec) == token_ids(plain)
+    for a, b in zip(plain, spec):
+        assert [lp.keys() for lp in a.outputs[0].logprobs] == [lp.keys() for lp in b.outputs[0].logprobs]
+    assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
 
 
 def test_async_engine_overlaps_steps_only_while_speculation_is_off(llama_path):

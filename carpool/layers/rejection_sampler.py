@@ -2,21 +2,23 @@
 and the one token the target adds after them.
 
 A request verifying d proposed tokens x_1..x_d has the target's logits at d + 1 positions (its last known
-token's and each proposed token's). Position j's distribution p_j is the one plain sampling would draw
-from there (`sampler.processed_probs`: temperature, min_p, top-k, top-p; penalties and min_tokens bans as
-the sampler applies them, per position). Walking j = 1..d:
-- greedy rows: x_j is accepted iff it is the argmax of p_j; at the first mismatch the argmax is emitted.
-- random rows: x_j, proposed with probability q_j(x_j), is accepted with probability
-  min(1, p_j(x_j) / q_j(x_j)); at the first rejection a token drawn from norm(max(0, p_j - q_j)) is
-  emitted instead. Deterministic proposers (n-gram, replay, a greedy draft model) have q_j one-hot at x_j.
-If all d are accepted, a bonus token is drawn from p_{d+1}. Every emitted token is then distributed
-exactly as the target's own sampling would give it (Leviathan et al. 2023; Chen et al. 2023), and greedy
-output equals plain greedy decoding token for token.
+token's and each proposed token's). Position j's distribution p_j is the one plain sampling draws from
+there (penalties and min_tokens bans applied per position, then `sampler.processed_probs`: temperature,
+min_p, top-k, top-p). Walking j = 1..d, x_j proposed with probability q_j(x_j) is accepted with
+probability min(1, p_j(x_j) / q_j(x_j)); at the first rejection a token drawn from
+norm(max(0, p_j - q_j)) is emitted instead; if all d are accepted, a bonus token is drawn from p_{d+1}.
+Every emitted token is then distributed exactly as the target's own sampling would give it (Leviathan et
+al. 2023; Chen et al. 2023). Greedy rows are the temperature-0 limit: x_j is accepted iff it is the
+argmax, and the argmax is emitted at the first mismatch.
 
-Randomness: a seeded request's draws at output index i come from a generator the runner seeds with
-(seed, i): first the acceptance uniform, then the exponential-race noise. Its tokens are reproducible
-for the same proposals; they differ from the same seed's tokens without speculation (the draws are used
-differently), as in vLLM. Logprobs are the target's raw distribution's at each emitted token.
+Deterministic proposals (n-gram, replay, a greedy draft model: q_j one-hot at x_j) need no acceptance
+uniform: accepting x_j with probability p_j(x_j) and otherwise emitting a draw from p_j without x_j is
+the same as drawing position j's token exactly as plain sampling would and accepting x_j iff it is that
+token. So each position samples with the ordinary sampler (its seed is (seed, output index), as
+without speculation) and the walk compares: a seeded request emits the very tokens it would emit without
+speculation, and logprobs are the sampler's (the target's raw distribution at each emitted token).
+Proposals with a distribution (`draft_probs`) take the explicit rule, drawing per position the
+exponential-race noise and then the acceptance uniform from the row's generator.
 """
 
 from __future__ import annotations
@@ -26,73 +28,94 @@ import torch
 from torch import nn
 
 from carpool.core.sched_output import TokenLogprobs
-from carpool.layers.sampler import SamplingMetadata, _flat_pairs, apply_penalties, gather_logprobs, processed_probs
+from carpool.layers.sampler import (
+    Sampler,
+    SamplingMetadata,
+    _flat_pairs,
+    apply_penalties,
+    gather_logprobs,
+    processed_probs,
+)
 from carpool.platform import to_device
 
 
 class RejectionSampler(nn.Module):
+    def __init__(self, sampler: Sampler) -> None:
+        super().__init__()
+        self.sampler = sampler  # the plain sampler: each position's own draw for deterministic proposals
+
     def forward(self, logits: torch.Tensor, md: SamplingMetadata, draft_token_ids: torch.Tensor,
                 num_drafts: np.ndarray, draft_probs: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, list[TokenLogprobs | None]]:
         """logits [L, V] with L = sum(num_drafts + 1): request s owns num_drafts[s] + 1 consecutive rows,
-        its proposed tokens' positions then its bonus position; md describes each of the L rows;
-        draft_token_ids [L]: the proposed token each row judges (ignored at each request's last row);
-        draft_probs [L, V]: the proposer's distributions (None: one-hot, deterministic proposals).
+        its proposed tokens' positions then its bonus position; md describes each of the L rows (with
+        per-position seeds); draft_token_ids [L]: the proposed token each row judges (ignored at each
+        request's last row); draft_probs [L, V]: the proposer's distributions (None: deterministic).
 
         Returns (tokens [S, max(num_drafts) + 1] int64, of which the first num_emitted[s] are request s's
         emitted tokens, the rest -1; num_emitted [S] int64 in [1, num_drafts[s] + 1]; the logprobs of
         each row's candidate token, per row: the caller keeps those of the emitted ones)."""
         device = logits.device
-        logits = logits.to(torch.float32, copy=True)
-        want_logprobs = any(n is not None for n in md.num_logprobs)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if md.banned_token_ids:
-            rows, ids = _flat_pairs(list(md.banned_token_ids.values()), device, list(md.banned_token_ids))
-            logits[rows, ids] = float("-inf")
-        if md.repetition_penalty is not None:
-            logits = apply_penalties(logits, md)
         counts = num_drafts.astype(np.int64) + 1
         ends = np.cumsum(counts)
         is_bonus_np = np.zeros(len(logits), dtype=bool)
         is_bonus_np[ends - 1] = True
         is_bonus = to_device(is_bonus_np, device)
-        draft = draft_token_ids.clamp(min=0).unsqueeze(1)
+        draft = draft_token_ids.clamp(min=0)
+        if draft_probs is None:
+            candidate, logprobs = self.sampler(logits, md)
+            candidate = candidate.to(torch.int64)
+            accepted = (candidate == draft) & ~is_bonus
+        else:
+            candidate, accepted, logprobs = self._with_draft_probs(logits, md, draft, draft_probs, is_bonus)
+        # Each row's token if the walk reaches it: the proposed token if accepted, else the target's own.
+        row_token = torch.where(accepted, draft, candidate)
+        width = int(counts.max())
+        col = np.arange(width)
+        valid_np = col[None, :] < counts[:, None]
+        index_np = np.where(valid_np, (ends - counts)[:, None] + col[None, :], 0)
+        index, valid = to_device(index_np, device), to_device(valid_np, device)
+        num_emitted = (accepted[index] & valid).to(torch.int64).cumprod(dim=1).sum(dim=1) + 1
+        emitted = torch.arange(width, device=device)[None, :] < num_emitted[:, None]
+        tokens = torch.where(emitted, row_token[index], torch.full_like(index, -1))
+        return tokens, num_emitted, logprobs
+
+    @staticmethod
+    def _with_draft_probs(logits: torch.Tensor, md: SamplingMetadata, draft: torch.Tensor,
+                          draft_probs: torch.Tensor, is_bonus: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[TokenLogprobs | None]]:
+        """(candidate token, accepted, logprobs) per row for proposals drawn from draft_probs: accept with
+        min(1, p/q), else draw from norm(max(0, p - q)); a bonus row draws from p."""
+        logits = logits.to(torch.float32, copy=True)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in md.num_logprobs) else None
+        if md.banned_token_ids:
+            rows, ids = _flat_pairs(list(md.banned_token_ids.values()), logits.device, list(md.banned_token_ids))
+            logits[rows, ids] = float("-inf")
+        if md.repetition_penalty is not None:
+            logits = apply_penalties(logits, md)
         argmax = logits.argmax(dim=-1)
-        accepted = (argmax == draft.squeeze(1)) & ~is_bonus
-        candidate = argmax
-        if not md.all_greedy:
+        x = draft.unsqueeze(1)
+        greedy_accepted = (argmax == draft) & ~is_bonus
+        if md.all_greedy:
+            candidate, accepted = argmax, greedy_accepted
+        else:
             probs = processed_probs(logits, md)
-            p_x = probs.gather(1, draft).squeeze(1)
-            if draft_probs is None:
-                q_x = torch.ones_like(p_x)
-                residual = probs.scatter(1, draft, 0.0)
-            else:
-                q_x = draft_probs.gather(1, draft).squeeze(1)
-                residual = (probs - draft_probs).clamp_(min=0.0)
-            uniform = torch.rand(len(probs), device=device)
+            p_x = probs.gather(1, x).squeeze(1)
+            q_x = draft_probs.gather(1, x).squeeze(1)
+            residual = (probs - draft_probs).clamp_(min=0.0)
             noise = torch.empty_like(probs).exponential_()
+            uniform = torch.rand(len(probs), device=probs.device)
             for row, gen in md.generators.items():
-                uniform[row] = torch.rand(1, generator=gen, device=device)[0]
                 noise[row].exponential_(generator=gen)
-            # A bonus row draws from p itself. A residual that is all zero means p == q at that row, where
-            # rejection has probability zero; p keeps the division defined.
+                uniform[row] = torch.rand(1, generator=gen, device=probs.device)[0]
+            # An all-zero residual means p == q at that row, where rejection has probability zero; p keeps
+            # the draw defined.
             target = torch.where(is_bonus.unsqueeze(1) | (residual.sum(dim=-1, keepdim=True) <= 0), probs, residual)
             drawn = target.div_(noise).argmax(dim=-1)
             greedy = md.temperature < 1e-5
             candidate = torch.where(greedy, argmax, drawn)
-            accepted = torch.where(greedy, accepted, (uniform * q_x < p_x) & ~is_bonus)
-        # Each row's token if the walk reaches it: the proposed token if accepted, else the target's own.
-        row_token = torch.where(accepted, draft.squeeze(1), candidate)
-        width = int(counts.max())
-        col = np.arange(width)
-        starts = ends - counts
-        valid_np = col[None, :] < counts[:, None]
-        index_np = np.where(valid_np, starts[:, None] + col[None, :], 0)
-        index, valid = to_device(index_np, device), to_device(valid_np, device)
-        acc = accepted[index] & valid
-        num_emitted = acc.to(torch.int64).cumprod(dim=1).sum(dim=1) + 1
-        emitted = torch.arange(width, device=device)[None, :] < num_emitted[:, None]
-        tokens = torch.where(emitted, row_token[index], torch.full_like(index, -1))
+            accepted = torch.where(greedy, greedy_accepted, (uniform * q_x < p_x) & ~is_bonus)
+        row_token = torch.where(accepted, draft, candidate)
         logprobs = (gather_logprobs(raw_logprobs, row_token, md.num_logprobs) if raw_logprobs is not None
                     else [None] * len(logits))
-        return tokens, num_emitted, logprobs
+        return candidate, accepted, logprobs

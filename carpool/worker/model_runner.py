@@ -92,7 +92,7 @@ class ModelRunner:
         self._recent_host_tokens: collections.deque[torch.Tensor] = collections.deque(maxlen=8)
         # Speculative decoding: the proposer runs where the step's tokens are resolved (rank 0 under TP,
         # whose output is the one the engine reads); the rejection sampler wherever tokens are sampled.
-        self.rejection_sampler = RejectionSampler()
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.proposer = make_proposer(config, self) if tp.rank == 0 else None
 
     def describe(self) -> dict:
@@ -197,7 +197,8 @@ class ModelRunner:
 
     def _sampling_metadata(self, rows: np.ndarray, output_offsets: np.ndarray | None = None) -> SamplingMetadata:
         """Sampling metadata of `rows` (one per logit row). `output_offsets` (verification): row i samples
-        the request's output token output_offsets[i] places further on (a row repeats once per position)."""
+        the request's output token output_offsets[i] places further on (a row repeats once per position),
+        with that output index's seed, so each position draws what plain decoding would draw there."""
         batch = self.input_batch
         params = cast(list[SamplingParams], [batch.params[r] for r in rows])
         dev = self.device
@@ -238,7 +239,7 @@ class ModelRunner:
                   for i, p in enumerate(params) if p.seed is not None and not p.greedy]
         fast = (self.sampler.fast_sample is not None and md.top_k is None and md.top_p is None
                 and md.min_p is None and md.repetition_penalty is None and not md.banned_token_ids
-                and all(p.logprobs is None for p in params) and output_offsets is None)
+                and all(p.logprobs is None for p in params))
         if fast and all_greedy:
             md.seeds = self._zeros(len(params), torch.long)
             return md
