@@ -206,3 +206,13 @@ def test_gpu_graph_replay_follows_new_routing(num_tokens: int) -> None:
     graph.replay()
     torch.testing.assert_close(out, ref.fused_moe(hidden, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
 
+
+def test_moe_benchmark_counts_each_chosen_expert_once() -> None:
+    """benchmarks/bench_moe.py's roofline bytes: two tokens sharing one of their experts read 3 experts."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_moe
+
+    ids = torch.tensor([[4, 9], [9, 2]])
+    h, i = 8, 4
+    assert bench_moe.step_bytes(ids, h, i, dtype_bytes=2) == 3 * (3 * h * i * 2) + 2 * 2 * h * 2
