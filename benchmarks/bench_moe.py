@@ -1,6 +1,6 @@
 """Fused MoE kernel vs a torch loop of per-expert GEMMs at the Qwen3-30B-A3B expert shape.
 
-The kernel alone (carpool/ops/triton/fused_moe.py) against the torch loop (ops/torch_ref/moe.py,
+The kernel alone (carpool/ops/triton/moe.py) against the torch loop (ops/torch_ref/moe.py,
 transformers' eager loop): hidden 2048, 128 experts, top-8, expert intermediate 768, bf16. Prints one
 JSON object.
 
@@ -34,7 +34,7 @@ from common import emit, measure_copy_bandwidth  # noqa: E402
 
 from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops.torch_ref.moe import fused_moe as torch_loop_moe  # noqa: E402
-from carpool.ops.triton.fused_moe import (FusedMoeConfig, GroupedGemmConfig, default_moe_config,  # noqa: E402
+from carpool.ops.triton.moe import (FusedMoeConfig, GroupedGemmConfig, default_moe_config,  # noqa: E402
                                           fused_moe)
 
 HIDDEN, NUM_EXPERTS, TOP_K, INTER = 2048, 128, 8, 768

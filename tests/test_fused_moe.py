@@ -1,4 +1,4 @@
-"""The fused Triton MoE (ops/triton/fused_moe.py) against its torch reference (ops/torch_ref/moe.py).
+"""The fused Triton MoE (ops/triton/moe.py) against its torch reference (ops/torch_ref/moe.py).
 
 Without a GPU the kernels run in the Triton interpreter (tests/conftest.py), on tiny shapes with 16-wide
 tiles so that every loop runs several steps; outputs start as NaN, so an element no kernel writes fails.
@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops.torch_ref import moe as ref  # noqa: E402
-from carpool.ops.triton import fused_moe as fm  # noqa: E402
+from carpool.ops.triton import moe as fm  # noqa: E402
 from carpool.ops.triton import utils  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,4 +1,4 @@
-"""The mixture-of-experts MLP in plain PyTorch: the CPU path, and the oracle of ops/triton/fused_moe.py.
+"""The mixture-of-experts MLP in plain PyTorch: the CPU path, and the oracle of ops/triton/moe.py.
 
 `fused_moe` loops over the experts that some token chose, in increasing expert order, and computes for
 each the gated MLP of its tokens, the way transformers' `*Experts.forward` (eager) does: the same
