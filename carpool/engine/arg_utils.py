@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 from carpool.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from carpool.models.registry import SUPPORTED_ARCHITECTURES
 from carpool.platform import default_device, kernel_backend_for
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
 
@@ -122,7 +123,8 @@ class EngineArgs:
         g = parser.add_argument_group("engine")
         if model_flag:
             g.add_argument("--model", default=None,
-                           help="checkpoint directory or Hugging Face repo id (default: the built-in demo model)")
+                           help="checkpoint directory or Hugging Face repo id (default: the built-in demo model); "
+                                f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
         g.add_argument("--tokenizer", default=None, help="tokenizer directory or repo id (default: the model's)")
         g.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
