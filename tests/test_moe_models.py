@@ -180,3 +180,26 @@ def test_an_expert_tensor_of_the_wrong_shape_is_refused_naming_the_expert():
         experts.weight_loader(experts.w2_weight, torch.ones(6, 8), ("w2", 1))
     with pytest.raises(ValueError, match="expert 4, but the model has num_experts=4"):
         experts.weight_loader(experts.w13_weight, torch.ones(6, 8), ("w1", 4))
+
+
+def test_benchmark_roofline_counts_the_experts_a_decode_step_reads():
+    """benchmarks/common.py's bytes for the Qwen3-30B-A3B shape agree with the model's own parameter
+    counts: a batch-1 step reads the active parameters, a large batch every parameter (less the
+    embedding table, which a step does not read; norms are not counted there)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from common import SHAPES, ModelArithmetic
+
+    shape = SHAPES["qwen3-30b-a3b"]
+    config = ModelConfig.from_hf_config(dict(shape), dtype="bfloat16")
+    total, active = parameter_counts(config, qk_norm=True)
+    embedding = config.vocab_size * config.hidden_size
+    m = ModelArithmetic.of("qwen3-30b-a3b")
+    assert m.expected_distinct_experts(1) == shape["num_experts_per_tok"]
+    assert m.decode_weight_bytes(1) / 2 == pytest.approx(active - embedding, rel=1e-4)
+    assert m.decode_weight_bytes(100_000) / 2 == pytest.approx(total - embedding, rel=1e-4)
+    assert m.expected_distinct_experts(64) < m.expected_distinct_experts(256) <= shape["num_experts"]
+    dense = ModelArithmetic.of("qwen3-0.6b")
+    assert dense.decode_weight_bytes(1) == dense.decode_weight_bytes(256) == dense.weight_bytes
