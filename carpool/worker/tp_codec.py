@@ -12,11 +12,23 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from carpool.config import (CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig,
-                            parse_dtype)
-from carpool.config import MoEConfig
-from carpool.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput,
-                                       TokenLogprobs)
+from carpool.config import (
+    CacheConfig,
+    EngineConfig,
+    KernelConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+from carpool.core.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
 
