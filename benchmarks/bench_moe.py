@@ -34,8 +34,7 @@ from common import emit, measure_copy_bandwidth  # noqa: E402
 
 from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops.torch_ref.moe import fused_moe as torch_loop_moe  # noqa: E402
-from carpool.ops.triton.moe import (FusedMoeConfig, GroupedGemmConfig, default_moe_config,  # noqa: E402
-                                          fused_moe)
+from carpool.ops.triton.moe import FusedMoeConfig, GroupedGemmConfig, default_moe_config, fused_moe  # noqa: E402
 
 HIDDEN, NUM_EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
 DTYPE_BYTES = 2

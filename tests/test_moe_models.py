@@ -42,8 +42,8 @@ def greedy_tokens(llm: LLM, prompts: list[list[int]],
     return [o.outputs[0].token_ids for o in outs]
 
 
-ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def hf_config_dict(family: str, **overrides) -> dict:
@@ -90,7 +90,8 @@ def test_triton_backend_gives_the_torch_tokens(checkpoint_factory, monkeypatch):
 
     sizes: list[int] = []
     real = tri.fused_moe
-    monkeypatch.setattr(tri, "fused_moe", lambda hidden, *a, **k: sizes.append(hidden.shape[0]) or real(hidden, *a, **k))
+    monkeypatch.setattr(tri, "fused_moe",
+                        lambda hidden, *a, **k: sizes.append(hidden.shape[0]) or real(hidden, *a, **k))
     path = checkpoint_factory("qwen2_moe")
     prompts = [PROMPTS[5], PROMPTS[0]]  # (interpreter time: two short prompts, a few tokens)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 4)]
@@ -122,7 +123,8 @@ def test_sparse_layers_and_parameter_counts_are_transformers(family, overrides):
     total, active = parameter_counts(config, model.qk_norm)
     assert total == hf.num_parameters() == sum(p.numel() for p in model.parameters())
     moe = config.moe
-    unchosen = sum(ours) * (moe.num_experts - moe.num_experts_per_tok) * 3 * config.hidden_size * moe.moe_intermediate_size
+    expert = 3 * config.hidden_size * moe.moe_intermediate_size
+    unchosen = sum(ours) * (moe.num_experts - moe.num_experts_per_tok) * expert
     assert active == total - unchosen
 
 

@@ -271,7 +271,7 @@ def _precision(dtype: torch.dtype) -> str:
 # ---- per-pair GEMVs for small batches -----------------------------------------------------------------
 
 @triton.jit
-def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, I, H, stride_xt, stride_we, stride_wn,
+def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, INTER, H, stride_xt, stride_we, stride_wn,
                              TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              USE_PDL: tl.constexpr):
     """Program (pair, row block): out[pair, rows] = silu(x_t . gate_e[rows]) * (x_t . up_e[rows]) with
@@ -280,9 +280,9 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, I, H, stride_xt, st
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < I
+    row_ok = rows < INTER
     gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-    up_rows = gate_rows + I * stride_wn
+    up_rows = gate_rows + INTER * stride_wn
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xt
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -297,11 +297,11 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, I, H, stride_xt, st
     gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
     up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + pair.to(tl.int64) * I + rows, (act * up).to(dtype), mask=row_ok)
+    tl.store(out_ptr + pair.to(tl.int64) * INTER + rows, (act * up).to(dtype), mask=row_ok)
 
 
 @triton.jit
-def _moe_gemv_down_kernel(inter_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, I, H, stride_we, stride_wn,
+def _moe_gemv_down_kernel(inter_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER, H, stride_we, stride_wn,
                           TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           USE_PDL: tl.constexpr):
     """Program (token, row block): out[t, rows] = sum over the token's pairs p of
@@ -317,11 +317,11 @@ def _moe_gemv_down_kernel(inter_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, I, H, 
         expert = tl.load(ids_ptr + pair).to(tl.int64)
         weight = tl.load(topk_w_ptr + pair).to(tl.float32)
         w_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-        v_row = inter_ptr + pair.to(tl.int64) * I
+        v_row = inter_ptr + pair.to(tl.int64) * INTER
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
+        for k0 in range(0, INTER, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < I
+            col_ok = cols < INTER
             v = tl.load(v_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             acc += tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * v
         y = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype)
