@@ -335,6 +335,10 @@ def _flag_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, A
     return out
 
 
+# Short spellings of flags people type often (torchrun's name for the process count).
+_ALIASES = {"parallel.nproc_per_node": ("--nproc-per-node",), "parallel.strategy": ("--parallelism",)}
+
+
 def flag_name(dotted: str) -> str:
     return "--" + dotted.replace("_", "-")
 
@@ -352,7 +356,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             default = getattr(default, part)
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
-        group.add_argument(flag_name(dotted), dest=dotted, default=argparse.SUPPRESS, metavar=_metavar(tp),
+        group.add_argument(flag_name(dotted), *_ALIASES.get(dotted, ()), dest=dotted, default=argparse.SUPPRESS, metavar=_metavar(tp),
                            help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
