@@ -14,11 +14,14 @@ complete checkpoint stays loadable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +72,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _single_process_quiet(world: int) -> Iterator[None]:
+    """DCP warns that it 'assumes' a single process when there is no process group; here that is meant."""
+    with warnings.catch_warnings():
+        if world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step-{step:08d}")
 
@@ -102,7 +114,8 @@ def save_checkpoint(root: str, model: nn.Module, optimizer: torch.optim.Optimize
         os.makedirs(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=world == 1)
+    with _single_process_quiet(world):
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=world == 1)
     torch.save(state.__dict__, os.path.join(tmp, f"trainer-rank{rank:05d}.pt"))
     _barrier()
     if rank == 0:
@@ -130,7 +143,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         target = {"model": get_model_state_dict(model)}
-    dcp.load(target, checkpoint_id=path, no_dist=world == 1)
+    with _single_process_quiet(world):
+        dcp.load(target, checkpoint_id=path, no_dist=world == 1)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     else:

@@ -56,7 +56,7 @@ def _chunked_loop(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
         if grad_hidden is not None:
             grad_hidden[start:end] = (g @ w).to(hidden.dtype)
         if grad_weight is not None:
-            grad_weight += (g.t() @ h).to(acc)
+            grad_weight.add_(g.t() @ h)  # accumulates in fp32 without an fp32 copy of the product
     return total, grad_hidden, grad_weight
 
 
@@ -74,8 +74,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         gh, gw = ctx.saved_tensors
-        grad_hidden = gh * grad_out.to(gh.dtype) if gh is not None else None
-        grad_weight = (gw * grad_out).to(ctx.weight_dtype) if gw is not None else None
+        # In place: the saved gradients are used once (no double backward through a loss).
+        grad_hidden = gh.mul_(grad_out.to(gh.dtype)) if gh is not None else None
+        grad_weight = gw.mul_(grad_out).to(ctx.weight_dtype) if gw is not None else None
         return grad_hidden, grad_weight, None, None, None, None
 
 

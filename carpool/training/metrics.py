@@ -109,59 +109,65 @@ class MemoryEstimate:
         return {f"{k}_gib": round(v, 4) for k, v in d.items()}
 
 
-def activation_bytes_per_token_per_layer(shape: ModelShape, compute_bytes: int) -> int:
-    """Bytes saved for backward by one carpool Llama decoder layer per token, without recomputation.
+def activation_bytes_per_token_per_layer(shape: ModelShape, compute_bytes: int, residual_bytes: int) -> int:
+    """Bytes autograd saves for backward in one carpool Llama decoder layer, per token, without recomputation.
 
-    Counted from what autograd keeps (residual and norm outputs, q/k/v after RoPE, the attention output and
-    its log-sum-exp, the MLP's gate/up output and its activation); the torch-reference RMSNorm computes in
-    fp32, so it keeps an fp32 copy of its input and its normalized output. `compute_bytes`: 2 for bf16, 4
-    for fp32.
+    compute_bytes: the matmuls' dtype (2 for bf16, 4 for fp32); residual_bytes: the residual stream's (2
+    when the weights themselves are bf16, as FSDP's mixed precision gathers them; 4 under autocast, whose
+    fp32 weights keep the embedding and the residual adds in fp32, and in fp32).
+
+    Per RMSNorm (torch reference, computing in fp32): the fp32 input, the normalized input in the residual
+    dtype, the output as the next matmul reads it, and the fp32 1/rms. Attention: the fused q/k/v output
+    (the SDPA keeps v, a view of it), q and k after RoPE, the cos/sin rows, the SDPA output and its fp32
+    log-sum-exp. MLP: the gate/up output, silu(gate), and silu(gate) * up. (Matched against the tensors
+    autograd saves in tests/test_training_metrics.py.)
     """
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     q, kv = shape.num_heads * d, shape.num_kv_heads * d
-    cb = compute_bytes
-    norms = 2 * (h * cb + 2 * h * 4)                # per norm: input (compute dtype), fp32 input and x*rstd
-    attention = (q + 2 * kv + q) * cb + shape.num_heads * 4   # q, k, v after RoPE, output; fp32 lse
-    mlp = (2 * i + i) * cb                           # gate_up output, silu(gate) * up
-    return norms + attention + mlp
+    cb, rb = compute_bytes, residual_bytes
+    norm = 4 * h + rb * h + cb * h + 4
+    attention = (q + 2 * kv) * cb + q * cb + kv * cb + 2 * d * cb + q * cb + shape.num_heads * 4
+    mlp = 4 * i * cb
+    return 2 * norm + attention + mlp
 
 
 def estimate_memory(hf_config: dict[str, Any], seq_len: int, micro_batch_size: int, precision: str,
                     activation_checkpointing: str, strategy: str, world_size: int,
-                    reshard_after_forward: bool, loss_chunk_size: int,
-                    activation_bytes_per_layer_token: int | None = None) -> MemoryEstimate:
-    """Analytic peak bytes per rank. Parameters, gradients and AdamW states are fp32 (16 bytes per
-    parameter), divided by the world size under FSDP. Activations: every layer's saved tensors without
-    checkpointing; with it, each checkpointed layer keeps only its input, and one layer's tensors exist
-    during its recomputation."""
+                    reshard_after_forward: bool, loss_chunk_size: int) -> MemoryEstimate:
+    """Analytic peak bytes per rank, at the start of backward (every activation alive, the LM head's
+    gradient just computed). Parameters, gradients and AdamW states are fp32 (16 bytes per parameter),
+    divided by the world size under FSDP. Activations: every layer's saved tensors without checkpointing;
+    a checkpointed layer keeps only its inputs (the residual stream and the MLP output), and one layer's
+    tensors exist again while it is recomputed."""
     shape = ModelShape.from_hf_config(hf_config)
     n = shape.num_params
     shard = world_size if strategy == "fsdp" else 1
-    cb = 2 if precision == "bf16" else 4
+    bf16 = precision == "bf16"
+    cb = 2 if bf16 else 4
+    rb = 2 if (bf16 and strategy == "fsdp") else 4
     tokens = seq_len * micro_batch_size
-    per_layer = (activation_bytes_per_layer_token if activation_bytes_per_layer_token is not None
-                 else activation_bytes_per_token_per_layer(shape, cb)) * tokens
-    layer_input = shape.hidden_size * cb * tokens
+    per_layer = activation_bytes_per_token_per_layer(shape, cb, rb) * tokens
+    layer_inputs = 2 * shape.hidden_size * rb * tokens
     layers = shape.num_layers
-    if activation_checkpointing == "on":
-        activations = layers * layer_input + per_layer
-    elif activation_checkpointing == "selective":
-        recomputed = layers // 2
-        activations = recomputed * layer_input + (layers - recomputed) * per_layer + per_layer
-    else:
-        activations = layers * per_layer
-    # final norm and the hidden states given to the loss
-    activations += 2 * shape.hidden_size * cb * tokens
+    recomputed = {"on": layers, "selective": (layers + 1) // 2, "off": 0}[activation_checkpointing]
+    activations = recomputed * layer_inputs + (layers - recomputed) * per_layer + (per_layer if recomputed else 0)
+    # the final norm (as in a layer) and the hidden states handed to the loss
+    activations += (4 * shape.hidden_size + 2 * rb * shape.hidden_size + 4) * tokens
+    h, v = shape.hidden_size, shape.vocab_size
+    head = v * h
     gathered = 0
     if strategy == "fsdp":
-        root = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
-        layer = shape.layer_matmul_params + 2 * shape.hidden_size
-        alive_layers = 1 if reshard_after_forward else layers
-        gathered = (root + alive_layers * layer) * cb
-    elif precision == "bf16":
-        gathered = 0  # autocast's bf16 weight copies live only inside each op's forward
+        # bf16 (or fp32) unsharded copies: the root's (embedding, head, final norm) stay gathered through
+        # the step; each layer's are freed after its forward unless reshard_after_forward is off.
+        root = head * (1 if shape.tie_word_embeddings else 2) + h
+        layer = shape.layer_matmul_params + 2 * h
+        gathered = (root + (1 if reshard_after_forward else layers) * layer) * cb
+    elif bf16:
+        gathered = shape.num_params * cb  # autocast caches the bf16 casts of the weights for the step
     chunk = min(loss_chunk_size, tokens)
-    loss = chunk * shape.vocab_size * (4 + cb) + shape.vocab_size * shape.hidden_size * 4 + tokens * shape.hidden_size * cb
+    # the head's fp32 gradient accumulator and its compute-dtype result, one chunk's fp32 logits and their
+    # compute-dtype softmax, and the gradient of the hidden states
+    loss = head * (4 + cb) + chunk * v * (4 + cb) + tokens * h * rb
     return MemoryEstimate(params=4 * n // shard, grads=4 * n // shard, optimizer=8 * n // shard,
                           gathered_params=gathered, activations=activations, loss=loss)
 
