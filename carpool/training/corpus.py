@@ -78,6 +78,7 @@ class Manifest:
                 "sources": [asdict(s) for s in self.sources], "files": [asdict(f) for f in self.files]}
 
     def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.to_json(), f, indent=1)
