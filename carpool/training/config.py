@@ -105,6 +105,8 @@ class TrainConfig:
     max_steps: int = field(default=1000, metadata=_help("optimizer steps (the schedule's length)"))
     stop_after_steps: int | None = field(default=None, metadata=_help(
         "end this invocation after N steps without changing the schedule (to split a run)"))
+    max_minutes: float | None = field(default=None, metadata=_help(
+        "wall-clock limit: stop, evaluate and export after this many minutes even before max_steps"))
     precision: Precision = field(default="bf16", metadata=_help(
         "bf16: bf16 compute, fp32 master weights and optimizer states; fp32: all fp32"))
     activation_checkpointing: ActivationCheckpointing = field(default="off", metadata=_help(
@@ -298,6 +300,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"optim.betas[{i}]: must be in [0, 1), got {b}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise ValueError(f"max_minutes: must be > 0, got {cfg.max_minutes}")
     if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
         raise ValueError(f"stop_after_steps: must be >= 1, got {cfg.stop_after_steps}")
     if m.init_from is None:

@@ -161,6 +161,8 @@ class Trainer:
         self.hf_config = dict(self.pre.hf_config)
         self.shape = ModelShape.from_hf_config(self.hf_config)
         torch.manual_seed(cfg.seed)
+        if self.device.type == "cuda" and cfg.precision == "bf16":
+            torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left (none in the layers)
         lm = build_language_model(self.hf_config, cfg, self.device)
         self.module = CausalLMLoss(lm, cfg.loss_chunk_size)
         self.num_params = sum(p.numel() for p in self.module.parameters())
@@ -202,10 +204,10 @@ class Trainer:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         batches = [self.loader.next_batch() for _ in range(cfg.grad_accum_steps)]
-        counts = torch.tensor([float(sum(b.num_label_tokens for b in batches))], device=self.device,
-                              dtype=torch.float64)
-        num_labels = float(_all_reduce_sum(counts).item())
-        scale = self.dist.world_size / max(num_labels, 1.0)
+        # The loss scale stays on the device: no host sync before the forward.
+        num_labels = _all_reduce_sum(torch.full((), float(sum(b.num_label_tokens for b in batches)),
+                                                dtype=torch.float64, device=self.device)).clamp(min=1.0)
+        scale = (self.dist.world_size / num_labels).float()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         ddp = self.cfg.parallel.strategy == "ddp"
         for i, b in enumerate(batches):
@@ -217,7 +219,7 @@ class Trainer:
                                                    b.labels.to(self.device, non_blocking=True))
                 (loss_sum * scale).backward()
             total += loss_sum.detach().double()
-        loss = float(_all_reduce_sum(total).item()) / max(num_labels, 1.0)
+        loss = float(_all_reduce_sum(total) / num_labels)
         tokens = cfg.seq_len * cfg.micro_batch_size * cfg.grad_accum_steps * self.dist.world_size
         return loss, tokens
 
@@ -333,9 +335,16 @@ class Trainer:
             metrics.write({"event": "start", "step": self.step, "resumed_from": self.resumed_from,
                            "num_params": self.num_params, "world_size": self.dist.world_size,
                            "memory_estimate": self.memory_estimate()})
+        deadline = None if cfg.max_minutes is None else started + 60 * cfg.max_minutes
+        out_of_time = False
         try:
-            while self.step < stop_at:
+            while self.step < stop_at and not out_of_time:
                 stats = self.train_step()
+                if deadline is not None:  # every rank must stop at the same step: rank 0 decides
+                    flag = torch.tensor([float(time.perf_counter() > deadline)], device=self.device)
+                    if dist.is_available() and dist.is_initialized():
+                        dist.broadcast(flag, src=0)
+                    out_of_time = bool(flag.item())
                 losses.append(stats.loss)
                 if len(losses) > 1:  # the first step of an invocation (compile, allocator warm-up) is not timed
                     timed_tokens += stats.tokens
@@ -369,7 +378,7 @@ class Trainer:
                 profiler.stop()
         if last_saved != self.step:
             self.save()
-        finished = self.step >= cfg.max_steps
+        finished = self.step >= cfg.max_steps or out_of_time
         if finished and self.heldout is not None:
             heldout_loss = self.evaluate()
             if main:
@@ -380,7 +389,7 @@ class Trainer:
             export_dir = self.export(os.path.join(out, "export"))
         tokens_per_step = cfg.seq_len * cfg.micro_batch_size * cfg.grad_accum_steps * self.dist.world_size
         summary = {
-            "steps": self.step, "finished": finished, "losses": losses,
+            "steps": self.step, "finished": finished, "stopped_by_time_limit": out_of_time, "losses": losses,
             "final_train_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "heldout_loss": heldout_loss,
             "heldout_ppl": math.exp(heldout_loss) if heldout_loss is not None else None,
