@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata
 import json
@@ -78,17 +79,18 @@ class Manifest:
                 "sources": [asdict(s) for s in self.sources], "files": [asdict(f) for f in self.files]}
 
     def save(self, path: str) -> None:
+        """JSON; gzip-compressed when the name ends in .gz (a copy shipped beside a model card)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
+        with (gzip.open(tmp, "wt") if path.endswith(".gz") else open(tmp, "w")) as f:
+            json.dump(self.to_json(), f, indent=None if path.endswith(".gz") else 1)
         os.replace(tmp, path)
 
     @staticmethod
     def load(path: str) -> "Manifest":
         if not os.path.isfile(path):
             raise ValueError(f"manifest: no such file {path!r}")
-        with open(path) as f:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
             d = json.load(f)
         if d.get("version") != MANIFEST_VERSION:
             raise ValueError(f"manifest: {path} has version {d.get('version')!r}, expected {MANIFEST_VERSION}")

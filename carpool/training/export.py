@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+# A safetensors header entry (name, dtype, shape, offsets) is well under this many bytes.
+_HEADER_BYTES_PER_TENSOR = 256
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -47,11 +49,12 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], hf_config: dict[str, Any]) 
 
 
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy split in name order; a single tensor larger than the limit gets a shard of its own."""
+    """Greedy split in name order, so that each file (tensors plus its JSON header) stays within the
+    limit; a single tensor larger than the limit gets a shard of its own."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
-        n = state[name].numel() * state[name].element_size()
+        n = state[name].numel() * state[name].element_size() + _HEADER_BYTES_PER_TENSOR
         if shards[-1] and size + n > max_shard_bytes:
             shards.append({})
             size = 0
@@ -72,6 +75,7 @@ def save_safetensors(state: dict[str, torch.Tensor], out_dir: str, max_shard_byt
     for name, shard in zip(names, shards):
         save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(out_dir, name),
                   metadata={"format": "pt"})
+        os.chmod(os.path.join(out_dir, name), 0o644)  # safetensors creates it owner-only
         weight_map.update({k: name for k in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())

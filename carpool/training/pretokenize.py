@@ -54,7 +54,7 @@ def tokenizer_sha256(tokenizer_dir: str) -> str:
 
 
 def pretokenize(texts: Iterable[str], tokenizer_dir: str, out_prefix: str, split: str = "train",
-                corpus_sha256: str = "", batch_size: int = 64) -> TokenFileMeta:
+                corpus_sha256: str = "", batch_size: int = 256) -> TokenFileMeta:
     """Tokenize every text as one document and write `<out_prefix>.bin/.json`; returns the header.
     The .bin is written under a temporary name and renamed with its header last, so a reader never sees
     a header that describes a half-written file."""
@@ -70,6 +70,8 @@ def pretokenize(texts: Iterable[str], tokenizer_dir: str, out_prefix: str, split
     backend = tok.backend_tokenizer
     num_tokens = num_docs = 0
     tmp = bin_path + ".tmp"
+    bos = np.asarray([tok.bos_token_id], dtype=dtype).tobytes()
+    eos = np.asarray([tok.eos_token_id], dtype=dtype).tobytes()
     with open(tmp, "wb") as f:
         batch: list[str] = []
 
@@ -77,9 +79,9 @@ def pretokenize(texts: Iterable[str], tokenizer_dir: str, out_prefix: str, split
             nonlocal num_tokens, num_docs
             # Special tokens are added by hand so the layout does not depend on the post-processor.
             for enc in backend.encode_batch(batch, add_special_tokens=False):
-                ids = np.asarray([tok.bos_token_id, *enc.ids, tok.eos_token_id], dtype=dtype)
-                f.write(ids.tobytes())
-                num_tokens += len(ids)
+                ids = np.asarray(enc.ids, dtype=dtype)
+                f.write(bos + ids.tobytes() + eos)
+                num_tokens += len(ids) + 2
                 num_docs += 1
             batch.clear()
 
