@@ -99,9 +99,26 @@ def pretokenize(texts: Iterable[str], tokenizer_dir: str, out_prefix: str, split
                          tokenizer_sha256=tokenizer_sha256(tokenizer_dir), corpus_sha256=corpus_sha256,
                          split=split)
     os.replace(tmp, bin_path)
+    _write_meta(meta, meta_path)
+    return meta
+
+
+def _write_meta(meta: TokenFileMeta, meta_path: str) -> None:
     with open(meta_path + ".tmp", "w") as f:
         json.dump({"format": FORMAT, "version": VERSION, **asdict(meta)}, f, indent=1)
     os.replace(meta_path + ".tmp", meta_path)
+
+
+def write_token_file(tokens: np.ndarray, out_prefix: str, vocab_size: int, bos_token_id: int, eos_token_id: int,
+                     pad_token_id: int, split: str = "train") -> TokenFileMeta:
+    """A token file of ids that did not come from a tokenizer run (benchmarks' random tokens, tests)."""
+    bin_path, meta_path = paths_of(out_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(bin_path)), exist_ok=True)
+    np.asarray(tokens, dtype=token_dtype(vocab_size)).tofile(bin_path)
+    meta = TokenFileMeta(dtype=token_dtype(vocab_size).name, num_tokens=len(tokens), num_documents=1,
+                         vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, tokenizer_sha256="", corpus_sha256="", split=split)
+    _write_meta(meta, meta_path)
     return meta
 
 
