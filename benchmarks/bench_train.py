@@ -85,6 +85,19 @@ def _timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, 
     return (time.perf_counter() - t) / steps, losses
 
 
+def _profile(step, device: torch.device, path: str, steps: int = 2) -> None:  # noqa: ANN001
+    """A chrome trace of `steps` more steps (open in chrome://tracing or ui.perfetto.dev)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    prof.export_chrome_trace(path)
+
+
 def _memory(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
@@ -115,6 +128,8 @@ def run_carpool(shape: dict[str, Any], args: argparse.Namespace, device: torch.d
         estimate = trainer.memory_estimate()
         peak = _memory(device)
         num_params = trainer.num_params
+        if args.profile:
+            _profile(lambda: trainer.train_step(), device, os.path.join(args.profile, "carpool_trace.json"))
     finally:
         trainer.close()
         del trainer
@@ -227,6 +242,8 @@ def run_peer(shape: dict[str, Any], args: argparse.Namespace, device: torch.devi
 
         step_s, losses = _timed(step, device, args.warmup, args.steps)
         peak = _memory(device)
+        if args.profile:
+            _profile(step, device, os.path.join(args.profile, "peer_trace.json"))
         del model, opt
     finally:
         if own_group:
@@ -248,6 +265,8 @@ def main() -> None:
     ap.add_argument("--loss-chunk-size", type=int, default=4096, help="carpool's chunked cross-entropy")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 (fp32 on CPU)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="after timing, write chrome traces of 2 more steps (carpool_trace.json, peer_trace.json)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
