@@ -60,6 +60,9 @@ def heldout_perplexity(model_dir: str, data: str, seq_len: int = 1024, batch_siz
             total += float(module(b.input_ids.to(dev), b.labels.to(dev)))
         count += b.num_label_tokens
     loss = total / max(count, 1)
+    del module
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the serving engine that may follow sizes its KV cache from free memory
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "seq_len": seq_len}
 
 
