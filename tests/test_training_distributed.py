@@ -24,6 +24,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 def _one_step(cfg) -> dict:
     trainer = Trainer(cfg)
     loss, _ = trainer.accumulate_gradients()
+    loss = float(loss)
     grads = trainer.full_gradients()
     trainer.clip_and_step()
     params = trainer.full_state_dict()

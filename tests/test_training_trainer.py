@@ -22,6 +22,7 @@ def paths(tmp_path_factory) -> dict[str, str]:
 def _grads(cfg) -> tuple[float, dict[str, torch.Tensor]]:
     trainer = Trainer(cfg)
     loss, _ = trainer.accumulate_gradients()
+    loss = float(loss)
     grads = trainer.full_gradients()
     trainer.close()
     return loss, grads

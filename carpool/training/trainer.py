@@ -198,9 +198,10 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def accumulate_gradients(self) -> tuple[float, int]:
+    def accumulate_gradients(self) -> tuple[torch.Tensor, int]:
         """Forward and backward over this step's micro-batches; returns (mean token loss of the global
-        batch, tokens of the global batch). Gradients are left in the parameters' .grad."""
+        batch as a device scalar, tokens of the global batch). Gradients are left in the parameters'
+        .grad. Nothing here waits for the device."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         batches = [self.loader.next_batch() for _ in range(cfg.grad_accum_steps)]
@@ -219,12 +220,13 @@ class Trainer:
                                                    b.labels.to(self.device, non_blocking=True))
                 (loss_sum * scale).backward()
             total += loss_sum.detach().double()
-        loss = float(_all_reduce_sum(total) / num_labels)
+        loss = _all_reduce_sum(total) / num_labels
         tokens = cfg.seq_len * cfg.micro_batch_size * cfg.grad_accum_steps * self.dist.world_size
         return loss, tokens
 
-    def clip_and_step(self) -> tuple[float, float]:
-        """Clip the global gradient norm, step AdamW and the schedule; returns (norm before clipping, lr)."""
+    def clip_and_step(self) -> tuple[torch.Tensor, float]:
+        """Clip the global gradient norm, step AdamW and the schedule; returns (norm before clipping as a
+        device scalar, lr of this step)."""
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else math.inf, foreach=True)
         if hasattr(norm, "full_tensor"):
@@ -233,15 +235,15 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return float(norm), lr
+        return norm, lr
 
     def train_step(self) -> StepStats:
         t0 = time.perf_counter()
         loss, tokens = self.accumulate_gradients()
         norm, lr = self.clip_and_step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return StepStats(self.step, loss, lr, norm, tokens, time.perf_counter() - t0)
+        # The one wait of the step, after the optimizer's kernels are queued.
+        loss_value, norm_value = float(loss), float(norm)
+        return StepStats(self.step, loss_value, lr, norm_value, tokens, time.perf_counter() - t0)
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     @torch.no_grad()
