@@ -17,8 +17,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (SHAPES, ModelArithmetic, add_engine_flags, device_name, emit, engine_flags,  # noqa: E402
-                    measure_copy_bandwidth, write_config)
+from common import (  # noqa: E402
+    SHAPES,
+    ModelArithmetic,
+    add_engine_flags,
+    device_name,
+    emit,
+    engine_flags,
+    measure_copy_bandwidth,
+    write_config,
+)
 
 
 def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,

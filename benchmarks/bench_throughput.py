@@ -24,8 +24,17 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (ModelArithmetic, add_engine_flags, device_name, emit, engine_flags, measure_copy_bandwidth,  # noqa: E402
-                    measure_matmul_flops, write_config, write_random_checkpoint)
+from common import (  # noqa: E402
+    ModelArithmetic,
+    add_engine_flags,
+    device_name,
+    emit,
+    engine_flags,
+    measure_copy_bandwidth,
+    measure_matmul_flops,
+    write_config,
+    write_random_checkpoint,
+)
 
 
 def random_workload(num_prompts: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -226,7 +235,8 @@ def main() -> None:
         model = args.model or write_random_checkpoint(os.path.join(args.checkpoint_dir, args.shape), args.shape)
     if args.model is None and not on_gpu:
         raise SystemExit("on CPU pass --model (e.g. the demo model path)")
-    engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs,
+                                         max_num_batched_tokens=args.max_num_batched_tokens,
                                          load_format=args.load_format, **engine_flags(args))
     if args.device:
         engine_kwargs["device"] = args.device

@@ -13,7 +13,6 @@ from carpool.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig,
 from carpool.platform import default_device, kernel_backend_for
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
 
-
 KERNEL_FLAG_HELP: dict[str, str] = {
     "fused_gemv_silu": "batch-1 steps: the gate/up GEMV with SiLU-and-mul in one kernel",
     "fused_qkv_rope": "batch-1 steps: the q/k/v GEMV with RoPE and the KV-cache store in one kernel",

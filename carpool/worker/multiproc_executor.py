@@ -38,8 +38,14 @@ from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from carpool.profiling import ms_stats
 from carpool.worker import tp_codec
 from carpool.worker.executor import Executor
-from carpool.worker.tp_processes import (LIVENESS_POLL_S, SHUTDOWN_TIMEOUT_S, LocalWorkers, TPWorkerError,
-                                         node_layout, wait_quietly)
+from carpool.worker.tp_processes import (
+    LIVENESS_POLL_S,
+    SHUTDOWN_TIMEOUT_S,
+    LocalWorkers,
+    TPWorkerError,
+    node_layout,
+    wait_quietly,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,22 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from carpool.config import (CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig,
-                            parse_dtype)
-from carpool.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput,
-                                       TokenLogprobs)
+from carpool.config import (
+    CacheConfig,
+    EngineConfig,
+    KernelConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+from carpool.core.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
 
