@@ -132,7 +132,6 @@ def run_carpool(shape: dict[str, Any], args: argparse.Namespace, device: torch.d
             _profile(lambda: trainer.train_step(), device, os.path.join(args.profile, "carpool_trace.json"))
     finally:
         trainer.close()
-        del trainer
     return {"step_s": step_s, "losses": losses, "peak_memory_gib": peak, "memory_estimate": estimate,
             "num_params": num_params}
 
@@ -244,7 +243,6 @@ def run_peer(shape: dict[str, Any], args: argparse.Namespace, device: torch.devi
         peak = _memory(device)
         if args.profile:
             _profile(step, device, os.path.join(args.profile, "peer_trace.json"))
-        del model, opt
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -4,7 +4,6 @@ on two processes (FSDP2 over gloo, launched by --nproc-per-node) -> `carpool eva
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -8,8 +8,16 @@ import os
 import numpy as np
 import pytest
 
-from carpool.training.corpus import (PSF_LICENSE, STDLIB, CorpusFile, CorpusSource, Manifest, build_manifest,
-                                     is_heldout, read_document)
+from carpool.training.corpus import (
+    PSF_LICENSE,
+    STDLIB,
+    CorpusFile,
+    CorpusSource,
+    Manifest,
+    build_manifest,
+    is_heldout,
+    read_document,
+)
 from carpool.training.data import IGNORE_INDEX, PackedLoader, eval_batches
 from carpool.training.pretokenize import open_tokens, pretokenize, token_dtype
 

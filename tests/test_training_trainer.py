@@ -131,3 +131,26 @@ def test_bad_input_is_reported_before_any_step(paths, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "model.vocab_size" in err and "Traceback" not in err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_training_from_a_hugging_face_checkpoint_starts_at_its_loss(llama_path, tmp_path):
+    import numpy as np
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from carpool.training.config import TrainConfig
+    from carpool.training.data import PackedLoader
+    from carpool.training.pretokenize import write_token_file
+
+    tokens = np.random.default_rng(0).integers(0, 256, 3000)
+    write_token_file(tokens, str(tmp_path / "bytes"), vocab_size=258, bos_token_id=256, eos_token_id=257,
+                     pad_token_id=0)
+    cfg = TrainConfig.from_dict({"data": {"train": str(tmp_path / "bytes")}, "model": {"init_from": llama_path},
+                                 "seq_len": 32, "micro_batch_size": 2, "precision": "fp32",
+                                 "output_dir": str(tmp_path / "run")})
+    loss, _ = Trainer(cfg).accumulate_gradients()
+    batch = PackedLoader(tokens, 32, 2, seed=cfg.seed).next_batch()
+    hf = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = F.cross_entropy(hf(batch.input_ids).logits.flatten(0, 1), batch.labels.flatten())
+    torch.testing.assert_close(loss.float(), ref, rtol=1e-5, atol=1e-5)

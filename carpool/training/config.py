@@ -360,8 +360,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             default = getattr(default, part)
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
-        group.add_argument(flag_name(dotted), *_ALIASES.get(dotted, ()), dest=dotted, default=argparse.SUPPRESS, metavar=_metavar(tp),
-                           help=f"{f.metadata.get('help', '')} (default: {default})")
+        group.add_argument(flag_name(dotted), *_ALIASES.get(dotted, ()), dest=dotted, default=argparse.SUPPRESS,
+                           metavar=_metavar(tp), help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
 def _metavar(tp: Any) -> str:

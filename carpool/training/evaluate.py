@@ -54,7 +54,7 @@ def heldout_perplexity(model_dir: str, data: str, seq_len: int = 1024, batch_siz
     if seq_len > max_pos:
         raise ValueError(f"seq_len: {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     total, count = 0.0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     for b in eval_batches(tokens, seq_len, batch_size, pad_id=meta.pad_token_id, max_sequences=max_sequences):
         with autocast:
             total += float(module(b.input_ids.to(dev), b.labels.to(dev)))

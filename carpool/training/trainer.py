@@ -32,8 +32,15 @@ from carpool.training.checkpoint import TrainerState, latest_checkpoint, load_ch
 from carpool.training.config import Preflight, TrainConfig, preflight
 from carpool.training.data import PackedLoader, eval_batches
 from carpool.training.loss import chunked_cross_entropy
-from carpool.training.metrics import (MetricsLog, ModelShape, ProgressBar, device_peak_flops, estimate_memory, mfu,
-                                      plot_loss_curve)
+from carpool.training.metrics import (
+    MetricsLog,
+    ModelShape,
+    ProgressBar,
+    device_peak_flops,
+    estimate_memory,
+    mfu,
+    plot_loss_curve,
+)
 from carpool.training.optim import build_optimizer, build_scheduler
 from carpool.training.parallelize import apply_ddp, apply_fsdp, apply_layer_transforms, device_mesh
 from carpool.training.pretokenize import open_tokens
@@ -321,7 +328,9 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         out = cfg.output_dir
         metrics = MetricsLog(os.path.join(out, "metrics.jsonl") if main else None)
-        stop_at = cfg.max_steps if cfg.stop_after_steps is None else min(cfg.max_steps, self.step + cfg.stop_after_steps)
+        stop_at = cfg.max_steps
+        if cfg.stop_after_steps is not None:
+            stop_at = min(cfg.max_steps, self.step + cfg.stop_after_steps)
         peak = cfg.peak_flops
         if peak is None and self.device.type == "cuda":
             peak = device_peak_flops(torch.cuda.get_device_name(self.device))
