@@ -103,7 +103,7 @@ def _load_optional_subcommands() -> None:
     import importlib
 
     for module in ("carpool.entrypoints.openai.api_server", "carpool.entrypoints.chat",
-                   "carpool.entrypoints.bench"):
+                   "carpool.entrypoints.bench", "carpool.entrypoints.train"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
