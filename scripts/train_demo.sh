@@ -62,21 +62,25 @@ START=$(date +%s)
 log() { echo "[train_demo $(( $(date +%s) - START ))s] $*" >&2; }
 
 DATA="$OUT/data"; mkdir -p "$DATA"
-log "corpus"
-# shellcheck disable=SC2086
-"${CARPOOL[@]}" corpus "$DATA/manifest.json" --packages $PACKAGES --skip-missing ${CORPUS_FLAGS[@]+"${CORPUS_FLAGS[@]}"} \
-    > "$DATA/corpus.json"
-if [[ -n $TOKENIZER ]]; then
-    log "tokenizer: $TOKENIZER"
-    [[ $TOKENIZER == "$OUT/tokenizer" ]] || { rm -rf "$OUT/tokenizer"; cp -r "$TOKENIZER" "$OUT/tokenizer"; }
+if [[ -n $TOKENIZER && $TOKENIZER == "$OUT/tokenizer" && -f "$DATA/tokens.json" ]]; then
+    log "corpus, tokenizer and token files: reusing those in $OUT"  # (the other model's run, same OUT)
 else
-    log "tokenizer (vocab $VOCAB)"
-    "${CARPOOL[@]}" train-tokenizer --manifest "$DATA/manifest.json" --vocab-size "$VOCAB" \
-        --max-bytes "$TOKENIZER_BYTES" --out "$OUT/tokenizer" > /dev/null
+    log "corpus"
+    # shellcheck disable=SC2086
+    "${CARPOOL[@]}" corpus "$DATA/manifest.json" --packages $PACKAGES --skip-missing \
+        ${CORPUS_FLAGS[@]+"${CORPUS_FLAGS[@]}"} > "$DATA/corpus.json"
+    if [[ -n $TOKENIZER ]]; then
+        log "tokenizer: $TOKENIZER"
+        [[ $TOKENIZER == "$OUT/tokenizer" ]] || { rm -rf "$OUT/tokenizer"; cp -r "$TOKENIZER" "$OUT/tokenizer"; }
+    else
+        log "tokenizer (vocab $VOCAB)"
+        "${CARPOOL[@]}" train-tokenizer --manifest "$DATA/manifest.json" --vocab-size "$VOCAB" \
+            --max-bytes "$TOKENIZER_BYTES" --out "$OUT/tokenizer" > /dev/null
+    fi
+    log "token files"
+    "${CARPOOL[@]}" pretokenize --manifest "$DATA/manifest.json" --tokenizer "$OUT/tokenizer" --out "$DATA" \
+        > "$DATA/tokens.json"
 fi
-log "token files"
-"${CARPOOL[@]}" pretokenize --manifest "$DATA/manifest.json" --tokenizer "$OUT/tokenizer" --out "$DATA" \
-    > "$DATA/tokens.json"
 TRAIN_TOKENS=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['train']['tokens'])" "$DATA/tokens.json")
 
 train() {  # NAME TOML FLAGS...
