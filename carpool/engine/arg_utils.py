@@ -19,6 +19,7 @@ from carpool.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
+from carpool.models.registry import SUPPORTED_ARCHITECTURES
 from carpool.platform import default_device, kernel_backend_for
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
 
@@ -158,7 +159,8 @@ class EngineArgs:
         g = parser.add_argument_group("engine")
         if model_flag:
             g.add_argument("--model", default=None,
-                           help="checkpoint directory or Hugging Face repo id (default: the built-in demo model)")
+                           help="checkpoint directory or Hugging Face repo id (default: the built-in demo model); "
+                                f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
         g.add_argument("--tokenizer", default=None, help="tokenizer directory or repo id (default: the model's)")
         g.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "float16", "bfloat16", "half", "float"],

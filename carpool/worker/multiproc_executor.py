@@ -63,6 +63,11 @@ def check_tensor_parallel(model: ModelConfig, tp_size: int) -> None:
     if model.intermediate_size % tp_size:
         raise ValueError(f"tensor_parallel_size: the model's intermediate_size={model.intermediate_size} "
                          f"does not divide by tensor_parallel_size={tp_size}")
+    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):  # experts split like dense MLPs
+        size = getattr(model.moe, name, 0)
+        if size % tp_size:
+            raise ValueError(f"tensor_parallel_size: the model's {name}={size} does not divide by "
+                             f"tensor_parallel_size={tp_size}")
 
 
 @dataclass
