@@ -200,25 +200,34 @@ def mechanics(model: str, engine_kwargs: dict[str, Any], args: argparse.Namespac
 
 
 # ---- part 3: real weights, input-grounded workload ----------------------------------------------------
-def grounded_prompts(tokenizer: Any, n: int, chars: int, seed: int = 0) -> list[list[int]]:
+def grounded_prompts(tokenizer: Any, n: int, chars: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
     """Prompts asking to repeat a source file of this repository with one identifier renamed: the answer
-    is mostly text already in the context, where n-gram lookup and a draft model both do well."""
+    is mostly text already in the context, where n-gram lookup and a draft model both do well. A prompt
+    longer than max_tokens is built again from a shorter part of its file."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "carpool")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".py"))
     rng = random.Random(seed)
     prompts = []
     for i in range(n):
         with open(files[rng.randrange(len(files))]) as f:
-            src = f.read()[:chars]
-        names = sorted({w for w in src.replace("(", " ").replace(".", " ").split() if w.isidentifier()
-                        and len(w) > 5})
-        old = names[rng.randrange(len(names))] if names else "self"
-        text = (f"Here is a Python file:\n```python\n{src}\n```\nRepeat the whole file exactly, except rename "
-                f"`{old}` to `{old}_{i}`.\n```python\n")
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True) + "```python\n"
-        prompts.append(tokenizer(text)["input_ids"])
+            whole = f.read()
+        pick = rng.random()
+        size = chars
+        while True:
+            src = whole[:size]
+            names = sorted({w for w in src.replace("(", " ").replace(".", " ").split() if w.isidentifier()
+                            and len(w) > 5})
+            old = names[int(pick * len(names))] if names else "self"
+            text = (f"Here is a Python file:\n```python\n{src}\n```\nRepeat the whole file exactly, except "
+                    f"rename `{old}` to `{old}_{i}`.\n```python\n")
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True) + "```python\n"
+            ids = tokenizer(text)["input_ids"]
+            if len(ids) <= max_tokens or size < 64:
+                break
+            size //= 2
+        prompts.append(ids[-max_tokens:])
     return prompts
 
 
@@ -227,8 +236,11 @@ def real_models(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict
 
     tokenizer = load_tokenizer(args.model)
     assert tokenizer is not None, "--model needs a tokenizer for the input-grounded workload"
-    one = grounded_prompts(tokenizer, 4, args.source_chars)
-    many = grounded_prompts(tokenizer, args.throughput_batch, args.source_chars, seed=1)
+    from carpool.config import ModelConfig
+
+    limit = ModelConfig.from_pretrained(args.model).max_model_len - args.new_tokens - 8
+    one = grounded_prompts(tokenizer, 4, args.source_chars, limit)
+    many = grounded_prompts(tokenizer, args.throughput_batch, args.source_chars, limit, seed=1)
     kwargs = dict(engine_kwargs, max_model_len=max(len(p) for p in one + many) + args.new_tokens + 8)
     kwargs.pop("load_format", None)
     methods: dict[str, dict[str, Any] | None] = {
