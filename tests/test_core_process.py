@@ -86,7 +86,7 @@ def test_a_frontend_that_falls_behind_merges_steps_and_keeps_the_text(demo_llm):
             async for out in engine.generate(prompt, delta(n, ignore_eos=True), "slow"):
                 outs.append(out)
                 if len(outs) == 1:
-                    time.sleep(0.5)  # blocks the event loop: nothing is read while the core steps on
+                    time.sleep(1.5)  # blocks the event loop: nothing is read while the core steps on
         finally:
             await engine.shutdown()
         return outs
