@@ -21,10 +21,12 @@ def round_to_e4m3(x):
     """float32 x, |x| <= 448, rounded to the nearest e4m3 value (ties to even), still float32. Adding then
     subtracting c = 1.5 * 2^23 * ulp rounds x to a multiple of the ulp, because float32 additions round
     to nearest even; e4m3's ulp is 2^(exponent - 3), and 2^-9 below its normal range (2^-6)."""
-    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    a = tl.abs(x)
+    exponent = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     ulp_exponent = tl.maximum(exponent, -6) - 3
     c = ((ulp_exponent + 23 + 127) << 23).to(tl.float32, bitcast=True) * 1.5
-    return (x + c) - c
+    r = (a + c) - c
+    return tl.where(x < 0, -r, r)  # the sign of x, zero included (-0.0 as the hardware gives it)
 
 
 @triton.jit
