@@ -27,7 +27,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from carpool.custom_all_reduce import MULTICAST_OFF, disable_multicast  # noqa: E402
+from carpool.distributed.symmetric import MULTICAST_OFF, disable_multicast  # noqa: E402
 
 SIZES_BYTES = [8 << 10, 32 << 10, 128 << 10, 512 << 10, 2 << 20, 4 << 20, 8 << 20, 16 << 20]
 CHAIN = 64
@@ -61,7 +61,8 @@ def rank_main(args: argparse.Namespace) -> None:
 
     from common import emit  # the script's own folder is on sys.path
 
-    from carpool.custom_all_reduce import CustomAllReduce
+    from carpool.config import KernelConfig
+    from carpool.distributed.startup import establish_custom_all_reduce
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", rank)
@@ -72,8 +73,8 @@ def rank_main(args: argparse.Namespace) -> None:
                               "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
     customs = {}
     for dtype in (torch.bfloat16, torch.float32):
-        customs[dtype] = CustomAllReduce.create(device, dtype, rank, rank, world, world, cpu_group,
-                                                max_bytes=args.max_bytes)
+        customs[dtype] = establish_custom_all_reduce(device, dtype, rank, rank, world, world, cpu_group,
+                                                     KernelConfig(), max_bytes=args.max_bytes)
     result["custom_available"] = {str(d): c is not None for d, c in customs.items()}
     if args.check:
         result["checks"] = run_checks(customs, rank, world, device)

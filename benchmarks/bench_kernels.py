@@ -35,6 +35,7 @@ import triton
 
 from common import emit, measure_copy_bandwidth
 
+from carpool.utils import cdiv
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops import torch_ref
 from carpool.ops import triton as tri
@@ -88,7 +89,7 @@ def time_in_graph(calls: list[Callable[[], object]], trials: int = 3, min_ms: fl
 
 
 def num_sets(bytes_per_call: int) -> int:
-    return max(1, min(MAX_SETS, -(-ROTATE_BYTES // max(bytes_per_call, 1))))
+    return max(1, min(MAX_SETS, cdiv(ROTATE_BYTES, max(bytes_per_call, 1))))
 
 
 # ---- decode attention --------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def decode_inputs(batch: int, context: int | list[int], sets: int, gen: torch.Ge
     """One cache holding `sets` disjoint copies of the batch's pages, each set with its own table.
     `context`: one length for every request, or one per request."""
     lens = context if isinstance(context, list) else [context] * batch
-    blocks_per_req = -(-max(lens) // PAGE)
+    blocks_per_req = cdiv(max(lens), PAGE)
     total = batch * blocks_per_req * sets
     k_cache = torch.empty(total, PAGE, HKV, HEAD_DIM, dtype=DTYPE, device=DEVICE).normal_()
     v_cache = torch.empty_like(k_cache).normal_()
@@ -242,7 +243,7 @@ def bench_decode(bandwidth: float, batches: list[int], contexts: list[int], quic
 def bench_prefill(reqs: list[tuple[int, int]]) -> dict:
     """reqs: (seq_len, q_len). TFLOP/s of the Triton kernel; SDPA (flash) alongside when no prefix."""
     gen = torch.Generator().manual_seed(1)
-    blocks = [-(-s // PAGE) for s, _ in reqs]
+    blocks = [cdiv(s, PAGE) for s, _ in reqs]
     perm = torch.randperm(sum(blocks), generator=gen).tolist()
     table = torch.zeros(len(reqs), max(blocks), dtype=torch.int32)
     slots, qsl = [], [0]
@@ -295,7 +296,7 @@ def bench_elementwise(tokens: int) -> list[dict]:
                   device=DEVICE),), "silu_and_mul", tokens * 3072 * 2 * 3))
     angles = torch.rand(40960, HEAD_DIM // 2, device=DEVICE) * 6.3  # a real rotation: applied in place
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)  # many times, values must stay bounded
-    pages = -(-tokens // PAGE)
+    pages = cdiv(tokens, PAGE)
 
     def rope_args() -> tuple:
         q, k, v = (torch.randn(tokens, h, HEAD_DIM, dtype=DTYPE, device=DEVICE) for h in (HQ, HKV, HKV))

@@ -17,7 +17,6 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablations import apply_ablations, export_to_workers, parse_gemv_override  # noqa: E402
 from common import (SHAPES, ModelArithmetic, add_engine_flags, device_name, emit, engine_flags,  # noqa: E402
                     measure_copy_bandwidth, write_config)
 
@@ -41,8 +40,8 @@ def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
             per_token.append((m.finished_time - m.first_token_time) / (new_tokens - 1))
             ttft.append(m.time_to_first_token)
     result: dict[str, Any] = {}
-    if hasattr(llm.engine.executor, "describe"):  # TP: which all-reduce paths the ranks agreed on
-        result["tp_paths"] = llm.engine.executor.describe()
+    if hasattr(llm.engine.core.executor, "describe"):  # TP: which all-reduce paths the ranks agreed on
+        result["tp_paths"] = llm.engine.core.executor.describe()
     result |= {"ms_per_token": 1e3 * statistics.median(per_token), "ttft_ms": 1e3 * statistics.median(ttft),
                "repeats": repeats, "ms_per_token_each": [round(1e3 * t, 4) for t in per_token],
                "jit_compiles_in_run": compiles.summary()}
@@ -100,15 +99,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     add_engine_flags(ap)
-    ap.add_argument("--gemv-block-k", type=int, default=None,
-                    help="ablation: GEMV columns per step for rows of at most 8192")
-    ap.add_argument("--gemv-block-n", type=int, default=None, help="ablation: GEMV rows per program")
-    ap.add_argument("--decode-splits", type=int, default=None,
-                    help="ablation: decode split count of the smallest batches (the split table's first row)")
-    ap.add_argument("--gemv-block-k-long", type=int, default=None,
-                    help="ablation: GEMV columns per step for longer rows (the down projection)")
-    ap.add_argument("--gemv-override", action="append", type=parse_gemv_override, default=[],
-                    metavar="K=BN,BK,WARPS,STAGES", help="ablation: the whole GEMV config for rows of length K")
     ap.add_argument("--breakdown", action="store_true",
                     help="add per-step host/device timings (always on with -tp > 1); see profile_util.stop_timings")
     ap.add_argument("--hf", action="store_true")
@@ -116,11 +106,6 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    ablations = (args.gemv_block_k, args.gemv_block_k_long, args.gemv_block_n, args.decode_splits,
-                 args.gemv_override)
-    apply_ablations(*ablations)
-    if args.tensor_parallel_size > 1 and any(ablations):
-        export_to_workers(*ablations)
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None
@@ -134,18 +119,7 @@ def main() -> None:
                               "model": args.model or f"{args.shape} (random bf16 weights)",
                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "tensor_parallel_size": args.tensor_parallel_size,
-                              "disable_custom_all_reduce": args.disable_custom_all_reduce,
-                              "disable_pdl": args.disable_pdl,
-                              "fused_all_reduce_norm": not args.no_fused_all_reduce_norm,
-                              "fused_gemv_silu": not args.no_fused_gemv_silu,
-                              "fused_qkv_rope": not args.no_fused_qkv_rope,
-                              "push_all_reduce": not args.no_push_all_reduce,
-                              "push_logits": not args.no_push_logits,
-                              "gather_argmax": not args.no_gather_argmax,
-                              "kernel_host_io": not args.no_kernel_host_io,
-                              "gemv_block_k": args.gemv_block_k, "gemv_block_k_long": args.gemv_block_k_long,
-                              "gemv_block_n": args.gemv_block_n, "decode_splits": args.decode_splits,
-                              "gemv_overrides": args.gemv_override,
+                              "engine_args": engine_kwargs,
                               "copy_bandwidth_bytes_per_s": bandwidth}
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
                                     args.breakdown or args.tensor_parallel_size > 1)

@@ -131,14 +131,14 @@ def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], tempe
 
         for prompt, p in zip(prompts, params):
             engine.add_request(None, {"prompt_token_ids": prompt}, p)
-        while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                                  for r in engine.scheduler.running):
+        while engine.core.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                                                  for r in engine.core.scheduler.running):
             engine.step()
         for _ in range(20):
             engine.step()
-        result["profile_batch"] = engine.scheduler.num_running
+        result["profile_batch"] = engine.core.scheduler.num_running
         result["profile"] = profile_steps(engine, 30)
-        for r in list(engine.scheduler.requests):
+        for r in list(engine.core.scheduler.requests):
             engine.abort(r)
         while engine.has_unfinished_requests():
             engine.step()
@@ -197,15 +197,6 @@ def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperatur
             "attn_implementation": "paged|sdpa", "finished_requests": done, "partial": partial}
 
 
-def unbalanced_decode() -> None:
-    """Patch this process's decode planning back to what it was before the work balance: the old split
-    table (1 split above 256 units), requests in batch order, splits of one tile; for side-by-side runs."""
-    from carpool.ops.triton import attention
-
-    attention.DECODE_SPLIT_TABLE = attention.DECODE_SPLIT_TABLE[:-1]  # without the balance's 2-split row
-    attention.ORDER_MAX_SPLITS = 0  # every plan takes the many-splits branch: batch order, one-tile splits
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["random", "shared-prefix"], default="random")
@@ -223,13 +214,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--hf", action="store_true", help="also run HF transformers on the same workload")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler summary of 30 decode steps")
-    ap.add_argument("--no-decode-balance", action="store_true",
-                    help="ablation (TP=1): decode attention without the per-step work balance (the split "
-                         "table alone, requests in batch order, one-tile splits)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.no_decode_balance:
-        unbalanced_decode()
 
     import torch
 
@@ -246,9 +232,7 @@ def main() -> None:
         engine_kwargs["device"] = args.device
     result: dict[str, Any] = {"benchmark": f"throughput/{args.workload}", "device": device_name(),
                               "model": args.model or f"{args.shape} (random bf16 weights)",
-                              "num_prompts": args.num_prompts, "engine_args": engine_kwargs,
-                              "decode_balance": not args.no_decode_balance,
-                              "fused_all_reduce_norm": not args.no_fused_all_reduce_norm}
+                              "num_prompts": args.num_prompts, "engine_args": engine_kwargs}
     if on_gpu:
         # With TP the limit is every GPU's bandwidth and FLOP rate together (each measured like GPU 0).
         tp = args.tensor_parallel_size

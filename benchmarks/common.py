@@ -4,7 +4,6 @@ in the same run (copy bandwidth, bf16 matmul rate), and the roofline arithmetic.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -165,45 +164,22 @@ class Timer:
 
 
 def add_engine_flags(ap: argparse.ArgumentParser) -> None:
-    """The engine settings the latency and throughput benchmarks both expose (vLLM's flag names)."""
+    """The engine settings the latency and throughput benchmarks both expose (vLLM's flag names), and
+    every GPU fast path as the engine's own --X / --no-X flag (KernelConfig): an ablation is a field."""
+    from carpool.engine.arg_utils import KERNEL_FLAG_HELP
+
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--disable-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
-    ap.add_argument("--no-fused-all-reduce-norm", action="store_true",
-                    help="TP ablation: the all-reduce before each residual add + RMSNorm as its own kernel")
-    ap.add_argument("--no-push-all-reduce", action="store_true",
-                    help="TP ablation: batch-1 steps reduce through the fused exchange, not the GEMV's push")
-    ap.add_argument("--no-push-logits", action="store_true",
-                    help="TP ablation: batch-1 steps all-gather their logits over NCCL, not by the LM head's push")
-    ap.add_argument("--no-fused-gemv-silu", action="store_true",
-                    help="ablation: batch-1 steps run the gate/up GEMV and SiLU-and-mul as two kernels")
-    ap.add_argument("--no-gather-argmax", action="store_true",
-                    help="TP ablation: greedy batch-1 steps sample from the gathered logits, not the gather's argmax")
-    ap.add_argument("--no-fused-qkv-rope", action="store_true",
-                    help="ablation: batch-1 steps run the q/k/v GEMV and RoPE + KV store as two kernels")
-    ap.add_argument("--no-kernel-host-io", action="store_true",
-                    help="ablation: graph replays upload inputs and steps copy tokens with the copy engine")
-
-
-# add_engine_flags' "--no-..." switches -> (module, name of the environment variable it sets to "0")
-ABLATION_SWITCHES: dict[str, tuple[str, str]] = {
-    "no_fused_all_reduce_norm": ("carpool.custom_all_reduce", "FUSED_NORM_ENV"),
-    "no_push_all_reduce": ("carpool.custom_all_reduce", "PUSH_ENV"),
-    "no_push_logits": ("carpool.custom_all_reduce", "PUSH_LOGITS_ENV"),
-    "no_fused_gemv_silu": ("carpool.worker.model_runner", "FUSED_GEMV_SILU_ENV"),
-    "no_gather_argmax": ("carpool.custom_all_reduce", "GATHER_ARGMAX_ENV"),
-    "no_fused_qkv_rope": ("carpool.worker.model_runner", "FUSED_QKV_ROPE_ENV"),
-    "no_kernel_host_io": ("carpool.worker.model_runner", "KERNEL_HOST_IO_ENV"),
-}
+    for name, help_text in KERNEL_FLAG_HELP.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=True,
+                        help=help_text)
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """add_engine_flags' values as LLM keyword arguments (and the fusion switches, which the engine and
-    the TP workers read from the environment they inherit)."""
-    for flag, (module, env) in ABLATION_SWITCHES.items():
-        if getattr(args, flag):
-            os.environ[getattr(importlib.import_module(module), env)] = "0"
-    return dict(enforce_eager=args.enforce_eager, disable_pdl=args.disable_pdl,
-                tensor_parallel_size=args.tensor_parallel_size,
-                disable_custom_all_reduce=args.disable_custom_all_reduce)
+    """add_engine_flags' values as LLM keyword arguments."""
+    from carpool.engine.arg_utils import KERNEL_FLAG_HELP
+
+    return dict(enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                disable_custom_all_reduce=args.disable_custom_all_reduce,
+                **{name: getattr(args, name) for name in KERNEL_FLAG_HELP})

@@ -39,7 +39,7 @@ def category(name: str) -> str:
 def profile_steps(engine: Any, num_steps: int, top: int = 15, cpu: bool = True) -> dict[str, Any]:
     """Profile up to num_steps engine steps (all of them with num_steps <= 0: the whole workload);
     cpu=False records device activity only, which keeps the profiler's overhead low on long windows."""
-    executor = engine.executor
+    executor = engine.core.executor
     if hasattr(executor, "profile"):  # tensor parallel: rank 0 profiles itself
         executor.profile("start")
         steps = _run_steps(engine, num_steps)
@@ -110,10 +110,10 @@ def critical_path(timeline: list[list[Any]], per_step: int) -> dict[str, Any]:
 
 
 def _with_pdl_flag(engine: Any, summary: dict[str, Any]) -> dict[str, Any]:
-    """Under PDL (on unless --disable-pdl, on Hopper) a kernel starts before the previous one ends and its
+    """Under PDL (on unless --no-pdl, on Hopper) a kernel starts before the previous one ends and its
     time includes that wait: kernel times overlap, and their sum exceeds the step's device time."""
     config = engine.config
-    summary["pdl"] = config.kernel_backend == "triton" and not config.disable_pdl
+    summary["pdl"] = config.kernel_backend == "triton" and config.kernels.pdl
     return summary
 
 
@@ -193,7 +193,7 @@ class JitCompiles:
 
 def start_timings(engine: Any) -> None:
     """Collect per-step timings from now on (rank 0's under tensor parallelism)."""
-    executor = engine.executor
+    executor = engine.core.executor
     if hasattr(executor, "timings"):
         executor.timings(enable=True)
     else:
@@ -210,7 +210,7 @@ def stop_timings(engine: Any, wall_s: float, num_steps: int) -> dict[str, Any]:
     - (TP) rank0.recv_wait_ms: rank 0 idle waiting for the engine's next command; decode_ms / reply_ms:
       JSON in and out; engine.send_ms / reply_wait_ms: the engine writing a step / waiting for a reply.
     """
-    executor = engine.executor
+    executor = engine.core.executor
     out: dict[str, Any] = {"wall_ms_per_step": 1e3 * wall_s / max(num_steps, 1), "engine_steps": num_steps}
     if hasattr(executor, "timings"):
         out.update(executor.timings(enable=False))

@@ -35,7 +35,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 class ModelConfig:
     """What the executor needs to know about a checkpoint, read from its config.json.
 
-    Field names follow Hugging Face's config so a reader can map them one to one.
+    Field names follow Hugging Face's config so a reader can map them one to one. Whatever differs
+    between model families is decided by the family's adapter (models/registry.py), never by checking
+    the architecture name here.
     """
 
     path: str
@@ -54,7 +56,8 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool  # biases on the q, k and v projections
+    o_proj_bias: bool  # a bias on the attention output projection
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     hf_config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
@@ -64,9 +67,24 @@ class ModelConfig:
                         device: str = "cpu") -> "ModelConfig":
         with open(os.path.join(path, "config.json")) as f:
             cfg: dict[str, Any] = json.load(f)
-        from carpool.models.registry import resolve_architecture
+        eos_extra: list[int] = []
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                gen_eos = json.load(f).get("eos_token_id")
+            if gen_eos is not None:
+                eos_extra = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        return ModelConfig.from_hf_config(cfg, path, dtype, max_model_len, device, eos_extra)
+
+    @staticmethod
+    def from_hf_config(cfg: dict[str, Any], path: str = "", dtype: str = "auto", max_model_len: int | None = None,
+                       device: str = "cpu", extra_eos_token_ids: list[int] | None = None) -> "ModelConfig":
+        """A ModelConfig from a Hugging Face config dict (config.json's contents); the family adapter of
+        its architecture decides the family-specific fields."""
+        from carpool.models.registry import get_family, resolve_architecture
 
         architecture = resolve_architecture(cfg.get("architectures") or [])
+        family = get_family(architecture)
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         head_dim = cfg.get("head_dim") or hidden // num_heads
@@ -87,9 +105,7 @@ class ModelConfig:
         if cfg.get("mlp_bias"):
             raise ValueError("model: checkpoints with mlp_bias=true are not supported")
         # Attention here is full (no sliding window): cap the length where a window would start to bite.
-        window = cfg.get("sliding_window")
-        if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not cfg.get("use_sliding_window"):
-            window = None
+        window = family.sliding_window(cfg)
         if window:
             if max_model_len is not None and max_model_len > window:
                 raise ValueError(f"max_model_len: {max_model_len} exceeds the model's sliding_window "
@@ -104,13 +120,8 @@ class ModelConfig:
                 f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings ({max_pos})")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        gen_path = os.path.join(path, "generation_config.json")
-        if os.path.exists(gen_path):
-            with open(gen_path) as f:
-                gen_eos = json.load(f).get("eos_token_id")
-            if gen_eos is not None:
-                extra = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-                eos_ids = tuple(dict.fromkeys([*eos_ids, *extra]))
+        eos_ids = tuple(dict.fromkeys([*eos_ids, *(extra_eos_token_ids or [])]))
+        qkv_bias, o_proj_bias = family.attention_biases(cfg)
         return ModelConfig(
             path=path,
             architecture=architecture,
@@ -128,7 +139,8 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", architecture == "Qwen2ForCausalLM")),
+            qkv_bias=qkv_bias,
+            o_proj_bias=o_proj_bias,
             eos_token_ids=tuple(int(e) for e in eos_ids),
             bos_token_id=cfg.get("bos_token_id"),
             hf_config=cfg,
@@ -166,9 +178,35 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    # Small all-reduces of a multi-GPU rank go through symmetric memory (carpool/custom_all_reduce.py)
+    # Small all-reduces of a multi-GPU rank go through symmetric memory (carpool/distributed/symmetric.py)
     # unless this is set; NCCL carries the rest, and everything when the fast path is unavailable.
     disable_custom_all_reduce: bool = False
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which GPU fast paths a deployment uses (all on by default; a field off is an ablation or a
+    workaround). What the model computes is the same either way: every path is tested against the plain
+    one. Read once when the model is built (layers receive the choice) and carried to TP ranks by the
+    codec; nothing reads these from the environment."""
+
+    # batch-1 steps: silu(x @ gate.T) * (x @ up.T) in one GEMV kernel, not GEMV then silu_and_mul
+    fused_gemv_silu: bool = True
+    # batch-1 steps: the q/k/v GEMV with RoPE and the KV-cache store in its epilogue (models without q/k norm)
+    fused_qkv_rope: bool = True
+    # batch-1 steps: the LM head through the GEMV (under PDL) rather than cuBLAS
+    lm_head_gemv: bool = True
+    # small CUDA-graph replays read their inputs from pinned memory by kernel, and small steps write their
+    # tokens to pinned memory by kernel, instead of the copy engine (ops/triton/host_io)
+    kernel_host_io: bool = True
+    # Triton kernels on Hopper+: programmatic dependent launch (ops/triton/utils.py)
+    pdl: bool = True
+    # TP on GPUs: the all-reduce before each residual add + RMSNorm fused into one symmetric-memory kernel
+    fused_all_reduce_norm: bool = True
+    # TP on GPUs, batch-1 steps: row-parallel GEMVs (and the embedding) push their outputs to every rank
+    push_all_reduce: bool = True
+    # TP on GPUs, batch-1 steps: the LM head's logits gathered by push instead of an NCCL all-gather
+    push_logits: bool = True
 
 
 @dataclass(frozen=True)
@@ -179,10 +217,9 @@ class EngineConfig:
     parallel: ParallelConfig
     device: str
     kernel_backend: str  # "torch" | "triton"
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     seed: int = 0
     enforce_eager: bool = False
-    # Triton kernels on Hopper+: launch each with programmatic dependent launch (ops/triton/utils.py)
-    disable_pdl: bool = False
     tokenizer: str | None = None
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
     load_format: str = "auto"  # "auto": safetensors from the checkpoint; "dummy": random weights (benchmarks)

@@ -86,7 +86,6 @@ if [ "$mode" = balance ]; then
   step timeout 200 python3 benchmarks/bench_latency.py --breakdown --out "$out/latency.json"
   step timeout 300 python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
   step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
-  step timeout 240 python3 benchmarks/bench_throughput.py --no-decode-balance --out "$out/throughput_unbalanced.json"
   finish
 fi
 if [ "$mode" = check ]; then
@@ -110,15 +109,15 @@ if [ "$mode" = pdl ] || [ "$mode" = ablate ]; then
   run_gpu_tests
   if [ "$mode" = pdl ]; then
     step python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
-    step python3 benchmarks/bench_latency.py --disable-pdl --out "$out/latency_nopdl.json"
+    step python3 benchmarks/bench_latency.py --no-pdl --out "$out/latency_nopdl.json"
     step python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
-    step python3 benchmarks/bench_throughput.py --disable-pdl --out "$out/throughput_nopdl.json"
+    step python3 benchmarks/bench_throughput.py --no-pdl --out "$out/throughput_nopdl.json"
     [ "${3:-}" = kernels ] && step python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
   else
     step python3 benchmarks/bench_latency.py --out "$out/latency.json"
-    step python3 benchmarks/bench_latency.py --disable-pdl --out "$out/latency_nopdl.json"
-    step python3 benchmarks/bench_latency.py --gemv-block-k 2048 --out "$out/latency_gemv2048.json"
-    step python3 benchmarks/bench_latency.py --gemv-block-k 512 --out "$out/latency_gemv512.json"
+    step python3 benchmarks/bench_latency.py --no-pdl --out "$out/latency_nopdl.json"
+    step python3 benchmarks/bench_latency.py --no-fused-qkv-rope --out "$out/latency_unfused_rope.json"
+    step python3 benchmarks/bench_latency.py --no-kernel-host-io --out "$out/latency_no_host_io.json"
     step python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
   fi
   finish
@@ -131,21 +130,20 @@ if [ "$mode" = tp ]; then
   # (the model-family push test is a CPU test of the wiring: on a GPU its engine start-up compiles for
   # minutes, which once ran this step past its limit)
   step timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -o addopts="" \
-    -k "over_simulated_ranks or pushes_to_the_next_norm" \
-    || { export CARPOOL_PUSH_ALL_REDUCE=0; echo "!!! push exchange off for the remaining steps"; }
+    -k "over_simulated_ranks or pushes_to_the_norm" \
+    || { push_off=--no-push-all-reduce; echo "!!! push exchange off for the remaining steps"; }
   step timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_kernels.py -o addopts="" \
     -k "gemv_silu or gemv_rope"
   step timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
   # Llama-3-8B shape, batch 1: TP=2 (rank-0 profile), TP=2 without the push exchange (the fused exchange
   # after each row-parallel GEMV instead), TP=1, and both sizes with the q/k/v GEMV and RoPE + KV store
-  # as two kernels, and TP=2 sampling greedy steps from the logits instead of the gather's argmax.
+  # as two kernels.
   # (The NCCL logits all-gather, --no-push-logits, was last compared in run 55.)
-  step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --profile --out "$out/latency_tp2.json"
+  step timeout 150 python3 benchmarks/bench_latency.py -tp 2 ${push_off:-} --profile --out "$out/latency_tp2.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --no-push-all-reduce --out "$out/latency_tp2_no_push.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 1 --out "$out/latency_tp1.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --no-fused-qkv-rope --out "$out/latency_tp2_unfused_rope.json"
   step timeout 150 python3 benchmarks/bench_latency.py -tp 1 --no-fused-qkv-rope --out "$out/latency_tp1_unfused_rope.json"
-  step timeout 150 python3 benchmarks/bench_latency.py -tp 2 --no-gather-argmax --out "$out/latency_tp2_no_gather_argmax.json"
   # Qwen3-14B shape, 256 requests, TP=2 (batches above one row: the fused exchange)
   step timeout 200 python3 benchmarks/bench_throughput.py --shape qwen3-14b -tp 2 --load-format dummy --out "$out/throughput_14b_tp2.json"
   finish

@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 
 import torch
+
+from carpool.utils import cdiv
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
@@ -63,7 +65,7 @@ def call_every_op(dtype: torch.dtype) -> None:
 
     for hq, hkv, d in ((16, 8, 128), (32, 8, 128), (8, 8, 64)):
         page, reqs = 16, [(100, 1), (2000, 1), (300, 50)]
-        nb = [-(-s // page) for s, _ in reqs]
+        nb = [cdiv(s, page) for s, _ in reqs]
         table = torch.arange(sum(nb), dtype=torch.int32)
         tables = torch.zeros(len(reqs), max(nb), dtype=torch.int32)
         for i, (start, n) in enumerate(zip([0] + list(torch.tensor(nb).cumsum(0)[:-1]), nb)):

@@ -94,7 +94,7 @@ def test_leaving_a_stream_early_aborts_the_request_and_frees_its_blocks(llama_pa
         await stream.aclose()
         await until(lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0)
         await engine.shutdown()
-        engine.engine.kv_cache_manager.check_integrity(live_request_ids=[])
+        engine.engine.core.kv_cache_manager.check_integrity(live_request_ids=[])
 
     asyncio.run(run())
 

@@ -66,13 +66,13 @@ def test_block_accounting_holds_with_steps_in_flight(llama_path):
     steps = 0
     while engine.has_unfinished_requests():
         finished |= {o.request_id for o in engine.step() if o.finished}
-        engine.scheduler.check_integrity()
+        engine.core.scheduler.check_integrity()
         steps += 1
         if steps == 6:
             engine.abort("r3")
     assert finished == {f"r{i}" for i in range(7)} - {"r3"}
     assert engine.stats().num_preemptions > 0
-    engine.kv_cache_manager.check_integrity(live_request_ids=[])
-    assert engine.kv_cache_manager.pool.num_free_blocks == 18
-    runner = engine.executor.runner
-    assert len(runner.input_batch) == 0 or not engine.scheduler.requests
+    engine.core.kv_cache_manager.check_integrity(live_request_ids=[])
+    assert engine.core.kv_cache_manager.pool.num_free_blocks == 18
+    runner = engine.core.executor.runner
+    assert len(runner.input_batch) == 0 or not engine.core.scheduler.requests

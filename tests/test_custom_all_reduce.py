@@ -1,4 +1,4 @@
-"""The one-shot symmetric-memory all-reduce (carpool/custom_all_reduce.py): off wherever it cannot run,
+"""The one-shot symmetric-memory all-reduce (carpool/distributed/): off wherever it cannot run,
 with NCCL (or gloo) carrying every all-reduce then; on two GPUs, equal to NCCL bit for bit in eager
 mode and inside CUDA graphs (the GPU test runs benchmarks/bench_all_reduce.py --check on 2 ranks)."""
 
@@ -12,29 +12,28 @@ import sys
 import pytest
 import torch
 
-from carpool.custom_all_reduce import MULTICAST_OFF, _local_reasons
+from carpool.distributed import startup
+from carpool.distributed.symmetric import MULTICAST_OFF, local_reasons
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_cpu_ranks_do_not_use_the_fast_path():
-    assert _local_reasons(torch.device("cpu"), torch.float32, 0, 2, 2) == ["not a CUDA device"]
+    assert local_reasons(torch.device("cpu"), torch.float32, 0, 2, 2) == ["not a CUDA device"]
 
 
 def test_start_up_stages_stop_at_the_first_failure_on_any_rank(monkeypatch, caplog):
     """The stages of establishing a fast path run in turn and are agreed after each (here one rank, whose
     own outcome is the agreement): an error text or an exception stops them, naming the stage."""
-    import carpool.custom_all_reduce as car
-
-    monkeypatch.setattr(car, "_agree", lambda ok, group: ok)
+    monkeypatch.setattr(startup, "agree", lambda ok, group: ok)
     ran = []
-    ok = car._agreed_stages([("one", lambda: ran.append(1)), ("two", lambda: ""), ("three", lambda: 1 / 0),
+    ok = startup.agreed_stages([("one", lambda: ran.append(1)), ("two", lambda: ""), ("three", lambda: 1 / 0),
                              ("four", lambda: ran.append(4))], None, 0, "fast path", "using the slow one")
     assert not ok and ran == [1]
     assert "fast path off after its three (rank 0: ZeroDivisionError" in caplog.text
     assert "using the slow one" in caplog.text
-    assert not car._agreed_stages([("one", lambda: "mismatch")], None, 0, "x", "y")
-    assert car._agreed_stages([("one", lambda: None), ("two", lambda: "")], None, 0, "x", "y")
+    assert not startup.agreed_stages([("one", lambda: "mismatch")], None, 0, "x", "y")
+    assert startup.agreed_stages([("one", lambda: None), ("two", lambda: "")], None, 0, "x", "y")
 
 
 def test_multicast_stays_off_in_tp_workers():
@@ -62,7 +61,7 @@ def test_fast_path_equals_nccl_eager_and_in_cuda_graphs(tmp_path):
 def test_norm_exchange_takes_one_row_width_and_what_fits():
     """Which calls the fused all-reduce + RMSNorm takes: 2-D, contiguous, the exchange's dtype, rows that
     fit its slots, and one row width once used (slots are rows of that width)."""
-    from carpool.custom_all_reduce import NormExchange
+    from carpool.distributed.symmetric import NormExchange
 
     ptrs = torch.zeros(2, dtype=torch.int64)
     ex = NormExchange(data=torch.empty(2 * 4096, dtype=torch.bfloat16), pads=torch.zeros(256, dtype=torch.int32),
@@ -83,16 +82,14 @@ def test_norm_exchange_takes_one_row_width_and_what_fits():
 
 
 def _one_rank_push(monkeypatch):
-    """A CustomAllReduce of one simulated rank with a push exchange (slots of 1024 pairs), for the
-    self-tests' logic in the interpreter: no device to synchronize."""
-    import carpool.custom_all_reduce as car
+    """A push exchange of one simulated rank (slots of 1024 pairs), for the self-tests' logic in the
+    interpreter: no device to synchronize."""
+    from carpool.distributed.push_exchange import PushExchange
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     slots = torch.zeros(2 * 1024, dtype=torch.int64)
-    ar = car.CustomAllReduce(torch.zeros(64, dtype=torch.float16), "none", 128)
-    ar.push = car.PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
-                               rank=0, world_size=1)
-    return ar
+    return PushExchange(slots, torch.tensor([slots.data_ptr()]), torch.zeros(1, dtype=torch.int32), 1024,
+                        rank=0, world_size=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (Triton interpreter) check of the self-test's logic")
@@ -100,19 +97,17 @@ def test_embedding_push_self_test_passes_on_agreement_and_names_a_mismatch(monke
     """The start-up self-test of the embedding push, with one simulated rank in the interpreter and NCCL
     replaced by the identity (one rank's sum): '' when the pushed rows and norms match the reference;
     an error text when the reference differs; an exception when the push refuses (push off)."""
-    import carpool.custom_all_reduce as car
-
-    monkeypatch.setattr(car, "_nccl", lambda x, group: x.clone())
-    ar = _one_rank_push(monkeypatch)
+    monkeypatch.setattr(startup, "nccl_all_reduce", lambda x, group: x.clone())
+    push = _one_rank_push(monkeypatch)
     # 512 and a model width of 1100 (550 pairs: two programs of the embedding kernel, one partly masked)
-    ar.push.zeros = torch.zeros(1, 1100, dtype=torch.float16)
-    assert ar._embedding_push_test(0, 1, None, 1100, graph=False) == ""
-    assert ar.push.epoch.item() == 6 and ar.push.pending is None  # 3 tokens x 2 widths
-    monkeypatch.setattr(car, "_nccl", lambda x, group: 2 * x)
-    assert "disagrees with NCCL" in ar._embedding_push_test(0, 1, None, 1100, graph=False)
-    ar.push.zeros = None
+    push.zeros = torch.zeros(1, 1100, dtype=torch.float16)
+    assert startup.embedding_push_self_test(push, torch.float16, 0, 1, None, 1100, graph=False) == ""
+    assert push.epoch.item() == 6 and push.pending is None  # 3 tokens x 2 widths
+    monkeypatch.setattr(startup, "nccl_all_reduce", lambda x, group: 2 * x)
+    assert "disagrees with NCCL" in startup.embedding_push_self_test(push, torch.float16, 0, 1, None, 1100, graph=False)
+    push.zeros = None
     with pytest.raises(RuntimeError, match="refused"):
-        ar._embedding_push_test(0, 1, None, 1100, graph=False)
+        startup.embedding_push_self_test(push, torch.float16, 0, 1, None, 1100, graph=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (Triton interpreter) check of the self-test's logic")
@@ -120,14 +115,12 @@ def test_push_self_test_takes_the_model_shape_with_the_lm_head_rows(monkeypatch)
     """The GEMV push's start-up self-test with the model shape the TP worker passes (hidden, intermediate,
     LM head rows per rank), one simulated rank and NCCL as the identity: it runs the model's o_proj and
     down_proj shapes and agrees ('' ), and names a mismatch against the reference."""
-    import carpool.custom_all_reduce as car
-
-    monkeypatch.setattr(car, "_nccl", lambda x, group: x.clone())
-    ar = _one_rank_push(monkeypatch)
-    assert ar._push_test(0, 1, None, (64, 96, 80), graph=False) == ""
-    assert ar.push.epoch.item() == 4 and ar.push.received  # two small shapes, o_proj's and down_proj's
-    monkeypatch.setattr(car, "_nccl", lambda x, group: 2 * x)
-    assert "disagrees with NCCL" in ar._push_test(0, 1, None, (64, 96, 80), graph=False)
+    monkeypatch.setattr(startup, "nccl_all_reduce", lambda x, group: x.clone())
+    push = _one_rank_push(monkeypatch)
+    assert startup.push_self_test(push, torch.float16, 0, 1, None, (64, 96, 80), graph=False) == ""
+    assert push.epoch.item() == 4 and push.received  # two small shapes, o_proj's and down_proj's
+    monkeypatch.setattr(startup, "nccl_all_reduce", lambda x, group: 2 * x)
+    assert "disagrees with NCCL" in startup.push_self_test(push, torch.float16, 0, 1, None, (64, 96, 80), graph=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (Triton interpreter) check of the self-test's logic")
@@ -136,42 +129,29 @@ def test_logits_push_self_test_passes_on_agreement_and_names_a_mismatch(monkeypa
     and NCCL replaced by the identity: '' when the gathered logits equal the reference (the self-test's
     norms advance the epoch: two gathers, two pushes received); an error text when they differ or when
     the gather is refused (no logit slots)."""
-    import carpool.custom_all_reduce as car
-
-    monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: x.clone())
-    ar = _one_rank_push(monkeypatch)
+    monkeypatch.setattr(startup, "nccl_gather", lambda x, group, world: x.clone())
+    push = _one_rank_push(monkeypatch)
     logit_slots = torch.zeros(2 * 40, dtype=torch.int64)  # 80 logits a rank
-    ar.push.logit_slots, ar.push.logit_ptrs, ar.push.logit_shard = logit_slots, torch.tensor([logit_slots.data_ptr()]), 80
-    assert ar._logits_push_test(0, 1, None, graph=False) == ""
-    assert ar.push.epoch.item() == 2 and not ar.push.received
-    monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: 2 * x)
-    assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
-    monkeypatch.setattr(car, "_nccl_gather", lambda x, group, world: x.clone())
-    import carpool.ops.triton.sampling as sampling
-
-    real_reduce = sampling.reduce_partials  # the logits agree, the argmax taken in passing does not
-    monkeypatch.setattr(sampling, "reduce_partials", lambda score, idx: real_reduce(score, idx) + 1)
-    assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
-    monkeypatch.setattr(sampling, "reduce_partials", real_reduce)
-    assert ar._logits_push_test(0, 1, None, graph=False) == "" and ar.push.greedy is None
-    ar.push.gather_argmax = False  # (--no-gather-argmax, read as the slots are made): the gather alone passes
-    assert ar._logits_push_test(0, 1, None, graph=False) == "" and ar.push.greedy is None
-    ar.push.logit_slots = None
-    assert "disagrees with NCCL" in ar._logits_push_test(0, 1, None, graph=False)
+    push.logit_slots, push.logit_ptrs, push.logit_shard = logit_slots, torch.tensor([logit_slots.data_ptr()]), 80
+    assert startup.logits_push_self_test(push, torch.float16, 0, 1, None, graph=False) == ""
+    assert push.epoch.item() == 2 and not push.received
+    monkeypatch.setattr(startup, "nccl_gather", lambda x, group, world: 2 * x)
+    assert "disagrees with NCCL" in startup.logits_push_self_test(push, torch.float16, 0, 1, None, graph=False)
+    monkeypatch.setattr(startup, "nccl_gather", lambda x, group, world: x.clone())
+    push.logit_slots = None
+    assert "disagrees with NCCL" in startup.logits_push_self_test(push, torch.float16, 0, 1, None, graph=False)
 
 
 def test_push_epochs_must_agree_across_ranks_after_the_self_tests(monkeypatch):
     """The embedding push's last start-up stage: the ranks' epochs (one per received push) must be equal,
     else a rank would wait for words its peer already sent; simulated with MIN/MAX over given values."""
-    import carpool.custom_all_reduce as car
-
     def reduce_over(values):
         def all_reduce(t, op, group):
-            t.fill_(min(values) if op == car.dist.ReduceOp.MIN else max(values))
+            t.fill_(min(values) if op == startup.dist.ReduceOp.MIN else max(values))
         return all_reduce
 
     epoch = torch.tensor([12], dtype=torch.int32)
-    monkeypatch.setattr(car.dist, "all_reduce", reduce_over([12, 12]))
-    assert car._epochs_agree(epoch, None) == ""
-    monkeypatch.setattr(car.dist, "all_reduce", reduce_over([12, 11]))
-    assert "differ across ranks (11..12)" in car._epochs_agree(epoch, None)
+    monkeypatch.setattr(startup.dist, "all_reduce", reduce_over([12, 12]))
+    assert startup.epochs_agree(epoch, None) == ""
+    monkeypatch.setattr(startup.dist, "all_reduce", reduce_over([12, 11]))
+    assert "differ across ranks (11..12)" in startup.epochs_agree(epoch, None)

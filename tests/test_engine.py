@@ -19,7 +19,7 @@ def run_checked(engine: Engine, max_steps: int = 10_000) -> list:
         if not engine.has_unfinished_requests():
             break
         outs.extend(engine.step())
-        engine.scheduler.check_integrity()
+        engine.core.scheduler.check_integrity()
     return outs
 
 
@@ -35,8 +35,8 @@ def test_block_accounting_holds_after_every_step_and_all_blocks_free_at_the_end(
     finished = {o.request_id for o in outs if o.finished}
     assert finished == {f"r{i}" for i in range(len(prompts))}
     assert engine.stats().num_preemptions > 0
-    engine.kv_cache_manager.check_integrity(live_request_ids=[])
-    assert engine.kv_cache_manager.pool.num_free_blocks == 20
+    engine.core.kv_cache_manager.check_integrity(live_request_ids=[])
+    assert engine.core.kv_cache_manager.pool.num_free_blocks == 20
 
 
 def test_abort_midway_frees_every_block(llama_path):
@@ -45,14 +45,14 @@ def test_abort_midway_frees_every_block(llama_path):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(3):
         engine.step()
-        engine.scheduler.check_integrity()
+        engine.core.scheduler.check_integrity()
     engine.abort(["r0", "r2"])
-    engine.scheduler.check_integrity()
+    engine.core.scheduler.check_integrity()
     outs = run_checked(engine)
     assert {o.request_id for o in outs if o.finished} == {"r1"}
     engine.abort("unknown-id")  # ignored
-    engine.kv_cache_manager.check_integrity(live_request_ids=[])
-    assert engine.kv_cache_manager.pool.num_free_blocks == 64
+    engine.core.kv_cache_manager.check_integrity(live_request_ids=[])
+    assert engine.core.kv_cache_manager.pool.num_free_blocks == 64
 
 
 def test_delta_outputs_concatenate_to_the_final_output(llama_path):

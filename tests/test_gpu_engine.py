@@ -97,7 +97,7 @@ def test_pdl_launches_give_bitwise_the_same_results(gpu_checkpoint):
     prompts = prompts_of_lengths(LENGTHS * 3, seed=7)
     results = {}
     for disable_pdl in (False, True):
-        llm = LLM(gpu_checkpoint, device="cuda", dtype="bfloat16", disable_pdl=disable_pdl)
+        llm = LLM(gpu_checkpoint, device="cuda", dtype="bfloat16", pdl=not disable_pdl)
         assert triton_utils.pdl() is not disable_pdl
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
         outs = [llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)[0]]

@@ -33,21 +33,21 @@ def test_bfloat16_checkpoint_runs_in_float32_on_cpu_by_default(tmp_path):
     path = build_checkpoint(str(tmp_path / "bf16"), "qwen2", seed=4, dtype=torch.bfloat16)
     llm = LLM(path, device="cpu")
     assert llm.engine.config.model.dtype == torch.float32
-    assert next(llm.engine.executor.runner.model.parameters()).dtype == torch.float32
+    assert next(llm.engine.core.executor.runner.model.parameters()).dtype == torch.float32
     prompts = prompts_of_lengths([10])
     assert greedy(path, prompts) == hf_greedy(path, prompts, 8)  # HF upcasts to float32 as well
 
 
 def test_explicit_dtype_is_honoured(llama_path):
     llm = LLM(llama_path, device="cpu", dtype="bfloat16")
-    assert next(llm.engine.executor.runner.model.parameters()).dtype == torch.bfloat16
+    assert next(llm.engine.core.executor.runner.model.parameters()).dtype == torch.bfloat16
     out = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 8
 
 
 def test_tied_embeddings_share_one_tensor(checkpoint_factory):
     llm = LLM(checkpoint_factory("qwen2"), device="cpu")
-    model = llm.engine.executor.runner.model
+    model = llm.engine.core.executor.runner.model
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 

@@ -87,11 +87,11 @@ def test_cached_blocks_are_evicted_lru_first_and_never_block_admission(llama_pat
         engine.add_request(f"r{i}", p, GREEDY)
         while engine.has_unfinished_requests():
             engine.step()
-            engine.scheduler.check_integrity()
-    pool = engine.kv_cache_manager.pool
+            engine.core.scheduler.check_integrity()
+    pool = engine.core.kv_cache_manager.pool
     assert pool.num_free_blocks == 12  # cached-but-free blocks count as free
     assert pool.num_evictions > 0  # 6 x 3 cached blocks cannot all stay in 12
-    kv = engine.kv_cache_manager
+    kv = engine.core.kv_cache_manager
 
     def hit(i: int) -> int:
         from carpool.request import Request
@@ -104,7 +104,7 @@ def test_cached_blocks_are_evicted_lru_first_and_never_block_admission(llama_pat
     engine.add_request("big", prompts_of_lengths([180], seed=14)[0], GREEDY)
     while engine.has_unfinished_requests():
         engine.step()
-        engine.scheduler.check_integrity()
+        engine.core.scheduler.check_integrity()
     kv.check_integrity(live_request_ids=[])
 
 

@@ -74,7 +74,7 @@ def test_tensor_parallel_profile_groups_rank0_transitions_by_category() -> None:
                                                            "_rms_norm_kernel -> _gemv_kernel": 50.0}}
     engine = SimpleNamespace(executor=SimpleNamespace(profile=lambda action: report if action == "stop" else None),
                              has_unfinished_requests=lambda: False,
-                             config=SimpleNamespace(kernel_backend="triton", disable_pdl=False))
+                             config=SimpleNamespace(kernel_backend="triton", kernels=SimpleNamespace(pdl=True)))
     summary = profile_util.profile_steps(engine, 5)
     gemv, norm = profile_util.category("_gemv_kernel"), profile_util.category("_rms_norm_kernel")
     assert summary["device_idle_share"] == 0.25 and summary["device_span_ms_per_step"] == 0.4
@@ -132,31 +132,3 @@ def test_jit_compiles_counts_specializations_built_while_active_and_restores_hoo
         assert uncounted.summary() is None
     finally:
         knobs.runtime.jit_post_compile_hook = before
-
-
-def test_benchmark_ablations_reach_a_tensor_parallel_rank_through_its_environment() -> None:
-    """bench_latency's kernel ablations under TP: a rank is a new interpreter that inherits the
-    environment export_to_workers sets, and its sitecustomize patches carpool before anything runs."""
-    import os
-    import subprocess
-    import sys
-
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    sys.path.insert(0, bench)
-    import ablations
-
-    saved = {k: os.environ.get(k) for k in (ablations.ENV, "PYTHONPATH")}
-    try:
-        ablations.export_to_workers(None, None, None, 1)
-        probe = ("import carpool.ops.triton.attention as a; print(a.decode_num_splits(1, 4))")
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                             env=dict(os.environ))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    assert out.stdout.strip() == "1"  # 32 without the ablation (the split table's first row)
-    import carpool.ops.triton.attention as attention
-    assert attention.decode_num_splits(1, 4) == 32

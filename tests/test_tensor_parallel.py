@@ -88,7 +88,7 @@ def test_tp2_with_async_scheduling_equals_tp1(checkpoint_factory, name):
     try:
         got = greedy_tokens(llm, PROMPTS)
         assert llm.engine.config.async_scheduling
-        assert llm.engine.executor.describe()["custom_all_reduce"] is False  # gloo: no fast path on CPU
+        assert llm.engine.core.executor.describe()["custom_all_reduce"] is False  # gloo: no fast path on CPU
         if name == "llama":
             assert llm.engine.stats().num_preemptions > 0
             seeded = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=6, ignore_eos=True, logprobs=2)
@@ -205,7 +205,7 @@ def test_killed_worker_fails_the_next_step_fast_and_leaves_no_process(llama_path
     llm = LLM(llama_path, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22,
               async_scheduling=async_scheduling)
     engine = llm.engine
-    pids = engine.executor.worker_pids
+    pids = engine.core.executor.worker_pids
     engine.add_request("r", PROMPTS[3], SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(3):
         engine.step()
@@ -217,14 +217,14 @@ def test_killed_worker_fails_the_next_step_fast_and_leaves_no_process(llama_path
             engine.step()
     assert time.monotonic() - start < 5.0
     with pytest.raises(TPWorkerError, match="engine is down"):
-        engine.executor.determine_num_blocks()
+        engine.core.executor.determine_num_blocks()
     engine.shutdown()
     assert all(process_gone(pid) for pid in pids)
 
 
 def test_shutdown_and_a_killed_engine_leave_no_worker_process(llama_path):
     llm = LLM(llama_path, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22)
-    pids = llm.engine.executor.worker_pids
+    pids = llm.engine.core.executor.worker_pids
     llm.engine.shutdown()
     llm.engine.shutdown()  # idempotent
     assert all(process_gone(pid) for pid in pids)
@@ -234,7 +234,7 @@ def test_shutdown_and_a_killed_engine_leave_no_worker_process(llama_path):
         import os, signal
         from carpool import LLM
         llm = LLM({llama_path!r}, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22)
-        print(*llm.engine.executor.worker_pids, flush=True)
+        print(*llm.engine.core.executor.worker_pids, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -259,7 +259,7 @@ def test_two_node_layout_through_env_rendezvous(llama_path, monkeypatch):
         for key, value in {**env, "NODE_RANK": "0"}.items():
             monkeypatch.setenv(key, value)
         llm = LLM(llama_path, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22)
-        assert len(llm.engine.executor.worker_pids) == 1  # rank 0 here, rank 1 on "node 1"
+        assert len(llm.engine.core.executor.worker_pids) == 1  # rank 0 here, rank 1 on "node 1"
         prompts = PROMPTS[:3]
         assert greedy_tokens(llm, prompts) == hf_greedy(llama_path, prompts, MAX_NEW)
         llm.engine.shutdown()

@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("triton")
 from triton import cdiv  # noqa: E402
 
-from carpool.forward_batch import AttentionMetadata  # noqa: E402
+from carpool.forward_batch import AttentionMetadata, TritonAttentionMetadata  # noqa: E402
 from carpool.ops import torch_ref  # noqa: E402
 from carpool.ops import triton as tri  # noqa: E402
 from carpool.ops.triton import utils  # noqa: E402
@@ -61,7 +61,7 @@ def make_batch(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int,
     q_len new tokens are stored by the op through slot_mapping. `pad_tokens` extra rows at the end
     belong to no request and carry slot -1."""
     gen = torch.Generator().manual_seed(seed)
-    blocks_per_req = [-(-s // block_size) for s, _ in reqs]
+    blocks_per_req = [cdiv(s, block_size) for s, _ in reqs]
     num_blocks = sum(blocks_per_req) + 3
     ids = torch.randperm(num_blocks, generator=gen).tolist()
     max_blocks = max(blocks_per_req + [1])
@@ -84,7 +84,7 @@ def make_batch(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int,
     k_cache = rand(num_blocks, block_size, num_kv_heads, head_dim)
     v_cache = rand(num_blocks, block_size, num_kv_heads, head_dim)
     seq_lens = [s for s, _ in reqs]
-    meta = AttentionMetadata(
+    meta = TritonAttentionMetadata(
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=block_tables.to(device),
@@ -101,7 +101,7 @@ def check_attention(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads:
     q, k, v, kc, vc, meta = make_batch(reqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
                                        device, pad_tokens)
     if num_splits is not None:
-        meta.extra["num_splits"] = num_splits
+        meta.num_splits = num_splits
     scale = head_dim ** -0.5
     kc_ref, vc_ref = kc.float().clone(), vc.float().clone()
     expected = torch_ref.paged_attention(q.float(), k.float(), v.float(), kc_ref, vc_ref, meta, scale)
@@ -143,7 +143,7 @@ def test_decode_uses_scratch_from_meta() -> None:
     q, k, v, kc, vc, meta = make_batch([(300, 1), (400, 1)], 2, 1, 32, 16, torch.float32)
     part_out = torch.full((8, 2, 16, 32), float("nan"), device=DEVICE)  # larger than needed
     part_lse = torch.full((8, 2, 16), float("nan"), device=DEVICE)
-    meta.extra.update(num_splits=3, decode_scratch=(part_out, part_lse))
+    meta.num_splits, meta.decode_scratch = 3, (part_out, part_lse)
     expected = torch_ref.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.2)
     out = tri.paged_attention(q, k, v, kc, vc, meta, 0.2)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
@@ -180,8 +180,8 @@ def test_cascade_decode_over_a_shared_prefix_matches_reference(group: int, prefi
     q, k, v, kc, vc, meta = make_batch([(c, 1) for c in contexts], 2 * group, 2, 32, block_size, torch.float32)
     shared = prefix_len // block_size
     meta.block_tables[:, :shared] = meta.block_tables[0, :shared]
-    meta.extra.update(num_splits=num_splits,
-                      cascade_prefix_len=torch.tensor([prefix_len], dtype=torch.int32, device=DEVICE))
+    meta.num_splits = num_splits
+    meta.cascade_prefix_len = torch.tensor([prefix_len], dtype=torch.int32, device=DEVICE)
     expected = torch_ref.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.3)
     out = tri.paged_attention(q, k, v, kc, vc, meta, 0.3)
     assert not out.isnan().any()
@@ -254,13 +254,15 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
     from carpool.ops.triton import host_io
     from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS, HOST_IO_MAX_TABLE_WORDS
 
+    from carpool.attention.triton_paged import TritonAttentionBackend
     from carpool.worker.cuda_graph import CUDAGraphRunner
-    from carpool.worker.input_batch import StepInputs
-    from carpool.worker.model_runner import PendingFixup
+    from carpool.worker.input_batch import PendingFixup, StepInputs
 
     model = SimpleNamespace(attention_layers=lambda: [SimpleNamespace(num_kv_heads=8)])
-    runner = CUDAGraphRunner(model, 64, 65536, 16, torch.device(DEVICE), kernel_io=kernel_io)  # type: ignore[arg-type]
-    assert runner.decode_splits[1] == 32 and runner.decode_splits[48] == 2 and runner.decode_splits[64] == 2
+    backend = TritonAttentionBackend()
+    runner = CUDAGraphRunner(model, backend, 64, 65536, 16, torch.device(DEVICE), kernel_io=kernel_io)  # type: ignore[arg-type]
+    splits = backend._decode_splits
+    assert splits[1] == 32 and splits[48] == 2 and splits[64] == 2
     seen: list[dict] = []
     for bs in runner.batch_sizes:
         runner.graphs[(bs, False)] = SimpleNamespace(replay=lambda: seen.append(
@@ -302,7 +304,7 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
         assert torch.equal(got["block_tables"][:b, :width], torch.from_numpy(inputs.block_tables))
         assert (got["slot_mapping"][b:bs] == -1).all() and (got["seq_lens"][b:bs] == 1).all()
         assert (got["block_tables"][b:bs, 0] == 0).all()
-        plan = balanced_decode_plan(inputs.seq_lens, 8, runner.decode_splits[bs])
+        plan = balanced_decode_plan(inputs.seq_lens, 8, splits[bs])
         assert got["decode_order"][:bs].tolist() == plan.order.tolist() + list(range(b, bs))
         assert got["decode_split_len"].item() == plan.split_len
     # (small: few rows and block tables of at most HOST_IO_MAX_TABLE_WORDS; the last case has long ones)
@@ -395,11 +397,11 @@ def test_mixed_batch_of_decodes_chunks_and_prefix_hits(block_size: int) -> None:
 
 def test_metadata_refilled_for_the_next_step_gets_a_fresh_plan() -> None:
     q, k, v, kc, vc, meta = make_batch([(40, 40), (90, 1), (70, 30)], 4, 2, 32, 16, torch.float32)
-    tri.paged_attention(q, k, v, kc, vc, meta, 0.25)  # caches this step's plans in meta.extra
+    tri.paged_attention(q, k, v, kc, vc, meta, 0.25)  # caches this step's plans in meta.step_plans
     q2, k2, v2, kc2, vc2, meta2 = make_batch([(33, 1), (100, 64)], 4, 2, 32, 16, torch.float32, seed=1)
     for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping", "max_query_len",
                  "max_seq_len", "query_start_loc_cpu", "seq_lens_cpu"):
-        setattr(meta, name, getattr(meta2, name))  # the same object, refilled; meta.extra kept
+        setattr(meta, name, getattr(meta2, name))  # the same object, refilled; meta.step_plans kept
     expected = torch_ref.paged_attention(q2, k2, v2, kc2.clone(), vc2.clone(), meta2, 0.25)
     torch.testing.assert_close(tri.paged_attention(q2, k2, v2, kc2, vc2, meta, 0.25), expected,
                                atol=2e-5, rtol=1e-4)
@@ -667,11 +669,6 @@ def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> Non
     start = 2 ** 31 - 2  # the norm's advances and the gather's epoch + 1 wrap past the int32 limit
     epochs = [shared(torch.full((1,), start, dtype=torch.int32, device=DEVICE)) for _ in range(world)]
     heads = [(0.3 * torch.randn(shard, k, generator=gen)).to(DEVICE, dt) for _ in range(world)]
-    vocab = world * shard - 3  # a padded vocabulary: the argmax ignores the last rank's last 3 columns
-    heads[-1][-1], heads[-1][-2] = 30 * heads[-1][-1], -30 * heads[-1][-1]  # the row's largest, but masked
-    heads[-1][7] = heads[0][9] = 10 * heads[0][9]  # equal logits on two ranks: the lower column wins
-    heads[-1][8] = heads[0][10] = -heads[0][9]  # (one pair or the other holds the largest unmasked)
-    hits = []
     w = (0.3 * torch.randn(k, k, generator=gen)).to(DEVICE, dt)
     norm_w = torch.rand(k, generator=gen).to(DEVICE, dt)
     residual = torch.randn(1, k, generator=gen).to(DEVICE, dt)
@@ -684,8 +681,7 @@ def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> Non
             gemv_push(residual, heads[r], ready_ptrs, zero, shard // 2, r, world)
         zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
         pushed_add_rms_norm(residual, norm_w, 1e-6, ready, zero, stride, world)
-        pushed_gather(ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), shard // 2, world, shard, dt, 16,
-                      argmax_below=vocab)
+        pushed_gather(ready, torch.zeros(1, dtype=torch.int32, device=DEVICE), shard // 2, world, shard, dt, 16)
         torch.cuda.synchronize()
     for round in range(2):
         x = torch.randn(1, k, generator=gen).to(DEVICE, dt)
@@ -694,62 +690,80 @@ def test_lm_head_push_then_pushed_gather_over_simulated_ranks(world: int) -> Non
             y = gemv_push(x, w, slot_ptrs, epochs[r], stride, r, world)
             out, _ = pushed_add_rms_norm(y, norm_w, 1e-6, slots[r], epochs[r], stride, world)
             gemv_push(out, heads[r], logit_ptrs, epochs[r], shard // 2, r, world)
-            return (out, *pushed_gather(logits[r], epochs[r], shard // 2, world, shard, dt, 16, argmax_below=vocab))
+            return out, pushed_gather(logits[r], epochs[r], shard // 2, world, shard, dt, 16)
         outs = run_ranks(world, call)
         expected = torch.cat([gemv(outs[0][0], heads[r]) for r in range(world)], dim=-1)
-        for out, gathered, greedy in outs:
+        for out, gathered in outs:
             assert torch.equal(out, outs[0][0]) and torch.equal(gathered.cpu(), expected.cpu())
-            assert greedy.tolist() == expected[..., :vocab].float().argmax(dim=-1).tolist()
-        row = expected.float().cpu()[0]
-        hits.append((int(row.argmax()) >= vocab, int((row[:vocab] == row[:vocab].max()).sum()) == 2))
         wrapped = (start + round + 1 + 2 ** 31) % 2 ** 32 - 2 ** 31  # the norm's advance only (int32)
         assert [e.item() for e in epochs] == [wrapped] * world
-    assert any(masked for masked, _ in hits) and any(tie for _, tie in hits)  # both cases were met
 
 
-def test_row_parallel_projection_pushes_to_the_next_norm_on_batch_one_steps() -> None:
-    """The model's wiring of the push exchange (one simulated rank in a group of two): a row-parallel
-    projection without reduction pushes its one-row output, the next RMSNorm with a residual receives
-    it, and the result is the GEMV's then the fused add + norm's. Two rows, a 32-bit model, or a norm
-    fed anything else than the pushed output take the other paths or fail loudly."""
+def _simulated_push_communicator(rank: int = 0, logit_pairs: int = 0, gathered_by_nccl: list | None = None):
+    """A Communicator for one simulated rank of two, over a one-rank push exchange (its slots are its own
+    peers'): collectives are identities (the NCCL all-gather appends to gathered_by_nccl)."""
     from types import SimpleNamespace
 
-    from carpool.custom_all_reduce import PushExchange
-    from carpool.distributed import TPGroup
+    from carpool.distributed import Communicator, TPGroup
+    from carpool.distributed.push_exchange import PushExchange
+
+    class SimulatedGroup(TPGroup):
+        def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+            if gathered_by_nccl is not None:
+                gathered_by_nccl.append(x)
+            return x
+
+    slots = torch.zeros(2 * 64, dtype=torch.int64, device=DEVICE)
+    push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
+                        torch.zeros(1, dtype=torch.int32, device=DEVICE), 64, rank=0, world_size=1)
+    if logit_pairs:
+        logit_slots = torch.zeros(2 * logit_pairs, dtype=torch.int64, device=DEVICE)
+        push.logit_slots, push.logit_ptrs = logit_slots, torch.tensor([logit_slots.data_ptr()], device=DEVICE)
+        push.logit_shard = 2 * logit_pairs
+    custom = SimpleNamespace(push=push, exchange=None, norm_eligible=lambda *a: False)
+    return Communicator(SimulatedGroup(rank=rank, size=2, custom_all_reduce=custom)), push
+
+
+def test_row_parallel_projection_pushes_to_the_norm_it_is_handed_to_on_batch_one_steps() -> None:
+    """The model's wiring of the push exchange (one simulated rank in a group of two): a row-parallel
+    projection without a bias pushes its one-row output as PartialSums, the norm call it is handed to
+    receives it, and the result is the GEMV's then the fused add + norm's. Two rows or a 32-bit model take
+    the plain path; a norm handed anything else than the push made last fails loudly, naming the rule."""
+    from carpool.distributed import PartialSums
     from carpool.layers.linear import RowParallelLinear
+    from carpool.layers.linear_method import UnquantizedLinearMethod
     from carpool.layers.norm import RMSNorm
     from carpool.ops import get_kernel_ops
 
     ops = get_kernel_ops("triton")
     dt = torch.float16 if INTERPRET else torch.bfloat16
-    slots = torch.zeros(2 * 64, dtype=torch.int64, device=DEVICE)
-    push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
-                        torch.zeros(1, dtype=torch.int32, device=DEVICE), 64, rank=0, world_size=1)
-    tp = TPGroup(rank=0, size=2, custom_all_reduce=SimpleNamespace(push=push, norm_eligible=lambda *a: False))
-    proj = RowParallelLinear(2 * 40, 48, dtype=dt, tp=tp, reduce_results=False).to(DEVICE)  # 40 inputs here
+    comm, push = _simulated_push_communicator()
+    proj = RowParallelLinear(2 * 40, 48, dtype=dt, comm=comm, method=UnquantizedLinearMethod(gemv=tri.gemv)).to(DEVICE)
     proj.weight.data.copy_(torch.randn(48, 40))
-    proj.gemv = tri.gemv
-    norm = RMSNorm(48, 1e-6, ops, dt, tp).to(DEVICE)
+    norm = RMSNorm(48, 1e-6, ops, dt).to(DEVICE)
     norm.weight.data.copy_(torch.rand(48))
     x, residual = torch.randn(1, 40, device=DEVICE).to(dt), torch.randn(1, 48, device=DEVICE).to(dt)
     for _ in range(3):  # both halves, then the first again
         y = proj(x)
-        assert push.pending is y
-        out, res = norm(y, residual)
+        assert y.pushed and push.pending is y.value
+        out, res = comm.reduce_add_rms_norm(y, residual, norm)
         assert push.pending is None
         ref_out, ref_res = tri.fused_add_rms_norm(tri.gemv(x, proj.weight), residual, norm.weight, 1e-6)
         assert torch.equal(res, ref_res)
         torch.testing.assert_close(out, ref_out, atol=1e-3, rtol=1e-3)
     assert push.epoch.item() == 3
-    assert tp.push_gemv(x.expand(2, 40).contiguous(), proj.weight) is None  # two rows: the exchange path
-    assert tp.push_gemv(x.float(), proj.weight.float()) is None  # 32-bit: no room for the flag
+    assert not proj(x.expand(2, 40).contiguous()).pushed  # two rows: the exchange path
+    assert comm.push_gemv(x.float(), proj.weight.float()) is None  # 32-bit: no room for the flag
     y = proj(x)
-    with pytest.raises(RuntimeError, match="pushed"):
-        norm(y.clone(), residual)
+    with pytest.raises(RuntimeError, match="only the partial sums pushed last"):
+        comm.reduce_add_rms_norm(PartialSums(y.value.clone(), pushed=True), residual, norm)
     assert push.pending is None  # cleared: the next norm does not stay on the push path
     y = proj(x)
-    with pytest.raises(RuntimeError, match="residual of another shape"):  # it would wait for unwritten slots
-        norm(y, residual[:, :32])
+    with pytest.raises(RuntimeError, match="residual of shape"):  # it would wait for unwritten slots
+        comm.reduce_add_rms_norm(y, residual[:, :32], norm)
 
 
 def test_push_producers_refuse_what_their_words_cannot_carry() -> None:
@@ -773,101 +787,76 @@ def test_push_producers_refuse_what_their_words_cannot_carry() -> None:
 
 
 def test_vocab_parallel_embedding_pushes_one_token_to_the_first_norm() -> None:
-    """The embedding's wiring (one simulated rank of two, vocab slice [8, 16)): a one-token step returns
-    this rank's share in flight and a zero residual, and the first norm with that residual gives the
-    row's norm and the row as the residual stream. Off (no zeros buffer), several tokens, or a pending
-    push: the plain embedding (here with an identity all-reduce)."""
-    from types import SimpleNamespace
-
-    from carpool.custom_all_reduce import PushExchange
-    from carpool.distributed import TPGroup
+    """The embedding's wiring (rank 1 of two simulated, vocab slice [8, 16)): a one-token step returns
+    this rank's share in flight, and the first norm (no residual yet) sums it with zeros, giving the row's
+    norm and the row as the residual stream. Off (no zeros buffer), several tokens, or a pending push:
+    the masked embedding as partial sums (reduced here by an identity all-reduce)."""
     from carpool.layers.embedding import VocabParallelEmbedding
     from carpool.layers.norm import RMSNorm
     from carpool.ops import get_kernel_ops
 
-    class RankOneOfTwo(TPGroup):
-        def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
     dt = torch.float16 if INTERPRET else torch.bfloat16
-    slots = torch.zeros(2 * 64, dtype=torch.int64, device=DEVICE)
-    push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
-                        torch.zeros(1, dtype=torch.int32, device=DEVICE), 64, rank=0, world_size=1)
-    tp = RankOneOfTwo(rank=1, size=2, custom_all_reduce=SimpleNamespace(push=push, norm_eligible=lambda *a: False))
-    embed = VocabParallelEmbedding(16, 48, dt, tp).to(DEVICE)
+    comm, push = _simulated_push_communicator(rank=1)
+    embed = VocabParallelEmbedding(16, 48, dt, comm).to(DEVICE)
     embed.weight.data.copy_(torch.randn(8, 48))
-    norm = RMSNorm(48, 1e-6, get_kernel_ops("triton"), dt, tp).to(DEVICE)
+    norm = RMSNorm(48, 1e-6, get_kernel_ops("triton"), dt).to(DEVICE)
     norm.weight.data.copy_(torch.rand(48))
     ids = torch.tensor([11], device=DEVICE)
-    hidden, residual = embed.forward_with_residual(ids)
-    assert residual is None and torch.equal(hidden, embed.weight[3:4])  # push off: the embedding itself
+    partial = embed(ids)
+    assert not partial.pushed and torch.equal(partial.value, embed.weight[3:4])  # push off: the embedding itself
     push.zeros = torch.zeros(1, 64, dtype=dt, device=DEVICE)
     for token, row in ((11, embed.weight[3:4]), (2, torch.zeros(1, 48, dtype=dt, device=DEVICE))):
-        hidden, residual = embed.forward_with_residual(torch.tensor([token], device=DEVICE))
-        assert push.pending is hidden and torch.equal(hidden, row) and not residual.any()
-        out, res = norm(hidden, residual)
+        partial = embed(torch.tensor([token], device=DEVICE))
+        assert partial.pushed and push.pending is partial.value and torch.equal(partial.value, row)
+        out, res = comm.reduce_add_rms_norm(partial, None, norm)
         assert push.pending is None and torch.equal(res, row)
         torch.testing.assert_close(out, get_kernel_ops("triton").rms_norm(row, norm.weight, 1e-6), atol=1e-3, rtol=1e-3)
-    hidden, residual = embed.forward_with_residual(torch.tensor([11, 12], device=DEVICE))
-    assert residual is None and push.pending is None and torch.equal(hidden, embed.weight[3:5])
-    push.pending = hidden  # a push not yet received: the embedding must not push over it
-    assert embed.forward_with_residual(ids)[1] is None
+    partial = embed(torch.tensor([11, 12], device=DEVICE))
+    assert not partial.pushed and push.pending is None and torch.equal(partial.value, embed.weight[3:5])
+    push.pending = partial.value  # a push not yet received: the embedding must not push over it
+    assert not embed(ids).pushed
     assert push.epoch.item() == 2
 
 
 def test_lm_head_gathers_its_logits_by_push_only_after_a_received_push() -> None:
-    """The LM head's wiring (one simulated rank of two, a one-rank push exchange with logit slots): a
+    """The LM head's wiring (rank 0 of two simulated, a one-rank push exchange with logit slots): a
     one-row head gathers through the push only when the last exchange op of this forward was a norm
     receiving a push (else the gather's words could be the last step's) and then returns the GEMV's
     logits cut to the vocab; otherwise, and for two rows, it computes and all-gathers as usual."""
-    from types import SimpleNamespace
-
-    from carpool.custom_all_reduce import PushExchange
-    from carpool.distributed import TPGroup
     from carpool.layers.embedding import ParallelLMHead
     from carpool.ops import get_kernel_ops
 
-    gathered_by_nccl = []
-
-    class RankZeroOfTwo(TPGroup):
-        def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-            gathered_by_nccl.append(x)
-            return x
-
+    gathered_by_nccl: list = []
+    comm, push = _simulated_push_communicator(logit_pairs=40, gathered_by_nccl=gathered_by_nccl)
     dt = torch.float16 if INTERPRET else torch.bfloat16
-    slots = torch.zeros(2 * 64, dtype=torch.int64, device=DEVICE)
-    push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
-                        torch.zeros(1, dtype=torch.int32, device=DEVICE), 64, rank=0, world_size=1)
-    logit_slots = torch.zeros(2 * 40, dtype=torch.int64, device=DEVICE)
-    push.logit_slots, push.logit_ptrs, push.logit_shard = logit_slots, torch.tensor([logit_slots.data_ptr()], device=DEVICE), 80
-    tp = RankZeroOfTwo(rank=0, size=2, custom_all_reduce=SimpleNamespace(push=push))
-    head = ParallelLMHead(150, 32, dt, tp).to(DEVICE)  # 76 rows a rank (75, made even): not the slots' 80
+    gemv = get_kernel_ops("triton").gemv
+    head = ParallelLMHead(150, 32, dt, comm, gemv).to(DEVICE)  # 76 rows a rank (75, made even): not the slots' 80
     head.weight.data.copy_(torch.randn(76, 32))
-    head.gemv = get_kernel_ops("triton").gemv
     hidden = torch.randn(1, 32, device=DEVICE).to(dt)
     x, w = torch.randn(1, 16, device=DEVICE).to(dt), torch.randn(48, 16, device=DEVICE).to(dt)
-    push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt), torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
+
+    def receive_a_push() -> None:
+        push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt),
+                          torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
+
+    receive_a_push()
     head.compute_logits(hidden)  # 76 rows: not the gather's width, all-gathered
     assert len(gathered_by_nccl) == 1 and push.received
-    head = ParallelLMHead(160, 32, dt, tp).to(DEVICE)  # 80 rows a rank
+    head = ParallelLMHead(160, 32, dt, comm, gemv).to(DEVICE)  # 80 rows a rank
     head.weight.data.copy_(torch.randn(80, 32))
-    head.gemv = get_kernel_ops("triton").gemv
-    expected = get_kernel_ops("triton").gemv(hidden, head.weight)
-    assert tp.take_greedy_tokens() is None
+    expected = gemv(hidden, head.weight)
     assert torch.equal(head.compute_logits(hidden), expected)  # pushed: the GEMV's logits, no all-gather
     assert len(gathered_by_nccl) == 1 and not push.received and push.epoch.item() == 1
-    assert torch.equal(tp.take_greedy_tokens(), expected.argmax(dim=-1))  # taken in passing, once
-    assert tp.take_greedy_tokens() is None
     head.compute_logits(hidden)  # no push received since: the words in the slots are not new
-    assert len(gathered_by_nccl) == 2 and tp.take_greedy_tokens() is None
-    push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt), torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
+    assert len(gathered_by_nccl) == 2
+    receive_a_push()
     head.compute_logits(hidden.expand(2, 32).contiguous())  # two rows
     assert len(gathered_by_nccl) == 3 and push.received
-    tp.begin_forward()  # a new forward (a graph replay may have gathered since): nothing received in it
+    comm.begin_forward()  # a new forward (a graph replay may have gathered since): nothing received in it
     head.compute_logits(hidden)
     assert len(gathered_by_nccl) == 4
-    push.add_rms_norm(push.gemv(x, w), torch.zeros(1, 48, device=DEVICE, dtype=dt), torch.ones(48, device=DEVICE, dtype=dt), 1e-6)
-    assert torch.equal(head.compute_logits(2 * hidden), get_kernel_ops("triton").gemv(2 * hidden, head.weight))
+    receive_a_push()
+    assert torch.equal(head.compute_logits(2 * hidden), gemv(2 * hidden, head.weight))
     assert len(gathered_by_nccl) == 4 and push.epoch.item() == 3
 
 
@@ -883,8 +872,8 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     from types import SimpleNamespace
 
     from carpool import LLM, SamplingParams
-    from carpool.custom_all_reduce import PushExchange
     from carpool.distributed import TPGroup
+    from carpool.distributed.push_exchange import PushExchange
     from carpool.layers.embedding import vocab_shard_size
     from carpool.worker.model_runner import ModelRunner
 
@@ -900,7 +889,7 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     push = PushExchange(slots, torch.tensor([slots.data_ptr()], device=DEVICE),
                         torch.zeros(1, dtype=torch.int32, device=DEVICE), stride, rank=0, world_size=1)
     push.zeros = torch.zeros(1, 1024, dtype=torch.float16, device=DEVICE)  # the embedding pushes too
-    tp = RankZeroOfTwo(0, 2, SimpleNamespace(push=push, norm_eligible=lambda *a: False))
+    tp = RankZeroOfTwo(0, 2, SimpleNamespace(push=push, exchange=None, norm_eligible=lambda *a: False))
     # and the LM head: a one-rank gather of this rank's slice, which the second rank would mirror
     # (the identity collectives' all-gather does the same)
     path = checkpoint_factory(arch, **overrides)
@@ -914,19 +903,8 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     def gather_as_two_ranks(self, hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor | None:
         logits = real_gather(self, hidden, weight, vocab)
         gathers.append(logits is not None)
-        # (the mirrored half repeats the first: the argmax the gather took stays the row's, lowest first)
         return None if logits is None else torch.cat([logits, logits], dim=-1)[..., :vocab]
     monkeypatch.setattr(PushExchange, "gather_logits", gather_as_two_ranks)
-    from carpool.layers.sampler import Sampler
-
-    real_forward, taken = Sampler.forward, []
-
-    def forward(self, logits: torch.Tensor, md):  # the gather's argmax, where the sampler takes it
-        taken.append(md.greedy_tokens is not None)
-        if md.greedy_tokens is not None:
-            assert torch.equal(md.greedy_tokens, logits.argmax(dim=-1))
-        return real_forward(self, logits, md)
-    monkeypatch.setattr(Sampler, "forward", forward)
     real_init = ModelRunner.__init__
     monkeypatch.setattr(ModelRunner, "__init__", lambda self, config, *a, **k: real_init(self, config, tp))
     llm = LLM(path, device=DEVICE, kernel_backend="triton", dtype="float16",
@@ -939,11 +917,6 @@ def test_every_model_family_receives_what_its_projections_push(checkpoint_factor
     # and gathering its logits by push
     assert push.epoch.item() == 3 * (pushes_per_layer * layers + 1)
     assert gathers == [True] * 3 and not push.received
-    assert taken == [True] * 3  # greedy: each step's token is the gather's argmax, no sampling pass
-    if arch == "qwen2":  # (one family is enough for this, and each step costs interpreter time)
-        with_logprobs = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=1)
-        out = llm.generate([{"prompt_token_ids": [5]}], with_logprobs, use_tqdm=False)[0]
-        assert taken[3:] == [False] * 2 and len(out.outputs[0].logprobs) == 2  # logprobs: sampled as usual
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
@@ -1238,7 +1211,7 @@ def test_engine_seeded_sampling_with_the_one_pass_kernel_is_batch_independent(ch
     from carpool import LLM, SamplingParams
 
     llm = LLM(checkpoint_factory("llama"), device="cpu", kernel_backend="triton")
-    assert llm.engine.executor.runner.sampler.fast_sample is not None
+    assert llm.engine.core.executor.runner.sampler.fast_sample is not None
     prompts = prompts_of_lengths([5, 12, 20])  # (interpreter time: short prompts, 3 tokens)
     seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=3, ignore_eos=True)
     other = SamplingParams(temperature=0.9, max_tokens=3, ignore_eos=True)

@@ -9,9 +9,21 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, fields
 
-from carpool.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from carpool.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from carpool.platform import default_device, kernel_backend_for
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
+
+
+KERNEL_FLAG_HELP: dict[str, str] = {
+    "fused_gemv_silu": "batch-1 steps: the gate/up GEMV with SiLU-and-mul in one kernel",
+    "fused_qkv_rope": "batch-1 steps: the q/k/v GEMV with RoPE and the KV-cache store in one kernel",
+    "lm_head_gemv": "batch-1 steps: the LM head through the Triton GEMV rather than cuBLAS",
+    "kernel_host_io": "small CUDA-graph replays read inputs and write tokens through pinned memory by kernel",
+    "pdl": "programmatic dependent launch of the Triton kernels (Hopper and newer)",
+    "fused_all_reduce_norm": "tensor parallel: the all-reduce before each residual add + RMSNorm fused with it",
+    "push_all_reduce": "tensor parallel, batch-1 steps: row-parallel GEMVs push their outputs to every rank",
+    "push_logits": "tensor parallel, batch-1 steps: the LM head's logits gathered by push, not NCCL",
+}
 
 
 @dataclass
@@ -31,12 +43,20 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False
     enforce_eager: bool = False
-    disable_pdl: bool = False
     seed: int = 0
     max_num_queued_reqs: int | None = None
     kernel_backend: str | None = None  # "torch" | "triton"; default follows the device
     load_format: str = "auto"
     async_scheduling: bool | None = None  # default: on for GPUs
+    # GPU fast paths (KernelConfig; each field's flag is --X / --no-X with X its name in kebab case)
+    fused_gemv_silu: bool = True
+    fused_qkv_rope: bool = True
+    lm_head_gemv: bool = True
+    kernel_host_io: bool = True
+    pdl: bool = True
+    fused_all_reduce_norm: bool = True
+    push_all_reduce: bool = True
+    push_logits: bool = True
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "EngineArgs":
@@ -89,8 +109,8 @@ class EngineArgs:
             device=device,
             kernel_backend=self.kernel_backend or kernel_backend_for(device),
             seed=self.seed,
+            kernels=KernelConfig(**{f.name: getattr(self, f.name) for f in fields(KernelConfig)}),
             enforce_eager=self.enforce_eager,
-            disable_pdl=self.disable_pdl,
             tokenizer=self.tokenizer,
             load_format=self.load_format,
             async_scheduling=device != "cpu" if self.async_scheduling is None else self.async_scheduling,
@@ -130,9 +150,6 @@ class EngineArgs:
                        help="tensor parallel on GPUs: all-reduce through NCCL only, not the one-shot "
                             "symmetric-memory kernel used for small (decode) messages")
         g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
-        g.add_argument("--disable-pdl", action="store_true",
-                       help="launch the Triton kernels without programmatic dependent launch (which lets "
-                            "each start while the previous one finishes, on Hopper and newer GPUs)")
         g.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling (default: 0)")
         g.add_argument("--max-num-queued-reqs", type=int, default=None,
                        help="most requests waiting to be scheduled; more are refused (QueueFullError; "
@@ -145,6 +162,11 @@ class EngineArgs:
         g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="auto: load the checkpoint's safetensors; dummy: random weights from config.json "
                             "only (for benchmarks)")
+        k = parser.add_argument_group("kernels", "GPU fast paths, all on by default; each is exact, and --no-X "
+                                                 "turns one off (for ablations or as a workaround)")
+        for name, help_text in KERNEL_FLAG_HELP.items():
+            k.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=True,
+                           help=help_text)
         return parser
 
     @classmethod

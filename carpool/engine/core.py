@@ -8,6 +8,7 @@ server's frontend); the in-process Engine uses this same class, so both paths sc
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,8 +20,21 @@ from carpool.core.kv_cache_manager import KVCacheManager
 from carpool.core.sched_output import EngineCoreOutput, SchedulerOutput
 from carpool.core.scheduler import Scheduler
 from carpool.request import Request, RequestStatus
-from carpool.worker.executor import Executor, StepHandle, make_executor
+from carpool.worker.executor import Executor, StepHandle
 
+
+logger = logging.getLogger(__name__)
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    """One process for one rank; one process per rank under tensor parallelism."""
+    if config.parallel.tensor_parallel_size > 1:
+        from carpool.worker.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    from carpool.worker.uniproc_executor import UniProcExecutor
+
+    return UniProcExecutor(config)
 
 class QueueFullError(RuntimeError):
     """The admission queue holds max_num_queued_reqs requests already."""
@@ -55,6 +69,7 @@ class EngineCore:
         self.executor: Executor = make_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(num_blocks)
+        logger.info("engine core: %d KV blocks; paths: %s", num_blocks, self.executor.describe())
         self.kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                                config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)

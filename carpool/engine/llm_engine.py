@@ -57,19 +57,6 @@ class Engine:
     def from_engine_args(cls, args: EngineArgs) -> "Engine":
         return cls(args.create_engine_config())
 
-    # The core's parts, by their old names (tests and benchmarks look inside).
-    @property
-    def scheduler(self) -> Any:
-        return self.core.scheduler
-
-    @property
-    def kv_cache_manager(self) -> Any:
-        return self.core.kv_cache_manager
-
-    @property
-    def executor(self) -> Any:
-        return self.core.executor
-
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.input_processor.eos_token_ids

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from carpool.distributed import SINGLE, TPGroup
+from carpool.utils import cdiv
+from carpool.distributed import SINGLE_RANK, Communicator, PartialSums
 from carpool.layers.linear import load_narrow, loaded_shape
 
 
@@ -17,18 +18,18 @@ def vocab_shard_size(vocab_size: int, tp_size: int) -> int:
     under TP an even count (the push exchange moves one-row logits in pairs: PushExchange.gather_logits)."""
     if tp_size == 1:
         return vocab_size
-    shard = -(-vocab_size // tp_size)
+    shard = cdiv(vocab_size, tp_size)
     return shard + shard % 2
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
-                 tp: TPGroup = SINGLE) -> None:
+                 comm: Communicator = SINGLE_RANK) -> None:
         super().__init__()
-        self.tp = tp
+        self.comm = comm
         self.vocab_size = vocab_size
-        self.shard_size = vocab_shard_size(vocab_size, tp.size)
-        self.vocab_start = tp.rank * self.shard_size
+        self.shard_size = vocab_shard_size(vocab_size, comm.size)
+        self.vocab_start = comm.rank * self.shard_size
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
@@ -37,40 +38,29 @@ class VocabParallelEmbedding(nn.Module):
         if rows:
             param.data[:rows].copy_(load_narrow(loaded, 0, self.vocab_start, rows))
 
-    def forward_with_residual(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden, None), or on a one-token step under tensor parallelism with the push exchange this
-        rank's share of the row, in flight to every rank, and a zero residual: the first layer's norm
-        (which takes a residual) then sums the shares, so no all-reduce runs here."""
-        if self.tp.size > 1 and input_ids.numel() == 1:
-            pushed = self.tp.push_embedding(input_ids, self.weight, self.vocab_start)
-            if pushed is not None:
-                return pushed
-        return self(input_ids), None
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp.size == 1:
-            return nn.functional.embedding(input_ids, self.weight)
+    def forward(self, input_ids: torch.Tensor) -> PartialSums:
+        """This rank's share of the embedding rows (zeros for tokens outside its vocab slice): partial
+        sums that the first layer's norm reduces. A one-token step under TP may push them instead."""
+        if self.comm.size == 1:
+            return PartialSums(nn.functional.embedding(input_ids, self.weight), reduced=True)
+        pushed = self.comm.push_embedding(input_ids, self.weight, self.vocab_start)
+        if pushed is not None:
+            return pushed
         local = input_ids - self.vocab_start
         mask = (local >= 0) & (local < self.shard_size)
         out = nn.functional.embedding(local.clamp(0, self.shard_size - 1), self.weight)
-        out = out * mask.unsqueeze(-1).to(out.dtype)
-        return self.tp.all_reduce(out)
+        return PartialSums(out * mask.unsqueeze(-1).to(out.dtype))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """logits = h W^T over this rank's vocab slice, gathered across ranks and cut to the real vocab."""
 
-    # The backend's GEMV for one row (set by the ModelRunner, like LinearBase.gemv): a batch-1 step's
-    # head is the step's largest weight read, and the GEMV launches under PDL where cuBLAS does not.
-    gemv: Callable[..., torch.Tensor] | None = None
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 comm: Communicator = SINGLE_RANK, gemv: Callable[..., torch.Tensor] | None = None) -> None:
+        """gemv: the backend's GEMV for one-row steps (the head is a batch-1 step's largest weight read,
+        and the GEMV launches under PDL where cuBLAS does not); None: plain matmul."""
+        super().__init__(vocab_size, hidden_size, dtype, comm)
+        self.gemv = gemv
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.gemv is not None and hidden.dim() == 2 and hidden.shape[0] == 1:
-            gathered = self.tp.push_logits(hidden, self.weight, self.vocab_size)  # under TP: pushed while computed
-            if gathered is not None:
-                return gathered
-            logits = self.gemv(hidden, self.weight)
-        else:
-            logits = nn.functional.linear(hidden, self.weight)
-        logits = self.tp.all_gather_last_dim(logits)
-        return logits[..., :self.vocab_size]
+        return self.comm.gather_logits(hidden, self.weight, self.vocab_size, self.gemv)

@@ -35,9 +35,6 @@ class SamplingMetadata:
     output_token_ids: list[list[int]] = field(default_factory=list)  # for penalties only
     banned_token_ids: dict[int, list[int]] = field(default_factory=dict)  # row -> ids (min_tokens)
     num_logprobs: list[int | None] = field(default_factory=list)  # per row; None = not asked
-    # [N] int64: the rows' argmax, already taken with the logits; set only for all-greedy rows that need
-    # nothing else (the fast path's conditions)
-    greedy_tokens: torch.Tensor | None = None
     # Per-row noise seeds when the whole batch can take the one-pass kernel (set by the runner only then).
     seeds: torch.Tensor | None = None
 
@@ -49,8 +46,6 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, md: SamplingMetadata
                 ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
-        if md.greedy_tokens is not None:  # taken with the logits (ModelRunner): nothing left to do
-            return md.greedy_tokens, [None] * logits.shape[0]
         if md.seeds is not None and self.fast_sample is not None:
             return self.fast_sample(logits, md.temperature, md.seeds), [None] * logits.shape[0]
         # One float32 copy that is ours to modify in place (float() alone would alias float32 input).

@@ -1,17 +1,24 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) over a packed batch and a paged KV cache.
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a packed batch.
 
 Read top to bottom: embedding -> N x (RMSNorm, attention with RoPE, RMSNorm, gated MLP) -> RMSNorm ->
-LM head. Differences between the families are flags read from the config: Qwen2 has q/k/v biases;
-Qwen3 (qwen3.py) adds a per-head RMSNorm on q and k.
+LM head. What differs between families is read from the config (biases: models/registry.py) or is a
+subclass hook: `attention_cls` (Qwen3 adds a per-head q/k RMSNorm) and `mlp_cls` (where a mixture of
+experts replaces the gated MLP).
+
+Under tensor parallelism the exchanges are explicit: a row-parallel projection (and the embedding)
+returns this rank's `PartialSums`, and each norm that follows reduces them through the runtime's
+communicator. How the model runs (kernels, attention backend, linear methods) is the `ModelRuntime`'s.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.distributed import SINGLE, TPGroup
+from carpool.distributed import PartialSums
 from carpool.forward_batch import ForwardBatch
 from carpool.layers.activation import SiluAndMul
 from carpool.layers.attention import Attention
@@ -19,123 +26,117 @@ from carpool.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from carpool.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from carpool.layers.norm import RMSNorm
 from carpool.layers.rotary import RotaryEmbedding
-from carpool.ops import KernelOps
+from carpool.models.runtime import ModelRuntime
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
+    def __init__(self, config: ModelConfig, runtime: ModelRuntime, layer_index: int) -> None:
         super().__init__()
-        dtype = config.dtype
+        dtype, comm, prefix = config.dtype, runtime.comm, f"model.layers.{layer_index}.self_attn"
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=config.attention_bias,
-                                          dtype=dtype, tp=tp)
+                                          config.num_key_value_heads, bias=config.qkv_bias, dtype=dtype, comm=comm,
+                                          method=runtime.linear_method(f"{prefix}.qkv_proj"))
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
-        o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
-        # Without a bias o_proj returns partial sums: post_attention_layernorm all-reduces them (fused).
         self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
-                                        bias=o_bias, dtype=dtype, tp=tp, reduce_results=o_bias)
+                                        bias=config.o_proj_bias, dtype=dtype, comm=comm,
+                                        method=runtime.linear_method(f"{prefix}.o_proj"))
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                           config.rope_theta, config.rope_scaling)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ops)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+                              runtime.attention)
 
     def qk_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         """(q weight, k weight, eps) of a per-head q/k RMSNorm before RoPE; none here (Qwen3 has one)."""
         return None, None, 0.0
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> PartialSums:
         q_norm, k_norm, eps = self.qk_norm_weights()
-        q = None
-        if q_norm is None and k_norm is None:  # a batch-1 step: projection, RoPE and store in one kernel
-            q = self.qkv_proj.fused_rope_and_store_kv(hidden, positions, self.rotary_emb.cos_sin_cache,
-                                                      self.attn.k_cache, self.attn.v_cache, batch.attn.slot_mapping)
-        if q is None:
-            qkv = self.qkv_proj(hidden)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(-1, self.num_heads, self.head_dim)
-            k = k.view(-1, self.num_kv_heads, self.head_dim)
-            v = v.view(-1, self.num_kv_heads, self.head_dim)
-            # RoPE and the KV-cache store in one op; attention then reads this step's k and v from the cache.
-            q = self.attn.rope_and_store_kv(positions, q, k, v, self.rotary_emb.cos_sin_cache, batch,
-                                            q_norm, k_norm, eps)
-        out = self.attn(q, None, None, batch)
-        return self.o_proj(out.view(-1, self.q_size))
+        cos_sin = self.rotary_emb.cos_sin_cache
+        out = None
+        if q_norm is None and k_norm is None:  # a batch-1 GPU step: projection, RoPE and store in one kernel
+            out = self.attn.fused_qkv_forward(self.qkv_proj, hidden, positions, cos_sin, batch)
+        if out is None:
+            q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            out = self.attn(positions, q.view(-1, self.num_heads, self.head_dim),
+                            k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim),
+                            cos_sin, batch, q_norm, k_norm, eps)
+        return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                                       dtype=config.dtype, tp=tp)
-        # Partial sums: the next RMSNorm (the next layer's input_layernorm, or the final norm) reduces them.
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
-                                           dtype=config.dtype, tp=tp, reduce_results=False)
-        self.act_fn = SiluAndMul(ops)
+    """down(silu(gate(x)) * up(x)); returns this rank's partial sums of the down projection."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.gate_up_proj.fused_silu_and_mul(x)  # batch-1 steps on GPU: one kernel
-        if act is None:
-            act = self.act_fn(self.gate_up_proj(x))
-        return self.down_proj(act)
+    def __init__(self, config: ModelConfig, runtime: ModelRuntime, layer_index: int) -> None:
+        super().__init__()
+        prefix = f"model.layers.{layer_index}.mlp"
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       dtype=config.dtype, comm=runtime.comm,
+                                                       method=runtime.linear_method(f"{prefix}.gate_up_proj"))
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, dtype=config.dtype,
+                                           comm=runtime.comm, method=runtime.linear_method(f"{prefix}.down_proj"))
+        self.act_fn = SiluAndMul(runtime.ops)
+
+    def forward(self, x: torch.Tensor) -> PartialSums:
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x, self.act_fn))
 
 
 class LlamaDecoderLayer(nn.Module):
-    attention_cls: type[LlamaAttention] = LlamaAttention
+    attention_cls: type[nn.Module] = LlamaAttention
+    mlp_cls: type[nn.Module] = LlamaMLP
 
-    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
+    def __init__(self, config: ModelConfig, runtime: ModelRuntime, layer_index: int) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(config, ops, tp)
-        self.mlp = LlamaMLP(config, ops, tp)
-        # Each norm that takes a residual first all-reduces the row-parallel output before it.
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype, tp)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype,
-                                                SINGLE if self.self_attn.o_proj.reduce_results else tp)
+        self.comm = runtime.comm
+        self.self_attn = self.attention_cls(config, runtime, layer_index)
+        self.mlp = self.mlp_cls(config, runtime, layer_index)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime.ops, config.dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime.ops, config.dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+    def forward(self, positions: torch.Tensor, partial: PartialSums, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[PartialSums, torch.Tensor]:
+        """partial: the previous layer's MLP output (or the embedding), unreduced; returns this layer's."""
+        hidden, residual = self.comm.reduce_add_rms_norm(partial, residual, self.input_layernorm)
+        attn = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.comm.reduce_add_rms_norm(attn, residual, self.post_attention_layernorm)
         return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup,
+    def __init__(self, config: ModelConfig, runtime: ModelRuntime,
                  layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype, tp)
-        self.layers = nn.ModuleList([layer_cls(config, ops, tp) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, config.dtype, tp)
+        self.comm = runtime.comm
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype, runtime.comm)
+        self.layers = nn.ModuleList([layer_cls(config, runtime, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime.ops, config.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        hidden, residual = self.embed_tokens.forward_with_residual(input_ids)
+        partial, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, batch)
-        hidden, _ = self.norm(hidden, residual)
+            partial, residual = layer(positions, partial, residual, batch)
+        hidden, _ = self.comm.reduce_add_rms_norm(partial, residual, self.norm)
         return hidden
 
 
 class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> (our fused parameter, shard id)
-    packed_modules_mapping = {
+    packed_modules_mapping: dict[str, tuple[str, Any]] = {
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
     layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
-    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup = SINGLE) -> None:
+    def __init__(self, config: ModelConfig, runtime: ModelRuntime | None = None) -> None:
         super().__init__()
+        runtime = runtime or ModelRuntime.plain()
         self.config = config
-        self.model = LlamaModel(config, ops, tp, self.layer_cls)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype, tp)
+        self.model = LlamaModel(config, runtime, self.layer_cls)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype, runtime.comm,
+                                      runtime.lm_head_gemv())
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -146,4 +147,16 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def checkpoint_name_map(self, name: str) -> tuple[str, Any] | None:
+        """(our parameter's name, shard id for its weight_loader) of checkpoint tensor `name`; None for a
+        tensor this model does not load (rotary caches; the head when tied to the embedding)."""
+        if name.endswith(("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")):
+            return None
+        if self.config.tie_word_embeddings and name == "lm_head.weight":
+            return None
+        for ckpt_part, (ours, shard) in self.packed_modules_mapping.items():
+            if f".{ckpt_part}." in name:
+                return name.replace(ckpt_part, ours), shard
+        return name, None

@@ -18,15 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from carpool.config import ModelConfig
-from carpool.distributed import SINGLE, TPGroup
-from carpool.layers.linear import default_weight_loader
+from carpool.layers.linear import LinearBase, default_weight_loader
 from carpool.models.registry import get_model_class
-from carpool.ops import KernelOps
+from carpool.models.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
-
-_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-
 
 def resolve_model_path(model: str) -> str:
     """A local directory as is; anything else is a Hugging Face repo id, fetched (or found in the
@@ -58,11 +54,16 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, n) for n in names]
 
 
-def load_model(config: ModelConfig, ops: KernelOps, device: torch.device | str,
-               tp: TPGroup = SINGLE, load_format: str = "auto") -> nn.Module:
+def build_model(config: ModelConfig, runtime: ModelRuntime, device: torch.device | str) -> nn.Module:
+    """The model class of config's architecture, built on `device` with no weights loaded."""
     cls = get_model_class(config.architecture)
     with torch.device(device):
-        model = cls(config, ops, tp)
+        return cls(config, runtime)
+
+
+def load_model(config: ModelConfig, runtime: ModelRuntime, device: torch.device | str,
+               load_format: str = "auto") -> nn.Module:
+    model = build_model(config, runtime, device)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
@@ -83,9 +84,10 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
 
 
 def load_weights(model: nn.Module, path: str) -> None:
+    """Each checkpoint tensor goes where the model's `checkpoint_name_map` says, through the parameter's
+    own weight_loader; then each linear method may repack what it loaded."""
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
-    mapping: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    name_map = model.checkpoint_name_map  # type: ignore[operator]
     loaded: set[str] = set()
     files = checkpoint_files(path)
     total_bytes = sum(os.path.getsize(f) for f in files)
@@ -94,13 +96,10 @@ def load_weights(model: nn.Module, path: str) -> None:
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    mapped = name_map(name)
+                    if mapped is None:
                         continue
-                    target, shard_id = name, None
-                    for ckpt_part, (ours, shard) in mapping.items():
-                        if f".{ckpt_part}." in name:
-                            target, shard_id = name.replace(ckpt_part, ours), shard
-                            break
+                    target, shard_id = mapped
                     param = params.get(target)
                     if param is None:
                         raise ValueError(f"checkpoint tensor {name!r} matches no parameter of "
@@ -119,3 +118,6 @@ def load_weights(model: nn.Module, path: str) -> None:
     if missing:
         raise ValueError(f"checkpoint at {path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.method.process_weights_after_loading(module)

@@ -1,21 +1,20 @@
-"""Qwen3: the Llama decoder plus a per-head RMSNorm on q and k before RoPE (and no qkv bias)."""
+"""Qwen3: the Llama decoder plus a per-head RMSNorm on q and k before RoPE."""
 
 from __future__ import annotations
 
 import torch
 
 from carpool.config import ModelConfig
-from carpool.distributed import TPGroup
 from carpool.layers.norm import RMSNorm
 from carpool.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
-from carpool.ops import KernelOps
+from carpool.models.runtime import ModelRuntime
 
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(self, config: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
-        super().__init__(config, ops, tp)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, config.dtype)
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, config.dtype)
+    def __init__(self, config: ModelConfig, runtime: ModelRuntime, layer_index: int) -> None:
+        super().__init__(config, runtime, layer_index)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, runtime.ops, config.dtype)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, runtime.ops, config.dtype)
 
     def qk_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps

@@ -6,35 +6,32 @@ a step of B decodes replays the smallest graph >= B with its inputs copied into 
 rows attend over one token of block 0 and store nothing (slot -1), so they cannot disturb real rows.
 
 Everything the captured kernels read must live in these static device buffers: no host values that
-change between replays, no .item()/.tolist() inside. That includes the decode attention's work balance
-for mixed context lengths: each graph fixes its grid split count at capture, and each replay uploads the
-request order and keys per split planned from the step's host seq_lens (balanced_decode_plan).
+change between replays, no .item()/.tolist() inside. What attention needs beyond the common inputs (the
+Triton backend's decode work balance, planned per replay from the host seq_lens) the attention backend
+declares (`graph_fields`) and fills (`prepare_replay`); this runner knows no attention kernel.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from carpool.forward_batch import AttentionMetadata, ForwardBatch
-from carpool.worker.input_batch import CASCADE_MIN_BATCH, StepInputs
+from carpool.attention.backend import AttentionBackend, GraphBuffers
+from carpool.forward_batch import ForwardBatch
 from carpool.platform import to_device
+from carpool.utils import cdiv
+from carpool.worker.input_batch import CASCADE_MIN_BATCH, PendingFixup, StepInputs
 from carpool.worker.staging import Field, StaticInputs
 
 # Steps through pinned memory by kernels (ops/triton/host_io) for at most this many rows only: a kernel
-# reads pinned memory with far fewer requests in flight than the copy engine, and at batch 256 (block
-# tables of ~100 KB per step) the offline benchmark lost 2% with it (run 64), where batch-1 steps gained.
+# reads pinned memory with far fewer requests in flight than the copy engine, so large steps (batch 256
+# uploads ~100 KB of block tables) are slower by kernel, where batch-1 steps gain (EXPERIMENTS.md).
 HOST_IO_MAX_ROWS = 8
 HOST_IO_MAX_TABLE_WORDS = 4096  # (and block tables of at most 16 KB: the reads' cost grows with bytes)
-
-if TYPE_CHECKING:
-    from carpool.worker.model_runner import PendingFixup
 
 logger = logging.getLogger(__name__)
 
@@ -46,24 +43,21 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CUDAGraphRunner:
-    def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device, take_greedy: Callable[[], torch.Tensor | None] = lambda: None,
-                 kernel_io: bool = False) -> None:
+    def __init__(self, model: nn.Module, attention: AttentionBackend, max_num_seqs: int, max_model_len: int,
+                 block_size: int, device: torch.device, kernel_io: bool = False) -> None:
+        if not attention.supports_cuda_graphs:
+            raise ValueError(f"attention backend {attention.name!r} does not support CUDA graphs")
         self.model = model
+        self.attention = attention
         # Small replays' inputs read from pinned memory by one kernel (ops/triton/host_io.stage_inputs)
         # instead of the copy engine's upload, device-to-device copy of the tables and index_copy_ of the
         # fix-up (graphs of at most HOST_IO_MAX_ROWS rows).
         self.kernel_io = kernel_io
-        # The model's side output of a forward, if any: the argmax its logits gather took in passing
-        # (TPGroup.take_greedy_tokens); captured with each graph, read by the sampler after a replay.
-        self.take_greedy = take_greedy
-        self.greedy: dict[tuple[int, bool], torch.Tensor | None] = {}
-        self.last_greedy: torch.Tensor | None = None
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.max_bs = self.batch_sizes[-1]
         n = self.max_bs
         self.max_model_len = max_model_len
-        max_blocks_per_req = -(-max_model_len // block_size)
+        max_blocks_per_req = cdiv(max_model_len, block_size)
         # Every input a replay changes, in one device buffer that one copy from pinned memory refills
         # (staging.StaticInputs). Block tables go last and packed ([rows, the step's width] instead of
         # [max_num_seqs, max blocks per request]: 2.6 MB at 256 x 40k tokens), so a replay copies only
@@ -74,34 +68,22 @@ class CUDAGraphRunner:
         self.staged = StaticInputs([
             Field("input_ids", torch.long, (n,), 0), Field("positions", torch.long, (n,), 0),
             Field("slot_mapping", torch.long, (n,), -1), Field("seq_lens", torch.int32, (n,), 1),
-            Field("decode_order", torch.int32, (n,), np.arange(n, dtype=np.int32)),
-            Field("decode_split_len", torch.int32, (1,), 1), Field("prefix_len", torch.int32, (1,), 0),
+            *(backend_fields := attention.graph_fields(n)), Field("prefix_len", torch.int32, (1,), 0),
             Field("fixup_index", torch.long, (n,), 0), Field("fixup_source", torch.int32, (n,), -1),
             Field("packed_block_tables", torch.int32, (n * max_blocks_per_req,), 0)], device)
         t = self.staged.tensors
         self.input_ids, self.positions, self.slot_mapping = t["input_ids"], t["positions"], t["slot_mapping"]
         self.seq_lens, self.prefix_len = t["seq_lens"], t["prefix_len"]
-        self.decode_order, self.decode_split_len = t["decode_order"], t["decode_split_len"]
         self.block_tables = torch.zeros(n, max_blocks_per_req, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # never changes
-        # Graphs exist with the Triton backend only (which is all that imports triton).
-        from carpool.ops.triton.attention import decode_num_splits
-
-        self.num_kv_heads = model.attention_layers()[0].num_kv_heads
-        self.decode_splits = {bs: decode_num_splits(bs, self.num_kv_heads) for bs in self.batch_sizes}
+        self.buffers = GraphBuffers(self.query_start_loc, self.seq_lens, self.block_tables, self.slot_mapping,
+                                    {f.name: t[f.name] for f in backend_fields}, self.prefix_len)
+        attention.configure_graphs(self.batch_sizes, model.attention_layers()[0].num_kv_heads)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, bool], torch.Tensor] = {}
 
     def _batch(self, bs: int, cascade: bool = False) -> ForwardBatch:
-        meta = AttentionMetadata(query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
-                                 block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
-                                 # the longest possible context: kernels size their plans for any replay
-                                 max_query_len=1, max_seq_len=self.max_model_len,
-                                 query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs)
-        meta.extra.update(num_splits=self.decode_splits[bs], decode_order=self.decode_order[:bs],
-                          decode_split_len=self.decode_split_len)
-        if cascade:
-            meta.extra["cascade_prefix_len"] = self.prefix_len
+        meta = self.attention.graph_metadata(bs, self.buffers, cascade, self.max_model_len)
         return ForwardBatch(input_ids=self.input_ids[:bs], positions=self.positions[:bs], attn=meta)
 
     @torch.inference_mode()
@@ -116,12 +98,10 @@ class CUDAGraphRunner:
                     batch = self._batch(bs, cascade)
                     for _ in range(2):  # warm up: Triton compiles outside the capture
                         self.model.compute_logits(self.model(batch.input_ids, batch.positions, batch))
-                    self.take_greedy()  # (the warm-up's, not the graph's)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         hidden = self.model(batch.input_ids, batch.positions, batch)
                         self.logits[(bs, cascade)] = self.model.compute_logits(hidden)
-                        self.greedy[(bs, cascade)] = self.take_greedy()
                     self.graphs[(bs, cascade)] = graph
         torch.cuda.current_stream().wait_stream(stream)
         if self.kernel_io:
@@ -149,7 +129,7 @@ class CUDAGraphRunner:
             host["slot_mapping"][b:bs] = -1
             host["seq_lens"][b:bs] = 1
             tables[b:bs, 0] = 0
-        self._plan_decode(host, inputs.seq_lens, bs)
+        self.attention.prepare_replay(host, inputs.seq_lens, bs)
         cascade = inputs.cascade_prefix_len > 0 and (bs, True) in self.graphs
         if cascade:
             host["prefix_len"][0] = inputs.cascade_prefix_len
@@ -165,7 +145,6 @@ class CUDAGraphRunner:
                 self.input_ids.index_copy_(0, self.staged.tensors["fixup_index"][:len(fixup.index)],
                                            fixup.values)
         self.graphs[(bs, cascade)].replay()
-        self.last_greedy = self.greedy.get((bs, cascade))
         logits = self.logits[(bs, cascade)]
         if len(inputs.logits_indices) == b:
             return logits[:b]
@@ -176,7 +155,6 @@ class CUDAGraphRunner:
         the first small step. They rewrite the static inputs with the mirror's values, which the next
         replay rewrites again."""
         from carpool.ops.triton.host_io import copy_to_host
-        from carpool.worker.model_runner import PendingFixup
 
         for fixup in (None, PendingFixup(np.zeros(1, dtype=np.int64), self.input_ids[:1].clone())):
             self._stage_by_kernel(self.staged.host(), fixup, 1, 1)
@@ -200,13 +178,3 @@ class CUDAGraphRunner:
                      staged.word_offset("positions"), staged.word_offset("fixup_index"), tables,
                      self.block_tables)
         staged.uploaded()
-
-    def _plan_decode(self, host: dict[str, np.ndarray], seq_lens: np.ndarray, bs: int) -> None:
-        """Work balance of decode attention for this replay; padded rows (one key each) go last."""
-        from carpool.ops.triton.attention import balanced_decode_plan
-
-        plan = balanced_decode_plan(seq_lens, self.num_kv_heads, self.decode_splits[bs])
-        b = len(seq_lens)
-        host["decode_order"][:b] = plan.order
-        host["decode_order"][b:bs] = np.arange(b, bs, dtype=np.int32)
-        host["decode_split_len"][0] = plan.split_len

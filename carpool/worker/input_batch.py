@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from carpool.utils import cdiv
 from carpool.core.sched_output import CachedRequestData, NewRequestData
 from carpool.forward_batch import CASCADE_ALIGN
 from carpool.sampling_params import SamplingParams
@@ -38,6 +39,13 @@ class StepInputs:
     cascade_prefix_len: int = 0
 
 
+@dataclass(frozen=True)
+class PendingFixup:
+    """Tokens of a step's input that the previous step sampled and the host has not seen yet."""
+    index: np.ndarray  # int64: packed input positions to overwrite (host: it rides in the step's upload)
+    values: torch.Tensor  # the sampled token ids, on the device, one per index
+
+
 CASCADE_MIN_BATCH = 16  # fewer decodes gain little from reading a shared prefix once
 CASCADE_MIN_PREFIX = 256  # tokens; a shorter shared prefix is not worth the extra kernels
 
@@ -58,7 +66,7 @@ class InputBatch:
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
         self.block_size = block_size
-        self.max_blocks_per_req = -(-max_model_len // block_size)
+        self.max_blocks_per_req = cdiv(max_model_len, block_size)
         self.token_ids = np.zeros((max_num_reqs, max_model_len + 1), dtype=np.int64)
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
@@ -136,7 +144,7 @@ class InputBatch:
         seq_lens = start + n
         # Width rounded up to 16 columns: kernels see a block-table stride that is always a multiple of 16,
         # so Triton compiles one variant instead of one per alignment class of the step's longest request.
-        max_blocks = min(-(-int(self.num_blocks[rows].max()) // 16) * 16, self.max_blocks_per_req)
+        max_blocks = min(cdiv(int(self.num_blocks[rows].max()), 16) * 16, self.max_blocks_per_req)
         sampling = seq_lens == self.num_tokens[rows] + self.num_pending[rows]
         # Tokens whose value is still on the device (sampled by the step in flight): a running request
         # decodes exactly one such token, the first of its chunk.

@@ -9,8 +9,8 @@ replay CUDA graphs; every other step runs eagerly.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import cast
@@ -20,29 +20,19 @@ import torch
 
 from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from carpool.distributed import SINGLE, TPGroup
-from carpool.forward_batch import AttentionMetadata, ForwardBatch
-from carpool.layers.embedding import ParallelLMHead
-from carpool.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+from carpool.distributed import SINGLE, Communicator, TPGroup
+from carpool.forward_batch import ForwardBatch
 from carpool.layers.sampler import Sampler, SamplingMetadata
 from carpool.models.loader import load_model
-from carpool.ops import get_kernel_ops
+from carpool.models.runtime import ModelRuntime
 from carpool.platform import to_device
 from carpool.sampling_params import SamplingParams
+from carpool.utils import cdiv
 from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS, CUDAGraphRunner
-from carpool.worker.input_batch import InputBatch, StepInputs
+from carpool.worker.input_batch import InputBatch, PendingFixup, StepInputs
 from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block, cpu_num_blocks, gpu_num_blocks
 
 logger = logging.getLogger(__name__)
-# "0": batch-1 steps run the gate/up GEMV and silu_and_mul as two kernels (for ablations)
-FUSED_GEMV_SILU_ENV = "CARPOOL_FUSED_GEMV_SILU"
-# "0": batch-1 steps compute the LM head with cuBLAS instead of the GEMV (for ablations)
-LM_HEAD_GEMV_ENV = "CARPOOL_LM_HEAD_GEMV"
-# "0": batch-1 steps run the q/k/v GEMV and rope_and_store_kv as two kernels (for ablations)
-FUSED_QKV_ROPE_ENV = "CARPOOL_FUSED_QKV_ROPE"
-# "0": graph replays upload their inputs and steps copy their tokens to the host with the copy engine
-# instead of kernels that read and write pinned memory (ops/triton/host_io; for ablations)
-KERNEL_HOST_IO_ENV = "CARPOOL_KERNEL_HOST_IO"
 
 
 @dataclass(frozen=True)
@@ -62,29 +52,18 @@ class ModelRunner:
         self.tp = tp
         self.device = torch.device(device or config.device)
         self.block_size = config.cache.block_size
-        self.ops = get_kernel_ops(config.kernel_backend)
-        self.model = load_model(config.model, self.ops, self.device, tp, config.load_format)
+        self.comm = Communicator(tp, config.kernels)
+        self.runtime = ModelRuntime.for_inference(config.kernel_backend, self.comm, config.kernels)
+        self.ops = self.runtime.ops
+        self.attention = self.runtime.attention
         if self.ops.name == "triton":
             from carpool.ops.triton import utils as triton_utils
-            triton_utils.choose_pdl(self.device, config.disable_pdl)
-        if self.ops.gemv is not None:  # batch-1 steps: the backend's GEMV instead of cuBLAS
-            fused_act = os.environ.get(FUSED_GEMV_SILU_ENV, "1") != "0"
-            head_gemv = os.environ.get(LM_HEAD_GEMV_ENV, "1") != "0"
-            fused_rope = os.environ.get(FUSED_QKV_ROPE_ENV, "1") != "0"
-            for module in self.model.modules():
-                if isinstance(module, LinearBase) or (isinstance(module, ParallelLMHead) and head_gemv):
-                    module.gemv = self.ops.gemv
-                if isinstance(module, MergedColumnParallelLinear) and fused_act:
-                    module.gemv_silu_and_mul = self.ops.gemv_silu_and_mul
-                if isinstance(module, QKVParallelLinear) and fused_rope:
-                    module.gemv_rope_and_store_kv = self.ops.gemv_rope_and_store_kv
+            triton_utils.choose_pdl(self.device, not config.kernels.pdl)
+        self.model = load_model(config.model, self.runtime, self.device, config.load_format)
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)
         self._zero_buffers: dict[torch.dtype, torch.Tensor] = {}
-        # The argmax of this step's logits when the forward took it in passing (a TP batch-1 step's
-        # pushed gather), else None: a greedy step samples nothing more.
-        self._greedy_tokens: torch.Tensor | None = None
         self.input_batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len,
                                       self.block_size)
         self.kv_cache: torch.Tensor | None = None
@@ -101,8 +80,14 @@ class ModelRunner:
         # unlike a copy, does not hold its block in PyTorch's pinned allocator, and a step dropped unresolved
         # must not hand its buffer to another allocation before the kernel has written it.
         self.kernel_host_io = (self.device.type == "cuda" and self.ops.name == "triton"
-                               and os.environ.get(KERNEL_HOST_IO_ENV, "1") != "0")
+                               and config.kernels.kernel_host_io)
         self._recent_host_tokens: collections.deque[torch.Tensor] = collections.deque(maxlen=8)
+
+    def describe(self) -> dict:
+        """The kernel paths this runner uses: the backend, the fast paths asked for (KernelConfig) and
+        whether decode steps replay CUDA graphs."""
+        return {"kernel_backend": self.ops.name, "attention_backend": self.attention.name,
+                "cuda_graphs": self.graph_runner is not None, "kernels": dataclasses.asdict(self.config.kernels)}
 
     # ---- KV memory -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -119,16 +104,16 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
                                           self.config.model.dtype, self.device)
         if self.use_cuda_graphs:
-            self.graph_runner = CUDAGraphRunner(self.model, self.config.scheduler.max_num_seqs,
+            self.graph_runner = CUDAGraphRunner(self.model, self.attention, self.config.scheduler.max_num_seqs,
                                                 self.config.scheduler.max_model_len, self.block_size,
-                                                self.device, self.tp.take_greedy_tokens, self.kernel_host_io)
+                                                self.device, self.kernel_host_io)
             self.graph_runner.capture()
 
     @property
     def use_cuda_graphs(self) -> bool:
-        # Graphs need kernels that read every changing value from device buffers: the Triton backend.
+        # Graphs need kernels that read every changing value from device buffers (the Triton backend).
         return (self.device.type == "cuda" and not self.config.enforce_eager
-                and self.ops.name == "triton")
+                and self.attention.supports_cuda_graphs)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -138,16 +123,16 @@ class ModelRunner:
         num_tokens = cfg.max_num_batched_tokens
         num_seqs = min(cfg.max_num_seqs, num_tokens)
         per_seq = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
-        num_blocks = sum(-(-n // self.block_size) for n in per_seq)
+        num_blocks = sum(cdiv(n, self.block_size) for n in per_seq)
         allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
                           self.config.model.dtype, self.device)
         qsl = np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int32)
         positions = np.concatenate([np.arange(n) for n in per_seq])
-        max_blocks = -(-max(per_seq) // self.block_size)
+        max_blocks = cdiv(max(per_seq), self.block_size)
         tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
         next_block = 0
         for i, n in enumerate(per_seq):
-            k = -(-n // self.block_size)
+            k = cdiv(n, self.block_size)
             tables[i, :k] = np.arange(next_block, next_block + k)
             next_block += k
         slots = np.concatenate([tables[i, p // self.block_size] * self.block_size + p % self.block_size
@@ -185,19 +170,9 @@ class ModelRunner:
             batch.update(cached)
 
     def _to_device(self, inputs: StepInputs) -> ForwardBatch:
-        dev = self.device
-
-        def put(a: np.ndarray) -> torch.Tensor:
-            return to_device(a, dev)
-
-        attn = AttentionMetadata(query_start_loc=put(inputs.query_start_loc), seq_lens=put(inputs.seq_lens),
-                                 block_tables=put(inputs.block_tables), slot_mapping=put(inputs.slot_mapping),
-                                 max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len,
-                                 query_start_loc_cpu=inputs.query_start_loc.tolist(),
-                                 seq_lens_cpu=inputs.seq_lens.tolist())
-        if inputs.cascade_prefix_len:
-            attn.extra["cascade_prefix_len"] = put(np.array([inputs.cascade_prefix_len], dtype=np.int32))
-        return ForwardBatch(input_ids=put(inputs.input_ids), positions=put(inputs.positions), attn=attn)
+        return ForwardBatch(input_ids=to_device(inputs.input_ids, self.device),
+                            positions=to_device(inputs.positions, self.device),
+                            attn=self.attention.build_metadata(inputs, self.device))
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.input_batch
@@ -241,8 +216,6 @@ class ModelRunner:
                 and all(p.logprobs is None for p in params))
         if fast and all_greedy:
             md.seeds = self._zeros(len(params), torch.long)
-            if self._greedy_tokens is not None and self._greedy_tokens.numel() == len(params):
-                md.greedy_tokens = self._greedy_tokens
             return md
         if fast:
             seeds = self._noise_rng.integers(0, 1 << 62, size=len(params), dtype=np.int64)
@@ -327,30 +300,18 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs, fixup: PendingFixup | None) -> torch.Tensor | None:
         """Logits of the sampling requests (None if no request samples this step)."""
-        self.tp.begin_forward()  # (clears a gathered argmax left by another forward)
-        self._greedy_tokens = None
+        self.comm.begin_forward()
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
-            logits = self.graph_runner.run(inputs, fixup)
-            # (like the logits, a buffer of the graph, valid until its next replay: every reader, the
-            # copy to the host and the next step's fix-up, is queued on this stream before that replay)
-            self._greedy_tokens = self.graph_runner.last_greedy if len(inputs.logits_indices) else None
-            return logits
+            # (the logits are a buffer of the graph, valid until its next replay: every reader, the copy
+            # to the host and the next step's fix-up, is queued on this stream before that replay)
+            return self.graph_runner.run(inputs, fixup)
         batch = self._to_device(inputs)
         if fixup is not None:
             batch.input_ids.index_copy_(0, to_device(fixup.index, self.device), fixup.values)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         if not len(inputs.logits_indices):
             return None
-        logits = self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
-        self._greedy_tokens = self.tp.take_greedy_tokens()
-        return logits
-
-
-@dataclass(frozen=True)
-class PendingFixup:
-    """Tokens of a step's input that the previous step sampled and the host has not seen yet."""
-    index: np.ndarray  # int64: packed input positions to overwrite (host: it rides in the step's upload)
-    values: torch.Tensor  # the sampled token ids, on the device, one per index
+        return self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
 
 
 @dataclass

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from carpool.utils import cdiv
+
 ALIGN = 16  # bytes: every field starts 16-byte aligned (Triton specializes kernels on pointer alignment)
 
 
@@ -40,7 +42,7 @@ class StaticInputs:
         offset = 0
         for f in fields:
             self.layout[f.name] = (offset, f)
-            offset += -(-self._nbytes(f) // ALIGN) * ALIGN
+            offset += cdiv(self._nbytes(f), ALIGN) * ALIGN
         self.total = offset
         pin = device.type == "cuda"
         self._host = [torch.zeros(offset, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]

@@ -12,7 +12,8 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from carpool.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
+from carpool.config import (CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                            parse_dtype)
 from carpool.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput,
                                        TokenLogprobs)
 from carpool.sampling_params import RequestOutputKind, SamplingParams
@@ -104,7 +105,7 @@ def runner_output_from_dict(d: dict[str, Any]) -> ModelRunnerOutput:
 
 
 # ---- engine config (sent once, when a worker starts) ----------------------------------------------
-_NESTED = ("model", "cache", "scheduler", "parallel")
+_NESTED = ("model", "cache", "scheduler", "parallel", "kernels")
 
 
 def engine_config_to_dict(c: EngineConfig) -> dict[str, Any]:
@@ -117,6 +118,7 @@ def engine_config_to_dict(c: EngineConfig) -> dict[str, Any]:
         "cache": {f.name: getattr(c.cache, f.name) for f in fields(CacheConfig)},
         "scheduler": {f.name: getattr(c.scheduler, f.name) for f in fields(SchedulerConfig)},
         "parallel": {f.name: getattr(c.parallel, f.name) for f in fields(ParallelConfig)},
+        "kernels": {f.name: getattr(c.kernels, f.name) for f in fields(KernelConfig)},
         # every plain top-level field (device, kernels, seed, load format, ...), whatever is added later
         **{f.name: getattr(c, f.name) for f in fields(EngineConfig) if f.name not in _NESTED},
     }
@@ -128,4 +130,5 @@ def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
     model["eos_token_ids"] = tuple(model["eos_token_ids"])
     return EngineConfig(model=ModelConfig(**model), cache=CacheConfig(**d["cache"]),
                         scheduler=SchedulerConfig(**d["scheduler"]), parallel=ParallelConfig(**d["parallel"]),
+                        kernels=KernelConfig(**d["kernels"]),
                         **{f.name: d[f.name] for f in fields(EngineConfig) if f.name not in _NESTED})

@@ -22,7 +22,7 @@ import torch
 
 import carpool
 from carpool.config import EngineConfig
-from carpool.custom_all_reduce import MULTICAST_OFF
+from carpool.distributed.symmetric import MULTICAST_OFF
 from carpool.worker import tp_codec
 
 SHUTDOWN_TIMEOUT_S = 5.0

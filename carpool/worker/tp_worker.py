@@ -5,7 +5,7 @@ each rank reads them from its own pipe (the engine writes every command to every
 other nodes get them from rank 0 over a gloo group (`CommandSource`). Only rank 0 replies. The model's
 own collectives (all-reduce after row-parallel layers, all-gather of the vocab-parallel logits) use the
 main group: gloo on CPU, NCCL on GPU, with small all-reduces through symmetric memory when available
-(carpool/custom_all_reduce.py).
+(carpool/distributed/).
 
 Steps overlap: the reply to step N is sent after step N+1 has been launched (see `TPWorker.serve`), the
 same one-step-in-flight scheme as the single-process runner, so the engine's host work and every
@@ -27,6 +27,7 @@ that failed mid-step may have left its peers inside a collective.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -45,14 +46,15 @@ import torch.distributed as dist
 
 from carpool.config import EngineConfig
 from carpool.core.sched_output import TokenLogprobs
-from carpool.custom_all_reduce import CustomAllReduce, disable_multicast
 from carpool.distributed import TPGroup
+from carpool.distributed.startup import establish_custom_all_reduce
+from carpool.distributed.symmetric import disable_multicast
 from carpool.layers.embedding import vocab_shard_size
 from carpool.platform import dist_backend_for
 from carpool.profiling import device_activity, device_kernel_times, device_timeline, ms_stats, step_timings_summary
 from carpool.sampling_params import SamplingParams
 from carpool.worker import tp_codec
-from carpool.worker.model_runner import LM_HEAD_GEMV_ENV, ModelRunner, PendingStep
+from carpool.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +211,14 @@ class TPWorker:
             if config.kernel_backend == "triton":  # the self-tests launch their kernels as the model will
                 from carpool.ops.triton import utils as triton_utils
 
-                triton_utils.choose_pdl(self.device, config.disable_pdl)
-            custom = CustomAllReduce.create(self.device, config.model.dtype, info.rank, info.local_rank,
-                                            info.world_size, info.local_world_size, self.cpu_group,
-                                            model_shape=(config.model.hidden_size, config.model.intermediate_size,
-                                                         vocab_shard_size(config.model.vocab_size, info.world_size)),
-                                            push=config.kernel_backend == "triton")
+                triton_utils.choose_pdl(self.device, not config.kernels.pdl)
+            # The LM head's logits can be gathered by push only from its GEMV (ParallelLMHead).
+            head_rows = vocab_shard_size(config.model.vocab_size, info.world_size) if config.kernels.lm_head_gemv else 0
+            custom = establish_custom_all_reduce(
+                self.device, config.model.dtype, info.rank, info.local_rank, info.world_size, info.local_world_size,
+                self.cpu_group, config.kernels,
+                model_shape=(config.model.hidden_size, config.model.intermediate_size, head_rows),
+                push=config.kernel_backend == "triton")
         torch.manual_seed(config.seed)  # rank 0's unseeded sampling draws the same stream as TP=1
         self.runner = TPModelRunner(config, TPGroup(info.rank, info.world_size, custom), self.device)
         self.stats = WorkerStats()
@@ -231,17 +235,16 @@ class TPWorker:
         self.runner.initialize_kv_cache(int(msg["num_blocks"]))
 
     def describe(self, _: dict[str, Any]) -> dict[str, Any]:
+        """The paths this rank actually runs (asked for in config.kernels, and agreed at start-up)."""
         custom = self.runner.tp.custom_all_reduce
         push = custom.push if custom is not None else None
-        push_logits = (push is not None and push.logit_slots is not None
-                       and os.environ.get(LM_HEAD_GEMV_ENV, "1") != "0")  # (the head pushes from its GEMV)
         return {"custom_all_reduce": custom is not None,
                 "custom_all_reduce_max_bytes": custom.max_bytes if custom is not None else 0,
                 "fused_all_reduce_norm": custom is not None and custom.exchange is not None,
                 "push_all_reduce": push is not None,
-                "push_logits": push_logits,
-                "gather_argmax": push_logits and push is not None and push.gather_argmax,
-                "cuda_graphs": self.runner.graph_runner is not None}
+                "push_logits": push is not None and push.logit_slots is not None,
+                "cuda_graphs": self.runner.graph_runner is not None,
+                "kernels": dataclasses.asdict(self.runner.config.kernels)}
 
     def timings(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Rank 0's per-step timings since the last call; `enable` switches collection on or off."""

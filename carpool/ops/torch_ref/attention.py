@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from carpool.utils import cdiv
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops.torch_ref.elementwise import qk_norm_rotary, rotary_embedding
 
@@ -56,7 +57,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
         q_len = end - start
         if q_len == 0:
             continue
-        num_blocks = -(-seq_len // block_size)
+        num_blocks = cdiv(seq_len, block_size)
         blocks = meta.block_tables[i, :num_blocks].long()
         kc = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
         vc = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()

@@ -293,9 +293,8 @@ def pushed_add_rms_norm(residual: torch.Tensor, weight: torch.Tensor, eps: float
 
 
 @triton.jit
-def _pushed_gather_kernel(slots_ptr, epoch_ptr, out_ptr, slot_stride, shard, vocab, part_score_ptr, part_idx_ptr,
-                          HALF_SHARD: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ARGMAX: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+def _pushed_gather_kernel(slots_ptr, epoch_ptr, out_ptr, slot_stride, shard, HALF_SHARD: tl.constexpr,
+                          WORLD: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     # Program (b, r) receives pairs [b * BLOCK, (b + 1) * BLOCK) of rank r's row. Unlike the pushed norm it
     # polls only after its PDL wait (this rank's producer has finished): its many programs would
     # otherwise poll L2 while the LM head GEMV streams its weights.
@@ -309,31 +308,14 @@ def _pushed_gather_kernel(slots_ptr, epoch_ptr, out_ptr, slot_stride, shard, voc
     row = out_ptr + rank * shard
     tl.store(row + 2 * pairs, lo, mask=pmask)
     tl.store(row + 2 * pairs + 1, hi, mask=pmask)
-    if ARGMAX:
-        # This program's best column below `vocab` (the lowest on ties, as torch.argmax and the greedy
-        # sampler): one partial per program, reduced by sampling's _sample_reduce_kernel.
-        col = rank * shard + 2 * pairs
-        lo_f = tl.where(pmask & (col < vocab), lo.to(tl.float32), float("-inf"))
-        hi_f = tl.where(pmask & (col + 1 < vocab), hi.to(tl.float32), float("-inf"))
-        best = tl.maximum(tl.max(lo_f, axis=0), tl.max(hi_f, axis=0))
-        big = 2147483647
-        first = tl.minimum(tl.min(tl.where(lo_f == best, col, big), axis=0),
-                           tl.min(tl.where(hi_f == best, col + 1, big), axis=0))
-        part = rank * tl.num_programs(0) + tl.program_id(0)
-        tl.store(part_score_ptr + part, best)
-        tl.store(part_idx_ptr + part, first)
 
 
 def pushed_gather(slots: torch.Tensor, epoch: torch.Tensor, slot_stride: int, world_size: int, shard: int,
-                  dtype: torch.dtype, block: int | None = None, argmax_below: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """([1, world_size * shard], greedy): every rank's row of `shard` 16-bit values side by side,
-    received from the `gemv_push` of this call into `slots` (this rank's, int64 [2 * world_size *
-    slot_stride], used by no other exchange). Why: a batch-1 step's logits then cross NVLink while the LM
-    head GEMV runs, instead of in an all-gather after it. block: pairs per program (a power of two;
-    default up to 1024). With argmax_below = V, greedy is the argmax of the row's first V columns
-    ([1] int64, lowest column on ties), from partials the gather's programs take in passing: a greedy
-    step then needs no sampling pass over the logits (ModelRunner); else None.
+                  dtype: torch.dtype, block: int | None = None) -> torch.Tensor:
+    """[1, world_size * shard]: every rank's row of `shard` 16-bit values side by side, received from the
+    `gemv_push` of this call into `slots` (this rank's, int64 [2 * world_size * slot_stride], used by no
+    other exchange). Why: a batch-1 step's logits then cross NVLink while the LM head GEMV runs, instead
+    of in an all-gather after it. block: pairs per program (a power of two; default up to 1024).
 
     It does not advance the epoch, unlike the norm (its programs could not agree on when to): it
     expects the words of epoch + 1, which the caller must guarantee to be new, by receiving at least one
@@ -344,15 +326,6 @@ def pushed_gather(slots: torch.Tensor, epoch: torch.Tensor, slot_stride: int, wo
     out = utils.empty_output((1, world_size * shard), dtype=dtype, device=slots.device)
     block = block or min(1024, triton.next_power_of_2(shard // 2))
     grid = (triton.cdiv(shard // 2, block), world_size)
-    argmax = argmax_below is not None
-    parts = grid[0] * world_size
-    score, index = ((torch.empty(parts, dtype=torch.float32, device=slots.device),
-                     torch.empty(parts, dtype=torch.int32, device=slots.device)) if argmax else (out, out))  # (unread)
-    _pushed_gather_kernel[grid](
-        slots, epoch, out, slot_stride, shard, argmax_below or 0, score, index, HALF_SHARD=shard // 2,
-        WORLD=world_size, BLOCK=block, ARGMAX=argmax, num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    if not argmax:
-        return out, None
-    from carpool.ops.triton.sampling import reduce_partials
-
-    return out, reduce_partials(score.view(1, parts), index.view(1, parts))
+    _pushed_gather_kernel[grid](slots, epoch, out, slot_stride, shard, HALF_SHARD=shard // 2, WORLD=world_size,
+                                BLOCK=block, num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out

@@ -4,18 +4,16 @@ Decode-only steps (meta.max_query_len == 1) go to the split-K decode kernel alon
 CUDA-graph safe. Other steps (prefill chunks, prefix hits, mixed batches) run the prefill kernel over
 the requests with several queries and, when there are any, the decode kernel over those with one.
 
-meta.extra keys read here (all optional; the model runner sets them for captured graphs):
-- "num_splits": int, decode split count; a captured graph must fix it, because it shapes the grid.
+A `TritonAttentionMetadata` (forward_batch.py) may carry plans; a plain AttentionMetadata plans here:
+- num_splits: the decode split count; a captured graph must fix it, because it shapes the grid.
   Default: `decode_num_splits(number of 1-query requests, num_kv_heads)`, from the table alone.
-- "decode_order" ([>=B] int32 device tensor) and "decode_split_len" ([1] int32 device tensor): the work
-  balance of the decode kernel (see balanced_decode_plan), which a captured graph refills per replay.
-  Without them they are planned here from the host lists, once per step for all layers.
-- "cascade_prefix_len": a 1-element int32 device tensor: the number of leading keys every request of a
-  decode-only step shares (same blocks), a multiple of CASCADE_ALIGN; 0 = none. Present = cascade on.
-- "decode_scratch": (part_out [>=B, Hq, >=S, D], part_lse [>=B, Hq, >=S]) float32 buffers for the split
-  partials, B = number of requests (see decode_attention.decode_scratch); without them they are
-  allocated per call, which is also graph safe (capture allocates from the graph's private pool).
-"triton_plans" is written here: host-side plans of the step, shared by its layers (see utils.step_plan).
+- decode_order and decode_split_len: the work balance of the decode kernel (see balanced_decode_plan),
+  which a captured graph refills per replay. Without them they are planned here from the host lists,
+  once per step for all layers (utils.step_plan).
+- cascade_prefix_len: the number of leading keys every request of a decode-only step shares (same
+  blocks), a multiple of CASCADE_ALIGN; 0 = none. Present = cascade on.
+- decode_scratch: float32 buffers for the split partials (see decode_attention.decode_scratch); without
+  them they are allocated per call, which is also graph safe (capture allocates from the graph's pool).
 """
 
 from __future__ import annotations
@@ -26,7 +24,8 @@ import numpy as np
 import torch
 import triton
 
-from carpool.forward_batch import AttentionMetadata
+from carpool.utils import cdiv
+from carpool.forward_batch import AttentionMetadata, TritonAttentionMetadata
 from carpool.ops.triton import utils
 from carpool.ops.triton.decode_attention import decode_attention
 from carpool.ops.triton.paged_kv import store_kvcache
@@ -91,7 +90,7 @@ def balanced_decode_plan(seq_lens: list[int] | np.ndarray, num_kv_heads: int, nu
         # 128-key splits) and at batch 16 (mixed contexts, within 2%) on an H200 (run 31).
         return DecodePlan(num_splits, np.arange(len(lens), dtype=np.int32), 1)
     order = np.argsort(-lens, kind="stable").astype(np.int32)
-    split_len = max(min_split_len, -(-num_kv_heads * int(lens.sum()) // target_items))
+    split_len = max(min_split_len, cdiv(num_kv_heads * int(lens.sum()), target_items))
     return DecodePlan(num_splits, order, split_len)
 
 
@@ -129,8 +128,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
     decode_only = meta.max_query_len == 1
     # Host-side count of 1-query requests; a decode-only step needs none (no host work under graphs).
     num_decodes = meta.seq_lens.shape[0] if decode_only else _count_single_queries(meta)
+    plan = meta if isinstance(meta, TritonAttentionMetadata) else None
     if num_decodes:
-        num_splits = meta.extra.get("num_splits")
+        num_splits = plan.num_splits if plan is not None else None
         if num_splits is None:
             # From the table alone (no context hint): eager steps then use the same few split counts as
             # the captured graphs, so no step ever waits for a fresh compile of another NUM_SPLITS; a
@@ -140,14 +140,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
             num_splits = decode_num_splits(num_decodes, k_cache.shape[2],
                                            meta.max_seq_len if utils.interpreting() else None)
         elif int(num_splits) < 1:
-            raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
-        order, split_len = meta.extra.get("decode_order"), meta.extra.get("decode_split_len")
+            raise ValueError(f"meta.num_splits: must be >= 1, got {num_splits}")
+        order, split_len = (plan.decode_order, plan.decode_split_len) if plan is not None else (None, None)
         if order is None or split_len is None:
             order, split_len = _eager_balance(meta, k_cache.shape[2], int(num_splits), q.device)
         # Cascade (shared-prefix) attention only on decode-only steps, where the runner found the prefix.
-        prefix_len = meta.extra.get("cascade_prefix_len") if decode_only else None
+        prefix_len = plan.cascade_prefix_len if decode_only and plan is not None else None
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                         scale, int(num_splits), scratch=meta.extra.get("decode_scratch"), prefix_len=prefix_len,
+                         scale, int(num_splits), scratch=plan.decode_scratch if plan is not None else None, prefix_len=prefix_len,
                          order=order, split_len=split_len)
     if not decode_only:
         prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True)
@@ -167,7 +167,7 @@ def _eager_balance(meta: AttentionMetadata, num_kv_heads: int, num_splits: int, 
         plan = balanced_decode_plan(lens, num_kv_heads, num_splits)
         # split_len at a multiple of 4 int32s: both pointers 16-byte aligned, as the graph runner's buffers,
         # so Triton (which specializes on alignment) compiles one variant for both.
-        width = -(-len(lens) // 4) * 4
+        width = cdiv(len(lens), 4) * 4
         host = np.zeros(width + 1, dtype=np.int32)
         host[:len(lens)] = plan.order
         host[width] = plan.split_len

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from carpool.utils import cdiv
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops.triton import utils
 from carpool.ops.triton.utils import pdl_enter
@@ -122,7 +123,7 @@ def _build_plan(qsl: list[int], seq_lens: list[int], block_q: int, device: torch
     # Row width padded to a multiple of 4 int32s: plan[1] then always starts 16-byte aligned, and Triton
     # (which specializes on pointer alignment) keeps one compiled variant instead of compiling a second
     # one mid-run the first time the tile count is not a multiple of 4. Programs never read the padding.
-    width = -(-len(work) // 4) * 4
+    width = cdiv(len(work), 4) * 4
     plan = torch.zeros(2, width, dtype=torch.int32)
     if work:
         plan[0, :len(work)] = torch.tensor([w[1] for w in work], dtype=torch.int32)
@@ -133,7 +134,7 @@ def _build_plan(qsl: list[int], seq_lens: list[int], block_q: int, device: torch
 def _num_tiles(meta: AttentionMetadata, block_q: int, skip_single_queries: bool) -> int:
     qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
     q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
-    return sum(-(-n // block_q) for n in q_lens if not (n == 1 and skip_single_queries))
+    return sum(cdiv(n, block_q) for n in q_lens if not (n == 1 and skip_single_queries))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,

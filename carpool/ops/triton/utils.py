@@ -37,17 +37,17 @@ def empty_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device
 def step_plan(meta: AttentionMetadata, name: str, build: Callable[[list[int], list[int]], T]) -> T:
     """build(query_start_loc, seq_lens) on host lists, computed once per step and shared by all layers.
 
-    Cached in meta.extra["triton_plans"] and keyed by the host lists' contents, so a metadata object
+    Cached in meta.step_plans and keyed by the host lists' contents, so a metadata object
     that the runner refills for the next step never serves a stale plan. Without host lists (not
     filled by the runner) they are read from the device, which syncs, and nothing is cached."""
     qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
     if not qsl:
         return build(meta.query_start_loc.tolist(), meta.seq_lens.tolist())
     signature = (tuple(qsl), tuple(seq_lens))
-    plans = meta.extra.get("triton_plans")
-    if plans is None or plans["signature"] != signature:
-        plans = {"signature": signature}
-        meta.extra["triton_plans"] = plans
+    plans = meta.step_plans
+    if plans.get("signature") != signature:
+        plans.clear()
+        plans["signature"] = signature
     if name not in plans:
         plans[name] = build(qsl, seq_lens)
     return plans[name]

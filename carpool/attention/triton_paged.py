@@ -1,0 +1,73 @@
+"""Paged attention with the Triton kernels: the GPU backend, with CUDA-graph capture of decode steps.
+
+A captured graph fixes the decode kernel's split count (it shapes the grid); each replay uploads the
+work balance planned from the step's host seq_lens (balanced_decode_plan) into the backend's static
+fields, and the cascade's shared-prefix length when the step has one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from carpool.attention.backend import GraphBuffers
+from carpool.attention.paged import PagedAttentionBackend
+from carpool.forward_batch import TritonAttentionMetadata
+from carpool.platform import to_device
+from carpool.worker.input_batch import StepInputs
+from carpool.worker.staging import Field
+
+
+class TritonAttentionBackend(PagedAttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self) -> None:
+        from carpool.ops import triton as tri
+
+        self.rope_and_store_kv = tri.rope_and_store_kv
+        self.paged_attention = tri.paged_attention
+        self._num_kv_heads = 0
+        self._decode_splits: dict[int, int] = {}
+
+    def build_metadata(self, inputs: StepInputs, device: torch.device) -> TritonAttentionMetadata:
+        meta = TritonAttentionMetadata(**self._metadata_fields(inputs, device))
+        if inputs.cascade_prefix_len:
+            meta.cascade_prefix_len = to_device(np.array([inputs.cascade_prefix_len], dtype=np.int32), device)
+        return meta
+
+    # ---- CUDA graphs --------------------------------------------------------------------------------
+    def graph_fields(self, max_batch_size: int) -> list[Field]:
+        n = max_batch_size
+        return [Field("decode_order", torch.int32, (n,), np.arange(n, dtype=np.int32)),
+                Field("decode_split_len", torch.int32, (1,), 1)]
+
+    def configure_graphs(self, batch_sizes: list[int], num_kv_heads: int) -> None:
+        """Each graph's split count, fixed at capture for its batch size."""
+        from carpool.ops.triton.attention import decode_num_splits
+
+        self._num_kv_heads = num_kv_heads
+        self._decode_splits = {bs: decode_num_splits(bs, num_kv_heads) for bs in batch_sizes}
+
+    def graph_metadata(self, batch_size: int, buffers: GraphBuffers, cascade: bool, max_model_len: int
+                       ) -> TritonAttentionMetadata:
+        bs = batch_size
+        return TritonAttentionMetadata(
+            query_start_loc=buffers.query_start_loc[:bs + 1], seq_lens=buffers.seq_lens[:bs],
+            block_tables=buffers.block_tables[:bs], slot_mapping=buffers.slot_mapping[:bs],
+            # the longest possible context: kernels size their plans for any replay
+            max_query_len=1, max_seq_len=max_model_len,
+            query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
+            num_splits=self._decode_splits[bs], decode_order=buffers.backend_fields["decode_order"][:bs],
+            decode_split_len=buffers.backend_fields["decode_split_len"],
+            cascade_prefix_len=buffers.prefix_len if cascade else None)
+
+    def prepare_replay(self, host: dict[str, np.ndarray], seq_lens: np.ndarray, batch_size: int) -> None:
+        """Work balance of decode attention for this replay; padded rows (one key each) go last."""
+        from carpool.ops.triton.attention import balanced_decode_plan
+
+        plan = balanced_decode_plan(seq_lens, self._num_kv_heads, self._decode_splits[batch_size])
+        b = len(seq_lens)
+        host["decode_order"][:b] = plan.order
+        host["decode_order"][b:batch_size] = np.arange(b, batch_size, dtype=np.int32)
+        host["decode_split_len"][0] = plan.split_len

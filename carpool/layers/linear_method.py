@@ -1,0 +1,99 @@
+"""How a linear layer stores its weights and computes with them: the seam quantization plugs into.
+
+A linear layer (layers/linear.py) decides *what* it computes (which slice of which matrix, under tensor
+parallelism); its `LinearMethod`, chosen when the model is built, decides *how*: which parameters hold
+the weights (a bf16 matrix today; FP8 or packed int4 with scales tomorrow) and which kernel multiplies.
+A new weight format is a new LinearMethod, never a branch inside the layers.
+
+Invariant: `apply(layer, x, bias)` equals `x @ W.T + bias` for the layer's logical (dequantized) W, for
+any number of rows; the optional fused entry points return None whenever they do not take the input,
+and the caller then composes the plain ops, so every fast path has an exact slow twin.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from carpool.layers.linear import LinearBase
+
+
+class LinearMethod(ABC):
+    @abstractmethod
+    def create_weights(self, layer: "LinearBase", input_size: int, output_size: int, dtype: torch.dtype) -> None:
+        """Register this method's parameters on `layer` for an [output_size, input_size] matrix (this
+        rank's part). Each gets the layer's `weight_loader`, so checkpoint shards land where the layer's
+        tensor-parallel split says."""
+
+    @abstractmethod
+    def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, input_size] -> x W^T (+ bias) [T, output_size]."""
+
+    def process_weights_after_loading(self, layer: "LinearBase") -> None:
+        """Repack or check the loaded parameters (quantized formats); nothing for plain weights."""
+
+    def dense_weight(self, layer: "LinearBase") -> torch.Tensor | None:
+        """The layer's weight as one plain [output_size, input_size] matrix when it is stored that way
+        (kernels that read it directly, such as the TP push GEMV, need it); None otherwise."""
+        return None
+
+    # Fused batch-1 entry points. None: not available for this input.
+    def apply_silu_and_mul(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor | None:
+        """silu(x @ gate.T) * (x @ up.T) for a merged [gate; up] layer without bias."""
+        return None
+
+    def apply_rope_and_store_kv(self, layer: "LinearBase", x: torch.Tensor, positions: torch.Tensor,
+                                cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int
+                                ) -> torch.Tensor | None:
+        """The q/k/v projection, RoPE on q and k and the KV-cache store of k and v; returns q."""
+        return None
+
+
+def set_weight_loader(param: nn.Parameter, loader: Any) -> nn.Parameter:
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    return param
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """One plain weight matrix in the model dtype. With kernels given (the Triton backend on a GPU),
+    one-row inputs (batch-1 decode) take the GEMV, which beats cuBLAS there and launches under PDL."""
+
+    def __init__(self, gemv: Callable[..., torch.Tensor] | None = None,
+                 gemv_silu_and_mul: Callable[..., torch.Tensor] | None = None,
+                 gemv_rope_and_store_kv: Callable[..., torch.Tensor] | None = None) -> None:
+        self.gemv = gemv
+        self.gemv_silu_and_mul = gemv_silu_and_mul
+        self.gemv_rope_and_store_kv = gemv_rope_and_store_kv
+
+    def create_weights(self, layer: "LinearBase", input_size: int, output_size: int, dtype: torch.dtype) -> None:
+        layer.weight = set_weight_loader(
+            nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False),
+            layer.weight_loader)
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
+            return self.gemv(x, layer.weight, bias)
+        return nn.functional.linear(x, layer.weight, bias)
+
+    def dense_weight(self, layer: "LinearBase") -> torch.Tensor | None:
+        return layer.weight
+
+    def apply_silu_and_mul(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor | None:
+        if self.gemv_silu_and_mul is None or x.dim() != 2 or x.shape[0] != 1:
+            return None
+        return self.gemv_silu_and_mul(x, layer.weight)
+
+    def apply_rope_and_store_kv(self, layer: "LinearBase", x: torch.Tensor, positions: torch.Tensor,
+                                cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int
+                                ) -> torch.Tensor | None:
+        if self.gemv_rope_and_store_kv is None or x.dim() != 2 or x.shape[0] != 1:
+            return None
+        return self.gemv_rope_and_store_kv(x, layer.weight, layer.bias, positions, cos_sin_cache, k_cache, v_cache,
+                                           slot_mapping, num_heads, num_kv_heads)

@@ -1,0 +1,57 @@
+"""ModelRuntime: how a deployment runs a model, separate from what the model computes.
+
+A model class (models/llama.py) takes a ModelConfig (what it computes: the checkpoint's shape) and a
+ModelRuntime (how: which kernels, which attention backend, which tensor-parallel communicator, which
+linear method per layer). The same classes serve inference with the Triton fast paths, the CPU reference
+path, and training (`ModelRuntime.for_training()`: plain PyTorch ops that autograd differentiates, dense
+causal attention, no KV cache and no fast-path state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from carpool.attention.backend import AttentionBackend, get_attention_backend
+from carpool.attention.dense import DenseCausalAttentionBackend
+from carpool.config import KernelConfig
+from carpool.distributed import SINGLE_RANK, Communicator
+from carpool.layers.linear_method import LinearMethod, UnquantizedLinearMethod
+from carpool.ops import KernelOps, get_kernel_ops
+
+
+@dataclass(frozen=True)
+class ModelRuntime:
+    ops: KernelOps
+    attention: AttentionBackend
+    comm: Communicator = field(default=SINGLE_RANK)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    @staticmethod
+    def for_inference(kernel_backend: str, comm: Communicator = SINGLE_RANK,
+                      kernels: KernelConfig | None = None) -> "ModelRuntime":
+        return ModelRuntime(get_kernel_ops(kernel_backend), get_attention_backend(kernel_backend), comm,
+                            kernels or KernelConfig())
+
+    @staticmethod
+    def plain() -> "ModelRuntime":
+        """Inference with the torch reference kernels on one rank (the CPU path)."""
+        return ModelRuntime.for_inference("torch")
+
+    @staticmethod
+    def for_training() -> "ModelRuntime":
+        """Plain PyTorch ops (differentiable), causal attention without a KV cache, one TP rank (data
+        parallelism, DDP or FSDP, is applied to the model from outside)."""
+        return ModelRuntime(get_kernel_ops("torch"), DenseCausalAttentionBackend(), SINGLE_RANK, KernelConfig())
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        """The method of the linear layer named `prefix` (e.g. "model.layers.0.mlp.down_proj"); a
+        quantization config will choose here, per layer."""
+        ops = self.ops
+        return UnquantizedLinearMethod(
+            gemv=ops.gemv,
+            gemv_silu_and_mul=ops.gemv_silu_and_mul if self.kernels.fused_gemv_silu else None,
+            gemv_rope_and_store_kv=ops.gemv_rope_and_store_kv if self.kernels.fused_qkv_rope else None)
+
+    def lm_head_gemv(self):  # type: ignore[no-untyped-def]
+        """The GEMV for one-row LM heads, or None (plain matmul)."""
+        return self.ops.gemv if self.kernels.lm_head_gemv else None
