@@ -15,7 +15,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from carpool.forward_batch import AttentionMetadata  # noqa: E402
+from quant_checkpoints import run_prompt_logits  # noqa: E402
+
+from carpool.forward_batch import AttentionMetadata, TritonAttentionMetadata  # noqa: E402
 from carpool.ops import torch_ref  # noqa: E402
 from carpool.ops.torch_ref import quant as ref  # noqa: E402
 from carpool.ops.triton import quant_kv, utils  # noqa: E402
@@ -59,7 +61,7 @@ def fp8_batch(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int, 
     caches = [(torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen) / s).to(FP8)
               for s in (K_SCALE, V_SCALE)]
     seq_lens = [s for s, _ in reqs]
-    meta = AttentionMetadata(
+    meta = TritonAttentionMetadata(
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         block_tables=block_tables.to(DEVICE), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
@@ -70,9 +72,9 @@ def fp8_batch(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int, 
 
 
 def check_fp8_attention(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int, head_dim: int,
-                        block_size: int = 16, extra: dict | None = None) -> None:
+                        block_size: int = 16, num_splits: int | None = None) -> None:
     q, k, v, kc, vc, meta = fp8_batch(reqs, num_q_heads, num_kv_heads, head_dim, block_size)
-    meta.extra.update(extra or {})
+    meta.num_splits = num_splits
     scale = head_dim ** -0.5
     kc_ref, vc_ref = kc.clone().cpu(), vc.clone().cpu()
     cpu_meta = AttentionMetadata(meta.query_start_loc.cpu(), meta.seq_lens.cpu(), meta.block_tables.cpu(),
@@ -93,7 +95,7 @@ def test_fp8_decode_matches_reference() -> None:
 
 
 def test_fp8_decode_split_over_several_programs_matches_reference() -> None:
-    check_fp8_attention([(90, 1), (33, 1)], num_q_heads=2, num_kv_heads=1, head_dim=16, extra={"num_splits": 3})
+    check_fp8_attention([(90, 1), (33, 1)], num_q_heads=2, num_kv_heads=1, head_dim=16, num_splits=3)
 
 
 def test_fp8_prefill_chunks_prefix_hits_and_decodes_in_one_batch_match_reference() -> None:
@@ -108,7 +110,7 @@ def test_fp8_cascade_decode_over_a_shared_prefix_matches_reference() -> None:
     # both requests read the same first blocks: copy request 0's table prefix into request 1's
     shared = CASCADE_ALIGN // 16
     meta.block_tables[1, :shared] = meta.block_tables[0, :shared]
-    meta.extra["cascade_prefix_len"] = torch.tensor([CASCADE_ALIGN], dtype=torch.int32, device=DEVICE)
+    meta.cascade_prefix_len = torch.tensor([CASCADE_ALIGN], dtype=torch.int32, device=DEVICE)
     scale = 16 ** -0.5
     kc_ref, vc_ref = kc.clone().cpu(), vc.clone().cpu()
     cpu_meta = AttentionMetadata(meta.query_start_loc.cpu(), meta.seq_lens.cpu(), meta.block_tables.cpu(),
@@ -170,61 +172,25 @@ def test_fp8_store_saturates_instead_of_overflowing_to_nan() -> None:
 FP8_KV_LOGIT_RTOL = 0.1
 
 
-def _run_prompt(model, layers, prompt: list[int], chunk: int, cache_dtype: torch.dtype) -> torch.Tensor:
-    """Logits of every position of `prompt`, prefilled in chunks of `chunk` tokens through one request's
-    paged cache (block size 4)."""
-    from carpool.forward_batch import ForwardBatch
-
-    block_size, num_blocks = 4, -(-len(prompt) // 4)
-    for layer in layers:
-        shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-        layer.k_cache = torch.zeros(shape, dtype=cache_dtype)
-        layer.v_cache = torch.zeros(shape, dtype=cache_dtype)
-    table = torch.arange(num_blocks, dtype=torch.int32)[None]
-    logits = []
-    for start in range(0, len(prompt), chunk):
-        ids = prompt[start:start + chunk]
-        end = start + len(ids)
-        meta = AttentionMetadata(torch.tensor([0, len(ids)], dtype=torch.int32), torch.tensor([end], dtype=torch.int32),
-                                 table, torch.arange(start, end), len(ids), end, [0, len(ids)], [end])
-        batch = ForwardBatch(torch.tensor(ids), torch.arange(start, end), meta)
-        with torch.no_grad():
-            logits.append(model.compute_logits(model(batch.input_ids, batch.positions, batch)))
-    return torch.cat(logits)
-
-
 def test_fp8_kv_cache_logits_stay_within_tolerance_of_the_model_dtype_cache(llama_path: str) -> None:
     """The torch reference path of a whole model: prefill in chunks (each chunk reads the earlier ones
     from the FP8 cache) gives logits within FP8_KV_LOGIT_RTOL (relative) of the float32 cache's, with
     per-layer scales 1 (no calibration) and 0.5 (as a checkpoint's k_scale / v_scale would set them)."""
-    from dataclasses import replace
-
     from carpool.config import ModelConfig
     from carpool.models.loader import load_model
-    from carpool.ops import get_kernel_ops
+    from carpool.models.runtime import ModelRuntime
+    from carpool.quantization.config import KVCacheScheme
 
     config = ModelConfig.from_pretrained(llama_path, dtype="float32")
-    plain = get_kernel_ops("torch")
-    model = load_model(config, plain, "cpu")
-    layers = model.attention_layers()
     prompt = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(0)).tolist()
-    expected = _run_prompt(model, layers, prompt, 8, torch.float32)
+    model = load_model(config, ModelRuntime.plain(), "cpu")
+    expected = run_prompt_logits(model, model.attention_layers(), prompt, 8, torch.float32)
+    fp8_model = load_model(config, ModelRuntime.for_inference("torch", kv_cache=KVCacheScheme("fp8")), "cpu")
     for scale in (1.0, 0.5):
-        fp8_ops = replace(plain, paged_attention=functools.partial(ref.paged_attention_fp8, k_scale=scale,
-                                                                   v_scale=scale),
-                          rope_and_store_kv=_rope_store(scale))
-        for layer in layers:
-            layer.ops = fp8_ops
-        got = _run_prompt(model, layers, prompt, 8, FP8)
+        for layer in fp8_model.attention_layers():
+            layer.kv_scales = (scale, scale)
+        got = run_prompt_logits(fp8_model, fp8_model.attention_layers(), prompt, 8, FP8)
         err = (got - expected).abs().max().item()
         bound = FP8_KV_LOGIT_RTOL * expected.abs().max().item()
         assert err <= bound, f"scale {scale}: max |logit error| {err:.4f} > {bound:.4f}"
         assert err > 0  # the cache really was e4m3
-
-
-def _rope_store(scale: float):
-    def rope_and_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, q_weight=None,
-                          k_weight=None, eps=0.0):
-        return ref.rope_and_store_kv_fp8(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, scale,
-                                         scale, q_weight, k_weight, eps)
-    return rope_and_store_kv

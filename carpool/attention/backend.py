@@ -37,6 +37,8 @@ class GraphBuffers:
 
 class AttentionBackend(ABC):
     name: str = ""
+    # What the KV cache stores: "auto" (the model dtype) or "fp8" (e4m3 with per-layer scales).
+    kv_cache_dtype: str = "auto"
     # Whether decode steps can be captured in CUDA graphs (every value the kernels read is on the device).
     supports_cuda_graphs: bool = False
 
@@ -75,8 +77,15 @@ class AttentionBackend(ABC):
         """Fill the backend's host fields for a replay of `batch_size` rows, the first len(seq_lens) real."""
 
 
-def get_attention_backend(kernel_backend: str) -> AttentionBackend:
-    """The inference backend of a kernel backend ('torch' | 'triton')."""
+def get_attention_backend(kernel_backend: str, kv_cache_dtype: str = "auto") -> AttentionBackend:
+    """The inference backend of a kernel backend ('torch' | 'triton') over a KV cache in the model dtype
+    ("auto") or FP8 ("fp8": attention/fp8_kv.py)."""
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"kv_cache_dtype: unknown {kv_cache_dtype!r}; choose 'auto' or 'fp8'")
+    if kv_cache_dtype == "fp8" and kernel_backend in ("torch", "triton"):
+        from carpool.attention.fp8_kv import Fp8PagedAttentionBackend, Fp8TritonAttentionBackend
+
+        return Fp8PagedAttentionBackend() if kernel_backend == "torch" else Fp8TritonAttentionBackend()
     if kernel_backend == "torch":
         from carpool.attention.paged import PagedAttentionBackend
 

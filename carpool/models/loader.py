@@ -106,18 +106,26 @@ def load_weights(model: nn.Module, path: str) -> None:
                                          f"{type(model).__name__}")
                     loader = getattr(param, "weight_loader", None)
                     sl = f.get_slice(name)
-                    if shard_id is not None:
-                        loader(param, sl, shard_id)
-                    elif loader is not None:
-                        loader(param, sl)
-                    else:
-                        default_weight_loader(param, sl)
+                    try:
+                        if shard_id is not None:
+                            loader(param, sl, shard_id)
+                        elif loader is not None:
+                            loader(param, sl)
+                        else:
+                            default_weight_loader(param, sl)
+                    except ValueError as e:  # name the tensor: a wrong shape, dtype or scale is the checkpoint's
+                        raise ValueError(f"checkpoint tensor {name!r}: {e}") from e
                     loaded.add(target)
             progress.update(os.path.getsize(file))
-    missing = sorted(set(params) - loaded)
+    # (A quantized layer's derived or optional parameters, such as online FP8 scales or GPTQ's g_idx,
+    # are not required of the checkpoint: quantization/methods.py.)
+    missing = sorted(n for n in set(params) - loaded if getattr(params[n], "checkpoint_required", True))
     if missing:
         raise ValueError(f"checkpoint at {path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         if isinstance(module, LinearBase):
-            module.method.process_weights_after_loading(module)
+            try:
+                module.method.process_weights_after_loading(module)
+            except ValueError as e:
+                raise ValueError(f"{module_name}: {e}") from e

@@ -43,10 +43,13 @@ def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
     """Unmeasured defaults, derived from the bf16 GEMV's measured ones (gemv.py): two rows per program
     and whole rows per step up to 4096 columns at one row of x; each further row of x multiplies the
     float32 partial products a program holds (BLOCK_M x BLOCK_N x BLOCK_K), so the step shrinks to keep
-    them at 8192 per program. benchmarks/bench_quant.py sweeps these (`--sweep`)."""
+    them at 8192 per program. benchmarks/bench_quant.py sweeps these (`--sweep`). In the interpreter
+    (CPU tests) programs are few and wide instead."""
     block_m = triton.next_power_of_2(max(1, m))
     limit = max(256, 4096 // block_m)
     block_k = min(limit, max(64 if int4 else 16, triton.next_power_of_2(k)))
+    if utils.interpreting():  # CPU tests: each program costs ~10 ms of Python per op, whatever its size
+        return QuantGemvConfig(block_n=64, block_k=min(block_k, 256), num_warps=4)
     return QuantGemvConfig(block_n=2, block_k=block_k, num_warps=8 if k > 4096 else 4)
 
 

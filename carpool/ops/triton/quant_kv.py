@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from carpool.forward_batch import CASCADE_ALIGN, AttentionMetadata
+from carpool.forward_batch import CASCADE_ALIGN, AttentionMetadata, TritonAttentionMetadata
 from carpool.ops.triton import utils
 from carpool.ops.triton.attention import _check_shapes, _count_single_queries, _eager_balance, decode_num_splits
 from carpool.ops.triton.decode_attention import (DecodeConfig, _merge_kernel, _used_splits, decode_scratch,
@@ -464,7 +464,7 @@ def paged_attention_scaled(q: torch.Tensor, k: torch.Tensor | None, v: torch.Ten
                            v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
                            v_scale: float = 1.0) -> torch.Tensor:
     """attention.paged_attention (the same dispatch between the decode and prefill kernels, the same
-    meta.extra keys) over a cache holding k / k_scale and v / v_scale; the twin of
+    TritonAttentionMetadata plans) over a cache holding k / k_scale and v / v_scale; the twin of
     torch_ref.quant.paged_attention_fp8."""
     _check_shapes(q, k, v, k_cache, v_cache)
     if k is not None and v is not None:
@@ -474,20 +474,22 @@ def paged_attention_scaled(q: torch.Tensor, k: torch.Tensor | None, v: torch.Ten
         return out
     decode_only = meta.max_query_len == 1
     num_decodes = meta.seq_lens.shape[0] if decode_only else _count_single_queries(meta)
+    plan = meta if isinstance(meta, TritonAttentionMetadata) else None
     if num_decodes:
-        num_splits = meta.extra.get("num_splits")
+        num_splits = plan.num_splits if plan is not None else None
         if num_splits is None:
             num_splits = decode_num_splits(num_decodes, k_cache.shape[2],
                                            meta.max_seq_len if utils.interpreting() else None)
         elif int(num_splits) < 1:
-            raise ValueError(f"meta.extra['num_splits']: must be >= 1, got {num_splits}")
-        order, split_len = meta.extra.get("decode_order"), meta.extra.get("decode_split_len")
+            raise ValueError(f"meta.num_splits: must be >= 1, got {num_splits}")
+        order, split_len = (plan.decode_order, plan.decode_split_len) if plan is not None else (None, None)
         if order is None or split_len is None:
             order, split_len = _eager_balance(meta, k_cache.shape[2], int(num_splits), q.device)
-        prefix_len = meta.extra.get("cascade_prefix_len") if decode_only else None
+        prefix_len = plan.cascade_prefix_len if decode_only and plan is not None else None
         decode_attention_scaled(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                scale, int(num_splits), k_scale, v_scale, scratch=meta.extra.get("decode_scratch"),
-                                prefix_len=prefix_len, order=order, split_len=split_len)
+                                scale, int(num_splits), k_scale, v_scale,
+                                scratch=plan.decode_scratch if plan is not None else None, prefix_len=prefix_len,
+                                order=order, split_len=split_len)
     if not decode_only:
         prefill_attention_scaled(q, k_cache, v_cache, out, meta, scale, k_scale, v_scale, skip_single_queries=True)
     return out
