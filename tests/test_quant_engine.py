@@ -1,0 +1,116 @@
+"""The whole engine on quantized checkpoints (CPU, float32): greedy tokens equal Hugging Face transformers'
+on the same model with its weights dequantized by the format's reference, with chunked prefill,
+preemption and prefix-cache hits; `--quantization fp8` on a float checkpoint; the FP8 KV cache; the
+server on a quantized checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import httpx
+import pytest
+import torch
+from checkpoints import hf_greedy, prompts_of_lengths
+from quant_checkpoints import LINEARS, make_quant_checkpoint
+from safetensors.torch import load_file, save_file
+
+from carpool import LLM, SamplingParams
+from carpool.quantization.formats import quantize_fp8_per_channel
+
+MAX_NEW = 6
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+def prompts() -> list[list[int]]:
+    """Lengths across block and chunk boundaries, and three prompts sharing a 40-token prefix (cache hits)."""
+    shared = prompts_of_lengths([40], seed=1)[0]
+    return prompts_of_lengths([1, 7, 20, 45, 70]) + [shared + p for p in prompts_of_lengths([3, 11, 19], seed=2)]
+
+
+def generate(path: str, **engine_args) -> tuple[list[list[int]], LLM]:
+    llm = LLM(path, device="cpu", dtype="float32", **engine_args)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], GREEDY, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], llm
+
+
+# Chunks of 24 tokens, and 9 blocks of 16 tokens for a batch that needs 18: requests are preempted and
+# recomputed; the shared prefix is found in the cache.
+SCHEDULING = dict(max_num_batched_tokens=24, num_kv_blocks=9, enable_prefix_caching=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    def make(arch: str, fmt: str, **overrides) -> tuple[str, str]:
+        return make_quant_checkpoint(tmp_path_factory, arch, fmt, **overrides)
+    return make
+
+
+@pytest.mark.parametrize("arch,fmt,method", [
+    ("llama", "awq", "awq"), ("qwen2", "gptq", "gptq"), ("qwen3", "gptq-v2-asym", "gptq"),
+    ("qwen2", "ct-w4a16", "compressed-tensors-w4a16"),
+    ("qwen3", "ct-w4a16-sym", "compressed-tensors-w4a16"), ("llama", "ct-fp8-channel", "compressed-tensors-fp8"),
+    ("qwen2", "ct-fp8-tensor-static", "compressed-tensors-fp8"), ("qwen3", "fp8-block", "fp8"),
+])
+def test_greedy_tokens_equal_the_dequantized_reference_under_chunking_preemption_and_prefix_hits(
+        ckpt, arch: str, fmt: str, method: str) -> None:
+    quantized, reference = ckpt(arch, fmt)
+    got, llm = generate(quantized, **SCHEDULING)
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert llm.engine.core.executor.describe()["quantization"] == method
+    assert got == hf_greedy(reference, prompts(), MAX_NEW)
+
+
+def test_online_fp8_greedy_tokens_equal_the_per_channel_quantized_reference(ckpt, tmp_path) -> None:
+    """--quantization fp8 on a float checkpoint runs the model whose every projection is its weight
+    rounded to e4m3 with a per-output-channel scale (max |row| / 448)."""
+    path, _ = ckpt("llama", "float")
+    reference = shutil.copytree(path, str(tmp_path / "ref"))
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    for name, w in weights.items():
+        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+            q, scale = quantize_fp8_per_channel(w)
+            weights[name] = q.float() * scale[:, None]
+    save_file(weights, os.path.join(reference, "model.safetensors"))
+    got, llm = generate(path, quantization="fp8", **SCHEDULING)
+    assert llm.engine.core.executor.describe()["quantization"] == "fp8"
+    assert got == hf_greedy(reference, prompts(), MAX_NEW)
+    assert got != hf_greedy(path, prompts(), MAX_NEW)  # the quantization is real (this model's tokens move)
+
+
+def test_fp8_kv_cache_holds_more_tokens_in_the_same_memory(ckpt) -> None:
+    path, _ = ckpt("llama", "float")
+    budget = dict(kv_cache_memory_bytes=1 << 20)
+    plain = LLM(path, device="cpu", dtype="float32", **budget)
+    fp8 = LLM(path, device="cpu", dtype="float32", kv_cache_dtype="fp8", **budget)
+    assert fp8.engine.core.executor.describe()["kv_cache_dtype"] == "float8_e4m3fn"
+    # float32 on CPU: 4 bytes per value against 1 (bf16 on a GPU: 2 against 1)
+    assert fp8.engine.stats().num_kv_blocks == 4 * plain.engine.stats().num_kv_blocks
+
+
+def test_fp8_kv_cache_tokens_do_not_depend_on_chunking_preemption_or_prefix_hits(ckpt) -> None:
+    """Every token's K/V is stored in e4m3 before attention reads it back, whether its prompt is prefilled
+    whole or in chunks, recomputed after preemption, or found in the prefix cache: the same tokens."""
+    quantized, _ = ckpt("qwen3", "ct-w4a16-sym")
+    alone, _ = generate(quantized, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    scheduled, llm = generate(quantized, kv_cache_dtype="fp8", **SCHEDULING)
+    assert llm.engine.stats().num_preemptions > 0
+    assert scheduled == alone
+
+
+def test_server_runs_a_quantized_checkpoint_and_reports_it(ckpt) -> None:
+    from server_utils import ServerProcess
+
+    quantized, _ = ckpt("llama", "awq")
+    server = ServerProcess(quantized, "--dtype", "float32", "--kv-cache-dtype", "fp8")
+    try:
+        (card,) = httpx.get(f"{server.url}/v1/models").json()["data"]
+        assert (card["quantization"], card["kv_cache_dtype"]) == ("awq", "float8_e4m3fn")
+        prompt = prompts()[3]
+        body = {"model": card["id"], "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0.0}
+        text = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        offline = LLM(quantized, device="cpu", dtype="float32", kv_cache_dtype="fp8")
+        assert text == offline.generate([{"prompt_token_ids": prompt}], GREEDY, use_tqdm=False)[0].outputs[0].text
+    finally:
+        assert server.terminate() == 0, server.log()
