@@ -109,14 +109,15 @@ def main() -> None:
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None
-    model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
+    model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-{args.quant_format or 'bf16'}-config"),
+                                       args.shape, quant_format=args.quant_format)
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=8, max_model_len=args.prompt_len + args.new_tokens + 16,
                                          **engine_flags(args))
     if dummy:
         engine_kwargs["load_format"] = "dummy"
     bandwidth = measure_copy_bandwidth()
     result: dict[str, Any] = {"benchmark": "latency/batch1", "device": device_name(),
-                              "model": args.model or f"{args.shape} (random bf16 weights)",
+                              "model": args.model or f"{args.shape} (random {args.quant_format or 'bf16'} weights)",
                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "tensor_parallel_size": args.tensor_parallel_size,
                               "engine_args": engine_kwargs,
@@ -124,7 +125,7 @@ def main() -> None:
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
                                     args.breakdown or args.tensor_parallel_size > 1)
     result["ms_per_token"] = result["carpool"]["ms_per_token"]
-    if dummy:
+    if dummy and args.quant_format is None and args.quantization is None:  # (bf16 weight bytes)
         weight_bytes = ModelArithmetic.of(args.shape).weight_bytes
         # with TP each GPU reads its share of the weights, in parallel, at its own bandwidth
         result["roofline_ms_per_token"] = 1e3 * weight_bytes / (bandwidth * args.tensor_parallel_size)

@@ -114,3 +114,24 @@ def test_server_runs_a_quantized_checkpoint_and_reports_it(ckpt) -> None:
         assert text == offline.generate([{"prompt_token_ids": prompt}], GREEDY, use_tqdm=False)[0].outputs[0].text
     finally:
         assert server.terminate() == 0, server.log()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt,kv", [("awq", "auto"), ("gptq", "fp8"), ("ct-w4a16", "auto"), ("ct-fp8-channel", "fp8"),
+                                    ("fp8-block", "auto")])
+def test_gpu_engine_runs_quantized_checkpoints_in_cuda_graphs(ckpt, fmt: str, kv: str) -> None:
+    """The Triton kernels in the engine (GEMV at batch <= 8 inside CUDA graphs, GEMM for prefill, the FP8 KV
+    cache) in bf16: the first greedy token of each prompt agrees with the dequantized reference's, run by
+    the same engine in bf16 (later tokens may part on rounding)."""
+    quantized, reference = ckpt("llama", fmt)
+    llm = LLM(quantized, device="cuda", dtype="bfloat16", kv_cache_dtype=kv)
+    paths = llm.engine.core.executor.describe()
+    assert paths["cuda_graphs"] and paths["quantization"] is not None
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts()], GREEDY,
+                                                        use_tqdm=False)]
+    ref = LLM(reference, device="cuda", dtype="bfloat16")
+    expected = [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in prompts()], GREEDY,
+                                                              use_tqdm=False)]
+    agree = sum(g[0] == e[0] for g, e in zip(got, expected))
+    assert agree >= len(got) - 1, (got, expected)

@@ -184,3 +184,18 @@ def test_bf16_quantized_kernels_match_reference_on_gpu() -> None:
     torch.testing.assert_close(int4_gemm(x, packed, scales, zeros, 128).float().cpu(), expected, atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(int4_gemv(x[:8], packed, scales, zeros, 128).float().cpu(), expected[:8], atol=5e-2,
                                rtol=2e-2)
+
+
+def test_quant_benchmark_imports_on_cpu_and_counts_bytes_per_method() -> None:
+    """benchmarks/bench_quant.py's dry run (no GPU): FP8 reads about half of bf16's bytes at batch 1, INT4
+    (group 128, with scales and zeros) about a quarter plus 3%."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quant.py")
+    spec = importlib.util.spec_from_file_location("bench_quant", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    report = bench.dry_run()
+    bytes_at_1 = {row["method"]: row["bytes"] for row in report["decode"] if row["batch"] == 1}
+    assert 0.49 < bytes_at_1["fp8"] / bytes_at_1["bf16"] < 0.51
+    assert 0.25 < bytes_at_1["int4"] / bytes_at_1["bf16"] < 0.28

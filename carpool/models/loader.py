@@ -79,6 +79,10 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         gen = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
         if name.endswith("norm.weight"):
             param.fill_(1.0)
+        elif not param.dtype.is_floating_point:  # packed quantized words (random bits), GPTQ's g_idx
+            param.random_(generator=gen)
+        elif param.element_size() == 1:  # FP8 weights: normal values, rounded to e4m3
+            param.copy_(torch.empty(param.shape, device=param.device).normal_(0.0, 1.0, generator=gen))
         else:
             param.normal_(0.0, std, generator=gen)
 
