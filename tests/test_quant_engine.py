@@ -135,3 +135,43 @@ def test_gpu_engine_runs_quantized_checkpoints_in_cuda_graphs(ckpt, fmt: str, kv
                                                               use_tqdm=False)]
     agree = sum(g[0] == e[0] for g, e in zip(got, expected))
     assert agree >= len(got) - 1, (got, expected)
+
+
+def _with_kv_scales(src: str, dst: str, scales: dict[str, float]) -> str:
+    """A copy of the compressed-tensors checkpoint `src` with per-layer KV-cache scales under the names
+    compressed-tensors gives them (initialize_attn_qparams: self_attn.k_scale / v_scale) and a
+    kv_cache_scheme in its config."""
+    import json
+
+    shutil.copytree(src, dst)
+    weights = load_file(os.path.join(dst, "model.safetensors"))
+    weights.update({name: torch.tensor([value]) for name, value in scales.items()})
+    save_file(weights, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                     "dynamic": False, "symmetric": True}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return dst
+
+
+def test_checkpoint_kv_scales_reach_each_layer_of_an_fp8_cache_and_are_skipped_otherwise(ckpt, tmp_path) -> None:
+    quantized, _ = ckpt("llama", "ct-fp8-channel")
+    scales = {f"model.layers.{i}.self_attn.{kv}_scale": 0.25 * (i + 1) + (0.5 if kv == "v" else 0.0)
+              for i in range(2) for kv in "kv"}
+    path = _with_kv_scales(quantized, str(tmp_path / "kv"), scales)
+    llm = LLM(path, device="cpu", dtype="float32", kv_cache_dtype="fp8")
+    layers = llm.engine.core.executor.runner.model.attention_layers()
+    assert [layer.kv_scales for layer in layers] == [(0.25, 0.75), (0.5, 1.0)]
+    # A model-dtype cache has no use for them: loaded past, the tokens those of the checkpoint without them.
+    assert generate(path)[0] == generate(quantized)[0]
+
+
+def test_a_non_positive_kv_scale_is_refused_naming_the_layer(ckpt, tmp_path) -> None:
+    quantized, _ = ckpt("llama", "ct-fp8-channel")
+    scales = {f"model.layers.{i}.self_attn.{kv}_scale": 0.0 if (i, kv) == (1, "v") else 1.0
+              for i in range(2) for kv in "kv"}
+    path = _with_kv_scales(quantized, str(tmp_path / "kv"), scales)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.attn: k_scale, v_scale: .*positive"):
+        LLM(path, device="cpu", dtype="float32", kv_cache_dtype="fp8")

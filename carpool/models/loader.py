@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from carpool.config import ModelConfig
+from carpool.layers.attention import Attention
 from carpool.layers.linear import LinearBase, default_weight_loader
 from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
@@ -128,8 +129,10 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise ValueError(f"checkpoint at {path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
     for module_name, module in model.named_modules():
-        if isinstance(module, LinearBase):
-            try:
+        try:
+            if isinstance(module, LinearBase):
                 module.method.process_weights_after_loading(module)
-            except ValueError as e:
-                raise ValueError(f"{module_name}: {e}") from e
+            elif isinstance(module, Attention):
+                module.backend.process_weights_after_loading(module)
+        except ValueError as e:
+            raise ValueError(f"{module_name}: {e}") from e

@@ -41,7 +41,7 @@ class ModelRuntime:
                       packed_modules: Mapping[str, tuple[str, Any]] | None = None,
                       kv_cache: KVCacheScheme | None = None) -> "ModelRuntime":
         kv_cache = kv_cache or KVCacheScheme()
-        return ModelRuntime(get_kernel_ops(kernel_backend), get_attention_backend(kernel_backend, kv_cache.dtype),
+        return ModelRuntime(get_kernel_ops(kernel_backend), get_attention_backend(kernel_backend, kv_cache),
                             comm, kernels or KernelConfig(), quantization, dict(packed_modules or {}), kv_cache)
 
     @staticmethod

@@ -97,7 +97,9 @@ def parse_kv_cache_dtype(kv_cache_dtype: str, hf_config: Mapping[str, Any] | Non
         raise ValueError(f"kv_cache_dtype: unsupported value {kv_cache_dtype!r}; choose one of "
                          f"{', '.join(KV_CACHE_DTYPES)}")
     qc = (hf_config or {}).get("quantization_config") or {}
-    has_scales = bool(qc.get("kv_cache_scheme")) if qc.get("quant_method") == "compressed-tensors" else False
+    # compressed-tensors' kv_cache_scheme (self_attn.k_scale / v_scale), or AutoFP8's kv_cache_quant_targets
+    # (self_attn.k_proj.output_scale / v_proj.output_scale)
+    has_scales = bool(qc.get("kv_cache_scheme") or qc.get("kv_cache_quant_targets"))
     if kv_cache_dtype == "auto":
         return KVCacheScheme("auto", has_scales)
     return KVCacheScheme("fp8", has_scales)
