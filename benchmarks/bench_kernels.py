@@ -35,14 +35,12 @@ import triton
 
 from common import emit, measure_copy_bandwidth
 
-from carpool.utils import cdiv
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops import torch_ref
 from carpool.ops import triton as tri
-from carpool.ops.triton.attention import (DECODE_TARGET_ITEMS, DecodePlan, balanced_decode_plan,
-                                          decode_num_splits)
-from carpool.ops.triton.decode_attention import (DecodeConfig, decode_attention, decode_scratch,
-                                                 default_decode_config)
+from carpool.ops.triton.attention import DECODE_TARGET_ITEMS, DecodePlan, balanced_decode_plan, decode_num_splits
+from carpool.ops.triton.decode_attention import DecodeConfig, decode_attention, decode_scratch, default_decode_config
+from carpool.utils import cdiv
 
 HQ, HKV, HEAD_DIM, PAGE = 16, 8, 128, 16
 DTYPE = torch.bfloat16

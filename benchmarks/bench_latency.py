@@ -1,5 +1,6 @@
-"""Batch-1 decode latency: ms per output token against the weight-bandwidth limit (weight bytes / B,
-B measured in the same run), with HF transformers `generate` side by side.
+"""Batch-1 decode latency: ms per output token against the bandwidth limit ((weight bytes + K/V bytes of
+the mean context) / B, B measured in the same run; a mixture of experts counts the top_k experts a token
+reads, not all), with HF transformers `generate` side by side.
 
 Default: the Llama-3-8B shape with random bf16 weights (--load-format dummy: no 16 GB checkpoint on
 disk), a 128-token prompt and 256 generated tokens. Prints one JSON object (and writes it to --out).
@@ -17,8 +18,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (SHAPES, ModelArithmetic, add_engine_flags, device_name, emit, engine_flags,  # noqa: E402
-                    measure_copy_bandwidth, write_config)
+from common import (  # noqa: E402
+    SHAPES,
+    ModelArithmetic,
+    add_engine_flags,
+    device_name,
+    emit,
+    engine_flags,
+    measure_copy_bandwidth,
+    write_config,
+)
 
 
 def run_carpool(model: str, prompt: list[int], new_tokens: int, repeats: int,
@@ -126,9 +135,15 @@ def main() -> None:
                                     args.breakdown or args.tensor_parallel_size > 1)
     result["ms_per_token"] = result["carpool"]["ms_per_token"]
     if dummy and args.quant_format is None and args.quantization is None:  # (bf16 weight bytes)
-        weight_bytes = ModelArithmetic.of(args.shape).weight_bytes
+        arithmetic = ModelArithmetic.of(args.shape)
+        # (a mixture of experts' step reads its token's top_k experts per sparse layer, not all of them)
+        weight_bytes = arithmetic.decode_weight_bytes(1)
+        # the K/V of the mean context of a decode step (under 1% of the bytes at these lengths)
+        kv_bytes = arithmetic.kv_bytes_per_token * (args.prompt_len + args.new_tokens / 2)
         # with TP each GPU reads its share of the weights, in parallel, at its own bandwidth
-        result["roofline_ms_per_token"] = 1e3 * weight_bytes / (bandwidth * args.tensor_parallel_size)
+        result["roofline_ms_per_token"] = 1e3 * (weight_bytes + kv_bytes) / (bandwidth * args.tensor_parallel_size)
+        result["roofline_weight_bytes"] = weight_bytes
+        result["roofline_kv_bytes"] = kv_bytes
         result["roofline_ratio"] = result["ms_per_token"] / result["roofline_ms_per_token"]
     if args.hf:
         result["hf"] = run_hf(model, prompt, args.new_tokens)

@@ -7,9 +7,13 @@ Workloads:
 - shared-prefix: 256 requests = one 2,000-token system prefix + distinct 50-300-token suffixes, 128 output
   tokens each, run with prefix caching on and then off.
 
-Roofline time = (sum over requests of K/V bytes read by all its decode steps + weight bytes x number of
-decode steps) / B + (prefill FLOPs + decode FLOPs) / F, with B the measured copy bandwidth and F the
-measured bf16 matmul rate. Prints one JSON object (and writes it to --out).
+Roofline time = (sum over requests of K/V bytes read by all its decode steps + sum over decode steps of
+the weight bytes the step reads) / B + (prefill FLOPs + decode FLOPs) / F, with B the measured copy
+bandwidth and F the measured bf16 matmul rate. A dense model's step reads all weights; a mixture of
+experts' step reads the non-expert weights plus, per sparse layer, the expected number of distinct experts
+its batch of b decoding requests selects under uniform routing, E (1 - (1 - k/E)^b) (Qwen3-30B-A3B: 8 of
+128 at b = 1, 125.9 at b = 64, 128 from b ~ 150; common.ModelArithmetic). Prints one JSON object (and writes
+it to --out).
 """
 
 from __future__ import annotations
@@ -24,8 +28,17 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (ModelArithmetic, add_engine_flags, device_name, emit, engine_flags, measure_copy_bandwidth,  # noqa: E402
-                    measure_matmul_flops, write_config, write_random_checkpoint)
+from common import (  # noqa: E402
+    ModelArithmetic,
+    add_engine_flags,
+    device_name,
+    emit,
+    engine_flags,
+    measure_copy_bandwidth,
+    measure_matmul_flops,
+    write_config,
+    write_random_checkpoint,
+)
 
 
 def random_workload(num_prompts: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -61,12 +74,26 @@ def roofline(shape: str, prompts: list[list[int]], out_lens: list[int], bandwidt
         keys = steps * p + steps * (steps + 1) // 2
         kv_bytes += keys * m.kv_bytes_per_token
         decode_flops += steps * (m.linear_flops_per_token + m.lm_head_flops) + keys * m.attn_flops_per_key
-    # decode steps when every request decodes in the same step (up to max_num_seqs at a time)
+    # decode steps when every request decodes in the same step (up to max_num_seqs at a time): step s of a
+    # wave decodes the wave's requests with more than s + 1 output tokens
     order = sorted(out_lens, reverse=True)
-    decode_steps = sum(order[i] - 1 for i in range(0, len(order), max_num_seqs))
-    seconds = (kv_bytes + m.weight_bytes * decode_steps) / bandwidth + (prefill_flops + decode_flops) / flops
-    return {"roofline_seconds": seconds, "kv_bytes": kv_bytes, "weight_bytes": m.weight_bytes,
-            "decode_steps": decode_steps, "prefill_flops": prefill_flops, "decode_flops": decode_flops}
+    decode_steps, step_weight_bytes = 0, 0.0
+    for i in range(0, len(order), max_num_seqs):
+        wave = order[i:i + max_num_seqs]
+        decode_steps += wave[0] - 1
+        batch = len(wave)
+        for s in range(wave[0] - 1):
+            while wave[batch - 1] - 1 <= s:
+                batch -= 1
+            step_weight_bytes += m.decode_weight_bytes(batch)
+    seconds = (kv_bytes + step_weight_bytes) / bandwidth + (prefill_flops + decode_flops) / flops
+    result: dict[str, float] = {"roofline_seconds": seconds, "kv_bytes": kv_bytes, "weight_bytes": m.weight_bytes,
+                                "decode_steps": decode_steps, "decode_weight_bytes": step_weight_bytes,
+                                "prefill_flops": prefill_flops, "decode_flops": decode_flops}
+    if m.num_experts:
+        result["expert_bytes"] = m.expert_bytes
+        result["mean_distinct_experts_per_step"] = (step_weight_bytes / decode_steps - m.weight_bytes) / m.expert_bytes
+    return result
 
 
 def run_carpool(model: str, prompts: list[list[int]], out_lens: list[int], temperature: float,
@@ -163,8 +190,15 @@ def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperatur
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="paged|sdpa",
-                                              device_map="cuda")
+    if any(name.endswith(".safetensors") for name in os.listdir(model)):
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="paged|sdpa",
+                                                  device_map="cuda")
+    else:  # a config only (--load-format dummy): random weights, as carpool's
+        from transformers import AutoConfig
+
+        with torch.device("cuda"):
+            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=torch.bfloat16,
+                                                  attn_implementation="paged|sdpa")
     gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max(out_lens),
                            eos_token_id=-1, pad_token_id=0)
     start = time.perf_counter()
@@ -227,7 +261,8 @@ def main() -> None:
         model = args.model or write_random_checkpoint(os.path.join(args.checkpoint_dir, args.shape), args.shape)
     if args.model is None and not on_gpu:
         raise SystemExit("on CPU pass --model (e.g. the demo model path)")
-    engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    engine_kwargs: dict[str, Any] = dict(max_num_seqs=args.max_num_seqs,
+                                         max_num_batched_tokens=args.max_num_batched_tokens,
                                          load_format=args.load_format, **engine_flags(args))
     if args.device:
         engine_kwargs["device"] = args.device

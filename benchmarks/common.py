@@ -27,6 +27,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                       hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                       max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0),
+    # mixture of experts: every layer sparse, 128 experts of intermediate 768, top-8 renormalized
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+                          hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, tie_word_embeddings=False,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[],
+                          max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0),
 }
 
 
@@ -65,8 +72,11 @@ def write_random_checkpoint(path: str, shape: str, seed: int = 0, std: float = 0
 
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return path
-    write_config(path, shape)
     cfg = SHAPES[shape]
+    if cfg.get("num_experts"):
+        raise SystemExit(f"{shape}: no checkpoint is written for mixture-of-experts shapes (tens of GB); "
+                         "pass --load-format dummy")
+    write_config(path, shape)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -97,28 +107,57 @@ def write_random_checkpoint(path: str, shape: str, seed: int = 0, std: float = 0
 
 @dataclass
 class ModelArithmetic:
-    """Bytes and FLOPs of one model shape, from its config."""
+    """Bytes and FLOPs of one model shape, from its config.
+
+    Mixture of experts: a decode step reads every weight except the routed experts no token of the step
+    chose. `weight_bytes` are the weights every step reads (for a dense model: all of them, less the
+    embedding table); `expert_bytes` one routed expert's weights summed over the sparse layers, read once
+    per step for each distinct expert the step's tokens select (`decode_weight_bytes`)."""
 
     weight_bytes: int
     kv_bytes_per_token: int
-    linear_flops_per_token: int  # all decoder-layer matmuls, per token
+    linear_flops_per_token: int  # all decoder-layer matmuls, per token (MoE: the top_k chosen experts)
     lm_head_flops: int  # per sampled token
     attn_flops_per_key: int  # per (query token, key) pair: QK^T and PV
+    expert_bytes: int = 0
+    num_experts: int = 0
+    top_k: int = 0
 
     @staticmethod
     def of(shape: str, dtype_bytes: int = 2) -> "ModelArithmetic":
         c = SHAPES[shape]
         h, inter, v, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
         hd, nh, nkv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
-        layer_params = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * inter
+        attention = h * (nh + 2 * nkv) * hd + nh * hd * h
+        num_experts, top_k = c.get("num_experts", 0), c.get("num_experts_per_tok", 0)
+        mlp_only, step = c.get("mlp_only_layers", []), c.get("decoder_sparse_step", 1)
+        sparse = sum(1 for i in range(L) if num_experts and i not in mlp_only and (i + 1) % step == 0)
+        shared = c.get("shared_expert_intermediate_size", 0)
+        # read by every step: attention, dense MLPs, routers, shared experts (and their gates)
+        always = L * attention + (L - sparse) * 3 * h * inter
+        always += sparse * (num_experts * h + (3 * h * shared + h if shared else 0))
+        expert = sparse * 3 * h * c.get("moe_intermediate_size", 0)  # one routed expert, every sparse layer
         embed = v * h
         head = 0 if c["tie_word_embeddings"] else v * h
         # a decode step reads every layer, the LM head (the embedding too when tied), not the lookup table
-        weight_params = L * layer_params + (embed if c["tie_word_embeddings"] else head)
+        weight_params = always + (embed if c["tie_word_embeddings"] else head)
         return ModelArithmetic(weight_bytes=weight_params * dtype_bytes,
                                kv_bytes_per_token=2 * L * nkv * hd * dtype_bytes,
-                               linear_flops_per_token=2 * L * layer_params, lm_head_flops=2 * v * h,
-                               attn_flops_per_key=4 * L * nh * hd)
+                               linear_flops_per_token=2 * (always + top_k * expert), lm_head_flops=2 * v * h,
+                               attn_flops_per_key=4 * L * nh * hd, expert_bytes=expert * dtype_bytes,
+                               num_experts=num_experts, top_k=top_k)
+
+    def expected_distinct_experts(self, batch: int) -> float:
+        """Distinct experts per sparse layer that `batch` tokens select when each picks top_k of
+        num_experts uniformly at random: E (1 - (1 - k/E)^batch) (k at batch 1; 125.9 of 128 at batch 64,
+        all 128 at 256 for Qwen3-30B-A3B). Random (dummy) weights route close to uniformly."""
+        if not self.num_experts:
+            return 0.0
+        return self.num_experts * (1.0 - (1.0 - self.top_k / self.num_experts) ** batch)
+
+    def decode_weight_bytes(self, batch: int) -> float:
+        """Weight bytes a decode step of `batch` tokens reads."""
+        return self.weight_bytes + self.expert_bytes * self.expected_distinct_experts(batch)
 
 
 def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 32) -> float:

@@ -10,8 +10,13 @@ from typing import Any
 
 import torch
 
-from carpool.profiling import (DeviceActivity, device_activity, device_kernel_times, device_timeline,
-                               step_timings_summary)
+from carpool.profiling import (
+    DeviceActivity,
+    device_activity,
+    device_kernel_times,
+    device_timeline,
+    step_timings_summary,
+)
 
 CATEGORIES = (
     ("communication", ("nccl", "all_reduce", "allreduce", "one_shot", "all_gather", "allgather", "broadcast",

@@ -32,6 +32,40 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts part of a checkpoint (Qwen2-MoE, Qwen3-MoE, Mixtral), filled by the family's
+    adapter (models/registry.py) under Hugging Face's names; None in ModelConfig for dense models.
+
+    Invariants: 1 <= num_experts_per_tok <= num_experts; a layer is sparse iff `is_moe_layer` says so, and
+    a dense layer of an MoE model is the gated MLP of ModelConfig.intermediate_size."""
+
+    num_experts: int
+    num_experts_per_tok: int  # top-k
+    moe_intermediate_size: int  # of each routed expert
+    norm_topk_prob: bool  # divide the k chosen probabilities by their sum
+    # the routing weights are cast to the router logits' dtype (Qwen) or stay float32 (Mixtral)
+    router_weights_in_model_dtype: bool
+    shared_expert_intermediate_size: int = 0  # an always-on expert with a sigmoid gate (Qwen2-MoE); 0: none
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % decoder_sparse_step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"model: num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"model: num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                             f"got {self.num_experts_per_tok}")
+        if self.moe_intermediate_size < 1 or self.shared_expert_intermediate_size < 0:
+            raise ValueError(f"model: moe_intermediate_size must be >= 1 and shared_expert_intermediate_size "
+                             f">= 0, got {self.moe_intermediate_size} and {self.shared_expert_intermediate_size}")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"model: decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        return layer_index not in self.mlp_only_layers and (layer_index + 1) % self.decoder_sparse_step == 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """What the executor needs to know about a checkpoint, read from its config.json.
 
@@ -61,6 +95,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     hf_config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    moe: MoEConfig | None = None  # mixture-of-experts models only
 
     @staticmethod
     def from_pretrained(path: str, dtype: str = "auto", max_model_len: int | None = None,
@@ -144,6 +179,7 @@ class ModelConfig:
             eos_token_ids=tuple(int(e) for e in eos_ids),
             bos_token_id=cfg.get("bos_token_id"),
             hf_config=cfg,
+            moe=family.moe(cfg),
         )
 
 

@@ -7,7 +7,8 @@
 # tensor-parallel tests and benchmarks (2 GPUs, ~8 min): 7 JSON files + suite.log, nothing else;
 # "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
 # "ablate" times batch-1 latency with each kernel choice undone in turn; "balance" compares the decode
-# attention's work balance on and off; "check" measures the targets twice after the GPU tests.
+# attention's work balance on and off; "check" measures the targets twice after the GPU tests;
+# "seams" compares this tree with an older commit's copy in .baseline/ (latency and throughput, twice each).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -18,14 +19,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS
 export CARPOOL_CACHE_DIR=${CARPOOL_CACHE_DIR:-/tmp/carpool-cache}
 status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; return 1; }; }
-gpu_tests="tests/test_gpu_engine.py tests/test_triton_kernels.py"  # (the server tests need fastapi/openai)
+gpu_tests="tests/test_gpu_engine.py tests/test_triton_ops.py tests/test_triton_distributed.py tests/test_triton_worker.py"  # (the server tests need fastapi/openai)
 # the single-GPU tests as one step; $@: what goes before pytest (e.g. "timeout 300")
 run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu_tests -o addopts=""; }
 # end of a mode: the exit status of its steps; the pause lets tee write the end of the log
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -88,6 +89,24 @@ if [ "$mode" = balance ]; then
   step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
   finish
 fi
+if [ "$mode" = seams ]; then
+  # A change against the code before it, side by side on one machine: the GPU tests of this tree, then
+  # batch-1 latency and offline throughput alternating this tree and the baseline's (a copy of the older
+  # commit's carpool/ and benchmarks/ in .baseline/, carried to the machine), twice each.
+  run_gpu_tests timeout 240
+  here=$PWD
+  base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
+  for i in 1 2; do
+    step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_$i.json"
+    step timeout 100 base python3 benchmarks/bench_latency.py --out "$out/latency_base_$i.json"
+  done
+  for i in 1 2; do  # (the second pair's JSON is in suite.log only: at most 8 files come back)
+    dir=$out; [ $i = 2 ] && dir=/tmp
+    step timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_$i.json"
+    step timeout 150 base python3 benchmarks/bench_throughput.py --out "$dir/throughput_base_$i.json"
+  done
+  finish
+fi
 if [ "$mode" = check ]; then
   # The figures of the targets, each measured twice, with the GPU tests first: batch-1 latency
   # (profiled, repeated, and without the fused gate/up GEMV + SiLU) and offline throughput (plain, profiled).
@@ -129,10 +148,10 @@ if [ "$mode" = tp ]; then
   # GPU (streams); if they fail, the rest runs without the push exchange.
   # (the model-family push test is a CPU test of the wiring: on a GPU its engine start-up compiles for
   # minutes, which once ran this step past its limit)
-  step timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -o addopts="" \
+  step timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_distributed.py -o addopts="" \
     -k "over_simulated_ranks or pushes_to_the_norm" \
     || { push_off=--no-push-all-reduce; echo "!!! push exchange off for the remaining steps"; }
-  step timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_kernels.py -o addopts="" \
+  step timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_ops.py -o addopts="" \
     -k "gemv_silu or gemv_rope"
   step timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
   # Llama-3-8B shape, batch 1: TP=2 (rank-0 profile), TP=2 without the push exchange (the fused exchange

@@ -14,8 +14,8 @@ status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; return 1; }; }
 if [ "${1:-}" = tests ]; then
   shift
-  step timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -o addopts="" \
-    -k "over_simulated_ranks or pushes_to_the_next_norm"
+  step timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_distributed.py -o addopts="" \
+    -k "over_simulated_ranks or pushes_to_the_norm"
   step timeout 200 python3 benchmarks/bench_gemv.py --push --out "$out/gemv_push.json" > /tmp/gemv_push.log 2>&1
   python3 -c "import json; [print('GEMV', r['case'], r['block_k'], r['num_warps'], r['plain_us'], r['push_local_us'], r.get('push_peer_us')) for r in json.load(open('$out/gemv_push.json'))['cases']]"
   step timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py \

@@ -18,12 +18,12 @@ import subprocess
 import tempfile
 
 import torch
-
-from carpool.utils import cdiv
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from carpool.utils import cdiv
 
 TARGET = GPUTarget("cuda", 90, 32)
 compiled: dict[str, dict] = {}
@@ -100,8 +100,9 @@ def call_every_op(dtype: torch.dtype) -> None:
         tri.gemv_silu_and_mul(torch.zeros(1, hidden, dtype=dtype), torch.zeros(2 * 3 * hidden, hidden, dtype=dtype))
         heads = hidden // 128  # the fused q/k/v GEMV with RoPE and the KV store (GQA 4)
         kv_cache = torch.zeros(16, 16, heads // 4, 128, dtype=dtype)
-        tri.gemv_rope_and_store_kv(torch.zeros(1, hidden, dtype=dtype), torch.zeros(3 * hidden // 2, hidden, dtype=dtype),
-                                   None, torch.zeros(1, dtype=torch.long), torch.zeros(4096, 128), kv_cache,
+        tri.gemv_rope_and_store_kv(torch.zeros(1, hidden, dtype=dtype),
+                                   torch.zeros(3 * hidden // 2, hidden, dtype=dtype), None,
+                                   torch.zeros(1, dtype=torch.long), torch.zeros(4096, 128), kv_cache,
                                    kv_cache.clone(), torch.zeros(1, dtype=torch.long), heads, heads // 4)
     tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
     from carpool.ops.triton.host_io import copy_to_host, stage_inputs  # step boundaries through pinned memory

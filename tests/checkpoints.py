@@ -23,6 +23,15 @@ ARCHS: dict[str, dict[str, Any]] = {
     # Qwen3: q/k norms, explicit head_dim different from hidden / heads, linear rope scaling
     "qwen3": dict(head_dim=24, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "mistral": dict(sliding_window=None, num_key_value_heads=1),
+    # Mixture of experts (8 experts, not all chosen by every step):
+    # Qwen3-MoE: top-3 renormalized, layer 1 dense (mlp_only_layers) with the dense intermediate_size
+    "qwen3_moe": dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                      norm_topk_prob=True, mlp_only_layers=[1], head_dim=24),
+    # Qwen2-MoE: a shared expert with its sigmoid gate, top-2 not renormalized, every 2nd layer sparse
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+                      shared_expert_intermediate_size=48, decoder_sparse_step=2),
+    # Mixtral: experts of intermediate_size, top-2 always renormalized
+    "mixtral": dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
 }
 
 
@@ -30,7 +39,9 @@ def config_for(arch: str, **overrides: Any) -> Any:
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[arch]
+           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig,
+           "qwen3_moe": transformers.Qwen3MoeConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
+           "mixtral": transformers.MixtralConfig}[arch]
     kwargs = {**COMMON, **ARCHS[arch], **overrides}
     return cls(**kwargs)
 
@@ -45,7 +56,7 @@ def build_checkpoint(path: str, arch: str, seed: int = 0, dtype: torch.dtype = t
     config = config_for(arch, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if getattr(config, "attention_bias", False) or arch == "qwen2":
+    if getattr(config, "attention_bias", False) or arch in ("qwen2", "qwen2_moe"):
         # HF initializes biases to zero; random biases make sure they are loaded and used.
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -57,11 +68,12 @@ def build_checkpoint(path: str, arch: str, seed: int = 0, dtype: torch.dtype = t
     return path
 
 
-def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Hugging Face transformers' greedy continuation of each prompt, one prompt at a time (float32)."""
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, **load_kwargs: Any) -> list[list[int]]:
+    """Hugging Face transformers' greedy continuation of each prompt, one prompt at a time (float32);
+    load_kwargs go to from_pretrained (MoE references: experts_implementation="eager")."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **load_kwargs).eval()
     outs = []
     with torch.no_grad():
         for prompt in prompts:

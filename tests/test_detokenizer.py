@@ -15,7 +15,8 @@ def tok():
     return build_byte_tokenizer()
 
 
-def feed(tok, text: str, params: SamplingParams, prompt: str = "hi") -> tuple[IncrementalDetokenizer, list[str], str | None]:
+def feed(tok, text: str, params: SamplingParams,
+         prompt: str = "hi") -> tuple[IncrementalDetokenizer, list[str], str | None]:
     det = IncrementalDetokenizer(tok, tok(prompt)["input_ids"], params)
     deltas, stop = [], None
     ids = list(text.encode())

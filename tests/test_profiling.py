@@ -72,7 +72,8 @@ def test_tensor_parallel_profile_groups_rank0_transitions_by_category() -> None:
               "busy_us": 300.0, "idle_by_transition_us": {"_gemv_kernel -> _rms_norm_kernel": 20.0,
                                                            "_gemv_kernel -> _fused_rms_norm_x": 30.0,
                                                            "_rms_norm_kernel -> _gemv_kernel": 50.0}}
-    engine = SimpleNamespace(executor=SimpleNamespace(profile=lambda action: report if action == "stop" else None),
+    executor = SimpleNamespace(profile=lambda action: report if action == "stop" else None)
+    engine = SimpleNamespace(core=SimpleNamespace(executor=executor),
                              has_unfinished_requests=lambda: False,
                              config=SimpleNamespace(kernel_backend="triton", kernels=SimpleNamespace(pdl=True)))
     summary = profile_util.profile_steps(engine, 5)

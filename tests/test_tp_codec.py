@@ -9,8 +9,13 @@ import math
 import torch
 
 from carpool.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from carpool.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput,
-                                       TokenLogprobs)
+from carpool.core.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 from carpool.worker import tp_codec
 

@@ -17,8 +17,13 @@ from collections.abc import Iterable
 
 from carpool.config import SchedulerConfig
 from carpool.core.kv_cache_manager import KVCacheManager, cdiv
-from carpool.core.sched_output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
-                                       NewRequestData, SchedulerOutput)
+from carpool.core.sched_output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
 from carpool.request import Request, RequestStatus
 
 

@@ -30,7 +30,6 @@ from carpool.distributed.group import SINGLE, TPGroup
 if TYPE_CHECKING:
     from carpool.distributed.push_exchange import PushExchange
     from carpool.layers.norm import RMSNorm
-    from carpool.ops import KernelOps
 
 
 @dataclass(frozen=True)

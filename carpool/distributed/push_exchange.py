@@ -65,7 +65,7 @@ class PushExchange:
 
     @classmethod
     def create(cls, device: torch.device, group_name: str, world: int) -> "PushExchange":
-        from carpool.ops.triton.all_reduce_norm import check_push_world
+        from carpool.ops.triton.push_words import check_push_world
 
         check_push_world("push exchange", world)
         stride = PUSH_MAX_WIDTH // 2
@@ -124,7 +124,8 @@ class PushExchange:
     def gather_logits(self, hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor | None:
         """A one-row step's vocab-parallel LM head, pushed (gemv_push into the logit slots, then
         ops/triton/all_reduce_norm.py pushed_gather): [1, vocab], every rank's logits side by side, cut to
-        the vocab. None when not eligible (then it all-gathers as usual): the gather needs the last exchange op to have been a
+        the vocab. None when not eligible (then it all-gathers as usual): the gather needs the last exchange
+        op to have been a
         norm receiving a push (the model's order: the final norm, then the head)."""
         if not (self.logit_slots is not None and self.received and self.pending is None and hidden.dim() == 2
                 and hidden.shape[0] == 1 and hidden.dtype == weight.dtype and weight.shape[0] == self.logit_shard

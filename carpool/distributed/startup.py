@@ -239,8 +239,10 @@ def establish_push(ar: CustomAllReduce, rank: int, world_size: int, cpu_group: A
         return epochs_agree(made[0].epoch, cpu_group)
 
     stages = [("allocation", allocate),
-              ("eager self-test", lambda: push_self_test(made[0], ar.dtype, rank, world_size, device_group, model_shape, False)),
-              ("graph self-test", lambda: push_self_test(made[0], ar.dtype, rank, world_size, device_group, model_shape, True)),
+              ("eager self-test",
+               lambda: push_self_test(made[0], ar.dtype, rank, world_size, device_group, model_shape, False)),
+              ("graph self-test",
+               lambda: push_self_test(made[0], ar.dtype, rank, world_size, device_group, model_shape, True)),
               ("embedding eager self-test",
                lambda: embedding_push_self_test(made[0], ar.dtype, rank, world_size, device_group, width, False)),
               ("embedding graph self-test",
@@ -320,9 +322,11 @@ def logits_push_self_test(push: PushExchange, dtype: torch.dtype, rank: int, wor
     own = torch.Generator(device=dev).manual_seed(71 + rank)  # each rank's vocab slice
     shared = torch.Generator(device=dev).manual_seed(9)  # the hidden state and the norm, equal on every rank
     head = (0.05 * torch.randn(push.logit_shard, k, generator=own, device=dev)).to(dt)
-    x, w = torch.randn(1, 64, generator=own, device=dev).to(dt), (0.1 * torch.randn(128, 64, generator=own, device=dev)).to(dt)
+    x = torch.randn(1, 64, generator=own, device=dev).to(dt)
+    w = (0.1 * torch.randn(128, 64, generator=own, device=dev)).to(dt)
     hidden = torch.randn(1, k, generator=shared, device=dev).to(dt)
-    residual, norm_w = torch.randn(1, 128, generator=shared, device=dev).to(dt), torch.rand(128, generator=shared, device=dev).to(dt)
+    residual = torch.randn(1, 128, generator=shared, device=dev).to(dt)
+    norm_w = torch.rand(128, generator=shared, device=dev).to(dt)
     vocab = world_size * push.logit_shard - 1
 
     def calls() -> list[torch.Tensor | None]:

@@ -131,7 +131,8 @@ class NormExchange:
         """Shape checks only (equal on every rank), like CustomAllReduce.eligible. One row width per
         exchange (the model's hidden size), so that the halves of a row slot alternate between calls."""
         return (x.dim() == 2 and self.width in (0, x.shape[1]) and x.dtype == self.data.dtype
-                and x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape and 0 < x.shape[0] <= self.uses.numel()
+                and x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape
+                and 0 < x.shape[0] <= self.uses.numel()
                 and x.numel() <= self.half_stride and x.shape[1] <= 16384)
 
 

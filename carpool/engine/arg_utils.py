@@ -10,11 +10,11 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 from carpool.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from carpool.models.registry import SUPPORTED_ARCHITECTURES
 from carpool.platform import default_device, kernel_backend_for
 from carpool.quantization.config import (KV_CACHE_DTYPES, QUANTIZATION_CHOICES, parse_kv_cache_dtype,
                                          parse_quantization_config)
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
-
 
 KERNEL_FLAG_HELP: dict[str, str] = {
     "fused_gemv_silu": "batch-1 steps: the gate/up GEMV with SiLU-and-mul in one kernel",
@@ -135,7 +135,8 @@ class EngineArgs:
         g = parser.add_argument_group("engine")
         if model_flag:
             g.add_argument("--model", default=None,
-                           help="checkpoint directory or Hugging Face repo id (default: the built-in demo model)")
+                           help="checkpoint directory or Hugging Face repo id (default: the built-in demo model); "
+                                f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
         g.add_argument("--tokenizer", default=None, help="tokenizer directory or repo id (default: the model's)")
         g.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "float16", "bfloat16", "half", "float"],

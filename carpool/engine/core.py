@@ -22,7 +22,6 @@ from carpool.core.scheduler import Scheduler
 from carpool.request import Request, RequestStatus
 from carpool.worker.executor import Executor, StepHandle
 
-
 logger = logging.getLogger(__name__)
 
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from carpool.engine.arg_utils import EngineArgs
+from carpool.models.registry import SUPPORTED_ARCHITECTURES
 from carpool.sampling_params import SamplingParams
 
 _SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _load_optional_subcommands()
     parser = argparse.ArgumentParser(prog="carpool", description="carpool: LLM inference and serving engine. "
                                      "With no --model/MODEL, commands use the built-in demo model "
-                                     "(a tiny random Llama with a byte tokenizer).")
+                                     "(a tiny random Llama with a byte tokenizer). Model architectures: "
+                                     + ", ".join(SUPPORTED_ARCHITECTURES) + ".")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_args, run) in _SUBCOMMANDS.items():
@@ -101,7 +103,7 @@ def _load_optional_subcommands() -> None:
     import importlib
 
     for module in ("carpool.entrypoints.openai.api_server", "carpool.entrypoints.chat",
-                   "carpool.entrypoints.bench"):
+                   "carpool.entrypoints.bench", "carpool.entrypoints.train"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

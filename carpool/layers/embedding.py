@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from carpool.utils import cdiv
 from carpool.distributed import SINGLE_RANK, Communicator, PartialSums
 from carpool.layers.linear import load_narrow, loaded_shape
+from carpool.utils import cdiv
 
 
 def vocab_shard_size(vocab_size: int, tp_size: int) -> int:

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from carpool.config import MoEConfig
+
 
 def _no_window(cfg: dict[str, Any]) -> int | None:
     """Qwen configs carry a sliding_window that applies only when use_sliding_window is set."""
@@ -35,6 +37,40 @@ def _qwen2_biases(cfg: dict[str, Any]) -> tuple[bool, bool]:
     return bool(cfg.get("attention_bias", True)), False
 
 
+def _qwen2_moe_biases(cfg: dict[str, Any]) -> tuple[bool, bool]:
+    """Qwen2-MoE spells its q/k/v biases `qkv_bias` (on unless set false); none on o_proj."""
+    return bool(cfg.get("qkv_bias", True)), False
+
+
+def _dense(cfg: dict[str, Any]) -> MoEConfig | None:
+    return None
+
+
+def _qwen_moe(cfg: dict[str, Any]) -> MoEConfig | None:
+    """Qwen2-MoE and Qwen3-MoE: softmax top-k, renormalized when norm_topk_prob; sparse layers chosen by
+    decoder_sparse_step and mlp_only_layers; Qwen2-MoE adds a shared expert. No experts: every layer
+    dense, as transformers builds it. (transformers >= 5 writes Qwen3-MoE's num_experts as
+    num_local_experts.)"""
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if num_experts == 0:
+        return None
+    return MoEConfig(num_experts=num_experts,
+                     num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                     moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                     norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), router_weights_in_model_dtype=True,
+                     shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+                     decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+                     mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()))
+
+
+def _mixtral_moe(cfg: dict[str, Any]) -> MoEConfig:
+    """Mixtral: every layer sparse, experts of intermediate_size, top-k always renormalized, float32 weights."""
+    return MoEConfig(num_experts=int(cfg.get("num_local_experts", 8)),
+                     num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+                     moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True,
+                     router_weights_in_model_dtype=False)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     module: str
@@ -43,6 +79,8 @@ class ModelFamily:
     attention_biases: Callable[[dict[str, Any]], tuple[bool, bool]] = _llama_biases
     # config.json -> the attention window in tokens, or None for full attention
     sliding_window: Callable[[dict[str, Any]], int | None] = _window
+    # config.json -> the mixture-of-experts settings, or None for a dense model
+    moe: Callable[[dict[str, Any]], MoEConfig | None] = _dense
 
     def model_class(self) -> type[nn.Module]:
         return getattr(importlib.import_module(self.module), self.class_name)
@@ -53,6 +91,11 @@ _FAMILIES: dict[str, ModelFamily] = {
     "MistralForCausalLM": ModelFamily("carpool.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ModelFamily("carpool.models.llama", "LlamaForCausalLM", _qwen2_biases, _no_window),
     "Qwen3ForCausalLM": ModelFamily("carpool.models.qwen3", "Qwen3ForCausalLM", sliding_window=_no_window),
+    "Qwen2MoeForCausalLM": ModelFamily("carpool.models.moe", "Qwen2MoeForCausalLM", _qwen2_moe_biases, _no_window,
+                                       moe=_qwen_moe),
+    "Qwen3MoeForCausalLM": ModelFamily("carpool.models.moe", "Qwen3MoeForCausalLM", sliding_window=_no_window,
+                                       moe=_qwen_moe),
+    "MixtralForCausalLM": ModelFamily("carpool.models.moe", "MixtralForCausalLM", moe=_mixtral_moe),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)

@@ -30,6 +30,9 @@ class KernelOps:
     gemv_silu_and_mul: Callable | None = None
     # a batch-1 step's q/k/v GEMV with rope_and_store_kv (no q/k norm) in one kernel; None: the two ops.
     gemv_rope_and_store_kv: Callable | None = None
+    # the mixture-of-experts MLP: (hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k],
+    # topk_ids [T, k]) -> [T, H]; the torch twin loops over the chosen experts (host-syncing, CPU only)
+    fused_moe: Callable | None = None
 
 
 def get_kernel_ops(name: str) -> KernelOps:
@@ -45,4 +48,5 @@ def get_kernel_ops(name: str) -> KernelOps:
                      sample_from_logits=getattr(impl, "sample_from_logits", None),
                      gemv=getattr(impl, "gemv", None),
                      gemv_silu_and_mul=getattr(impl, "gemv_silu_and_mul", None),
-                     gemv_rope_and_store_kv=getattr(impl, "gemv_rope_and_store_kv", None))
+                     gemv_rope_and_store_kv=getattr(impl, "gemv_rope_and_store_kv", None),
+                     fused_moe=getattr(impl, "fused_moe", None))

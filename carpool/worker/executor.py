@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
 
 

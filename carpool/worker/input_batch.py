@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from carpool.utils import cdiv
 from carpool.core.sched_output import CachedRequestData, NewRequestData
 from carpool.forward_batch import CASCADE_ALIGN
 from carpool.sampling_params import SamplingParams
+from carpool.utils import cdiv
 
 
 @dataclass

@@ -38,8 +38,14 @@ from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from carpool.profiling import ms_stats
 from carpool.worker import tp_codec
 from carpool.worker.executor import Executor
-from carpool.worker.tp_processes import (LIVENESS_POLL_S, SHUTDOWN_TIMEOUT_S, LocalWorkers, TPWorkerError,
-                                         node_layout, wait_quietly)
+from carpool.worker.tp_processes import (
+    LIVENESS_POLL_S,
+    SHUTDOWN_TIMEOUT_S,
+    LocalWorkers,
+    TPWorkerError,
+    node_layout,
+    wait_quietly,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,11 @@ def check_tensor_parallel(model: ModelConfig, tp_size: int) -> None:
     if model.intermediate_size % tp_size:
         raise ValueError(f"tensor_parallel_size: the model's intermediate_size={model.intermediate_size} "
                          f"does not divide by tensor_parallel_size={tp_size}")
+    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):  # experts split like dense MLPs
+        size = getattr(model.moe, name, 0)
+        if size % tp_size:
+            raise ValueError(f"tensor_parallel_size: the model's {name}={size} does not divide by "
+                             f"tensor_parallel_size={tp_size}")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Host-to-device copies of a step's inputs through pinned memory.
 
 Why: a copy from pageable (NumPy) memory goes through a driver staging buffer, and a decode step made
-ten of them; the device profiles of runs 39-40 counted some 0.3-0.5 ms of idle device time per step
+ten of them; the device profiles of runs 39-40 (EXPERIMENTS.md) counted some 0.3-0.5 ms of idle device time per step
 next to those copies. Here a CUDA-graph replay fills a pinned mirror of its static input buffer and
 uploads everything in one copy (`StaticInputs`); the step's other small arrays are copied from pinned
 memory as well (`platform.to_device`). On CPU both are plain host tensors and the same code runs.

@@ -12,10 +12,23 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from carpool.config import (CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig,
-                            parse_dtype)
-from carpool.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput,
-                                       TokenLogprobs)
+from carpool.config import (
+    CacheConfig,
+    EngineConfig,
+    KernelConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+from carpool.core.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -113,6 +126,7 @@ def engine_config_to_dict(c: EngineConfig) -> dict[str, Any]:
     model = {f.name: getattr(m, f.name) for f in fields(ModelConfig)}
     model["dtype"] = str(m.dtype).replace("torch.", "")
     model["eos_token_ids"] = list(m.eos_token_ids)
+    model["moe"] = None if m.moe is None else {f.name: getattr(m.moe, f.name) for f in fields(MoEConfig)}
     return {
         "model": model,
         "cache": {f.name: getattr(c.cache, f.name) for f in fields(CacheConfig)},
@@ -128,6 +142,8 @@ def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
     model = dict(d["model"])
     model["dtype"] = parse_dtype(model["dtype"])
     model["eos_token_ids"] = tuple(model["eos_token_ids"])
+    if model.get("moe") is not None:
+        model["moe"] = MoEConfig(**{**model["moe"], "mlp_only_layers": tuple(model["moe"]["mlp_only_layers"])})
     return EngineConfig(model=ModelConfig(**model), cache=CacheConfig(**d["cache"]),
                         scheduler=SchedulerConfig(**d["scheduler"]), parallel=ParallelConfig(**d["parallel"]),
                         kernels=KernelConfig(**d["kernels"]),

@@ -18,8 +18,12 @@ from starlette.types import Receive, Scope, Send
 from carpool.engine.core import QueueFullError
 from carpool.engine.input_processor import PromptType
 from carpool.engine.request_stream import EngineClient, EngineDeadError, RequestStream
-from carpool.entrypoints.openai.errors import (APIError, bad_request_from_validation_error,
-                                               bad_request_from_value_error, error_body)
+from carpool.entrypoints.openai.errors import (
+    APIError,
+    bad_request_from_validation_error,
+    bad_request_from_value_error,
+    error_body,
+)
 from carpool.entrypoints.openai.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
 from carpool.outputs import Logprob, RequestOutput
 from carpool.sampling_params import SamplingParams

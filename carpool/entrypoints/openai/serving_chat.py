@@ -16,12 +16,19 @@ from starlette.responses import Response
 
 from carpool.engine.request_stream import RequestStream
 from carpool.entrypoints.openai.errors import APIError
-from carpool.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                                 ChatCompletionResponse, ChatLogprobs, ChatMessage,
-                                                 ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
-                                                 UsageInfo)
-from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, chat_logprobs, merge_streams, sse,
-                                                sse_error)
+from carpool.entrypoints.openai.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    UsageInfo,
+)
+from carpool.entrypoints.openai.serving import SSE_DONE, OpenAIServing, chat_logprobs, merge_streams, sse, sse_error
 from carpool.outputs import CompletionOutput
 
 

@@ -16,10 +16,21 @@ from starlette.responses import Response
 
 from carpool.engine.request_stream import RequestStream
 from carpool.entrypoints.openai.errors import bad_request_from_value_error
-from carpool.entrypoints.openai.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                                 CompletionResponse, UsageInfo)
-from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, completion_logprobs, merge_streams,
-                                                sse, sse_error)
+from carpool.entrypoints.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from carpool.entrypoints.openai.serving import (
+    SSE_DONE,
+    OpenAIServing,
+    completion_logprobs,
+    merge_streams,
+    sse,
+    sse_error,
+)
 from carpool.outputs import RequestOutput
 
 

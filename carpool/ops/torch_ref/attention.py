@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from carpool.utils import cdiv
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops.torch_ref.elementwise import qk_norm_rotary, rotary_embedding
+from carpool.utils import cdiv
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -32,17 +32,16 @@ Push exchange, for batch-1 steps (one row): the row-parallel GEMV itself sends i
 normalizes. No meeting, no read across NVLink on the critical path: the partial sums travel while the
 GEMV runs. Each GEMV program packs its two 16-bit outputs with the call's epoch into one 8-byte word and
 writes it, with one aligned 8-byte store, into slot [half][its rank][program] of every rank (NCCL's "LL"
-idea: the flag travels with the data, so no fence is needed; see gemv_push on the store). The norm kernel polls its own slots until every
-rank's words carry the epoch, then unpacks them. The epoch is a per-rank call counter in device memory
-(equal on every rank), read by the GEMV and advanced by the norm; half = epoch & 1. A peer can be at
-most one call ahead (its next norm needs this rank's next GEMV, which follows this rank's norm), and
-the next call writes the other half, so no slot is overwritten while read. Epochs compare for
-equality, so they may wrap. The vocab-parallel embedding of a one-token step pushes the same way
-(`embedding_push`: each rank its row or zeros), and the first layer's norm receives it with a zero
-residual. The LM head's GEMV pushes its logits into slots of their own, and `pushed_gather` receives
-every rank's row without advancing the epoch (see there): a batch-1 step's only other collective is
-the broadcast of the sampled token.
-"""
+idea: the flag travels with the data, so no fence is needed; see gemv_push on the store). The norm
+kernel polls its own slots until every rank's words carry the epoch, then unpacks them. The epoch is a
+per-rank call counter in device memory (equal on every rank), read by the GEMV and advanced by the norm;
+half = epoch & 1. A peer can be at most one call ahead (its next norm needs this rank's next GEMV, which
+follows this rank's norm), and the next call writes the other half, so no slot is overwritten while
+read. Epochs compare for equality, so they may wrap. The vocab-parallel embedding of a one-token step
+pushes the same way (`embedding_push`: each rank its row or zeros), and the first layer's norm receives
+it with a zero residual. The LM head's GEMV pushes its logits into slots of their own, and
+`pushed_gather` receives every rank's row without advancing the epoch (see there): a batch-1 step's only
+other collective is the broadcast of the sampled token. """
 
 from __future__ import annotations
 
@@ -51,6 +50,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
+from carpool.ops.triton.push_words import check_push_world, push_pairs, push_targets, receive_pairs
 from carpool.ops.triton.utils import pdl_enter, pdl_wait_then_release
 
 MAX_PROGRAMS = 128
@@ -150,44 +150,6 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: tor
     return out, res_out
 
 
-MAX_PUSH_WORLD = 8  # ranks a push producer can address (push_targets loads them as one vector)
-_PUSH_LANES = tl.constexpr(MAX_PUSH_WORLD)  # (the same, as kernels can read it)
-
-
-def check_push_world(name: str, world_size: int) -> None:
-    """ValueError unless a push producer can address world_size ranks."""
-    if not 1 <= world_size <= MAX_PUSH_WORLD:
-        raise ValueError(f"{name}: world_size must be 1..{MAX_PUSH_WORLD}, got {world_size}")
-
-
-@triton.jit
-def push_targets(slot_ptrs, epoch_ptr, WORLD: tl.constexpr):
-    """The producer's targets, loaded before its main work so that their latency overlaps it: every
-    rank's slot buffer address and this call's epoch. After the kernel's PDL wait (the previous norm
-    wrote the epoch). Why early: loaded after the GEMV's reduction they held every program ~1 µs longer
-    (H200 run 52: down_proj's push 11% slower than the plain GEMV)."""
-    ranks = tl.arange(0, _PUSH_LANES)
-    peers = tl.load(slot_ptrs + ranks, mask=ranks < WORLD, other=0)
-    return peers, tl.load(epoch_ptr) + 1
-
-
-@triton.jit
-def push_pairs(pairs, index, mask, peers, epoch, slot_stride, RANK: tl.constexpr, WORLD: tl.constexpr):
-    """The producer's side of the push exchange: each int32 of `pairs` (two 16-bit outputs, the first in
-    the low half) is pair `index` of the row; with the call's epoch it makes one 8-byte word, stored in
-    slot [epoch & 1][RANK][index] of every rank. peers, epoch: push_targets'."""
-    word = (epoch.to(tl.int64) << 32) | (pairs.to(tl.int64) & 0xFFFFFFFF)
-    slot = ((epoch & 1) * WORLD + RANK) * slot_stride + index
-    for p in tl.static_range(WORLD):
-        peer = tl.sum(tl.where(tl.arange(0, _PUSH_LANES) == p, peers, 0), axis=0).to(tl.pointer_type(tl.int64))
-        # One aligned 8-byte store: posted (an atomic here held each GEMV program until the peer
-        # answered: H200 run 44, 1.3% slower at batch 1 than no push at all). Like NCCL's LL protocol
-        # this relies on an aligned 8-byte write arriving whole; the PTX model promises that only for
-        # .relaxed/.volatile stores, which tl.store does not emit (such a store through inline asm was
-        # not tried).
-        tl.store(peer + slot, word, mask=mask)
-
-
 @triton.jit
 def _embedding_push_kernel(ids_ptr, w_ptr, out_ptr, vocab_start, shard_size, stride_w, slot_ptrs, epoch_ptr,
                            slot_stride, HALF_D: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
@@ -232,26 +194,13 @@ def embedding_push(token_id: torch.Tensor, weight: torch.Tensor, vocab_start: in
 
 
 @triton.jit
-def receive_pairs(base, pairs, pmask, epoch, dtype: tl.constexpr):
-    """The consumer's side: poll this rank's slots base[pairs] until every word carries `epoch`, then
-    unpack them: (first, second) 16-bit outputs of each pair, as `dtype`."""
-    word = tl.load(base + pairs, mask=pmask, other=0, volatile=True)
-    waiting = tl.sum((pmask & ((word >> 32).to(tl.int32) != epoch)).to(tl.int32), axis=0)
-    while waiting > 0:
-        word = tl.load(base + pairs, mask=pmask, other=0, volatile=True)
-        waiting = tl.sum((pmask & ((word >> 32).to(tl.int32) != epoch)).to(tl.int32), axis=0)
-    data = word.to(tl.int32)
-    return data.to(tl.int16).to(dtype, bitcast=True), (data >> 16).to(tl.int16).to(dtype, bitcast=True)
-
-
-@triton.jit
 def _pushed_add_rms_norm_kernel(slots_ptr, epoch_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, slot_stride, eps,
                                 WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     # Under PDL this kernel starts while the push producer before it (GEMV or embedding) runs, and polls
     # at once: its slots and the epoch are written by no kernel it could overtake. The epoch is written
     # only by the previous norm, which has finished: a producer lets this kernel launch only after its
     # own wait (pdl_wait_then_release), which follows that norm. It waits for the producer's grid only
-    # before its first write, so the polling overlaps the producer's last programs (H200 run 49: TP=2
+    # before its first write, so the polling overlaps the producer's last programs (EXPERIMENTS.md, run 49: TP=2
     # batch-1 decode 2.544 -> 2.526 ms/token; not waiting at all gave 2.523).
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()

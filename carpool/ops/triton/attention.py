@@ -24,19 +24,19 @@ import numpy as np
 import torch
 import triton
 
-from carpool.utils import cdiv
 from carpool.forward_batch import AttentionMetadata, TritonAttentionMetadata
 from carpool.ops.triton import utils
 from carpool.ops.triton.decode_attention import decode_attention
 from carpool.ops.triton.paged_kv import store_kvcache
 from carpool.ops.triton.prefill_attention import prefill_attention
 from carpool.platform import to_device
+from carpool.utils import cdiv
 
 # Decode split count by "units" = num_reqs * num_kv_heads, the programs there would be without
 # splitting. An H100/H200 has 132 SMs and needs a few hundred programs in flight to saturate HBM, so
 # few units get many splits. (at most this many units, splits); more units than the last row: 1 split.
 # Measured on an H200 (benchmarks/results): batch 1 best at 16-32 splits, batch 8 at 8; with contexts
-# of mixed lengths batch 64 (512 units) best at 2 balanced splits, batch >= 128 at 1 (run 30).
+# of mixed lengths batch 64 (512 units) best at 2 balanced splits, batch >= 128 at 1 (EXPERIMENTS.md, run 30).
 # Tune from benchmarks/bench_kernels.py, which reports the best split count per (batch, context).
 DECODE_SPLIT_TABLE: tuple[tuple[int, int], ...] = ((8, 32), (32, 16), (128, 8), (256, 4), (512, 2))
 MAX_DECODE_SPLITS = 32
@@ -44,7 +44,7 @@ MAX_DECODE_SPLITS = 32
 # (about 2 tiles): more splits would only add merge work.
 MIN_TOKENS_PER_SPLIT = 128
 # Longest-first order pays where each request has one or two programs per KV head (mixed contexts in
-# [100, 1100] on an H200, run 30: batch 64 0.73 -> 0.82 of copy bandwidth with 2 splits, batch 128
+# [100, 1100] on an H200 (EXPERIMENTS.md, run 30): batch 64 0.73 -> 0.82 of copy bandwidth with 2 splits, batch 128
 # 0.84 -> 0.97 and batch 256 0.95 -> 1.01 with 1) and costs with more splits (batch 16, 8 splits:
 # 0.48 -> 0.45), where the split count already spreads the long requests: those keep batch order.
 ORDER_MAX_SPLITS = 2
@@ -87,7 +87,7 @@ def balanced_decode_plan(seq_lens: list[int] | np.ndarray, num_kv_heads: int, nu
     if num_splits > ORDER_MAX_SPLITS:
         # Many splits already spread every request over the GPU: batch order and splits of one tile,
         # which were faster at batch 1 (uniform 1k-2k contexts: 8.4-9.4 against 9.9-11.2 us with
-        # 128-key splits) and at batch 16 (mixed contexts, within 2%) on an H200 (run 31).
+        # 128-key splits) and at batch 16 (mixed contexts, within 2%) on an H200 (EXPERIMENTS.md, run 31).
         return DecodePlan(num_splits, np.arange(len(lens), dtype=np.int32), 1)
     order = np.argsort(-lens, kind="stable").astype(np.int32)
     split_len = max(min_split_len, cdiv(num_kv_heads * int(lens.sum()), target_items))
@@ -147,7 +147,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
         # Cascade (shared-prefix) attention only on decode-only steps, where the runner found the prefix.
         prefix_len = plan.cascade_prefix_len if decode_only and plan is not None else None
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                         scale, int(num_splits), scratch=plan.decode_scratch if plan is not None else None, prefix_len=prefix_len,
+                         scale, int(num_splits), scratch=plan.decode_scratch if plan is not None else None,
+                         prefix_len=prefix_len,
                          order=order, split_len=split_len)
     if not decode_only:
         prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True)

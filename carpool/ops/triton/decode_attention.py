@@ -21,7 +21,7 @@ reads all slots, the prefix kernel's too.
 
 Latency (batch 1 under PDL): both kernels launch while the kernel before them still runs and read the
 step's metadata before they wait for it. (Loading the first tile's older keys before the wait as well
-was slower at batch 1: results/h200x2_run65_decode_prefetch.)
+was slower at batch 1: EXPERIMENTS.md run 65.)
 """
 
 from __future__ import annotations

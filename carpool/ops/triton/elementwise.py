@@ -134,8 +134,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = utils.empty_output((x2.shape[0], d), dtype=x.dtype, device=x.device)
     if x2.shape[0] and d:
         block = min(1024, triton.next_power_of_2(d))
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, d, x2.stride(0), BLOCK=block,
-                                                                   num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+            x2, out, d, x2.stride(0), BLOCK=block, num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out.view(*x.shape[:-1], d)
 
 
@@ -143,8 +143,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _rope_heads(ptr, base, stride_h, n_heads, cos, sin, w_ptr, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     """Rotate-half RoPE of one token's heads: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], computed in float32
-    and returned in the input dtype (masked lanes hold 0). With HAS_NORM each head is first RMS-normalized with weight w (Qwen3's q/k norm), rounded as
-    the reference rounds: normalize in fp32, cast to the input dtype, multiply by the weight, cast again."""
+    and returned in the input dtype (masked lanes hold 0). With HAS_NORM each head is first RMS-normalized
+    with weight w (Qwen3's q/k norm), rounded as the reference rounds: normalize in fp32, cast to the input
+    dtype, multiply by the weight, cast again."""
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < n_heads) & (cols[None, :] < HALF)

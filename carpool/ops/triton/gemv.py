@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
-from carpool.ops.triton.all_reduce_norm import check_push_world, push_pairs, push_targets
 from carpool.ops.triton.paged_kv import slot_row
+from carpool.ops.triton.push_words import check_push_world, push_pairs, push_targets
 from carpool.ops.triton.utils import pdl_wait_then_release
 
 
@@ -30,15 +30,15 @@ class GemvConfig:
 
 def default_gemv_config(k: int, push: bool = False) -> GemvConfig:
     """Measured on H200s. Two rows per program was best or within 5% of best for every Llama-3-8B
-    projection, whole or halved for TP=2 (benchmarks/bench_gemv.py, results/h200_run16_gemv). Rows of
+    projection, whole or halved for TP=2 (benchmarks/bench_gemv.py, EXPERIMENTS.md run 16). Rows of
     up to 4096 are read in one step: under PDL the whole weight slice of a program is then loaded before
     it waits for x, and batch-1 decode ran 1.6% faster than with 1024-column steps (2048 was 5% slower;
-    results/h200_run24_gemv_k). Long rows (the down projection, K = 14336) take 2048-column steps with
+    EXPERIMENTS.md run 24). Long rows (the down projection, K = 14336) take 2048-column steps with
     8 warps (4096 was 8% slower); so do rows of 4097-8192 (K = 7168: batch-1 decode 1.0-1.6% faster
-    than with 1024-column steps and 4 warps, results/h200x2_run48_tp_sweep).
+    than with 1024-column steps and 4 warps, EXPERIMENTS.md run 48).
     push (gemv_push, o_proj and down_proj at TP=2): rows of 1025-2048 and 4097-8192 take 1024-column
     steps with 4 warps, with which pushing costs nothing (bench_gemv.py --push) and TP=2 batch-1 decode
-    ran 3.0% faster than with the plain GEMV's configs (results/h200x2_run53_push_configs)."""
+    ran 3.0% faster than with the plain GEMV's configs (EXPERIMENTS.md run 53)."""
     if push and (1024 < k <= 2048 or 4096 < k <= 8192):
         return GemvConfig(block_k=1024)
     if k <= 4096:

@@ -4,11 +4,11 @@ boundary between two decode steps.
 Why: a batch-1 decode step ends with its token's copy to the host and the next begins with the upload
 of its inputs, a device-to-device copy of its block tables and an index_copy_ of the tokens the last
 step sampled. On an H200 the copies take 1-2 us each, but the device idles 15-20 us around them per
-step, mostly waiting on the copy engine after a graph or a kernel (profiles of runs 58-61). Pinned
+step, mostly waiting on the copy engine after a graph or a kernel (EXPERIMENTS.md, runs 58-61). Pinned
 memory is addressable from the device (unified addressing), so one kernel can write the token to the
 host and one can read the step's inputs from it. In isolation this took 5.5 us for the whole boundary,
-against 15.1 with the copies (benchmarks/bench_step_boundary.py, results/h200_run62_step_boundary).
-In the engine, the Llama-3-8B shape at batch 1, it gained less (results/h200x2_run63_kernel_host_io):
+against 15.1 with the copies (benchmarks/bench_step_boundary.py, EXPERIMENTS.md run 62).
+In the engine, the Llama-3-8B shape at batch 1, it gained less (EXPERIMENTS.md run 63):
 - TP=1: 3.9228 ms/token against 3.9300;
 - TP=2: within the repeats' spread.
 Larger steps keep the copies (worker/cuda_graph.HOST_IO_MAX_ROWS).

@@ -21,12 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from carpool.utils import cdiv
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops.triton import utils
-from carpool.ops.triton.utils import pdl_enter
 from carpool.ops.triton.paged_kv import attend_tile
+from carpool.ops.triton.utils import pdl_enter
 from carpool.platform import to_device
+from carpool.utils import cdiv
 
 
 @dataclass(frozen=True)

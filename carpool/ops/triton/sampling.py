@@ -18,7 +18,6 @@ import triton.language as tl
 from carpool.ops.triton import utils
 from carpool.ops.triton.utils import pdl_enter
 
-
 # Each program scans CHUNK columns of one row, so a row is spread over many SMs: at batch 1 a single
 # program per row took ~0.1 ms for a 128k vocabulary, about 2% of an 8B model's decode step.
 # Philox yields four numbers per evaluation (tl.rand4x); they go to four QUARTER-wide sub-tiles, which

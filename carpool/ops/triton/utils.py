@@ -92,8 +92,9 @@ def pdl() -> bool:
 
 # Every PDL kernel must reach gdc_wait in every program before it exits (pdl_enter first thing, or the
 # GEMV's pdl_wait_then_release and the pushed norm's wait before their stores), and a kernel that pushes
-# to the next norm must wait before it releases (pdl_wait_then_release): the push exchange (all_reduce_norm.py) relies on a
-# kernel starting its writes only after all earlier kernels have finished, transitively.
+# to the next norm must wait before it releases (pdl_wait_then_release): the push exchange
+# (all_reduce_norm.py) relies on a kernel starting its writes only after all earlier kernels have
+# finished, transitively.
 @triton.jit
 def pdl_release(USE_PDL: tl.constexpr):
     """Let the next kernel launch."""

@@ -1,0 +1,157 @@
+"""Fused MoE kernel vs a torch loop of per-expert GEMMs at the Qwen3-30B-A3B expert shape.
+
+The kernel alone (carpool/ops/triton/moe.py) against the torch loop (ops/torch_ref/moe.py,
+transformers' eager loop): hidden 2048, 128 experts, top-8, expert intermediate 768, bf16. Prints one
+JSON object.
+
+    python benchmarks/bench_moe.py [--out FILE] [--batches 1,64,256] [--quick]
+
+Roofline: a step must read the weights (w13 and w2) of every distinct expert its tokens chose, plus its
+hidden rows in and out, at the copy bandwidth measured in the same run; `ratio` = roofline time / time
+(1.0 = at copy bandwidth). Routings come from random router logits through Qwen3-MoE routing; each timed
+graph cycles through several routings, and batch 1's routings choose disjoint experts, so no call finds
+its experts in L2 as a decode step would not. The expected number of distinct experts for uniform
+routing, E * (1 - (1 - k/E)^T), is stated beside the measured mean.
+
+Per batch: the engine's default path (`fused_us`, in a CUDA graph, and eager), both paths forced at
+batches up to 16 (where `FusedMoeConfig.small_batch_max_tokens` is decided), a few grouped-GEMM tiles
+(`sweep`, unless --quick), and the torch loop (eager: it asks the host which experts were hit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import progress, time_in_graph  # noqa: E402
+from common import emit, measure_copy_bandwidth  # noqa: E402
+
+from carpool.layers.moe import Routing  # noqa: E402
+from carpool.ops.torch_ref.moe import fused_moe as torch_loop_moe  # noqa: E402
+from carpool.ops.triton.moe import FusedMoeConfig, GroupedGemmConfig, default_moe_config, fused_moe  # noqa: E402
+
+HIDDEN, NUM_EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
+DTYPE_BYTES = 2
+ROUTINGS = 16  # routings per timed graph (batch 1: 16 disjoint sets of 8 experts cover all 128)
+PATH_SPLIT_MAX = 16  # batches up to this are also timed with each path forced
+SWEEP = [GroupedGemmConfig(16, 64, 128, 1, 4, 3), GroupedGemmConfig(16, 128, 64, 1, 4, 4),
+         GroupedGemmConfig(32, 64, 64, 4, 4, 3), GroupedGemmConfig(32, 128, 64, 4, 4, 3),
+         GroupedGemmConfig(64, 64, 64, 8, 4, 3), GroupedGemmConfig(64, 128, 64, 8, 8, 3),
+         GroupedGemmConfig(128, 128, 64, 8, 8, 3)]
+
+
+def expected_distinct_experts(num_experts: int, top_k: int, num_tokens: int) -> float:
+    """Mean number of distinct experts chosen by num_tokens tokens that each pick top_k of num_experts
+    uniformly (a given expert is missed by one token with probability 1 - k/E)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
+
+
+def step_bytes(topk_ids: torch.Tensor, hidden: int, inter: int, dtype_bytes: int = DTYPE_BYTES) -> int:
+    """What a step must move at least: each distinct chosen expert's w13 [2I, H] and w2 [H, I] once, and
+    the tokens' hidden rows in and out."""
+    distinct = int(torch.unique(topk_ids).numel())
+    return distinct * 3 * hidden * inter * dtype_bytes + 2 * topk_ids.shape[0] * hidden * dtype_bytes
+
+
+def make_routings(num_tokens: int, count: int, gen: torch.Generator, device: str
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` (topk_weights, topk_ids) from random logits; for one token, routing j is pushed onto the
+    j-th disjoint set of TOP_K experts of a random permutation (wrapping around after 128 / 8 sets)."""
+    routing = Routing.qwen_moe(NUM_EXPERTS, TOP_K, norm_topk_prob=True)
+    perm = torch.randperm(NUM_EXPERTS, generator=gen)
+    out = []
+    for j in range(count):
+        logits = torch.randn(num_tokens, NUM_EXPERTS, generator=gen)
+        if num_tokens == 1:
+            chosen = perm.view(-1, TOP_K)[j % (NUM_EXPERTS // TOP_K)]
+            logits[:, chosen] += 20.0
+        weights, ids = routing.select(logits.to(device))
+        out.append((weights.to(torch.bfloat16), ids))
+    return out
+
+
+def time_eager(calls: list, trials: int = 3) -> float:
+    """Median seconds per call, run eagerly (host syncs included, as the torch loop needs them)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3 / len(calls))
+    return sorted(samples)[len(samples) // 2]
+
+
+def bench_batch(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, weights_fp32: tuple[torch.Tensor, torch.Tensor],
+                bandwidth: float, quick: bool, gen: torch.Generator) -> dict:
+    """One batch size: timings, roofline ratios and the max error against the torch loop in float32."""
+    x = (torch.randn(num_tokens, HIDDEN, generator=gen) * 0.5).to(torch.bfloat16).cuda()
+    routings = make_routings(num_tokens, ROUTINGS, gen, "cuda")
+    nbytes = sum(step_bytes(ids, HIDDEN, INTER) for _, ids in routings) / len(routings)
+    roofline = nbytes / bandwidth
+
+    def timed(config: FusedMoeConfig) -> dict:
+        sec = time_in_graph([(lambda w=w, i=i: fused_moe(x, w13, w2, w, i, config)) for w, i in routings])
+        return {"us": round(sec * 1e6, 2), "ratio": round(roofline / sec, 3)}
+
+    default = default_moe_config(num_tokens, TOP_K, NUM_EXPERTS)
+    weights, ids = routings[0]
+    expected = torch_loop_moe(x.float(), *weights_fp32, weights.float(), ids)
+    err = (fused_moe(x, w13, w2, weights, ids).float() - expected).abs().max().item()
+    fused = timed(default)
+    eager = time_eager([(lambda w=w, i=i: fused_moe(x, w13, w2, w, i, default)) for w, i in routings])
+    loop = time_eager([(lambda w=w, i=i: torch_loop_moe(x, w13, w2, w, i)) for w, i in routings])
+    row = {"batch": num_tokens,
+           "distinct_experts_mean": sum(int(torch.unique(i).numel()) for _, i in routings) / len(routings),
+           "expected_distinct_experts": round(expected_distinct_experts(NUM_EXPERTS, TOP_K, num_tokens), 2),
+           "bytes_mean": int(nbytes), "roofline_us": round(roofline * 1e6, 2),
+           "default_config": asdict(default), "fused_us": fused["us"], "fused_ratio": fused["ratio"],
+           "fused_eager_us": round(eager * 1e6, 2), "torch_loop_us": round(loop * 1e6, 2),
+           "speedup_vs_torch_loop": round(loop * 1e6 / fused["us"], 2), "max_abs_err": err}
+    if num_tokens <= PATH_SPLIT_MAX:
+        row["gemv_path"] = timed(FusedMoeConfig(small_batch_max_tokens=num_tokens, gemm=default.gemm))
+        row["grouped_path"] = timed(FusedMoeConfig(small_batch_max_tokens=0, gemm=default.gemm))
+        row["gemv_block_n"] = {bn: timed(FusedMoeConfig(small_batch_max_tokens=num_tokens, gemv_block_n=bn))
+                               for bn in (1, 4, 8)} if not quick else {}
+    if not quick:
+        sweep = [{**asdict(c), **timed(FusedMoeConfig(small_batch_max_tokens=0, gemm=c))} for c in SWEEP]
+        row["sweep"] = sweep
+        row["best_grouped"] = max(sweep, key=lambda s: s["ratio"])
+    progress({k: v for k, v in row.items() if k != "sweep"})
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out")
+    ap.add_argument("--batches", default="1,2,4,8,16,64,256",
+                    help="comma-separated token counts (the issue's: 1, 64, 256)")
+    ap.add_argument("--quick", action="store_true", help="the default configs only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_moe.py needs a CUDA GPU")
+    bandwidth = measure_copy_bandwidth()
+    gen = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(NUM_EXPERTS, 2 * INTER, HIDDEN, device="cuda") / HIDDEN ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(NUM_EXPERTS, HIDDEN, INTER, device="cuda") / INTER ** 0.5).to(torch.bfloat16)
+    weights_fp32 = (w13.float(), w2.float())  # the error reference: the torch loop on upcast weights
+    cases = [bench_batch(int(b), w13, w2, weights_fp32, bandwidth, args.quick, gen) for b in args.batches.split(",")]
+    emit({"benchmark": "moe/fused-vs-torch-loop", "device": torch.cuda.get_device_name(),
+          "torch": torch.__version__, "triton": triton.__version__, "copy_gb_per_s": round(bandwidth / 1e9, 1),
+          "shape": {"hidden": HIDDEN, "experts": NUM_EXPERTS, "top_k": TOP_K, "moe_intermediate": INTER,
+                    "dtype": "bfloat16"}, "cases": cases}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""The mixture-of-experts MLP on GPU: each token's k chosen experts, gated MLP, weighted sum.
+
+Op signature and result as `ops/torch_ref/moe.py` `fused_moe` (the oracle): hidden [T, H], w13
+[E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k] -> [T, H]. Under
+tensor parallelism w13/w2 hold this rank's slice of every expert's intermediate dimension and the result
+is this rank's partial sum.
+
+Two paths, both reading only the experts that some token chose:
+- Grouped GEMM (more than `small_batch_max_tokens` tokens): the T*k (token, slot) pairs are sorted by
+  expert and each expert's segment padded to a multiple of BLOCK_M (`moe_align_block_size`: three small
+  kernels, no host sync), so every BLOCK_M-row block of the sorted order belongs to one expert. One
+  grouped GEMM computes gate and up for a block's rows against its expert's w13 and stores
+  silu(gate) * up; a second multiplies that by the expert's w2 and by the pair's routing weight, and
+  writes one row per pair; a sum over the k slots gives the token's output. No atomics: the result does
+  not depend on scheduling (deterministic run to run).
+- Per-pair GEMV (small batches; batch 1 reads 8 of 128 experts): program (pair, row block) reads its
+  pair's expert rows directly from topk_ids, with no sorting, padding or M=16 tile of mostly zeros; the
+  down GEMV loops over a token's k pairs in the program, so no sum kernel follows.
+
+CUDA graphs: every launch's grid and every buffer depend only on (T, k, E, H, I) and the config; the
+actual routing is read on the device (programs of blocks past the padded count exit at once).
+
+Roundings, both paths: gate and up are rounded to the activation dtype, silu(gate) is rounded before
+the multiply (as silu_and_mul), the down projection is rounded before the routing weight scales it and
+again after (as the reference's `linear(...) * weight`); the k scaled rows of a token are summed in
+float32 and rounded once. In float32 the paths match the reference to accumulation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from carpool.ops.torch_ref.moe import check_moe_inputs, max_padded_pairs
+from carpool.ops.triton import utils
+from carpool.ops.triton.utils import pdl_enter
+
+
+@dataclass(frozen=True)
+class GroupedGemmConfig:
+    """Tiles of the two grouped GEMMs. block_m is also the alignment of each expert's segment."""
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8  # block rows swizzled together so neighbouring programs share weight tiles in L2
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"GroupedGemmConfig.{name} must be a power of two >= 16 (tl.dot), got {value}")
+        if self.group_m < 1:
+            raise ValueError(f"GroupedGemmConfig.group_m must be >= 1, got {self.group_m}")
+
+
+@dataclass(frozen=True)
+class FusedMoeConfig:
+    """Which path a step takes and with what tiles (see the module docstring)."""
+    small_batch_max_tokens: int = 4  # steps of at most this many tokens take the per-pair GEMV path
+    gemv_block_n: int = 2  # output rows per GEMV program (gate/up: this many gate and as many up rows)
+    gemm: GroupedGemmConfig = field(default_factory=GroupedGemmConfig)
+
+    def __post_init__(self) -> None:
+        if self.small_batch_max_tokens < 0:
+            raise ValueError(f"FusedMoeConfig.small_batch_max_tokens must be >= 0, got {self.small_batch_max_tokens}")
+        if self.gemv_block_n < 1 or self.gemv_block_n & (self.gemv_block_n - 1):
+            raise ValueError(f"FusedMoeConfig.gemv_block_n must be a power of two, got {self.gemv_block_n}")
+
+
+def default_gemm_config(num_tokens: int, top_k: int, num_experts: int) -> GroupedGemmConfig:
+    """Tiles by the mean number of pairs per expert: few pairs (decode batches) want short blocks, or
+    most rows of every block are padding; long segments (prefill) want large tiles for reuse."""
+    per_expert = num_tokens * top_k / num_experts
+    if per_expert <= 16:
+        return GroupedGemmConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=3)
+    if per_expert <= 64:
+        return GroupedGemmConfig(block_m=32, block_n=64, block_k=64, group_m=4, num_warps=4, num_stages=3)
+    return GroupedGemmConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> FusedMoeConfig:
+    return FusedMoeConfig(gemm=default_gemm_config(num_tokens, top_k, num_experts))
+
+
+# ---- sorting the pairs by expert ---------------------------------------------------------------------
+
+ALIGN_MAX_PROGRAMS = 64  # programs of the counting and scattering kernels (their [P, E] table is one tile)
+ALIGN_CHUNK = 64  # pairs a program handles per loop step
+
+
+@triton.jit(do_not_specialize=["num_pairs", "pairs_per_program"])
+def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, pairs_per_program,
+                        E_PAD: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    """counts[p, e] = number of pairs of program p's range routed to expert e."""
+    pdl_enter(USE_PDL)
+    pid = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    begin = pid * pairs_per_program
+    for start in range(begin, begin + pairs_per_program, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + pid * E_PAD + experts, counts)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_programs", "num_blocks"])
+def _align_offsets_kernel(counts_ptr, offsets_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs,
+                          num_programs, num_blocks, num_experts, E_PAD: tl.constexpr, P_PAD: tl.constexpr,
+                          BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr, USE_PDL: tl.constexpr):
+    """One program: where each expert's segment starts (padded to BLOCK), where each counting program's
+    pairs of each expert go (offsets[p, e]), the padding slots of every segment, the expert of every
+    block and the padded total."""
+    pdl_enter(USE_PDL)
+    experts = tl.arange(0, E_PAD)
+    progs = tl.arange(0, P_PAD)
+    counts = tl.load(counts_ptr + progs[:, None] * E_PAD + experts[None, :], mask=(progs < num_programs)[:, None],
+                     other=0)
+    totals = tl.sum(counts, axis=0)
+    padded = (totals + BLOCK - 1) // BLOCK * BLOCK
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    # Program p's pairs of expert e follow those of programs < p: the scatter is a stable sort.
+    before = tl.cumsum(counts, axis=0) - counts
+    tl.store(offsets_ptr + progs[:, None] * E_PAD + experts[None, :], starts[None, :] + before,
+             mask=(progs < num_programs)[:, None])
+    tail = tl.arange(0, BLOCK)
+    pad_slots = (starts + totals)[:, None] + tail[None, :]
+    tl.store(sorted_ptr + pad_slots, tl.full([E_PAD, BLOCK], 0, tl.int32) + num_pairs,
+             mask=pad_slots < ends[:, None])
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    for b0 in range(0, num_blocks, BLOCKS_PER_STEP):
+        blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
+        # The expert of a block is the number of segments that end at or before its first row (empty
+        # segments end where they start, so they are skipped).
+        expert = tl.sum((ends[None, :] <= (blocks * BLOCK)[:, None]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.minimum(expert, num_experts - 1), mask=blocks < num_blocks)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "pairs_per_program"])
+def _align_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_pairs, pairs_per_program,
+                          E_PAD: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    """Write each pair of program p's range at its sorted slot: offsets[p, e] plus the number of earlier
+    pairs of the range routed to e."""
+    pdl_enter(USE_PDL)
+    pid = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    running = tl.load(offsets_ptr + pid * E_PAD + experts)
+    begin = pid * pairs_per_program
+    for start in range(begin, begin + pairs_per_program, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = offs < num_pairs
+        e = tl.load(ids_ptr + offs, mask=valid, other=-1).to(tl.int32)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
+        rank = tl.cumsum(onehot, axis=0) - onehot
+        dest = tl.sum(onehot * (running[None, :] + rank), axis=1)
+        tl.store(sorted_ptr + dest, offs, mask=valid)
+        running += tl.sum(onehot, axis=0)
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton twin of `torch_ref.moe.moe_align_block_size` (same outputs, see its docstring)."""
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    ids = topk_ids.contiguous().view(-1)
+    num_pairs = ids.numel()
+    device = ids.device
+    max_padded = max_padded_pairs(num_pairs, num_experts, block_size)
+    num_blocks = max_padded // block_size
+    e_pad = triton.next_power_of_2(num_experts)
+    per_program = triton.cdiv(triton.cdiv(num_pairs, ALIGN_MAX_PROGRAMS), ALIGN_CHUNK) * ALIGN_CHUNK
+    num_programs = max(1, triton.cdiv(num_pairs, per_program))
+    counts = torch.empty(num_programs, e_pad, dtype=torch.int32, device=device)
+    offsets = torch.empty_like(counts)
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    pdl = dict(USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    _align_count_kernel[(num_programs,)](ids, counts, num_pairs, per_program, E_PAD=e_pad, CHUNK=ALIGN_CHUNK,
+                                         **pdl)
+    _align_offsets_kernel[(1,)](counts, offsets, sorted_ids, expert_ids, num_padded, num_pairs, num_programs,
+                                num_blocks, num_experts, E_PAD=e_pad, P_PAD=triton.next_power_of_2(num_programs),
+                                BLOCK=block_size, BLOCKS_PER_STEP=64, num_warps=8, **pdl)
+    _align_scatter_kernel[(num_programs,)](ids, offsets, sorted_ids, num_pairs, per_program, E_PAD=e_pad,
+                                           CHUNK=ALIGN_CHUNK, **pdl)
+    return sorted_ids, expert_ids, num_padded
+
+
+# ---- grouped GEMMs over the sorted pairs --------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr,
+                     num_pairs, num_m_blocks, N, K, stride_am, stride_we, stride_wn, stride_om,
+                     A_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    """Rows of one sorted block (one expert) times that expert's weight, row r of the block being pair
+    p = sorted[r] and reading A row p // A_ROW_DIV (a token of hidden for gate/up, the pair's own row of
+    the intermediate for down); the result goes to out row p.
+
+    GATE_UP: N = I; the program computes gate columns n and up columns n + N of w13 and stores
+    silu(gate) * up. MUL_WEIGHT: the result is scaled by the pair's routing weight."""
+    pdl_enter(USE_PDL)
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    # Swizzle: GROUP_M block rows share each column block in turn (L2 reuse of A across column blocks).
+    per_group = GROUP_M * num_n_blocks
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    a_rows = a_ptr + (pairs // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    # w[expert, n, k] read as a [BLOCK_K, BLOCK_N] tile of w^T.
+    w_cols = w_ptr + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATE_UP:
+            w_up = tl.load(w_cols + N * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+    dtype = out_ptr.dtype.element_ty
+    if GATE_UP:
+        gate = acc.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        res = act * acc_up.to(dtype).to(tl.float32)
+    else:
+        res = acc
+    if MUL_WEIGHT:
+        weight = tl.load(topk_w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)
+        res = res.to(dtype).to(tl.float32) * weight[:, None]
+    out = out_ptr + pairs.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, res.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launch_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor,
+                 sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_padded: torch.Tensor, num_pairs: int,
+                 n: int, a_row_div: int, gate_up: bool, cfg: GroupedGemmConfig) -> None:
+    num_m_blocks = expert_ids.numel()
+    grid = (num_m_blocks * triton.cdiv(n, cfg.block_n),)
+    _moe_gemm_kernel[grid](
+        a, w, out, topk_weights, sorted_ids, expert_ids, num_padded, num_pairs, num_m_blocks, n, w.shape[2],
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0), A_ROW_DIV=a_row_div, GATE_UP=gate_up,
+        MUL_WEIGHT=not gate_up, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, PRECISION=_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 models are the exactness runs: no TF32 rounding of the operands.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- per-pair GEMVs for small batches -----------------------------------------------------------------
+
+@triton.jit
+def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, INTER, H, stride_xt, stride_we, stride_wn,
+                             TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             USE_PDL: tl.constexpr):
+    """Program (pair, row block): out[pair, rows] = silu(x_t . gate_e[rows]) * (x_t . up_e[rows]) with
+    t = pair // TOP_K and e = topk_ids[pair]."""
+    pdl_enter(USE_PDL)
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < INTER
+    gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+    up_rows = gate_rows + INTER * stride_wn
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xt
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < H
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_gate += tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x
+        acc_up += tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
+    up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + pair.to(tl.int64) * INTER + rows, (act * up).to(dtype), mask=row_ok)
+
+
+@triton.jit
+def _moe_gemv_down_kernel(inter_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER, H, stride_we, stride_wn,
+                          TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    """Program (token, row block): out[t, rows] = sum over the token's pairs p of
+    weight[p] * (down_e[rows] . inter[p]), e = topk_ids[p], summed in float32 in slot order."""
+    pdl_enter(USE_PDL)
+    token = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < H
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for slot in range(TOP_K):
+        pair = token * TOP_K + slot
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        weight = tl.load(topk_w_ptr + pair).to(tl.float32)
+        w_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        v_row = inter_ptr + pair.to(tl.int64) * INTER
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, INTER, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < INTER
+            v = tl.load(v_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * v
+        y = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype)
+        total += y.to(tl.float32)
+    tl.store(out_ptr + token.to(tl.int64) * H + rows, total.to(dtype), mask=row_ok)
+
+
+def _gemv_block_k(k: int) -> int:
+    # One step for rows of up to 2048 columns (Qwen3-30B-A3B's gate/up rows, and its down rows of 768).
+    return min(2048, max(16, triton.next_power_of_2(k)))
+
+
+# ---- the op -------------------------------------------------------------------------------------------
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: FusedMoeConfig | None = None) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, k] -> [T, H]
+    in hidden's dtype. Weights must be contiguous in their last dim; topk_ids must be valid expert ids
+    (not checked on the device: that would sync)."""
+    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids)
+    if hidden.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError("fused_moe: hidden, w13 and w2 must be contiguous in their last dim")
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(f"fused_moe: weights must have hidden's dtype {hidden.dtype}, got {w13.dtype} and {w2.dtype}")
+    num_tokens, h = hidden.shape
+    num_experts, two_i, _ = w13.shape
+    inter_size, top_k = two_i // 2, topk_ids.shape[1]
+    if num_tokens == 0:
+        return hidden.new_empty(0, h)
+    config = config or default_moe_config(num_tokens, top_k, num_experts)
+    ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
+    num_pairs = num_tokens * top_k
+    inter = utils.empty_output((num_pairs, inter_size), dtype=hidden.dtype, device=hidden.device)
+    pdl = dict(USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    if num_tokens <= config.small_batch_max_tokens:
+        bn = config.gemv_block_n
+        _moe_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, bn))](
+            hidden, w13, ids, inter, inter_size, h, hidden.stride(0), w13.stride(0), w13.stride(1), TOP_K=top_k,
+            BLOCK_N=bn, BLOCK_K=_gemv_block_k(h), num_warps=4, **pdl)
+        out = utils.empty_output((num_tokens, h), dtype=hidden.dtype, device=hidden.device)
+        _moe_gemv_down_kernel[(num_tokens, triton.cdiv(h, bn))](
+            inter, w2, ids, weights, out, inter_size, h, w2.stride(0), w2.stride(1), TOP_K=top_k, BLOCK_N=bn,
+            BLOCK_K=_gemv_block_k(inter_size), num_warps=4, **pdl)
+        return out
+    cfg = config.gemm
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, num_experts, cfg.block_m)
+    _launch_gemm(hidden, w13, inter, weights, sorted_ids, expert_ids, num_padded, num_pairs, inter_size,
+                 a_row_div=top_k, gate_up=True, cfg=cfg)
+    scaled = utils.empty_output((num_pairs, h), dtype=hidden.dtype, device=hidden.device)
+    _launch_gemm(inter, w2, scaled, weights, sorted_ids, expert_ids, num_padded, num_pairs, h, a_row_div=1,
+                 gate_up=False, cfg=cfg)
+    # (torch sums a bf16 tensor in float32 and rounds once, as the GEMV path does.)
+    return scaled.view(num_tokens, top_k, h).sum(dim=1)

@@ -1,0 +1,209 @@
+"""Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE, Mixtral) on CPU: greedy output equals Hugging Face
+transformers' token for token (float32, transformers' eager expert loop), however the engine chunks,
+preempts, reuses cached prefixes or splits the model over two ranks; the family adapters read the configs
+as transformers does; the fused Triton path (interpreter) gives the torch path's tokens.
+
+The tiny checkpoints (tests/checkpoints.py) have 8 experts, a dense layer among the sparse ones (Qwen3-MoE:
+mlp_only_layers, Qwen2-MoE: decoder_sparse_step) and, for Qwen2-MoE, the shared expert.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from checkpoints import config_for, hf_greedy, prompts_of_lengths
+
+from carpool import LLM, SamplingParams
+from carpool.config import EngineConfig, ModelConfig
+from carpool.models.moe import SparseMoeBlock, parameter_counts
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral"]
+MAX_NEW = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+# 12 prompts: lengths around the 16-token block and chunk boundaries, and three that share a 40-token
+# prefix (cached blocks reused within the one generate).
+PROMPTS = prompts_of_lengths([1, 2, 5, 16, 17, 31, 64, 100, 150], seed=3)
+PROMPTS += [PROMPTS[-1][:40] + tail for tail in prompts_of_lengths([3, 9, 20], seed=4)]
+
+_reference: dict[str, list[list[int]]] = {}
+
+
+def reference(path: str) -> list[list[int]]:
+    if path not in _reference:
+        _reference[path] = hf_greedy(path, PROMPTS, MAX_NEW, experts_implementation="eager")
+    return _reference[path]
+
+
+def greedy_tokens(llm: LLM, prompts: list[list[int]],
+                  params: SamplingParams | list[SamplingParams] = GREEDY) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def hf_config_dict(family: str, **overrides) -> dict:
+    """config.json's contents for a checkpoint of `family` (no weights needed)."""
+    return {**config_for(family, **overrides).to_dict(), "architectures": [ARCHITECTURES[family]]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_hf_with_chunking_preemption_and_prefix_hits(checkpoint_factory, family):
+    path = checkpoint_factory(family)
+    # 24-token steps chunk every longer prompt; 18 blocks of 16 tokens cannot hold the batch.
+    llm = LLM(path, device="cpu", num_kv_blocks=18, max_num_batched_tokens=24, enable_prefix_caching=True)
+    got = greedy_tokens(llm, PROMPTS)
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0
+    assert stats.prefix_cache_hits > 0
+    assert got == reference(path)
+
+
+def test_greedy_matches_hf_with_async_scheduling(checkpoint_factory):
+    path = checkpoint_factory("qwen3_moe")
+    llm = LLM(path, device="cpu", num_kv_blocks=18, max_num_batched_tokens=24, async_scheduling=True)
+    assert greedy_tokens(llm, PROMPTS) == reference(path)
+
+
+def test_tp2_greedy_matches_hf(checkpoint_factory):
+    """Qwen2-MoE over two gloo ranks: every expert, the shared expert and the dense layer split along
+    their intermediate dimension; router and shared-expert gate replicated."""
+    path = checkpoint_factory("qwen2_moe")
+    llm = LLM(path, device="cpu", tensor_parallel_size=2, num_kv_blocks=18, max_num_batched_tokens=24)
+    try:
+        got = greedy_tokens(llm, PROMPTS)
+        assert llm.engine.stats().num_preemptions > 0
+    finally:
+        llm.engine.shutdown()
+    assert got == reference(path)
+
+
+def test_triton_backend_gives_the_torch_tokens(checkpoint_factory, monkeypatch):
+    """The fused Triton MoE inside the engine (interpreter on CPU): prefill chunks take the grouped GEMM,
+    decode steps the per-pair GEMV path; the last steps decode one request alone (the batch-1 GEMVs of
+    the router and the shared expert's one-row gate)."""
+    import carpool.ops.triton as tri
+
+    sizes: list[int] = []
+    real = tri.fused_moe
+    monkeypatch.setattr(tri, "fused_moe",
+                        lambda hidden, *a, **k: sizes.append(hidden.shape[0]) or real(hidden, *a, **k))
+    path = checkpoint_factory("qwen2_moe")
+    prompts = [PROMPTS[5], PROMPTS[0]]  # (interpreter time: two short prompts, a few tokens)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 4)]
+    tokens = {backend: greedy_tokens(LLM(path, device="cpu", kernel_backend=backend, max_num_batched_tokens=16),
+                                     prompts, params) for backend in ("torch", "triton")}
+    assert tokens["triton"] == tokens["torch"]
+    assert max(sizes) > 4 and min(sizes) == 1  # both paths of the op ran, and a batch-1 step
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("qwen3_moe", dict(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3])),
+    ("qwen2_moe", dict(num_hidden_layers=4, decoder_sparse_step=1, mlp_only_layers=[0, 2])),
+    ("mixtral", dict(num_hidden_layers=3)),
+])
+def test_sparse_layers_and_parameter_counts_are_transformers(family, overrides):
+    """The same layers are sparse as in transformers' model, and the logged total / active parameter
+    counts agree with it (active: all but the num_experts - top_k unchosen experts of each sparse layer)."""
+    from transformers import AutoModelForCausalLM
+
+    from carpool.models.loader import build_model
+    from carpool.models.runtime import ModelRuntime
+
+    hf = AutoModelForCausalLM.from_config(config_for(family, **overrides))
+    config = ModelConfig.from_hf_config(hf_config_dict(family, **overrides))
+    model = build_model(config, ModelRuntime.plain(), "meta")
+    ours = [isinstance(layer.mlp, SparseMoeBlock) for layer in model.model.layers]
+    assert ours == [type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in hf.model.layers]
+    assert any(ours)
+    total, active = parameter_counts(config, model.qk_norm)
+    assert total == hf.num_parameters() == sum(p.numel() for p in model.parameters())
+    moe = config.moe
+    expert = 3 * config.hidden_size * moe.moe_intermediate_size
+    unchosen = sum(ours) * (moe.num_experts - moe.num_experts_per_tok) * expert
+    assert active == total - unchosen
+
+
+def test_startup_log_names_experts_top_k_and_parameters(caplog):
+    from carpool.models.loader import build_model
+    from carpool.models.runtime import ModelRuntime
+
+    config = ModelConfig.from_hf_config(hf_config_dict("qwen3_moe"))
+    with caplog.at_level(logging.INFO, logger="carpool.models.moe"):
+        build_model(config, ModelRuntime.plain(), "meta")
+    total, active = parameter_counts(config, qk_norm=True)
+    assert f"8 experts, top-3; {total / 1e3:.2f}K parameters, {active / 1e3:.2f}K active per token" in caplog.text
+
+
+def test_family_adapters_read_the_routing_settings():
+    qwen3 = ModelConfig.from_hf_config(hf_config_dict("qwen3_moe")).moe
+    qwen2 = ModelConfig.from_hf_config(hf_config_dict("qwen2_moe")).moe
+    mixtral = ModelConfig.from_hf_config(hf_config_dict("mixtral")).moe
+    assert qwen3 and qwen2 and mixtral
+    assert (qwen3.num_experts, qwen3.num_experts_per_tok, qwen3.norm_topk_prob) == (8, 3, True)
+    assert (qwen2.norm_topk_prob, qwen2.shared_expert_intermediate_size, qwen2.decoder_sparse_step) == (False, 48, 2)
+    assert qwen3.router_weights_in_model_dtype and qwen2.router_weights_in_model_dtype
+    # Mixtral: experts of intermediate_size, always renormalized, float32 routing weights
+    assert (mixtral.moe_intermediate_size, mixtral.norm_topk_prob, mixtral.router_weights_in_model_dtype) == (64, True,
+                                                                                                             False)
+    assert ModelConfig.from_hf_config(hf_config_dict("qwen2")).moe is None
+
+
+def test_engine_config_with_moe_round_trips_through_the_tp_codec():
+    from carpool.config import CacheConfig, ParallelConfig, SchedulerConfig
+    from carpool.worker import tp_codec
+
+    model = ModelConfig.from_hf_config(hf_config_dict("qwen3_moe"), dtype="bfloat16")
+    config = EngineConfig(model=model, cache=CacheConfig(), scheduler=SchedulerConfig(), parallel=ParallelConfig(),
+                          device="cpu", kernel_backend="torch")
+    back = tp_codec.engine_config_from_dict(tp_codec.loads(tp_codec.dumps(tp_codec.engine_config_to_dict(config))))
+    assert back.model.moe == model.moe and back.model.moe is not None
+    assert back.model.moe.mlp_only_layers == (1,)
+
+
+def test_experts_that_do_not_split_are_refused_before_spawning():
+    from carpool.worker.multiproc_executor import check_tensor_parallel
+
+    model = ModelConfig.from_hf_config(hf_config_dict("qwen2_moe", moe_intermediate_size=33))
+    with pytest.raises(ValueError, match="^tensor_parallel_size: .*moe_intermediate_size=33.*tensor_parallel_size=2"):
+        check_tensor_parallel(model, 2)
+
+
+def test_an_expert_tensor_of_the_wrong_shape_is_refused_naming_the_expert():
+    from carpool.layers.moe import FusedExperts
+    from carpool.ops.torch_ref import fused_moe
+
+    experts = FusedExperts(num_experts=4, hidden_size=8, intermediate_size=6, dtype=torch.float32, fused_moe=fused_moe)
+    experts.weight_loader(experts.w13_weight, torch.ones(6, 8), ("w3", 2))
+    assert torch.equal(experts.w13_weight[2, 6:], torch.ones(6, 8))
+    with pytest.raises(ValueError, match=r"expert 1 \(w2\) has shape \[6, 8\], expected \[8, 6\]"):
+        experts.weight_loader(experts.w2_weight, torch.ones(6, 8), ("w2", 1))
+    with pytest.raises(ValueError, match="expert 4, but the model has num_experts=4"):
+        experts.weight_loader(experts.w13_weight, torch.ones(6, 8), ("w1", 4))
+
+
+def test_benchmark_roofline_counts_the_experts_a_decode_step_reads():
+    """benchmarks/common.py's bytes for the Qwen3-30B-A3B shape agree with the model's own parameter
+    counts: a batch-1 step reads the active parameters, a large batch every parameter (less the
+    embedding table, which a step does not read; norms are not counted there)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from common import SHAPES, ModelArithmetic
+
+    shape = SHAPES["qwen3-30b-a3b"]
+    config = ModelConfig.from_hf_config(dict(shape), dtype="bfloat16")
+    total, active = parameter_counts(config, qk_norm=True)
+    embedding = config.vocab_size * config.hidden_size
+    m = ModelArithmetic.of("qwen3-30b-a3b")
+    assert m.expected_distinct_experts(1) == shape["num_experts_per_tok"]
+    assert m.decode_weight_bytes(1) / 2 == pytest.approx(active - embedding, rel=1e-4)
+    assert m.decode_weight_bytes(100_000) / 2 == pytest.approx(total - embedding, rel=1e-4)
+    assert m.expected_distinct_experts(64) < m.expected_distinct_experts(256) <= shape["num_experts"]
+    dense = ModelArithmetic.of("qwen3-0.6b")
+    assert dense.decode_weight_bytes(1) == dense.decode_weight_bytes(256) == dense.weight_bytes
