@@ -118,8 +118,8 @@ def main() -> None:
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None
-    model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-{args.quant_format or 'bf16'}-config"),
-                                       args.shape, quant_format=args.quant_format)
+    config_dir = os.path.join(args.checkpoint_dir, f"{args.shape}-{args.quant_format or 'bf16'}-config")
+    model = args.model or write_config(config_dir, args.shape, quant_format=args.quant_format)
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=8, max_model_len=args.prompt_len + args.new_tokens + 16,
                                          **engine_flags(args))
     if dummy:

@@ -259,6 +259,7 @@ def main() -> None:
     import triton
 
     from common import measure_copy_bandwidth, measure_matmul_flops
+
     from carpool.ops.triton import utils as triton_utils
 
     triton_utils.choose_pdl(torch.device("cuda"), disabled=False)  # as the engine launches them

@@ -47,8 +47,10 @@ def device_name() -> str:
 QUANT_FORMATS: dict[str, dict[str, Any]] = {
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
-    "fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]},
-    "fp8-channel": {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                  "weight_block_size": [128, 128]},
+    "fp8-channel": {"quant_method": "compressed-tensors", "format": "float-quantized",
+                    "quantization_status": "compressed",
                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                         "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
                         "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},

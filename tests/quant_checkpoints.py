@@ -108,7 +108,8 @@ def pack_awq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> dict[s
             "scales": scale.t().contiguous()}
 
 
-def pack_gptq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group: int, v1: bool) -> dict[str, torch.Tensor]:
+def pack_gptq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group: int,
+              v1: bool) -> dict[str, torch.Tensor]:
     """AutoGPTQ's QuantLinear.pack (auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py): intweight = q^T
     [K, N]; `qweight[r] |= intweight[8r + j] << 4j` (packed along K); v1 stores `zeros -= 1` before
     packing qzeros along N, `qzeros[:, c] |= zeros[:, 8c + j] << 4j` (a zero of 0 wraps to 15: the v1

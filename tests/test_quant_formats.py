@@ -9,12 +9,29 @@ import torch
 from quant_checkpoints import pack_awq, pack_gptq, quantize_int4
 
 from carpool.ops.torch_ref.quant import dequantize_int4
-from carpool.quantization.config import (CHANNEL_GROUP, Fp8Scheme, Int4Scheme, describe_quantization, is_ignored,
-                                         parse_kv_cache_dtype, parse_quantization_config)
-from carpool.quantization.formats import (awq_qweight_to_packed, awq_qzeros_to_zeros, dequantize_awq, dequantize_fp8,
-                                          dequantize_gptq, dequantize_pack_quantized, gptq_qweight_to_packed,
-                                          gptq_qzeros_to_zeros, pack_int4, pack_quantized_zero_point_to_zeros,
-                                          quantize_fp8_per_block, unpack_int4)
+from carpool.quantization.config import (
+    CHANNEL_GROUP,
+    Fp8Scheme,
+    Int4Scheme,
+    describe_quantization,
+    is_ignored,
+    parse_kv_cache_dtype,
+    parse_quantization_config,
+)
+from carpool.quantization.formats import (
+    awq_qweight_to_packed,
+    awq_qzeros_to_zeros,
+    dequantize_awq,
+    dequantize_fp8,
+    dequantize_gptq,
+    dequantize_pack_quantized,
+    gptq_qweight_to_packed,
+    gptq_qzeros_to_zeros,
+    pack_int4,
+    pack_quantized_zero_point_to_zeros,
+    quantize_fp8_per_block,
+    unpack_int4,
+)
 
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}

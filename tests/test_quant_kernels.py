@@ -16,8 +16,7 @@ pytest.importorskip("triton")
 
 from carpool.ops.torch_ref import quant as ref  # noqa: E402
 from carpool.ops.triton import utils  # noqa: E402
-from carpool.ops.triton.quant_gemm import (QuantGemmConfig, fp8_gemm, fp8_gemm_backend, int4_gemm,  # noqa: E402
-                                           quantize_fp8_act)
+from carpool.ops.triton.quant_gemm import QuantGemmConfig, fp8_gemm, fp8_gemm_backend, int4_gemm, quantize_fp8_act  # noqa: E402
 from carpool.ops.triton.quant_gemv import QuantGemvConfig, fp8_gemv, int4_gemv  # noqa: E402
 from carpool.quantization.formats import pack_int4, quantize_fp8_per_block, quantize_fp8_per_channel  # noqa: E402
 
@@ -102,7 +101,8 @@ def test_fp8_activation_quantization_equals_reference_bit_for_bit(mode: str) -> 
     x[2] = 0.0  # an all-zero row: a finite scale, zeros out
     kwargs = {"token": {}, "group": {"group_size": 128}, "static": {"static_scale": torch.tensor([0.02])}}[mode]
     expected_q, expected_s = ref.quantize_fp8_activations(x, **kwargs)
-    got_q, got_s = quantize_fp8_act(*dev(x), **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    on_device = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    got_q, got_s = quantize_fp8_act(*dev(x), **on_device)
     assert torch.equal(got_q.cpu().view(torch.uint8), expected_q.view(torch.uint8))
     assert torch.equal(got_s.cpu(), expected_s)
 

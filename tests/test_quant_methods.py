@@ -126,7 +126,8 @@ def test_a_scale_of_the_wrong_shape_is_named(ckpt, tmp_path) -> None:
     quantized, _ = ckpt("qwen2", "gptq")
     name = "model.layers.0.mlp.down_proj.scales"
     path = _edited_copy(quantized, str(tmp_path / "c"), lambda w: w.update({name: w[name][:1]}))
-    with pytest.raises(ValueError, match=rf"checkpoint tensor '{name}': scales: expected shape \[2, 128\], got \[1, 128\]"):
+    expected = rf"checkpoint tensor '{name}': scales: expected shape \[2, 128\], got \[1, 128\]"
+    with pytest.raises(ValueError, match=expected):
         load(path)
 
 
@@ -154,7 +155,8 @@ def test_unquantized_weights_under_a_quantized_config_are_refused(ckpt, tmp_path
 
 def test_block_scales_across_a_tensor_parallel_split_inside_a_block_are_refused(ckpt) -> None:
     quantized, _ = ckpt("llama", "fp8-block")  # k_proj's 128 rows: 64 per rank, half a 128-row block
-    with pytest.raises(ValueError, match=r"k_proj\.weight_scale_inv'.*rows \[0, 64\) do not fall on whole entries of 128"):
+    expected = r"k_proj\.weight_scale_inv'.*rows \[0, 64\) do not fall on whole entries of 128"
+    with pytest.raises(ValueError, match=expected):
         load(quantized, rank=0, size=2)
 
 

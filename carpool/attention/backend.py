@@ -18,8 +18,8 @@ from carpool.forward_batch import AttentionMetadata, DenseAttentionMetadata
 
 if TYPE_CHECKING:
     from carpool.layers.attention import Attention
-    from carpool.quantization.config import KVCacheScheme
     from carpool.layers.linear import QKVParallelLinear
+    from carpool.quantization.config import KVCacheScheme
     from carpool.worker.input_batch import StepInputs
     from carpool.worker.staging import Field
 

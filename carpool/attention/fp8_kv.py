@@ -13,9 +13,8 @@ over an FP8 cache the projection and the RoPE + store run as two kernels.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn

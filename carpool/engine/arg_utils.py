@@ -12,8 +12,12 @@ from dataclasses import dataclass, fields
 from carpool.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from carpool.models.registry import SUPPORTED_ARCHITECTURES
 from carpool.platform import default_device, kernel_backend_for
-from carpool.quantization.config import (KV_CACHE_DTYPES, QUANTIZATION_CHOICES, parse_kv_cache_dtype,
-                                         parse_quantization_config)
+from carpool.quantization.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_CHOICES,
+    parse_kv_cache_dtype,
+    parse_quantization_config,
+)
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
 
 KERNEL_FLAG_HELP: dict[str, str] = {
@@ -92,7 +96,8 @@ class EngineArgs:
             raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATION_CHOICES)} or unset, got "
                              f"{self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+            raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
 
     def create_engine_config(self) -> EngineConfig:
         self._validate()

@@ -29,7 +29,6 @@ from carpool.layers.norm import RMSNorm
 from carpool.layers.rotary import RotaryEmbedding
 from carpool.models.runtime import ModelRuntime
 
-
 # A checkpoint's KV-cache scales: compressed-tensors' `self_attn.k_scale` / `v_scale`, or the
 # `self_attn.k_proj.output_scale` / `v_proj.output_scale` of older FP8 checkpoints.
 _KV_SCALE = re.compile(r"^(.*\.self_attn)\.(k|v)(?:_scale|_proj\.output_scale)$")

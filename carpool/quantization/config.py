@@ -231,7 +231,8 @@ def _parse_compressed_tensors(qc: Mapping[str, Any]) -> QuantScheme:
     for name, group in groups.items():
         prefix = f"quantization_config.config_groups.{name}"
         fmt = group.get("format") or qc.get("format")
-        schemes.append(_parse_ct_group(group, fmt, prefix, _ignore_list(qc.get("ignore"), "quantization_config.ignore")))
+        ignore = _ignore_list(qc.get("ignore"), "quantization_config.ignore")
+        schemes.append(_parse_ct_group(group, fmt, prefix, ignore))
     if any(s != schemes[0] for s in schemes[1:]):
         raise ValueError("quantization_config.config_groups: groups with different schemes are not "
                          "supported; carpool runs one scheme for every quantized layer")

@@ -164,7 +164,8 @@ def dequantize_pack_quantized(weight_packed: torch.Tensor, weight_scale: torch.T
     return (q - z) * s
 
 
-def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None = None) -> torch.Tensor:
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor,
+                   block_size: tuple[int, int] | None = None) -> torch.Tensor:
     """W [N, K] float32 of FP8 weights: weight * scale, the scale per tensor (one value), per output
     channel ([N] or [N, 1]) or per block ([ceil(N/bn), ceil(K/bk)], block_size = (bn, bk))."""
     w = weight.float()

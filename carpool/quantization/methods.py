@@ -24,11 +24,25 @@ from carpool.layers.linear import LinearBase, loaded_shape
 from carpool.layers.linear_method import LinearMethod, set_weight_loader
 from carpool.ops.torch_ref import quant as ref
 from carpool.quantization.config import CHANNEL_GROUP, FP8_BLOCK, Fp8Scheme, Int4Scheme
-from carpool.quantization.formats import (FP8_DTYPE, PACK, awq_qweight_to_packed, awq_qzeros_to_zeros,
-                                          gptq_qweight_to_packed, gptq_qzeros_to_zeros,
-                                          pack_quantized_zero_point_to_zeros, quantize_fp8_per_channel)
-from carpool.quantization.sharding import (ShardSlice, TensorLayout, check_shape, expected_shape, layer_shards,
-                                           narrow_checkpoint_tensor, read_full, shard_slice)
+from carpool.quantization.formats import (
+    FP8_DTYPE,
+    PACK,
+    awq_qweight_to_packed,
+    awq_qzeros_to_zeros,
+    gptq_qweight_to_packed,
+    gptq_qzeros_to_zeros,
+    pack_quantized_zero_point_to_zeros,
+    quantize_fp8_per_channel,
+)
+from carpool.quantization.sharding import (
+    ShardSlice,
+    TensorLayout,
+    check_shape,
+    layer_shards,
+    narrow_checkpoint_tensor,
+    read_full,
+    shard_slice,
+)
 from carpool.utils import cdiv
 
 MAX_GEMV_ROWS = 8  # rows of x up to which the Triton path takes the GEMV (ops/triton/quant_gemv.py)
@@ -251,7 +265,8 @@ class Int4WeightOnlyLinearMethod(QuantizedLinearMethod):
         zeros = torch.empty(n, k // g, dtype=dtype)
         if fmt == "awq":
             specs = [
-                (CheckpointTensor("qweight", TensorLayout(1, PACK, 0, 1), lambda sl: (sl.full_cols, sl.full_rows // PACK),
+                (CheckpointTensor("qweight", TensorLayout(1, PACK, 0, 1),
+                                  lambda sl: (sl.full_cols, sl.full_rows // PACK),
                                   lambda t, sl: awq_qweight_to_packed(_int32(t, "qweight"))), packed),
                 (CheckpointTensor("scales", TensorLayout(1, 1, groups_in, gs), lambda sl: (n_groups(sl), sl.full_rows),
                                   lambda t, sl: t.t().to(dtype)), scales),
@@ -261,7 +276,8 @@ class Int4WeightOnlyLinearMethod(QuantizedLinearMethod):
         elif fmt == "gptq":
             offset = self.scheme.zero_offset
             specs = [
-                (CheckpointTensor("qweight", TensorLayout(1, 1, 0, PACK), lambda sl: (sl.full_cols // PACK, sl.full_rows),
+                (CheckpointTensor("qweight", TensorLayout(1, 1, 0, PACK),
+                                  lambda sl: (sl.full_cols // PACK, sl.full_rows),
                                   lambda t, sl: gptq_qweight_to_packed(_int32(t, "qweight"))), packed),
                 (CheckpointTensor("scales", TensorLayout(1, 1, groups_in, gs), lambda sl: (n_groups(sl), sl.full_rows),
                                   lambda t, sl: t.t().to(dtype)), scales),

@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 
-from carpool.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear, QKVParallelLinear,
-                                   RowParallelLinear, load_narrow, loaded_shape)
+from carpool.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    load_narrow,
+    loaded_shape,
+)
 from carpool.utils import cdiv
 
 
@@ -84,19 +91,6 @@ class TensorLayout:
     in_dim: int | None
     in_unit: int
     ceil: bool = False
-
-
-def expected_shape(layout: TensorLayout, ndim: int, sl: ShardSlice, fixed: dict[int, int] | None = None
-                   ) -> tuple[int, ...]:
-    """The whole checkpoint tensor's shape under `layout` (fixed: dims of a given size)."""
-    shape = [1] * ndim
-    for dim, size in (fixed or {}).items():
-        shape[dim] = size
-    if layout.out_dim is not None:
-        shape[layout.out_dim] = _entries(sl.full_rows, layout.out_unit, layout.ceil)
-    if layout.in_dim is not None:
-        shape[layout.in_dim] = _entries(sl.full_cols, layout.in_unit, layout.ceil)
-    return tuple(shape)
 
 
 def _entries(n: int, unit: int, ceil: bool) -> int:

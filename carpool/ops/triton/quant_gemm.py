@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
-from carpool.ops.triton.quant_gemv import FP8_BLOCK, check_int4
 from carpool.ops.triton.fp8 import E4M3_MAX, to_e4m3
+from carpool.ops.triton.quant_gemv import FP8_BLOCK, check_int4
 from carpool.ops.triton.utils import pdl_enter
 
 MIN_ACT_AMAX = tl.constexpr(1e-12)  # as ops/torch_ref/quant.py: an all-zero row still gets a finite scale

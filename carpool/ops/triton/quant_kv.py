@@ -23,8 +23,13 @@ import triton.language as tl
 from carpool.forward_batch import CASCADE_ALIGN, AttentionMetadata, TritonAttentionMetadata
 from carpool.ops.triton import utils
 from carpool.ops.triton.attention import _check_shapes, _count_single_queries, _eager_balance, decode_num_splits
-from carpool.ops.triton.decode_attention import (DecodeConfig, _merge_kernel, _used_splits, decode_scratch,
-                                                 default_decode_config)
+from carpool.ops.triton.decode_attention import (
+    DecodeConfig,
+    _merge_kernel,
+    _used_splits,
+    decode_scratch,
+    default_decode_config,
+)
 from carpool.ops.triton.elementwise import _check_rotary, _cos_sin, _rope_heads, _rotate_heads
 from carpool.ops.triton.fp8 import to_e4m3
 from carpool.ops.triton.paged_kv import slot_row
