@@ -327,3 +327,20 @@ def run_prompt_logits(model, layers, prompt: list[int], chunk: int, cache_dtype:
         with torch.no_grad():
             logits.append(model.compute_logits(model(batch.input_ids, batch.positions, batch)))
     return torch.cat(logits)
+
+
+def hf_agrees_with_greedy(path: str, prompts: list[list[int]], outputs: list[list[int]]) -> bool:
+    """Whether `outputs` are transformers' greedy continuations of `prompts` on the checkpoint at `path`
+    (float32): one forward over each prompt + output, whose argmax at every position must be the next
+    output token. The same verdict as comparing with `generate` (greedy is determined by its prefixes),
+    at one forward per prompt instead of one per token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outputs):
+            ids = torch.tensor([prompt + out[:-1]])
+            logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0]
+            if logits[len(prompt) - 1:].argmax(-1).tolist() != out:
+                return False
+    return True
