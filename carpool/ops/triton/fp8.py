@@ -5,6 +5,9 @@ carrying a rounded-up mantissa into the exponent (124.3 becomes 64, not 128), so
 values are first rounded to e4m3's precision in float32 arithmetic (`round_to_e4m3`), after which the
 conversion is exact. Compiled kernels convert in hardware (round to nearest even), which gives the same
 values; `to_e4m3` picks between the two with a constexpr.
+
+(Helpers take the destination pointer rather than its dtype: `ptr.dtype.element_ty` is read where it is
+used, as the other kernels do.)
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ def round_to_e4m3(x):
 
 
 @triton.jit
-def to_e4m3(x, dtype: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
-    """float32 x saturated to e4m3's range and converted to `dtype` (float8e4nv)."""
+def to_e4m3(x, dst_ptr, SOFTWARE_ROUNDING: tl.constexpr):
+    """float32 x saturated to e4m3's range and converted to the element type of `dst_ptr` (float8e4nv)."""
     x = tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX)
     if SOFTWARE_ROUNDING:
         x = round_to_e4m3(x)
-    return x.to(dtype)
+    return x.to(dst_ptr.dtype.element_ty)

@@ -38,12 +38,17 @@ class QuantGemmConfig:
     num_stages: int = 3
 
 
-def default_quant_gemm_config(m: int, n: int, k: int, dtype: torch.dtype) -> QuantGemmConfig:
-    """Unmeasured defaults (common Hopper tile shapes for 8-bit and 4-bit weights); block_k stays 128,
-    the FP8 scale block. float32 (correctness runs on CPU): small tiles."""
+def default_quant_gemm_config(m: int, n: int, k: int, dtype: torch.dtype, int4: bool = False) -> QuantGemmConfig:
+    """Unmeasured defaults (common Hopper tile shapes); FP8 keeps block_k at 128, the scale block. INT4
+    dequantizes its tile in registers: 64-column steps and 8 warps, which compile for sm_90 without
+    spills (128-197 registers; 128-column steps with 4 warps spill). float32 (correctness runs on CPU):
+    small tiles."""
     if dtype == torch.float32:
         return QuantGemmConfig(block_m=16, block_n=32, block_k=128 if k >= 128 else 64, num_warps=4,
                                num_stages=1)
+    if int4:
+        return QuantGemmConfig(block_m=64 if m <= 64 else 128, block_n=128, block_k=64, num_warps=8,
+                               num_stages=4 if m <= 64 else 3)
     if m <= 64:
         return QuantGemmConfig(block_m=64 if m > 32 else 32, block_n=128, block_k=128, num_warps=4, num_stages=4)
     return QuantGemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
@@ -68,7 +73,7 @@ def _quant_act_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm, stride_
     else:
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_ACT_AMAX) / E4M3_MAX
         tl.store(scale_ptr + row * stride_sm + g, scale)
-    tl.store(xq_ptr + row * stride_qm + cols, to_e4m3(x / scale, xq_ptr.dtype.element_ty, SOFTWARE_ROUNDING),
+    tl.store(xq_ptr + row * stride_qm + cols, to_e4m3(x / scale, xq_ptr, SOFTWARE_ROUNDING),
              mask=ok)
 
 
@@ -210,7 +215,7 @@ def fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weig
 def fp8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                   out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_gemm for per-channel weights through torch._scaled_mm (cuBLASLt, row-wise scales; Hopper or
-    newer, 16-bit output, K and N multiples of 16). weight [N, K] row-major is W^T column-major, which is
+    newer, bf16 output, K and N multiples of 16). weight [N, K] row-major is W^T column-major, which is
     the layout _scaled_mm wants for its second operand."""
     m, n, k, blocks = _check_fp8_operands(xq, x_scale, weight, weight_scale)
     if blocks:
@@ -228,10 +233,10 @@ TRITON_FP8_GEMM_SHAPES: tuple[tuple[int, int, int], ...] = ()
 
 def fp8_gemm_backend(m: int, n: int, k: int, block_scales: bool, out_dtype: torch.dtype) -> str:
     """"triton" (fp8_gemm) or "scaled_mm" (torch._scaled_mm) for an [M, K] x [K, N] FP8 product:
-    block-scaled weights and shapes _scaled_mm cannot run (K or N not a multiple of 16, float32 output)
-    take Triton; the rest take _scaled_mm unless a measured entry of TRITON_FP8_GEMM_SHAPES says Triton
+    block-scaled weights and shapes _scaled_mm cannot run (K or N not a multiple of 16, an output other
+    than bf16) take Triton; the rest take _scaled_mm unless a measured entry of TRITON_FP8_GEMM_SHAPES says Triton
     is faster there."""
-    if block_scales or k % 16 or n % 16 or out_dtype not in (torch.bfloat16, torch.float16):
+    if block_scales or k % 16 or n % 16 or out_dtype != torch.bfloat16:  # (row-wise scales: bf16 output)
         return "triton"
     if any(m <= mm and n == nn and k == kk for mm, nn, kk in TRITON_FP8_GEMM_SHAPES):
         return "triton"
@@ -287,7 +292,7 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"int4_gemm: x must be [M, {k}] contiguous in K, got {tuple(x.shape)}")
     m = x.shape[0]
-    config = config or default_quant_gemm_config(m, n, k, x.dtype)
+    config = config or default_quant_gemm_config(m, n, k, x.dtype, int4=True)
     if config.block_k < 16 or config.block_k & (config.block_k - 1):
         raise ValueError(f"int4_gemm: block_k must be a power of two >= 16, got {config.block_k}")
     out = utils.empty_output((m, n), x.dtype, x.device)

@@ -50,7 +50,9 @@ def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
     block_k = min(limit, max(64 if int4 else 16, triton.next_power_of_2(k)))
     if utils.interpreting():  # CPU tests: each program costs ~10 ms of Python per op, whatever its size
         return QuantGemvConfig(block_n=64, block_k=min(block_k, 256), num_warps=4)
-    return QuantGemvConfig(block_n=2, block_k=block_k, num_warps=8 if k > 4096 else 4)
+    # 8 warps once a program holds 4096 float32 products per row: compiled for sm_90 (scripts/
+    # quant_compile_check.py), 4 warps then take 184-210 registers (int4, block-scaled FP8), 8 take 80-128.
+    return QuantGemvConfig(block_n=2, block_k=block_k, num_warps=8 if k > 4096 or block_m * block_k >= 4096 else 4)
 
 
 @triton.jit

@@ -45,11 +45,11 @@ def _is_fp8(cache: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _store_value(x, scale, dtype: tl.constexpr, IS_FP8: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
-    """x as the cache stores it: x / scale in e4m3, or x cast to a model-dtype cache."""
+def _store_value(x, scale, cache_ptr, IS_FP8: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
+    """x as the cache at cache_ptr stores it: x / scale in e4m3, or x cast to a model-dtype cache."""
     if IS_FP8:
-        return to_e4m3(x.to(tl.float32) / scale, dtype, SOFTWARE_ROUNDING)
-    return x.to(dtype)
+        return to_e4m3(x.to(tl.float32) / scale, cache_ptr, SOFTWARE_ROUNDING)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 # --- stores ------------------------------------------------------------------------------------------------
@@ -71,8 +71,8 @@ def _store_kv_scaled_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, n_
     v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask, other=0.0)
     kc = k_cache_ptr + page * stride_kcb + row * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
     vc = v_cache_ptr + page * stride_vcb + row * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
-    tl.store(kc, _store_value(k, k_scale, k_cache_ptr.dtype.element_ty, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
-    tl.store(vc, _store_value(v, v_scale, v_cache_ptr.dtype.element_ty, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
+    tl.store(kc, _store_value(k, k_scale, k_cache_ptr, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
+    tl.store(vc, _store_value(v, v_scale, v_cache_ptr, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
 
 
 def store_kvcache_scaled(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -111,17 +111,15 @@ def _rope_store_kv_scaled_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_p
     page, row, n_store = slot_row(slot_ptr, t, n_k_heads, PAGE_SIZE)
     heads = tl.arange(0, BLOCK_HK)
     mask = (heads[:, None] < n_store) & cmask[None, :]
-    kdt: tl.constexpr = k_cache_ptr.dtype.element_ty
-    vdt: tl.constexpr = v_cache_ptr.dtype.element_ty
     kc = k_cache_ptr + page * stride_kcb + row * stride_kcs + heads[:, None] * stride_kch + cols[None, :]
-    tl.store(kc, _store_value(y1, k_scale, kdt, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
-    tl.store(kc + HALF, _store_value(y2, k_scale, kdt, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
+    tl.store(kc, _store_value(y1, k_scale, k_cache_ptr, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
+    tl.store(kc + HALF, _store_value(y2, k_scale, k_cache_ptr, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
     vp = v_ptr + t * stride_vt + heads[:, None] * stride_vh + cols[None, :]
     vc = v_cache_ptr + page * stride_vcb + row * stride_vcs + heads[:, None] * stride_vch + cols[None, :]
     v1 = tl.load(vp, mask=mask, other=0.0)
     v2 = tl.load(vp + HALF, mask=mask, other=0.0)
-    tl.store(vc, _store_value(v1, v_scale, vdt, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
-    tl.store(vc + HALF, _store_value(v2, v_scale, vdt, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
+    tl.store(vc, _store_value(v1, v_scale, v_cache_ptr, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
+    tl.store(vc + HALF, _store_value(v2, v_scale, v_cache_ptr, IS_FP8, SOFTWARE_ROUNDING), mask=mask)
 
 
 def rope_and_store_kv_scaled(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -313,6 +311,18 @@ def _prefix_scaled_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl
     tl.store(part_lse_ptr + req64 * stride_lt + head * stride_lh + slot, lse, mask=row_ok)
 
 
+def fp8_decode_config(head_dim: int, q_dtype: torch.dtype) -> DecodeConfig:
+    """The split kernel's launch over an FP8 cache: the bf16 tiles with 8 warps. Compiled for sm_90
+    (scripts/quant_compile_check.py), the e4m3 -> bf16 conversions take 4 warps to 128 registers and
+    a 16-byte spill; 8 warps take 102 and none. (Tiles stay at most CASCADE_ALIGN keys: the cascade's
+    prefix ends on a tile boundary.) Unmeasured: benchmarks/bench_kernels.py can sweep it."""
+    base = default_decode_config(head_dim, q_dtype)
+    if q_dtype == torch.float32:
+        return base
+    return DecodeConfig(block_n=base.block_n, num_warps=8, num_stages=base.num_stages,
+                        min_split_tiles=base.min_split_tiles)
+
+
 def _precision(q: torch.Tensor, k_cache: torch.Tensor) -> str:
     compute = q.dtype if _is_fp8(k_cache) else k_cache.dtype
     return "ieee" if compute == torch.float32 else "tf32"
@@ -333,7 +343,7 @@ def decode_attention_scaled(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if num_reqs == 0 or num_tokens == 0:
         return out
     fp8 = _is_fp8(k_cache)
-    config = config or default_decode_config(head_dim, q.dtype if fp8 else k_cache.dtype)
+    config = config or (fp8_decode_config(head_dim, q.dtype) if fp8 else default_decode_config(head_dim, k_cache.dtype))
     cascade = prefix_len is not None
     num_slots = num_splits + (prefix_splits if cascade else 0)
     if num_slots > 1:
