@@ -16,6 +16,9 @@ object (progress on stderr).
   weights; `triton_faster` lists the (M, N, K) where Triton won, for quant_gemm.TRITON_FP8_GEMM_SHAPES.
 - --sweep: GEMV launch configs per method, projection and batch (quant_gemv.default_quant_gemv_config).
 - --dry-run: the cases with their bytes and FLOPs, without a GPU.
+- --quality: each method's logit error on a random-weight Llama against float32 (CPU or GPU; the issue's
+  quality figure until a trained demo model exists): bf16, FP8 weights, FP8 W8A8, FP8 blocks, INT4
+  group 128, an FP8 KV cache, FP8 W8A8 + FP8 KV.
 
 Weights are random, in each format's layout, cycled through enough copies (>= 512 MiB per graph) that no
 call finds its weights in L2, as a decode step would not. Timed inside CUDA graphs (bench_kernels).
@@ -240,6 +243,97 @@ def sweep_section(gen: torch.Generator) -> list[dict]:
     return rows
 
 
+# --- quality (CPU or GPU) -------------------------------------------------------------------------------------
+
+QUALITY_MODEL = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=2048, hidden_size=512,
+                     intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                     head_dim=64, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                     tie_word_embeddings=False, torch_dtype="float32")
+
+
+def _fake_quantize(method: str, w: torch.Tensor) -> torch.Tensor:
+    """w rounded through the method's format and back (float32): what its kernels multiply by."""
+    from carpool.quantization.formats import quantize_fp8_per_block, quantize_fp8_per_channel
+
+    if method in ("fp8", "fp8_w8a8"):
+        q, s = quantize_fp8_per_channel(w)
+        return q.float() * s[:, None]
+    if method == "fp8_block":
+        q, s = quantize_fp8_per_block(w, FP8_BLOCK)
+        return q.float() * s.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+    if method == "bf16":
+        return w.to(torch.bfloat16).float()
+    # int4, AWQ-style: min-max per group of 128 input columns, zero points, scales rounded to fp16
+    g = w.float().unflatten(1, (-1, GROUP))
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).half().float()
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, 15)
+    return ((q - zero[..., None]) * scale[..., None]).flatten(1)
+
+
+def quality_section(device: str, tokens: int = 256, seed: int = 0) -> list[dict]:
+    """Logits of a random-weight Llama (QUALITY_MODEL, weights normal with std 0.05) under each method,
+    against the float32 model: the largest |logit error| (absolute, and relative to the largest |logit|)
+    and how often the top-1 token agrees. FP8 W8A8 also rounds each layer's input per token to e4m3
+    (torch_ref.quant.w8a8_linear); the FP8 KV cache runs attention over e4m3 K/V (scales 1)."""
+    from carpool.config import ModelConfig
+    from carpool.forward_batch import AttentionMetadata, ForwardBatch
+    from carpool.layers.linear import LinearBase
+    from carpool.models.loader import build_model, init_dummy_weights
+    from carpool.models.runtime import ModelRuntime
+    from carpool.ops.torch_ref import quant as ref
+    from carpool.quantization.config import KVCacheScheme
+
+    config = ModelConfig.from_hf_config(QUALITY_MODEL, dtype="float32")
+    ids = torch.randint(0, QUALITY_MODEL["vocab_size"], (tokens,), generator=torch.Generator().manual_seed(seed))
+
+    def logits(method: str, kv_fp8: bool) -> torch.Tensor:
+        runtime = ModelRuntime.for_inference("torch", kv_cache=KVCacheScheme("fp8" if kv_fp8 else "auto"))
+        model = build_model(config, runtime, device)
+        init_dummy_weights(model, seed=seed, std=0.05)
+        for m in model.modules():
+            if isinstance(m, LinearBase) and method != "fp32":
+                with torch.no_grad():
+                    m.weight.copy_(_fake_quantize(method, m.weight.float()))
+                if method == "fp8_w8a8":  # (the layer's own method object: this layer's apply only)
+                    m.method.apply = w8a8_apply
+        for layer in model.attention_layers():
+            shape = (tokens // 16 + 1, 16, layer.num_kv_heads, layer.head_dim)
+            dtype = torch.float8_e4m3fn if kv_fp8 else torch.float32
+            layer.k_cache, layer.v_cache = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(
+                shape, dtype=dtype, device=device)
+        nb = tokens // 16 + 1
+        meta = AttentionMetadata(torch.tensor([0, tokens], dtype=torch.int32, device=device),
+                                 torch.tensor([tokens], dtype=torch.int32, device=device),
+                                 torch.arange(nb, dtype=torch.int32, device=device)[None],
+                                 torch.arange(tokens, device=device), tokens, tokens, [0, tokens], [tokens])
+        batch = ForwardBatch(ids.to(device), torch.arange(tokens, device=device), meta)
+        with torch.no_grad():
+            return model.compute_logits(model(batch.input_ids, batch.positions, batch)).float().cpu()
+
+    def w8a8_apply(layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from carpool.quantization.formats import quantize_fp8_per_channel
+
+        weight, scale = quantize_fp8_per_channel(layer.weight)  # (exact: the weight already is e4m3 x scale)
+        xq, x_scale = ref.quantize_fp8_activations(x)
+        return ref.w8a8_linear(xq, x_scale, weight, scale, None, x.dtype, bias)
+
+    expected = logits("fp32", False)
+    rows = []
+    for method, kv_fp8 in (("bf16", False), ("fp8", False), ("fp8_w8a8", False), ("fp8_block", False),
+                           ("int4", False), ("fp32", True), ("fp8_w8a8", True)):
+        got = logits(method, kv_fp8)
+        err = (got - expected).abs()
+        row = {"weights": method, "kv_cache": "fp8" if kv_fp8 else "float32",
+               "max_abs_logit_error": round(err.max().item(), 4),
+               "max_rel_logit_error": round(err.max().item() / expected.abs().max().item(), 4),
+               "top1_agreement": round((got.argmax(-1) == expected.argmax(-1)).float().mean().item(), 4)}
+        print(row, file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
 def triton_next_pow2(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
@@ -250,9 +344,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="decode at batch 1 and 64, selector at 4 sizes")
     ap.add_argument("--sweep", action="store_true", help="also sweep the GEMV launch configs")
     ap.add_argument("--dry-run", action="store_true", help="list the cases with bytes and FLOPs (no GPU)")
+    ap.add_argument("--quality", action="store_true",
+                    help="only the logit error of each method on a random-weight model (runs on CPU too)")
     args = ap.parse_args()
     if args.dry_run:
         emit(dry_run(), args.out)
+        return
+    if args.quality:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        emit({"benchmark": "quant/quality-random-llama", "device": device, "model": QUALITY_MODEL,
+              "reference": "float32 weights and KV cache", "quality": quality_section(device)}, args.out)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_quant needs a CUDA GPU (compute capability >= 8.9 for FP8); --dry-run lists the cases")
