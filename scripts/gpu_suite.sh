@@ -92,15 +92,15 @@ fi
 if [ "$mode" = seams ]; then
   # A change against the code before it, side by side on one machine: the GPU tests of this tree, then
   # batch-1 latency and offline throughput alternating this tree and the baseline's (a copy of the older
-  # commit's carpool/ and benchmarks/ in .baseline/, carried to the machine), twice each.
+  # commit's carpool/ and benchmarks/ in .baseline/, carried to the machine), ${3:-2} times each.
   run_gpu_tests timeout 240
   here=$PWD
   base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
-  for i in 1 2; do
+  for i in $(seq "${3:-2}"); do
     step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_$i.json"
     step timeout 100 base python3 benchmarks/bench_latency.py --out "$out/latency_base_$i.json"
   done
-  for i in 1 2; do  # (the second pair's JSON is in suite.log only: at most 8 files come back)
+  for i in $(seq "${3:-2}"); do  # (the second pair's JSON is in suite.log only: at most 8 files come back)
     dir=$out; [ $i = 2 ] && dir=/tmp
     step timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_$i.json"
     step timeout 150 base python3 benchmarks/bench_throughput.py --out "$dir/throughput_base_$i.json"

@@ -7,8 +7,11 @@
 # Everything is written under OUT. On one H100 the whole run takes about 10 minutes.
 #
 # usage: scripts/train_demo.sh OUT [--smoke] [--device cpu|cuda] [--max-steps N] [--draft-max-steps N]
-#                              [--vocab-size N] [--packages "a b c"] [--code-prompts N] [-- TRAIN FLAGS...]
+#                              [--vocab-size N] [--packages "a b c"] [--code-prompts N] [--only main|draft]
+#                              [--tokenizer DIR] [-- TRAIN FLAGS...]
 #   --smoke   toy sizes on CPU (a few seconds of training; checks the pipeline, not the model)
+#   --only    train (evaluate, card) one of the two models; --tokenizer reuses a trained tokenizer (the
+#             other model's run), so two runs on two machines share one vocabulary
 #   after --, flags go to both `carpool train` runs (e.g. -- --compile true)
 #
 # Then, to ship: python -c "from carpool.training.demo_model import install_demo_model as i; \
@@ -24,7 +27,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python}
 CARPOOL=("$PY" -m carpool.entrypoints.cli)
 
-DEVICE=""; MAX_STEPS=""; DRAFT_MAX_STEPS=""; VOCAB=8192; TOKENIZER_BYTES=60000000; CODE_PROMPTS=100
+DEVICE=""; MAX_STEPS=""; DRAFT_MAX_STEPS=""; VOCAB=8192; ONLY=""; TOKENIZER=""; TOKENIZER_BYTES=60000000; CODE_PROMPTS=100
 PACKAGES="torch transformers numpy sympy networkx setuptools pip huggingface_hub jinja2 tokenizers safetensors \
 fastapi pydantic starlette uvicorn tqdm triton"
 CORPUS_FLAGS=(); SMOKE_FLAGS=(); EXTRA=(); SMOKE=0
@@ -37,6 +40,8 @@ while [[ $# -gt 0 ]]; do
         --vocab-size) VOCAB=$2; shift 2 ;;
         --packages) PACKAGES=$2; shift 2 ;;
         --code-prompts) CODE_PROMPTS=$2; shift 2 ;;
+        --only) ONLY=$2; shift 2 ;;
+        --tokenizer) TOKENIZER=$(cd "$2" && pwd); shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) echo "train_demo.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -57,16 +62,25 @@ START=$(date +%s)
 log() { echo "[train_demo $(( $(date +%s) - START ))s] $*" >&2; }
 
 DATA="$OUT/data"; mkdir -p "$DATA"
-log "corpus"
-# shellcheck disable=SC2086
-"${CARPOOL[@]}" corpus "$DATA/manifest.json" --packages $PACKAGES --skip-missing ${CORPUS_FLAGS[@]+"${CORPUS_FLAGS[@]}"} \
-    > "$DATA/corpus.json"
-log "tokenizer (vocab $VOCAB)"
-"${CARPOOL[@]}" train-tokenizer --manifest "$DATA/manifest.json" --vocab-size "$VOCAB" \
-    --max-bytes "$TOKENIZER_BYTES" --out "$OUT/tokenizer" > /dev/null
-log "token files"
-"${CARPOOL[@]}" pretokenize --manifest "$DATA/manifest.json" --tokenizer "$OUT/tokenizer" --out "$DATA" \
-    > "$DATA/tokens.json"
+if [[ -n $TOKENIZER && $TOKENIZER == "$OUT/tokenizer" && -f "$DATA/tokens.json" ]]; then
+    log "corpus, tokenizer and token files: reusing those in $OUT"  # (the other model's run, same OUT)
+else
+    log "corpus"
+    # shellcheck disable=SC2086
+    "${CARPOOL[@]}" corpus "$DATA/manifest.json" --packages $PACKAGES --skip-missing \
+        ${CORPUS_FLAGS[@]+"${CORPUS_FLAGS[@]}"} > "$DATA/corpus.json"
+    if [[ -n $TOKENIZER ]]; then
+        log "tokenizer: $TOKENIZER"
+        [[ $TOKENIZER == "$OUT/tokenizer" ]] || { rm -rf "$OUT/tokenizer"; cp -r "$TOKENIZER" "$OUT/tokenizer"; }
+    else
+        log "tokenizer (vocab $VOCAB)"
+        "${CARPOOL[@]}" train-tokenizer --manifest "$DATA/manifest.json" --vocab-size "$VOCAB" \
+            --max-bytes "$TOKENIZER_BYTES" --out "$OUT/tokenizer" > /dev/null
+    fi
+    log "token files"
+    "${CARPOOL[@]}" pretokenize --manifest "$DATA/manifest.json" --tokenizer "$OUT/tokenizer" --out "$DATA" \
+        > "$DATA/tokens.json"
+fi
 TRAIN_TOKENS=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['train']['tokens'])" "$DATA/tokens.json")
 
 train() {  # NAME TOML FLAGS...
@@ -76,11 +90,17 @@ train() {  # NAME TOML FLAGS...
         --data.tokenizer "$OUT/tokenizer" --output-dir "$OUT/$name" --checkpoint.resume false \
         ${SMOKE_FLAGS[@]+"${SMOKE_FLAGS[@]}"} "$@" ${EXTRA[@]+"${EXTRA[@]}"} > "$OUT/$name/train_result.json"
 }
-mkdir -p "$OUT/main" "$OUT/draft"
-train main "$HERE/train_demo/main.toml" ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}
-train draft "$HERE/train_demo/draft.toml" ${DRAFT_FLAGS[@]+"${DRAFT_FLAGS[@]}"}
+NAMES=(main draft); [[ -n $ONLY ]] && NAMES=("$ONLY")
+for name in "${NAMES[@]}"; do
+    mkdir -p "$OUT/$name"
+    if [[ $name == main ]]; then
+        train main "$HERE/train_demo/main.toml" ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}
+    else
+        train draft "$HERE/train_demo/draft.toml" ${DRAFT_FLAGS[@]+"${DRAFT_FLAGS[@]}"}
+    fi
+done
 
-for name in main draft; do
+for name in "${NAMES[@]}"; do
     log "eval $name"
     SEQ=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['config']['seq_len'])" "$OUT/$name/summary.json")
     "${CARPOOL[@]}" eval "$OUT/$name/export" --data "$DATA/heldout" --seq-len "$SEQ" \
@@ -89,18 +109,18 @@ for name in main draft; do
 done
 
 ELAPSED=$(( $(date +%s) - START ))
-for name in main draft; do
+for name in "${NAMES[@]}"; do
     ROLE=""; [[ $name == draft ]] && ROLE=" (the draft model of carpool's demo model, same tokenizer)"
     "$PY" -m carpool.training.model_card --export "$OUT/$name/export" --summary "$OUT/$name/summary.json" \
         --eval "$OUT/$name/eval.json" --manifest "$DATA/manifest.json" --command "$COMMAND" \
         --name "carpool-demo-$name" --role "$ROLE" --pipeline-seconds "$ELAPSED" --train-tokens "$TRAIN_TOKENS" > /dev/null
 done
 log "done in ${ELAPSED}s"
-"$PY" - "$OUT" <<'EOF'
+"$PY" - "$OUT" "${NAMES[@]}" <<'EOF'
 import json, sys
 out = sys.argv[1]
 result = {}
-for name in ("main", "draft"):
+for name in sys.argv[2:]:
     s = json.load(open(f"{out}/{name}/summary.json"))
     e = json.load(open(f"{out}/{name}/eval.json"))
     result[name] = {"params": s["num_params"], "steps": s["steps"], "tokens_seen": s["tokens_seen"],
