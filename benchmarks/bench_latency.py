@@ -118,14 +118,15 @@ def main() -> None:
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None
-    model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
+    config_dir = os.path.join(args.checkpoint_dir, f"{args.shape}-{args.quant_format or 'bf16'}-config")
+    model = args.model or write_config(config_dir, args.shape, quant_format=args.quant_format)
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=8, max_model_len=args.prompt_len + args.new_tokens + 16,
                                          **engine_flags(args))
     if dummy:
         engine_kwargs["load_format"] = "dummy"
     bandwidth = measure_copy_bandwidth()
     result: dict[str, Any] = {"benchmark": "latency/batch1", "device": device_name(),
-                              "model": args.model or f"{args.shape} (random bf16 weights)",
+                              "model": args.model or f"{args.shape} (random {args.quant_format or 'bf16'} weights)",
                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "tensor_parallel_size": args.tensor_parallel_size,
                               "engine_args": engine_kwargs,
@@ -133,7 +134,7 @@ def main() -> None:
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
                                     args.breakdown or args.tensor_parallel_size > 1)
     result["ms_per_token"] = result["carpool"]["ms_per_token"]
-    if dummy:
+    if dummy and args.quant_format is None and args.quantization is None:  # (bf16 weight bytes)
         arithmetic = ModelArithmetic.of(args.shape)
         # (a mixture of experts' step reads its token's top_k experts per sparse layer, not all of them)
         weight_bytes = arithmetic.decode_weight_bytes(1)

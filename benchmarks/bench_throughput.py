@@ -255,7 +255,8 @@ def main() -> None:
 
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     if args.model is None and args.load_format == "dummy":
-        model = write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)
+        model = write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-{args.quant_format or 'bf16'}-config"),
+                             args.shape, quant_format=args.quant_format)
     else:
         model = args.model or write_random_checkpoint(os.path.join(args.checkpoint_dir, args.shape), args.shape)
     if args.model is None and not on_gpu:

@@ -43,9 +43,25 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def write_config(path: str, shape: str, dtype: str = "bfloat16") -> str:
+# quantization_config of random (--load-format dummy) checkpoints of a quantized format (--quant-format)
+QUANT_FORMATS: dict[str, dict[str, Any]] = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    "fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                  "weight_block_size": [128, 128]},
+    "fp8-channel": {"quant_method": "compressed-tensors", "format": "float-quantized",
+                    "quantization_status": "compressed",
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                        "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
+                        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},
+}
+
+
+def write_config(path: str, shape: str, dtype: str = "bfloat16", quant_format: str | None = None) -> str:
     os.makedirs(path, exist_ok=True)
     cfg = {**SHAPES[shape], "torch_dtype": dtype, "bos_token_id": 0, "eos_token_id": 1}
+    if quant_format is not None:
+        cfg["quantization_config"] = QUANT_FORMATS[quant_format]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return path
@@ -210,6 +226,11 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
+    ap.add_argument("--quantization", default=None, choices=["fp8"],
+                    help="fp8: quantize the (bf16) checkpoint to FP8 while loading")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: an e4m3 KV cache")
+    ap.add_argument("--quant-format", default=None, choices=sorted(QUANT_FORMATS),
+                    help="random weights (--load-format dummy, no --model) of a quantized checkpoint format")
     for name, help_text in KERNEL_FLAG_HELP.items():
         ap.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=True,
                         help=help_text)
@@ -220,5 +241,6 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     from carpool.engine.arg_utils import KERNEL_FLAG_HELP
 
     return dict(enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-                disable_custom_all_reduce=args.disable_custom_all_reduce,
+                disable_custom_all_reduce=args.disable_custom_all_reduce, quantization=args.quantization,
+                kv_cache_dtype=args.kv_cache_dtype,
                 **{name: getattr(args, name) for name in KERNEL_FLAG_HELP})

@@ -377,3 +377,7 @@ class EngineConfig:
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
     load_format: str = "auto"  # "auto": safetensors from the checkpoint; "dummy": random weights (benchmarks)
     speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
+    # `--quantization`: "fp8" quantizes an unquantized checkpoint while loading; None runs the checkpoint
+    # as it is (quantized or not, quantization/config.py reads its quantization_config)
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with per-layer scales

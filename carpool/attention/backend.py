@@ -19,6 +19,7 @@ from carpool.forward_batch import AttentionMetadata, DenseAttentionMetadata
 if TYPE_CHECKING:
     from carpool.layers.attention import Attention
     from carpool.layers.linear import QKVParallelLinear
+    from carpool.quantization.config import KVCacheScheme
     from carpool.worker.input_batch import StepInputs
     from carpool.worker.staging import Field
 
@@ -37,8 +38,17 @@ class GraphBuffers:
 
 class AttentionBackend(ABC):
     name: str = ""
+    # What the KV cache stores: "auto" (the model dtype) or "fp8" (e4m3 with per-layer scales).
+    kv_cache_dtype: str = "auto"
     # Whether decode steps can be captured in CUDA graphs (every value the kernels read is on the device).
     supports_cuda_graphs: bool = False
+
+    # ---- the layers it serves ---------------------------------------------------------------------------
+    def init_layer(self, layer: "Attention") -> None:
+        """Register what this backend keeps on each attention layer (an FP8 cache's checkpoint scales)."""
+
+    def process_weights_after_loading(self, layer: "Attention") -> None:
+        """After the checkpoint is loaded: turn what init_layer registered into what forward reads."""
 
     # ---- metadata ----------------------------------------------------------------------------------
     @abstractmethod
@@ -75,8 +85,14 @@ class AttentionBackend(ABC):
         """Fill the backend's host fields for a replay of `batch_size` rows, the first len(seq_lens) real."""
 
 
-def get_attention_backend(kernel_backend: str) -> AttentionBackend:
-    """The inference backend of a kernel backend ('torch' | 'triton')."""
+def get_attention_backend(kernel_backend: str, kv_cache: "KVCacheScheme | None" = None) -> AttentionBackend:
+    """The inference backend of a kernel backend ('torch' | 'triton') over a KV cache in the model dtype
+    (default) or FP8 (kv_cache.is_fp8: attention/fp8_kv.py)."""
+    if kv_cache is not None and kv_cache.is_fp8 and kernel_backend in ("torch", "triton"):
+        from carpool.attention.fp8_kv import Fp8PagedAttentionBackend, Fp8TritonAttentionBackend
+
+        cls = Fp8PagedAttentionBackend if kernel_backend == "torch" else Fp8TritonAttentionBackend
+        return cls(checkpoint_scales=kv_cache.checkpoint_scales)
     if kernel_backend == "torch":
         from carpool.attention.paged import PagedAttentionBackend
 

@@ -21,6 +21,12 @@ from carpool.config import (
 )
 from carpool.models.registry import SUPPORTED_ARCHITECTURES
 from carpool.platform import default_device, kernel_backend_for
+from carpool.quantization.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_CHOICES,
+    parse_kv_cache_dtype,
+    parse_quantization_config,
+)
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
 
 KERNEL_FLAG_HELP: dict[str, str] = {
@@ -59,6 +65,8 @@ class EngineArgs:
     async_scheduling: bool | None = None  # default: on for GPUs
     # vLLM's --speculative-config: a dict or its JSON string (SpeculativeConfig); None: off
     speculative_config: dict[str, Any] | str | None = None
+    quantization: str | None = None  # "fp8": quantize an unquantized checkpoint while loading
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (= "fp8_e4m3")
     # GPU fast paths (KernelConfig; each field's flag is --X / --no-X with X its name in kebab case)
     fused_gemv_silu: bool = True
     fused_qkv_rope: bool = True
@@ -95,6 +103,12 @@ class EngineArgs:
             raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device: must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATION_CHOICES)} or unset, got "
+                             f"{self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
 
     def create_engine_config(self) -> EngineConfig:
         self._validate()
@@ -106,6 +120,8 @@ class EngineArgs:
         model = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, device="cpu"
                                             if device == "cpu" else "cuda")
         speculative = self._speculative_config(model)
+        # A checkpoint quantized in a way carpool cannot run is refused here, before anything is built.
+        parse_quantization_config(model.hf_config, self.quantization)
         return EngineConfig(
             model=model,
             cache=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
@@ -127,6 +143,8 @@ class EngineArgs:
             load_format=self.load_format,
             async_scheduling=device != "cpu" if self.async_scheduling is None else self.async_scheduling,
             speculative_config=speculative,
+            quantization=self.quantization,
+            kv_cache_dtype=parse_kv_cache_dtype(self.kv_cache_dtype).dtype,
         )
 
     def _speculative_config(self, target: ModelConfig) -> SpeculativeConfig | None:
@@ -197,6 +215,14 @@ class EngineArgs:
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="schedule the next step while the device runs the current one, hiding host work "
                             "(default: on for GPUs, off on CPU)")
+        g.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_CHOICES),
+                       help="fp8: quantize an unquantized checkpoint to FP8 (e4m3, per-channel scales) while loading. "
+                            "Quantized checkpoints (FP8, compressed-tensors, AWQ, GPTQ) are detected from their "
+                            "quantization_config without it (default: none)")
+        g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                       help="KV cache storage: auto = the model dtype; fp8 (= fp8_e4m3) = e4m3 with per-layer "
+                            "scales (the checkpoint's k_scale/v_scale, else 1.0), twice the tokens per byte "
+                            "(default: auto)")
         g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="auto: load the checkpoint's safetensors; dummy: random weights from config.json "
                             "only (for benchmarks)")

@@ -26,6 +26,7 @@ class Attention(nn.Module):
         # Bound by the model runner once KV memory is allocated: [num_blocks, block_size, Hkv, D].
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        backend.init_layer(self)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cos_sin_cache: torch.Tensor, batch: ForwardBatch, q_norm_weight: torch.Tensor | None = None,

@@ -12,6 +12,7 @@ communicator. How the model runs (kernels, attention backend, linear methods) is
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -27,6 +28,10 @@ from carpool.layers.linear import MergedColumnParallelLinear, QKVParallelLinear,
 from carpool.layers.norm import RMSNorm
 from carpool.layers.rotary import RotaryEmbedding
 from carpool.models.runtime import ModelRuntime
+
+# A checkpoint's KV-cache scales: compressed-tensors' `self_attn.k_scale` / `v_scale`, or the
+# `self_attn.k_proj.output_scale` / `v_proj.output_scale` of older FP8 checkpoints.
+_KV_SCALE = re.compile(r"^(.*\.self_attn)\.(k|v)(?:_scale|_proj\.output_scale)$")
 
 
 class LlamaAttention(nn.Module):
@@ -156,6 +161,11 @@ class LlamaForCausalLM(nn.Module):
             return None
         if self.config.tie_word_embeddings and name == "lm_head.weight":
             return None
+        kv_scale = _KV_SCALE.match(name)
+        if kv_scale is not None:  # an FP8 KV cache's per-layer scale, on the layer's Attention when it has one
+            attn = self.get_submodule(f"{kv_scale[1]}.attn")
+            target = f"{kv_scale[1]}.attn.{kv_scale[2]}_scale"
+            return (target, None) if hasattr(attn, f"{kv_scale[2]}_scale") else None
         for ckpt_part, (ours, shard) in self.packed_modules_mapping.items():
             if f".{ckpt_part}." in name:
                 return name.replace(ckpt_part, ours), shard

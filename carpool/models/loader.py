@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from carpool.config import ModelConfig
+from carpool.layers.attention import Attention
 from carpool.layers.linear import LinearBase, default_weight_loader
 from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
@@ -79,6 +80,10 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         gen = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
         if name.endswith("norm.weight"):
             param.fill_(1.0)
+        elif not param.dtype.is_floating_point:  # packed quantized words (random bits), GPTQ's g_idx
+            param.random_(generator=gen)
+        elif param.element_size() == 1:  # FP8 weights: normal values, rounded to e4m3
+            param.copy_(torch.empty(param.shape, device=param.device).normal_(0.0, 1.0, generator=gen))
         else:
             param.normal_(0.0, std, generator=gen)
 
@@ -106,18 +111,28 @@ def load_weights(model: nn.Module, path: str) -> None:
                                          f"{type(model).__name__}")
                     loader = getattr(param, "weight_loader", None)
                     sl = f.get_slice(name)
-                    if shard_id is not None:
-                        loader(param, sl, shard_id)
-                    elif loader is not None:
-                        loader(param, sl)
-                    else:
-                        default_weight_loader(param, sl)
+                    try:
+                        if shard_id is not None:
+                            loader(param, sl, shard_id)
+                        elif loader is not None:
+                            loader(param, sl)
+                        else:
+                            default_weight_loader(param, sl)
+                    except ValueError as e:  # name the tensor: a wrong shape, dtype or scale is the checkpoint's
+                        raise ValueError(f"checkpoint tensor {name!r}: {e}") from e
                     loaded.add(target)
             progress.update(os.path.getsize(file))
-    missing = sorted(set(params) - loaded)
+    # (A quantized layer's derived or optional parameters, such as online FP8 scales or GPTQ's g_idx,
+    # are not required of the checkpoint: quantization/methods.py.)
+    missing = sorted(n for n in set(params) - loaded if getattr(params[n], "checkpoint_required", True))
     if missing:
         raise ValueError(f"checkpoint at {path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
-    for module in model.modules():
-        if isinstance(module, LinearBase):
-            module.method.process_weights_after_loading(module)
+    for module_name, module in model.named_modules():
+        try:
+            if isinstance(module, LinearBase):
+                module.method.process_weights_after_loading(module)
+            elif isinstance(module, Attention):
+                module.backend.process_weights_after_loading(module)
+        except ValueError as e:
+            raise ValueError(f"{module_name}: {e}") from e

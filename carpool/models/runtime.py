@@ -9,7 +9,9 @@ causal attention, no KV cache and no fast-path state).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from carpool.attention.backend import AttentionBackend, get_attention_backend
 from carpool.attention.dense import DenseCausalAttentionBackend
@@ -17,6 +19,7 @@ from carpool.config import KernelConfig
 from carpool.distributed import SINGLE_RANK, Communicator
 from carpool.layers.linear_method import LinearMethod, UnquantizedLinearMethod
 from carpool.ops import KernelOps, get_kernel_ops
+from carpool.quantization.config import KVCacheScheme, QuantScheme
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,21 @@ class ModelRuntime:
     attention: AttentionBackend
     comm: Communicator = field(default=SINGLE_RANK)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    # Quantized weights (quantization/config.py): None = the checkpoint's dtype. `packed_modules` is the
+    # model class's packed_modules_mapping, which names the checkpoint modules a merged layer holds (for
+    # a checkpoint's list of modules left unquantized).
+    quantization: QuantScheme | None = None
+    packed_modules: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
+    kv_cache: KVCacheScheme = field(default_factory=KVCacheScheme)
 
     @staticmethod
     def for_inference(kernel_backend: str, comm: Communicator = SINGLE_RANK,
-                      kernels: KernelConfig | None = None) -> "ModelRuntime":
-        return ModelRuntime(get_kernel_ops(kernel_backend), get_attention_backend(kernel_backend), comm,
-                            kernels or KernelConfig())
+                      kernels: KernelConfig | None = None, quantization: QuantScheme | None = None,
+                      packed_modules: Mapping[str, tuple[str, Any]] | None = None,
+                      kv_cache: KVCacheScheme | None = None) -> "ModelRuntime":
+        kv_cache = kv_cache or KVCacheScheme()
+        return ModelRuntime(get_kernel_ops(kernel_backend), get_attention_backend(kernel_backend, kv_cache),
+                            comm, kernels or KernelConfig(), quantization, dict(packed_modules or {}), kv_cache)
 
     @staticmethod
     def plain() -> "ModelRuntime":
@@ -44,8 +56,13 @@ class ModelRuntime:
         return ModelRuntime(get_kernel_ops("torch"), DenseCausalAttentionBackend(), SINGLE_RANK, KernelConfig())
 
     def linear_method(self, prefix: str) -> LinearMethod:
-        """The method of the linear layer named `prefix` (e.g. "model.layers.0.mlp.down_proj"); a
-        quantization config will choose here, per layer."""
+        """The method of the linear layer named `prefix` (e.g. "model.layers.0.mlp.down_proj"): the
+        quantization scheme's, unless it leaves the layer unquantized."""
+        from carpool.quantization.factory import quantized_linear_method
+
+        method = quantized_linear_method(self.quantization, prefix, self.ops.name, self.packed_modules)
+        if method is not None:
+            return method
         ops = self.ops
         return UnquantizedLinearMethod(
             gemv=ops.gemv,

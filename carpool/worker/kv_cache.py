@@ -15,9 +15,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: a modest fixed budget for the CPU path
 
 
-def bytes_per_block(model: ModelConfig, block_size: int, num_kv_heads_per_rank: int) -> int:
-    """K and V of one block across all layers, on one rank."""
-    elem = torch.tensor([], dtype=model.dtype).element_size()
+def bytes_per_block(model: ModelConfig, block_size: int, num_kv_heads_per_rank: int,
+                    dtype: torch.dtype | None = None) -> int:
+    """K and V of one block across all layers, on one rank, stored as `dtype` (default: the model's)."""
+    elem = torch.tensor([], dtype=dtype or model.dtype).element_size()
     return 2 * model.num_hidden_layers * block_size * num_kv_heads_per_rank * model.head_dim * elem
 
 

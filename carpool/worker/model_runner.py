@@ -24,6 +24,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from carpool.attention.fp8_kv import KV_CACHE_FP8_DTYPE
 from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, Communicator, TPGroup
@@ -31,8 +32,11 @@ from carpool.forward_batch import ForwardBatch
 from carpool.layers.rejection_sampler import RejectionSampler
 from carpool.layers.sampler import Sampler, SamplingMetadata
 from carpool.models.loader import load_model
+from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
 from carpool.platform import to_device
+from carpool.quantization.config import parse_kv_cache_dtype, parse_quantization_config
+from carpool.quantization.factory import check_device_support
 from carpool.sampling_params import SamplingParams
 from carpool.spec_decode import make_proposer
 from carpool.utils import cdiv
@@ -61,7 +65,14 @@ class ModelRunner:
         self.device = torch.device(device or config.device)
         self.block_size = config.cache.block_size
         self.comm = Communicator(tp, config.kernels)
-        self.runtime = ModelRuntime.for_inference(config.kernel_backend, self.comm, config.kernels)
+        self.quantization = parse_quantization_config(config.model.hf_config, config.quantization)
+        kv_cache = parse_kv_cache_dtype(config.kv_cache_dtype, config.model.hf_config)
+        check_device_support(self.quantization, kv_cache, config.kernel_backend, self.device)
+        self.runtime = ModelRuntime.for_inference(
+            config.kernel_backend, self.comm, config.kernels, self.quantization,
+            get_model_class(config.model.architecture).packed_modules_mapping, kv_cache)
+        # What the KV cache stores: e4m3 under --kv-cache-dtype fp8 (attention/fp8_kv.py), else the model dtype.
+        self.kv_cache_dtype = KV_CACHE_FP8_DTYPE if kv_cache.is_fp8 else config.model.dtype
         self.ops = self.runtime.ops
         self.attention = self.runtime.attention
         if self.ops.name == "triton":
@@ -96,15 +107,17 @@ class ModelRunner:
         self.proposer = make_proposer(config, self) if tp.rank == 0 else None
 
     def describe(self) -> dict:
-        """The kernel paths this runner uses: the backend, the fast paths asked for (KernelConfig) and
-        whether decode steps replay CUDA graphs."""
+        """The kernel paths this runner uses: the backend, the fast paths asked for (KernelConfig),
+        whether decode steps replay CUDA graphs, the quantization method and the KV cache dtype."""
         return {"kernel_backend": self.ops.name, "attention_backend": self.attention.name,
-                "cuda_graphs": self.graph_runner is not None, "kernels": dataclasses.asdict(self.config.kernels)}
+                "cuda_graphs": self.graph_runner is not None, "kernels": dataclasses.asdict(self.config.kernels),
+                "quantization": self.quantization.name if self.quantization is not None else None,
+                "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch.")}
 
     # ---- KV memory -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
-        per_block = bytes_per_block(self.config.model, self.block_size, layer.num_kv_heads)
+        per_block = bytes_per_block(self.config.model, self.block_size, layer.num_kv_heads, self.kv_cache_dtype)
         # a draft model keeps its own K/V for the same block ids: a block costs both
         return per_block + (self.proposer.kv_bytes_per_block() if self.proposer is not None else 0)
 
@@ -116,7 +129,7 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.kv_cache = allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
-                                          self.config.model.dtype, self.device)
+                                          self.kv_cache_dtype, self.device)
         if self.proposer is not None:
             self.proposer.initialize_kv_cache(num_blocks)
         if self.use_cuda_graphs:
@@ -141,7 +154,7 @@ class ModelRunner:
         per_seq = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
         num_blocks = sum(cdiv(n, self.block_size) for n in per_seq)
         allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
-                          self.config.model.dtype, self.device)
+                          self.kv_cache_dtype, self.device)
         qsl = np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int32)
         positions = np.concatenate([np.arange(n) for n in per_seq])
         max_blocks = cdiv(max(per_seq), self.block_size)

@@ -38,6 +38,7 @@ from carpool.entrypoints.openai.serving import DEFAULT_MAX_BODY_BYTES, OpenAISer
 from carpool.entrypoints.openai.serving_chat import OpenAIServingChat, render_chat_prompt
 from carpool.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from carpool.metrics import CONTENT_TYPE, ServerMetrics
+from carpool.quantization.config import describe_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics, api_key: str | None = 
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        card = ModelCard(id=ctx.model_name, root=ctx.model_path, max_model_len=ctx.max_model_len)
+        card = ModelCard(id=ctx.model_name, root=ctx.model_path, max_model_len=ctx.max_model_len,
+                         quantization=ctx.quantization, kv_cache_dtype=ctx.kv_cache_dtype)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     @app.post("/tokenize")
@@ -245,7 +247,9 @@ class CarpoolServer:
         self.engine.observer = self.metrics
         self.ctx = ServerContext(engine=self.engine, model_name=self.model_name, model_path=config.model.path,
                                  max_model_len=config.scheduler.max_model_len,
-                                 vocab_size=config.model.vocab_size, max_body_bytes=ns.max_request_body_bytes)
+                                 vocab_size=config.model.vocab_size, max_body_bytes=ns.max_request_body_bytes,
+                                 **describe_quantization(config.model.hf_config, config.quantization,
+                                                         config.kv_cache_dtype, config.model.dtype))
         self.app = build_app(self.ctx, self.metrics, api_key=ns.api_key, on_engine_dead=self._request_exit)
         self.shutdown_timeout: float = ns.shutdown_timeout
         self.log_level: str = ns.uvicorn_log_level

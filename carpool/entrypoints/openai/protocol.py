@@ -272,6 +272,8 @@ class ModelCard(_Response):
     owned_by: str = "carpool"
     root: str | None = None
     max_model_len: int | None = None
+    quantization: str | None = None  # carpool's: the quantization method; None = unquantized
+    kv_cache_dtype: str | None = None  # carpool's: what the KV cache stores
 
 
 class ModelList(_Response):

@@ -46,6 +46,8 @@ class ServerContext:
     max_model_len: int
     vocab_size: int
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    quantization: str | None = None  # the method's name (quantization/config.py); None: unquantized
+    kv_cache_dtype: str | None = None  # what the KV cache stores, e.g. "bfloat16" or "float8_e4m3fn"
 
 
 class OpenAIServing:

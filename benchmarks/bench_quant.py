@@ -1,0 +1,384 @@
+"""Quantized projections of the Llama-3-8B shape: FP8 W8A8 (per-channel and 128x128-block scales) and INT4
+(AWQ-style: group 128, zero points) against bf16, each as a ratio to its roofline measured in the same run,
+through the engine's own dispatch (the LinearMethods of carpool/quantization/methods.py). Prints one JSON
+object (progress on stderr).
+
+    python benchmarks/bench_quant.py [--out FILE] [--quick] [--sweep] [--dry-run]
+
+- decode: one layer's four projections (q/k/v, o, gate/up, down) at batch 1, 4, 8 (the GEMVs) and 64
+  (activation quantization + GEMM for FP8, the int4 GEMM): microseconds per layer set, bytes read
+  (weights, scales, zeros, activations) over time as a fraction of the measured copy bandwidth, and
+  time against bf16 (the issue's targets, whole model: FP8 <= 0.58x and INT4 <= 0.35x of bf16 at batch 1).
+- prefill: the same layer set on 8192 tokens (one max_num_batched_tokens step): tokens/s, against bf16,
+  and FLOP/s as a fraction of a large matmul's measured here (bf16 for bf16 and INT4, which multiplies
+  in bf16; FP8 torch._scaled_mm for FP8).
+- fp8_gemm_backend: per projection and M, torch._scaled_mm against the Triton FP8 GEMM on per-channel
+  weights; `triton_faster` lists the (M, N, K) where Triton won, for quant_gemm.TRITON_FP8_GEMM_SHAPES.
+- --sweep: GEMV launch configs per method, projection and batch (quant_gemv.default_quant_gemv_config).
+- --dry-run: the cases with their bytes and FLOPs, without a GPU.
+- --quality: each method's logit error on a random-weight Llama against float32 (CPU or GPU; the issue's
+  quality figure until a trained demo model exists): bf16, FP8 weights, FP8 W8A8, FP8 blocks, INT4
+  group 128, an FP8 KV cache, FP8 W8A8 + FP8 KV.
+
+Weights are random, in each format's layout, cycled through enough copies (>= 512 MiB per graph) that no
+call finds its weights in L2, as a decode step would not. Timed inside CUDA graphs (bench_kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
+
+from carpool.quantization.config import FP8_BLOCK, Fp8Scheme, Int4Scheme  # noqa: E402
+from carpool.utils import cdiv  # noqa: E402
+
+# (name, N, K) of one Llama-3-8B decoder layer
+PROJECTIONS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
+METHODS = ("bf16", "fp8", "fp8_block", "int4")
+DECODE_BATCHES = (1, 4, 8, 64)
+PREFILL_TOKENS = 8192
+SELECTOR_M = (16, 32, 64, 128, 256, 512, 1024, 2048, 8192)
+GROUP = 128
+
+
+def weight_bytes(method: str, n: int, k: int) -> int:
+    """Bytes a projection's weights occupy (and a GEMV reads) in the method's layout."""
+    if method == "bf16":
+        return 2 * n * k
+    if method == "fp8":
+        return n * k + 4 * n  # e4m3 + a float32 scale per output channel
+    if method == "fp8_block":
+        return n * k + 4 * cdiv(n, FP8_BLOCK[0]) * cdiv(k, FP8_BLOCK[1])
+    if method == "int4":
+        return n * k // 2 + 2 * 2 * n * (k // GROUP)  # nibbles + bf16 scales and zeros per group
+    raise ValueError(method)
+
+
+def layer_bytes(method: str, m: int) -> int:
+    """A layer set's bytes at m rows: weights once, bf16 activations in and out."""
+    return sum(weight_bytes(method, n, k) + 2 * m * (n + k) for _, n, k in PROJECTIONS)
+
+
+def layer_flops(m: int) -> int:
+    return sum(2 * m * n * k for _, n, k in PROJECTIONS)
+
+
+def dry_run() -> dict[str, Any]:
+    return {"benchmark": "quant/llama3-8b-layer", "dry_run": True, "projections": PROJECTIONS,
+            "decode": [{"method": meth, "batch": m, "bytes": layer_bytes(meth, m)}
+                       for meth in METHODS for m in DECODE_BATCHES],
+            "prefill": {"tokens": PREFILL_TOKENS, "flops": layer_flops(PREFILL_TOKENS)}}
+
+
+# --- weights and the engine's dispatch ----------------------------------------------------------------------
+
+def make_layer(method: str, n: int, k: int, gen: torch.Generator, dev: str = "cuda") -> tuple[Any, Any]:
+    """(layer, LinearMethod) holding random weights of one projection in the method's layout."""
+    from carpool.layers.linear_method import UnquantizedLinearMethod
+    from carpool.ops import triton as tri
+    from carpool.quantization.methods import Fp8LinearMethod, Int4WeightOnlyLinearMethod
+
+    if method == "bf16":
+        w = (torch.randn(n, k, generator=gen, device=dev) / k ** 0.5).to(torch.bfloat16)
+        return SimpleNamespace(weight=w, input_size=k), UnquantizedLinearMethod(gemv=tri.gemv)
+    if method in ("fp8", "fp8_block"):
+        w = torch.randn(n, k, generator=gen, device=dev).to(torch.float8_e4m3fn)
+        if method == "fp8":
+            scheme = Fp8Scheme("compressed-tensors", "channel", None, dynamic_activations=True)
+            scale = torch.rand(n, generator=gen, device=dev) / (k ** 0.5 * 4)
+        else:
+            scheme = Fp8Scheme("fp8", "block", FP8_BLOCK, dynamic_activations=True)
+            scale = torch.rand(cdiv(n, FP8_BLOCK[0]), cdiv(k, FP8_BLOCK[1]), generator=gen, device=dev) / (k ** 0.5 * 4)
+        fp8 = Fp8LinearMethod(scheme, "triton")
+        return SimpleNamespace(weight=w, input_size=k, **{fp8.scale_name: scale}), fp8
+    packed = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), generator=gen, device=dev, dtype=torch.int32)
+    scales = (torch.rand(n, k // GROUP, generator=gen, device=dev) / (k ** 0.5 * 8)).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (n, k // GROUP), generator=gen, device=dev).to(torch.bfloat16)
+    int4 = Int4WeightOnlyLinearMethod(Int4Scheme("awq", GROUP, symmetric=False), "triton")
+    return SimpleNamespace(qweight=packed, scales=scales, qzeros=zeros, input_size=k), int4
+
+
+def layer_sets(method: str, m: int, gen: torch.Generator) -> list:
+    """Enough copies of the layer's weights that a graph cycling through them touches >= 512 MiB."""
+    from bench_kernels import num_sets
+
+    sets = num_sets(layer_bytes(method, m))
+    return [[make_layer(method, n, k, gen) for _, n, k in PROJECTIONS] for _ in range(sets)]
+
+
+def time_layer(method: str, m: int, gen: torch.Generator) -> float:
+    """Seconds per layer set at m rows (one call = the four projections, each on its own input)."""
+    from bench_kernels import time_in_graph
+
+    sets = layer_sets(method, m, gen)
+    xs = [torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16) for _, _, k in PROJECTIONS]
+
+    def call(layers: list) -> None:
+        for (layer, meth), x in zip(layers, xs):
+            meth.apply(layer, x, None)
+    sec = time_in_graph([(lambda s=s: call(s)) for s in sets])
+    del sets
+    torch.cuda.empty_cache()
+    return sec
+
+
+def measure_fp8_flops(n: int = 8192) -> float:
+    """FP8 (e4m3) matmul n^3 through torch._scaled_mm, FLOP/s (median of 10 after warm-up)."""
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones(1, device="cuda")
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * n ** 3 / times[len(times) // 2]
+
+
+# --- sections -----------------------------------------------------------------------------------------------
+
+def decode_section(bandwidth: float, batches: tuple[int, ...], gen: torch.Generator) -> list[dict]:
+    rows = []
+    for m in batches:
+        bf16_s = None
+        for method in METHODS:
+            sec = time_layer(method, m, gen)
+            bf16_s = sec if method == "bf16" else bf16_s
+            nbytes = layer_bytes(method, m)
+            row = {"batch": m, "method": method, "us_per_layer_set": round(sec * 1e6, 2), "bytes": nbytes,
+                   "copy_roofline_ratio": round(nbytes / sec / bandwidth, 3),
+                   "time_vs_bf16": round(sec / bf16_s, 3) if bf16_s else None}
+            print(row, file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+def prefill_section(bf16_flops: float, fp8_flops: float, gen: torch.Generator) -> list[dict]:
+    rows = []
+    bf16_s = None
+    flops = layer_flops(PREFILL_TOKENS)
+    for method in METHODS:
+        sec = time_layer(method, PREFILL_TOKENS, gen)
+        bf16_s = sec if method == "bf16" else bf16_s
+        peak = fp8_flops if method.startswith("fp8") else bf16_flops
+        row = {"method": method, "tokens": PREFILL_TOKENS, "tokens_per_s_per_layer_set": round(PREFILL_TOKENS / sec),
+               "flops_roofline_ratio": round(flops / sec / peak, 3), "roofline": "fp8" if peak is fp8_flops else "bf16",
+               "tokens_per_s_vs_bf16": round(bf16_s / sec, 3) if bf16_s else None}
+        print(row, file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def selector_section(gen: torch.Generator, ms: tuple[int, ...]) -> dict[str, Any]:
+    """torch._scaled_mm against the Triton FP8 GEMM for per-channel weights, per projection and M."""
+    from bench_kernels import time_in_graph
+
+    from carpool.ops.triton.quant_gemm import fp8_gemm, fp8_scaled_mm, quantize_fp8_act
+
+    rows, triton_faster = [], []
+    for name, n, k in PROJECTIONS:
+        w = torch.randn(n, k, generator=gen, device="cuda").to(torch.float8_e4m3fn)
+        s = torch.rand(n, generator=gen, device="cuda")
+        for m in ms:
+            xq, xs = quantize_fp8_act(torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16))
+            t_mm = time_in_graph([lambda: fp8_scaled_mm(xq, xs, w, s, torch.bfloat16)])
+            t_tr = time_in_graph([lambda: fp8_gemm(xq, xs, w, s, torch.bfloat16)])
+            row = {"proj": name, "m": m, "n": n, "k": k, "scaled_mm_us": round(t_mm * 1e6, 2),
+                   "triton_us": round(t_tr * 1e6, 2), "winner": "triton" if t_tr < t_mm else "scaled_mm"}
+            print(row, file=sys.stderr, flush=True)
+            rows.append(row)
+            if t_tr < t_mm:
+                triton_faster.append((m, n, k))
+    return {"cases": rows, "triton_faster": triton_faster}
+
+
+def sweep_section(gen: torch.Generator) -> list[dict]:
+    """GEMV configs per method, projection and batch (1 and 8)."""
+    from bench_kernels import num_sets, time_in_graph
+
+    from carpool.ops.triton.quant_gemv import QuantGemvConfig, default_quant_gemv_config, fp8_gemv, int4_gemv
+
+    configs = [QuantGemvConfig(bn, bk, w, st) for bn in (1, 2, 4) for bk in (512, 1024, 2048, 4096)
+               for w, st in ((4, 3), (8, 3))]
+    rows = []
+    for method in ("fp8", "int4"):
+        for name, n, k in PROJECTIONS:
+            sets = num_sets(weight_bytes(method, n, k))
+            layers = [make_layer(method, n, k, gen)[0] for _ in range(sets)]
+            for m in (1, 8):
+                x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+                default = default_quant_gemv_config(m, k, int4=method == "int4")
+                results = []
+                for cfg in dict.fromkeys([default] + configs):
+                    if cfg.block_k > max(512, 8192 // triton_next_pow2(m)) or cfg.block_k > 2 * k:
+                        continue
+                    if method == "fp8":
+                        calls = [lambda L=L, cfg=cfg: fp8_gemv(x, L.weight, L.weight_scale, config=cfg) for L in layers]
+                    else:
+                        calls = [lambda L=L, cfg=cfg: int4_gemv(x, L.qweight, L.scales, L.qzeros, GROUP, config=cfg)
+                                 for L in layers]
+                    sec = time_in_graph(calls)
+                    results.append({"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps,
+                                    "num_stages": cfg.num_stages, "us": round(sec * 1e6, 2), "default": cfg == default})
+                best = min(results, key=lambda r: r["us"])
+                row = {"method": method, "proj": name, "batch": m, "best": best,
+                       "default": next(r for r in results if r["default"]), "configs": results}
+                print({key: v for key, v in row.items() if key != "configs"}, file=sys.stderr, flush=True)
+                rows.append(row)
+            del layers
+            torch.cuda.empty_cache()
+    return rows
+
+
+# --- quality (CPU or GPU) -------------------------------------------------------------------------------------
+
+QUALITY_MODEL = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=2048, hidden_size=512,
+                     intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                     head_dim=64, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                     tie_word_embeddings=False, torch_dtype="float32")
+
+
+def _fake_quantize(method: str, w: torch.Tensor) -> torch.Tensor:
+    """w rounded through the method's format and back (float32): what its kernels multiply by."""
+    from carpool.quantization.formats import quantize_fp8_per_block, quantize_fp8_per_channel
+
+    if method in ("fp8", "fp8_w8a8"):
+        q, s = quantize_fp8_per_channel(w)
+        return q.float() * s[:, None]
+    if method == "fp8_block":
+        q, s = quantize_fp8_per_block(w, FP8_BLOCK)
+        return q.float() * s.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+    if method == "bf16":
+        return w.to(torch.bfloat16).float()
+    # int4, AWQ-style: min-max per group of 128 input columns, zero points, scales rounded to fp16
+    g = w.float().unflatten(1, (-1, GROUP))
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).half().float()
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, 15)
+    return ((q - zero[..., None]) * scale[..., None]).flatten(1)
+
+
+def quality_section(device: str, tokens: int = 256, seed: int = 0) -> list[dict]:
+    """Logits of a random-weight Llama (QUALITY_MODEL, weights normal with std 0.05) under each method,
+    against the float32 model: the largest |logit error| (absolute, and relative to the largest |logit|)
+    and how often the top-1 token agrees. FP8 W8A8 also rounds each layer's input per token to e4m3
+    (torch_ref.quant.w8a8_linear); the FP8 KV cache runs attention over e4m3 K/V (scales 1)."""
+    from carpool.config import ModelConfig
+    from carpool.forward_batch import AttentionMetadata, ForwardBatch
+    from carpool.layers.linear import LinearBase
+    from carpool.models.loader import build_model, init_dummy_weights
+    from carpool.models.runtime import ModelRuntime
+    from carpool.ops.torch_ref import quant as ref
+    from carpool.quantization.config import KVCacheScheme
+
+    config = ModelConfig.from_hf_config(QUALITY_MODEL, dtype="float32")
+    ids = torch.randint(0, QUALITY_MODEL["vocab_size"], (tokens,), generator=torch.Generator().manual_seed(seed))
+
+    def logits(method: str, kv_fp8: bool) -> torch.Tensor:
+        runtime = ModelRuntime.for_inference("torch", kv_cache=KVCacheScheme("fp8" if kv_fp8 else "auto"))
+        model = build_model(config, runtime, device)
+        init_dummy_weights(model, seed=seed, std=0.05)
+        for m in model.modules():
+            if isinstance(m, LinearBase) and method != "fp32":
+                with torch.no_grad():
+                    m.weight.copy_(_fake_quantize(method, m.weight.float()))
+                if method == "fp8_w8a8":  # (the layer's own method object: this layer's apply only)
+                    m.method.apply = w8a8_apply
+        for layer in model.attention_layers():
+            shape = (tokens // 16 + 1, 16, layer.num_kv_heads, layer.head_dim)
+            dtype = torch.float8_e4m3fn if kv_fp8 else torch.float32
+            layer.k_cache, layer.v_cache = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(
+                shape, dtype=dtype, device=device)
+        nb = tokens // 16 + 1
+        meta = AttentionMetadata(torch.tensor([0, tokens], dtype=torch.int32, device=device),
+                                 torch.tensor([tokens], dtype=torch.int32, device=device),
+                                 torch.arange(nb, dtype=torch.int32, device=device)[None],
+                                 torch.arange(tokens, device=device), tokens, tokens, [0, tokens], [tokens])
+        batch = ForwardBatch(ids.to(device), torch.arange(tokens, device=device), meta)
+        with torch.no_grad():
+            return model.compute_logits(model(batch.input_ids, batch.positions, batch)).float().cpu()
+
+    def w8a8_apply(layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from carpool.quantization.formats import quantize_fp8_per_channel
+
+        weight, scale = quantize_fp8_per_channel(layer.weight)  # (exact: the weight already is e4m3 x scale)
+        xq, x_scale = ref.quantize_fp8_activations(x)
+        return ref.w8a8_linear(xq, x_scale, weight, scale, None, x.dtype, bias)
+
+    expected = logits("fp32", False)
+    rows = []
+    for method, kv_fp8 in (("bf16", False), ("fp8", False), ("fp8_w8a8", False), ("fp8_block", False),
+                           ("int4", False), ("fp32", True), ("fp8_w8a8", True)):
+        got = logits(method, kv_fp8)
+        err = (got - expected).abs()
+        row = {"weights": method, "kv_cache": "fp8" if kv_fp8 else "float32",
+               "max_abs_logit_error": round(err.max().item(), 4),
+               "max_rel_logit_error": round(err.max().item() / expected.abs().max().item(), 4),
+               "top1_agreement": round((got.argmax(-1) == expected.argmax(-1)).float().mean().item(), 4)}
+        print(row, file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def triton_next_pow2(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true", help="decode at batch 1 and 64, selector at 4 sizes")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the GEMV launch configs")
+    ap.add_argument("--dry-run", action="store_true", help="list the cases with bytes and FLOPs (no GPU)")
+    ap.add_argument("--quality", action="store_true",
+                    help="only the logit error of each method on a random-weight model (runs on CPU too)")
+    args = ap.parse_args()
+    if args.dry_run:
+        emit(dry_run(), args.out)
+        return
+    if args.quality:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        emit({"benchmark": "quant/quality-random-llama", "device": device, "model": QUALITY_MODEL,
+              "reference": "float32 weights and KV cache", "quality": quality_section(device)}, args.out)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_quant needs a CUDA GPU (compute capability >= 8.9 for FP8); --dry-run lists the cases")
+    import triton
+
+    from common import measure_copy_bandwidth, measure_matmul_flops
+
+    from carpool.ops.triton import utils as triton_utils
+
+    triton_utils.choose_pdl(torch.device("cuda"), disabled=False)  # as the engine launches them
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bandwidth = measure_copy_bandwidth()
+    bf16_flops, fp8_flops = measure_matmul_flops(), measure_fp8_flops()
+    report: dict[str, Any] = {
+        "benchmark": "quant/llama3-8b-layer", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__, "pdl": triton_utils.pdl(), "copy_gb_per_s": round(bandwidth / 1e9, 1),
+        "bf16_tflops": round(bf16_flops / 1e12, 1), "fp8_tflops": round(fp8_flops / 1e12, 1),
+        "projections": PROJECTIONS}
+    report["decode"] = decode_section(bandwidth, (1, 64) if args.quick else DECODE_BATCHES, gen)
+    report["prefill"] = prefill_section(bf16_flops, fp8_flops, gen)
+    report["fp8_gemm_backend"] = selector_section(gen, (16, 64, 512, 8192) if args.quick else SELECTOR_M)
+    if args.sweep:
+        report["gemv_sweep"] = sweep_section(gen)
+    emit(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Tiny quantized checkpoints in the formats users download, and their dequantized twins.
+
+`write_quantized(src, dst, fmt)` quantizes the float32 checkpoint at `src` (tests/checkpoints.py) into
+`dst`, with the format's own tooling where it installs on CPU:
+- compressed-tensors (`ct-w4a16`, `ct-w4a16-sym`, `ct-fp8-channel`, `ct-fp8-tensor-static`): its own
+  QuantizationConfig, qparams and ModelCompressor, as llm-compressor uses them;
+- Hugging Face fine-grained FP8 (`fp8-block`): transformers' own quantizer (Fp8Quantize);
+- AWQ (`awq`) and GPTQ (`gptq`, `gptq-asym`, `gptq-v2-asym`): the small packers below (the tools, AutoAWQ
+  and AutoGPTQ, need CUDA builds), which follow the packing code named in each docstring.
+
+`write_dequantized_reference(quantized, dst)` writes the same model with every quantized weight
+dequantized by the format's reference (compressed-tensors' decompressors, transformers' FP8
+dequantization, AutoAWQ's / AutoGPTQ's dequantization as quantization/formats.py transcribes them): a
+plain float32 checkpoint that transformers runs as the exactness oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Model dimensions for quantized tests: every projection's input is a multiple of the 128-column group
+# and every output a multiple of 8 (packed words); q/k/v/gate/up outputs of FP8 block checkpoints are
+# whole 128-row blocks when num_key_value_heads = 4.
+QUANT_DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+FORMATS = ("awq", "gptq", "gptq-asym", "gptq-v2-asym", "ct-w4a16", "ct-w4a16-sym", "ct-fp8-channel",
+           "ct-fp8-tensor-static", "fp8-block")
+
+
+def quant_overrides(arch: str, fmt: str) -> dict:
+    """Config overrides of a float checkpoint that `fmt` can quantize (Qwen3's default test head_dim of
+    24 makes o_proj's input 96 columns: no whole 128-column group)."""
+    dims = dict(QUANT_DIMS)
+    if arch == "qwen3":
+        dims["head_dim"] = 32
+    if fmt == "fp8-block":
+        dims["num_key_value_heads"] = 4
+    return dims
+
+
+def _linear_modules(weights: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(name[:-len(".weight")] for name in weights
+                  if name.endswith(".weight") and name.split(".")[-2] in LINEARS)
+
+
+def _copy_side_files(src: str, dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors") and not name.endswith(".index.json"):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _set_quant_config(path: str, quant_config: dict | None) -> None:
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if quant_config is None:
+        cfg.pop("quantization_config", None)
+    else:
+        cfg["quantization_config"] = quant_config
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+# --- 4-bit quantization and the AWQ / GPTQ packers ----------------------------------------------------------
+
+def quantize_int4(w: torch.Tensor, group: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [N, K] in [0, 15], zero [N, K/G], scale [N, K/G] float16) with W ~ (q - zero) * scale, min-max per
+    group; symmetric: zero 8 and scale 2 max|w| / 15 (GPTQ's symmetric quantizer)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    if symmetric:
+        scale = (2 * g.abs().amax(-1) / 15).clamp(min=1e-8)
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+    scale = scale.half()
+    q = torch.clamp(torch.round(g / scale.float()[..., None]) + zero[..., None], 0, 15)
+    return q.reshape(n, k).long(), zero.long(), scale
+
+
+def _or_nibbles(columns: list[np.ndarray]) -> np.ndarray:
+    """uint32 words whose nibble i (bits 4i..4i+3) is columns[i] (each masked to 4 bits), as int32."""
+    word = np.zeros_like(columns[0], dtype=np.uint32)
+    for i, c in enumerate(columns):
+        word |= (c.astype(np.uint32) & 0xF) << np.uint32(4 * i)
+    return word.view(np.int32)
+
+
+def pack_awq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AutoAWQ's WQLinear_GEMM.from_linear packing (awq/modules/linear/gemm.py): intweight = q^T [K, N];
+    for each word column c, `qweight[:, c] |= intweight[:, 8c + order_map[i]] << 4i` with order_map =
+    [0, 2, 4, 6, 1, 3, 5, 7]; qzeros packed from zeros^T [K/G, N] the same way; scales^T [K/G, N]."""
+    def pack(m: np.ndarray) -> np.ndarray:  # [R, N] -> [R, N/8]
+        return np.stack([_or_nibbles([m[:, 8 * c + AWQ_ORDER[i]] for i in range(8)])
+                         for c in range(m.shape[1] // 8)], axis=1)
+    return {"qweight": torch.from_numpy(pack(q.t().numpy())), "qzeros": torch.from_numpy(pack(zero.t().numpy())),
+            "scales": scale.t().contiguous()}
+
+
+def pack_gptq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group: int,
+              v1: bool) -> dict[str, torch.Tensor]:
+    """AutoGPTQ's QuantLinear.pack (auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py): intweight = q^T
+    [K, N]; `qweight[r] |= intweight[8r + j] << 4j` (packed along K); v1 stores `zeros -= 1` before
+    packing qzeros along N, `qzeros[:, c] |= zeros[:, 8c + j] << 4j` (a zero of 0 wraps to 15: the v1
+    format's known asymmetric flaw, read back as 16 by AutoGPTQ's kernels); gptq_v2 (GPTQModel) stores
+    the zeros themselves. g_idx[k] = k // G (desc_act false)."""
+    qt, zt = q.t().numpy(), zero.t().numpy() - (1 if v1 else 0)
+    k, n = qt.shape
+    qweight = np.stack([_or_nibbles([qt[8 * r + j] for j in range(8)]) for r in range(k // 8)], axis=0)
+    qzeros = np.stack([_or_nibbles([zt[:, 8 * c + j] for j in range(8)]) for c in range(n // 8)], axis=1)
+    return {"qweight": torch.from_numpy(qweight), "qzeros": torch.from_numpy(qzeros), "scales": scale.t().contiguous(),
+            "g_idx": (torch.arange(k) // group).to(torch.int32)}
+
+
+def _write_packed(src: str, dst: str, fmt: str, group: int) -> None:
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    symmetric = fmt == "gptq"
+    for module in _linear_modules(weights):
+        q, zero, scale = quantize_int4(weights.pop(f"{module}.weight"), group, symmetric)
+        packed = pack_awq(q, zero, scale) if fmt == "awq" else pack_gptq(q, zero, scale, group, fmt != "gptq-v2-asym")
+        out.update({f"{module}.{k}": v for k, v in packed.items()})
+    out.update(weights)
+    _copy_side_files(src, dst)
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    if fmt == "awq":
+        qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
+              "modules_to_not_convert": None}
+    else:
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": symmetric,
+              "checkpoint_format": "gptq_v2" if fmt == "gptq-v2-asym" else "gptq"}
+    _set_quant_config(dst, qc)
+
+
+# --- compressed-tensors, with its own tooling ------------------------------------------------------------
+
+def _ct_scheme(fmt: str, group: int):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if fmt.startswith("ct-w4a16"):
+        weights = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=group,
+                                   symmetric=fmt == "ct-w4a16-sym")
+        return QuantizationScheme(targets=["Linear"], weights=weights), "pack-quantized"
+    strategy = "channel" if fmt == "ct-fp8-channel" else "tensor"
+    weights = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True)
+    acts = (QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True) if fmt == "ct-fp8-channel"
+            else QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False))
+    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts), "float-quantized"
+
+
+def _write_compressed_tensors(src: str, dst: str, fmt: str, group: int) -> None:
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    scheme, ct_format = _ct_scheme(fmt, group)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]),
+                              show_progress=False)
+    gen = torch.Generator().manual_seed(1)
+    for _, m in model.named_modules():
+        if not hasattr(m, "quantization_scheme"):
+            continue
+        w = m.weight.data
+        args = m.quantization_scheme.weights
+        if args.strategy == "group":
+            w = w.unflatten(-1, (-1, args.group_size))
+            lo, hi = w.amin(-1), w.amax(-1)
+        elif args.strategy == "channel":
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        else:
+            lo, hi = w.amin(), w.amax()
+        scale, zero = calculate_qparams(lo, hi, args)
+        m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+        if hasattr(m, "weight_zero_point"):
+            m.weight_zero_point.data.copy_(zero.reshape(m.weight_zero_point.shape))
+        if hasattr(m, "input_scale"):  # a static activation scale, as a calibration would set it
+            m.input_scale.data.fill_(0.01 + 0.02 * torch.rand((), generator=gen).item())
+    compressor = ModelCompressor.from_pretrained_model(model, ct_format)
+    compressor.compress_model(model)
+    model.save_pretrained(dst)
+    compressor.update_config(dst)
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _ct_decompress(weights: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor]:
+    """Each compressed module's weight, decompressed by compressed-tensors' own compressor."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    group = next(iter(qc["config_groups"].values()))
+    scheme = QuantizationScheme.model_validate(group)
+    compressor = BaseCompressor.load_from_registry(qc["format"])
+    out: dict[str, torch.Tensor] = {}
+    modules = sorted({n.rsplit(".", 1)[0] for n in weights if n.endswith((".weight_packed", ".weight_scale"))})
+    for module in modules:
+        local = {n[len(module) + 1:]: t for n, t in weights.items()
+                 if n.startswith(module + ".") and not n.endswith(".bias")}
+        for n in local:
+            weights.pop(f"{module}.{n}")
+        out[f"{module}.weight"] = compressor.decompress(local, scheme)["weight"].float()
+    return out
+
+
+# --- Hugging Face fine-grained FP8, with transformers' own quantizer ------------------------------------------
+
+def _hf_fp8_ops():
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize, _dequantize_fp8_weight
+
+    quantizer = SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=(128, 128)))
+    return Fp8Quantize(quantizer), _dequantize_fp8_weight
+
+
+def _write_hf_fp8(src: str, dst: str) -> None:
+    quantize, _ = _hf_fp8_ops()
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    for module in _linear_modules(weights):
+        name = f"{module}.weight"
+        weights.update(quantize._quantize_one(name, weights.pop(name)))
+    _copy_side_files(src, dst)
+    save_file(weights, os.path.join(dst, "model.safetensors"))
+    _set_quant_config(dst, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                            "weight_block_size": [128, 128]})
+
+
+# --- entry points -----------------------------------------------------------------------------------------------
+
+def write_quantized(src: str, dst: str, fmt: str, group: int = 128) -> str:
+    if fmt in ("awq", "gptq", "gptq-asym", "gptq-v2-asym"):
+        _write_packed(src, dst, fmt, group)
+    elif fmt.startswith("ct-"):
+        _write_compressed_tensors(src, dst, fmt, group)
+    elif fmt == "fp8-block":
+        _write_hf_fp8(src, dst)
+    else:
+        raise ValueError(f"unknown test format {fmt!r}; known: {', '.join(FORMATS)}")
+    return dst
+
+
+def write_dequantized_reference(quantized: str, dst: str) -> str:
+    """The quantized checkpoint at `quantized` as a plain float32 checkpoint (see the module docstring)."""
+    from carpool.quantization.formats import dequantize_awq, dequantize_gptq
+
+    with open(os.path.join(quantized, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    weights = load_file(os.path.join(quantized, "model.safetensors"))
+    method = qc["quant_method"]
+    out: dict[str, torch.Tensor] = {}
+    if method == "compressed-tensors":
+        out = _ct_decompress(weights, qc)
+    else:
+        modules = sorted({n.rsplit(".", 1)[0] for n in weights
+                          if n.endswith((".qweight", ".weight_scale_inv"))})
+        _, dequantize_fp8 = _hf_fp8_ops() if method == "fp8" else (None, None)
+        for m in modules:
+            if method == "awq":
+                w = dequantize_awq(weights.pop(f"{m}.qweight"), weights.pop(f"{m}.qzeros"), weights.pop(f"{m}.scales"),
+                                   qc["group_size"])
+            elif method == "gptq":
+                offset = 1 if qc.get("checkpoint_format", "gptq") == "gptq" else 0
+                w = dequantize_gptq(weights.pop(f"{m}.qweight"), weights.pop(f"{m}.qzeros"), weights.pop(f"{m}.scales"),
+                                    weights.pop(f"{m}.g_idx"), offset)
+            else:
+                w = dequantize_fp8(weights.pop(f"{m}.weight"), weights.pop(f"{m}.weight_scale_inv"),
+                                   qc["weight_block_size"], torch.float32)
+            out[f"{m}.weight"] = w.float().contiguous()
+    out.update(weights)
+    _copy_side_files(quantized, dst)
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    _set_quant_config(dst, None)
+    return dst
+
+
+_made: dict[tuple, tuple[str, str]] = {}
+
+
+def make_quant_checkpoint(tmp_path_factory, arch: str, fmt: str, group: int = 128, **overrides) -> tuple[str, str]:
+    """(quantized checkpoint, its dequantized reference) of a tiny random `arch` model, made once per
+    session (tmp_path_factory: pytest's). fmt "float": the float32 checkpoint itself, twice."""
+    from checkpoints import build_checkpoint
+
+    key = (arch, fmt, group, tuple(sorted(overrides.items())))
+    if key not in _made:
+        dims = {**quant_overrides(arch, fmt), **overrides}
+        src = build_checkpoint(str(tmp_path_factory.mktemp(f"float-{arch}")), arch, **dims)
+        if fmt == "float":
+            _made[key] = (src, src)
+        else:
+            q = write_quantized(src, str(tmp_path_factory.mktemp(f"{fmt}-{arch}")), fmt, group)
+            _made[key] = (q, write_dequantized_reference(q, str(tmp_path_factory.mktemp(f"{fmt}-{arch}-ref"))))
+    return _made[key]
+
+
+def run_prompt_logits(model, layers, prompt: list[int], chunk: int, cache_dtype: torch.dtype) -> torch.Tensor:
+    """Logits of every position of `prompt`, prefilled in chunks of `chunk` tokens through one request's
+    paged cache (block size 4)."""
+    from carpool.forward_batch import AttentionMetadata, ForwardBatch
+
+    block_size, num_blocks = 4, -(-len(prompt) // 4)
+    for layer in layers:
+        shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+        layer.k_cache = torch.zeros(shape, dtype=cache_dtype)
+        layer.v_cache = torch.zeros(shape, dtype=cache_dtype)
+    table = torch.arange(num_blocks, dtype=torch.int32)[None]
+    logits = []
+    for start in range(0, len(prompt), chunk):
+        ids = prompt[start:start + chunk]
+        end = start + len(ids)
+        meta = AttentionMetadata(torch.tensor([0, len(ids)], dtype=torch.int32), torch.tensor([end], dtype=torch.int32),
+                                 table, torch.arange(start, end), len(ids), end, [0, len(ids)], [end])
+        batch = ForwardBatch(torch.tensor(ids), torch.arange(start, end), meta)
+        with torch.no_grad():
+            logits.append(model.compute_logits(model(batch.input_ids, batch.positions, batch)))
+    return torch.cat(logits)
+
+
+def hf_agrees_with_greedy(path: str, prompts: list[list[int]], outputs: list[list[int]]) -> bool:
+    """Whether `outputs` are transformers' greedy continuations of `prompts` on the checkpoint at `path`
+    (float32): one forward over each prompt + output, whose argmax at every position must be the next
+    output token. The same verdict as comparing with `generate` (greedy is determined by its prefixes),
+    at one forward per prompt instead of one per token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outputs):
+            ids = torch.tensor([prompt + out[:-1]])
+            logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0]
+            if logits[len(prompt) - 1:].argmax(-1).tolist() != out:
+                return False
+    return True

@@ -1,0 +1,201 @@
+"""Quantized GEMV / GEMM / activation-quantization Triton kernels against their torch twins
+(ops/torch_ref/quant.py), under the Triton interpreter on CPU (float32 activations), compiled on a GPU.
+
+Sizes are odd (rows and columns that fill no tile) and int4 groups change inside a tile, so a kernel
+that mis-masks a tail or reads the wrong group's scale fails. Outputs are allocated poisoned with NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from carpool.ops.torch_ref import quant as ref  # noqa: E402
+from carpool.ops.triton import utils  # noqa: E402
+from carpool.ops.triton.quant_gemm import QuantGemmConfig, fp8_gemm, fp8_gemm_backend, int4_gemm, quantize_fp8_act  # noqa: E402
+from carpool.ops.triton.quant_gemv import QuantGemvConfig, fp8_gemv, int4_gemv  # noqa: E402
+from carpool.quantization.formats import pack_int4, quantize_fp8_per_block, quantize_fp8_per_channel  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+gpu = pytest.mark.gpu
+BLOCK = (128, 128)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(utils, "empty_output", poisoned)
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def int4_weights(n: int, k: int, group: int, asym: bool, seed: int = 0):
+    """(packed [N, K/8], scales, zeros or None) of random 4-bit values in carpool's layout."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scales = 0.01 + 0.1 * torch.rand(n, k // group, generator=gen)
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen).float() if asym else None
+    return pack_int4(q, 1), scales, zeros
+
+
+def dev(*ts):
+    return [t.to(DEVICE) if t is not None else None for t in ts]
+
+
+# --- GEMV (1-8 rows) --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_fp8_gemv_matches_reference(m: int, blocks: bool) -> None:
+    n, k = 131, 200  # a partial 128-block in both dims, a partial column step
+    w = rand(n, k)
+    wq, s = quantize_fp8_per_block(w, BLOCK) if blocks else quantize_fp8_per_channel(w)
+    x, bias = rand(m, k, seed=1), rand(n, seed=2)
+    expected = ref.fp8_linear(x, wq, s, BLOCK if blocks else None, bias)
+    config = None if m == 1 else QuantGemvConfig(block_n=8, block_k=64)  # default: whole rows per step
+    got = fp8_gemv(*dev(x, wq, s, bias), config=config)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("asym", [False, True])
+def test_int4_gemv_matches_reference_across_group_boundaries(m: int, asym: bool) -> None:
+    n, k, group = 37, 224, 32  # 7 groups, several per step; the last step is partial
+    packed, scales, zeros = int4_weights(n, k, group, asym)
+    x, bias = rand(m, k, seed=1), rand(n, seed=2)
+    expected = ref.int4_linear(x, packed, scales, zeros, group, bias)
+    for config in (None, QuantGemvConfig(block_n=2, block_k=128)):
+        got = int4_gemv(*dev(x, packed, scales, zeros), group, bias.to(DEVICE), config=config)
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_int4_gemv_group_128_with_steps_longer_than_a_group() -> None:
+    n, k, group = 9, 384, 128
+    packed, scales, zeros = int4_weights(n, k, group, asym=True, seed=4)
+    x = rand(2, k, seed=5)
+    got = int4_gemv(*dev(x, packed, scales, zeros), group, config=QuantGemvConfig(block_k=256))
+    torch.testing.assert_close(got.cpu(), ref.int4_linear(x, packed, scales, zeros, group), atol=1e-4, rtol=1e-5)
+
+
+def test_gemv_refuses_more_than_eight_rows() -> None:
+    wq, s = quantize_fp8_per_channel(rand(16, 32))
+    with pytest.raises(ValueError, match=r"M <= 8"):
+        fp8_gemv(*dev(rand(9, 32), wq, s))
+
+
+# --- activation quantization -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["token", "group", "static"])
+def test_fp8_activation_quantization_equals_reference_bit_for_bit(mode: str) -> None:
+    x = 3 * rand(5, 300)
+    x[2] = 0.0  # an all-zero row: a finite scale, zeros out
+    kwargs = {"token": {}, "group": {"group_size": 128}, "static": {"static_scale": torch.tensor([0.02])}}[mode]
+    expected_q, expected_s = ref.quantize_fp8_activations(x, **kwargs)
+    on_device = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    got_q, got_s = quantize_fp8_act(*dev(x), **on_device)
+    assert torch.equal(got_q.cpu().view(torch.uint8), expected_q.view(torch.uint8))
+    assert torch.equal(got_s.cpu(), expected_s)
+
+
+def test_fp8_rounding_matches_torch_over_the_whole_range() -> None:
+    """Round to nearest even, saturating at +-448: every e4m3 interval, ties, subnormals and overflow."""
+    x = torch.cat([torch.linspace(-460, 460, 9983), torch.logspace(-12, 2.66, 2000), -torch.logspace(-12, 2.66, 2000),
+                   torch.tensor([0.0, 124.0, 120.0 + 4.0, 2.0 ** -10, 3 * 2.0 ** -10])])
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 128)).reshape(-1, 128)
+    one = torch.tensor([1.0])
+    expected = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    got, _ = quantize_fp8_act(*dev(x), static_scale=one.to(DEVICE))
+    assert torch.equal(got.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+# --- GEMM --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activations", ["token", "static"])
+def test_fp8_gemm_with_channel_scales_matches_reference(activations: str) -> None:
+    m, n, k = 19, 50, 264
+    wq, s = quantize_fp8_per_channel(rand(n, k))
+    x, bias = rand(m, k, seed=1), rand(n, seed=2)
+    static = torch.tensor([0.01]) if activations == "static" else None
+    xq, xs = ref.quantize_fp8_activations(x, static_scale=static)
+    expected = ref.w8a8_linear(xq, xs, wq, s, None, torch.float32, bias)
+    got = fp8_gemm(*dev(xq, xs, wq, s), torch.float32, bias.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_fp8_gemm_with_block_scales_matches_reference() -> None:
+    m, n, k = 33, 150, 300  # partial blocks in N and K
+    wq, s = quantize_fp8_per_block(rand(n, k), BLOCK)
+    x = rand(m, k, seed=1)
+    xq, xs = ref.quantize_fp8_activations(x, group_size=128)
+    expected = ref.w8a8_linear(xq, xs, wq, s, BLOCK, torch.float32)
+    for config in (None, QuantGemmConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=1)):
+        got = fp8_gemm(*dev(xq, xs, wq, s), torch.float32, config=config)
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_int4_gemm_matches_reference_across_group_boundaries(asym: bool) -> None:
+    m, n, k, group = 21, 45, 192, 32
+    packed, scales, zeros = int4_weights(n, k, group, asym, seed=7)
+    x, bias = rand(m, k, seed=1), rand(n, seed=2)
+    expected = ref.int4_linear(x, packed, scales, zeros, group, bias)
+    got = int4_gemm(*dev(x, packed, scales, zeros), group, bias.to(DEVICE),
+                    config=QuantGemmConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=1))
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_fp8_gemm_backend_sends_block_scales_and_unaligned_shapes_to_triton() -> None:
+    assert fp8_gemm_backend(64, 4096, 4096, block_scales=True, out_dtype=torch.bfloat16) == "triton"
+    assert fp8_gemm_backend(64, 4096, 4100, block_scales=False, out_dtype=torch.bfloat16) == "triton"
+    assert fp8_gemm_backend(64, 4096, 4096, block_scales=False, out_dtype=torch.float32) == "triton"
+    assert fp8_gemm_backend(64, 4096, 4096, block_scales=False, out_dtype=torch.bfloat16) == "scaled_mm"
+
+
+# --- bf16 on a GPU -------------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU")
+def test_bf16_quantized_kernels_match_reference_on_gpu() -> None:
+    from carpool.ops.triton.quant_gemm import fp8_scaled_mm
+
+    m, n, k = 40, 512, 1024
+    x = rand(m, k).to("cuda", torch.bfloat16)
+    wq, s = quantize_fp8_per_channel(rand(n, k))
+    wq, s = wq.cuda(), s.cuda()
+    xq, xs = quantize_fp8_act(x)
+    expected = ref.w8a8_linear(xq.cpu(), xs.cpu(), wq.cpu(), s.cpu(), None, torch.float32)
+    for got in (fp8_gemm(xq, xs, wq, s, torch.bfloat16), fp8_scaled_mm(xq, xs, wq, s, torch.bfloat16)):
+        torch.testing.assert_close(got.float().cpu(), expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fp8_gemv(x[:4], wq, s).float().cpu(),
+                               ref.fp8_linear(x[:4].float().cpu(), wq.cpu(), s.cpu()), atol=2e-2, rtol=2e-2)
+    packed, scales, zeros = int4_weights(n, k, 128, asym=True)
+    packed, scales, zeros = packed.cuda(), scales.cuda().bfloat16(), zeros.cuda().bfloat16()
+    expected = ref.int4_linear(x.float().cpu(), packed.cpu(), scales.float().cpu(), zeros.float().cpu(), 128)
+    torch.testing.assert_close(int4_gemm(x, packed, scales, zeros, 128).float().cpu(), expected, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(int4_gemv(x[:8], packed, scales, zeros, 128).float().cpu(), expected[:8], atol=5e-2,
+                               rtol=2e-2)
+
+
+def test_quant_benchmark_imports_on_cpu_and_counts_bytes_per_method() -> None:
+    """benchmarks/bench_quant.py's dry run (no GPU): FP8 reads about half of bf16's bytes at batch 1, INT4
+    (group 128, with scales and zeros) about a quarter plus 3%."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quant.py")
+    spec = importlib.util.spec_from_file_location("bench_quant", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    report = bench.dry_run()
+    bytes_at_1 = {row["method"]: row["bytes"] for row in report["decode"] if row["batch"] == 1}
+    assert 0.49 < bytes_at_1["fp8"] / bytes_at_1["bf16"] < 0.51
+    assert 0.25 < bytes_at_1["int4"] / bytes_at_1["bf16"] < 0.28

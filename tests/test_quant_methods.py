@@ -1,0 +1,180 @@
+"""Quantized linear methods inside a model: each checkpoint tensor lands in carpool's layout, split across
+tensor-parallel ranks exactly as the plain weights are, `--quantization fp8` quantizes while loading,
+loading errors name the tensor, and the Triton paths (GEMV and GEMM) agree with the torch path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from quant_checkpoints import make_quant_checkpoint, run_prompt_logits
+from safetensors.torch import load_file, save_file
+
+from carpool.config import ModelConfig
+from carpool.distributed import Communicator, TPGroup
+from carpool.layers.linear import LinearBase
+from carpool.models.loader import load_model
+from carpool.models.registry import get_model_class
+from carpool.models.runtime import ModelRuntime
+from carpool.quantization.config import parse_quantization_config
+from carpool.quantization.formats import quantize_fp8_per_channel
+
+
+def runtime(config: ModelConfig, backend: str = "torch", quantization: str | None = None, rank: int = 0,
+            size: int = 1) -> ModelRuntime:
+    scheme = parse_quantization_config(config.hf_config, quantization)
+    packed = get_model_class(config.architecture).packed_modules_mapping
+    return ModelRuntime.for_inference(backend, Communicator(TPGroup(rank, size)), quantization=scheme,
+                                      packed_modules=packed)
+
+
+def dequantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every linear layer's logical weight (float32), dequantized by its method."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LinearBase):
+            method = m.method
+            out[name] = method.dequantized_weight(m) if hasattr(method, "dequantized_weight") else m.weight.float()
+    return out
+
+
+def load(path: str, quantization: str | None = None, rank: int = 0, size: int = 1, backend: str = "torch"):
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    return load_model(config, runtime(config, backend, quantization, rank, size), "cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    def make(arch: str, fmt: str, group: int = 128, **overrides) -> tuple[str, str]:
+        return make_quant_checkpoint(tmp_path_factory, arch, fmt, group, **overrides)
+    return make
+
+
+@pytest.mark.parametrize("arch,fmt", [("llama", "awq"), ("qwen2", "gptq-asym"), ("qwen3", "ct-w4a16"),
+                                      ("llama", "ct-fp8-channel"), ("qwen2", "fp8-block")])
+def test_loaded_weights_equal_the_format_reference(ckpt, arch: str, fmt: str) -> None:
+    """Each layer's weight, as the method stores it, dequantizes to the reference checkpoint's weight:
+    merged q/k/v and gate/up shards land in their rows, scales and zeros in their groups."""
+    quantized, reference = ckpt(arch, fmt)
+    got = dequantized(load(quantized))
+    expected = dequantized(load(reference))
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch,fmt", [("llama", "awq"), ("qwen2", "gptq"), ("qwen3", "ct-w4a16-sym"),
+                                      ("llama", "ct-fp8-tensor-static")])
+def test_tensor_parallel_ranks_hold_their_slices(ckpt, arch: str, fmt: str) -> None:
+    """Loaded as rank 0 or 1 of 2, each rank's dequantized weights are its slice of the single-rank model's:
+    output rows for q/k/v (by heads) and gate/up, input columns for o and down. Groups of 32 columns,
+    so that every rank's inputs are whole groups."""
+    quantized, _ = ckpt(arch, fmt, group=32)
+    whole = dequantized(load(quantized))
+    config = ModelConfig.from_pretrained(quantized, dtype="float32")
+    for rank in range(2):
+        part = dequantized(load(quantized, rank=rank, size=2))
+        for name, w in part.items():
+            layer = name.rsplit(".", 1)[1]
+            if layer in ("o_proj", "down_proj"):
+                k = w.shape[1]
+                torch.testing.assert_close(w, whole[name][:, rank * k:(rank + 1) * k], rtol=0, atol=0, msg=name)
+            elif layer == "gate_up_proj":
+                n = config.intermediate_size
+                gate, up = whole[name][:n], whole[name][n:]
+                half = n // 2
+                expected = torch.cat([gate[rank * half:(rank + 1) * half], up[rank * half:(rank + 1) * half]])
+                torch.testing.assert_close(w, expected, rtol=0, atol=0, msg=name)
+            else:  # qkv_proj: 4 q heads -> 2 per rank, 2 kv heads -> 1 per rank
+                d = config.head_dim
+                q, k, v = whole[name].split([4 * d, 2 * d, 2 * d])
+                expected = torch.cat([q[rank * 2 * d:(rank + 1) * 2 * d], k[rank * d:(rank + 1) * d],
+                                      v[rank * d:(rank + 1) * d]])
+                torch.testing.assert_close(w, expected, rtol=0, atol=0, msg=name)
+
+
+def test_online_fp8_quantizes_each_weight_per_channel_while_loading(ckpt) -> None:
+    path, _ = ckpt("llama", "float")
+    model = load(path, quantization="fp8")
+    plain = dequantized(load(path))
+    for name, m in model.named_modules():
+        if isinstance(m, LinearBase):
+            assert m.weight.dtype == torch.float8_e4m3fn and m.weight_scale.shape == (m.output_size,)
+            q, scale = quantize_fp8_per_channel(plain[name])
+            torch.testing.assert_close(m.method.dequantized_weight(m), q.float() * scale[:, None], rtol=0, atol=0)
+
+
+def _edited_copy(src: str, dst: str, edit) -> str:
+    shutil.copytree(src, dst)
+    weights = load_file(os.path.join(dst, "model.safetensors"))
+    edit(weights)
+    save_file(weights, os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+def test_a_missing_scale_of_a_merged_shard_is_named(ckpt, tmp_path) -> None:
+    quantized, _ = ckpt("llama", "awq")
+    path = _edited_copy(quantized, str(tmp_path / "c"), lambda w: w.pop("model.layers.1.self_attn.k_proj.scales"))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.qkv_proj: .*lacks .*scales for its shard 'k'"):
+        load(path)
+
+
+def test_a_scale_of_the_wrong_shape_is_named(ckpt, tmp_path) -> None:
+    quantized, _ = ckpt("qwen2", "gptq")
+    name = "model.layers.0.mlp.down_proj.scales"
+    path = _edited_copy(quantized, str(tmp_path / "c"), lambda w: w.update({name: w[name][:1]}))
+    expected = rf"checkpoint tensor '{name}': scales: expected shape \[2, 128\], got \[1, 128\]"
+    with pytest.raises(ValueError, match=expected):
+        load(path)
+
+
+def test_an_act_order_g_idx_is_refused(ckpt, tmp_path) -> None:
+    quantized, _ = ckpt("qwen2", "gptq")
+    name = "model.layers.0.mlp.down_proj.g_idx"  # two groups of 128 columns: flipped, not column // 128
+    path = _edited_copy(quantized, str(tmp_path / "c"), lambda w: w.update({name: w[name].flip(0)}))
+    with pytest.raises(ValueError, match=rf"'{name}': g_idx: .*act-order"):
+        load(path)
+
+
+def test_unquantized_weights_under_a_quantized_config_are_refused(ckpt, tmp_path) -> None:
+    """A float checkpoint whose config claims FP8: its bf16/fp32 `weight` is not e4m3."""
+    path, _ = ckpt("llama", "float")
+    dst = str(tmp_path / "c")
+    shutil.copytree(path, dst)
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": None}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=r"\.weight': weight: expected float8_e4m3fn values, got torch\.float32"):
+        load(dst)
+
+
+def test_block_scales_across_a_tensor_parallel_split_inside_a_block_are_refused(ckpt) -> None:
+    quantized, _ = ckpt("llama", "fp8-block")  # k_proj's 128 rows: 64 per rank, half a 128-row block
+    expected = r"k_proj\.weight_scale_inv'.*rows \[0, 64\) do not fall on whole entries of 128"
+    with pytest.raises(ValueError, match=expected):
+        load(quantized, rank=0, size=2)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "ct-fp8-channel"])
+def test_triton_gemv_and_gemm_paths_agree_with_the_torch_path(ckpt, fmt: str) -> None:
+    """The Triton backend, under the interpreter on CPU, against the torch path's logits: a 12-token
+    prefill (the GEMM; FP8 quantizes activations there, so its logits move by up to a few e4m3 steps)
+    and 1-token steps (the GEMV, activations unquantized: equal up to summation order). One layer: the
+    interpreter is slow; the kernels' own tests cover block scales and static activation scales."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1")
+    quantized, _ = ckpt("llama", fmt, num_hidden_layers=1)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    plain, tri = load(quantized), load(quantized, backend="triton")
+    for chunk, tokens in ((12, prompt), (1, prompt[:3])):
+        expected = run_prompt_logits(plain, plain.attention_layers(), tokens, chunk, torch.float32)
+        got = run_prompt_logits(tri, tri.attention_layers(), tokens, chunk, torch.float32)
+        quantized_acts = fmt != "awq" and chunk > 8
+        tol = 0.1 * expected.abs().max().item() if quantized_acts else 1e-4
+        torch.testing.assert_close(got, expected, rtol=0, atol=tol, msg=f"{chunk}-token steps")
