@@ -48,7 +48,10 @@ class Scheduler:
                              f"({request.max_tokens}) = {total} exceeds max_model_len={max_len}")
         blocks_needed = cdiv(total, self.kv.block_size)
         if blocks_needed > self.kv.num_blocks:
-            raise ValueError(f"max_tokens: the request needs {blocks_needed} KV blocks of "
+            # the prompt and its first output token must fit, or no max_tokens would help
+            field = "prompt" if cdiv(request.num_prompt_tokens + 1, self.kv.block_size) > self.kv.num_blocks \
+                else "max_tokens"
+            raise ValueError(f"{field}: the request needs {blocks_needed} KV blocks of "
                              f"{self.kv.block_size} tokens but the cache has only {self.kv.num_blocks}")
 
     def add_request(self, request: Request) -> None:

@@ -50,9 +50,9 @@ class MPAsyncEngine(AsyncEngineBase):
         self.observer = observer
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
             config.tokenizer or config.model.path)
-        self.input_processor = InputProcessor(config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
         self.core = CoreProcess(config)
+        self.input_processor = InputProcessor(config, self.tokenizer, self.core.num_kv_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._sock: socket.socket = self.core.sock
         self._stats: EngineStats = self.core.initial_stats
         self._streams: dict[str, RequestStream] = {}
