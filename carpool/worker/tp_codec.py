@@ -35,7 +35,8 @@ def sampling_params_to_dict(p: SamplingParams) -> dict[str, Any]:
         "repetition_penalty": p.repetition_penalty, "max_tokens": p.max_tokens, "min_tokens": p.min_tokens,
         "stop": list(p.stop or []), "stop_token_ids": list(p.stop_token_ids or []),
         "include_stop_str_in_output": p.include_stop_str_in_output, "ignore_eos": p.ignore_eos,
-        "logprobs": p.logprobs, "skip_special_tokens": p.skip_special_tokens, "detokenize": p.detokenize,
+        "logprobs": p.logprobs, "prompt_logprobs": p.prompt_logprobs, "skip_special_tokens": p.skip_special_tokens,
+        "detokenize": p.detokenize,
         "output_kind": p.output_kind.name, "eos_token_ids": list(p.eos_token_ids),
     }
 
