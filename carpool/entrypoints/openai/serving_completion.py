@@ -15,7 +15,6 @@ from fastapi import Request
 from starlette.responses import Response
 
 from carpool.engine.request_stream import RequestStream
-from carpool.entrypoints.openai.errors import bad_request_from_value_error
 from carpool.entrypoints.openai.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                                  CompletionResponse, UsageInfo)
 from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, completion_logprobs, merge_streams,
@@ -38,10 +37,10 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, raw: Request) -> Response:
         request = await self.parse_body(raw, CompletionRequest)
         params = self.sampling_params(request.to_sampling_params)
-        try:
-            prompts = request.prompts()
-        except ValueError as e:
-            raise bad_request_from_value_error(e) from None
+        texts = request.prompts()
+        prompts = [await self.engine_prompt(p, request.add_special_tokens, decode=request.echo,
+                                            what="the prompt" if len(texts) == 1 else f"prompt {i} of the batch")
+                   for i, p in enumerate(texts)]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, prompts, params)
         return await self.respond(raw, streams, bool(request.stream),
