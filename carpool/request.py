@@ -12,6 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from carpool.core.sched_output import TokenLogprobs
 from carpool.sampling_params import SamplingParams
 
 
@@ -55,6 +56,14 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     # Extra hash key: requests with different salts never share cached blocks (e.g. per tenant or adapter).
     cache_salt: str | None = None
+    # Prompt logprobs gathered chunk by chunk (sampling_params.prompt_logprobs set): entry i scores prompt
+    # token i + 1. Handed out once, with the first output token; None when not asked for.
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs_sent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from carpool.config import SchedulerConfig
 from carpool.core.kv_cache_manager import KVCacheManager, cdiv
 from carpool.core.sched_output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
-                                       NewRequestData, SchedulerOutput)
+                                       NewRequestData, PromptLogprobs, SchedulerOutput)
 from carpool.request import Request, RequestStatus
 
 
@@ -101,7 +101,10 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted_now
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+            # Prompt logprobs come from the hidden states of computed positions: until it has them all, a
+            # request that wants them computes its whole prompt (as vLLM does); it still fills the cache.
+            needs_prompt = request.prompt_logprobs is not None and not request.prompt_logprobs_sent
+            hit_blocks, num_hit_tokens = ([], 0) if needs_prompt else self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if self.kv.allocate_slots(request, num_new, hit_blocks) is None:
                 break
@@ -165,6 +168,10 @@ class Scheduler:
         requests = self.requests
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
+        for req_id, chunk in runner_output.prompt_logprobs.items():  # before the tokens of the same step
+            request = requests.get(req_id)
+            if request is not None and request.status is running:
+                self._add_prompt_logprobs(request, chunk)
         for req_id, token, logprobs in zip(runner_output.req_ids, runner_output.sampled_token_ids,
                                            runner_output.logprobs):
             request = requests.get(req_id)
@@ -173,14 +180,28 @@ class Scheduler:
             request.num_output_placeholders -= 1
             request.output_token_ids.append(token)
             reason = self._check_stop(request, token)
+            prompt_logprobs = None
+            if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+                assert len(request.prompt_logprobs) == request.num_prompt_tokens - 1, "prompt logprobs missing"
+                prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
             outputs.append(EngineCoreOutput(
                 request_id=req_id, new_token_ids=[token], new_logprobs=[logprobs], finish_reason=reason,
-                stop_reason=request.stop_reason, num_cached_tokens=max(request.num_cached_tokens, 0)))
+                stop_reason=request.stop_reason, num_cached_tokens=max(request.num_cached_tokens, 0),
+                new_prompt_logprobs=prompt_logprobs))
             if reason is not None:
                 finished.append(request)
         for request in finished:
             self._remove(request)
         return outputs
+
+    @staticmethod
+    def _add_prompt_logprobs(request: Request, chunk: PromptLogprobs) -> None:
+        """Keep a chunk's prompt logprobs. A chunk computed again after a preemption repeats entries
+        already kept: only entries past them are new, so each prompt token is scored exactly once."""
+        assert request.prompt_logprobs is not None
+        have = 1 + len(request.prompt_logprobs)  # the prompt index the next new entry scores
+        assert chunk.start <= have, f"{request.request_id}: prompt logprobs from {chunk.start}, expected {have}"
+        request.prompt_logprobs.extend(chunk.logprobs[have - chunk.start:])
 
     def _check_stop(self, request: Request, token: int) -> str | None:
         """Set the finished status if this token ends the request; returns the finish reason."""

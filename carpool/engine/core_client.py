@@ -247,6 +247,8 @@ class MPAsyncEngine(AsyncEngineBase):
                 else:
                     earlier.new_token_ids.extend(out.new_token_ids)
                     earlier.new_logprobs.extend(out.new_logprobs)
+                    if earlier.new_prompt_logprobs is None:
+                        earlier.new_prompt_logprobs = out.new_prompt_logprobs
                     earlier.finish_reason, earlier.stop_reason = out.finish_reason, out.stop_reason
                     earlier.num_cached_tokens = max(earlier.num_cached_tokens, out.num_cached_tokens)
             if "stats" in msg:  # before delivery: whoever sees an output sees these

@@ -90,11 +90,9 @@ class InputProcessor:
         sequences = []
         for i in range(params.n):
             seq_params = params
-            if params.n > 1 and (params.seed is not None or (i > 0 and params.prompt_logprobs is not None)):
+            if params.n > 1 and params.seed is not None:
                 seq_params = params.clone()
-                seq_params.seed = None if params.seed is None else params.seed + i
-                if i > 0:  # the n sequences share the prompt: its logprobs are computed once, by the first
-                    seq_params.prompt_logprobs = None
+                seq_params.seed = params.seed + i
             sequences.append(Request(child_request_id(request_id, i, params.n), token_ids, seq_params,
                                      arrival_time=arrival))
         return ProcessedRequest(request_id, text, token_ids, params, arrival, sequences)

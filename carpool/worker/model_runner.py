@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from carpool.config import EngineConfig
-from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from carpool.core.sched_output import ModelRunnerOutput, PromptLogprobs, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, TPGroup
 from carpool.forward_batch import AttentionMetadata, ForwardBatch
 from carpool.layers.embedding import ParallelLMHead
 from carpool.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
-from carpool.layers.sampler import Sampler, SamplingMetadata
+from carpool.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
 from carpool.models.loader import load_model
 from carpool.ops import get_kernel_ops
 from carpool.platform import to_device
@@ -85,6 +85,7 @@ class ModelRunner:
         # The argmax of this step's logits when the forward took it in passing (a TP batch-1 step's
         # pushed gather), else None: a greedy step samples nothing more.
         self._greedy_tokens: torch.Tensor | None = None
+        self._kept_hidden: torch.Tensor | None = None  # this step's hidden states, for prompt logprobs only
         self.input_batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len,
                                       self.block_size)
         self.kv_cache: torch.Tensor | None = None
@@ -295,10 +296,12 @@ class ModelRunner:
             timing.start.record()
         else:
             self._last_end_event = None
-        logits = self._forward(inputs, self._pending_fixup(inputs))
+        spans = self.prompt_logprob_spans(inputs)
+        logits = self._forward(inputs, self._pending_fixup(inputs), keep_hidden=bool(spans))
         tokens, logprobs = None, []
         if logits is not None:
             tokens, logprobs = self.sample(logits, inputs.sample_rows)
+        prompt_logprobs = self.compute_prompt_logprobs(spans) if spans else {}
         if timing is not None:
             timing.end.record()
             self._last_end_event = timing.end
@@ -307,7 +310,7 @@ class ModelRunner:
         self._last_sampled = (tokens, inputs.sample_rows)
         ids = self.input_batch.req_ids
         return PendingStep(self, [ids[r] for r in inputs.sample_rows], inputs.sample_rows,  # type: ignore[misc]
-                           tokens, logprobs, timing)
+                           tokens, logprobs, timing, prompt_logprobs)
 
     def _pending_fixup(self, inputs: StepInputs) -> PendingFixup | None:
         """Input tokens sampled by the previous, unresolved step: where they go, and their values on the
@@ -325,11 +328,13 @@ class ModelRunner:
             values = tokens.index_select(0, to_device(src, self.device))
         return PendingFixup(inputs.pending_token_index.astype(np.int64, copy=False), values)
 
-    def _forward(self, inputs: StepInputs, fixup: PendingFixup | None) -> torch.Tensor | None:
-        """Logits of the sampling requests (None if no request samples this step)."""
+    def _forward(self, inputs: StepInputs, fixup: PendingFixup | None, keep_hidden: bool = False
+                 ) -> torch.Tensor | None:
+        """Logits of the sampling requests (None if no request samples this step). With `keep_hidden`
+        (prompt logprobs) the step runs eagerly and its hidden states stay in `_kept_hidden`."""
         self.tp.begin_forward()  # (clears a gathered argmax left by another forward)
         self._greedy_tokens = None
-        if self.graph_runner is not None and self.graph_runner.can_run(inputs):
+        if self.graph_runner is not None and not keep_hidden and self.graph_runner.can_run(inputs):
             logits = self.graph_runner.run(inputs, fixup)
             # (like the logits, a buffer of the graph, valid until its next replay: every reader, the
             # copy to the host and the next step's fix-up, is queued on this stream before that replay)
@@ -339,11 +344,72 @@ class ModelRunner:
         if fixup is not None:
             batch.input_ids.index_copy_(0, to_device(fixup.index, self.device), fixup.values)
         hidden = self.model(batch.input_ids, batch.positions, batch)
+        self._kept_hidden = hidden if keep_hidden else None
         if not len(inputs.logits_indices):
             return None
         logits = self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
         self._greedy_tokens = self.tp.take_greedy_tokens()
         return logits
+
+    # ---- prompt logprobs -----------------------------------------------------------------------
+    def prompt_logprob_spans(self, inputs: StepInputs) -> list[PromptLogprobSpan]:
+        """The packed positions of this step whose logits score a prompt token, for each request that
+        asked for prompt logprobs. Position p's logits score token p + 1, so a chunk of positions
+        [first, last] scores prompt tokens first + 1 .. min(last + 1, num_prompt - 1): the last prompt
+        position scores the first output token, which sampling covers."""
+        batch = self.input_batch
+        spans = []
+        for i, row in enumerate(inputs.rows):
+            params = batch.params[row]
+            if params is None or params.prompt_logprobs is None:
+                continue
+            packed = int(inputs.query_start_loc[i])
+            first = int(inputs.positions[packed])
+            last = min(first + int(inputs.query_start_loc[i + 1]) - packed - 1, int(batch.num_prompt_tokens[row]) - 2)
+            if last >= first:
+                spans.append(PromptLogprobSpan(str(batch.req_ids[row]), int(row), packed, first, last - first + 1,
+                                               params.prompt_logprobs))
+        return spans
+
+    @torch.inference_mode()
+    def compute_prompt_logprobs(self, spans: list[PromptLogprobSpan]) -> dict[str, PromptLogprobs]:
+        """Each span's prompt logprobs from the hidden states the step kept: log-softmax in float32 over
+        the whole vocabulary, the actual next prompt token's logprob and rank, and the top-N. Computed per
+        prefill chunk, so chunking cannot change them; rows go through the LM head PROMPT_LOGPROB_ROWS at a
+        time, so a long chunk never holds [chunk, vocab] logits at once. Every TP rank runs this (the LM
+        head gathers across ranks); rank 0's result is the one returned. On a GPU, steps with such spans
+        run eagerly (no CUDA graph) and wait for their values at launch: prompt logprobs are for scoring
+        prompts, not for the decode fast path."""
+        hidden, self._kept_hidden = self._kept_hidden, None
+        assert hidden is not None, "prompt logprobs need the hidden states of the step"
+        out: dict[str, PromptLogprobs] = {}
+        for span in spans:
+            targets = self.input_batch.token_ids[span.row, span.first + 1:span.first + 1 + span.count]
+            entries: list[TokenLogprobs | None] = []
+            for start in range(0, span.count, PROMPT_LOGPROB_ROWS):
+                n = min(PROMPT_LOGPROB_ROWS, span.count - start)
+                index = torch.arange(span.packed + start, span.packed + start + n, device=hidden.device)
+                logits = self.model.compute_logits(hidden.index_select(0, index)).to(torch.float32)
+                entries += gather_logprobs(torch.log_softmax(logits, dim=-1),
+                                           to_device(targets[start:start + n], self.device), [span.num_logprobs] * n)
+            self.tp.take_greedy_tokens()  # (an argmax a one-row gather took in passing is not a sampled token)
+            out[span.req_id] = PromptLogprobs(start=span.first + 1, logprobs=entries)  # type: ignore[arg-type]
+        return out
+
+
+PROMPT_LOGPROB_ROWS = 256
+
+
+@dataclass(frozen=True)
+class PromptLogprobSpan:
+    """Positions first .. first + count - 1 of one request's chunk, packed at `packed` in the step,
+    whose logits score its prompt tokens first + 1 .. first + count."""
+    req_id: str
+    row: int
+    packed: int
+    first: int
+    count: int
+    num_logprobs: int
 
 
 @dataclass(frozen=True)
@@ -366,12 +432,14 @@ class PendingStep:
     them, so resolving waits for this step only, never for the steps launched after it."""
 
     def __init__(self, runner: ModelRunner, req_ids: list[str], rows: np.ndarray, tokens: torch.Tensor | None,
-                 logprobs: list, timing: StepEvents | None) -> None:
+                 logprobs: list, timing: StepEvents | None,
+                 prompt_logprobs: dict[str, PromptLogprobs] | None = None) -> None:
         self.runner = runner
         self.req_ids = req_ids
         self.rows = rows
         self.logprobs = logprobs
         self.timing = timing
+        self.prompt_logprobs = prompt_logprobs or {}
         self.host_tokens: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
         if tokens is not None:
@@ -409,4 +477,5 @@ class PendingStep:
             batch.append_sampled(self.rows, sampled)
         else:
             batch.append_sampled(self.rows[keep], [sampled[i] for i in keep])
-        return ModelRunnerOutput(req_ids=self.req_ids, sampled_token_ids=sampled, logprobs=self.logprobs)
+        return ModelRunnerOutput(req_ids=self.req_ids, sampled_token_ids=sampled, logprobs=self.logprobs,
+                                 prompt_logprobs=self.prompt_logprobs)

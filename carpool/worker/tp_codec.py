@@ -13,8 +13,8 @@ from dataclasses import fields
 from typing import Any
 
 from carpool.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
-from carpool.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput,
-                                       TokenLogprobs)
+from carpool.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData, PromptLogprobs,
+                                       SchedulerOutput, TokenLogprobs)
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -89,11 +89,21 @@ def scheduler_output_from_dict(d: dict[str, Any]) -> SchedulerOutput:
 
 
 # ---- model runner output --------------------------------------------------------------------------
+def token_logprobs_to_list(lp: TokenLogprobs) -> list[list[Any]]:
+    return [lp.token_ids, lp.logprobs, lp.ranks]
+
+
+def token_logprobs_from_list(values: list[list[Any]]) -> TokenLogprobs:
+    return TokenLogprobs(token_ids=values[0], logprobs=values[1], ranks=values[2])
+
+
 def runner_output_to_dict(out: ModelRunnerOutput) -> dict[str, Any]:
     return {
         "req_ids": out.req_ids, "sampled_token_ids": out.sampled_token_ids,
         "logprobs": [None if lp is None else {"token_ids": lp.token_ids, "logprobs": lp.logprobs,
                                               "ranks": lp.ranks} for lp in out.logprobs],
+        "prompt_logprobs": {req_id: [p.start, [token_logprobs_to_list(lp) for lp in p.logprobs]]
+                            for req_id, p in out.prompt_logprobs.items()},
     }
 
 
@@ -101,7 +111,9 @@ def runner_output_from_dict(d: dict[str, Any]) -> ModelRunnerOutput:
     return ModelRunnerOutput(
         req_ids=list(d["req_ids"]), sampled_token_ids=list(d["sampled_token_ids"]),
         logprobs=[None if lp is None else TokenLogprobs(token_ids=lp["token_ids"], logprobs=lp["logprobs"],
-                                                        ranks=lp["ranks"]) for lp in d["logprobs"]])
+                                                        ranks=lp["ranks"]) for lp in d["logprobs"]],
+        prompt_logprobs={req_id: PromptLogprobs(start=start, logprobs=[token_logprobs_from_list(lp) for lp in lps])
+                         for req_id, (start, lps) in d["prompt_logprobs"].items()})
 
 
 # ---- engine config (sent once, when a worker starts) ----------------------------------------------
