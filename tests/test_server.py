@@ -122,12 +122,16 @@ def test_batch_prompts_n_seed_and_logprobs(client, offline):
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob for t in content)
 
 
-def test_echo_and_chat_choices_stream_like_they_answer(client):
+def test_echo_and_chat_choices_stream_like_they_answer(client, offline):
     r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=0)
     plain = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0)
     assert r.choices[0].text == PROMPT + plain.choices[0].text
-    offsets, tokens = r.choices[0].logprobs.text_offset, r.choices[0].logprobs.tokens
-    assert offsets[0] == len(PROMPT) and "".join(tokens) == plain.choices[0].text
+    # the prompt's tokens (the first without a logprob), then the generated ones, offsets after the echo
+    num_prompt = len(offline.get_tokenizer()(PROMPT)["input_ids"])
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == num_prompt + 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x is not None for x in lp.token_logprobs[1:])
+    assert lp.text_offset[num_prompt] == len(PROMPT) and "".join(lp.tokens[num_prompt:]) == plain.choices[0].text
 
     kwargs = dict(model="demo", messages=MESSAGES, max_tokens=10, n=2, temperature=1.0, seed=3)
     full = client.chat.completions.create(**kwargs)

@@ -391,3 +391,117 @@ def test_the_hostile_corpus_gets_no_5xx_and_the_server_keeps_answering(hardened)
     assert "Traceback" not in hardened.log()
     m = hardened.metrics()
     assert m["carpool:num_requests_running"] == m["carpool:num_requests_waiting"] == 0
+
+
+# ---- 10. prompt logprobs through the server ----------------------------------------------------------------
+def demo_log_softmax(demo_llm, prompt_ids: list[int]):
+    """transformers' float32 log-softmax over the prompt, row i scoring token i + 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(demo_llm.engine.config.model.path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, :-1].float(), dim=-1)
+
+
+def test_lm_eval_harness_loglikelihood_requests_score_the_continuations(hardened, demo_llm):
+    """What lm-evaluation-harness's `local-completions` model does for multiple-choice tasks, request for
+    request: find the remote tokenizer (/tokenizer_info, /tokenize), encode context and continuation
+    apart, send them as one token-id prompt with echo, logprobs 1 and max_tokens 1, and sum
+    token_logprobs[ctxlen:-1] (the last entry is the generated token); is_greedy compares each with the
+    max of its top_logprobs. The scores must be the model's, not zeros."""
+    session = httpx.Client(base_url=hardened.url, headers={"Content-Type": "application/json",
+                                                             "Authorization": f"Bearer {KEY}"}, timeout=60)
+    info = session.get("/tokenizer_info").json()
+    assert isinstance(info, dict) and "eos_token" in info
+    assert isinstance(session.post("/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()["tokens"],
+                      list)
+
+    def encode(text: str) -> list[int]:
+        return session.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+    context = "Question: which animal barks?\nAnswer:"
+    choices = [" a dog", " a cat", " the quick brown fox"]
+    requests = [(encode(context), encode(c)) for c in choices]
+    scores = []
+    for batch in (requests[:2], requests[2:]):  # batch_size=2: two prompts in one request
+        payload = {"model": "demo", "prompt": [ctx + cont for ctx, cont in batch], "temperature": 0, "max_tokens": 1,
+                   "logprobs": 1, "seed": 1234, "echo": True}
+        out = session.post("/v1/completions", json=payload).json()
+        for choice, (ctx, _) in zip(sorted(out["choices"], key=lambda c: c["index"]), batch):
+            ctxlen = len(ctx)
+            token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+            top_logprobs = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+            is_greedy = all(tok == max(top.values()) for tok, top in zip(token_logprobs, top_logprobs))
+            scores.append((sum(token_logprobs), is_greedy))
+    for (ctx, cont), (score, is_greedy) in zip(requests, scores):
+        ref = demo_log_softmax(demo_llm, ctx + cont)
+        rows = ref[len(ctx) - 1:len(ctx) + len(cont) - 1]
+        expected = rows.gather(1, torch_tensor(cont).unsqueeze(1)).sum().item()
+        assert score == pytest.approx(expected, abs=1e-3) and score < 0
+        assert is_greedy == bool((rows.argmax(dim=1) == torch_tensor(cont)).all())
+    assert len({round(s, 3) for s, _ in scores}) == 3  # the choices are told apart
+
+
+def torch_tensor(values: list[int]):
+    import torch
+
+    return torch.tensor(values)
+
+
+def test_echo_with_logprobs_returns_the_prompt_logprobs_first_streamed_or_not(hardened, demo_llm):
+    tok = demo_llm.get_tokenizer()
+    prompt = "The quick brown fox jumps"
+    ids = tok(prompt)["input_ids"]
+    ref = demo_log_softmax(demo_llm, ids)
+    body = {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    full = post(hardened, "/v1/completions", body).json()["choices"][0]
+    lp = full["logprobs"]
+    assert full["text"].startswith(prompt) and len(lp["tokens"]) == len(ids) + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for i in range(1, len(ids)):
+        assert lp["token_logprobs"][i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        assert len(lp["top_logprobs"][i]) in (2, 3)  # the top 2, and the prompt token if not among them
+        assert max(lp["top_logprobs"][i].values()) == pytest.approx(ref[i - 1].max().item(), abs=1e-4)
+    # streamed: the same, the prompt's entries in the first chunk
+    events = []
+    with httpx.stream("POST", f"{hardened.url}/v1/completions", json={**body, "stream": True},
+                      headers=hardened.headers, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    first = events[0]["choices"][0]
+    assert first["text"].startswith(prompt) and first["logprobs"]["token_logprobs"][0] is None
+    streamed = [x for e in events for c in e["choices"] for x in c["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
+    # a second time, the prompt's blocks are in the prefix cache: the same numbers
+    again = post(hardened, "/v1/completions", body).json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert again[0] is None and again[1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-6)
+
+
+def test_max_tokens_zero_with_echo_scores_the_prompt_only(hardened, demo_llm):
+    ids = demo_llm.get_tokenizer()("Score me")["input_ids"]
+    r = post(hardened, "/v1/completions", {"prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    assert choice["text"] == demo_llm.get_tokenizer().decode(ids) and choice["finish_reason"] == "length"
+    with httpx.stream("POST", f"{hardened.url}/v1/completions", headers=hardened.headers, timeout=30,
+                      json={"prompt": ids, "echo": True, "max_tokens": 0, "stream": True}) as response:
+        streamed = [json.loads(line[6:])["choices"][0] for line in response.iter_lines()
+                    if line.startswith("data: {")]
+    assert "".join(c["text"] for c in streamed) == choice["text"] and streamed[-1]["finish_reason"] == "length"
+    assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == len(ids)
+    assert len(choice["logprobs"]["tokens"]) == len(ids) and choice["logprobs"]["token_logprobs"][0] is None
+    refused = post(hardened, "/v1/completions", {"prompt": ids, "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+def test_vllm_prompt_logprobs_field_on_completions_and_chat(hardened, demo_llm):
+    r = post(hardened, "/v1/completions", {"prompt": "Hello there", "max_tokens": 1, "prompt_logprobs": 1}).json()
+    plp, n = r["choices"][0]["prompt_logprobs"], r["usage"]["prompt_tokens"]
+    assert len(plp) == n and plp[0] is None
+    ids = demo_llm.get_tokenizer()("Hello there")["input_ids"]
+    for i in range(1, n):
+        assert str(ids[i]) in plp[i] and {"logprob", "rank", "decoded_token"} <= set(plp[i][str(ids[i])])
+    chat = post(hardened, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    plain = post(hardened, "/v1/completions", {"prompt": "Hello there", "max_tokens": 1}).json()
+    assert plain["choices"][0]["prompt_logprobs"] is None

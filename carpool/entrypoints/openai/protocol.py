@@ -257,8 +257,21 @@ class CompletionRequest(_SamplingRequest):
             return [p]
         return list(p)
 
+    @property
+    def scores_prompt_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt and its logprobs only, nothing generated (as vLLM answers)."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_tokens, self.logprobs, self.prompt_logprobs)
+        """Echo with logprobs scores the prompt too (prompt logprobs, as many alternatives as `logprobs`).
+        To score the prompt only, the engine generates one token that the response leaves out."""
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: must be at least 1; 0 is allowed only with echo (to score the prompt)")
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
+        return self._sampling_params(1 if self.scores_prompt_only else self.max_tokens, self.logprobs,
+                                     prompt_logprobs)
 
 
 _PART_TYPES = {"image_url": "images", "input_audio": "audio", "file": "files", "video_url": "video"}
@@ -395,12 +408,18 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+# vLLM's prompt_logprobs as JSON: null for the first token, then {token id: {"logprob", "rank",
+# "decoded_token"}} (plain dicts: a long prompt has tens of thousands of entries).
+PromptLogprobsJSON = list[Union[dict[str, dict[str, Any]], None]]
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsJSON | None = None
 
 
 class CompletionResponse(_Response):
@@ -446,6 +465,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobsJSON | None = None
 
 
 class ChatStreamChoice(_Response):
@@ -463,6 +483,7 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobsJSON | None = None  # in the first chunk with content, if asked for
 
 
 class ModelCard(_Response):

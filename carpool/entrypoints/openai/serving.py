@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from carpool.engine.core import QueueFullError
@@ -30,9 +30,10 @@ from carpool.engine.input_processor import PromptType
 from carpool.engine.request_stream import EngineClient, EngineDeadError, RequestStream
 from carpool.entrypoints.openai.errors import (APIError, bad_request_from_validation_error,
                                                bad_request_from_value_error, error_body)
-from carpool.entrypoints.openai.protocol import (ChatMessage, ChatTokenLogprob, CompletionLogprobs, TopLogprob,
-                                                 UnsupportedFieldError, rename_field, short)
-from carpool.outputs import Logprob, RequestOutput
+from carpool.entrypoints.openai.protocol import (ChatMessage, ChatTokenLogprob, CompletionLogprobs,
+                                                 PromptLogprobsJSON, TopLogprob, UnsupportedFieldError, rename_field,
+                                                 short)
+from carpool.outputs import Logprob, PromptLogprobs, RequestOutput
 from carpool.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,9 @@ class OpenAIServing:
             abort_all(streams)
         if response is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        return JSONResponse(response.model_dump())
+        # pydantic's serializer: one pass in Rust, even for the tens of thousands of entries of a long
+        # prompt's logprobs
+        return Response(response.model_dump_json(), media_type="application/json")
 
     async def submit(self, request_id: str, prompts: Sequence[PromptType], params: SamplingParams,
                      field_names: dict[str, str] | None = None) -> list[RequestStream]:
@@ -378,6 +381,13 @@ def _json(obj: dict[str, Any]) -> str:
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------
+LOGPROB_FLOOR = -9999.0  # -inf is not JSON: OpenAI and vLLM send this instead
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
 def _token_text(lp: Logprob | None, token_id: int) -> str:
     if lp is not None and lp.decoded_token is not None:
         return lp.decoded_token
@@ -388,19 +398,35 @@ def _by_rank(entries: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
     return sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30))
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], text_offset: int
-                        ) -> CompletionLogprobs:
-    """Legacy completions format; top_logprobs holds the top-N and the sampled token, as vLLM's does."""
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob] | None], text_offset: int,
+                        token_text: Callable[[int], str] | None = None) -> CompletionLogprobs:
+    """Legacy completions format; top_logprobs holds the top-N and the token itself, as vLLM's does. An
+    entry of None (a prompt's first token: nothing before it to score it by) gives null logprobs; its
+    text comes from `token_text`. Offsets count the tokens' texts from `text_offset`."""
     out = CompletionLogprobs()
     for token_id, entries in zip(token_ids, logprobs):
-        sampled = entries.get(token_id)
-        text = _token_text(sampled, token_id)
+        if entries is None:
+            text = token_text(token_id) if token_text is not None else f"token_id:{token_id}"
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+        else:
+            chosen = entries.get(token_id)
+            text = _token_text(chosen, token_id)
+            out.token_logprobs.append(_finite(chosen.logprob) if chosen is not None else None)
+            out.top_logprobs.append({_token_text(lp, t): _finite(lp.logprob) for t, lp in _by_rank(entries)})
         out.tokens.append(text)
-        out.token_logprobs.append(sampled.logprob if sampled is not None else None)
-        out.top_logprobs.append({_token_text(lp, t): lp.logprob for t, lp in _by_rank(entries)})
         out.text_offset.append(text_offset)
         text_offset += len(text)
     return out
+
+
+def vllm_prompt_logprobs(prompt_logprobs: PromptLogprobs) -> PromptLogprobsJSON:
+    """RequestOutput.prompt_logprobs as vLLM's servers return them: null, then {token id: {"logprob",
+    "rank", "decoded_token"}} per prompt token."""
+    return [None if entries is None else
+            {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in entries.items()}
+            for entries in prompt_logprobs]
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], num_top: int

@@ -20,9 +20,9 @@ from carpool.entrypoints.openai.errors import APIError
 from carpool.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                                  ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                                  ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
-                                                 UsageInfo)
+                                                 PromptLogprobsJSON, UsageInfo)
 from carpool.entrypoints.openai.serving import (SSE_DONE, OpenAIServing, chat_logprobs, merge_streams, sse,
-                                                sse_error)
+                                                sse_error, vllm_prompt_logprobs)
 from carpool.outputs import CompletionOutput
 
 
@@ -156,8 +156,10 @@ class OpenAIServingChat(OpenAIServing):
                        num_top: int) -> ChatCompletionResponse:
         choices: dict[int, _Choice] = {}
         prompt_tokens = 0
+        prompt_logprobs = None
         async for _, output in merge_streams(streams):
             prompt_tokens = len(output.prompt_token_ids)
+            prompt_logprobs = prompt_logprobs or output.prompt_logprobs
             for c in output.outputs:
                 choice = choices.setdefault(c.index, _Choice())
                 logprobs = self._update(choice, c, num_top)
@@ -165,6 +167,7 @@ class OpenAIServingChat(OpenAIServing):
                     choice.logprobs = (choice.logprobs or []) + logprobs
         return ChatCompletionResponse(
             id=request_id, model=self.ctx.model_name, usage=self._usage(prompt_tokens, choices),
+            prompt_logprobs=vllm_prompt_logprobs(prompt_logprobs) if prompt_logprobs is not None else None,
             choices=[ChatChoice(index=i, message=ChatResponseMessage(content="".join(ch.text)),
                                 logprobs=ChatLogprobs(content=ch.logprobs) if request.logprobs else None,
                                 finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)
@@ -175,9 +178,10 @@ class OpenAIServingChat(OpenAIServing):
         created = int(time.time())
         model = self.ctx.model_name
 
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None,
+                  prompt_logprobs: PromptLogprobsJSON | None = None) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
-                                           usage=usage))
+                                           usage=usage, prompt_logprobs=prompt_logprobs))
 
         choices: dict[int, _Choice] = {}
         prompt_tokens = 0
@@ -186,13 +190,16 @@ class OpenAIServingChat(OpenAIServing):
                           for i in range(request.n))
             async for _, output in merge_streams(streams):
                 prompt_tokens = len(output.prompt_token_ids)
+                prompt_json = (vllm_prompt_logprobs(output.prompt_logprobs)
+                               if output.prompt_logprobs is not None else None)  # (DELTA: in one output only)
                 events = []  # one write per output, however many choices it carries
                 for c in output.outputs:
                     logprobs = self._update(choices.setdefault(c.index, _Choice()), c, num_top)
                     events.append(chunk([ChatStreamChoice(
                         index=c.index, delta={"content": c.text},
                         logprobs=ChatLogprobs(content=logprobs) if request.logprobs else None,
-                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)]))
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)], prompt_logprobs=prompt_json))
+                    prompt_json = None
                 yield "".join(events)
             if request.include_usage:
                 yield chunk([], self._usage(prompt_tokens, choices))
