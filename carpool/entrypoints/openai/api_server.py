@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -237,6 +238,16 @@ def _uvicorn_server_class() -> type:
             self.drain = drain
             self.drain_after = drain_after
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            """asyncio takes one number both for the kernel's listen queue and for how many connections
+            it accepts and sets up in one turn of the event loop (config.backlog = ACCEPTS_PER_TURN).
+            A burst of connections (a thousand slow-header sockets) would then cost one turn of a few
+            hundred ms, stalling every running stream; so the turn stays short and the queue, restored
+            here, stays deep: a burst waits in the kernel rather than being refused."""
+            await super().startup(sockets)
+            for sock in sockets or ():
+                sock.listen(LISTEN_BACKLOG)
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             async def drain_later() -> None:
                 await asyncio.sleep(self.drain_after)
@@ -266,9 +277,13 @@ def _uvicorn_server_class() -> type:
     return Server
 
 
+LISTEN_BACKLOG = 2048  # connections the kernel queues before the server accepts them
+ACCEPTS_PER_TURN = 64  # connections accepted per turn of the event loop (see Server.startup)
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=2048)
+    return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
 
 
 def make_engine_client(engine_args: EngineArgs, in_process: bool) -> EngineClient:
@@ -329,7 +344,8 @@ class CarpoolServer:
 
         timeout = max(self.shutdown_timeout, 0.0)
         config = uvicorn.Config(self.app, log_level=self.log_level, timeout_graceful_shutdown=timeout + 5.0,
-                                access_log=self.log_level in ("debug", "trace"), http=self.http_protocol)
+                                access_log=self.log_level in ("debug", "trace"), http=self.http_protocol,
+                                backlog=ACCEPTS_PER_TURN)
         self._uvicorn = _uvicorn_server_class()(
             config, drain=lambda: self.engine.abort_all("the server is shutting down"), drain_after=timeout)
         asyncio.run(self._uvicorn.serve(sockets=[self.sock]))  # type: ignore[attr-defined]
@@ -359,10 +375,19 @@ def _raise_open_file_limit(max_connections: int) -> None:
             logger.warning("the open-file limit (%d) is below --max-connections + 256; raise `ulimit -n`", target)
 
 
+def freeze_startup_heap() -> None:
+    """Exempt every object alive after startup (torch, transformers, the tokenizer: some 300,000) from
+    garbage collection. Otherwise a burst of allocations (a thousand connections opening) triggers a
+    full collection that walks them all, stalling the event loop for hundreds of milliseconds."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_server(ns: argparse.Namespace) -> int:
     server = CarpoolServer(ns)
     print(f"carpool: serving {server.model_name!r} on {server.url} (max_model_len={server.ctx.max_model_len})",
           flush=True)
+    freeze_startup_heap()  # (here, not in run(): a process that embeds the server keeps its own GC policy)
     code = server.run()
     if code:
         print("carpool: the engine loop died; exiting with status 1", flush=True)
