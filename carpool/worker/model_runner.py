@@ -2,8 +2,9 @@
 
 The runner keeps each live request's tokens, block table and sampling params in an InputBatch, so the
 scheduler only sends what changed. A request samples in a step exactly when its scheduled tokens reach
-the end of its known tokens; earlier prefill chunks only fill the KV cache. Decode-only steps on a GPU
-replay CUDA graphs; every other step runs eagerly.
+the end of its known tokens; earlier prefill chunks only fill the KV cache (and, for a request that
+asked for prompt logprobs, score its prompt tokens: compute_prompt_logprobs). Decode-only steps on a GPU
+replay CUDA graphs; every other step, and any step that scores prompt tokens, runs eagerly.
 """
 
 from __future__ import annotations
