@@ -71,6 +71,9 @@ class InputProcessor:
             raise ValueError(f"prompt: must be a string or a list of token ids, got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError("prompt: must not be empty")
+        max_len = self.config.scheduler.max_model_len
+        if len(token_ids) > max_len:  # (before checking each id of what may be a very long list)
+            raise ValueError(f"prompt: {len(token_ids)} tokens exceed max_model_len={max_len}")
         vocab = self.config.model.vocab_size
         for t in token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:

@@ -164,8 +164,12 @@ class OpenAIServing:
 
         num_chars = sum(len(m.text()) + len(m.name or "") for m in messages)
         self.check_prompt_chars(num_chars, "messages", "the messages' content")
-        return await self.ctx.off_loop(num_chars, render_chat_prompt, self.tokenizer, messages,
-                                       add_generation_prompt, self.ctx.splitting_tokenizer)
+        ids = await self.ctx.off_loop(num_chars, render_chat_prompt, self.tokenizer, messages,
+                                      add_generation_prompt, self.ctx.splitting_tokenizer)
+        if len(ids) > self.ctx.max_model_len:  # before the engine validates every id, on the loop
+            raise APIError(400, f"messages: the conversation is {len(ids)} tokens long, more than "
+                                f"max_model_len={self.ctx.max_model_len}", "messages")
+        return ids
 
     async def engine_prompt(self, prompt: str | list[int], add_special_tokens: bool = True, decode: bool = False,
                             what: str = "the prompt") -> dict[str, Any]:
