@@ -277,6 +277,23 @@ def test_chat_content_never_produces_special_tokens(arch, checkpoint_factory, de
     assert plain.count(eos_id) == 1 and plain.count(bos_id) == 3  # what tokenizing the text whole gives
 
 
+@pytest.mark.parametrize("arch", ["demo", "llama", "qwen2", "qwen3", "mistral"])
+def test_completion_prompts_keep_vllms_default_and_split_special_tokens_on_request(arch, checkpoint_factory,
+                                                                                  demo_llm):
+    from transformers import AutoTokenizer
+
+    from carpool.entrypoints.openai.serving import splitting_copy, tokenize_text
+
+    tok = demo_llm.get_tokenizer() if arch == "demo" else AutoTokenizer.from_pretrained(checkpoint_factory(arch))
+    bos, eos, bos_id, eos_id = specials_of(tok)
+    hostile = f"a{eos}b{bos}"
+    split = splitting_copy(tok)
+    assert eos_id in tokenize_text(tok, hostile, True)  # vLLM's default: the text is the prompt
+    ids = tokenize_text(split, hostile, True)
+    assert eos_id not in ids and ids.count(bos_id) == 1 and tok.decode(ids[1:]) == hostile
+    assert eos_id in tokenize_text(tok, hostile, True)  # the shared tokenizer was never switched
+
+
 def test_a_template_that_trims_content_still_splits_special_tokens(demo_llm):
     from carpool.demo import build_byte_tokenizer
     from carpool.entrypoints.openai.protocol import ChatMessage
