@@ -604,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--header-timeout", type=float, default=2.0, help="the started server's header/body timeout")
     p.add_argument("--max-connections", type=int, default=1200, help="the started server's connection cap")
     p.add_argument("--quick", action="store_true", help="smaller counts and shorter floods")
+    p.add_argument("--flood-workers", type=int, default=4,
+                   help="processes sending maximal requests back to back in the large-request flood (default: 4)")
     p.add_argument("--flood-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--probe-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--duration", type=float, default=3.0, help=argparse.SUPPRESS)
@@ -642,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         result["corpus"] = run_corpus(target)
         result["disconnect_storm"] = disconnect_storm(target, 60 if quick else 200)
         result["slow_flood"] = slow_flood(target, 150 if quick else 1000, target.header_timeout_s + 3.0)
-        result["large_request_flood"] = large_request_flood(target, 3.0 if quick else 10.0, 4)
+        result["large_request_flood"] = large_request_flood(target, 3.0 if quick else 10.0, ns.flood_workers)
         if target.proc is not None:  # only where this run knows the cap and may fill it
             result["connection_cap"] = connection_cap(target, 20 if quick else 50)
             time.sleep(target.header_timeout_s + 1.0)  # the idle ones time out
