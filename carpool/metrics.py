@@ -54,6 +54,8 @@ class _EngineStatsCollector(Collector):
         yield gauge("num_requests_waiting", "Number of requests waiting to be scheduled.", s.num_waiting)
         yield gauge("kv_cache_usage_perc", "KV cache usage: fraction of blocks held by requests (1 = full).",
                     s.kv_cache_usage)
+        yield gauge("kv_cache_blocks", "KV cache size in blocks (blocks held = this x kv_cache_usage_perc).",
+                    s.num_kv_blocks)
         yield counter("prompt_tokens", "Prompt tokens received (each of n sequences counted).", s.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
         yield counter("num_preemptions", "Requests preempted for lack of KV blocks.", s.num_preemptions)

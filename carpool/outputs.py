@@ -14,6 +14,9 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (the top-N plus the sampled token).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing precedes it), then token id -> Logprob (the
+# prompt token itself plus the top-N), as vLLM's RequestOutput.prompt_logprobs.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -59,4 +62,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
-    prompt_logprobs: None = field(default=None, repr=False)
+    # SamplingParams.prompt_logprobs set: every output carries them, except in DELTA mode, where the
+    # first output does (all of them at once).
+    prompt_logprobs: PromptLogprobs | None = field(default=None, repr=False)

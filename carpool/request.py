@@ -12,6 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from carpool.core.sched_output import TokenLogprobs
 from carpool.sampling_params import SamplingParams
 
 
@@ -58,6 +59,14 @@ class Request:
     # Speculative decoding: the proposer's guesses of the tokens after output_token_ids, not yet verified.
     # They are never part of num_tokens (nor of any block hash); the next step may verify them.
     spec_token_ids: list[int] = field(default_factory=list)
+    # Prompt logprobs gathered chunk by chunk (sampling_params.prompt_logprobs set): entry i scores prompt
+    # token i + 1. Handed out once, with the first output token; None when not asked for.
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs_sent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:

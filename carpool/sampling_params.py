@@ -47,6 +47,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Logprobs of every prompt token after the first (and the top-N alternatives), as vLLM names it.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -98,6 +100,8 @@ class SamplingParams:
             _check_int("stop_token_ids", t, 0, 1 << 31)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a boolean")
@@ -128,11 +132,18 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: must be an integer, got {type(value).__name__}")
     if not low <= value <= high:
-        raise ValueError(f"{name}: must be in [{low}, {high}], got {value}")
+        raise ValueError(f"{name}: must be in [{low}, {high}], got {_short_number(value)}")
 
 
 def _check_float(name: str, value: object, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: must be a number, got {type(value).__name__}")
     if value != value or not low <= value <= high:  # value != value catches NaN
-        raise ValueError(f"{name}: must be in [{low}, {high}], got {value}")
+        raise ValueError(f"{name}: must be in [{low}, {high}], got {_short_number(value)}")
+
+
+def _short_number(value: int | float) -> str:
+    """A number as an error message quotes it: a client's 100,000-digit integer is not echoed back."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return str(value)

@@ -16,11 +16,13 @@ STARTUP_TIMEOUT_S = 240.0
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, api_key: str | None = None) -> None:
+        """`api_key` is passed as $CARPOOL_API_KEY and sent by `metrics()` and `headers`."""
         cmd = [sys.executable, "-m", "carpool.entrypoints.cli", "serve", "--device", "cpu", "--port", "0", *args]
+        self.api_key = api_key
+        env = {**os.environ, **(env or {}), **({"CARPOOL_API_KEY": api_key} if api_key else {})}
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: the log can never fill it up
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         match = re.search(r"on (http://\S+)", line)
         if match is None:
@@ -39,13 +41,19 @@ class ServerProcess:
                 raise RuntimeError(f"server did not become healthy:\n{self.log()}")
             time.sleep(0.05)
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def log(self) -> str:
         self.stderr.seek(0)
         return self.stderr.read()
 
     def metrics(self) -> dict[str, float]:
         """The /metrics samples without labels, e.g. {"carpool:num_requests_running": 0.0}."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        response = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10)
+        response.raise_for_status()
+        text = response.text
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

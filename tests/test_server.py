@@ -122,12 +122,16 @@ def test_batch_prompts_n_seed_and_logprobs(client, offline):
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob for t in content)
 
 
-def test_echo_and_chat_choices_stream_like_they_answer(client):
+def test_echo_and_chat_choices_stream_like_they_answer(client, offline):
     r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=0)
     plain = client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, temperature=0)
     assert r.choices[0].text == PROMPT + plain.choices[0].text
-    offsets, tokens = r.choices[0].logprobs.text_offset, r.choices[0].logprobs.tokens
-    assert offsets[0] == len(PROMPT) and "".join(tokens) == plain.choices[0].text
+    # the prompt's tokens (the first without a logprob), then the generated ones, offsets after the echo
+    num_prompt = len(offline.get_tokenizer()(PROMPT)["input_ids"])
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == num_prompt + 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x is not None for x in lp.token_logprobs[1:])
+    assert lp.text_offset[num_prompt] == len(PROMPT) and "".join(lp.tokens[num_prompt:]) == plain.choices[0].text
 
     kwargs = dict(model="demo", messages=MESSAGES, max_tokens=10, n=2, temperature=1.0, seed=3)
     full = client.chat.completions.create(**kwargs)
@@ -252,7 +256,10 @@ def test_models_tokenize_detokenize_version_health(server, offline):
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.get(f"{url}/version").json() == {"version": carpool.__version__}
     (card,) = httpx.get(f"{url}/v1/models").json()["data"]
-    assert card["id"] == "demo" and card["max_model_len"] == 4096
+    assert card["id"] == card["root"] == "demo" and card["max_model_len"] == 4096  # no local path
+    assert {**httpx.get(f"{url}/v1/models/demo").json(), "created": 0} == {**card, "created": 0}
+    missing = httpx.get(f"{url}/v1/models/gpt-17")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     tok = offline.get_tokenizer()
     r = httpx.post(f"{url}/tokenize", json={"prompt": "hi"}).json()
     assert r == {"count": 3, "max_model_len": 4096, "tokens": tok("hi")["input_ids"]}
@@ -276,25 +283,66 @@ def test_metrics_expose_vllm_names(server, client):
     assert m["carpool:generation_tokens_total"] >= 4
 
 
+ORIGIN = "https://app.example"
+
+
 @pytest.fixture(scope="module")
 def guarded_server():
-    """API key required; one running request at a time; one waiting request at most; small bodies."""
+    """API key required ($CARPOOL_API_KEY); one running request at a time; one waiting request at most;
+    small bodies; CORS for one origin."""
     s = ServerProcess("--max-num-seqs", "1", "--max-num-queued-reqs", "1", "--max-request-body-bytes", "10000",
-                      env={"CARPOOL_API_KEY": "s3cret"})
+                      "--allowed-origins", ORIGIN, api_key="s3cret")
     yield s
     assert s.terminate() == 0, s.log()
 
 
-def test_wrong_or_missing_api_key_is_a_401(guarded_server):
+GUARDED_ROUTES = [("GET", "/v1/models"), ("GET", "/v1/models/demo"), ("POST", "/v1/completions"),
+                  ("POST", "/v1/chat/completions"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+                  ("GET", "/tokenizer_info"), ("GET", "/version"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+                  ("GET", "/docs"), ("GET", "/no/such/route")]
+
+
+def test_wrong_or_missing_api_key_is_a_401_on_every_route_but_health(guarded_server):
     url = guarded_server.url
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-        r = httpx.get(f"{url}/v1/models", headers=headers)
-        assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
+    for method, path in GUARDED_ROUTES:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.request(method, url + path, headers=headers, json={"prompt": "x"})
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.json()["error"]["type"] == "AuthenticationError"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-    assert httpx.get(f"{url}/health").status_code == 200  # only /v1/* is guarded
+    assert httpx.get(f"{url}/health").status_code == 200  # load balancers probe it without a key
     good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
     assert good.completions.create(model="demo", prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
+    key = guarded_server.headers
+    assert httpx.get(f"{url}/metrics", headers=key).status_code == 200
+    assert httpx.get(f"{url}/version", headers=key).json() == {"version": carpool.__version__}
+
+
+def test_two_authorization_headers_are_a_401_even_if_one_is_right(guarded_server):
+    for pair in ([("Authorization", "Bearer wrong"), ("Authorization", "Bearer s3cret")],
+                 [("Authorization", "Bearer s3cret"), ("Authorization", "Bearer wrong")],
+                 [("Authorization", "Bearer s3cret"), ("Authorization", "Bearer s3cret")]):
+        r = httpx.get(f"{guarded_server.url}/v1/models", headers=httpx.Headers(pair))
+        assert r.status_code == 401 and r.json()["error"]["param"] == "Authorization", pair
+
+
+def test_cors_answers_only_the_allowed_origin(guarded_server, server):
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    ok = httpx.options(f"{guarded_server.url}/v1/completions", headers={"Origin": ORIGIN, **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
+    evil = httpx.options(f"{guarded_server.url}/v1/completions", headers={"Origin": "https://evil.example",
+                                                                         **preflight})
+    assert "access-control-allow-origin" not in evil.headers
+    r = httpx.get(f"{guarded_server.url}/v1/models", headers={"Origin": ORIGIN, **guarded_server.headers})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    # without --allowed-origins: no CORS at all
+    for origin in (ORIGIN, "https://evil.example"):
+        r = httpx.options(f"{server.url}/v1/completions", headers={"Origin": origin, **preflight})
+        assert "access-control-allow-origin" not in r.headers
+        assert "access-control-allow-origin" not in httpx.get(f"{server.url}/v1/models",
+                                                              headers={"Origin": origin}).headers
 
 
 def test_full_queue_is_a_503_and_clears(guarded_server):
@@ -309,6 +357,7 @@ def test_full_queue_is_a_503_and_clears(guarded_server):
                 r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
                 assert r.status_code == 503, r.text
                 assert r.json()["error"]["type"] == "ServiceUnavailableError" and r.json()["error"]["code"] == 503
+                assert int(r.headers["retry-after"]) >= 1
         assert wait_until(lambda: guarded_server.metrics()["carpool:num_requests_running"] == 0, timeout=1.0)
         assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
 
@@ -332,7 +381,7 @@ def test_sigterm_ends_in_flight_work_and_exits_zero():
 
 
 def test_oversized_body_is_refused(guarded_server):
-    headers = {"Authorization": "Bearer s3cret"}
+    headers = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
     r = httpx.post(f"{guarded_server.url}/v1/completions", json={"prompt": "x" * 20_000}, headers=headers)
     assert r.status_code == 413 and r.json()["error"]["code"] == 413
     chunks = (b'{"prompt": "' + b"x" * 1000 + (b'"}' if i == 19 else b"") for i in range(20))

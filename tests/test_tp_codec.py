@@ -13,6 +13,7 @@ from carpool.core.sched_output import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
+    PromptLogprobs,
     SchedulerOutput,
     TokenLogprobs,
 )
@@ -30,7 +31,7 @@ def unusual_params() -> SamplingParams:
     p = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, seed=-17, presence_penalty=0.5,
                        frequency_penalty=-0.25, repetition_penalty=1.3, max_tokens=33, min_tokens=2,
                        stop=["a", "stop"], stop_token_ids=[3, 4], include_stop_str_in_output=True,
-                       ignore_eos=True, logprobs=3, skip_special_tokens=False, detokenize=False,
+                       ignore_eos=True, logprobs=3, prompt_logprobs=4, skip_special_tokens=False, detokenize=False,
                        output_kind=RequestOutputKind.DELTA)
     p.eos_token_ids = (257, 2)
     return p
@@ -68,10 +69,12 @@ def test_scheduler_output_round_trip_keeps_batch_order():
     assert cached_keys == {f.name for f in dataclasses.fields(CachedRequestData)}
 
 
-def test_runner_output_round_trip_keeps_infinite_logprobs():
+def test_runner_output_round_trip_keeps_infinite_logprobs_and_prompt_logprobs():
     out = ModelRunnerOutput(req_ids=["a", "b"], sampled_token_ids=[5, 6],
                             logprobs=[None, TokenLogprobs([6, 1], [-0.1234567891234, -math.inf], [1, 2])],
-                            spec_token_ids={"b": [7, 8, 9]})
+                            spec_token_ids={"b": [7, 8, 9]},
+                            prompt_logprobs={"b": PromptLogprobs(17, [TokenLogprobs([3, 3], [-1.5, -1.5], [1, 1]),
+                                                                      TokenLogprobs([9], [-math.inf], [258])])})
     back = roundtrip(tp_codec.runner_output_to_dict, tp_codec.runner_output_from_dict, out)
     assert back == out
     assert set(tp_codec.runner_output_to_dict(out)) == {f.name for f in dataclasses.fields(ModelRunnerOutput)}

@@ -64,6 +64,16 @@ class TokenLogprobs:
 
 
 @dataclass
+class PromptLogprobs:
+    """Logprobs of a run of prompt tokens, from the hidden states of one prefill chunk: entry i scores
+    prompt token `start + i` given the tokens before it (TokenLogprobs: that token first, then the
+    top-N). Prompt token 0 has no entry: nothing comes before it."""
+
+    start: int
+    logprobs: list[TokenLogprobs]
+
+
+@dataclass
 class ModelRunnerOutput:
     # Requests that produced a token this step (those whose scheduled tokens reached the end of
     # their known tokens), with the token each sampled. A request that verified proposed tokens appears
@@ -73,6 +83,8 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None]
     # Speculative decoding: req_id -> the proposer's guesses of the tokens after this step's.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Requests with prompt_logprobs whose chunk this step covered prompt tokens.
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,3 +97,6 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # With the request's first token, when it asked for prompt_logprobs: one entry per prompt token
+    # after the first (complete, and sent once).
+    new_prompt_logprobs: list[TokenLogprobs] | None = None

@@ -31,6 +31,7 @@ from carpool.core.sched_output import (
     EngineCoreOutput,
     ModelRunnerOutput,
     NewRequestData,
+    PromptLogprobs,
     SchedulerOutput,
 )
 from carpool.core.spec_stats import SpecDecodingStats
@@ -70,7 +71,10 @@ class Scheduler:
         lookahead = self.spec.num_lookahead_slots if self.spec is not None else 0
         blocks_needed = cdiv(min(total + lookahead, max_len), self.kv.block_size)
         if blocks_needed > self.kv.num_blocks:
-            raise ValueError(f"max_tokens: the request needs {blocks_needed} KV blocks of "
+            # the prompt and its first output token must fit, or no max_tokens would help
+            field = "prompt" if cdiv(request.num_prompt_tokens + 1, self.kv.block_size) > self.kv.num_blocks \
+                else "max_tokens"
+            raise ValueError(f"{field}: the request needs {blocks_needed} KV blocks of "
                              f"{self.kv.block_size} tokens but the cache has only {self.kv.num_blocks}")
 
     def add_request(self, request: Request) -> None:
@@ -131,7 +135,10 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted_now
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+            # Prompt logprobs come from the hidden states of computed positions: until it has them all, a
+            # request that wants them computes its whole prompt (as vLLM does); it still fills the cache.
+            needs_prompt = request.prompt_logprobs is not None and not request.prompt_logprobs_sent
+            hit_blocks, num_hit_tokens = ([], 0) if needs_prompt else self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             extra = self._lookahead_slots(request, num_hit_tokens, num_new, 0) if speculate else 0
             if self.kv.allocate_slots(request, num_new + extra, hit_blocks) is None:
@@ -232,6 +239,10 @@ class Scheduler:
         requests = self.requests
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
+        for req_id, chunk in runner_output.prompt_logprobs.items():  # before the tokens of the same step
+            request = requests.get(req_id)
+            if request is not None and request.status is running:
+                self._add_prompt_logprobs(request, chunk)
         req_ids, sampled, all_logprobs = runner_output.req_ids, runner_output.sampled_token_ids, runner_output.logprobs
         spec_scheduled = scheduler_output.scheduled_spec_decode_tokens
         i, n = 0, len(req_ids)
@@ -258,10 +269,14 @@ class Scheduler:
                     break
             else:
                 i_end = i
+            prompt_logprobs = None
+            if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+                assert len(request.prompt_logprobs) == request.num_prompt_tokens - 1, "prompt logprobs missing"
+                prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
             outputs.append(EngineCoreOutput(
                 request_id=req_id, new_token_ids=sampled[start:i_end], new_logprobs=all_logprobs[start:i_end],
                 finish_reason=reason, stop_reason=request.stop_reason,
-                num_cached_tokens=max(request.num_cached_tokens, 0)))
+                num_cached_tokens=max(request.num_cached_tokens, 0), new_prompt_logprobs=prompt_logprobs))
             if reason is not None:
                 finished.append(request)
                 continue
@@ -274,6 +289,15 @@ class Scheduler:
         for request in finished:
             self._remove(request)
         return outputs
+
+    @staticmethod
+    def _add_prompt_logprobs(request: Request, chunk: PromptLogprobs) -> None:
+        """Keep a chunk's prompt logprobs. A chunk computed again after a preemption repeats entries
+        already kept: only entries past them are new, so each prompt token is scored exactly once."""
+        assert request.prompt_logprobs is not None
+        have = 1 + len(request.prompt_logprobs)  # the prompt index the next new entry scores
+        assert chunk.start <= have, f"{request.request_id}: prompt logprobs from {chunk.start}, expected {have}"
+        request.prompt_logprobs.extend(chunk.logprobs[have - chunk.start:])
 
     def _check_stop(self, request: Request, token: int) -> str | None:
         """Set the finished status if this token ends the request; returns the finish reason."""

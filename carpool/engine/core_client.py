@@ -50,9 +50,9 @@ class MPAsyncEngine(AsyncEngineBase):
         self.observer = observer
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
             config.tokenizer or config.model.path)
-        self.input_processor = InputProcessor(config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
         self.core = CoreProcess(config)
+        self.input_processor = InputProcessor(config, self.tokenizer, self.core.num_kv_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._sock: socket.socket = self.core.sock
         self._stats: EngineStats = self.core.initial_stats
         self._streams: dict[str, RequestStream] = {}
@@ -247,6 +247,8 @@ class MPAsyncEngine(AsyncEngineBase):
                 else:
                     earlier.new_token_ids.extend(out.new_token_ids)
                     earlier.new_logprobs.extend(out.new_logprobs)
+                    if earlier.new_prompt_logprobs is None:
+                        earlier.new_prompt_logprobs = out.new_prompt_logprobs
                     earlier.finish_reason, earlier.stop_reason = out.finish_reason, out.stop_reason
                     earlier.num_cached_tokens = max(earlier.num_cached_tokens, out.num_cached_tokens)
             if "stats" in msg:  # before delivery: whoever sees an output sees these

@@ -20,6 +20,7 @@ parent makes it exit on its own.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -193,6 +194,8 @@ def main() -> None:
         buffer = bytearray()
         config = tp_codec.engine_config_from_dict(_recv_blocking(sock, buffer))
         core = EngineCore(config)
+        gc.collect()
+        gc.freeze()  # the model's and libraries' objects: a full collection would walk them mid-step
         _send_blocking(sock, {"ready": {"num_kv_blocks": core.kv_cache_manager.num_blocks},
                               "stats": proto.stats_to_list(core.stats())})
         server = CoreServer(core, sock)

@@ -13,6 +13,7 @@ Core -> frontend, a frame is one object whose keys are all optional:
     "replies": [[K, result]]
     "out": [[sequence id, [token ids], finish_reason, stop_reason, num_cached_tokens]]
     "lp": [[index into "out", [[token ids], [logprobs], [ranks]] | null per token]]
+    "plp": [[index into "out", [[token ids], [logprobs], [ranks]] per prompt token after the first]]
     "sched": [[sequence id, monotonic time first scheduled]]
     "stats": [EngineStats fields in declaration order]
     "error": "what killed the core"              sent just before it exits non-zero
@@ -29,7 +30,14 @@ from carpool.core.sched_output import EngineCoreOutput, TokenLogprobs
 from carpool.engine.core import CoreStepResult, EngineStats
 from carpool.engine.input_processor import ProcessedRequest, child_request_id
 from carpool.request import Request
-from carpool.worker.tp_codec import dumps, loads, sampling_params_from_dict, sampling_params_to_dict
+from carpool.worker.tp_codec import (
+    dumps,
+    loads,
+    sampling_params_from_dict,
+    sampling_params_to_dict,
+    token_logprobs_from_list,
+    token_logprobs_to_list,
+)
 
 HEADER = struct.Struct("<I")
 
@@ -80,6 +88,10 @@ def encode_outputs(result: CoreStepResult, msg: dict[str, Any]) -> None:
                for i, o in enumerate(result.outputs) if any(lp is not None for lp in o.new_logprobs)]
         if lps:
             msg["lp"] = lps
+        plps = [[i, [token_logprobs_to_list(lp) for lp in o.new_prompt_logprobs]]
+                for i, o in enumerate(result.outputs) if o.new_prompt_logprobs is not None]
+        if plps:
+            msg["plp"] = plps
     if result.scheduled:
         msg["sched"] = result.scheduled
 
@@ -93,6 +105,8 @@ def decode_outputs(msg: dict[str, Any]) -> list[EngineCoreOutput]:
     for i, lps in msg.get("lp", ()):
         outputs[i].new_logprobs = [None if lp is None else TokenLogprobs(token_ids=lp[0], logprobs=lp[1], ranks=lp[2])
                                    for lp in lps]
+    for i, lps in msg.get("plp", ()):
+        outputs[i].new_prompt_logprobs = [token_logprobs_from_list(lp) for lp in lps]
     return outputs
 
 

@@ -49,7 +49,7 @@ class Engine:
         self.core = EngineCore(config)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
             config.tokenizer or config.model.path)
-        self.input_processor = InputProcessor(config, self.tokenizer)
+        self.input_processor = InputProcessor(config, self.tokenizer, self.core.kv_cache_manager.num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 

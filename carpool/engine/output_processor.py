@@ -14,7 +14,7 @@ from typing import Any
 from carpool.core.sched_output import EngineCoreOutput, TokenLogprobs
 from carpool.engine.detokenizer import IncrementalDetokenizer, fast_decoder
 from carpool.engine.input_processor import child_request_id
-from carpool.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from carpool.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -42,6 +42,8 @@ class ParentState:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     num_finished: int = 0  # sequences with a finish_reason
+    prompt_logprobs: PromptLogprobs | None = None  # once the core sent them (with the first token)
+    prompt_logprobs_emitted: bool = False  # DELTA mode: an output carried them
 
     @property
     def finished(self) -> bool:
@@ -54,6 +56,9 @@ class OutputProcessor:
         self.decode = fast_decoder(tokenizer) if tokenizer is not None else None
         self.parents: dict[str, ParentState] = {}
         self.seq_to_parent: dict[str, tuple[ParentState, SequenceState]] = {}
+        # token id -> its text alone (Logprob.decoded_token): a prompt's logprobs name thousands of
+        # tokens, mostly the same few hundred; at most one entry per vocabulary token.
+        self._token_texts: dict[int, str] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float) -> list[str]:
@@ -109,6 +114,10 @@ class OutputProcessor:
                 parent.metrics.first_token_time = now
             parent.metrics.last_token_time = now
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+            if out.new_prompt_logprobs is not None and parent.prompt_logprobs is None:
+                # (each of n sequences computes them, as vLLM's child requests do: so they come with whichever
+                # sequence's first token comes first; the later, identical, copies are not converted)
+                parent.prompt_logprobs = [None] + [self._to_logprob_dict(lp) for lp in out.new_prompt_logprobs]
             finished = out.finish_reason is not None
             new_token_ids, new_logprobs = out.new_token_ids, out.new_logprobs
             if seq.detokenizer is not None:
@@ -160,9 +169,16 @@ class OutputProcessor:
         out: dict[int, Logprob] = {}
         for tok, val, rank in zip(lp.token_ids, lp.logprobs, lp.ranks):
             if tok not in out:
-                text = self.tokenizer.decode([tok]) if self.tokenizer is not None else None
-                out[tok] = Logprob(logprob=val, rank=rank, decoded_token=text)
+                out[tok] = Logprob(logprob=val, rank=rank, decoded_token=self._token_text(tok))
         return out
+
+    def _token_text(self, token_id: int) -> str | None:
+        if self.decode is None:
+            return None
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.decode([token_id], False)
+        return text
 
     def _make_output(self, parent: ParentState) -> RequestOutput | None:
         kind = parent.params.output_kind
@@ -189,6 +205,11 @@ class OutputProcessor:
                                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         if not completions and not finished:
             return None
+        prompt_logprobs = parent.prompt_logprobs
+        if kind == RequestOutputKind.DELTA:
+            prompt_logprobs = None if parent.prompt_logprobs_emitted else prompt_logprobs
+            parent.prompt_logprobs_emitted = parent.prompt_logprobs is not None
         return RequestOutput(request_id=parent.request_id, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions, finished=finished,
-                             metrics=parent.metrics, num_cached_tokens=parent.num_cached_tokens)
+                             metrics=parent.metrics, num_cached_tokens=parent.num_cached_tokens,
+                             prompt_logprobs=prompt_logprobs)

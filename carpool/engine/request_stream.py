@@ -194,3 +194,5 @@ def _merge_delta(into: RequestOutput, new: RequestOutput) -> None:
     into.finished = new.finished
     into.metrics = new.metrics
     into.num_cached_tokens = new.num_cached_tokens
+    if into.prompt_logprobs is None:  # (DELTA: only one output carries them)
+        into.prompt_logprobs = new.prompt_logprobs

@@ -2,8 +2,9 @@
 
 The runner keeps each live request's tokens, block table and sampling params in an InputBatch, so the
 scheduler only sends what changed. A request samples in a step exactly when its scheduled tokens reach
-the end of its known tokens; earlier prefill chunks only fill the KV cache. Decode-only steps on a GPU
-replay CUDA graphs; every other step runs eagerly.
+the end of its known tokens; earlier prefill chunks only fill the KV cache (and, for a request that
+asked for prompt logprobs, score its prompt tokens: compute_prompt_logprobs). Decode-only steps on a GPU
+replay CUDA graphs; every other step, and any step that scores prompt tokens, runs eagerly.
 
 Speculative decoding: a request the scheduler gives proposed tokens (`scheduled_spec_decode_tokens`)
 computes them after its known ones; the runner takes logits at all its k + 1 positions and the
@@ -26,11 +27,11 @@ import torch
 
 from carpool.attention.fp8_kv import KV_CACHE_FP8_DTYPE
 from carpool.config import EngineConfig
-from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from carpool.core.sched_output import ModelRunnerOutput, PromptLogprobs, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, Communicator, TPGroup
 from carpool.forward_batch import ForwardBatch
 from carpool.layers.rejection_sampler import RejectionSampler
-from carpool.layers.sampler import Sampler, SamplingMetadata
+from carpool.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
 from carpool.models.loader import load_model
 from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
@@ -83,6 +84,7 @@ class ModelRunner:
         self.sampler = Sampler(self.ops.sample_from_logits)
         self._noise_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fast sampler)
         self._zero_buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._kept_hidden: torch.Tensor | None = None  # this step's hidden states, for prompt logprobs only
         self.input_batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len,
                                       self.block_size)
         self.kv_cache: torch.Tensor | None = None
@@ -348,12 +350,14 @@ class ModelRunner:
             timing.start.record()
         else:
             self._last_end_event = None
-        logits = self._forward(inputs, self._pending_fixup(inputs))
+        spans = self.prompt_logprob_spans(inputs)
+        logits = self._forward(inputs, self._pending_fixup(inputs), keep_hidden=bool(spans))
         tokens, logprobs, num_emitted = None, [], None
         if logits is not None and inputs.num_drafts is not None:
             tokens, num_emitted, logprobs = self.verify(logits, inputs)
         elif logits is not None:
             tokens, logprobs = self.sample(logits, inputs.sample_rows)
+        prompt_logprobs = self.compute_prompt_logprobs(spans) if spans else {}
         if timing is not None:
             timing.end.record()
             self._last_end_event = timing.end
@@ -364,7 +368,7 @@ class ModelRunner:
                               else (None, np.zeros(0, dtype=np.int64)))
         ids = self.input_batch.req_ids
         return PendingStep(self, [ids[r] for r in inputs.sample_rows], inputs.sample_rows,  # type: ignore[misc]
-                           tokens, logprobs, timing, num_emitted, inputs.num_drafts)
+                           tokens, logprobs, timing, num_emitted, inputs.num_drafts, prompt_logprobs)
 
     def _pending_fixup(self, inputs: StepInputs) -> PendingFixup | None:
         """Input tokens sampled by the previous, unresolved step: where they go, and their values on the
@@ -382,10 +386,12 @@ class ModelRunner:
             values = tokens.index_select(0, to_device(src, self.device))
         return PendingFixup(inputs.pending_token_index.astype(np.int64, copy=False), values)
 
-    def _forward(self, inputs: StepInputs, fixup: PendingFixup | None) -> torch.Tensor | None:
-        """Logits of the sampling requests (None if no request samples this step)."""
+    def _forward(self, inputs: StepInputs, fixup: PendingFixup | None, keep_hidden: bool = False
+                 ) -> torch.Tensor | None:
+        """Logits of the sampling requests (None if no request samples this step). With `keep_hidden`
+        (prompt logprobs) the step runs eagerly and its hidden states stay in `_kept_hidden`."""
         self.comm.begin_forward()
-        if self.graph_runner is not None and self.graph_runner.can_run(inputs):
+        if self.graph_runner is not None and not keep_hidden and self.graph_runner.can_run(inputs):
             # (the logits are a buffer of the graph, valid until its next replay: every reader, the copy
             # to the host and the next step's fix-up, is queued on this stream before that replay)
             return self.graph_runner.run(inputs, fixup)
@@ -393,9 +399,69 @@ class ModelRunner:
         if fixup is not None:
             batch.input_ids.index_copy_(0, to_device(fixup.index, self.device), fixup.values)
         hidden = self.model(batch.input_ids, batch.positions, batch)
+        self._kept_hidden = hidden if keep_hidden else None
         if not len(inputs.logits_indices):
             return None
         return self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
+
+    # ---- prompt logprobs -----------------------------------------------------------------------
+    def prompt_logprob_spans(self, inputs: StepInputs) -> list[PromptLogprobSpan]:
+        """The packed positions of this step whose logits score a prompt token, for each request that
+        asked for prompt logprobs. Position p's logits score token p + 1, so a chunk of positions
+        [first, last] scores prompt tokens first + 1 .. min(last + 1, num_prompt - 1): the last prompt
+        position scores the first output token, which sampling covers."""
+        batch = self.input_batch
+        spans = []
+        for i, row in enumerate(inputs.rows):
+            params = batch.params[row]
+            if params is None or params.prompt_logprobs is None:
+                continue
+            packed = int(inputs.query_start_loc[i])
+            first = int(inputs.positions[packed])
+            last = min(first + int(inputs.query_start_loc[i + 1]) - packed - 1, int(batch.num_prompt_tokens[row]) - 2)
+            if last >= first:
+                spans.append(PromptLogprobSpan(str(batch.req_ids[row]), int(row), packed, first, last - first + 1,
+                                               params.prompt_logprobs))
+        return spans
+
+    @torch.inference_mode()
+    def compute_prompt_logprobs(self, spans: list[PromptLogprobSpan]) -> dict[str, PromptLogprobs]:
+        """Each span's prompt logprobs from the hidden states the step kept: log-softmax in float32 over
+        the whole vocabulary, the actual next prompt token's logprob and rank, and the top-N. Computed per
+        prefill chunk, so chunking cannot change them; rows go through the LM head PROMPT_LOGPROB_ROWS at a
+        time, so a long chunk never holds [chunk, vocab] logits at once. Every TP rank runs this (the LM
+        head gathers across ranks); rank 0's result is the one returned. On a GPU, steps with such spans
+        run eagerly (no CUDA graph) and wait for their values at launch: prompt logprobs are for scoring
+        prompts, not for the decode fast path."""
+        hidden, self._kept_hidden = self._kept_hidden, None
+        assert hidden is not None, "prompt logprobs need the hidden states of the step"
+        out: dict[str, PromptLogprobs] = {}
+        for span in spans:
+            targets = self.input_batch.token_ids[span.row, span.first + 1:span.first + 1 + span.count]
+            entries: list[TokenLogprobs | None] = []
+            for start in range(0, span.count, PROMPT_LOGPROB_ROWS):
+                n = min(PROMPT_LOGPROB_ROWS, span.count - start)
+                index = torch.arange(span.packed + start, span.packed + start + n, device=hidden.device)
+                logits = self.model.compute_logits(hidden.index_select(0, index)).to(torch.float32)
+                entries += gather_logprobs(torch.log_softmax(logits, dim=-1),
+                                           to_device(targets[start:start + n], self.device), [span.num_logprobs] * n)
+            out[span.req_id] = PromptLogprobs(start=span.first + 1, logprobs=entries)  # type: ignore[arg-type]
+        return out
+
+
+PROMPT_LOGPROB_ROWS = 256
+
+
+@dataclass(frozen=True)
+class PromptLogprobSpan:
+    """Positions first .. first + count - 1 of one request's chunk, packed at `packed` in the step,
+    whose logits score its prompt tokens first + 1 .. first + count."""
+    req_id: str
+    row: int
+    packed: int
+    first: int
+    count: int
+    num_logprobs: int
 
 
 @dataclass
@@ -412,7 +478,8 @@ class PendingStep:
 
     def __init__(self, runner: ModelRunner, req_ids: list[str], rows: np.ndarray, tokens: torch.Tensor | None,
                  logprobs: list, timing: StepEvents | None, num_emitted: torch.Tensor | None = None,
-                 num_drafts: np.ndarray | None = None) -> None:
+                 num_drafts: np.ndarray | None = None,
+                 prompt_logprobs: dict[str, PromptLogprobs] | None = None) -> None:
         self.runner = runner
         # A verification (speculative decoding): tokens is [rows, max_drafts + 1], row i's first
         # num_emitted[i] valid, and logprobs has one entry per logit row (num_drafts[i] + 1 per row).
@@ -422,6 +489,7 @@ class PendingStep:
         self.rows = rows
         self.logprobs = logprobs
         self.timing = timing
+        self.prompt_logprobs = prompt_logprobs or {}
         self.host_tokens: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
         if tokens is not None:
@@ -469,7 +537,7 @@ class PendingStep:
             batch.append_sampled(self.rows[keep], [sampled[i] for i in keep])
         spec = self.runner.propose(self.rows[keep]) if self.runner.proposer is not None else {}
         return ModelRunnerOutput(req_ids=self.req_ids, sampled_token_ids=sampled, logprobs=self.logprobs,
-                                 spec_token_ids=spec)
+                                 spec_token_ids=spec, prompt_logprobs=self.prompt_logprobs)
 
     def _resolve_verification(self) -> ModelRunnerOutput:
         """Each row's emitted tokens, flattened: a row emitting m tokens appears m times in a row."""
@@ -494,4 +562,5 @@ class PendingStep:
         kept = np.asarray(kept_rows, dtype=np.int64)
         batch.append_verified(kept, kept_tokens)
         spec = self.runner.propose(kept) if self.runner.proposer is not None else {}
-        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs, spec_token_ids=spec)
+        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs, spec_token_ids=spec,
+                                 prompt_logprobs=self.prompt_logprobs)

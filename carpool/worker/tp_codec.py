@@ -27,6 +27,7 @@ from carpool.core.sched_output import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
+    PromptLogprobs,
     SchedulerOutput,
     TokenLogprobs,
 )
@@ -50,7 +51,8 @@ def sampling_params_to_dict(p: SamplingParams) -> dict[str, Any]:
         "repetition_penalty": p.repetition_penalty, "max_tokens": p.max_tokens, "min_tokens": p.min_tokens,
         "stop": list(p.stop or []), "stop_token_ids": list(p.stop_token_ids or []),
         "include_stop_str_in_output": p.include_stop_str_in_output, "ignore_eos": p.ignore_eos,
-        "logprobs": p.logprobs, "skip_special_tokens": p.skip_special_tokens, "detokenize": p.detokenize,
+        "logprobs": p.logprobs, "prompt_logprobs": p.prompt_logprobs, "skip_special_tokens": p.skip_special_tokens,
+        "detokenize": p.detokenize,
         "output_kind": p.output_kind.name, "eos_token_ids": list(p.eos_token_ids),
     }
 
@@ -107,12 +109,22 @@ def scheduler_output_from_dict(d: dict[str, Any]) -> SchedulerOutput:
 
 
 # ---- model runner output --------------------------------------------------------------------------
+def token_logprobs_to_list(lp: TokenLogprobs) -> list[list[Any]]:
+    return [lp.token_ids, lp.logprobs, lp.ranks]
+
+
+def token_logprobs_from_list(values: list[list[Any]]) -> TokenLogprobs:
+    return TokenLogprobs(token_ids=values[0], logprobs=values[1], ranks=values[2])
+
+
 def runner_output_to_dict(out: ModelRunnerOutput) -> dict[str, Any]:
     return {
         "req_ids": out.req_ids, "sampled_token_ids": out.sampled_token_ids,
         "logprobs": [None if lp is None else {"token_ids": lp.token_ids, "logprobs": lp.logprobs,
                                               "ranks": lp.ranks} for lp in out.logprobs],
         "spec_token_ids": out.spec_token_ids,
+        "prompt_logprobs": {req_id: [p.start, [token_logprobs_to_list(lp) for lp in p.logprobs]]
+                            for req_id, p in out.prompt_logprobs.items()},
     }
 
 
@@ -121,7 +133,9 @@ def runner_output_from_dict(d: dict[str, Any]) -> ModelRunnerOutput:
         req_ids=list(d["req_ids"]), sampled_token_ids=list(d["sampled_token_ids"]),
         logprobs=[None if lp is None else TokenLogprobs(token_ids=lp["token_ids"], logprobs=lp["logprobs"],
                                                         ranks=lp["ranks"]) for lp in d["logprobs"]],
-        spec_token_ids={req_id: list(t) for req_id, t in d["spec_token_ids"].items()})
+        spec_token_ids={req_id: list(t) for req_id, t in d["spec_token_ids"].items()},
+        prompt_logprobs={req_id: PromptLogprobs(start=start, logprobs=[token_logprobs_from_list(lp) for lp in lps])
+                         for req_id, (start, lps) in d["prompt_logprobs"].items()})
 
 
 # ---- engine config (sent once, when a worker starts) ----------------------------------------------

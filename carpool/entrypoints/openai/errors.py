@@ -15,8 +15,10 @@ from pydantic import ValidationError
 from carpool.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowedError", 413: "RequestTooLargeError", 500: "InternalServerError",
-                503: "ServiceUnavailableError"}
+                405: "MethodNotAllowedError", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
+                415: "UnsupportedMediaTypeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+# A 503 (overloaded, shutting down, engine down) tells clients when to try again: the SDKs honour it.
+RETRY_AFTER_S = 1
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): ")
 # pydantic names union branches in error locations ("str", "list[int]"); they are not fields.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
@@ -39,7 +41,8 @@ def error_body(status: int, message: str, param: str | None = None) -> ErrorResp
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param).model_dump(), status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(error_body(status, message, param).model_dump(), status_code=status, headers=headers)
 
 
 def bad_request_from_value_error(e: ValueError) -> APIError:
