@@ -239,9 +239,9 @@ def test_engine_decodes_a_shared_prefix_with_cascade_attention(checkpoint_factor
     seen: list[int] = []
     forward = ModelRunner._forward
 
-    def spy(self, inputs, fixup):
+    def spy(self, inputs, fixup, **kwargs):
         seen.append(inputs.cascade_prefix_len)
-        return forward(self, inputs, fixup)
+        return forward(self, inputs, fixup, **kwargs)
 
     ModelRunner._forward = spy  # type: ignore[method-assign]
     try:
