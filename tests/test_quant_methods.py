@@ -73,10 +73,14 @@ def test_tensor_parallel_ranks_hold_their_slices(ckpt, arch: str, fmt: str) -> N
     output rows for q/k/v (by heads) and gate/up, input columns for o and down. Groups of 32 columns,
     so that every rank's inputs are whole groups."""
     quantized, _ = ckpt(arch, fmt, group=32)
-    whole = dequantized(load(quantized))
-    config = ModelConfig.from_pretrained(quantized, dtype="float32")
+    assert_ranks_hold_their_slices(quantized)
+
+
+def assert_ranks_hold_their_slices(path: str, quantization: str | None = None) -> None:
+    whole = dequantized(load(path, quantization))
+    config = ModelConfig.from_pretrained(path, dtype="float32")
     for rank in range(2):
-        part = dequantized(load(quantized, rank=rank, size=2))
+        part = dequantized(load(path, quantization, rank=rank, size=2))
         for name, w in part.items():
             layer = name.rsplit(".", 1)[1]
             if layer in ("o_proj", "down_proj"):
@@ -94,6 +98,13 @@ def test_tensor_parallel_ranks_hold_their_slices(ckpt, arch: str, fmt: str) -> N
                 expected = torch.cat([q[rank * 2 * d:(rank + 1) * 2 * d], k[rank * d:(rank + 1) * d],
                                       v[rank * d:(rank + 1) * d]])
                 torch.testing.assert_close(w, expected, rtol=0, atol=0, msg=name)
+
+
+def test_online_fp8_ranks_hold_their_slices_of_the_single_rank_weights(ckpt) -> None:
+    """`--quantization fp8` under TP: a row-parallel rank's input columns keep the scale of the whole
+    output row, so TP=2 serves the same quantized model as one process."""
+    path, _ = ckpt("llama", "float")
+    assert_ranks_hold_their_slices(path, "fp8")
 
 
 def test_online_fp8_quantizes_each_weight_per_channel_while_loading(ckpt) -> None:

@@ -155,14 +155,16 @@ class Fp8LinearMethod(QuantizedLinearMethod):
 
     def _online_loader(self, layer: LinearBase) -> Callable[..., None]:
         """`--quantization fp8`: each bf16 checkpoint tensor (a shard's rows) quantized per output channel
-        as it is loaded; the scales are derived, not read."""
+        as it is loaded; the scales are derived, not read. A channel's scale comes from its whole row,
+        all input columns, before a row-parallel rank keeps its columns: every rank then holds its slice
+        of the one-process weights, so tensor parallelism does not change the quantized model."""
         def loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
             sl = shard_slice(layer, shard_id)
             what = "weight" if shard_id is None else f"weight (shard {shard_id!r})"
             check_shape(loaded, (sl.full_rows, sl.full_cols), what)
-            part = narrow_checkpoint_tensor(loaded, TensorLayout(0, 1, 1, 1), sl, what).to(param.device)
-            q, scale = quantize_fp8_per_channel(part)
-            param.data.narrow(0, sl.dst_row, sl.rows).copy_(q)
+            rows = narrow_checkpoint_tensor(loaded, TensorLayout(0, 1, None, 1), sl, what).to(param.device)
+            q, scale = quantize_fp8_per_channel(rows)
+            param.data.narrow(0, sl.dst_row, sl.rows).copy_(q.narrow(1, sl.src_col, sl.cols))
             layer.weight_scale.data.narrow(0, sl.dst_row, sl.rows).copy_(scale)
             self._mark_loaded(layer, "weight", shard_id)
         return loader
