@@ -173,6 +173,30 @@ def test_experts_that_do_not_split_are_refused_before_spawning():
         check_tensor_parallel(model, 2)
 
 
+FP8_CHECKPOINT_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                         "weight_block_size": [128, 128]}
+
+
+@pytest.mark.parametrize("how", ["online", "checkpoint"])
+def test_weight_quantization_of_an_moe_model_is_refused_naming_the_field(checkpoint_factory, tmp_path, how):
+    """The routed experts have no quantized kernels: `--quantization fp8` (which would quantize the router
+    and leave the experts as they are) and a quantized MoE checkpoint (whose FP8 experts would load as
+    unscaled values) are refused with the engine config, before any weight is read."""
+    import json
+    import shutil
+
+    from carpool import EngineArgs
+
+    path = checkpoint_factory("qwen3_moe")
+    if how == "checkpoint":
+        path = shutil.copytree(path, tmp_path / "fp8", ignore=shutil.ignore_patterns("*.safetensors"))
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": FP8_CHECKPOINT_CONFIG}))
+    with pytest.raises(ValueError, match=r"^quantization: .*qwen3_moe.*experts"):
+        EngineArgs(model=str(path), device="cpu", quantization="fp8" if how == "online" else None
+                   ).create_engine_config()
+
+
 def test_an_expert_tensor_of_the_wrong_shape_is_refused_naming_the_expert():
     from carpool.layers.moe import FusedExperts
     from carpool.ops.torch_ref import fused_moe

@@ -121,7 +121,13 @@ class EngineArgs:
                                             if device == "cpu" else "cuda")
         speculative = self._speculative_config(model)
         # A checkpoint quantized in a way carpool cannot run is refused here, before anything is built.
-        parse_quantization_config(model.hf_config, self.quantization)
+        scheme = parse_quantization_config(model.hf_config, self.quantization)
+        if scheme is not None and model.moe is not None:
+            # (the routed experts have no quantized kernels: online FP8 would quantize the router and leave
+            # the experts as they are, and a quantized checkpoint's FP8 experts would load unscaled)
+            raise ValueError(f"quantization: {scheme.name} is not supported for mixture-of-experts models "
+                             f"({model.hf_config.get('model_type', model.architecture)}): the routed experts run "
+                             "unquantized only; serve an unquantized checkpoint (--kv-cache-dtype fp8 works)")
         return EngineConfig(
             model=model,
             cache=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
