@@ -193,3 +193,20 @@ def test_tensor_parallel_ranks_load_their_shards_of_a_quantized_checkpoint(ckpt)
     finally:
         llm.engine.shutdown()
     assert got == generate(quantized, kv_cache_dtype="fp8")[0]
+
+
+def test_a_quantized_draft_model_proposes_for_a_float_target(ckpt) -> None:
+    """A draft checkpoint loads with its own quantization (here FP8 per channel, the target's weights): its
+    guesses are mostly accepted, and greedy output stays the target's, with an FP8 KV cache for both runs."""
+    target, _ = ckpt("llama", "float")
+    draft, _ = ckpt("llama", "ct-fp8-channel")
+    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    requests = [{"prompt_token_ids": p} for p in prompts()[2:4]]
+    runs = []
+    for extra in ({"speculative_config": spec}, {}):
+        llm = LLM(target, device="cpu", dtype="float32", kv_cache_dtype="fp8", **extra)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(requests, GREEDY, use_tqdm=False)])
+        if extra:
+            stats = llm.engine.stats()
+            assert stats.spec_decode_num_accepted_tokens > stats.spec_decode_num_draft_tokens // 2
+    assert runs[0] == runs[1]

@@ -170,6 +170,7 @@ class EngineArgs:
         try:
             path = resolve_model_path(spec.model)
             draft = ModelConfig.from_pretrained(path, "float32", target.max_model_len)
+            parse_quantization_config(draft.hf_config)  # the draft loads with its checkpoint's own scheme
         except (ValueError, OSError) as e:
             raise ValueError(f"speculative_config.model: {spec.model!r} is not a usable draft model ({e})") from e
         if draft.vocab_size != target.vocab_size:

@@ -26,8 +26,11 @@ from carpool.config import EngineConfig, ModelConfig
 from carpool.distributed import Communicator
 from carpool.forward_batch import ForwardBatch
 from carpool.models.loader import load_model
+from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
 from carpool.platform import to_device
+from carpool.quantization.config import parse_kv_cache_dtype, parse_quantization_config
+from carpool.quantization.factory import check_device_support
 from carpool.spec_decode.proposer import Proposer
 from carpool.utils import cdiv
 from carpool.worker.input_batch import StepInputs
@@ -46,8 +49,14 @@ class DraftModelProposer(Proposer):
         self.block_size = config.cache.block_size
         self.draft_config = ModelConfig.from_pretrained(spec.model, config.model.dtype,  # type: ignore[arg-type]
                                                         config.model.max_model_len)
-        self.runtime = ModelRuntime.for_inference(config.kernel_backend, Communicator(kernels=config.kernels),
-                                                  config.kernels)
+        # A draft checkpoint quantized in its own format loads with its own scheme (`--quantization` is
+        # the target's); its K/V stays in the draft's dtype (kv_bytes_per_block counts those bytes).
+        quantization = parse_quantization_config(self.draft_config.hf_config)
+        kv_cache = parse_kv_cache_dtype("auto", self.draft_config.hf_config)
+        check_device_support(quantization, kv_cache, config.kernel_backend, self.device)
+        self.runtime = ModelRuntime.for_inference(
+            config.kernel_backend, Communicator(kernels=config.kernels), config.kernels, quantization,
+            get_model_class(self.draft_config.architecture).packed_modules_mapping, kv_cache)
         self.model = load_model(self.draft_config, self.runtime, self.device, config.load_format)
         self.num_computed = np.zeros(config.scheduler.max_num_seqs, dtype=np.int64)
         self.kv_cache: torch.Tensor | None = None
