@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from carpool.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from carpool.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from carpool.core.sched_output import (
     CachedRequestData,
     ModelRunnerOutput,
@@ -85,7 +85,11 @@ def test_engine_config_round_trip(llama_path):
     config = EngineConfig(model=model, cache=CacheConfig(block_size=8, kv_cache_memory_bytes=1 << 20),
                           scheduler=SchedulerConfig(max_num_seqs=3), parallel=ParallelConfig(2),
                           device="cpu", kernel_backend="torch", seed=5, enforce_eager=True, tokenizer="tok",
-                          async_scheduling=True, load_format="dummy")  # non-defaults: each must travel
+                          async_scheduling=True, load_format="dummy", quantization="fp8", kv_cache_dtype="fp8",
+                          speculative_config=SpeculativeConfig(method="ngram", num_speculative_tokens=2,
+                                                               prompt_lookup_min=1, prompt_lookup_max=3,
+                                                               disable_by_batch_size=None),
+                          )  # non-defaults: each must travel
     back = roundtrip(tp_codec.engine_config_to_dict, tp_codec.engine_config_from_dict, config)
     assert back == config and back.model.dtype is torch.bfloat16
     assert back.model.rope_scaling == model.rope_scaling and back.model.hf_config == model.hf_config
