@@ -71,7 +71,9 @@ def test_prompt_logprobs_equal_transformers_log_softmax(checkpoint_factory, arch
     dict(max_num_batched_tokens=16),
     dict(max_num_batched_tokens=24, async_scheduling=True),
     dict(num_kv_blocks=12, enable_prefix_caching=False),
-], ids=["chunked", "chunked-async", "preempted"])
+    dict(num_kv_blocks=12, max_num_batched_tokens=24,
+         speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}),
+], ids=["chunked", "chunked-async", "preempted", "speculating-chunked-preempted"])
 def test_prompt_logprobs_are_the_same_however_the_prompt_is_scheduled(llama_path, engine_args):
     prompts = prompts_of_lengths([100, 90, 70, 40], seed=4)
     llm = LLM(llama_path, device="cpu", **engine_args)
@@ -81,6 +83,8 @@ def test_prompt_logprobs_are_the_same_however_the_prompt_is_scheduled(llama_path
         assert_matches_reference(llama_path, out)
     if "num_kv_blocks" in engine_args:
         assert llm.engine.stats().num_preemptions > 0
+    if "speculative_config" in engine_args:  # verification steps (rolled back) ran beside the scoring
+        assert llm.engine.stats().spec_decode_num_draft_tokens > llm.engine.stats().spec_decode_num_accepted_tokens > 0
 
 
 def test_a_cached_prefix_does_not_lose_its_logprobs(llama_path):
