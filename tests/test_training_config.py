@@ -87,3 +87,12 @@ def test_help_lists_every_field():
     for flag in ("--optim.lr", "--optim.warmup-steps", "--parallel.strategy", "--parallel.reshard-after-forward",
                  "--activation-checkpointing", "--checkpoint.interval", "--micro-batch-size", "--precision"):
         assert flag in text, flag
+
+
+def test_a_mixture_of_experts_checkpoint_is_refused_before_training(token_file, tmp_path, checkpoint_factory):
+    """Training builds, trains and exports dense models only: an MoE checkpoint's fused experts would be
+    exported under carpool's own names, which neither transformers nor carpool's loader reads."""
+    cfg = TrainConfig.from_dict({"data": {"train": token_file}, "model": {"init_from": checkpoint_factory("qwen3_moe")},
+                                 "output_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="^model.init_from: .*mixture-of-experts"):
+        preflight(cfg)

@@ -457,6 +457,12 @@ def preflight(cfg: TrainConfig, check_writable: bool = True) -> Preflight:
             raise ValueError(f"model.init_from: no config.json in {m.init_from!r}")
         with open(path) as f:
             hf_config = json.load(f)
+        from carpool.config import ModelConfig
+
+        if ModelConfig.from_hf_config(hf_config, m.init_from).moe is not None:
+            # (the export writes dense Hugging Face names; fused experts would be written under carpool's)
+            raise ValueError(f"model.init_from: {m.init_from!r} is a mixture-of-experts checkpoint "
+                             f"({hf_config.get('model_type')}); training supports dense models only")
         max_pos = int(hf_config.get("max_position_embeddings", 2048))
         if cfg.seq_len > max_pos:
             raise ValueError(f"seq_len: {cfg.seq_len} exceeds the checkpoint's max_position_embeddings {max_pos}")
