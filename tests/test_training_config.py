@@ -96,3 +96,17 @@ def test_a_mixture_of_experts_checkpoint_is_refused_before_training(token_file, 
                                  "output_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="^model.init_from: .*mixture-of-experts"):
         preflight(cfg)
+
+
+def test_a_quantized_checkpoint_is_refused_before_training(token_file, tmp_path, llama_path):
+    import json
+    import shutil
+
+    path = shutil.copytree(llama_path, tmp_path / "fp8", ignore=shutil.ignore_patterns("*.safetensors"))
+    hf_config = json.loads((path / "config.json").read_text())
+    hf_config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (path / "config.json").write_text(json.dumps(hf_config))
+    cfg = TrainConfig.from_dict({"data": {"train": token_file}, "model": {"init_from": str(path)},
+                                 "output_dir": str(tmp_path / "out")})
+    with pytest.raises(ValueError, match="^model.init_from: .*quantized checkpoint \\(fp8\\)"):
+        preflight(cfg)

@@ -463,6 +463,10 @@ def preflight(cfg: TrainConfig, check_writable: bool = True) -> Preflight:
             # (the export writes dense Hugging Face names; fused experts would be written under carpool's)
             raise ValueError(f"model.init_from: {m.init_from!r} is a mixture-of-experts checkpoint "
                              f"({hf_config.get('model_type')}); training supports dense models only")
+        if hf_config.get("quantization_config") is not None:
+            # (training runs plain float weights: a quantized checkpoint's packed tensors have no parameter)
+            raise ValueError(f"model.init_from: {m.init_from!r} is a quantized checkpoint "
+                             f"({hf_config['quantization_config'].get('quant_method')}); train from float weights")
         max_pos = int(hf_config.get("max_position_embeddings", 2048))
         if cfg.seq_len > max_pos:
             raise ValueError(f"seq_len: {cfg.seq_len} exceeds the checkpoint's max_position_embeddings {max_pos}")
