@@ -36,9 +36,11 @@ def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     """Store the new K/V (unless k and v are None: already stored, see rope_and_store_kv), then attend
-    causally over each request's whole context.
+    causally over each request's whole context. A cache holding k / k_scale and v / v_scale (the FP8 KV
+    cache, torch_ref.quant) is read back in float32 times the scales.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
     Request i's queries are the last q_len positions of its seq_len-token context, so query j may see
@@ -61,6 +63,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
         blocks = meta.block_tables[i, :num_blocks].long()
         kc = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
         vc = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        if k_scale != 1.0 or v_scale != 1.0:
+            kc, vc = kc * k_scale, vc * v_scale
         # [Hkv, group * q_len, D]: the query heads sharing one KV head are stacked.
         qi = q[start:end].float().view(q_len, num_kv_heads, group, head_dim)
         qi = qi.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)

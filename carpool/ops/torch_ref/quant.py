@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from carpool.forward_batch import AttentionMetadata
+from carpool.ops.torch_ref.attention import paged_attention
 from carpool.ops.torch_ref.elementwise import qk_norm_rotary, rotary_embedding
 from carpool.quantization.formats import FP8_DTYPE, FP8_MAX, PACK, dequantize_fp8, unpack_int4
 
@@ -131,32 +132,9 @@ def paged_attention_fp8(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
                         v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float,
                         v_scale: float) -> torch.Tensor:
     """torch_ref.paged_attention over a cache holding k / k_scale and v / v_scale (e4m3 or any dtype):
-    keys and values are read back in float32 times their scales."""
+    new keys and values are stored through `quantize_kv`, and all are read back in float32 times their
+    scales."""
     if k is not None:
         assert v is not None
         store_kvcache_fp8(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = num_q_heads // num_kv_heads
-    out = torch.empty_like(q)
-    qsl = meta.query_start_loc_cpu
-    for i, seq_len in enumerate(meta.seq_lens_cpu):
-        start, end = qsl[i], qsl[i + 1]
-        q_len = end - start
-        if q_len == 0:
-            continue
-        num_blocks = -(-seq_len // block_size)
-        blocks = meta.block_tables[i, :num_blocks].long()
-        kc = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float() * k_scale
-        vc = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float() * v_scale
-        qi = q[start:end].float().view(q_len, num_kv_heads, group, head_dim)
-        qi = qi.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
-        scores = torch.matmul(qi, kc.transpose(0, 1).transpose(1, 2)) * scale  # [Hkv, G*L, S]
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).repeat(group)
-        k_pos = torch.arange(seq_len, device=q.device)
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.matmul(probs, vc.transpose(0, 1))  # [Hkv, G*L, D]
-        o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
-        out[start:end] = o.reshape(q_len, num_q_heads, head_dim).to(q.dtype)
-    return out
+    return paged_attention(q, None, None, k_cache, v_cache, meta, scale, k_scale, v_scale)
