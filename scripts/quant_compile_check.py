@@ -37,6 +37,10 @@ def call_quant_ops() -> None:
             quant_gemv.fp8_gemv(x, w, block)
             quant_gemv.int4_gemv(x, packed, scales, zeros, 128)
             quant_gemv.int4_gemv(x, packed, scales, None, 128)
+            if n == 28672:  # the merged gate/up projection: the GEMV with SiLU-and-mul
+                quant_gemv.fp8_gemv_silu_and_mul(x, w, channel)
+                quant_gemv.fp8_gemv_silu_and_mul(x, w, block)
+                quant_gemv.int4_gemv_silu_and_mul(x, packed, scales, zeros, 128)
         for m in (64, 8192):
             x = torch.zeros(m, k, dtype=bf16)
             xq, xs = quant_gemm.quantize_fp8_act(x)
