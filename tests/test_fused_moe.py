@@ -250,6 +250,34 @@ def test_gpu_graph_replay_follows_new_routing(num_tokens: int) -> None:
     torch.testing.assert_close(out, ref.fused_moe(hidden, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
 
 
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 3, 64, 256])
+def test_gpu_expert_parallel_shards_replayed_in_graphs_sum_to_the_whole(num_tokens: int) -> None:
+    """The Qwen3-30B-A3B expert shape over two ranks' shards (64 whole experts each), bf16, each shard's
+    op captured in a CUDA graph: each matches the float32 reference of its shard, and the two add up to
+    the reference of all 128 experts."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    e, h, i, k = 128, 2048, 768, 8
+    w13 = (torch.randn(e, 2 * i, h, generator=gen, device="cuda") / h ** 0.5).bfloat16()
+    w2 = (torch.randn(e, h, i, generator=gen, device="cuda") / i ** 0.5).bfloat16()
+    hidden = torch.randn(num_tokens, h, generator=gen, device="cuda").bfloat16()
+    weights, ids = Routing.qwen_moe(e, k, True).select(torch.randn(num_tokens, e, generator=gen, device="cuda"))
+    shards = []
+    for start in (0, e // 2):
+        local = (w13[start:start + e // 2], w2[start:start + e // 2])
+        kwargs = dict(expert_start=start, num_global_experts=e)
+        fm.fused_moe(hidden, *local, weights.bfloat16(), ids, **kwargs)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fm.fused_moe(hidden, *local, weights.bfloat16(), ids, **kwargs)
+        graph.replay()
+        expected = ref.fused_moe(hidden.float(), local[0].float(), local[1].float(), weights, ids, **kwargs)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+        shards.append(out.float())
+    whole = ref.fused_moe(hidden.float(), w13.float(), w2.float(), weights, ids)
+    torch.testing.assert_close(shards[0] + shards[1], whole, atol=3e-2, rtol=3e-2)
+
+
 def test_moe_benchmark_counts_each_chosen_expert_once() -> None:
     """benchmarks/bench_moe.py's roofline bytes: two tokens sharing one of their experts read 3 experts."""
     import sys
