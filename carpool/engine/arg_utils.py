@@ -113,11 +113,11 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         self._validate()
-        from carpool.demo import demo_model_path
+        from carpool.demo import default_model_path
         from carpool.models.loader import resolve_model_path
 
         device = self.device or default_device()
-        path = resolve_model_path(self.model) if self.model else demo_model_path()
+        path = resolve_model_path(self.model) if self.model else default_model_path()
         model = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, device="cpu"
                                             if device == "cpu" else "cuda")
         speculative = self._speculative_config(model)
