@@ -1,5 +1,7 @@
 """Draft-model proposer: a smaller checkpoint with the target's vocabulary runs k greedy steps per target
-step, in the target's process and on its device.
+step, in the target's process and on its device. Under tensor parallelism it is either split over the
+target's ranks (`draft_tensor_parallel_size` = the target's, vLLM's default: every rank runs its shard of
+every draft step) or whole on rank 0 (`draft_tensor_parallel_size` 1: the other ranks hold no draft).
 
 KV memory: the draft keeps its own K/V tensors with the target's block count and reads them through the
 target's block tables (the same block ids), so one block of the shared pool costs the target's bytes
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from carpool.config import EngineConfig, ModelConfig
-from carpool.distributed import Communicator
+from carpool.distributed import SINGLE, Communicator, TPGroup
 from carpool.forward_batch import ForwardBatch
 from carpool.models.loader import load_model
 from carpool.models.registry import get_model_class
@@ -54,8 +56,12 @@ class DraftModelProposer(Proposer):
         quantization = parse_quantization_config(self.draft_config.hf_config)
         kv_cache = parse_kv_cache_dtype("auto", self.draft_config.hf_config)
         check_device_support(quantization, kv_cache, config.kernel_backend, self.device)
+        # Split over the target's ranks, the draft's collectives take the plain group (NCCL, gloo on CPU):
+        # the target's symmetric-memory paths were sized and self-tested for the target's shapes. Its
+        # greedy guesses agree on every rank because its logits are a gather, the same bits everywhere.
+        group = TPGroup(runner.tp.rank, runner.tp.size) if spec.draft_on_every_rank else SINGLE
         self.runtime = ModelRuntime.for_inference(
-            config.kernel_backend, Communicator(kernels=config.kernels), config.kernels, quantization,
+            config.kernel_backend, Communicator(group, config.kernels), config.kernels, quantization,
             get_model_class(self.draft_config.architecture).packed_modules_mapping, kv_cache)
         self.model = load_model(self.draft_config, self.runtime, self.device, config.load_format)
         self.num_computed = np.zeros(config.scheduler.max_num_seqs, dtype=np.int64)

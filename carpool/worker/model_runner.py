@@ -103,10 +103,14 @@ class ModelRunner:
         self.kernel_host_io = (self.device.type == "cuda" and self.ops.name == "triton"
                                and config.kernels.kernel_host_io)
         self._recent_host_tokens: collections.deque[torch.Tensor] = collections.deque(maxlen=8)
-        # Speculative decoding: the proposer runs where the step's tokens are resolved (rank 0 under TP,
-        # whose output is the one the engine reads); the rejection sampler wherever tokens are sampled.
+        # Speculative decoding: the proposer runs where the step's tokens are resolved: rank 0 under TP,
+        # whose output is the one the engine reads, or every rank for a draft model split over the ranks
+        # (each resolves the same tokens into the same request state, so they propose in lockstep and
+        # meet in the same collectives). The rejection sampler runs wherever tokens are sampled.
         self.rejection_sampler = RejectionSampler(self.sampler)
-        self.proposer = make_proposer(config, self) if tp.rank == 0 else None
+        spec = config.speculative_config
+        on_every_rank = spec is not None and spec.draft_on_every_rank
+        self.proposer = make_proposer(config, self) if tp.rank == 0 or on_every_rank else None
 
     def describe(self) -> dict:
         """The kernel paths this runner uses: the backend, the fast paths asked for (KernelConfig),

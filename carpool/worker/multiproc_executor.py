@@ -50,24 +50,24 @@ from carpool.worker.tp_processes import (
 logger = logging.getLogger(__name__)
 
 
-def check_tensor_parallel(model: ModelConfig, tp_size: int) -> None:
-    """Refuse, before any process starts, a model that cannot be split `tp_size` ways."""
+def check_tensor_parallel(model: ModelConfig, tp_size: int, setting: str = "tensor_parallel_size",
+                          whose: str = "the model's") -> None:
+    """Refuse, before any process starts, a model that cannot be split `tp_size` ways; the message
+    starts with `setting`, the setting that asked for the split."""
     heads, kv_heads = model.num_attention_heads, model.num_key_value_heads
     if heads % tp_size:
-        raise ValueError(f"tensor_parallel_size: the model's num_attention_heads={heads} does not divide "
-                         f"by tensor_parallel_size={tp_size}")
+        raise ValueError(f"{setting}: {whose} num_attention_heads={heads} does not divide by {setting}={tp_size}")
     if kv_heads % tp_size and tp_size % kv_heads:
-        raise ValueError(f"tensor_parallel_size: the model's num_key_value_heads={kv_heads} and "
-                         f"tensor_parallel_size={tp_size} must divide one another (KV heads are split "
-                         "across ranks, or replicated when there are fewer than ranks)")
+        raise ValueError(f"{setting}: {whose} num_key_value_heads={kv_heads} and {setting}={tp_size} must divide "
+                         "one another (KV heads are split across ranks, or replicated when there are fewer "
+                         "than ranks)")
     if model.intermediate_size % tp_size:
-        raise ValueError(f"tensor_parallel_size: the model's intermediate_size={model.intermediate_size} "
-                         f"does not divide by tensor_parallel_size={tp_size}")
+        raise ValueError(f"{setting}: {whose} intermediate_size={model.intermediate_size} does not divide by "
+                         f"{setting}={tp_size}")
     for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):  # experts split like dense MLPs
         size = getattr(model.moe, name, 0)
         if size % tp_size:
-            raise ValueError(f"tensor_parallel_size: the model's {name}={size} does not divide by "
-                             f"tensor_parallel_size={tp_size}")
+            raise ValueError(f"{setting}: {whose} {name}={size} does not divide by {setting}={tp_size}")
 
 
 @dataclass
