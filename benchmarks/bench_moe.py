@@ -4,7 +4,7 @@ The kernel alone (carpool/ops/triton/moe.py) against the torch loop (ops/torch_r
 transformers' eager loop): hidden 2048, 128 experts, top-8, expert intermediate 768, bf16. Prints one
 JSON object.
 
-    python benchmarks/bench_moe.py [--out FILE] [--batches 1,64,256] [--quick]
+    python benchmarks/bench_moe.py [--out FILE] [--batches 1,64,256] [--quick] [--tensor-parallel-size N]
 
 Roofline: a step must read the weights (w13 and w2) of every distinct expert its tokens chose, plus its
 hidden rows in and out, at the copy bandwidth measured in the same run; `ratio` = roofline time / time
@@ -16,6 +16,14 @@ routing, E * (1 - (1 - k/E)^T), is stated beside the measured mean.
 Per batch: the engine's default path (`fused_us`, in a CUDA graph, and eager), both paths forced at
 batches up to 16 (where `FusedMoeConfig.small_batch_max_tokens` is decided), a few grouped-GEMM tiles
 (`sweep`, unless --quick), and the torch loop (eager: it asks the host which experts were hit).
+
+With --tensor-parallel-size N, each batch also times one rank's share of the layer under both ways of
+splitting the experts over N GPUs, on this one GPU (`rank_share`): `intermediate_split` (the default:
+every expert, I / N of its rows) and `expert_parallel` (--enable-expert-parallel: E / N whole experts,
+the kernel skipping the pairs of other ranks' experts), the latter for every rank r, since a step waits
+for its slowest rank. Each has its roofline ratio (the bytes that rank must read). The all-reduce is the
+same size either way and is not timed here; bench_throughput/bench_latency with -tp N and
+--enable-expert-parallel measure the whole engine.
 """
 
 from __future__ import annotations
@@ -93,8 +101,45 @@ def time_eager(calls: list, trials: int = 3) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def rank_split_weights(w13: torch.Tensor, w2: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0's weights when every expert is split along its intermediate dimension over tp ranks."""
+    inter = INTER // tp
+    return (torch.cat([w13[:, :inter], w13[:, INTER:INTER + inter]], dim=1).contiguous(),
+            w2[:, :, :inter].contiguous())
+
+
+def rank_shares(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor],
+                routings: list[tuple[torch.Tensor, torch.Tensor]], tp: int, bandwidth: float) -> dict:
+    """One rank's fused MoE under each layout (see the module docstring), timed in a CUDA graph."""
+    io = 2 * x.shape[0] * HIDDEN * DTYPE_BYTES
+
+    def timed(calls: list, nbytes: float) -> dict:
+        sec = time_in_graph(calls)
+        return {"us": round(sec * 1e6, 2), "bytes_mean": int(nbytes), "ratio": round(nbytes / bandwidth / sec, 3)}
+
+    split_bytes = sum(step_bytes(ids, HIDDEN, INTER // tp) for _, ids in routings) / len(routings)
+    row = {"intermediate_split": timed([(lambda w=w, i=i: fused_moe(x, *split, w, i)) for w, i in routings],
+                                       split_bytes)}
+    per = NUM_EXPERTS // tp
+    ranks = []
+    for r in range(tp):
+        shard = (w13[r * per:(r + 1) * per], w2[r * per:(r + 1) * per])
+        held = [int(((ids >= r * per) & (ids < (r + 1) * per)).any(dim=1).sum()) for _, ids in routings]
+        nbytes = sum(int(torch.unique(ids[(ids >= r * per) & (ids < (r + 1) * per)]).numel()) * 3 * HIDDEN * INTER
+                     * DTYPE_BYTES for _, ids in routings) / len(routings) + io
+        calls = [(lambda w=w, i=i, s=shard, start=r * per: fused_moe(x, *s, w, i, expert_start=start,
+                                                                      num_global_experts=NUM_EXPERTS))
+                 for w, i in routings]
+        ranks.append({"rank": r, "tokens_with_a_held_expert_mean": sum(held) / len(held), **timed(calls, nbytes)})
+    slowest = max(ranks, key=lambda d: d["us"])
+    row["expert_parallel"] = {"ranks": ranks, "slowest_rank_us": slowest["us"]}
+    row["expert_parallel_over_split"] = round(slowest["us"] / row["intermediate_split"]["us"], 3)
+    return row
+
+
 def bench_batch(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, weights_fp32: tuple[torch.Tensor, torch.Tensor],
-                bandwidth: float, quick: bool, gen: torch.Generator) -> dict:
+                bandwidth: float, quick: bool, gen: torch.Generator, tp: int = 1,
+                split: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """One batch size: timings, roofline ratios and the max error against the torch loop in float32."""
     x = (torch.randn(num_tokens, HIDDEN, generator=gen) * 0.5).to(torch.bfloat16).cuda()
     routings = make_routings(num_tokens, ROUTINGS, gen, "cuda")
@@ -128,6 +173,8 @@ def bench_batch(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, weights_fp
         sweep = [{**asdict(c), **timed(FusedMoeConfig(small_batch_max_tokens=0, gemm=c))} for c in SWEEP]
         row["sweep"] = sweep
         row["best_grouped"] = max(sweep, key=lambda s: s["ratio"])
+    if tp > 1 and split is not None:
+        row["rank_share"] = rank_shares(x, w13, w2, split, routings, tp, bandwidth)
     progress({k: v for k, v in row.items() if k != "sweep"})
     return row
 
@@ -138,7 +185,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,64,256",
                     help="comma-separated token counts (the issue's: 1, 64, 256)")
     ap.add_argument("--quick", action="store_true", help="the default configs only")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="also time one rank's share under the intermediate split and under expert parallelism")
     args = ap.parse_args()
+    tp = args.tensor_parallel_size
+    if tp < 1 or NUM_EXPERTS % tp or INTER % tp:
+        raise SystemExit(f"--tensor-parallel-size must divide num_experts={NUM_EXPERTS} and the intermediate "
+                         f"size {INTER}, got {tp}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe.py needs a CUDA GPU")
     bandwidth = measure_copy_bandwidth()
@@ -146,11 +199,13 @@ def main() -> None:
     w13 = (torch.randn(NUM_EXPERTS, 2 * INTER, HIDDEN, device="cuda") / HIDDEN ** 0.5).to(torch.bfloat16)
     w2 = (torch.randn(NUM_EXPERTS, HIDDEN, INTER, device="cuda") / INTER ** 0.5).to(torch.bfloat16)
     weights_fp32 = (w13.float(), w2.float())  # the error reference: the torch loop on upcast weights
-    cases = [bench_batch(int(b), w13, w2, weights_fp32, bandwidth, args.quick, gen) for b in args.batches.split(",")]
+    split = rank_split_weights(w13, w2, tp) if tp > 1 else None
+    cases = [bench_batch(int(b), w13, w2, weights_fp32, bandwidth, args.quick, gen, tp, split)
+             for b in args.batches.split(",")]
     emit({"benchmark": "moe/fused-vs-torch-loop", "device": torch.cuda.get_device_name(),
           "torch": torch.__version__, "triton": triton.__version__, "copy_gb_per_s": round(bandwidth / 1e9, 1),
           "shape": {"hidden": HIDDEN, "experts": NUM_EXPERTS, "top_k": TOP_K, "moe_intermediate": INTER,
-                    "dtype": "bfloat16"}, "cases": cases}, args.out)
+                    "dtype": "bfloat16"}, "tensor_parallel_size": tp, "cases": cases}, args.out)
 
 
 if __name__ == "__main__":

@@ -226,6 +226,8 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="TP: NCCL for every all-reduce")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="TP, mixture of experts: whole experts per rank instead of a slice of every expert")
     ap.add_argument("--quantization", default=None, choices=["fp8"],
                     help="fp8: quantize the (bf16) checkpoint to FP8 while loading")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: an e4m3 KV cache")
@@ -241,6 +243,7 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     from carpool.engine.arg_utils import KERNEL_FLAG_HELP
 
     return dict(enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-                disable_custom_all_reduce=args.disable_custom_all_reduce, quantization=args.quantization,
+                disable_custom_all_reduce=args.disable_custom_all_reduce,
+                enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization,
                 kv_cache_dtype=args.kv_cache_dtype,
                 **{name: getattr(args, name) for name in KERNEL_FLAG_HELP})

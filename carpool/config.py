@@ -217,6 +217,10 @@ class ParallelConfig:
     # Small all-reduces of a multi-GPU rank go through symmetric memory (carpool/distributed/symmetric.py)
     # unless this is set; NCCL carries the rest, and everything when the fast path is unavailable.
     disable_custom_all_reduce: bool = False
+    # vLLM's enable_expert_parallel: the routed experts of a mixture-of-experts model are divided whole
+    # among the ranks (num_experts / tensor_parallel_size each) instead of each rank holding a slice of
+    # every expert; attention, dense layers and shared experts stay split as without it.
+    enable_expert_parallel: bool = False
 
 
 @dataclass(frozen=True)

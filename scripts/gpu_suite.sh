@@ -8,7 +8,9 @@
 # "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
 # "ablate" times batch-1 latency with each kernel choice undone in turn; "balance" compares the decode
 # attention's work balance on and off; "check" measures the targets twice after the GPU tests;
-# "seams" compares this tree with an older commit's copy in .baseline/ (latency and throughput, twice each).
+# "seams" compares this tree with an older commit's copy in .baseline/ (latency and throughput, twice each);
+# "features" runs the quantization, MoE and speculative-decoding GPU tests and a short run of each of their
+# benchmarks and of the training benchmark (about 9 minutes; suite.log plus one JSON file per benchmark).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -26,7 +28,7 @@ run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -107,6 +109,17 @@ if [ "$mode" = seams ]; then
   done
   finish
 fi
+if [ "$mode" = features ]; then
+  # Each step has its own limit so that one slow or hung step leaves time for the rest (10 minutes a call).
+  step timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -x --durations 5 \
+    tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py
+  step timeout 80 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --out "$out/train.json"
+  step timeout 80 python3 benchmarks/bench_quant.py --quick --out "$out/quant.json"
+  step timeout 60 python3 benchmarks/bench_moe.py --quick --out "$out/moe.json"
+  step timeout 130 python3 benchmarks/bench_spec_decode.py --rates 0.5,0.8,1.0 --new-tokens 64 --out "$out/spec_decode.json"
+  finish
+fi
+
 if [ "$mode" = check ]; then
   # The figures of the targets, each measured twice, with the GPU tests first: batch-1 latency
   # (profiled, repeated, and without the fused gate/up GEMV + SiLU) and offline throughput (plain, profiled).

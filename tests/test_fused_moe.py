@@ -160,6 +160,49 @@ def test_float16_matches_reference_within_rounding(config: fm.FusedMoeConfig) ->
     check(hidden, *experts(8, torch.float16), weights.to(torch.float16), ids, config, atol=3e-3, rtol=3e-3)
 
 
+# ---- expert parallelism: one rank's whole experts, global routing ids --------------------------------
+
+def test_alignment_of_one_ranks_experts_equals_its_torch_twin() -> None:
+    """The second of two ranks (experts 4..7 of 8): its pairs sorted into four segments of local ids,
+    the pairs of experts 0..3 left out, exactly as the torch twin sorts them."""
+    _, _, ids = routed(random_logits(23, 8), top_k=3)
+    sorted_ids, expert_ids, num_padded = fm.moe_align_block_size(ids, 4, 16, expert_start=4)
+    want_sorted, want_experts, want_padded = ref.moe_align_block_size(ids, 4, 16, expert_start=4)
+    n = int(want_padded.item())
+    held = sorted(int(p) for p in torch.nonzero(ids.flatten().cpu() >= 4).flatten())
+    assert int(num_padded.item()) == n
+    assert sorted(int(p) for p in want_sorted[:n] if p < ids.numel()) == held
+    assert torch.equal(sorted_ids[:n].cpu(), want_sorted[:n].cpu())
+    assert torch.equal(expert_ids[:n // 16].cpu(), want_experts[:n // 16].cpu())
+
+
+@pytest.mark.parametrize("config", PATHS)
+def test_expert_parallel_shards_match_reference_and_sum_to_the_whole(config: fm.FusedMoeConfig) -> None:
+    """Two ranks holding experts 0..3 and 4..7: each rank's result equals the torch reference's for its
+    shard (outputs poisoned with NaN: a pair held elsewhere must neither be read nor leak into the sum),
+    and the two partial sums add up to the single-rank result."""
+    num_tokens = 3 if config is GEMV else 21
+    hidden, weights, ids = routed(random_logits(num_tokens, 8), top_k=3)
+    w13, w2 = experts(8)
+    shards = []
+    for start in (0, 4):
+        local = (w13[start:start + 4].contiguous(), w2[start:start + 4].contiguous())
+        expected = ref.fused_moe(hidden, *local, weights, ids, expert_start=start, num_global_experts=8)
+        out = fm.fused_moe(hidden, *local, weights, ids, config, expert_start=start, num_global_experts=8)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        shards.append(expected)
+    torch.testing.assert_close(shards[0] + shards[1], ref.fused_moe(hidden, w13, w2, weights, ids),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_expert_range_outside_the_model_is_refused() -> None:
+    hidden, weights, ids = routed(random_logits(3, 8), top_k=2)
+    w13, w2 = experts(8)
+    with pytest.raises(ValueError, match="expert_start=6 must lie within num_global_experts=8"):
+        fm.fused_moe(hidden, w13[:4], w2[:4], weights, ids, expert_start=6, num_global_experts=8)
+
+
 def test_fused_moe_rejects_mismatched_routing_shapes() -> None:
     hidden, weights, ids = routed(random_logits(3, 8), top_k=2)
     with pytest.raises(ValueError, match="topk_ids"):
@@ -205,6 +248,34 @@ def test_gpu_graph_replay_follows_new_routing(num_tokens: int) -> None:
     ids.copy_(new_ids)
     graph.replay()
     torch.testing.assert_close(out, ref.fused_moe(hidden, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 3, 64, 256])
+def test_gpu_expert_parallel_shards_replayed_in_graphs_sum_to_the_whole(num_tokens: int) -> None:
+    """The Qwen3-30B-A3B expert shape over two ranks' shards (64 whole experts each), bf16, each shard's
+    op captured in a CUDA graph: each matches the float32 reference of its shard, and the two add up to
+    the reference of all 128 experts."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    e, h, i, k = 128, 2048, 768, 8
+    w13 = (torch.randn(e, 2 * i, h, generator=gen, device="cuda") / h ** 0.5).bfloat16()
+    w2 = (torch.randn(e, h, i, generator=gen, device="cuda") / i ** 0.5).bfloat16()
+    hidden = torch.randn(num_tokens, h, generator=gen, device="cuda").bfloat16()
+    weights, ids = Routing.qwen_moe(e, k, True).select(torch.randn(num_tokens, e, generator=gen, device="cuda"))
+    shards = []
+    for start in (0, e // 2):
+        local = (w13[start:start + e // 2], w2[start:start + e // 2])
+        kwargs = dict(expert_start=start, num_global_experts=e)
+        fm.fused_moe(hidden, *local, weights.bfloat16(), ids, **kwargs)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fm.fused_moe(hidden, *local, weights.bfloat16(), ids, **kwargs)
+        graph.replay()
+        expected = ref.fused_moe(hidden.float(), local[0].float(), local[1].float(), weights, ids, **kwargs)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+        shards.append(out.float())
+    whole = ref.fused_moe(hidden.float(), w13.float(), w2.float(), weights, ids)
+    torch.testing.assert_close(shards[0] + shards[1], whole, atol=3e-2, rtol=3e-2)
 
 
 def test_moe_benchmark_counts_each_chosen_expert_once() -> None:

@@ -73,3 +73,16 @@ def test_moe_cuda_graphs_and_async_scheduling_keep_the_eager_tokens(moe_checkpoi
     overlapped = run(moe_checkpoint, prompts, dtype="bfloat16", kernel_backend="triton", async_scheduling=True)
     assert [g.token_ids for g in graphs] == [e.token_ids for e in eager]
     assert [a.token_ids for a in overlapped] == [e.token_ids for e in eager]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs")
+def test_moe_expert_parallel_tp2_float32_matches_torch_reference_tokens(moe_checkpoint):
+    """Two GPUs with whole experts each (Qwen3-MoE: 32 of 64, Qwen2-MoE: 8 of 16), Triton path with CUDA
+    graphs, NCCL or the one-shot all-reduce summing the ranks' experts: the single-GPU float32 reference's
+    first tokens."""
+    prompts = prompts_of_lengths(LENGTHS, seed=6)
+    ref = run(moe_checkpoint, prompts, dtype="float32", kernel_backend="torch", enforce_eager=True)
+    ep = run(moe_checkpoint, prompts, dtype="float32", kernel_backend="triton", tensor_parallel_size=2,
+             enable_expert_parallel=True, kv_cache_memory_bytes=1 << 28, gpu_memory_utilization=0.3)
+    for r, f in zip(ref, ep):
+        assert f.token_ids[:8] == r.token_ids[:8]

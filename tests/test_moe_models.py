@@ -82,6 +82,86 @@ def test_tp2_greedy_matches_hf(checkpoint_factory):
     assert got == reference(path)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_expert_parallel_greedy_matches_hf(checkpoint_factory, family):
+    """Two gloo ranks holding four whole experts each (enable_expert_parallel): both compute the same
+    routing, each only its experts' pairs, and the layer's all-reduce adds them; attention, the dense
+    layer and Qwen2-MoE's shared expert stay split along their heads / intermediate dimension."""
+    path = checkpoint_factory(family)
+    llm = LLM(path, device="cpu", tensor_parallel_size=2, enable_expert_parallel=True, num_kv_blocks=18,
+              max_num_batched_tokens=24)
+    try:
+        layout = llm.engine.core.executor.describe()["moe_layout"]
+        got = greedy_tokens(llm, PROMPTS)
+    finally:
+        llm.engine.shutdown()
+    assert layout == {"expert_parallel": True, "num_experts": 8, "experts_per_rank": 4,
+                      "moe_intermediate_size_per_rank": ModelConfig.from_pretrained(path).moe.moe_intermediate_size}
+    assert got == reference(path)
+
+
+def test_expert_parallel_rank_loads_only_its_experts_tensors():
+    """Rank 1 of 2 holds experts 2 and 3 of 4, whole; the checkpoint tensors of experts 0 and 1 are
+    checked for shape but never read (a lazy slice that fails when indexed stands in for them)."""
+    from carpool.distributed import Communicator
+    from carpool.distributed.group import TPGroup
+    from carpool.layers.moe import FusedExperts
+    from carpool.ops.torch_ref import fused_moe
+
+    class Unreadable:
+        def __init__(self, shape: list[int]) -> None:
+            self.shape = shape
+
+        def get_shape(self) -> list[int]:
+            return self.shape
+
+        def __getitem__(self, index):
+            raise AssertionError("another rank's expert tensor was read")
+
+    rank1 = Communicator(TPGroup(rank=1, size=2))
+    experts = FusedExperts(num_experts=4, hidden_size=8, intermediate_size=6, dtype=torch.float32,
+                           fused_moe=fused_moe, comm=rank1, expert_parallel=True)
+    assert experts.w13_weight.shape == (2, 12, 8) and experts.w2_weight.shape == (2, 8, 6)
+    for expert in range(4):
+        for kind, shape in (("w1", [6, 8]), ("w3", [6, 8]), ("w2", [8, 6])):
+            param = experts.w2_weight if kind == "w2" else experts.w13_weight
+            value = torch.full(shape, float(10 * expert + int(kind[1])))  # expert 3's w3: 33.0
+            experts.weight_loader(param, value if expert >= 2 else Unreadable(shape), (kind, expert))
+    assert torch.equal(experts.w13_weight[1, :6], torch.full((6, 8), 31.0))  # expert 3's gate rows
+    assert torch.equal(experts.w13_weight[1, 6:], torch.full((6, 8), 33.0))  # expert 3's up rows
+    assert torch.equal(experts.w2_weight[0], torch.full((8, 6), 22.0))  # expert 2's down projection
+
+
+def test_expert_parallel_is_refused_for_a_dense_model_naming_the_field(checkpoint_factory):
+    from carpool import EngineArgs
+
+    with pytest.raises(ValueError, match=r"^enable_expert_parallel: .*dense"):
+        EngineArgs(model=checkpoint_factory("qwen2"), device="cpu", tensor_parallel_size=2,
+                   enable_expert_parallel=True).create_engine_config()
+
+
+def test_experts_that_do_not_divide_among_the_ranks_are_refused_before_spawning():
+    from carpool.worker.multiproc_executor import check_tensor_parallel
+
+    model = ModelConfig.from_hf_config(hf_config_dict("qwen2_moe", num_experts=6, moe_intermediate_size=33))
+    check_tensor_parallel(model, 2, expert_parallel=True)  # whole experts: the 33 rows need not divide
+    with pytest.raises(ValueError, match="^enable_expert_parallel: .*num_experts=6.*tensor_parallel_size=4"):
+        check_tensor_parallel(model, 4, expert_parallel=True)
+
+
+def test_enable_expert_parallel_flag_reaches_the_parallel_config(checkpoint_factory):
+    import argparse
+
+    from carpool import EngineArgs
+
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    path = checkpoint_factory("mixtral")
+    on = EngineArgs.from_cli_args(parser.parse_args(["--model", path, "--device", "cpu", "--enable-expert-parallel"]))
+    off = EngineArgs.from_cli_args(parser.parse_args(["--model", path, "--device", "cpu"]))
+    assert on.create_engine_config().parallel.enable_expert_parallel is True
+    assert off.create_engine_config().parallel.enable_expert_parallel is False
+
+
 def test_triton_backend_gives_the_torch_tokens(checkpoint_factory, monkeypatch):
     """The fused Triton MoE inside the engine (interpreter on CPU): prefill chunks take the grouped GEMM,
     decode steps the per-pair GEMV path; the last steps decode one request alone (the batch-1 GEMVs of
@@ -128,6 +208,19 @@ def test_sparse_layers_and_parameter_counts_are_transformers(family, overrides):
     assert active == total - unchosen
 
 
+def test_startup_log_states_the_expert_parallel_layout(caplog):
+    from carpool.distributed import Communicator
+    from carpool.distributed.group import TPGroup
+    from carpool.models.loader import build_model
+    from carpool.models.runtime import ModelRuntime
+
+    config = ModelConfig.from_hf_config(hf_config_dict("qwen3_moe"))
+    runtime = ModelRuntime.for_inference("torch", Communicator(TPGroup(rank=0, size=2)), expert_parallel=True)
+    with caplog.at_level(logging.INFO, logger="carpool.models.moe"):
+        build_model(config, runtime, "meta")
+    assert "expert parallel over 2 rank(s): 4 whole experts per rank" in caplog.text
+
+
 def test_startup_log_names_experts_top_k_and_parameters(caplog):
     from carpool.models.loader import build_model
     from carpool.models.runtime import ModelRuntime
@@ -158,9 +251,11 @@ def test_engine_config_with_moe_round_trips_through_the_tp_codec():
     from carpool.worker import tp_codec
 
     model = ModelConfig.from_hf_config(hf_config_dict("qwen3_moe"), dtype="bfloat16")
-    config = EngineConfig(model=model, cache=CacheConfig(), scheduler=SchedulerConfig(), parallel=ParallelConfig(),
+    parallel = ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True)
+    config = EngineConfig(model=model, cache=CacheConfig(), scheduler=SchedulerConfig(), parallel=parallel,
                           device="cpu", kernel_backend="torch")
     back = tp_codec.engine_config_from_dict(tp_codec.loads(tp_codec.dumps(tp_codec.engine_config_to_dict(config))))
+    assert back.parallel.enable_expert_parallel is True
     assert back.model.moe == model.moe and back.model.moe is not None
     assert back.model.moe.mlp_only_layers == (1,)
 

@@ -57,6 +57,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False
+    enable_expert_parallel: bool = False  # MoE: whole experts per rank (ParallelConfig)
     enforce_eager: bool = False
     seed: int = 0
     max_num_queued_reqs: int | None = None
@@ -128,6 +129,9 @@ class EngineArgs:
             raise ValueError(f"quantization: {scheme.name} is not supported for mixture-of-experts models "
                              f"({model.hf_config.get('model_type', model.architecture)}): the routed experts run "
                              "unquantized only; serve an unquantized checkpoint (--kv-cache-dtype fp8 works)")
+        if self.enable_expert_parallel and model.moe is None:
+            raise ValueError(f"enable_expert_parallel: the model ({model.architecture}) is dense, it has no experts "
+                             "to divide among the ranks; leave expert parallelism off")
         return EngineConfig(
             model=model,
             cache=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
@@ -139,7 +143,8 @@ class EngineArgs:
                                       max_model_len=model.max_model_len,
                                       max_num_queued_reqs=self.max_num_queued_reqs),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
-                                    disable_custom_all_reduce=self.disable_custom_all_reduce),
+                                    disable_custom_all_reduce=self.disable_custom_all_reduce,
+                                    enable_expert_parallel=self.enable_expert_parallel),
             device=device,
             kernel_backend=self.kernel_backend or kernel_backend_for(device),
             seed=self.seed,
@@ -181,7 +186,8 @@ class EngineArgs:
         if draft.vocab_size != target.vocab_size:
             raise ValueError(f"speculative_config.model: the draft's vocab_size {draft.vocab_size} differs from "
                              f"the target's {target.vocab_size}; a draft model must share the tokenizer")
-        check_tensor_parallel(draft, draft_tp, "speculative_config.draft_tensor_parallel_size", "the draft's")
+        check_tensor_parallel(draft, draft_tp, setting="speculative_config.draft_tensor_parallel_size",
+                              whose="the draft's")
         return dataclasses.replace(spec, model=path, draft_tensor_parallel_size=draft_tp)
 
     # ---- CLI -----------------------------------------------------------------------------------
@@ -218,6 +224,11 @@ class EngineArgs:
         g.add_argument("--disable-custom-all-reduce", action="store_true",
                        help="tensor parallel on GPUs: all-reduce through NCCL only, not the one-shot "
                             "symmetric-memory kernel used for small (decode) messages")
+        g.add_argument("--enable-expert-parallel", action="store_true",
+                       help="mixture-of-experts models: each rank holds num_experts / tensor-parallel-size whole "
+                            "experts instead of a slice of every expert (attention and shared experts stay "
+                            "split); the routing is computed on every rank and the all-reduce sums the experts' "
+                            "outputs (default: off)")
         g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
         g.add_argument("--seed", type=int, default=0, help="random seed for unseeded sampling (default: 0)")
         g.add_argument("--max-num-queued-reqs", type=int, default=None,

@@ -6,7 +6,9 @@ the dense `LlamaMLP` of the config's intermediate_size. A sparse block is the ro
 [num_experts, hidden] projection), the family's top-k routing (layers/moe/routing.py), the routed experts
 computed by the kernel backend's `fused_moe` (the torch expert loop on CPU, the fused Triton op on GPU)
 and, for Qwen2-MoE, a shared expert scaled by a sigmoid gate. Like every MLP it returns this rank's
-partial sums, which the decoder layer reduces.
+partial sums, which the decoder layer reduces. Under tensor parallelism the routed experts are split
+along their intermediate dimension, or with expert parallelism (`ModelRuntime.expert_parallel`) divided
+whole among the ranks (layers/moe/experts.py); `expert_layout` states which.
 
 What differs between the families is data: the MoEConfig the registry's adapter read from config.json,
 and the checkpoint's names for the experts (`checkpoint_name_map`).
@@ -72,7 +74,7 @@ class SparseMoeBlock(nn.Module):
                                weights_in_logits_dtype=moe.router_weights_in_model_dtype)
         self.gate = LinearBase(h, moe.num_experts, False, dtype, runtime.linear_method(f"{prefix}.gate"))
         self.experts = FusedExperts(moe.num_experts, h, moe.moe_intermediate_size, dtype, runtime.ops.fused_moe,
-                                    runtime.comm)
+                                    runtime.comm, expert_parallel=runtime.expert_parallel)
         self.shared_expert: SharedExpert | None = None
         self.shared_expert_gate: LinearBase | None = None
         if moe.shared_expert_intermediate_size:
@@ -130,6 +132,32 @@ def parameter_counts(config: ModelConfig, qk_norm: bool) -> tuple[int, int]:
     return total, active
 
 
+def expert_layout(config: ModelConfig, tp_size: int, expert_parallel: bool) -> dict[str, Any] | None:
+    """How the routed experts are divided among `tp_size` ranks (None for a dense model): whole experts
+    per rank under expert parallelism (rank r holds global experts r * experts_per_rank onwards), else
+    every expert on every rank with a 1 / tp_size slice of its intermediate dimension."""
+    moe = config.moe
+    if moe is None:
+        return None
+    if expert_parallel:
+        return {"expert_parallel": True, "num_experts": moe.num_experts,
+                "experts_per_rank": moe.num_experts // tp_size,
+                "moe_intermediate_size_per_rank": moe.moe_intermediate_size}
+    return {"expert_parallel": False, "num_experts": moe.num_experts, "experts_per_rank": moe.num_experts,
+            "moe_intermediate_size_per_rank": moe.moe_intermediate_size // tp_size}
+
+
+def _describe_layout(layout: dict[str, Any], tp_size: int) -> str:
+    if layout["expert_parallel"]:
+        per = layout["experts_per_rank"]
+        return (f"; expert parallel over {tp_size} rank(s): {per} whole experts per rank (rank r holds experts "
+                f"{per}r..{per}r+{per - 1})")
+    if tp_size > 1:
+        return (f"; every expert on each of {tp_size} ranks, {layout['moe_intermediate_size_per_rank']} of its "
+                "intermediate rows per rank")
+    return ""
+
+
 def _human(n: int) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= scale:
@@ -155,10 +183,12 @@ class MoeForCausalLM(LlamaForCausalLM):
         if moe is not None and runtime.comm.rank == 0:
             total, active = parameter_counts(config, self.qk_norm)
             sparse = sum(moe.is_moe_layer(i) for i in range(config.num_hidden_layers))
+            layout = expert_layout(config, runtime.comm.size, runtime.expert_parallel)
+            assert layout is not None
             logger.info("%s: %d of %d layers mixture-of-experts, %d experts, top-%d%s; %s parameters, %s active "
-                        "per token", config.architecture, sparse, config.num_hidden_layers, moe.num_experts,
+                        "per token%s", config.architecture, sparse, config.num_hidden_layers, moe.num_experts,
                         moe.num_experts_per_tok, " + a shared expert" if moe.shared_expert_intermediate_size else "",
-                        _human(total), _human(active))
+                        _human(total), _human(active), _describe_layout(layout, runtime.comm.size))
 
     def checkpoint_name_map(self, name: str) -> tuple[str, Any] | None:
         match = self._expert_name.match(name)

@@ -34,15 +34,19 @@ class ModelRuntime:
     quantization: QuantScheme | None = None
     packed_modules: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
     kv_cache: KVCacheScheme = field(default_factory=KVCacheScheme)
+    # Mixture-of-experts layers: each TP rank holds whole experts (E / tp of them) rather than a slice of
+    # every expert's intermediate dimension (layers/moe/experts.py); dense layers are split as always.
+    expert_parallel: bool = False
 
     @staticmethod
     def for_inference(kernel_backend: str, comm: Communicator = SINGLE_RANK,
                       kernels: KernelConfig | None = None, quantization: QuantScheme | None = None,
                       packed_modules: Mapping[str, tuple[str, Any]] | None = None,
-                      kv_cache: KVCacheScheme | None = None) -> "ModelRuntime":
+                      kv_cache: KVCacheScheme | None = None, expert_parallel: bool = False) -> "ModelRuntime":
         kv_cache = kv_cache or KVCacheScheme()
         return ModelRuntime(get_kernel_ops(kernel_backend), get_attention_backend(kernel_backend, kv_cache),
-                            comm, kernels or KernelConfig(), quantization, dict(packed_modules or {}), kv_cache)
+                            comm, kernels or KernelConfig(), quantization, dict(packed_modules or {}), kv_cache,
+                            expert_parallel)
 
     @staticmethod
     def plain() -> "ModelRuntime":

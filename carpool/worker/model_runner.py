@@ -35,6 +35,7 @@ from carpool.forward_batch import ForwardBatch
 from carpool.layers.rejection_sampler import RejectionSampler
 from carpool.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
 from carpool.models.loader import load_model
+from carpool.models.moe import expert_layout
 from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
 from carpool.platform import to_device
@@ -73,7 +74,8 @@ class ModelRunner:
         check_device_support(self.quantization, kv_cache, config.kernel_backend, self.device)
         self.runtime = ModelRuntime.for_inference(
             config.kernel_backend, self.comm, config.kernels, self.quantization,
-            get_model_class(config.model.architecture).packed_modules_mapping, kv_cache)
+            get_model_class(config.model.architecture).packed_modules_mapping, kv_cache,
+            config.parallel.enable_expert_parallel)
         # What the KV cache stores: e4m3 under --kv-cache-dtype fp8 (attention/fp8_kv.py), else the model dtype.
         self.kv_cache_dtype = KV_CACHE_FP8_DTYPE if kv_cache.is_fp8 else config.model.dtype
         self.ops = self.runtime.ops
@@ -116,11 +118,14 @@ class ModelRunner:
 
     def describe(self) -> dict:
         """The kernel paths this runner uses: the backend, the fast paths asked for (KernelConfig),
-        whether decode steps replay CUDA graphs, the quantization method and the KV cache dtype."""
+        whether decode steps replay CUDA graphs, the quantization method, the KV cache dtype and how a
+        mixture of experts' routed experts are divided among the ranks (None: a dense model)."""
         return {"kernel_backend": self.ops.name, "attention_backend": self.attention.name,
                 "cuda_graphs": self.graph_runner is not None, "kernels": dataclasses.asdict(self.config.kernels),
                 "quantization": self.quantization.name if self.quantization is not None else None,
-                "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch.")}
+                "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
+                "moe_layout": expert_layout(self.config.model, self.comm.size,
+                                            self.config.parallel.enable_expert_parallel)}
 
     # ---- KV memory -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:

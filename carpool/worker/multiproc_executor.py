@@ -50,10 +50,11 @@ from carpool.worker.tp_processes import (
 logger = logging.getLogger(__name__)
 
 
-def check_tensor_parallel(model: ModelConfig, tp_size: int, setting: str = "tensor_parallel_size",
-                          whose: str = "the model's") -> None:
-    """Refuse, before any process starts, a model that cannot be split `tp_size` ways; the message
-    starts with `setting`, the setting that asked for the split."""
+def check_tensor_parallel(model: ModelConfig, tp_size: int, expert_parallel: bool = False,
+                          setting: str = "tensor_parallel_size", whose: str = "the model's") -> None:
+    """Refuse, before any process starts, a model that cannot be split `tp_size` ways (with expert
+    parallelism, its routed experts whole, E / tp_size per rank); the message starts with `setting`, the
+    setting that asked for the split."""
     heads, kv_heads = model.num_attention_heads, model.num_key_value_heads
     if heads % tp_size:
         raise ValueError(f"{setting}: {whose} num_attention_heads={heads} does not divide by {setting}={tp_size}")
@@ -64,7 +65,13 @@ def check_tensor_parallel(model: ModelConfig, tp_size: int, setting: str = "tens
     if model.intermediate_size % tp_size:
         raise ValueError(f"{setting}: {whose} intermediate_size={model.intermediate_size} does not divide by "
                          f"{setting}={tp_size}")
-    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):  # experts split like dense MLPs
+    if expert_parallel and model.moe is not None and model.moe.num_experts % tp_size:
+        raise ValueError(f"enable_expert_parallel: {whose} num_experts={model.moe.num_experts} does not divide "
+                         f"by {setting}={tp_size}")
+    # experts split like dense MLPs (routed experts only without expert parallelism; shared ones always)
+    names = ("shared_expert_intermediate_size",) if expert_parallel else (
+        "moe_intermediate_size", "shared_expert_intermediate_size")
+    for name in names:
         size = getattr(model.moe, name, 0)
         if size % tp_size:
             raise ValueError(f"{setting}: {whose} {name}={size} does not divide by {setting}={tp_size}")
@@ -102,7 +109,7 @@ class MultiprocExecutor(Executor):
 
     def __init__(self, config: EngineConfig) -> None:
         tp_size = config.parallel.tensor_parallel_size
-        check_tensor_parallel(config.model, tp_size)
+        check_tensor_parallel(config.model, tp_size, config.parallel.enable_expert_parallel)
         nnodes, node_rank, addr, port = node_layout(tp_size, config.device)
         if node_rank != 0:
             raise ValueError(f"NODE_RANK={node_rank}: the engine runs on node 0; on other nodes run "
@@ -248,7 +255,7 @@ def run_node(argv: list[str] | None = None) -> int:
         description="Run this node's tensor-parallel ranks (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT set)."))
     config = EngineArgs.from_cli_args(parser.parse_args(argv)).create_engine_config()
     tp_size = config.parallel.tensor_parallel_size
-    check_tensor_parallel(config.model, tp_size)
+    check_tensor_parallel(config.model, tp_size, config.parallel.enable_expert_parallel)
     nnodes, node_rank, addr, port = node_layout(tp_size, config.device)
     if node_rank == 0:
         raise SystemExit("NODE_RANK=0 runs the engine itself (carpool serve/generate, or LLM(...))")

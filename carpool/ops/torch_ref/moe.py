@@ -4,6 +4,12 @@
 each the gated MLP of its tokens, the way transformers' `*Experts.forward` (eager) does: the same
 operations in the same order, so float32 output matches it bit for bit. `moe_align_block_size` is the
 torch twin of the Triton kernels that sort the (token, k) pairs by expert for the grouped GEMM.
+
+Expert parallelism: the weights may hold a contiguous range of the model's experts, global ids
+[expert_start, expert_start + E) of num_global_experts, while topk_ids keep the global ids the router
+chose. A pair routed to an expert outside the range contributes nothing here (another rank holds that
+expert and adds its contribution in the all-reduce): the result is this rank's partial sum, as if the
+other experts' routing weights were zero, and those pairs are never computed.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import torch.nn.functional as F
 
 
 def check_moe_inputs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor) -> None:
+                     topk_ids: torch.Tensor, expert_start: int = 0, num_global_experts: int | None = None) -> None:
     """Shapes every implementation relies on: hidden [T, H], w13 [E, 2I, H] (gate rows, then up rows),
-    w2 [E, H, I], topk_weights and topk_ids [T, k]."""
+    w2 [E, H, I], topk_weights and topk_ids [T, k]; the E experts held are global experts
+    [expert_start, expert_start + E) of num_global_experts (default E)."""
     if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"fused_moe: expected hidden [T, H], w13 [E, 2I, H], w2 [E, H, I]; got "
                          f"{tuple(hidden.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
@@ -26,19 +33,34 @@ def check_moe_inputs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"fused_moe: topk_ids and topk_weights must both be [T={hidden.shape[0]}, k]; got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+    total = e if num_global_experts is None else num_global_experts
+    if expert_start < 0 or expert_start + e > total:
+        raise ValueError(f"fused_moe: the {e} experts held from expert_start={expert_start} must lie within "
+                         f"num_global_experts={total}")
+
+
+def local_expert_ids(topk_ids: torch.Tensor, num_experts: int, expert_start: int) -> torch.Tensor:
+    """topk_ids as indices into the E = num_experts experts held from expert_start; a pair routed to an
+    expert held elsewhere gets E (one past the last held expert)."""
+    local = topk_ids.to(torch.int64) - expert_start
+    return torch.where((local >= 0) & (local < num_experts), local, num_experts)
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k] -> [T, H].
+              topk_ids: torch.Tensor, *, expert_start: int = 0, num_global_experts: int | None = None
+              ) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k] -> [T, H],
+    the sum taken over the pairs whose expert the weights hold (see the module docstring).
 
-    With tensor parallelism w13/w2 hold this rank's slice of every expert's intermediate dimension and
-    the result is this rank's partial sum. Host-syncing (it asks which experts were hit): CPU path only."""
-    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids)
+    With tensor parallelism w13/w2 hold this rank's slice of every expert's intermediate dimension, or
+    (expert parallelism) whole experts from expert_start; either way the result is this rank's partial
+    sum. Host-syncing (it asks which experts were hit): CPU path only."""
+    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts)
     num_experts = w13.shape[0]
     out = torch.zeros_like(hidden)
-    # expert_mask[e, k, t]: token t chose expert e in its k-th slot.
-    expert_mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
+    # expert_mask[e, k, t]: token t chose held expert e in its k-th slot (row E: an expert held elsewhere).
+    local_ids = local_expert_ids(topk_ids, num_experts, expert_start)
+    expert_mask = F.one_hot(local_ids, num_classes=num_experts + 1).permute(2, 1, 0)[:num_experts]
     for expert in torch.nonzero(expert_mask.sum(dim=(1, 2)) > 0).flatten().tolist():
         slot, token = torch.where(expert_mask[expert])
         gate, up = F.linear(hidden[token], w13[expert]).chunk(2, dim=-1)
@@ -55,9 +77,12 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_size: int) -> int:
     return -(-padded // block_size) * block_size
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_start: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the (token, k) pairs by expert and pad each expert's segment to a multiple of block_size.
+
+    The experts are the num_experts held from global id expert_start; pairs routed to other experts are
+    left out (no segment, no slot), and expert_ids are indices into the held experts.
 
     Returns (sorted_pair_ids [max_padded] int32, expert_ids [max_padded / block_size] int32,
     num_padded [1] int32), max_padded = max_padded_pairs(T*k, E, block_size). A pair is named by its
@@ -66,17 +91,18 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     below num_padded / block_size; entries of either output past num_padded are unspecified (the
     grouped GEMM never reads them). Sizes depend only on
     the shapes, so the Triton twin can run inside a CUDA graph."""
-    flat = topk_ids.flatten().to(torch.int64)
+    flat = local_expert_ids(topk_ids.flatten(), num_experts, expert_start)
     num_pairs = flat.numel()
     max_padded = max_padded_pairs(num_pairs, num_experts, block_size)
+    held = torch.nonzero(flat < num_experts).flatten()  # the pairs this rank computes, in index order
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts.scatter_add_(0, flat[held], torch.ones_like(held))
     padded = (counts + block_size - 1) // block_size * block_size
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
-    order = torch.sort(flat, stable=True).indices
+    order = held[torch.sort(flat[held], stable=True).indices]
     experts_sorted = flat[order]
-    rank = torch.arange(num_pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[experts_sorted]
+    rank = torch.arange(held.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[experts_sorted]
     sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=flat.device)
     sorted_ids[starts[experts_sorted] + rank] = order.to(torch.int32)
     block_starts = torch.arange(0, max_padded, block_size, device=flat.device)

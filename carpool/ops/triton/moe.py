@@ -3,7 +3,10 @@
 Op signature and result as `ops/torch_ref/moe.py` `fused_moe` (the oracle): hidden [T, H], w13
 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k] -> [T, H]. Under
 tensor parallelism w13/w2 hold this rank's slice of every expert's intermediate dimension and the result
-is this rank's partial sum.
+is this rank's partial sum. Under expert parallelism they hold whole experts, global ids
+[expert_start, expert_start + E): the kernels read topk_ids as global ids and leave out every pair routed
+to an expert held elsewhere (the sort gives it no slot, the GEMVs skip it), so a rank computes only its
+experts' pairs and its result is again a partial sum (those pairs' rows of the per-pair buffer are zero).
 
 Two paths, both reading only the experts that some token chose:
 - Grouped GEMM (more than `small_batch_max_tokens` tokens): the T*k (token, slot) pairs are sorted by
@@ -93,10 +96,17 @@ ALIGN_MAX_PROGRAMS = 64  # programs of the counting and scattering kernels (thei
 ALIGN_CHUNK = 64  # pairs a program handles per loop step
 
 
-@triton.jit(do_not_specialize=["num_pairs", "pairs_per_program"])
-def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, pairs_per_program,
+@triton.jit
+def _held_expert(global_id, expert_start, num_experts):
+    """A global expert id as an index into the experts held from expert_start; -1 if held elsewhere."""
+    local = global_id.to(tl.int32) - expert_start
+    return tl.where((local >= 0) & (local < num_experts), local, -1)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "pairs_per_program", "expert_start"])
+def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, pairs_per_program, expert_start, num_experts,
                         E_PAD: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
-    """counts[p, e] = number of pairs of program p's range routed to expert e."""
+    """counts[p, e] = number of pairs of program p's range routed to held expert e."""
     pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
@@ -104,7 +114,7 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, pairs_per_program,
     begin = pid * pairs_per_program
     for start in range(begin, begin + pairs_per_program, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        e = _held_expert(tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1), expert_start, num_experts)
         counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
     tl.store(counts_ptr + pid * E_PAD + experts, counts)
 
@@ -142,11 +152,11 @@ def _align_offsets_kernel(counts_ptr, offsets_ptr, sorted_ptr, expert_ids_ptr, n
         tl.store(expert_ids_ptr + blocks, tl.minimum(expert, num_experts - 1), mask=blocks < num_blocks)
 
 
-@triton.jit(do_not_specialize=["num_pairs", "pairs_per_program"])
-def _align_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_pairs, pairs_per_program,
-                          E_PAD: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+@triton.jit(do_not_specialize=["num_pairs", "pairs_per_program", "expert_start"])
+def _align_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_pairs, pairs_per_program, expert_start,
+                          num_experts, E_PAD: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     """Write each pair of program p's range at its sorted slot: offsets[p, e] plus the number of earlier
-    pairs of the range routed to e."""
+    pairs of the range routed to e (pairs of experts held elsewhere have no slot)."""
     pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
@@ -154,8 +164,8 @@ def _align_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_pairs, pairs_per
     begin = pid * pairs_per_program
     for start in range(begin, begin + pairs_per_program, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        valid = offs < num_pairs
-        e = tl.load(ids_ptr + offs, mask=valid, other=-1).to(tl.int32)
+        e = _held_expert(tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1), expert_start, num_experts)
+        valid = (offs < num_pairs) & (e >= 0)
         onehot = (e[:, None] == experts[None, :]).to(tl.int32)
         rank = tl.cumsum(onehot, axis=0) - onehot
         dest = tl.sum(onehot * (running[None, :] + rank), axis=1)
@@ -163,7 +173,7 @@ def _align_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_pairs, pairs_per
         running += tl.sum(onehot, axis=0)
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_start: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of `torch_ref.moe.moe_align_block_size` (same outputs, see its docstring)."""
     if block_size < 1 or block_size & (block_size - 1):
@@ -182,13 +192,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
     pdl = dict(USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    _align_count_kernel[(num_programs,)](ids, counts, num_pairs, per_program, E_PAD=e_pad, CHUNK=ALIGN_CHUNK,
-                                         **pdl)
+    _align_count_kernel[(num_programs,)](ids, counts, num_pairs, per_program, expert_start, num_experts,
+                                         E_PAD=e_pad, CHUNK=ALIGN_CHUNK, **pdl)
     _align_offsets_kernel[(1,)](counts, offsets, sorted_ids, expert_ids, num_padded, num_pairs, num_programs,
                                 num_blocks, num_experts, E_PAD=e_pad, P_PAD=triton.next_power_of_2(num_programs),
                                 BLOCK=block_size, BLOCKS_PER_STEP=64, num_warps=8, **pdl)
-    _align_scatter_kernel[(num_programs,)](ids, offsets, sorted_ids, num_pairs, per_program, E_PAD=e_pad,
-                                           CHUNK=ALIGN_CHUNK, **pdl)
+    _align_scatter_kernel[(num_programs,)](ids, offsets, sorted_ids, num_pairs, per_program, expert_start,
+                                           num_experts, E_PAD=e_pad, CHUNK=ALIGN_CHUNK, **pdl)
     return sorted_ids, expert_ids, num_padded
 
 
@@ -270,15 +280,18 @@ def _precision(dtype: torch.dtype) -> str:
 
 # ---- per-pair GEMVs for small batches -----------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["expert_start"])
 def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, INTER, H, stride_xt, stride_we, stride_wn,
-                             TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             USE_PDL: tl.constexpr):
+                             expert_start, num_experts, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (pair, row block): out[pair, rows] = silu(x_t . gate_e[rows]) * (x_t . up_e[rows]) with
-    t = pair // TOP_K and e = topk_ids[pair]."""
+    t = pair // TOP_K and e = topk_ids[pair] (nothing for a pair of an expert held elsewhere: the down
+    kernel skips it)."""
     pdl_enter(USE_PDL)
     pair = tl.program_id(0)
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    expert = _held_expert(tl.load(ids_ptr + pair), expert_start, num_experts).to(tl.int64)
+    if expert < 0:
+        return
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < INTER
     gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
@@ -300,12 +313,13 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, INTER, H, stride_xt
     tl.store(out_ptr + pair.to(tl.int64) * INTER + rows, (act * up).to(dtype), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["expert_start"])
 def _moe_gemv_down_kernel(inter_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER, H, stride_we, stride_wn,
-                          TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          expert_start, num_experts, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (token, row block): out[t, rows] = sum over the token's pairs p of
-    weight[p] * (down_e[rows] . inter[p]), e = topk_ids[p], summed in float32 in slot order."""
+    weight[p] * (down_e[rows] . inter[p]), e = topk_ids[p], summed in float32 in slot order; a pair of an
+    expert held elsewhere adds zero (its loads are masked off: no memory is read for it)."""
     pdl_enter(USE_PDL)
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,14 +328,15 @@ def _moe_gemv_down_kernel(inter_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER,
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for slot in range(TOP_K):
         pair = token * TOP_K + slot
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        expert = _held_expert(tl.load(ids_ptr + pair), expert_start, num_experts).to(tl.int64)
+        held_inter = tl.where(expert >= 0, INTER, 0)  # columns to read: none for a pair held elsewhere
         weight = tl.load(topk_w_ptr + pair).to(tl.float32)
-        w_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        w_rows = w_ptr + tl.maximum(expert, 0) * stride_we + rows.to(tl.int64)[:, None] * stride_wn
         v_row = inter_ptr + pair.to(tl.int64) * INTER
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, INTER, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < INTER
+            col_ok = cols < held_inter
             v = tl.load(v_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             acc += tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * v
         y = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype)
@@ -337,11 +352,13 @@ def _gemv_block_k(k: int) -> int:
 # ---- the op -------------------------------------------------------------------------------------------
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: FusedMoeConfig | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: FusedMoeConfig | None = None, *, expert_start: int = 0,
+              num_global_experts: int | None = None) -> torch.Tensor:
     """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, k] -> [T, H]
-    in hidden's dtype. Weights must be contiguous in their last dim; topk_ids must be valid expert ids
-    (not checked on the device: that would sync)."""
-    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids)
+    in hidden's dtype, over the pairs whose expert w13/w2 hold (global experts [expert_start,
+    expert_start + E) of num_global_experts, default all). Weights must be contiguous in their last dim;
+    topk_ids must be valid global expert ids (not checked on the device: that would sync)."""
+    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts)
     if hidden.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe: hidden, w13 and w2 must be contiguous in their last dim")
     if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
@@ -351,7 +368,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     inter_size, top_k = two_i // 2, topk_ids.shape[1]
     if num_tokens == 0:
         return hidden.new_empty(0, h)
-    config = config or default_moe_config(num_tokens, top_k, num_experts)
+    total_experts = num_experts if num_global_experts is None else num_global_experts
+    # (tiles by the pairs per expert, T k / total, the same whether or not the experts are spread over ranks)
+    config = config or default_moe_config(num_tokens, top_k, total_experts)
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
     num_pairs = num_tokens * top_k
     inter = utils.empty_output((num_pairs, inter_size), dtype=hidden.dtype, device=hidden.device)
@@ -359,18 +378,21 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if num_tokens <= config.small_batch_max_tokens:
         bn = config.gemv_block_n
         _moe_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, bn))](
-            hidden, w13, ids, inter, inter_size, h, hidden.stride(0), w13.stride(0), w13.stride(1), TOP_K=top_k,
-            BLOCK_N=bn, BLOCK_K=_gemv_block_k(h), num_warps=4, **pdl)
+            hidden, w13, ids, inter, inter_size, h, hidden.stride(0), w13.stride(0), w13.stride(1), expert_start,
+            num_experts, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=_gemv_block_k(h), num_warps=4, **pdl)
         out = utils.empty_output((num_tokens, h), dtype=hidden.dtype, device=hidden.device)
         _moe_gemv_down_kernel[(num_tokens, triton.cdiv(h, bn))](
-            inter, w2, ids, weights, out, inter_size, h, w2.stride(0), w2.stride(1), TOP_K=top_k, BLOCK_N=bn,
-            BLOCK_K=_gemv_block_k(inter_size), num_warps=4, **pdl)
+            inter, w2, ids, weights, out, inter_size, h, w2.stride(0), w2.stride(1), expert_start, num_experts,
+            TOP_K=top_k, BLOCK_N=bn, BLOCK_K=_gemv_block_k(inter_size), num_warps=4, **pdl)
         return out
     cfg = config.gemm
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, num_experts, cfg.block_m)
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, num_experts, cfg.block_m, expert_start)
     _launch_gemm(hidden, w13, inter, weights, sorted_ids, expert_ids, num_padded, num_pairs, inter_size,
                  a_row_div=top_k, gate_up=True, cfg=cfg)
-    scaled = utils.empty_output((num_pairs, h), dtype=hidden.dtype, device=hidden.device)
+    if total_experts == num_experts:
+        scaled = utils.empty_output((num_pairs, h), dtype=hidden.dtype, device=hidden.device)
+    else:  # the rows of pairs held elsewhere are never written: they must add zero to the sum below
+        scaled = torch.zeros((num_pairs, h), dtype=hidden.dtype, device=hidden.device)
     _launch_gemm(inter, w2, scaled, weights, sorted_ids, expert_ids, num_padded, num_pairs, h, a_row_div=1,
                  gate_up=False, cfg=cfg)
     # (torch sums a bf16 tensor in float32 and rounds once, as the GEMV path does.)
