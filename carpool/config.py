@@ -230,7 +230,8 @@ class KernelConfig:
     one. Read once when the model is built (layers receive the choice) and carried to TP ranks by the
     codec; nothing reads these from the environment."""
 
-    # batch-1 steps: silu(x @ gate.T) * (x @ up.T) in one GEMV kernel, not GEMV then silu_and_mul
+    # batch-1 steps (FP8 / INT4 weights: 1-8 rows): silu(x @ gate.T) * (x @ up.T) in one GEMV kernel, not GEMV
+    # then silu_and_mul
     fused_gemv_silu: bool = True
     # batch-1 steps: the q/k/v GEMV with RoPE and the KV-cache store in its epilogue (models without q/k norm)
     fused_qkv_rope: bool = True

@@ -30,7 +30,7 @@ from carpool.quantization.config import (
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
 
 KERNEL_FLAG_HELP: dict[str, str] = {
-    "fused_gemv_silu": "batch-1 steps: the gate/up GEMV with SiLU-and-mul in one kernel",
+    "fused_gemv_silu": "batch-1 steps (FP8/INT4 weights: 1-8 rows): the gate/up GEMV with SiLU-and-mul in one kernel",
     "fused_qkv_rope": "batch-1 steps: the q/k/v GEMV with RoPE and the KV-cache store in one kernel",
     "lm_head_gemv": "batch-1 steps: the LM head through the Triton GEMV rather than cuBLAS",
     "kernel_host_io": "small CUDA-graph replays read inputs and write tokens through pinned memory by kernel",
