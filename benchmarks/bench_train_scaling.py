@@ -311,6 +311,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="chrome trace of those steps on rank 0 (.json.gz)")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 (fp32 on CPU)")
     ap.add_argument("--activation-checkpointing", default="off", choices=["off", "on", "selective"])
+    ap.add_argument("--loss-chunk-size", type=int, default=4096, help="chunked cross-entropy tokens")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-warmup-steps", type=int, default=20)
     ap.add_argument("--loss-rtol", type=float, default=None,
@@ -377,6 +378,7 @@ def main() -> None:
                 "data": {"train": prefix}, "model": dict(shape), "seq_len": seq_len, "micro_batch_size": b,
                 "grad_accum_steps": n // world, "max_steps": total_steps, "precision": precision,
                 "activation_checkpointing": args.activation_checkpointing, "device": device,
+                "loss_chunk_size": args.loss_chunk_size,
                 "parallel": {"strategy": "fsdp"}, "optim": {"lr": args.lr, "warmup_steps": args.lr_warmup_steps},
                 "output_dir": os.path.join(workdir, f"out{world}"), "checkpoint": {"resume": False},
                 "export": False, "progress_bar": False}
