@@ -293,6 +293,7 @@ def compare_losses(one: list[float], many: list[float], rtol: float, mean_rtol: 
         "steps": len(rel), "max_abs_diff": max(abs(b - a) for a, b in zip(one, many)),
         "max_rel_diff": max(rel), "mean_rel_diff": sum(rel) / len(rel), "rtol": rtol, "mean_rtol": mean_rtol,
         "tolerance": f"every step |many - one| <= {rtol} x |one| and the mean of those ratios <= {mean_rtol}",
+        "last10_mean_rel_diff": abs(sum(many[-10:]) - sum(one[-10:])) / max(abs(sum(one[-10:])), 1e-12),
         "first_loss": one[0], "last_loss": one[-1], "finite": finite,
         "match": finite and len(one) == len(many) and max(rel) <= rtol and sum(rel) / len(rel) <= mean_rtol,
     }
