@@ -1,0 +1,124 @@
+"""benchmarks/quant_quality.py: held-out perplexity through the serving engine. The engine's perplexity of
+the unquantized model is transformers' in float32 on the same tokens, its tokens are the chunks
+`carpool eval` scores, and every method runs end to end on a tiny sharded bf16 Llama (the layout of the
+trained demo model's export) and reports its ratio to the unquantized perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import build_checkpoint
+from quant_checkpoints import QUANT_DIMS
+
+from carpool.training.data import eval_batches
+from carpool.training.pretokenize import open_tokens, write_token_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import quant_quality  # noqa: E402
+
+SEQUENCES, SEQ_LEN = 2, 24
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """A tiny Llama saved as the demo export is: bf16, sharded with an index, tied embeddings."""
+    path = str(tmp_path_factory.mktemp("quality-model"))
+    return build_checkpoint(path, "llama", dtype=torch.bfloat16, max_shard_size="200KB", tie_word_embeddings=True,
+                            **QUANT_DIMS)
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> str:
+    prefix = str(tmp_path_factory.mktemp("quality-data") / "heldout")
+    tokens = np.random.default_rng(0).integers(0, 256, 400)
+    write_token_file(tokens, prefix, vocab_size=258, bos_token_id=256, eos_token_id=257, pad_token_id=257,
+                     split="heldout")
+    return prefix
+
+
+def test_heldout_sequences_are_the_chunks_carpool_eval_scores(heldout):
+    got = quant_quality.heldout_sequences(heldout, 3, SEQ_LEN)
+    tokens, _ = open_tokens(heldout)
+    batch = next(eval_batches(tokens, SEQ_LEN, batch_size=3))
+    assert got == [inputs + [labels[-1]] for inputs, labels in zip(batch.input_ids.tolist(), batch.labels.tolist())]
+
+
+def test_engine_perplexity_of_the_unquantized_model_is_transformers_float32(model, heldout):
+    from transformers import AutoModelForCausalLM
+
+    from carpool import LLM
+
+    sequences = quant_quality.heldout_sequences(heldout, SEQUENCES, SEQ_LEN)
+    got = quant_quality.engine_perplexity(LLM(model, device="cpu", dtype="float32"), sequences)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ids = torch.tensor(sequences)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf(ids).logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, ids[:, 1:, None]).double().mean().item()
+    assert got["tokens"] == SEQUENCES * SEQ_LEN
+    assert got["loss"] == pytest.approx(nll, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def report(model, heldout, tmp_path_factory) -> dict:
+    """The benchmark's JSON, every method, through its command line."""
+    out = str(tmp_path_factory.mktemp("quality-out") / "quality.json")
+    argv = sys.argv
+    sys.argv = ["quant_quality.py", "--model", model, "--data", heldout, "--device", "cpu",
+                "--sequences", str(SEQUENCES), "--seq-len", str(SEQ_LEN), "--out", out]
+    try:
+        quant_quality.main()
+    finally:
+        sys.argv = argv
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_every_method_reports_its_perplexity_and_ratio(report):
+    assert set(report["methods"]) == {m.name for m in quant_quality.METHODS}
+    assert (report["sequences"], report["seq_len"], report["scored_tokens"]) == (SEQUENCES, SEQ_LEN,
+                                                                                 SEQUENCES * SEQ_LEN)
+    base = report["methods"]["unquantized"]["perplexity"]
+    for name, r in report["methods"].items():
+        assert r["tokens"] == SEQUENCES * SEQ_LEN, name
+        assert r["ratio"] == pytest.approx(r["perplexity"] / base), name
+        assert 0.8 < r["ratio"] < 1.25, name  # a random model: quantization noise moves it by a little
+    assert set(report["targets"]) == set(quant_quality.TARGETS)
+
+
+def test_each_method_runs_the_quantization_it_names(report):
+    described = {name: (r["quantization"], r["kv_cache_dtype"]) for name, r in report["methods"].items()}
+    assert described == {
+        "unquantized": (None, "float32"),
+        "fp8_kv": (None, "float8_e4m3fn"),
+        "fp8_online": ("fp8", "float32"),
+        "fp8_checkpoint": ("compressed-tensors-fp8", "float32"),
+        "fp8_w8a8_fp8_kv": ("compressed-tensors-fp8", "float8_e4m3fn"),
+        "int4_awq": ("awq", "float32"),
+        "int4_gptq": ("gptq", "float32"),
+    }
+    for name, r in report["methods"].items():
+        if name != "unquantized":
+            assert r["perplexity"] != report["methods"]["unquantized"]["perplexity"], name
+
+
+def test_the_fp8_checkpoint_scores_as_online_fp8_quantization(report):
+    """The writer's per-channel FP8 weights are the ones `--quantization fp8` computes while loading."""
+    assert report["methods"]["fp8_checkpoint"]["perplexity"] == report["methods"]["fp8_online"]["perplexity"]
+
+
+def test_unknown_methods_are_refused_naming_the_field(model, heldout):
+    with pytest.raises(ValueError, match="^methods: unknown int3"):
+        quant_quality.run_quality(model, heldout, "cpu", SEQUENCES, SEQ_LEN, methods=["int3"])
+
+
+def test_more_sequences_than_the_file_holds_are_refused(heldout):
+    with pytest.raises(ValueError, match="^sequences: "):
+        quant_quality.heldout_sequences(heldout, 100, SEQ_LEN)
