@@ -4,7 +4,7 @@ W8A8, an FP8 KV cache, INT4): the quality figure of the quantization issue. Prin
 
     python benchmarks/quant_quality.py --model DIR --data HELDOUT_PREFIX [--device cpu|cuda]
         [--sequences 32] [--seq-len 512] [--dtype auto] [--methods a,b,...] [--work-dir DIR]
-        [--training-eval] [--out FILE]
+        [--calibration TRAIN_PREFIX] [--training-eval] [--out FILE]
 
 The tokens: the first N chunks of L + 1 tokens of the token file (`carpool pretokenize`), the chunks
 `carpool eval --seq-len L --max-sequences N` scores (training/data.py's PackedSequences; only whole
@@ -15,19 +15,21 @@ torch reference kernels on CPU, Triton on GPU), so the figure includes the quant
 KV cache's rounding; `--training-eval` adds the training-side model's perplexity on the same tokens
 (`carpool eval`) as a cross-check of the unquantized figure.
 
-Methods (`--methods`, all by default; ratios are to `unquantized`, the checkpoint in the engine's dtype
-with a KV cache of that dtype; `--dtype auto` is the checkpoint's dtype on GPU and float32 on CPU):
+Methods (`--methods`; by default all, int4_gptq only with `--calibration`; ratios are to `unquantized`,
+the checkpoint in the engine's dtype with a KV cache of that dtype; `--dtype auto` is the checkpoint's
+dtype on GPU and float32 on CPU):
 - fp8_kv: unquantized weights, `--kv-cache-dtype fp8` (e4m3, per-layer scale 1.0: the checkpoint has none)
 - fp8_online: `--quantization fp8` (per-channel weight scales computed while loading, dynamic per-token
   activations)
 - fp8_checkpoint: a compressed-tensors FP8 checkpoint written from the model (per-channel, dynamic
   per-token activations; carpool.quantization.writers.write_fp8_channel)
 - fp8_w8a8_fp8_kv: that checkpoint with the FP8 KV cache (issue target: ratio <= 1.01)
-- int4_awq: AWQ GEMM packing, group 128, zero points (issue target: ratio <= 1.05)
-- int4_gptq: GPTQ packing (v1), group 128, symmetric
-Both INT4 checkpoints are round-to-nearest (min-max per group, no calibration data), not AWQ's
-activation-aware scaling or GPTQ's error compensation: an upper bound on what those tools' checkpoints
-of the same model would lose.
+- int4_awq: AWQ GEMM packing, group 128, zero points (issue target: ratio <= 1.05), round to nearest
+  (min-max per group, no calibration data), not AWQ's activation-aware scaling (which usually loses
+  less).
+- int4_gptq (only with `--calibration`, a token file other than --data, e.g. the train split): GPTQ's
+  error compensation (quantization/gptq.py, non-sequential: every layer's Hessian from the float model)
+  on `--calibration-sequences` chunks of L + 1 tokens, group 128, zero points, gptq_v2 packing.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit  # noqa: E402
 
+from carpool.training.pretokenize import open_tokens, paths_of  # noqa: E402
+
 
 @dataclass(frozen=True)
 class QualityMethod:
@@ -72,13 +76,15 @@ METHODS: tuple[QualityMethod, ...] = (
     QualityMethod("int4_awq", "awq"),
     QualityMethod("int4_gptq", "gptq"),
 )
+CALIBRATED = {"gptq"}  # checkpoints that need calibration data
 # The issue's quality targets: perplexity / unquantized perplexity at most this.
 TARGETS = {"fp8_w8a8_fp8_kv": 1.01, "int4_awq": 1.05}
 CHECKPOINT_NOTES = {
     "fp8": "compressed-tensors float-quantized: e4m3 weights, per-channel scales max|row|/448, dynamic "
            "per-token activations",
     "awq": "AWQ GEMM packing, group 128, zero points; round-to-nearest min-max per group (no calibration)",
-    "gptq": "GPTQ v1 packing, group 128, symmetric; round-to-nearest (no calibration, no error compensation)",
+    "gptq": "GPTQ (error compensation, 1% damping, no act-order, Hessians from the float model), group 128, "
+            "zero points, gptq_v2 packing",
 }
 
 
@@ -88,11 +94,9 @@ def describe_device(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device))
 
 
-def heldout_sequences(data: str, num_sequences: int, seq_len: int) -> list[list[int]]:
+def token_chunks(data: str, num_sequences: int, seq_len: int) -> list[list[int]]:
     """The first `num_sequences` whole chunks of `seq_len + 1` tokens of the token file at `data`: the
     inputs and labels of the chunks `carpool eval` scores first (PackedSequences.chunk)."""
-    from carpool.training.pretokenize import open_tokens
-
     if num_sequences < 1:
         raise ValueError(f"sequences: must be >= 1, got {num_sequences}")
     if seq_len < 1:
@@ -123,9 +127,10 @@ def engine_perplexity(llm: Any, sequences: Sequence[list[int]]) -> dict[str, flo
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
 
 
-def write_checkpoints(model: str, kinds: set[str], work_dir: str, group_size: int = 128) -> dict[str, str]:
+def write_checkpoints(model: str, kinds: set[str], work_dir: str, group_size: int = 128,
+                      calibration: Sequence[list[int]] | None = None, device: str = "cpu") -> dict[str, str]:
     """The checkpoints `kinds` ("fp8", "awq", "gptq") written from `model` under `work_dir`; "float" is
-    `model` itself."""
+    `model` itself. "gptq" calibrates on the `calibration` sequences (its Hessians computed on `device`)."""
     from carpool.quantization.writers import write_fp8_channel, write_int4
 
     paths = {"float": model}
@@ -133,8 +138,18 @@ def write_checkpoints(model: str, kinds: set[str], work_dir: str, group_size: in
         dst = os.path.join(work_dir, kind)
         if kind == "fp8":
             paths[kind] = write_fp8_channel(model, dst)
-        elif kind in ("awq", "gptq"):
-            paths[kind] = write_int4(model, dst, kind, group_size)
+        elif kind == "awq":
+            paths[kind] = write_int4(model, dst, "awq", group_size)
+        elif kind == "gptq":
+            from carpool.quantization.gptq import collect_hessians
+
+            if not calibration:
+                raise ValueError("calibration: the gptq checkpoint needs calibration sequences")
+            hessians = collect_hessians(model, calibration, device)
+            paths[kind] = write_int4(model, dst, "gptq-v2-asym", group_size, hessians)
+            del hessians
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         else:
             raise ValueError(f"checkpoint: unknown kind {kind!r}")
     return paths
@@ -164,24 +179,32 @@ def measure(method: QualityMethod, path: str, sequences: Sequence[list[int]], en
 
 def run_quality(model: str, data: str, device: str, num_sequences: int, seq_len: int, dtype: str = "auto",
                 methods: Sequence[str] | None = None, work_dir: str | None = None, group_size: int = 128,
-                training_eval: bool = False) -> dict[str, Any]:
+                training_eval: bool = False, calibration: str | None = None,
+                calibration_sequences: int = 64) -> dict[str, Any]:
     """The benchmark's JSON object (see the module docstring)."""
     by_name = {m.name: m for m in METHODS}
-    names = list(methods) if methods else [m.name for m in METHODS]
+    names = list(methods) if methods else [m.name for m in METHODS
+                                           if calibration is not None or m.checkpoint not in CALIBRATED]
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ValueError(f"methods: unknown {', '.join(unknown)}; choose from {', '.join(by_name)}")
     if BASELINE not in names:
         names.insert(0, BASELINE)  # every ratio needs it
     chosen = [by_name[n] for n in names]
-    sequences = heldout_sequences(data, num_sequences, seq_len)
+    calibrated = [m.name for m in chosen if m.checkpoint in CALIBRATED]
+    if calibrated and calibration is None:
+        raise ValueError(f"calibration: {', '.join(calibrated)} need(s) a calibration token file (the train split)")
+    if calibration is not None and os.path.realpath(paths_of(calibration)[0]) == os.path.realpath(paths_of(data)[0]):
+        raise ValueError("calibration: the held-out file itself; calibrate on other tokens (the train split)")
+    sequences = token_chunks(data, num_sequences, seq_len)
+    calib = token_chunks(calibration, calibration_sequences, seq_len) if calibrated and calibration else None
     # Every sequence is one prompt of L + 1 tokens and one sampled token; the KV cache holds them all at
     # once (the capacity changes no value, and a CPU engine allocates its default budget slowly).
     engine_kwargs = {"device": device, "dtype": dtype, "enforce_eager": True, "max_model_len": seq_len + 2,
                      "num_kv_blocks": num_sequences * -(-(seq_len + 2) // BLOCK_SIZE), "block_size": BLOCK_SIZE}
     tmp = work_dir or tempfile.mkdtemp(prefix="carpool-quant-quality-")
     try:
-        paths = write_checkpoints(model, {m.checkpoint for m in chosen}, tmp, group_size)
+        paths = write_checkpoints(model, {m.checkpoint for m in chosen}, tmp, group_size, calib, device)
         results: dict[str, dict[str, Any]] = {}
         for m in chosen:
             print(f"[quant_quality] {m.name}", file=sys.stderr, flush=True)
@@ -203,6 +226,8 @@ def run_quality(model: str, data: str, device: str, num_sequences: int, seq_len:
                            "met": results[name]["ratio"] <= limit}
                     for name, limit in TARGETS.items() if name in results},
     }
+    if calib is not None:
+        out["calibration"] = {"data": os.path.abspath(calibration), "sequences": len(calib), "seq_len": seq_len}
     if training_eval:
         from carpool.training.evaluate import heldout_perplexity
 
@@ -224,13 +249,18 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128, help="INT4 group size (default 128)")
     ap.add_argument("--work-dir", default=None, help="keep the quantized checkpoints here (default: a temporary "
                     "directory, removed)")
+    ap.add_argument("--calibration", default=None,
+                    help="token file prefix for GPTQ's calibration (the train split); adds int4_gptq")
+    ap.add_argument("--calibration-sequences", type=int, default=64,
+                    help="chunks of seq-len + 1 tokens GPTQ calibrates on (default 64)")
     ap.add_argument("--training-eval", action="store_true",
                     help="also the training-side model's perplexity on the same tokens (carpool eval)")
     ap.add_argument("--out")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     emit(run_quality(args.model, args.data, args.device, args.sequences, args.seq_len, args.dtype, methods,
-                     args.work_dir, args.group_size, args.training_eval), args.out)
+                     args.work_dir, args.group_size, args.training_eval, args.calibration,
+                     args.calibration_sequences), args.out)
 
 
 if __name__ == "__main__":

@@ -33,17 +33,26 @@ def model(tmp_path_factory) -> str:
                             **QUANT_DIMS)
 
 
-@pytest.fixture(scope="module")
-def heldout(tmp_path_factory) -> str:
-    prefix = str(tmp_path_factory.mktemp("quality-data") / "heldout")
-    tokens = np.random.default_rng(0).integers(0, 256, 400)
+def _token_file(path, split: str, seed: int) -> str:
+    prefix = str(path / split)
+    tokens = np.random.default_rng(seed).integers(0, 256, 400)
     write_token_file(tokens, prefix, vocab_size=258, bos_token_id=256, eos_token_id=257, pad_token_id=257,
-                     split="heldout")
+                     split=split)
     return prefix
 
 
-def test_heldout_sequences_are_the_chunks_carpool_eval_scores(heldout):
-    got = quant_quality.heldout_sequences(heldout, 3, SEQ_LEN)
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> str:
+    return _token_file(tmp_path_factory.mktemp("quality-data"), "heldout", seed=0)
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory) -> str:
+    return _token_file(tmp_path_factory.mktemp("quality-data"), "train", seed=1)
+
+
+def test_token_chunks_are_the_chunks_carpool_eval_scores(heldout):
+    got = quant_quality.token_chunks(heldout, 3, SEQ_LEN)
     tokens, _ = open_tokens(heldout)
     batch = next(eval_batches(tokens, SEQ_LEN, batch_size=3))
     assert got == [inputs + [labels[-1]] for inputs, labels in zip(batch.input_ids.tolist(), batch.labels.tolist())]
@@ -54,7 +63,7 @@ def test_engine_perplexity_of_the_unquantized_model_is_transformers_float32(mode
 
     from carpool import LLM
 
-    sequences = quant_quality.heldout_sequences(heldout, SEQUENCES, SEQ_LEN)
+    sequences = quant_quality.token_chunks(heldout, SEQUENCES, SEQ_LEN)
     got = quant_quality.engine_perplexity(LLM(model, device="cpu", dtype="float32"), sequences)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     ids = torch.tensor(sequences)
@@ -67,12 +76,13 @@ def test_engine_perplexity_of_the_unquantized_model_is_transformers_float32(mode
 
 
 @pytest.fixture(scope="module")
-def report(model, heldout, tmp_path_factory) -> dict:
-    """The benchmark's JSON, every method, through its command line."""
+def report(model, heldout, train, tmp_path_factory) -> dict:
+    """The benchmark's JSON, every method (GPTQ calibrated on the train tokens), through its command line."""
     out = str(tmp_path_factory.mktemp("quality-out") / "quality.json")
     argv = sys.argv
     sys.argv = ["quant_quality.py", "--model", model, "--data", heldout, "--device", "cpu",
-                "--sequences", str(SEQUENCES), "--seq-len", str(SEQ_LEN), "--out", out]
+                "--sequences", str(SEQUENCES), "--seq-len", str(SEQ_LEN), "--calibration", train,
+                "--calibration-sequences", "4", "--out", out]
     try:
         quant_quality.main()
     finally:
@@ -114,6 +124,20 @@ def test_the_fp8_checkpoint_scores_as_online_fp8_quantization(report):
     assert report["methods"]["fp8_checkpoint"]["perplexity"] == report["methods"]["fp8_online"]["perplexity"]
 
 
+def test_gptq_is_calibrated_on_the_given_tokens(report, train):
+    assert report["calibration"] == {"data": os.path.abspath(train), "sequences": 4, "seq_len": SEQ_LEN}
+
+
+def test_gptq_without_calibration_tokens_is_refused(model, heldout):
+    with pytest.raises(ValueError, match="^calibration: int4_gptq"):
+        quant_quality.run_quality(model, heldout, "cpu", SEQUENCES, SEQ_LEN, methods=["int4_gptq"])
+
+
+def test_calibrating_on_the_heldout_tokens_is_refused(model, heldout):
+    with pytest.raises(ValueError, match="^calibration: the held-out file"):
+        quant_quality.run_quality(model, heldout, "cpu", SEQUENCES, SEQ_LEN, calibration=heldout)
+
+
 def test_unknown_methods_are_refused_naming_the_field(model, heldout):
     with pytest.raises(ValueError, match="^methods: unknown int3"):
         quant_quality.run_quality(model, heldout, "cpu", SEQUENCES, SEQ_LEN, methods=["int3"])
@@ -121,4 +145,4 @@ def test_unknown_methods_are_refused_naming_the_field(model, heldout):
 
 def test_more_sequences_than_the_file_holds_are_refused(heldout):
     with pytest.raises(ValueError, match="^sequences: "):
-        quant_quality.heldout_sequences(heldout, 100, SEQ_LEN)
+        quant_quality.token_chunks(heldout, 100, SEQ_LEN)

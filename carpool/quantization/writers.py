@@ -1,6 +1,6 @@
 """Quantized checkpoints written from a float Hugging Face checkpoint, in formats carpool loads.
 
-Two writers, both round-to-nearest over the float weights (no calibration data):
+Two writers over the float weights:
 - `write_fp8_channel`: compressed-tensors `float-quantized` FP8 W8A8 as llm-compressor writes it:
   `weight` e4m3 [N, K] with `weight_scale` float32 [N, 1] = max |row| / 448 per output channel, and
   activations quantized per token at run time (dynamic). Bit-identical to compressed-tensors' own
@@ -8,8 +8,9 @@ Two writers, both round-to-nearest over the float weights (no calibration data):
 - `write_int4`: 4-bit weights, min-max per group of `group_size` input columns, in AutoAWQ's GEMM packing
   (`awq`, zero points) or AutoGPTQ's (`gptq` symmetric, `gptq-asym`: v1 with zero points,
   `gptq-v2-asym`: GPTQModel's v2 zeros). The packers transcribe the tools' own packing code (named in
-  each docstring); AutoAWQ and AutoGPTQ themselves need CUDA builds. A round-to-nearest checkpoint is a
-  lower bound on what AWQ's activation-aware scaling or GPTQ's error compensation would reach.
+  each docstring); AutoAWQ and AutoGPTQ themselves need CUDA builds. Round to nearest by default (what
+  AWQ's activation-aware scaling and GPTQ's error compensation improve on), or GPTQ's error
+  compensation given calibration Hessians (quantization/gptq.py).
 
 Every decoder-layer projection (LINEARS) is quantized; embeddings, norms and the LM head keep the source
 checkpoint's dtype. The source may be one safetensors file or a sharded one with its index; the output is
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -179,9 +181,11 @@ def int4_quantization_config(fmt: str, group: int) -> dict[str, Any]:
             "checkpoint_format": "gptq_v2" if fmt == "gptq-v2-asym" else "gptq"}
 
 
-def write_int4(src: str, dst: str, fmt: str = "awq", group: int = 128) -> str:
-    """`src` with every projection quantized to 4 bits (round to nearest, min-max per group of `group`
-    input columns) and packed as `fmt` (INT4_FORMATS), in `dst`."""
+def write_int4(src: str, dst: str, fmt: str = "awq", group: int = 128,
+               hessians: Mapping[str, torch.Tensor] | None = None) -> str:
+    """`src` with every projection quantized to 4 bits and packed as `fmt` (INT4_FORMATS), in `dst`:
+    round to nearest (min-max per group of `group` input columns), or with `hessians` (one per module,
+    gptq.collect_hessians) GPTQ's error compensation on the same grids."""
     if fmt not in INT4_FORMATS:
         raise ValueError(f"fmt: unknown 4-bit format {fmt!r}; choose one of {', '.join(INT4_FORMATS)}")
     weights = read_checkpoint(src)
@@ -190,7 +194,14 @@ def write_int4(src: str, dst: str, fmt: str = "awq", group: int = 128) -> str:
         w = weights.pop(f"{module}.weight")
         if w.shape[0] % 8:
             raise ValueError(f"{module}.weight: {w.shape[0]} output channels do not fill whole 8-nibble words")
-        q, zero, scale = quantize_int4(w, group, symmetric=fmt == "gptq")
+        if hessians is None:
+            q, zero, scale = quantize_int4(w, group, symmetric=fmt == "gptq")
+        elif module not in hessians:
+            raise ValueError(f"hessians: none for {module}; calibrate every projection of the checkpoint")
+        else:
+            from carpool.quantization.gptq import gptq_quantize
+
+            q, zero, scale = gptq_quantize(w, hessians[module], group, symmetric=fmt == "gptq")
         packed = pack_awq(q, zero, scale) if fmt == "awq" else pack_gptq(q, zero, scale, group, fmt != "gptq-v2-asym")
         out.update({f"{module}.{k}": v for k, v in packed.items()})
     out.update(weights)
