@@ -94,6 +94,25 @@ def describe_device(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device))
 
 
+def check_data_matches_model(model: str, data: str) -> None:
+    """Raise ValueError when the token file at `data` was not made with `model`'s tokenizer (by the
+    header's tokenizer hash, when it has one) or holds ids past the model's vocabulary."""
+    import json
+
+    from carpool.training.pretokenize import read_meta, tokenizer_sha256
+
+    meta = read_meta(data)
+    with open(os.path.join(model, "config.json")) as f:
+        vocab_size = int(json.load(f)["vocab_size"])
+    if meta.vocab_size > vocab_size:
+        raise ValueError(f"data: tokenized with a vocabulary of {meta.vocab_size}, larger than the model's "
+                         f"{vocab_size}")
+    if meta.tokenizer_sha256 and os.path.isfile(os.path.join(model, "tokenizer.json")) \
+            and meta.tokenizer_sha256 != tokenizer_sha256(model):
+        raise ValueError(f"data: {data} was tokenized with another tokenizer than {model}'s (tokenizer.json "
+                         "sha256 differs)")
+
+
 def token_chunks(data: str, num_sequences: int, seq_len: int) -> list[list[int]]:
     """The first `num_sequences` whole chunks of `seq_len + 1` tokens of the token file at `data`: the
     inputs and labels of the chunks `carpool eval` scores first (PackedSequences.chunk)."""
@@ -196,6 +215,8 @@ def run_quality(model: str, data: str, device: str, num_sequences: int, seq_len:
         raise ValueError(f"calibration: {', '.join(calibrated)} need(s) a calibration token file (the train split)")
     if calibration is not None and os.path.realpath(paths_of(calibration)[0]) == os.path.realpath(paths_of(data)[0]):
         raise ValueError("calibration: the held-out file itself; calibrate on other tokens (the train split)")
+    for tokens in (data, calibration) if calibration is not None else (data,):
+        check_data_matches_model(model, tokens)
     sequences = token_chunks(data, num_sequences, seq_len)
     calib = token_chunks(calibration, calibration_sequences, seq_len) if calibrated and calibration else None
     # Every sequence is one prompt of L + 1 tokens and one sampled token; the KV cache holds them all at

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -136,6 +137,25 @@ def test_gptq_without_calibration_tokens_is_refused(model, heldout):
 def test_calibrating_on_the_heldout_tokens_is_refused(model, heldout):
     with pytest.raises(ValueError, match="^calibration: the held-out file"):
         quant_quality.run_quality(model, heldout, "cpu", SEQUENCES, SEQ_LEN, calibration=heldout)
+
+
+def test_tokens_past_the_models_vocabulary_are_refused(model, tmp_path):
+    prefix = str(tmp_path / "heldout")
+    write_token_file(np.arange(300) % 300, prefix, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    with pytest.raises(ValueError, match="^data: tokenized with a vocabulary of 300"):
+        quant_quality.check_data_matches_model(model, prefix)
+
+
+def test_tokens_of_another_tokenizer_are_refused(model, heldout, tmp_path):
+    for ext in (".bin", ".json"):
+        shutil.copy(heldout + ext, str(tmp_path / "heldout") + ext)
+    header = str(tmp_path / "heldout.json")
+    with open(header) as f:
+        meta = json.load(f)
+    with open(header, "w") as f:
+        json.dump({**meta, "tokenizer_sha256": "0" * 64}, f)
+    with pytest.raises(ValueError, match="^data: .* another tokenizer"):
+        quant_quality.check_data_matches_model(model, str(tmp_path / "heldout"))
 
 
 def test_unknown_methods_are_refused_naming_the_field(model, heldout):
