@@ -23,7 +23,8 @@ object (progress on stderr).
 - --dry-run: the cases with their bytes and FLOPs, without a GPU.
 - --quality: each method's logit error on a random-weight Llama against float32 (CPU or GPU; the issue's
   quality figure until a trained demo model exists): bf16, FP8 weights, FP8 W8A8, FP8 blocks, INT4
-  group 128, an FP8 KV cache, FP8 W8A8 + FP8 KV.
+  group 128, an FP8 KV cache, FP8 W8A8 + FP8 KV. On a trained checkpoint, held-out perplexity through the
+  engine: benchmarks/quant_quality.py.
 
 Weights are random, in each format's layout, cycled through enough copies (>= 512 MiB per graph) that no
 call finds its weights in L2, as a decode step would not. Timed inside CUDA graphs (bench_kernels).

@@ -5,8 +5,9 @@
 - compressed-tensors (`ct-w4a16`, `ct-w4a16-sym`, `ct-fp8-channel`, `ct-fp8-tensor-static`): its own
   QuantizationConfig, qparams and ModelCompressor, as llm-compressor uses them;
 - Hugging Face fine-grained FP8 (`fp8-block`): transformers' own quantizer (Fp8Quantize);
-- AWQ (`awq`) and GPTQ (`gptq`, `gptq-asym`, `gptq-v2-asym`): the small packers below (the tools, AutoAWQ
-  and AutoGPTQ, need CUDA builds), which follow the packing code named in each docstring.
+- AWQ (`awq`) and GPTQ (`gptq`, `gptq-asym`, `gptq-v2-asym`): carpool.quantization.writers' small packers
+  (the tools, AutoAWQ and AutoGPTQ, need CUDA builds), which follow the packing code named in each
+  docstring.
 
 `write_dequantized_reference(quantized, dst)` writes the same model with every quantized weight
 dequantized by the format's reference (compressed-tensors' decompressors, transformers' FP8
@@ -21,16 +22,22 @@ import os
 import shutil
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from carpool.quantization.writers import (
+    INT4_FORMATS,
+    LINEARS,  # noqa: F401 (the tests' list of quantized projections)
+    copy_side_files,
+    linear_modules,
+    set_quantization_config,
+    write_int4,
+)
+
 # Model dimensions for quantized tests: every projection's input is a multiple of the 128-column group
 # and every output a multiple of 8 (packed words); q/k/v/gate/up outputs of FP8 block checkpoints are
 # whole 128-row blocks when num_key_value_heads = 4.
 QUANT_DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 FORMATS = ("awq", "gptq", "gptq-asym", "gptq-v2-asym", "ct-w4a16", "ct-w4a16-sym", "ct-fp8-channel",
            "ct-fp8-tensor-static", "fp8-block")
 
@@ -44,103 +51,6 @@ def quant_overrides(arch: str, fmt: str) -> dict:
     if fmt == "fp8-block":
         dims["num_key_value_heads"] = 4
     return dims
-
-
-def _linear_modules(weights: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(name[:-len(".weight")] for name in weights
-                  if name.endswith(".weight") and name.split(".")[-2] in LINEARS)
-
-
-def _copy_side_files(src: str, dst: str) -> None:
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
-        if not name.endswith(".safetensors") and not name.endswith(".index.json"):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-
-
-def _set_quant_config(path: str, quant_config: dict | None) -> None:
-    cfg_path = os.path.join(path, "config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if quant_config is None:
-        cfg.pop("quantization_config", None)
-    else:
-        cfg["quantization_config"] = quant_config
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f, indent=2)
-
-
-# --- 4-bit quantization and the AWQ / GPTQ packers ----------------------------------------------------------
-
-def quantize_int4(w: torch.Tensor, group: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q [N, K] in [0, 15], zero [N, K/G], scale [N, K/G] float16) with W ~ (q - zero) * scale, min-max per
-    group; symmetric: zero 8 and scale 2 max|w| / 15 (GPTQ's symmetric quantizer)."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
-    if symmetric:
-        scale = (2 * g.abs().amax(-1) / 15).clamp(min=1e-8)
-        zero = torch.full_like(scale, 8.0)
-    else:
-        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        zero = torch.round(-lo / scale).clamp(0, 15)
-    scale = scale.half()
-    q = torch.clamp(torch.round(g / scale.float()[..., None]) + zero[..., None], 0, 15)
-    return q.reshape(n, k).long(), zero.long(), scale
-
-
-def _or_nibbles(columns: list[np.ndarray]) -> np.ndarray:
-    """uint32 words whose nibble i (bits 4i..4i+3) is columns[i] (each masked to 4 bits), as int32."""
-    word = np.zeros_like(columns[0], dtype=np.uint32)
-    for i, c in enumerate(columns):
-        word |= (c.astype(np.uint32) & 0xF) << np.uint32(4 * i)
-    return word.view(np.int32)
-
-
-def pack_awq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """AutoAWQ's WQLinear_GEMM.from_linear packing (awq/modules/linear/gemm.py): intweight = q^T [K, N];
-    for each word column c, `qweight[:, c] |= intweight[:, 8c + order_map[i]] << 4i` with order_map =
-    [0, 2, 4, 6, 1, 3, 5, 7]; qzeros packed from zeros^T [K/G, N] the same way; scales^T [K/G, N]."""
-    def pack(m: np.ndarray) -> np.ndarray:  # [R, N] -> [R, N/8]
-        return np.stack([_or_nibbles([m[:, 8 * c + AWQ_ORDER[i]] for i in range(8)])
-                         for c in range(m.shape[1] // 8)], axis=1)
-    return {"qweight": torch.from_numpy(pack(q.t().numpy())), "qzeros": torch.from_numpy(pack(zero.t().numpy())),
-            "scales": scale.t().contiguous()}
-
-
-def pack_gptq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group: int,
-              v1: bool) -> dict[str, torch.Tensor]:
-    """AutoGPTQ's QuantLinear.pack (auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py): intweight = q^T
-    [K, N]; `qweight[r] |= intweight[8r + j] << 4j` (packed along K); v1 stores `zeros -= 1` before
-    packing qzeros along N, `qzeros[:, c] |= zeros[:, 8c + j] << 4j` (a zero of 0 wraps to 15: the v1
-    format's known asymmetric flaw, read back as 16 by AutoGPTQ's kernels); gptq_v2 (GPTQModel) stores
-    the zeros themselves. g_idx[k] = k // G (desc_act false)."""
-    qt, zt = q.t().numpy(), zero.t().numpy() - (1 if v1 else 0)
-    k, n = qt.shape
-    qweight = np.stack([_or_nibbles([qt[8 * r + j] for j in range(8)]) for r in range(k // 8)], axis=0)
-    qzeros = np.stack([_or_nibbles([zt[:, 8 * c + j] for j in range(8)]) for c in range(n // 8)], axis=1)
-    return {"qweight": torch.from_numpy(qweight), "qzeros": torch.from_numpy(qzeros), "scales": scale.t().contiguous(),
-            "g_idx": (torch.arange(k) // group).to(torch.int32)}
-
-
-def _write_packed(src: str, dst: str, fmt: str, group: int) -> None:
-    weights = load_file(os.path.join(src, "model.safetensors"))
-    out: dict[str, torch.Tensor] = {}
-    symmetric = fmt == "gptq"
-    for module in _linear_modules(weights):
-        q, zero, scale = quantize_int4(weights.pop(f"{module}.weight"), group, symmetric)
-        packed = pack_awq(q, zero, scale) if fmt == "awq" else pack_gptq(q, zero, scale, group, fmt != "gptq-v2-asym")
-        out.update({f"{module}.{k}": v for k, v in packed.items()})
-    out.update(weights)
-    _copy_side_files(src, dst)
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    if fmt == "awq":
-        qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
-              "modules_to_not_convert": None}
-    else:
-        qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": symmetric,
-              "checkpoint_format": "gptq_v2" if fmt == "gptq-v2-asym" else "gptq"}
-    _set_quant_config(dst, qc)
 
 
 # --- compressed-tensors, with its own tooling ------------------------------------------------------------
@@ -229,20 +139,20 @@ def _hf_fp8_ops():
 def _write_hf_fp8(src: str, dst: str) -> None:
     quantize, _ = _hf_fp8_ops()
     weights = load_file(os.path.join(src, "model.safetensors"))
-    for module in _linear_modules(weights):
+    for module in linear_modules(weights):
         name = f"{module}.weight"
         weights.update(quantize._quantize_one(name, weights.pop(name)))
-    _copy_side_files(src, dst)
+    copy_side_files(src, dst)
     save_file(weights, os.path.join(dst, "model.safetensors"))
-    _set_quant_config(dst, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+    set_quantization_config(dst, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                             "weight_block_size": [128, 128]})
 
 
 # --- entry points -----------------------------------------------------------------------------------------------
 
 def write_quantized(src: str, dst: str, fmt: str, group: int = 128) -> str:
-    if fmt in ("awq", "gptq", "gptq-asym", "gptq-v2-asym"):
-        _write_packed(src, dst, fmt, group)
+    if fmt in INT4_FORMATS:
+        write_int4(src, dst, fmt, group)
     elif fmt.startswith("ct-"):
         _write_compressed_tensors(src, dst, fmt, group)
     elif fmt == "fp8-block":
@@ -280,9 +190,9 @@ def write_dequantized_reference(quantized: str, dst: str) -> str:
                                    qc["weight_block_size"], torch.float32)
             out[f"{m}.weight"] = w.float().contiguous()
     out.update(weights)
-    _copy_side_files(quantized, dst)
+    copy_side_files(quantized, dst)
     save_file(out, os.path.join(dst, "model.safetensors"))
-    _set_quant_config(dst, None)
+    set_quantization_config(dst, None)
     return dst
 
 

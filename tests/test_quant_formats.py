@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_checkpoints import pack_awq, pack_gptq, quantize_int4
 
 from carpool.ops.torch_ref.quant import dequantize_int4
 from carpool.quantization.config import (
@@ -32,6 +31,7 @@ from carpool.quantization.formats import (
     quantize_fp8_per_block,
     unpack_int4,
 )
+from carpool.quantization.writers import pack_awq, pack_gptq, quantize_int4
 
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
@@ -160,7 +160,7 @@ def _layer(n: int = 24, k: int = 256, group: int = 128, symmetric: bool = False,
     return quantize_int4(w, group, symmetric)
 
 
-def test_awq_test_packer_agrees_with_the_reference_dequantization() -> None:
+def test_awq_packer_agrees_with_the_reference_dequantization() -> None:
     q, zero, scale = _layer()
     packed = pack_awq(q, zero, scale)
     expected = (q - zero.repeat_interleave(128, 1)) * scale.float().repeat_interleave(128, 1)
@@ -169,7 +169,7 @@ def test_awq_test_packer_agrees_with_the_reference_dequantization() -> None:
 
 
 @pytest.mark.parametrize("v1", [True, False])
-def test_gptq_test_packer_agrees_with_the_reference_dequantization(v1: bool) -> None:
+def test_gptq_packer_agrees_with_the_reference_dequantization(v1: bool) -> None:
     q, zero, scale = _layer(symmetric=False)
     zero[0, 0] = 0  # v1 stores -1 here: read back as 16 (the v1 format's flaw, as AutoGPTQ reads it)
     p = pack_gptq(q, zero, scale, 128, v1)
