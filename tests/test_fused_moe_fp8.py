@@ -22,7 +22,7 @@ from carpool.ops.torch_ref import moe as ref  # noqa: E402
 from carpool.ops.torch_ref.moe import ExpertScales  # noqa: E402
 from carpool.ops.triton import moe as fm  # noqa: E402
 from carpool.ops.triton import utils  # noqa: E402
-from carpool.quantization.formats import quantize_fp8_per_block, quantize_fp8_per_channel  # noqa: E402
+from carpool.quantization.moe_methods import quantize_fp8_experts  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -31,7 +31,6 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 gpu = pytest.mark.gpu
 
 HIDDEN, INTER = 160, 144
-BLOCK = (128, 128)
 # 64-wide k steps (two per 128-column scale block) and 64-column tiles that straddle the row blocks
 GROUPED = fm.FusedMoeConfig(small_batch_max_tokens=0,
                             gemm=fm.GroupedGemmConfig(block_m=16, block_n=64, block_k=64, group_m=2))
@@ -51,18 +50,10 @@ def fp8_experts(num_experts: int, block: bool, seed: int = 0) -> tuple[torch.Ten
     """Random experts quantized as a checkpoint stores them: each projection (gate, up, down) on its own,
     per 128x128 block or per output channel, then stacked (gate rows, then up rows)."""
     gen = torch.Generator().manual_seed(seed)
-    w13, w2, s13, s2 = [], [], [], []
-    for _ in range(num_experts):
-        gate, up = (torch.randn(INTER, HIDDEN, generator=gen) / HIDDEN ** 0.5 for _ in range(2))
-        down = torch.randn(HIDDEN, INTER, generator=gen) / INTER ** 0.5
-        quant = (lambda w: quantize_fp8_per_block(w, BLOCK)) if block else quantize_fp8_per_channel
-        (qg, sg), (qu, su), (qd, sd) = quant(gate), quant(up), quant(down)
-        w13.append(torch.cat([qg, qu]))
-        s13.append(torch.cat([sg, su]))
-        w2.append(qd)
-        s2.append(sd)
-    scales = ExpertScales(torch.stack(s13).to(DEVICE), torch.stack(s2).to(DEVICE), block)
-    return torch.stack(w13).to(DEVICE), torch.stack(w2).to(DEVICE), scales
+    w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, generator=gen) / HIDDEN ** 0.5
+    w2 = torch.randn(num_experts, HIDDEN, INTER, generator=gen) / INTER ** 0.5
+    q13, q2, scales = quantize_fp8_experts(w13, w2, block)
+    return q13.to(DEVICE), q2.to(DEVICE), ExpertScales(scales.w13.to(DEVICE), scales.w2.to(DEVICE), block)
 
 
 def routed(logits: torch.Tensor, top_k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,3 +133,68 @@ def test_fp8_scales_of_the_wrong_shape_are_refused() -> None:
     wrong = ExpertScales(scales.w13[:, :2], scales.w2, True)  # the up projection's row blocks missing
     with pytest.raises(ValueError, match="block scales must be w13 \\[8, 4, 2\\]"):
         fm.fused_moe(hidden, w13, w2, weights, ids, scales=wrong)
+
+
+def test_moe_benchmark_counts_one_byte_per_fp8_weight_and_the_scales() -> None:
+    """benchmarks/bench_moe.py --fp8: two tokens sharing one of their experts read 3 experts' e4m3 weights,
+    their float32 scales (per 128x128 block of gate, up and down; or 2I + H per channel) and the bf16
+    hidden rows in and out."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_moe
+
+    ids = torch.tensor([[4, 9], [9, 2]])
+    h, i = 256, 192  # 2 x 2 blocks of hidden x intermediate (the second intermediate block partial)
+    io = 2 * 2 * h * 2
+    assert bench_moe.fp8_step_bytes(ids, h, i, block=True) == 3 * (3 * h * i + 3 * 2 * 2 * 4) + io
+    assert bench_moe.fp8_step_bytes(ids, h, i, block=False) == 3 * (3 * h * i + (2 * i + h) * 4) + io
+
+
+# ---- GPU: bf16 activations, the Qwen3-30B-A3B expert shape, CUDA graphs ----------------------------------
+
+def qwen3_fp8_experts(block: bool, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, ExpertScales]:
+    """128 experts of hidden 2048 and intermediate 768 on the GPU, quantized per projection as a checkpoint
+    is (Qwen3-30B-A3B-FP8: 128x128 blocks; llm-compressor FP8_DYNAMIC: per channel)."""
+    e, h, i = 128, 2048, 768
+    w13 = torch.randn(e, 2 * i, h, generator=gen, device="cuda") / h ** 0.5
+    w2 = torch.randn(e, h, i, generator=gen, device="cuda") / i ** 0.5
+    return quantize_fp8_experts(w13, w2, block)
+
+
+@gpu
+@pytest.mark.parametrize("block", KINDS)
+@pytest.mark.parametrize("num_tokens", [1, 3, 64, 256, 1000])
+def test_gpu_bf16_fp8_qwen3_moe_shape_matches_reference(num_tokens: int, block: bool) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13, w2, scales = qwen3_fp8_experts(block, gen)
+    hidden = torch.randn(num_tokens, 2048, generator=gen, device="cuda").bfloat16()
+    weights, ids = Routing.qwen_moe(128, 8, True).select(torch.randn(num_tokens, 128, generator=gen, device="cuda"))
+    expected = ref.fused_moe(hidden.float(), w13, w2, weights, ids, scales=scales)
+    out = fm.fused_moe(hidden, w13, w2, weights.bfloat16(), ids, scales=scales)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 64])
+def test_gpu_fp8_expert_parallel_shards_replayed_in_graphs_sum_to_the_whole(num_tokens: int) -> None:
+    """Two ranks' shards of FP8 block-scaled experts (64 whole experts each, with their scales), each op
+    captured in a CUDA graph: each matches its shard's float32 reference, and they add up to the whole."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    w13, w2, scales = qwen3_fp8_experts(True, gen)
+    hidden = torch.randn(num_tokens, 2048, generator=gen, device="cuda").bfloat16()
+    weights, ids = Routing.qwen_moe(128, 8, True).select(torch.randn(num_tokens, 128, generator=gen, device="cuda"))
+    shards = []
+    for start in (0, 64):
+        local = (w13[start:start + 64], w2[start:start + 64])
+        shard = ExpertScales(scales.w13[start:start + 64], scales.w2[start:start + 64], True)
+        kwargs = dict(expert_start=start, num_global_experts=128, scales=shard)
+        fm.fused_moe(hidden, *local, weights.bfloat16(), ids, **kwargs)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fm.fused_moe(hidden, *local, weights.bfloat16(), ids, **kwargs)
+        graph.replay()
+        expected = ref.fused_moe(hidden.float(), *local, weights, ids, **kwargs)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+        shards.append(out.float())
+    whole = ref.fused_moe(hidden.float(), w13, w2, weights, ids, scales=scales)
+    torch.testing.assert_close(shards[0] + shards[1], whole, atol=3e-2, rtol=3e-2)

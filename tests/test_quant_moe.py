@@ -119,8 +119,8 @@ def test_each_tensor_parallel_rank_holds_its_slice_of_the_fp8_experts(ckpt, fmt:
                 inter, i = mine.intermediate_per_rank, mine.intermediate_start
                 experts = slice(mine.expert_start, mine.expert_start + mine.experts_per_rank)
                 half = ref.intermediate_per_rank
-                want13 = torch.cat([ref.w13_weight[experts, i:i + inter], ref.w13_weight[experts, half + i:half + i + inter]],
-                                   dim=1)
+                gate, up = ref.w13_weight[experts, i:i + inter], ref.w13_weight[experts, half + i:half + i + inter]
+                want13 = torch.cat([gate, up], dim=1)
                 assert torch.equal(w13, want13)
                 assert torch.equal(w2, ref.w2_weight[experts, :, i:i + inter])
 
@@ -140,7 +140,8 @@ def test_a_missing_expert_scale_is_refused_naming_the_expert(ckpt, tmp_path) -> 
     from checkpoints import copy_without_weight
 
     quantized, _ = ckpt("qwen3_moe", "fp8-block")
-    path = copy_without_weight(quantized, str(tmp_path / "lacking"), "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv")
+    name = "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"
+    path = copy_without_weight(quantized, str(tmp_path / "lacking"), name)
     with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts: .*lacks expert 5's w3 weight_scale_inv"):
         LLM(path, device="cpu", dtype="float32")
 

@@ -190,3 +190,24 @@ class Fp8ExpertsMethod(ExpertsMethod):
         pairs = [scales.dequantize(layer.w13_weight, layer.w2_weight, e, torch.float32)
                  for e in range(layer.experts_per_rank)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def quantize_fp8_experts(w13: torch.Tensor, w2: torch.Tensor, block: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, ExpertScales]:
+    """Model-dtype stacks w13 [E, 2I, H] and w2 [E, H, I] as FP8 stacks with their scales, each expert's
+    gate, up and down projection quantized on its own (max |block| / 448 per 128x128 block, or per output
+    channel), as a checkpoint stores them (benchmarks and tests of the kernels)."""
+    from carpool.quantization.formats import quantize_fp8_per_block
+
+    def quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_per_block(w, FP8_BLOCK) if block else quantize_fp8_per_channel(w)
+
+    i = w13.shape[1] // 2
+    q13, q2, s13, s2 = [], [], [], []
+    for e in range(w13.shape[0]):
+        (qg, sg), (qu, su), (qd, sd) = quant(w13[e, :i]), quant(w13[e, i:]), quant(w2[e])
+        q13.append(torch.cat([qg, qu]))
+        s13.append(torch.cat([sg, su]))
+        q2.append(qd)
+        s2.append(sd)
+    return torch.stack(q13), torch.stack(q2), ExpertScales(torch.stack(s13), torch.stack(s2), block)

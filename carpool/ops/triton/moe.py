@@ -23,6 +23,16 @@ Two paths, both reading only the experts that some token chose:
 CUDA graphs: every launch's grid and every buffer depend only on (T, k, E, H, I) and the config; the
 actual routing is read on the device (programs of blocks past the padded count exit at once).
 
+FP8 experts (`scales`, ops/torch_ref/moe.ExpertScales): w13 / w2 hold e4m3 values with float32 scales per
+output channel or per 128x128 block. Both paths are W8A16: hidden stays in the model dtype, each weight
+tile is converted in registers (exactly: e4m3 values are bf16 / fp16 / fp32 values) and the scales are
+applied in float32, per-channel ones to a finished sum, block ones to each 128-column k step's product
+(the GEMVs scale each weight, their k steps spanning blocks). Why not W8A8: a step's experts see few
+tokens each (batch 64 of Qwen3-30B-A3B: 4 pairs per expert), so the grouped GEMM reads weights, not
+multiplies; halving the weight bytes is the gain, and activation quantization would add a kernel and
+a rounding the torch reference does not have. Prefill-sized batches could use FP8 tensor cores (W8A8)
+where measurements show it pays.
+
 Roundings, both paths: gate and up are rounded to the activation dtype, silu(gate) is rounded before
 the multiply (as silu_and_mul), the down projection is rounded before the routing weight scales it and
 again after (as the reference's `linear(...) * weight`); the k scaled rows of a token are summed in
@@ -39,9 +49,9 @@ import triton
 import triton.language as tl
 
 from carpool.ops.torch_ref.moe import FP8_BLOCK, ExpertScales, check_moe_inputs, max_padded_pairs
-from carpool.quantization.formats import FP8_DTYPE
 from carpool.ops.triton import utils
 from carpool.ops.triton.utils import pdl_enter
+from carpool.quantization.formats import FP8_DTYPE
 
 
 @dataclass(frozen=True)
