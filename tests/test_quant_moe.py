@@ -125,6 +125,43 @@ def test_each_tensor_parallel_rank_holds_its_slice_of_the_fp8_experts(ckpt, fmt:
                 assert torch.equal(w2, ref.w2_weight[experts, :, i:i + inter])
 
 
+def test_split_and_expert_parallel_ranks_give_the_single_rank_tokens(ckpt) -> None:
+    """TP=2 on CPU (gloo), block-scaled FP8 experts split along their intermediate dimension (128 rows and
+    one scale block per rank) or whole per rank (expert parallelism): the tokens of one rank."""
+    quantized, _ = ckpt("qwen3_moe", "fp8-block")
+    requests = [{"prompt_token_ids": p} for p in prompts()[1:3]]
+    runs = []
+    for parallel in ({}, {"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}):
+        llm = LLM(quantized, device="cpu", dtype="float32", **parallel)
+        try:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(requests, GREEDY, use_tqdm=False)])
+        finally:
+            llm.engine.shutdown()
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+def test_triton_fused_moe_on_fp8_experts_gives_the_torch_tokens(ckpt, monkeypatch) -> None:
+    """The fused Triton MoE reading e4m3 experts inside the engine (interpreter on CPU): 8-token prefill
+    chunks take the grouped GEMM, decode steps of one or two tokens the per-pair GEMVs; the dense FP8
+    projections stay at <= 8 rows, in their GEMV (W8A16, as the torch path). Small experts (32 rows) keep
+    the interpreter's program count down."""
+    import carpool.ops.triton as tri
+
+    sizes: list[int] = []
+    real = tri.fused_moe
+    monkeypatch.setattr(tri, "fused_moe",
+                        lambda hidden, *a, **k: sizes.append(hidden.shape[0]) or real(hidden, *a, **k))
+    quantized, _ = ckpt("qwen3_moe", "ct-fp8-channel", moe_intermediate_size=32, num_hidden_layers=2)
+    requests = [{"prompt_token_ids": p} for p in (prompts()[0], prompts()[1][:12])]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3)]
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(quantized, device="cpu", dtype="float32", kernel_backend=backend, max_num_batched_tokens=8)
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(requests, params, use_tqdm=False)]
+    assert tokens["triton"] == tokens["torch"]
+    assert max(sizes) > 4 and min(sizes) == 1  # both paths of the op ran, and a batch-1 step
+
+
 def test_a_quantized_router_is_refused_naming_the_tensor() -> None:
     from checkpoints import config_for
 
