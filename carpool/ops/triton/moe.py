@@ -223,7 +223,10 @@ def _scale_rows(s_ptr, expert, cols, up_row0, stride_se, stride_sn, SCALES: tl.c
     """Pointers to the scale rows of output columns `cols` (+ up_row0: w13's up projection) of an FP8
     expert: one scale per column (SCALES == 1) or the row of 128-column blocks of its 128-row block
     (SCALES == 2; the caller adds the block column)."""
-    rows = cols if SCALES == 1 else cols // FP8_BLOCK_C
+    if SCALES == 1:
+        rows = cols
+    else:
+        rows = cols // FP8_BLOCK_C
     return s_ptr + expert * stride_se + (up_row0 + rows).to(tl.int64) * stride_sn
 
 
