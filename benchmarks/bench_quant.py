@@ -3,7 +3,7 @@
 through the engine's own dispatch (the LinearMethods of carpool/quantization/methods.py). Prints one JSON
 object (progress on stderr).
 
-    python benchmarks/bench_quant.py [--out FILE] [--quick] [--sweep] [--dry-run]
+    python benchmarks/bench_quant.py [--out FILE] [--quick] [--sweep] [--gate-up-silu] [--dry-run]
 
 - decode: one layer's four projections (q/k/v, o, gate/up, down) at batch 1, 4, 8 (the GEMVs) and 64
   (activation quantization + GEMM for FP8, the int4 GEMM): microseconds per layer set, bytes read
@@ -14,6 +14,11 @@ object (progress on stderr).
   in bf16; FP8 torch._scaled_mm for FP8).
 - fp8_gemm_backend: per projection and M, torch._scaled_mm against the Triton FP8 GEMM on per-channel
   weights; `triton_faster` lists the (M, N, K) where Triton won, for quant_gemm.TRITON_FP8_GEMM_SHAPES.
+- gate_up_silu: the gate/up projection (28672 x 4096) with SiLU-and-mul at batch 1, 4, 8, per method: the
+  fused GEMV (one kernel: gemv.gemv_silu_and_mul for bf16, batch 1 only as the engine uses it;
+  quant_gemv.fp8_gemv_silu_and_mul / int4_gemv_silu_and_mul) side by side with the GEMV then silu_and_mul
+  (two kernels), through the LinearMethods, each as a fraction of copy bandwidth (the fused path's bytes:
+  weights, x and the [M, d] output) and fused / two-kernel time. `--gate-up-silu`: only this section.
 - --sweep: GEMV launch configs per method, projection and batch (quant_gemv.default_quant_gemv_config).
 - --dry-run: the cases with their bytes and FLOPs, without a GPU.
 - --quality: each method's logit error on a random-weight Llama against float32 (CPU or GPU; the issue's
@@ -44,6 +49,8 @@ from carpool.utils import cdiv  # noqa: E402
 PROJECTIONS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 METHODS = ("bf16", "fp8", "fp8_block", "int4")
 DECODE_BATCHES = (1, 4, 8, 64)
+GATE_UP = PROJECTIONS[2]
+GATE_UP_BATCHES = (1, 4, 8)  # the GEMV rows (quant_gemv.MAX_GEMV_ROWS = 8)
 PREFILL_TOKENS = 8192
 SELECTOR_M = (16, 32, 64, 128, 256, 512, 1024, 2048, 8192)
 GROUP = 128
@@ -67,6 +74,12 @@ def layer_bytes(method: str, m: int) -> int:
     return sum(weight_bytes(method, n, k) + 2 * m * (n + k) for _, n, k in PROJECTIONS)
 
 
+def gate_up_silu_bytes(method: str, m: int) -> int:
+    """The fused gate/up + SiLU-and-mul's bytes at m rows: weights once, bf16 x in and [m, d] out."""
+    _, n, k = GATE_UP
+    return weight_bytes(method, n, k) + 2 * m * (k + n // 2)
+
+
 def layer_flops(m: int) -> int:
     return sum(2 * m * n * k for _, n, k in PROJECTIONS)
 
@@ -75,20 +88,25 @@ def dry_run() -> dict[str, Any]:
     return {"benchmark": "quant/llama3-8b-layer", "dry_run": True, "projections": PROJECTIONS,
             "decode": [{"method": meth, "batch": m, "bytes": layer_bytes(meth, m)}
                        for meth in METHODS for m in DECODE_BATCHES],
-            "prefill": {"tokens": PREFILL_TOKENS, "flops": layer_flops(PREFILL_TOKENS)}}
+            "prefill": {"tokens": PREFILL_TOKENS, "flops": layer_flops(PREFILL_TOKENS)},
+            "gate_up_silu": [{"method": meth, "batch": m, "bytes": gate_up_silu_bytes(meth, m)}
+                             for meth in METHODS for m in GATE_UP_BATCHES]}
 
 
 # --- weights and the engine's dispatch ----------------------------------------------------------------------
 
-def make_layer(method: str, n: int, k: int, gen: torch.Generator, dev: str = "cuda") -> tuple[Any, Any]:
-    """(layer, LinearMethod) holding random weights of one projection in the method's layout."""
+def make_layer(method: str, n: int, k: int, gen: torch.Generator, dev: str = "cuda",
+               fused_gemv_silu: bool = False) -> tuple[Any, Any]:
+    """(layer, LinearMethod) holding random weights of one projection in the method's layout; with
+    fused_gemv_silu the method's apply_silu_and_mul takes the GEMV rows (KernelConfig.fused_gemv_silu)."""
     from carpool.layers.linear_method import UnquantizedLinearMethod
     from carpool.ops import triton as tri
     from carpool.quantization.methods import Fp8LinearMethod, Int4WeightOnlyLinearMethod
 
     if method == "bf16":
         w = (torch.randn(n, k, generator=gen, device=dev) / k ** 0.5).to(torch.bfloat16)
-        return SimpleNamespace(weight=w, input_size=k), UnquantizedLinearMethod(gemv=tri.gemv)
+        return SimpleNamespace(weight=w, input_size=k), UnquantizedLinearMethod(
+            gemv=tri.gemv, gemv_silu_and_mul=tri.gemv_silu_and_mul if fused_gemv_silu else None)
     if method in ("fp8", "fp8_block"):
         w = torch.randn(n, k, generator=gen, device=dev).to(torch.float8_e4m3fn)
         if method == "fp8":
@@ -97,12 +115,12 @@ def make_layer(method: str, n: int, k: int, gen: torch.Generator, dev: str = "cu
         else:
             scheme = Fp8Scheme("fp8", "block", FP8_BLOCK, dynamic_activations=True)
             scale = torch.rand(cdiv(n, FP8_BLOCK[0]), cdiv(k, FP8_BLOCK[1]), generator=gen, device=dev) / (k ** 0.5 * 4)
-        fp8 = Fp8LinearMethod(scheme, "triton")
+        fp8 = Fp8LinearMethod(scheme, "triton", fused_gemv_silu)
         return SimpleNamespace(weight=w, input_size=k, **{fp8.scale_name: scale}), fp8
     packed = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), generator=gen, device=dev, dtype=torch.int32)
     scales = (torch.rand(n, k // GROUP, generator=gen, device=dev) / (k ** 0.5 * 8)).to(torch.bfloat16)
     zeros = torch.randint(0, 16, (n, k // GROUP), generator=gen, device=dev).to(torch.bfloat16)
-    int4 = Int4WeightOnlyLinearMethod(Int4Scheme("awq", GROUP, symmetric=False), "triton")
+    int4 = Int4WeightOnlyLinearMethod(Int4Scheme("awq", GROUP, symmetric=False), "triton", fused_gemv_silu)
     return SimpleNamespace(qweight=packed, scales=scales, qzeros=zeros, input_size=k), int4
 
 
@@ -203,6 +221,41 @@ def selector_section(gen: torch.Generator, ms: tuple[int, ...]) -> dict[str, Any
             if t_tr < t_mm:
                 triton_faster.append((m, n, k))
     return {"cases": rows, "triton_faster": triton_faster}
+
+
+def gate_up_silu_section(bandwidth: float, gen: torch.Generator) -> list[dict]:
+    """The gate/up projection with SiLU-and-mul per method and GEMV batch: the fused kernel against the
+    GEMV then silu_and_mul, in the same graph setup (weights cycled out of L2)."""
+    from bench_kernels import num_sets, time_in_graph
+
+    from carpool.ops import triton as tri
+
+    _, n, k = GATE_UP
+    rows = []
+    for m in GATE_UP_BATCHES:
+        bf16_fused = None
+        for method in METHODS:
+            sets = num_sets(weight_bytes(method, n, k))
+            layers = [make_layer(method, n, k, gen, fused_gemv_silu=True) for _ in range(sets)]
+            x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+            two = time_in_graph([lambda L=L, meth=meth: tri.silu_and_mul(meth.apply(L, x, None))
+                                 for L, meth in layers])
+            takes_fused = layers[0][1].apply_silu_and_mul(layers[0][0], x) is not None
+            fused = time_in_graph([lambda L=L, meth=meth: meth.apply_silu_and_mul(L, x) for L, meth in layers]
+                                  ) if takes_fused else None
+            bf16_fused = fused if method == "bf16" else bf16_fused
+            nbytes = gate_up_silu_bytes(method, m)
+            row = {"batch": m, "method": method, "bytes": nbytes, "two_kernels_us": round(two * 1e6, 2),
+                   "two_kernels_copy_roofline_ratio": round(nbytes / two / bandwidth, 3),
+                   "fused_us": round(fused * 1e6, 2) if fused else None,
+                   "fused_copy_roofline_ratio": round(nbytes / fused / bandwidth, 3) if fused else None,
+                   "fused_vs_two_kernels": round(fused / two, 3) if fused else None,
+                   "fused_vs_bf16_fused": round(fused / bf16_fused, 3) if fused and bf16_fused else None}
+            print(row, file=sys.stderr, flush=True)
+            rows.append(row)
+            del layers
+            torch.cuda.empty_cache()
+    return rows
 
 
 def sweep_section(gen: torch.Generator) -> list[dict]:
@@ -343,6 +396,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="decode at batch 1 and 64, selector at 4 sizes")
     ap.add_argument("--sweep", action="store_true", help="also sweep the GEMV launch configs")
+    ap.add_argument("--gate-up-silu", action="store_true",
+                    help="only the gate/up + SiLU-and-mul section: fused GEMV against GEMV then silu_and_mul")
     ap.add_argument("--dry-run", action="store_true", help="list the cases with bytes and FLOPs (no GPU)")
     ap.add_argument("--quality", action="store_true",
                     help="only the logit error of each method on a random-weight model (runs on CPU too)")
@@ -372,9 +427,14 @@ def main() -> None:
         "triton": triton.__version__, "pdl": triton_utils.pdl(), "copy_gb_per_s": round(bandwidth / 1e9, 1),
         "bf16_tflops": round(bf16_flops / 1e12, 1), "fp8_tflops": round(fp8_flops / 1e12, 1),
         "projections": PROJECTIONS}
+    if args.gate_up_silu:
+        report["gate_up_silu"] = gate_up_silu_section(bandwidth, gen)
+        emit(report, args.out)
+        return
     report["decode"] = decode_section(bandwidth, (1, 64) if args.quick else DECODE_BATCHES, gen)
     report["prefill"] = prefill_section(bf16_flops, fp8_flops, gen)
     report["fp8_gemm_backend"] = selector_section(gen, (16, 64, 512, 8192) if args.quick else SELECTOR_M)
+    report["gate_up_silu"] = gate_up_silu_section(bandwidth, gen)
     if args.sweep:
         report["gemv_sweep"] = sweep_section(gen)
     emit(report, args.out)

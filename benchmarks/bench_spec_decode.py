@@ -1,7 +1,7 @@
 """Speculative decoding: what verification costs and what it buys, as ratios measured in one run.
 
 1. verify_cost: ms of one step verifying k = 1..8 proposed tokens at batch 1, over ms of one plain decode
-   step (the same engine settings; plain steps replay CUDA graphs, verification steps run eagerly). The
+   step (the same engine settings; plain and verification steps replay CUDA graphs at batch 1). The
    weight-bound ideal is ~1.0: a step reads the weights once whatever its query length. Shape: Llama-3-8B
    with random bf16 weights (--shape), a --context-len prompt.
 2. replay: tokens/s with the replay proposer (the target's own recorded greedy tokens, each kept with

@@ -230,7 +230,8 @@ class KernelConfig:
     one. Read once when the model is built (layers receive the choice) and carried to TP ranks by the
     codec; nothing reads these from the environment."""
 
-    # batch-1 steps: silu(x @ gate.T) * (x @ up.T) in one GEMV kernel, not GEMV then silu_and_mul
+    # batch-1 steps (FP8 / INT4 weights: 1-8 rows): silu(x @ gate.T) * (x @ up.T) in one GEMV kernel, not GEMV
+    # then silu_and_mul
     fused_gemv_silu: bool = True
     # batch-1 steps: the q/k/v GEMV with RoPE and the KV-cache store in its epilogue (models without q/k norm)
     fused_qkv_rope: bool = True
@@ -268,7 +269,9 @@ class SpeculativeConfig:
     target's (carpool/spec_decode/). Methods:
     - "ngram": prompt lookup: the longest suffix n-gram (prompt_lookup_max down to prompt_lookup_min
       tokens) found earlier in prompt + output proposes the tokens that followed it;
-    - "draft_model": a smaller checkpoint `model` with the target's vocabulary runs k greedy steps;
+    - "draft_model": a smaller checkpoint `model` with the target's vocabulary runs k greedy steps, split
+      over `draft_tensor_parallel_size` ranks: the target's tensor_parallel_size (vLLM's default, what
+      None becomes in EngineArgs) or 1 (the draft whole on rank 0);
     - "replay" (benchmarks): proposes the continuation recorded in `replay_path` (JSON
       {"prompt_token_ids": [[...]], "output_token_ids": [[...]]}, the target's own greedy outputs), each
       token kept with probability `acceptance_rate` and otherwise replaced by a token greedy rejects.
@@ -284,6 +287,7 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE  # None: never disabled
     acceptance_rate: float | None = None
     replay_path: str | None = None
+    draft_tensor_parallel_size: int | None = None  # "draft_model" only; None: the target's TP size
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -316,6 +320,10 @@ class SpeculativeConfig:
                 fail("model", "method 'draft_model' needs the draft checkpoint's directory")
         elif self.model is not None:
             fail("model", f"applies to method 'draft_model' only, not {self.method!r}")
+        if self.draft_tensor_parallel_size is not None:
+            if self.method != "draft_model":
+                fail("draft_tensor_parallel_size", f"applies to method 'draft_model' only, not {self.method!r}")
+            check_int("draft_tensor_parallel_size", self.draft_tensor_parallel_size, 1)
         if self.method == "replay":
             rate = self.acceptance_rate
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
@@ -364,6 +372,12 @@ class SpeculativeConfig:
         """KV slots a request holds beyond its scheduled tokens: a draft model writes its own K/V for the
         tokens it proposes (positions up to k - 1 past the verified tokens) into the request's blocks."""
         return self.num_speculative_tokens if self.method == "draft_model" else 0
+
+    @property
+    def draft_on_every_rank(self) -> bool:
+        """Whether a draft model is split over the target's tensor-parallel ranks (every rank runs its
+        shard of each draft step, in lockstep) rather than held whole by rank 0."""
+        return self.method == "draft_model" and (self.draft_tensor_parallel_size or 1) > 1
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,15 @@ def cache_root() -> str:
     return root
 
 
+def default_model_path() -> str:
+    """The model used when none is named: the trained demo model shipped in carpool/demo_models/main when
+    the package has it, else the random byte-level demo model (built on first use). Tests that depend on
+    the random model's byte tokenizer name `demo_model_path()` explicitly."""
+    from carpool.training.demo_model import trained_demo_model_path
+
+    return trained_demo_model_path("main") or demo_model_path()
+
+
 def demo_model_path() -> str:
     """Path of the demo checkpoint, building it on first use (atomically, so concurrent first uses
     cannot see half a checkpoint)."""

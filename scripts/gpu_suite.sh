@@ -21,7 +21,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS
 export CARPOOL_CACHE_DIR=${CARPOOL_CACHE_DIR:-/tmp/carpool-cache}
 status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; return 1; }; }
-gpu_tests="tests/test_gpu_engine.py tests/test_triton_ops.py tests/test_triton_distributed.py tests/test_triton_worker.py"  # (the server tests need fastapi/openai)
+gpu_tests="tests/test_gpu_engine.py tests/test_triton_ops.py tests/test_triton_distributed.py tests/test_triton_worker.py tests/test_spec_decode_gpu.py"  # (the server tests need fastapi/openai)
 # the single-GPU tests as one step; $@: what goes before pytest (e.g. "timeout 300")
 run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu_tests -o addopts=""; }
 # end of a mode: the exit status of its steps; the pause lets tee write the end of the log

@@ -1,4 +1,5 @@
-"""Compile the quantization kernels (ops/triton/quant_*.py, fp8.py) for an H100/H200 (sm_90) on a machine
+"""Compile the quantization kernels (ops/triton/quant_*.py, fp8.py, the attention kernels over an FP8 KV
+cache) for an H100/H200 (sm_90) on a machine
 with no GPU, with scripts/triton_compile_check.py's interception of each launch, on the Llama-3-8B
 shapes, and the fused MoE on FP8 experts (block and channel scales) at the Qwen3-30B-A3B expert shape;
 report registers and spills. Prints one JSON object.
@@ -22,7 +23,8 @@ from triton_compile_check import _compile_instead_of_launch, compiled  # noqa: E
 
 def call_quant_ops() -> None:
     from carpool.forward_batch import AttentionMetadata, TritonAttentionMetadata
-    from carpool.ops.triton import quant_gemm, quant_gemv, quant_kv
+    from carpool.ops import triton as tri
+    from carpool.ops.triton import quant_gemm, quant_gemv
 
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):
@@ -36,6 +38,10 @@ def call_quant_ops() -> None:
             quant_gemv.fp8_gemv(x, w, block)
             quant_gemv.int4_gemv(x, packed, scales, zeros, 128)
             quant_gemv.int4_gemv(x, packed, scales, None, 128)
+            if n == 28672:  # the merged gate/up projection: the GEMV with SiLU-and-mul
+                quant_gemv.fp8_gemv_silu_and_mul(x, w, channel)
+                quant_gemv.fp8_gemv_silu_and_mul(x, w, block)
+                quant_gemv.int4_gemv_silu_and_mul(x, packed, scales, zeros, 128)
         for m in (64, 8192):
             x = torch.zeros(m, k, dtype=bf16)
             xq, xs = quant_gemm.quantize_fp8_act(x)
@@ -52,11 +58,10 @@ def call_quant_ops() -> None:
     k_cache, v_cache = (torch.zeros(sum(nb), page, hkv, d, dtype=fp8) for _ in range(2))
     q, kv = torch.zeros(52, hq, d, dtype=bf16), torch.zeros(52, hkv, d, dtype=bf16)
     qsl = [0, 1, 2, 52]
-    quant_kv.rope_and_store_kv_scaled(torch.arange(52), q, kv, kv, torch.zeros(4096, d), k_cache, v_cache,
-                                      torch.arange(52), 0.5, 0.5)
-    quant_kv.rope_and_store_kv_scaled(torch.arange(52), q, kv, kv, torch.zeros(4096, d), k_cache, v_cache,
-                                      torch.arange(52), 0.5, 0.5, torch.ones(d, dtype=bf16), torch.ones(d, dtype=bf16),
-                                      1e-6)
+    tri.rope_and_store_kv(torch.arange(52), q, kv, kv, torch.zeros(4096, d), k_cache, v_cache, torch.arange(52),
+                          k_scale=0.5, v_scale=0.5)
+    tri.rope_and_store_kv(torch.arange(52), q, kv, kv, torch.zeros(4096, d), k_cache, v_cache, torch.arange(52),
+                          torch.ones(d, dtype=bf16), torch.ones(d, dtype=bf16), 1e-6, k_scale=0.5, v_scale=0.5)
     for max_q, n_reqs in ((1, 2), (50, 3)):
         seq_lens = [s for s, _ in reqs[:n_reqs]]
         for splits, cascade in ((1, False), (8, False), (8, True)):
@@ -66,7 +71,7 @@ def call_quant_ops() -> None:
                 max_seq_len=2000, query_start_loc_cpu=qsl[:n_reqs + 1], seq_lens_cpu=seq_lens, num_splits=splits,
                 cascade_prefix_len=torch.zeros(1, dtype=torch.int32) if cascade else None)
             nt = qsl[n_reqs]
-            quant_kv.paged_attention_scaled(q[:nt], kv[:nt], kv[:nt], k_cache, v_cache, meta, d ** -0.5, 0.5, 2.0)
+            tri.paged_attention(q[:nt], kv[:nt], kv[:nt], k_cache, v_cache, meta, d ** -0.5, 0.5, 2.0)
     assert isinstance(meta, AttentionMetadata)
 
 

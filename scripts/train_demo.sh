@@ -7,7 +7,7 @@
 # Everything is written under OUT. On one H100 the whole run takes about 10 minutes.
 #
 # usage: scripts/train_demo.sh OUT [--smoke] [--device cpu|cuda] [--max-steps N] [--draft-max-steps N]
-#                              [--vocab-size N] [--packages "a b c"] [--code-prompts N] [--only main|draft]
+#                              [--max-minutes M] [--vocab-size N] [--packages "a b c"] [--code-prompts N] [--only main|draft]
 #                              [--tokenizer DIR] [-- TRAIN FLAGS...]
 #   --smoke   toy sizes on CPU (a few seconds of training; checks the pipeline, not the model)
 #   --only    train (evaluate, card) one of the two models; --tokenizer reuses a trained tokenizer (the
@@ -27,7 +27,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python}
 CARPOOL=("$PY" -m carpool.entrypoints.cli)
 
-DEVICE=""; MAX_STEPS=""; DRAFT_MAX_STEPS=""; VOCAB=8192; ONLY=""; TOKENIZER=""; TOKENIZER_BYTES=60000000; CODE_PROMPTS=100
+DEVICE=""; MAX_STEPS=""; MAX_MINUTES=""; DRAFT_MAX_STEPS=""; VOCAB=8192; ONLY=""; TOKENIZER=""; TOKENIZER_BYTES=60000000; CODE_PROMPTS=100
 PACKAGES="torch transformers numpy sympy networkx setuptools pip huggingface_hub jinja2 tokenizers safetensors \
 fastapi pydantic starlette uvicorn tqdm triton"
 CORPUS_FLAGS=(); SMOKE_FLAGS=(); EXTRA=(); SMOKE=0
@@ -37,6 +37,7 @@ while [[ $# -gt 0 ]]; do
         --device) DEVICE=$2; shift 2 ;;
         --max-steps) MAX_STEPS=$2; shift 2 ;;
         --draft-max-steps) DRAFT_MAX_STEPS=$2; shift 2 ;;
+        --max-minutes) MAX_MINUTES=$2; shift 2 ;;
         --vocab-size) VOCAB=$2; shift 2 ;;
         --packages) PACKAGES=$2; shift 2 ;;
         --code-prompts) CODE_PROMPTS=$2; shift 2 ;;
@@ -57,6 +58,7 @@ COMMON=()
 [[ -n $DEVICE ]] && COMMON+=(--device "$DEVICE")
 MAIN_FLAGS=("${COMMON[@]}"); DRAFT_FLAGS=("${COMMON[@]}")
 [[ -n $MAX_STEPS ]] && MAIN_FLAGS+=(--max-steps "$MAX_STEPS")
+[[ -n $MAX_MINUTES ]] && MAIN_FLAGS+=(--max-minutes "$MAX_MINUTES")
 [[ -n $DRAFT_MAX_STEPS ]] && DRAFT_FLAGS+=(--max-steps "$DRAFT_MAX_STEPS")
 START=$(date +%s)
 log() { echo "[train_demo $(( $(date +%s) - START ))s] $*" >&2; }

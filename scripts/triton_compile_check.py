@@ -132,8 +132,7 @@ def call_every_op(dtype: torch.dtype) -> None:
             pushed_add_rms_norm(x[:1], torch.zeros(hidden, dtype=dtype), 1e-6, slots, epoch, 8192, 2)
             embedding_push(torch.zeros(1, dtype=torch.long), torch.zeros(64, hidden, dtype=dtype), 0, ptrs, epoch,
                            8192, 0, 2)
-            pushed_gather(torch.zeros(2 * 2 * 32064, dtype=torch.int64), epoch, 32064, 2, 64128, dtype,
-                          argmax_below=128256)
+            pushed_gather(torch.zeros(2 * 2 * 32064, dtype=torch.int64), epoch, 32064, 2, 64128, dtype)
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from checkpoints import build_checkpoint  # noqa: E402
 
+from carpool.demo import demo_model_path  # noqa: E402
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -55,4 +57,4 @@ def demo_llm():
     """The demo model offline, the reference that server outputs are compared with."""
     from carpool import LLM
 
-    return LLM(device="cpu")
+    return LLM(model=demo_model_path(), device="cpu")

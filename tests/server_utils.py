@@ -12,12 +12,18 @@ import time
 
 import httpx
 
+from carpool.demo import demo_model_path
+
 STARTUP_TIMEOUT_S = 240.0
 
 
 class ServerProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None, api_key: str | None = None) -> None:
-        """`api_key` is passed as $CARPOOL_API_KEY and sent by `metrics()` and `headers`."""
+        """`args` go after `carpool serve`; without a model first, the random demo model is served as "demo"
+        (whatever the package's default model is). `api_key` is passed as $CARPOOL_API_KEY and sent by
+        `metrics()` and `headers`."""
+        if not args or args[0].startswith("-"):
+            args = (demo_model_path(), "--served-model-name", "demo", *args)
         cmd = [sys.executable, "-m", "carpool.entrypoints.cli", "serve", "--device", "cpu", "--port", "0", *args]
         self.api_key = api_key
         env = {**os.environ, **(env or {}), **({"CARPOOL_API_KEY": api_key} if api_key else {})}

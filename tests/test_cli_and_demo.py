@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from carpool.demo import write_demo_checkpoint
+from carpool.demo import default_model_path, demo_model_path, write_demo_checkpoint
 from carpool.entrypoints.cli import build_parser, main
 
 
@@ -23,8 +23,8 @@ def test_demo_checkpoint_is_deterministic(tmp_path):
 
 
 def test_generate_prints_completions_of_the_demo_model(capsys):
-    assert main(["generate", "--device", "cpu", "--max-tokens", "6", "--temperature", "0", "--ignore-eos",
-                 "--json", "Hello", "world"]) == 0
+    assert main(["generate", "--model", demo_model_path(), "--device", "cpu", "--max-tokens", "6",
+                 "--temperature", "0", "--ignore-eos", "--json", "Hello", "world"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [x["prompt"] for x in lines] == ["Hello", "world"]
     for x in lines:
@@ -32,6 +32,19 @@ def test_generate_prints_completions_of_the_demo_model(capsys):
         assert len(c["token_ids"]) == 6 and c["finish_reason"] == "length"
         # the demo's byte tokenizer: token id == byte value
         assert c["text"] == bytes(c["token_ids"]).decode("utf-8", errors="replace")
+
+
+def test_the_default_model_is_the_shipped_trained_demo_model_else_the_random_one(tmp_path, monkeypatch):
+    import carpool.training.demo_model as shipped
+
+    monkeypatch.setattr(shipped, "DEMO_MODELS_DIR", str(tmp_path))
+    assert default_model_path() == demo_model_path()
+    main_dir = tmp_path / "main"
+    main_dir.mkdir()
+    (main_dir / "config.json").write_text("{}")
+    assert default_model_path() == demo_model_path()  # no weights: not a model
+    (main_dir / "model.safetensors").write_bytes(b"")
+    assert default_model_path() == str(main_dir)
 
 
 def test_generate_reports_bad_input_without_a_traceback(capsys):

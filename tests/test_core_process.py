@@ -15,6 +15,7 @@ import pytest
 from server_utils import ServerProcess
 
 from carpool import LLM, EngineArgs, RequestOutputKind, SamplingParams
+from carpool.demo import demo_model_path
 from carpool.engine.core import QueueFullError
 from carpool.engine.core_client import MPAsyncEngine
 from carpool.engine.request_stream import EngineDeadError
@@ -79,7 +80,7 @@ def test_a_frontend_that_falls_behind_merges_steps_and_keeps_the_text(demo_llm):
     (expected,) = offline(demo_llm, [prompt], max_tokens=n, ignore_eos=True)
 
     async def run() -> list:
-        engine = MPAsyncEngine.from_engine_args(EngineArgs(device="cpu"))
+        engine = MPAsyncEngine.from_engine_args(EngineArgs(model=demo_model_path(), device="cpu"))
         engine.start()
         outs = []
         try:
@@ -106,7 +107,7 @@ def test_a_stop_string_in_merged_steps_ends_where_it_would_step_by_step(demo_llm
     assert expected.outputs[0].finish_reason == "stop"
 
     async def run() -> tuple[list, object]:
-        engine = MPAsyncEngine.from_engine_args(EngineArgs(device="cpu"))
+        engine = MPAsyncEngine.from_engine_args(EngineArgs(model=demo_model_path(), device="cpu"))
         engine.start()
         outs = []
         try:

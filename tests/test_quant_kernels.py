@@ -17,7 +17,13 @@ pytest.importorskip("triton")
 from carpool.ops.torch_ref import quant as ref  # noqa: E402
 from carpool.ops.triton import utils  # noqa: E402
 from carpool.ops.triton.quant_gemm import QuantGemmConfig, fp8_gemm, fp8_gemm_backend, int4_gemm, quantize_fp8_act  # noqa: E402
-from carpool.ops.triton.quant_gemv import QuantGemvConfig, fp8_gemv, int4_gemv  # noqa: E402
+from carpool.ops.triton.quant_gemv import (  # noqa: E402
+    QuantGemvConfig,
+    fp8_gemv,
+    fp8_gemv_silu_and_mul,
+    int4_gemv,
+    int4_gemv_silu_and_mul,
+)
 from carpool.quantization.formats import pack_int4, quantize_fp8_per_block, quantize_fp8_per_channel  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -91,6 +97,67 @@ def test_gemv_refuses_more_than_eight_rows() -> None:
     wq, s = quantize_fp8_per_channel(rand(16, 32))
     with pytest.raises(ValueError, match=r"M <= 8"):
         fp8_gemv(*dev(rand(9, 32), wq, s))
+
+
+# --- GEMV with SiLU-and-mul (merged gate/up weights) -----------------------------------------------------------
+
+def silu_and_mul_ref(y: torch.Tensor) -> torch.Tensor:
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("m,blocks,d,block_n", [
+    (1, False, 37, 2),  # one gate and one up row per program, as on a GPU
+    (3, True, 131, None),  # up rows start inside a 128-row scale block; the interpreter's wide programs
+    (8, True, 131, 4)])
+def test_fp8_gemv_silu_and_mul_matches_reference(m: int, blocks: bool, d: int, block_n: int | None) -> None:
+    k = 200  # a partial 128-column block, a partial column step
+    w = rand(2 * d, k) / 4  # gate values of a few units: no exp overflow
+    wq, s = quantize_fp8_per_block(w, BLOCK) if blocks else quantize_fp8_per_channel(w)
+    x = rand(m, k, seed=1)
+    expected = silu_and_mul_ref(ref.fp8_linear(x, wq, s, BLOCK if blocks else None))
+    config = None if block_n is None else QuantGemvConfig(block_n=block_n, block_k=64)
+    got = fp8_gemv_silu_and_mul(*dev(x, wq, s), config=config)
+    assert got.shape == (m, d)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("m,asym,block_n", [(1, True, 2), (5, False, None)])
+def test_int4_gemv_silu_and_mul_matches_reference_across_group_boundaries(m: int, asym: bool,
+                                                                          block_n: int | None) -> None:
+    d, k, group = 37, 224, 32  # 7 groups, several per step; the last step is partial
+    packed, scales, zeros = int4_weights(2 * d, k, group, asym)
+    x = rand(m, k, seed=1)
+    expected = silu_and_mul_ref(ref.int4_linear(x, packed, scales, zeros, group))
+    config = None if block_n is None else QuantGemvConfig(block_n=block_n, block_k=128)
+    got = int4_gemv_silu_and_mul(*dev(x, packed, scales, zeros), group, config=config)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_gemv_silu_and_mul_equals_the_gemv_then_silu_and_mul_bit_for_bit() -> None:
+    """float16 activations: gate and up are rounded as the GEMV stores them and silu(gate) before the
+    multiply, as the two-kernel path does."""
+    from carpool.ops import triton as tri
+
+    d, k, group = 21, 96, 32
+    x = rand(2, k, seed=1).half()
+    wq, s = quantize_fp8_per_channel(rand(2 * d, k) / 4)
+    packed, scales, zeros = int4_weights(2 * d, k, group, asym=True)
+    scales, zeros = scales.half(), zeros.half()
+    for config in (None, QuantGemvConfig(block_n=2, block_k=64)):
+        assert torch.equal(fp8_gemv_silu_and_mul(*dev(x, wq, s), config=config),
+                           tri.silu_and_mul(fp8_gemv(*dev(x, wq, s), config=config)))
+        assert torch.equal(int4_gemv_silu_and_mul(*dev(x, packed, scales, zeros), group, config=config),
+                           tri.silu_and_mul(int4_gemv(*dev(x, packed, scales, zeros), group, config=config)))
+
+
+def test_gemv_silu_and_mul_refuses_an_odd_weight_or_unpaired_programs() -> None:
+    wq, s = quantize_fp8_per_channel(rand(9, 32))
+    with pytest.raises(ValueError, match="gate and up"):
+        fp8_gemv_silu_and_mul(*dev(rand(1, 32), wq, s))
+    wq, s = quantize_fp8_per_channel(rand(8, 32))
+    with pytest.raises(ValueError, match="block_n"):
+        fp8_gemv_silu_and_mul(*dev(rand(1, 32), wq, s), config=QuantGemvConfig(block_n=1))
 
 
 # --- activation quantization -----------------------------------------------------------------------------------

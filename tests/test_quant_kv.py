@@ -18,9 +18,10 @@ pytest.importorskip("triton")
 from quant_checkpoints import run_prompt_logits  # noqa: E402
 
 from carpool.forward_batch import AttentionMetadata, TritonAttentionMetadata  # noqa: E402
-from carpool.ops import torch_ref  # noqa: E402
+from carpool.ops import triton as tri  # noqa: E402
 from carpool.ops.torch_ref import quant as ref  # noqa: E402
-from carpool.ops.triton import quant_kv, utils  # noqa: E402
+from carpool.ops.triton import utils  # noqa: E402
+from carpool.ops.triton.paged_kv import store_kvcache  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -81,7 +82,7 @@ def check_fp8_attention(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_he
                                  meta.slot_mapping.cpu(), meta.max_query_len, meta.max_seq_len,
                                  meta.query_start_loc_cpu, meta.seq_lens_cpu)
     expected = ref.paged_attention_fp8(q.cpu(), k.cpu(), v.cpu(), kc_ref, vc_ref, cpu_meta, scale, K_SCALE, V_SCALE)
-    out = quant_kv.paged_attention_scaled(q, k, v, kc, vc, meta, scale, K_SCALE, V_SCALE)
+    out = tri.paged_attention(q, k, v, kc, vc, meta, scale, K_SCALE, V_SCALE)
     n = meta.query_start_loc_cpu[-1]
     assert not out[:n].isnan().any(), "some output elements were never written"
     torch.testing.assert_close(out[:n].cpu(), expected[:n], atol=2e-5, rtol=1e-4)
@@ -117,21 +118,8 @@ def test_fp8_cascade_decode_over_a_shared_prefix_matches_reference() -> None:
                                  meta.slot_mapping.cpu(), 1, meta.max_seq_len, meta.query_start_loc_cpu,
                                  meta.seq_lens_cpu)
     expected = ref.paged_attention_fp8(q.cpu(), k.cpu(), v.cpu(), kc_ref, vc_ref, cpu_meta, scale, K_SCALE, V_SCALE)
-    out = quant_kv.paged_attention_scaled(q, k, v, kc, vc, meta, scale, K_SCALE, V_SCALE)
+    out = tri.paged_attention(q, k, v, kc, vc, meta, scale, K_SCALE, V_SCALE)
     torch.testing.assert_close(out[:2].cpu(), expected[:2], atol=2e-5, rtol=1e-4)
-
-
-def test_scaled_kernels_over_a_model_dtype_cache_equal_plain_attention() -> None:
-    """With a float32 cache and unit scales the FP8-capable kernels are the plain ones (they can replace
-    them when folded in)."""
-    q, k, v, kc, vc, meta = fp8_batch([(21, 21), (40, 7), (29, 1)], 4, 2, 16, 8)
-    kc, vc = kc.float(), vc.float()
-    scale = 16 ** -0.5
-    kc_ref, vc_ref = kc.clone().cpu(), vc.clone().cpu()
-    expected = torch_ref.paged_attention(q.cpu(), k.cpu(), v.cpu(), kc_ref, vc_ref, meta, scale)
-    out = quant_kv.paged_attention_scaled(q, k, v, kc, vc, meta, scale)
-    n = meta.query_start_loc_cpu[-1]
-    torch.testing.assert_close(out[:n].cpu(), expected[:n], atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
@@ -149,8 +137,8 @@ def test_fp8_rope_and_store_kv_matches_reference(qk_norm: bool) -> None:
     expected = ref.rope_and_store_kv_fp8(positions, q.clone(), k, v, cos_sin, caches[0], caches[1], slots, K_SCALE,
                                          V_SCALE, qw, kw, 1e-6)
     dev = [t.to(DEVICE) for t in (positions, q.clone(), k, v, cos_sin, caches[2], caches[3], slots)]
-    out = quant_kv.rope_and_store_kv_scaled(*dev, K_SCALE, V_SCALE, *(t.to(DEVICE) if t is not None else None
-                                                                       for t in (qw, kw)), 1e-6)
+    out = tri.rope_and_store_kv(*dev, *(t.to(DEVICE) if t is not None else None for t in (qw, kw)), 1e-6,
+                                k_scale=K_SCALE, v_scale=V_SCALE)
     torch.testing.assert_close(out.cpu(), expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(dev[5].cpu().view(torch.uint8), caches[0].view(torch.uint8))
     assert torch.equal(dev[6].cpu().view(torch.uint8), caches[1].view(torch.uint8))
@@ -159,9 +147,26 @@ def test_fp8_rope_and_store_kv_matches_reference(qk_norm: bool) -> None:
 def test_fp8_store_saturates_instead_of_overflowing_to_nan() -> None:
     k = torch.tensor([[[1000.0, -1000.0, 3.0, 0.0]]])
     kc, vc = torch.zeros(1, 1, 1, 4, dtype=FP8), torch.zeros(1, 1, 1, 4, dtype=FP8)
-    quant_kv.store_kvcache_scaled(k.to(DEVICE), k.to(DEVICE), kc, vc, torch.tensor([0], device=DEVICE), 1.0, 2.0)
+    store_kvcache(k.to(DEVICE), k.to(DEVICE), kc, vc, torch.tensor([0], device=DEVICE), 1.0, 2.0)
     assert kc.float().flatten().tolist() == [448.0, -448.0, 3.0, 0.0]
     assert vc.float().flatten().tolist() == [448.0, -448.0, 1.5, 0.0]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU engine run under the Triton interpreter")
+def test_triton_backend_over_an_fp8_cache_generates_the_torch_backends_tokens(llama_path: str) -> None:
+    """The engine's Triton attention backend over an FP8 cache (the model-dtype kernels switched by the
+    cache dtype) through a prefill and batched decode steps: the torch reference backend's greedy tokens."""
+    from checkpoints import prompts_of_lengths
+
+    from carpool import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": p} for p in prompts_of_lengths([23, 9])]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(llama_path, device="cpu", dtype="float32", kernel_backend=backend, kv_cache_dtype="fp8")
+        tokens[backend] = [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+    assert tokens["triton"] == tokens["torch"]
 
 
 # --- a model's logits ---------------------------------------------------------------------------------------

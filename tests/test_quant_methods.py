@@ -189,3 +189,43 @@ def test_triton_gemv_and_gemm_paths_agree_with_the_torch_path(ckpt, fmt: str) ->
         quantized_acts = fmt != "awq" and chunk > 8
         tol = 0.1 * expected.abs().max().item() if quantized_acts else 1e-4
         torch.testing.assert_close(got, expected, rtol=0, atol=tol, msg=f"{chunk}-token steps")
+
+
+def fp8_gate_up(backend: str, fused_gemv_silu: bool):
+    """(the method ModelRuntime gives a merged gate/up layer, a layer holding its FP8 weights [2d, K])."""
+    from types import SimpleNamespace
+
+    from carpool.config import KernelConfig
+    from carpool.quantization.config import Fp8Scheme
+
+    scheme = Fp8Scheme("compressed-tensors", "channel", None, dynamic_activations=True)
+    rt = ModelRuntime.for_inference(backend, kernels=KernelConfig(fused_gemv_silu=fused_gemv_silu),
+                                    quantization=scheme)
+    weight, scale = quantize_fp8_per_channel(torch.randn(2 * 24, 40, generator=torch.Generator().manual_seed(0)) / 4)
+    return rt.linear_method("model.layers.0.mlp.gate_up_proj"), SimpleNamespace(weight=weight, weight_scale=scale)
+
+
+def test_a_quantized_gate_up_layer_takes_the_fused_gemv_silu_for_up_to_8_rows() -> None:
+    """With fused_gemv_silu on, 1-8 rows get silu(gate) * up from one kernel (the result of the GEMV then
+    silu_and_mul); 9 rows are the GEMM's, and the method declines them."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter on CPU")
+    from carpool.ops import torch_ref
+
+    method, layer = fp8_gate_up("triton", True)
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(1))
+    for m in (1, 8):
+        got = method.apply_silu_and_mul(layer, x[:m])
+        assert got is not None, f"{m} rows should take the fused GEMV"
+        torch.testing.assert_close(got, torch_ref.silu_and_mul(method.apply(layer, x[:m], None)), atol=1e-5, rtol=1e-5)
+    assert method.apply_silu_and_mul(layer, x) is None
+
+
+@pytest.mark.parametrize("backend,fused", [("triton", False), ("torch", True)])
+def test_a_quantized_gate_up_layer_declines_the_fused_gemv_silu_when_off_or_on_the_torch_path(backend: str,
+                                                                                              fused: bool) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
+    method, layer = fp8_gate_up(backend, fused)
+    assert method.apply_silu_and_mul(layer, torch.randn(1, 40)) is None

@@ -37,6 +37,7 @@ def test_ngram_lookup_bounds_default_as_in_vllm(given, expected):
     ({"disable_by_batch_size": 0}, "disable_by_batch_size"),
     ({"model": "/some/draft"}, "model"),
     ({"acceptance_rate": 0.5}, "acceptance_rate"),
+    ({"draft_tensor_parallel_size": 1}, "draft_tensor_parallel_size"),
     ({"lookahead": 3}, "lookahead"),
 ])
 def test_bad_value_is_refused_naming_its_field(bad, field):
@@ -81,6 +82,45 @@ def test_draft_model_that_is_not_a_checkpoint_is_refused(llama_path, tmp_path):
         "method": "draft_model", "model": str(tmp_path), "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match=r"^speculative_config\.model:"):
         args.create_engine_config()
+
+
+def test_draft_tensor_parallel_size_defaults_to_the_targets(llama_path, tmp_path):
+    from test_spec_decode import smaller_draft
+
+    draft = smaller_draft(llama_path, str(tmp_path / "draft"))
+    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 2}
+    config = EngineArgs(model=llama_path, device="cpu", tensor_parallel_size=2,
+                        speculative_config=spec).create_engine_config()
+    assert config.speculative_config.draft_tensor_parallel_size == 2
+    assert config.speculative_config.draft_on_every_rank
+
+
+@pytest.mark.parametrize("draft_tp", [0, 4])
+def test_draft_tensor_parallel_size_other_than_1_or_the_targets_is_refused(llama_path, tmp_path, draft_tp):
+    from test_spec_decode import smaller_draft
+
+    spec = {"method": "draft_model", "model": smaller_draft(llama_path, str(tmp_path / "draft")),
+            "num_speculative_tokens": 2, "draft_tensor_parallel_size": draft_tp}
+    args = EngineArgs(model=llama_path, device="cpu", tensor_parallel_size=2, speculative_config=spec)
+    with pytest.raises(ValueError, match=r"^speculative_config\.draft_tensor_parallel_size:"):
+        args.create_engine_config()
+
+
+def test_draft_that_cannot_split_over_the_targets_ranks_is_refused(llama_path, checkpoint_factory):
+    draft = checkpoint_factory("llama", intermediate_size=130)  # 130 does not divide by 4
+    args = EngineArgs(model=llama_path, device="cpu", tensor_parallel_size=4, speculative_config={
+        "method": "draft_model", "model": draft, "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match=r"^speculative_config\.draft_tensor_parallel_size: the draft's "
+                                         r"intermediate_size=130"):
+        args.create_engine_config()
+
+
+def test_draft_that_cannot_split_may_run_whole_on_rank_0(llama_path, checkpoint_factory):
+    draft = checkpoint_factory("llama", intermediate_size=130)
+    whole = {"method": "draft_model", "model": draft, "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}
+    config = EngineArgs(model=llama_path, device="cpu", tensor_parallel_size=4,
+                        speculative_config=whole).create_engine_config()
+    assert not config.speculative_config.draft_on_every_rank
 
 
 def test_speculative_config_travels_to_tensor_parallel_ranks(llama_path):

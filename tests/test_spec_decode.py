@@ -223,3 +223,22 @@ def test_tensor_parallel_verification_agrees_with_one_process(llama_path):
         assert 0 < two.engine.stats().spec_decode_num_accepted_tokens
     finally:
         two.engine.shutdown()
+
+
+@pytest.mark.parametrize("draft_tp", [None, 1], ids=["draft-split-over-ranks", "draft-whole-on-rank-0"])
+def test_tensor_parallel_draft_model_greedy_equals_greedy_without_speculation(llama_path, tmp_path, draft_tp):
+    """TP=2 (gloo): the draft split over both ranks (vLLM's default) or whole on rank 0, in a chunked batch
+    where one penalized request never speculates; the tokens are those of greedy without speculation."""
+    prompts = workload()[:4]
+    params = [GREEDY] * len(prompts)
+    params[2] = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, repetition_penalty=1.3)
+    spec = spec_config("draft_model", llama_path, tmp_path, prompts, draft_tensor_parallel_size=draft_tp)
+    llm = LLM(llama_path, device="cpu", tensor_parallel_size=2, speculative_config=spec,
+              max_num_batched_tokens=24, kv_cache_memory_bytes=1 << 22)
+    try:
+        assert llm.engine.config.speculative_config.draft_tensor_parallel_size == (draft_tp or 2)
+        assert token_ids(generate(llm, prompts, params)) == reference(llama_path, prompts, params)
+        stats = llm.engine.stats()
+        assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    finally:
+        llm.engine.shutdown()

@@ -40,6 +40,7 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
         HOST_IO_MAX_ROWS,
         HOST_IO_MAX_TABLE_WORDS,
         CUDAGraphRunner,
+        GraphShape,
     )
     from carpool.worker.input_batch import PendingFixup, StepInputs
 
@@ -50,10 +51,10 @@ def test_graph_runner_uploads_each_replay_with_plan_longest_first_and_padding_la
     assert splits[1] == 32 and splits[48] == 2 and splits[64] == 2
     seen: list[dict] = []
     for bs in runner.batch_sizes:
-        runner.graphs[(bs, False)] = SimpleNamespace(replay=lambda: seen.append(
+        runner.graphs[GraphShape(bs)] = SimpleNamespace(replay=lambda: seen.append(
             {**{name: t.to("cpu", copy=True) for name, t in runner.staged.tensors.items()},
              "block_tables": runner.block_tables.to("cpu", copy=True)}))
-        runner.logits[(bs, False)] = torch.zeros(bs, 5)
+        runner.logits[GraphShape(bs)] = torch.zeros(bs, 5)
 
     def step(lens: list[int], width: int, salt: int) -> StepInputs:
         n = len(lens)

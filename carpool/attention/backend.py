@@ -77,8 +77,10 @@ class AttentionBackend(ABC):
     def configure_graphs(self, batch_sizes: list[int], num_kv_heads: int) -> None:
         """Before capture: the batch sizes that get a graph and the model's KV heads per rank."""
 
-    def graph_metadata(self, batch_size: int, buffers: GraphBuffers, cascade: bool, max_model_len: int
-                       ) -> AttentionMetadata:
+    def graph_metadata(self, batch_size: int, buffers: GraphBuffers, cascade: bool, max_model_len: int,
+                       query_len: int = 1) -> AttentionMetadata:
+        """The metadata a graph of batch_size requests of query_len query tokens each is captured with
+        (query_len > 1: a verification; buffers.query_start_loc is then i * query_len)."""
         raise NotImplementedError(f"attention backend {self.name!r} has no CUDA graphs")
 
     def prepare_replay(self, host: dict[str, np.ndarray], seq_lens: np.ndarray, batch_size: int) -> None:

@@ -1,8 +1,9 @@
 """Paged attention over an FP8 (e4m3) KV cache: `--kv-cache-dtype fp8`.
 
 The same backends as paged.py / triton_paged.py (metadata, CUDA graphs, plans), with the store and the
-attention kernels that read and write e4m3 K and V through the layer's scales (ops/torch_ref/quant.py,
-ops/triton/quant_kv.py): k is stored as k / k_scale, v as v / v_scale, both saturated to e4m3's range.
+attention kernels that read and write e4m3 K and V through the layer's scales (ops/torch_ref/quant.py; the
+Triton kernels take the scales and switch on the cache dtype, ops/triton/paged_kv.py): k is stored as
+k / k_scale, v as v / v_scale, both saturated to e4m3's range.
 A layer's scales are `layer.kv_scales` (k_scale, v_scale), Python floats fixed after loading (from the
 checkpoint's k_scale / v_scale where it has them, registered as the layer's parameters by init_layer,
 else 1.0), so captured graphs bake them in.
@@ -62,7 +63,8 @@ class _Fp8KVMixin:
                 k_norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         k_scale, v_scale = kv_scales(layer)
         q = self.rope_and_store_kv(positions, q, k, v, cos_sin_cache, layer.k_cache, layer.v_cache,  # type: ignore
-                                   meta.slot_mapping, k_scale, v_scale, q_norm_weight, k_norm_weight, eps)
+                                   meta.slot_mapping, q_weight=q_norm_weight, k_weight=k_norm_weight, eps=eps,
+                                   k_scale=k_scale, v_scale=v_scale)
         return self.paged_attention(q, None, None, layer.k_cache, layer.v_cache, meta, layer.scale,  # type: ignore
                                     k_scale, v_scale)
 
@@ -91,12 +93,9 @@ class Fp8PagedAttentionBackend(_Fp8KVMixin, PagedAttentionBackend):
 
 
 class Fp8TritonAttentionBackend(_Fp8KVMixin, TritonAttentionBackend):
-    """The Triton kernels over an FP8 cache (decode split-K with cascade, prefill/extend)."""
+    """The Triton kernels over an FP8 cache (decode split-K with cascade, prefill/extend): the model-dtype
+    backend's own kernels, which switch on the cache's dtype."""
 
     def __init__(self, checkpoint_scales: bool = False) -> None:
         super().__init__()
         self.checkpoint_scales = checkpoint_scales
-        from carpool.ops.triton import quant_kv
-
-        self.rope_and_store_kv = quant_kv.rope_and_store_kv_scaled
-        self.paged_attention = quant_kv.paged_attention_scaled

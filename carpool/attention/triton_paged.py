@@ -1,8 +1,10 @@
-"""Paged attention with the Triton kernels: the GPU backend, with CUDA-graph capture of decode steps.
+"""Paged attention with the Triton kernels: the GPU backend, with CUDA-graph capture of decode steps
+and of uniform verification steps (W query tokens per request).
 
-A captured graph fixes the decode kernel's split count (it shapes the grid); each replay uploads the
-work balance planned from the step's host seq_lens (balanced_decode_plan) into the backend's static
-fields, and the cascade's shared-prefix length when the step has one.
+A captured decode graph fixes the decode kernel's split count (it shapes the grid); each replay uploads
+the work balance planned from the step's host seq_lens (balanced_decode_plan) into the backend's static
+fields, and the cascade's shared-prefix length when the step has one. A verification graph runs the
+prefill kernel alone, over a tile map that depends only on the fixed query lengths.
 """
 
 from __future__ import annotations
@@ -49,9 +51,19 @@ class TritonAttentionBackend(PagedAttentionBackend):
         self._num_kv_heads = num_kv_heads
         self._decode_splits = {bs: decode_num_splits(bs, num_kv_heads) for bs in batch_sizes}
 
-    def graph_metadata(self, batch_size: int, buffers: GraphBuffers, cascade: bool, max_model_len: int
-                       ) -> TritonAttentionMetadata:
+    def graph_metadata(self, batch_size: int, buffers: GraphBuffers, cascade: bool, max_model_len: int,
+                       query_len: int = 1) -> TritonAttentionMetadata:
         bs = batch_size
+        if query_len > 1:
+            # A verification: every request has query_len queries, so no request goes to the decode
+            # kernel and the prefill kernel covers all. Its tile map is planned from the host lists, which
+            # fix the query lengths (the graph's) and stand in for the context lengths: equal, so the map
+            # is in batch order, right for every replay (the kernel reads the real lengths on the device).
+            return TritonAttentionMetadata(
+                query_start_loc=buffers.query_start_loc[:bs + 1], seq_lens=buffers.seq_lens[:bs],
+                block_tables=buffers.block_tables[:bs], slot_mapping=buffers.slot_mapping[:bs * query_len],
+                max_query_len=query_len, max_seq_len=max_model_len,
+                query_start_loc_cpu=[i * query_len for i in range(bs + 1)], seq_lens_cpu=[query_len] * bs)
         return TritonAttentionMetadata(
             query_start_loc=buffers.query_start_loc[:bs + 1], seq_lens=buffers.seq_lens[:bs],
             block_tables=buffers.block_tables[:bs], slot_mapping=buffers.slot_mapping[:bs],

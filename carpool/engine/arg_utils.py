@@ -33,7 +33,7 @@ from carpool.quantization.config import (
 from carpool.worker.kv_cache import DEFAULT_CPU_KV_CACHE_BYTES
 
 KERNEL_FLAG_HELP: dict[str, str] = {
-    "fused_gemv_silu": "batch-1 steps: the gate/up GEMV with SiLU-and-mul in one kernel",
+    "fused_gemv_silu": "batch-1 steps (FP8/INT4 weights: 1-8 rows): the gate/up GEMV with SiLU-and-mul in one kernel",
     "fused_qkv_rope": "batch-1 steps: the q/k/v GEMV with RoPE and the KV-cache store in one kernel",
     "lm_head_gemv": "batch-1 steps: the LM head through the Triton GEMV rather than cuBLAS",
     "kernel_host_io": "small CUDA-graph replays read inputs and write tokens through pinned memory by kernel",
@@ -116,11 +116,11 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         self._validate()
-        from carpool.demo import demo_model_path
+        from carpool.demo import default_model_path
         from carpool.models.loader import resolve_model_path
 
         device = self.device or default_device()
-        path = resolve_model_path(self.model) if self.model else demo_model_path()
+        path = resolve_model_path(self.model) if self.model else default_model_path()
         model = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, device="cpu"
                                             if device == "cpu" else "cuda")
         speculative = self._speculative_config(model)
@@ -159,17 +159,22 @@ class EngineArgs:
 
     def _speculative_config(self, target: ModelConfig) -> SpeculativeConfig | None:
         """Parse and check the speculative config against the target: a draft model must exist, share the
-        target's vocabulary and reach max_model_len, and runs on one rank only."""
+        target's vocabulary and reach max_model_len; it runs split over the target's tensor-parallel ranks
+        (draft_tensor_parallel_size None, vLLM's default, becomes the target's size) or whole on rank 0
+        (1), and must split that many ways."""
         if self.speculative_config is None:
             return None
         spec = SpeculativeConfig.from_dict(self.speculative_config)
         if spec.method != "draft_model":
             return spec
         from carpool.models.loader import resolve_model_path
+        from carpool.worker.multiproc_executor import check_tensor_parallel
 
-        if self.tensor_parallel_size > 1:
-            raise ValueError("speculative_config.method: 'draft_model' runs with tensor_parallel_size=1 only; "
-                             "use 'ngram' under tensor parallelism")
+        tp = self.tensor_parallel_size
+        draft_tp = tp if spec.draft_tensor_parallel_size is None else spec.draft_tensor_parallel_size
+        if draft_tp not in (1, tp):
+            raise ValueError(f"speculative_config.draft_tensor_parallel_size: must be 1 (the draft whole on rank 0) "
+                             f"or the target's tensor_parallel_size={tp}, got {draft_tp}")
         assert spec.model is not None
         try:
             path = resolve_model_path(spec.model)
@@ -180,7 +185,9 @@ class EngineArgs:
         if draft.vocab_size != target.vocab_size:
             raise ValueError(f"speculative_config.model: the draft's vocab_size {draft.vocab_size} differs from "
                              f"the target's {target.vocab_size}; a draft model must share the tokenizer")
-        return dataclasses.replace(spec, model=path)
+        check_tensor_parallel(draft, draft_tp, setting="speculative_config.draft_tensor_parallel_size",
+                              whose="the draft's")
+        return dataclasses.replace(spec, model=path, draft_tensor_parallel_size=draft_tp)
 
     # ---- CLI -----------------------------------------------------------------------------------
     @staticmethod

@@ -65,7 +65,8 @@ class ModelRuntime:
         quantization scheme's, unless it leaves the layer unquantized."""
         from carpool.quantization.factory import quantized_linear_method
 
-        method = quantized_linear_method(self.quantization, prefix, self.ops.name, self.packed_modules)
+        method = quantized_linear_method(self.quantization, prefix, self.ops.name, self.packed_modules,
+                                         self.kernels.fused_gemv_silu)
         return method if method is not None else self.unquantized_linear_method()
 
     def unquantized_linear_method(self) -> LinearMethod:

@@ -25,16 +25,18 @@ def checkpoint_module_names(prefix: str, packed_modules: Mapping[str, tuple[str,
 
 
 def quantized_linear_method(scheme: QuantScheme | None, prefix: str, kernel_backend: str,
-                            packed_modules: Mapping[str, tuple[str, Any]] | None = None) -> LinearMethod | None:
+                            packed_modules: Mapping[str, tuple[str, Any]] | None = None,
+                            fused_gemv_silu: bool = False) -> LinearMethod | None:
     """The method of the linear layer named `prefix`, or None where it runs unquantized (no scheme, or
-    the checkpoint's ignore list names it)."""
+    the checkpoint's ignore list names it). fused_gemv_silu: KernelConfig's (the GEMV with SiLU-and-mul
+    for merged gate/up layers)."""
     if scheme is None:
         return None
     if is_ignored(scheme, prefix, checkpoint_module_names(prefix, packed_modules or {})):
         return None
     if isinstance(scheme, Fp8Scheme):
-        return Fp8LinearMethod(scheme, kernel_backend)
-    return Int4WeightOnlyLinearMethod(scheme, kernel_backend)
+        return Fp8LinearMethod(scheme, kernel_backend, fused_gemv_silu)
+    return Int4WeightOnlyLinearMethod(scheme, kernel_backend, fused_gemv_silu)
 
 
 def quantized_experts_method(scheme: QuantScheme | None, prefix: str, num_experts: int,

@@ -8,7 +8,9 @@ layouts and no model-sized copy is made (`--quantization fp8` quantizes each bf1
 
 Backends: "torch" dequantizes and multiplies in the activation dtype (the CPU path: in float32 a
 quantized checkpoint gives the tokens of the same model with its weights dequantized); "triton" runs
-the GEMV for 1-8 rows and the GEMM above (ops/triton/quant_gemv.py, quant_gemm.py).
+the GEMV for 1-8 rows and the GEMM above (ops/triton/quant_gemv.py, quant_gemm.py), and with
+`fused_gemv_silu` (KernelConfig) a merged gate/up layer's 1-8 rows through the GEMV that applies
+SiLU-and-mul in its epilogue, as the bf16 path does at batch 1.
 """
 
 from __future__ import annotations
@@ -74,10 +76,19 @@ class QuantizedLinearMethod(LinearMethod):
     or the error names the missing tensor (a merged layer's parameter counts as loaded as soon as one
     shard is, so the generic missing check cannot see a lost k_proj scale)."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, fused_gemv_silu: bool = False) -> None:
         if backend not in ("torch", "triton"):
             raise ValueError(f"kernel backend: unknown {backend!r}")
         self.backend = backend
+        self.fused_gemv_silu = fused_gemv_silu
+
+    def takes_gemv(self, x: torch.Tensor) -> bool:
+        """x goes through the Triton GEMV (1 to MAX_GEMV_ROWS rows), not the GEMM or the torch path."""
+        return self.backend == "triton" and x.dim() == 2 and 1 <= x.shape[0] <= MAX_GEMV_ROWS
+
+    def takes_fused_silu(self, x: torch.Tensor) -> bool:
+        """apply_silu_and_mul takes x: the GEMV's rows, with the fused path switched on."""
+        return self.fused_gemv_silu and self.takes_gemv(x)
 
     def _register_tensor(self, layer: LinearBase, spec: CheckpointTensor, param_data: torch.Tensor) -> None:
         def loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
@@ -120,8 +131,8 @@ class Fp8LinearMethod(QuantizedLinearMethod):
     (per token, per 128-column group with block weights, or the checkpoint's static scale) and the W8A8
     GEMM (torch._scaled_mm or Triton, ops/triton/quant_gemm.fp8_gemm_backend)."""
 
-    def __init__(self, scheme: Fp8Scheme, backend: str) -> None:
-        super().__init__(backend)
+    def __init__(self, scheme: Fp8Scheme, backend: str, fused_gemv_silu: bool = False) -> None:
+        super().__init__(backend, fused_gemv_silu)
         self.scheme = scheme
         self.block = scheme.weight_strategy == "block"
         self.scale_name = "weight_scale" if scheme.checkpoint_format == "online" else scheme.scale_suffix()
@@ -200,7 +211,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         from carpool.ops.triton import quant_gemm, quant_gemv
 
         x = x if x.stride(-1) == 1 else x.contiguous()
-        if x.shape[0] <= MAX_GEMV_ROWS:
+        if self.takes_gemv(x):
             return quant_gemv.fp8_gemv(x, weight, scale, bias)
         static = getattr(layer, self.input_scale_name) if self.input_scale_name is not None else None
         xq, x_scale = quant_gemm.quantize_fp8_act(x, FP8_BLOCK[1] if self.block else None, static)
@@ -208,6 +219,14 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         if quant_gemm.fp8_gemm_backend(m, weight.shape[0], k, self.block, x.dtype) == "scaled_mm":
             return quant_gemm.fp8_scaled_mm(xq, x_scale, weight, scale, x.dtype, bias)
         return quant_gemm.fp8_gemm(xq, x_scale, weight, scale, x.dtype, bias)
+
+    def apply_silu_and_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.takes_fused_silu(x):
+            return None
+        from carpool.ops.triton import quant_gemv
+
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return quant_gemv.fp8_gemv_silu_and_mul(x, layer.weight, self._scale(layer))
 
     def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
         """The layer's logical weight in float32 (tests and reference checkpoints)."""
@@ -232,8 +251,8 @@ class Int4WeightOnlyLinearMethod(QuantizedLinearMethod):
     `weight_packed`, `weight_scale`, `weight_zero_point`, `weight_shape` (checked). Symmetric weights
     whose zeros are all 8 (GPTQ stores them anyway) drop them after loading."""
 
-    def __init__(self, scheme: Int4Scheme, backend: str) -> None:
-        super().__init__(backend)
+    def __init__(self, scheme: Int4Scheme, backend: str, fused_gemv_silu: bool = False) -> None:
+        super().__init__(backend, fused_gemv_silu)
         self.scheme = scheme
         fmt = scheme.checkpoint_format
         self.packed_name, self.scales_name, self.zeros_name = {
@@ -350,9 +369,18 @@ class Int4WeightOnlyLinearMethod(QuantizedLinearMethod):
         from carpool.ops.triton import quant_gemm, quant_gemv
 
         x = x if x.stride(-1) == 1 else x.contiguous()
-        if x.shape[0] <= MAX_GEMV_ROWS:
+        if self.takes_gemv(x):
             return quant_gemv.int4_gemv(x, packed, scales, zeros, g, bias)
         return quant_gemm.int4_gemm(x, packed, scales, zeros, g, bias)
+
+    def apply_silu_and_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.takes_fused_silu(x):
+            return None
+        from carpool.ops.triton import quant_gemv
+
+        packed, scales, zeros = self.weights(layer)
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return quant_gemv.int4_gemv_silu_and_mul(x, packed, scales, zeros, self.group_size(layer))
 
     def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
         """The layer's logical weight in float32 (tests and reference checkpoints)."""

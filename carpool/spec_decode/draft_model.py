@@ -1,5 +1,7 @@
 """Draft-model proposer: a smaller checkpoint with the target's vocabulary runs k greedy steps per target
-step, in the target's process and on its device.
+step, in the target's process and on its device. Under tensor parallelism it is either split over the
+target's ranks (`draft_tensor_parallel_size` = the target's, vLLM's default: every rank runs its shard of
+every draft step) or whole on rank 0 (`draft_tensor_parallel_size` 1: the other ranks hold no draft).
 
 KV memory: the draft keeps its own K/V tensors with the target's block count and reads them through the
 target's block tables (the same block ids), so one block of the shared pool costs the target's bytes
@@ -12,7 +14,9 @@ A proposal first catches up on the verified tokens from there (a whole prompt th
 verification, the accepted tokens and the target's own), whose last logits give the first guess, then
 feeds back each guess for k - 1 single-token steps; positions holding guesses are recomputed next time,
 so a rejected guess never lingers. Draft K/V of a prefix-cache hit block is recomputed too (its
-computing request may not have drafted): a new row starts at 0. Steps run eagerly (no CUDA graphs).
+computing request may not have drafted): a new row starts at 0. On a GPU (CUDA graphs on for the target)
+the single-token steps replay the draft's own decode graphs, their input ids (the last guesses, on the
+device) written in as a fix-up; catch-up steps with several tokens per row run eagerly.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from carpool.config import EngineConfig, ModelConfig
-from carpool.distributed import Communicator
+from carpool.distributed import SINGLE, Communicator, TPGroup
 from carpool.forward_batch import ForwardBatch
 from carpool.models.loader import load_model
 from carpool.models.registry import get_model_class
@@ -33,7 +37,8 @@ from carpool.quantization.config import parse_kv_cache_dtype, parse_quantization
 from carpool.quantization.factory import check_device_support
 from carpool.spec_decode.proposer import Proposer
 from carpool.utils import cdiv
-from carpool.worker.input_batch import StepInputs
+from carpool.worker.cuda_graph import CUDAGraphRunner, verification_graph_shapes
+from carpool.worker.input_batch import PendingFixup, StepInputs
 from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block
 
 if TYPE_CHECKING:
@@ -54,12 +59,22 @@ class DraftModelProposer(Proposer):
         quantization = parse_quantization_config(self.draft_config.hf_config)
         kv_cache = parse_kv_cache_dtype("auto", self.draft_config.hf_config)
         check_device_support(quantization, kv_cache, config.kernel_backend, self.device)
+        # Split over the target's ranks, the draft's collectives take the plain group (NCCL, gloo on CPU):
+        # the target's symmetric-memory paths were sized and self-tested for the target's shapes. Its
+        # greedy guesses agree on every rank because its logits are a gather, the same bits everywhere.
+        group = TPGroup(runner.tp.rank, runner.tp.size) if spec.draft_on_every_rank else SINGLE
         self.runtime = ModelRuntime.for_inference(
-            config.kernel_backend, Communicator(kernels=config.kernels), config.kernels, quantization,
+            config.kernel_backend, Communicator(group, config.kernels), config.kernels, quantization,
             get_model_class(self.draft_config.architecture).packed_modules_mapping, kv_cache)
         self.model = load_model(self.draft_config, self.runtime, self.device, config.load_format)
         self.num_computed = np.zeros(config.scheduler.max_num_seqs, dtype=np.int64)
         self.kv_cache: torch.Tensor | None = None
+        # Proposals are made for batches below disable_by_batch_size only: graphs up to that size.
+        self.graph_max_num_seqs = verification_graph_shapes(config)[1]
+        self.use_cuda_graphs = (runner.use_cuda_graphs and self.runtime.attention.supports_cuda_graphs
+                                and self.graph_max_num_seqs > 0)
+        self.graph_runner: CUDAGraphRunner | None = None
+        self.max_model_len = config.model.max_model_len
 
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
@@ -68,6 +83,10 @@ class DraftModelProposer(Proposer):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
                                           self.draft_config.dtype, self.device)
+        if self.use_cuda_graphs:
+            self.graph_runner = CUDAGraphRunner(self.model, self.runtime.attention, self.graph_max_num_seqs,
+                                                self.max_model_len, self.block_size, self.device, cascade=False)
+            self.graph_runner.capture()
 
     def remove(self, row: int) -> None:
         self.num_computed[row] = 0
@@ -125,15 +144,20 @@ class DraftModelProposer(Proposer):
         slots = batch.block_table[token_row, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = positions[qsl[1:] - 1] + 1
         max_blocks = min(cdiv(int(batch.num_blocks[rows].max()), 16) * 16, batch.max_blocks_per_req)
-        inputs = StepInputs(rows=rows, input_ids=np.zeros(0, dtype=np.int64), positions=positions.astype(np.int64),
+        inputs = StepInputs(rows=rows, input_ids=np.zeros(len(positions), dtype=np.int64),
+                            positions=positions.astype(np.int64),
                             slot_mapping=slots, query_start_loc=qsl.astype(np.int32),
                             seq_lens=seq_lens.astype(np.int32), block_tables=batch.block_table[rows, :max_blocks],
                             sample_rows=rows, logits_indices=qsl[1:] - 1, max_query_len=int(counts.max()),
                             max_seq_len=int(seq_lens.max()), pending_token_index=np.zeros(0, dtype=np.int64),
                             pending_rows=np.zeros(0, dtype=np.int64))
+        self.runtime.comm.begin_forward()
+        shape = self.graph_runner.choose(inputs) if self.graph_runner is not None else None
+        if shape is not None:  # every input id is a device value: all of them go in as the fix-up
+            fixup = PendingFixup(np.arange(len(positions), dtype=np.int64), input_ids)
+            return self.graph_runner.run(inputs, fixup, shape).argmax(dim=-1)  # type: ignore[union-attr]
         fwd = ForwardBatch(input_ids=input_ids, positions=to_device(inputs.positions, self.device),
                            attn=self.runtime.attention.build_metadata(inputs, self.device))
-        self.runtime.comm.begin_forward()
         hidden = self.model(fwd.input_ids, fwd.positions, fwd)
         logits = self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
         return logits.argmax(dim=-1)

@@ -4,13 +4,15 @@ The runner keeps each live request's tokens, block table and sampling params in 
 scheduler only sends what changed. A request samples in a step exactly when its scheduled tokens reach
 the end of its known tokens; earlier prefill chunks only fill the KV cache (and, for a request that
 asked for prompt logprobs, score its prompt tokens: compute_prompt_logprobs). Decode-only steps on a GPU
-replay CUDA graphs; every other step, and any step that scores prompt tokens, runs eagerly.
+replay CUDA graphs (so do uniform verifications, below); every other step, and any step that scores
+prompt tokens, runs eagerly.
 
 Speculative decoding: a request the scheduler gives proposed tokens (`scheduled_spec_decode_tokens`)
 computes them after its known ones; the runner takes logits at all its k + 1 positions and the
-rejection sampler decides what it emits. Verification steps (more than one query token per request) run
-eagerly, outside the decode CUDA graphs. Once a step's tokens are on the host, the proposer guesses the
-next tokens of the rows that sampled; they travel back to the scheduler in `ModelRunnerOutput.spec_token_ids`.
+rejection sampler decides what it emits. On a GPU, verification steps whose every request has the same
+number of query tokens replay CUDA graphs of that width (worker/cuda_graph.py); others run eagerly.
+Once a step's tokens are on the host, the proposer guesses the next tokens of the rows that sampled;
+they travel back to the scheduler in `ModelRunnerOutput.spec_token_ids`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from carpool.quantization.factory import check_device_support
 from carpool.sampling_params import SamplingParams
 from carpool.spec_decode import make_proposer
 from carpool.utils import cdiv
-from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS, CUDAGraphRunner
+from carpool.worker.cuda_graph import HOST_IO_MAX_ROWS, CUDAGraphRunner, verification_graph_shapes
 from carpool.worker.input_batch import InputBatch, PendingFixup, StepInputs
 from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block, cpu_num_blocks, gpu_num_blocks
 
@@ -105,10 +107,14 @@ class ModelRunner:
         self.kernel_host_io = (self.device.type == "cuda" and self.ops.name == "triton"
                                and config.kernels.kernel_host_io)
         self._recent_host_tokens: collections.deque[torch.Tensor] = collections.deque(maxlen=8)
-        # Speculative decoding: the proposer runs where the step's tokens are resolved (rank 0 under TP,
-        # whose output is the one the engine reads); the rejection sampler wherever tokens are sampled.
+        # Speculative decoding: the proposer runs where the step's tokens are resolved: rank 0 under TP,
+        # whose output is the one the engine reads, or every rank for a draft model split over the ranks
+        # (each resolves the same tokens into the same request state, so they propose in lockstep and
+        # meet in the same collectives). The rejection sampler runs wherever tokens are sampled.
         self.rejection_sampler = RejectionSampler(self.sampler)
-        self.proposer = make_proposer(config, self) if tp.rank == 0 else None
+        spec = config.speculative_config
+        on_every_rank = spec is not None and spec.draft_on_every_rank
+        self.proposer = make_proposer(config, self) if tp.rank == 0 or on_every_rank else None
 
     def describe(self) -> dict:
         """The kernel paths this runner uses: the backend, the fast paths asked for (KernelConfig),
@@ -140,9 +146,11 @@ class ModelRunner:
         if self.proposer is not None:
             self.proposer.initialize_kv_cache(num_blocks)
         if self.use_cuda_graphs:
+            widths, max_verify = verification_graph_shapes(self.config)
             self.graph_runner = CUDAGraphRunner(self.model, self.attention, self.config.scheduler.max_num_seqs,
                                                 self.config.scheduler.max_model_len, self.block_size,
-                                                self.device, self.kernel_host_io)
+                                                self.device, self.kernel_host_io, verify_widths=widths,
+                                                verify_max_num_seqs=max_verify)
             self.graph_runner.capture()
 
     @property
@@ -396,10 +404,11 @@ class ModelRunner:
         """Logits of the sampling requests (None if no request samples this step). With `keep_hidden`
         (prompt logprobs) the step runs eagerly and its hidden states stay in `_kept_hidden`."""
         self.comm.begin_forward()
-        if self.graph_runner is not None and not keep_hidden and self.graph_runner.can_run(inputs):
+        shape = self.graph_runner.choose(inputs) if self.graph_runner is not None and not keep_hidden else None
+        if shape is not None:
             # (the logits are a buffer of the graph, valid until its next replay: every reader, the copy
             # to the host and the next step's fix-up, is queued on this stream before that replay)
-            return self.graph_runner.run(inputs, fixup)
+            return self.graph_runner.run(inputs, fixup, shape)
         batch = self._to_device(inputs)
         if fixup is not None:
             batch.input_ids.index_copy_(0, to_device(fixup.index, self.device), fixup.values)

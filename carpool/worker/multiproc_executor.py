@@ -50,31 +50,31 @@ from carpool.worker.tp_processes import (
 logger = logging.getLogger(__name__)
 
 
-def check_tensor_parallel(model: ModelConfig, tp_size: int, expert_parallel: bool = False) -> None:
+def check_tensor_parallel(model: ModelConfig, tp_size: int, expert_parallel: bool = False,
+                          setting: str = "tensor_parallel_size", whose: str = "the model's") -> None:
     """Refuse, before any process starts, a model that cannot be split `tp_size` ways (with expert
-    parallelism, its routed experts whole, E / tp_size per rank)."""
+    parallelism, its routed experts whole, E / tp_size per rank); the message starts with `setting`, the
+    setting that asked for the split."""
     heads, kv_heads = model.num_attention_heads, model.num_key_value_heads
     if heads % tp_size:
-        raise ValueError(f"tensor_parallel_size: the model's num_attention_heads={heads} does not divide "
-                         f"by tensor_parallel_size={tp_size}")
+        raise ValueError(f"{setting}: {whose} num_attention_heads={heads} does not divide by {setting}={tp_size}")
     if kv_heads % tp_size and tp_size % kv_heads:
-        raise ValueError(f"tensor_parallel_size: the model's num_key_value_heads={kv_heads} and "
-                         f"tensor_parallel_size={tp_size} must divide one another (KV heads are split "
-                         "across ranks, or replicated when there are fewer than ranks)")
+        raise ValueError(f"{setting}: {whose} num_key_value_heads={kv_heads} and {setting}={tp_size} must divide "
+                         "one another (KV heads are split across ranks, or replicated when there are fewer "
+                         "than ranks)")
     if model.intermediate_size % tp_size:
-        raise ValueError(f"tensor_parallel_size: the model's intermediate_size={model.intermediate_size} "
-                         f"does not divide by tensor_parallel_size={tp_size}")
+        raise ValueError(f"{setting}: {whose} intermediate_size={model.intermediate_size} does not divide by "
+                         f"{setting}={tp_size}")
     if expert_parallel and model.moe is not None and model.moe.num_experts % tp_size:
-        raise ValueError(f"enable_expert_parallel: the model's num_experts={model.moe.num_experts} does not divide "
-                         f"by tensor_parallel_size={tp_size}")
+        raise ValueError(f"enable_expert_parallel: {whose} num_experts={model.moe.num_experts} does not divide "
+                         f"by {setting}={tp_size}")
     # experts split like dense MLPs (routed experts only without expert parallelism; shared ones always)
     names = ("shared_expert_intermediate_size",) if expert_parallel else (
         "moe_intermediate_size", "shared_expert_intermediate_size")
     for name in names:
         size = getattr(model.moe, name, 0)
         if size % tp_size:
-            raise ValueError(f"tensor_parallel_size: the model's {name}={size} does not divide by "
-                             f"tensor_parallel_size={tp_size}")
+            raise ValueError(f"{setting}: {whose} {name}={size} does not divide by {setting}={tp_size}")
 
 
 @dataclass

@@ -113,15 +113,17 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | Non
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     """Store the new K/V (unless k = v = None: rope_and_store_kv did), then attend causally over each
-    request's whole context (see torch_ref).
+    request's whole context (see torch_ref). An FP8 (e4m3) cache holds k / k_scale and v / v_scale
+    (paged_kv.py); a model-dtype cache takes scales of 1.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
     Returns a contiguous [T, Hq, D] in q's dtype."""
     _check_shapes(q, k, v, k_cache, v_cache)
     if k is not None and v is not None:
-        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
     out = utils.empty_output(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
@@ -148,10 +150,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
         prefix_len = plan.cascade_prefix_len if decode_only and plan is not None else None
         decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, int(num_splits), scratch=plan.decode_scratch if plan is not None else None,
-                         prefix_len=prefix_len,
-                         order=order, split_len=split_len)
+                         prefix_len=prefix_len, order=order, split_len=split_len, k_scale=k_scale,
+                         v_scale=v_scale)
     if not decode_only:
-        prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True)
+        prefill_attention(q, k_cache, v_cache, out, meta, scale, skip_single_queries=True, k_scale=k_scale,
+                          v_scale=v_scale)
     return out
 
 

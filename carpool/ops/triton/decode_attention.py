@@ -19,6 +19,9 @@ by request, and `_merge_kernel` (grid (num_reqs, num_q_heads)) combines the `use
 With a shared prefix (cascade) every split writes a partial (idle ones with weight 0) and the merge
 reads all slots, the prefix kernel's too.
 
+An FP8 cache (KV_FP8, paged_kv.py's docstring): the query stays in its dtype, k_scale is in qk_scale and
+the normalized outputs are multiplied by v_scale before they are written or merged.
+
 Latency (batch 1 under PDL): both kernels launch while the kernel before them still runs and read the
 step's metadata before they wait for it. (Loading the first tile's older keys before the wait as well
 was slower at batch 1: EXPERIMENTS.md run 65.)
@@ -34,7 +37,7 @@ import triton.language as tl
 
 from carpool.forward_batch import CASCADE_ALIGN  # prefix kernel tile; split kernel tiles divide it
 from carpool.ops.triton import utils
-from carpool.ops.triton.paged_kv import attend_tile
+from carpool.ops.triton.paged_kv import LOG2E, attend_tile, check_kv_scales, is_fp8_cache
 from carpool.ops.triton.utils import pdl_enter, pdl_release, pdl_wait
 
 
@@ -47,9 +50,15 @@ class DecodeConfig:
     min_split_tiles: int = 1  # a split gets at least this many tiles, so short contexts use fewer splits
 
 
-def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+def default_decode_config(head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> DecodeConfig:
+    """dtype: the tiles' (the cache's, or the query's over an FP8 cache)."""
     if dtype == torch.float32:  # correctness runs only: keep fp32 tiles out of local memory
         return DecodeConfig(block_n=32, num_stages=1)
+    if kv_fp8:
+        # Compiled for sm_90 (scripts/quant_compile_check.py), the e4m3 -> bf16 conversions take 4 warps
+        # to 128 registers and a 16-byte spill; 8 warps take 102 and none. Unmeasured: bench_kernels.py
+        # can sweep it.
+        return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=8)
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
 
 
@@ -70,11 +79,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    out_ptr, part_out_ptr, part_lse_ptr, ctx_start_ptr, order_ptr, split_len_ptr, qk_scale,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_bt, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   v_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    HAS_PREFIX: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_SPLIT_LEN: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   KV_FP8: tl.constexpr, USE_PDL: tl.constexpr):
     # Until pdl_wait: only the step's metadata, complete before this layer's q/k/v projection started
     # (utils.pdl_wait).
     pdl_release(USE_PDL)
@@ -115,7 +124,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
 
     q = tl.load(q_ptr + q_row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=(offs_g < active_rows)[:, None] & mask_d, other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if not KV_FP8:
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -123,8 +133,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     for tile in range(tile_lo, tile_hi):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
                                     seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
-                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION)
+                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION, KV_FP8)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * v_scale
     if HAS_PREFIX:
         # The merge reads every slot: idle splits write o = 0 and lse = -inf, which weigh 0.
         part_rows = num_rows
@@ -145,10 +157,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
 @triton.jit
 def _prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, prefix_len_ptr, part_out_ptr,
                    part_lse_ptr, num_reqs, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb,
-                   stride_vs, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                   stride_vs, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, v_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, SLOT0: tl.constexpr,
                    PREFIX_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     """Cascade attention, shared part: every decode query of the batch against the prefix of keys all
     requests share (same blocks, read through request 0's block table). Rows of a tile are (request,
     query head of this KV head) pairs, so each prefix K/V tile is read once for BLOCK_M rows instead of
@@ -169,7 +182,8 @@ def _prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, p
     mask_qd = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=mask_qd,
                 other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if not KV_FP8:
+        q = q.to(k_cache_ptr.dtype.element_ty)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -181,8 +195,10 @@ def _prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, p
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, block_tables_ptr,
                                     tile * BLOCK_N, prefix_len, kv_head.to(tl.int64) * stride_kh,
                                     kv_head.to(tl.int64) * stride_vh, stride_kb, stride_ks, stride_vb, stride_vs,
-                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 0, DOT_PRECISION)
+                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 0, DOT_PRECISION, KV_FP8)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * v_scale
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     req64 = req.to(tl.int64)
     slot = SLOT0 + split
@@ -242,7 +258,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scale: float, num_splits: int, config: DecodeConfig | None = None,
                      scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
                      prefix_len: torch.Tensor | None = None, prefix_splits: int = 8,
-                     order: torch.Tensor | None = None, split_len: torch.Tensor | None = None) -> torch.Tensor:
+                     order: torch.Tensor | None = None, split_len: torch.Tensor | None = None,
+                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of each 1-query request over its whole cached context; writes those rows of `out`.
 
     K/V of the new tokens must already be in the cache. `scratch` (see decode_scratch) may be larger
@@ -258,14 +275,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Work balance for mixed context lengths (see the module docstring; the host plans both per step,
     attention.balanced_decode_plan): `order` ([num_reqs] int32 device tensor) is the permutation of the
     requests in which their programs start, longest context first; `split_len` (a 1-element int32
-    device tensor) is the keys per split, which sets each request's own split count up to num_splits."""
+    device tensor) is the keys per split, which sets each request's own split count up to num_splits.
+
+    An FP8 cache holds k / k_scale and v / v_scale (paged_kv.py); a model-dtype cache takes scales of 1."""
     num_reqs = seq_lens.shape[0]
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     if num_reqs == 0 or num_tokens == 0:
         return out
-    config = config or default_decode_config(head_dim, k_cache.dtype)
+    check_kv_scales(k_cache, k_scale, v_scale)
+    kv_fp8 = is_fp8_cache(k_cache)
+    tile_dtype = q.dtype if kv_fp8 else k_cache.dtype
+    config = config or default_decode_config(head_dim, tile_dtype, kv_fp8)
     cascade = prefix_len is not None
     num_slots = num_splits + (prefix_splits if cascade else 0)
     if num_slots > 1:
@@ -282,34 +304,36 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = max(16, triton.next_power_of_2(head_dim))
     # tl.dot needs at least 16 rows: a GQA group smaller than that is padded with masked rows.
     block_g = max(16, triton.next_power_of_2(group))
-    precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    precision = "ieee" if tile_dtype == torch.float32 else "tf32"
+    qk_scale = scale * k_scale * LOG2E
     ctx_start = prefix_len if cascade else seq_lens  # (unread without a prefix)
     if order is not None and order.shape[0] < num_reqs:
         raise ValueError(f"decode order: need >= {num_reqs} request indices, got {order.shape[0]}")
     _decode_kernel[(num_kv_heads * num_splits, num_reqs)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, ctx_start,
         seq_lens if order is None else order, seq_lens if split_len is None else split_len,  # (unread if None)
-        scale * 1.4426950408889634,
+        qk_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
+        part_lse.stride(0), part_lse.stride(1), float(v_scale),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
         DOT_PRECISION=precision, HAS_PREFIX=cascade, HAS_ORDER=order is not None,
-        HAS_SPLIT_LEN=split_len is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_SPLIT_LEN=split_len is not None, KV_FP8=kv_fp8, num_warps=config.num_warps, num_stages=config.num_stages,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if cascade:
         assert prefix_len is not None
-        block_m = 64 if k_cache.dtype == torch.float32 else 128
+        block_m = 64 if tile_dtype == torch.float32 else 128
         _prefix_kernel[(triton.cdiv(num_reqs * group, block_m), num_kv_heads, prefix_splits)](
             q, k_cache, v_cache, block_tables, query_start_loc, prefix_len, part_out, part_lse, num_reqs,
-            scale * 1.4426950408889634, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            qk_scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-            GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SLOT0=num_splits, PREFIX_SPLITS=prefix_splits,
-            BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=CASCADE_ALIGN, DOT_PRECISION=precision,
-            num_warps=8 if block_m == 128 else 4, num_stages=2, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+            float(v_scale), GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SLOT0=num_splits,
+            PREFIX_SPLITS=prefix_splits, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=CASCADE_ALIGN,
+            DOT_PRECISION=precision, KV_FP8=kv_fp8, num_warps=8 if block_m == 128 else 4, num_stages=2,
+            USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if num_slots > 1:
         _merge_kernel[(num_reqs, num_q_heads)](
             query_start_loc, seq_lens, seq_lens if split_len is None else split_len, part_out, part_lse, out,

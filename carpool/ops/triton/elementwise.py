@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
-from carpool.ops.triton.paged_kv import slot_row
+from carpool.ops.triton.paged_kv import check_kv_scales, is_fp8_cache, kv_cache_value, slot_row
 from carpool.ops.triton.utils import pdl_enter
 
 
@@ -193,11 +193,13 @@ def _cos_sin(pos_ptr, t, cos_sin_ptr, stride_cs, HALF: tl.constexpr, BLOCK_HALF:
 def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, slot_ptr,
                           k_cache_ptr, v_cache_ptr, n_q_heads, n_k_heads, stride_qt, stride_qh, stride_kt,
                           stride_kh, stride_vt, stride_vh, stride_cs, stride_kcb, stride_kcs, stride_kch,
-                          stride_vcb, stride_vcs, stride_vch, HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                          BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                          HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr):
+                          stride_vcb, stride_vcs, stride_vch, k_scale, v_scale, HALF: tl.constexpr,
+                          PAGE_SIZE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, KV_FP8: tl.constexpr,
+                          SOFTWARE_ROUNDING: tl.constexpr, USE_PDL: tl.constexpr):
     """One program per token: RoPE (after the optional q/k norm) on q in place, and the rotated k with v
-    written straight to the token's cache slot, so k never makes a round trip through memory."""
+    written straight to the token's cache slot, so k never makes a round trip through memory (an FP8
+    cache: k / k_scale and v / v_scale in e4m3, paged_kv.kv_cache_value)."""
     pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(pos_ptr, t, cos_sin_ptr, stride_cs, HALF, BLOCK_HALF)
@@ -211,12 +213,14 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, qw_ptr, kw_
     heads = tl.arange(0, BLOCK_HK)
     mask = (heads[:, None] < n_store) & cmask[None, :]
     kc = k_cache_ptr + page * stride_kcb + row * stride_kcs + heads[:, None] * stride_kch + cols[None, :]
-    tl.store(kc, y1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(kc + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc, kv_cache_value(y1, k_scale, k_cache_ptr, KV_FP8, SOFTWARE_ROUNDING), mask=mask)
+    tl.store(kc + HALF, kv_cache_value(y2, k_scale, k_cache_ptr, KV_FP8, SOFTWARE_ROUNDING), mask=mask)
     vp = v_ptr + t * stride_vt + heads[:, None] * stride_vh + cols[None, :]
     vc = v_cache_ptr + page * stride_vcb + row * stride_vcs + heads[:, None] * stride_vch + cols[None, :]
-    tl.store(vc, tl.load(vp, mask=mask, other=0.0).to(v_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc + HALF, tl.load(vp + HALF, mask=mask, other=0.0).to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, kv_cache_value(tl.load(vp, mask=mask, other=0.0), v_scale, v_cache_ptr, KV_FP8,
+                                SOFTWARE_ROUNDING), mask=mask)
+    tl.store(vc + HALF, kv_cache_value(tl.load(vp + HALF, mask=mask, other=0.0), v_scale, v_cache_ptr, KV_FP8,
+                                       SOFTWARE_ROUNDING), mask=mask)
 
 
 def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
@@ -234,10 +238,12 @@ def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor)
 def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
-                      k_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                      k_weight: torch.Tensor | None = None, eps: float = 0.0, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """RoPE (after Qwen3's per-head q/k RMSNorm when weights are given) on q IN PLACE, and the rotated k
-    with v stored at their cache slots (slots < 0 are padding, skipped); k itself is left as it was.
-    Returns q. One kernel instead of rotary + store: the attention that follows reads k from the cache."""
+    with v stored at their cache slots (slots < 0 are padding, skipped; an FP8 cache: k / k_scale and
+    v / v_scale in e4m3); k itself is left as it was. Returns q. One kernel instead of rotary + store:
+    the attention that follows reads k from the cache."""
     _check_rotary(q, k, cos_sin_cache)
     if v.shape != k.shape or v.stride(-1) != 1:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)} with a contiguous last dim, "
@@ -247,6 +253,7 @@ def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: last dim must be contiguous")
+    check_kv_scales(k_cache, k_scale, v_scale)
     n_tokens = q.shape[0]
     if n_tokens:
         half = q.shape[-1] // 2
@@ -256,8 +263,9 @@ def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             positions, q, k, v, cos_sin_cache, qw, kw, eps, slot_mapping, k_cache, v_cache, q.shape[1],
             k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), HALF=half, PAGE_SIZE=k_cache.shape[1],
-            BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-            BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=q_weight is not None, num_warps=4,
-            USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(k_scale), float(v_scale), HALF=half,
+            PAGE_SIZE=k_cache.shape[1], BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
+            BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=triton.next_power_of_2(half),
+            HAS_NORM=q_weight is not None, KV_FP8=is_fp8_cache(k_cache), SOFTWARE_ROUNDING=utils.interpreting(),
+            num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return q

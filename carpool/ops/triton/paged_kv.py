@@ -9,6 +9,15 @@
 
 Cache layout: [num_blocks, page_size, num_kv_heads, head_dim], last dim contiguous; token n of a request
 lives at page `block_table[n // page_size]`, row `n % page_size`.
+
+An FP8 cache (`--kv-cache-dtype fp8`, e4m3) holds k / k_scale and v / v_scale (one scale per layer each),
+saturated to e4m3's range. The kernels take it through a `KV_FP8` constexpr, so a model-dtype cache
+compiles to exactly the code it would without it: stores divide by the scale and round to e4m3
+(`kv_cache_value`); attention keeps the query in its own dtype instead of converting it to the cache's,
+converts each K/V tile to the query's dtype after loading (`attend_tile`), and folds the scales in where
+they cost nothing: k_scale into the softmax scale (q . (s k) = s (q . k)), v_scale into the normalized
+output (sum p (s v) = s sum p v). Only the cache bytes halve, which is what decode attention (bandwidth
+bound) pays for; the score and output tiles stay 16-bit on the tensor cores.
 """
 
 from __future__ import annotations
@@ -18,7 +27,11 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
+from carpool.ops.triton.fp8 import to_e4m3
 from carpool.ops.triton.utils import pdl_enter
+
+KV_CACHE_FP8_DTYPE = torch.float8_e4m3fn
+LOG2E = 1.4426950408889634  # scores are kept in the log2 domain: qk_scale = scale * LOG2E
 
 # Tile kinds for attend_tile's MASK argument.
 MASK_NONE = 0  # every key of the tile is valid and visible to every query row
@@ -36,12 +49,31 @@ def slot_row(slot_ptr, t, n_heads, PAGE_SIZE: tl.constexpr):
     return slot // PAGE_SIZE, slot % PAGE_SIZE, n_store
 
 
+def is_fp8_cache(cache: torch.Tensor) -> bool:
+    return cache.dtype == KV_CACHE_FP8_DTYPE
+
+
+def check_kv_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """Scales other than 1 belong to an FP8 cache: a model-dtype cache stores values as they are."""
+    assert is_fp8_cache(cache) or (k_scale == 1.0 and v_scale == 1.0), \
+        f"k_scale, v_scale ({k_scale}, {v_scale}) given for a {cache.dtype} KV cache"
+
+
+@triton.jit
+def kv_cache_value(x, scale, cache_ptr, KV_FP8: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
+    """x as the cache at cache_ptr stores it: x / scale in e4m3 (saturated), or x in the model dtype."""
+    if KV_FP8:
+        return to_e4m3(x.to(tl.float32) / scale, cache_ptr, SOFTWARE_ROUNDING)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, n_heads,
                      stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, k_scale, v_scale,
                      HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                     BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     page, row, n_heads = slot_row(slot_ptr, t, n_heads, PAGE_SIZE)
@@ -52,24 +84,27 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, n_heads,
     v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask, other=0.0)
     kc = k_cache_ptr + page * stride_kcb + row * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
     vc = v_cache_ptr + page * stride_vcb + row * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
-    tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc, kv_cache_value(k, k_scale, k_cache_ptr, KV_FP8, SOFTWARE_ROUNDING), mask=mask)
+    tl.store(vc, kv_cache_value(v, v_scale, v_cache_ptr, KV_FP8, SOFTWARE_ROUNDING), mask=mask)
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """k_cache/v_cache[slot // page_size, slot % page_size] = k/v[t] for every t with slot >= 0.
+                  slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k_cache/v_cache[slot // page_size, slot % page_size] = k/v[t] for every t with slot >= 0 (an FP8
+    cache: k/k_scale and v/v_scale in e4m3).
 
     One program per token, so the grid depends only on the number of tokens (CUDA-graph safe)."""
     n_tokens, n_heads, head_dim = k.shape
     if n_tokens == 0:
         return
+    check_kv_scales(k_cache, k_scale, v_scale)
     page_size = k_cache.shape[1]
     _store_kv_kernel[(n_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, n_heads, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+        v_cache.stride(2), float(k_scale), float(v_scale), HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        KV_FP8=is_fp8_cache(k_cache), SOFTWARE_ROUNDING=utils.interpreting(), num_warps=4,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
 
 
@@ -77,10 +112,11 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start_n, seq_len,
                 kv_head_off_k, kv_head_off_v, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """Fold keys [start_n, start_n + BLOCK_N) into the running (acc, l_i, m_i) of query rows q.
 
-    q: [M, BLOCK_D] in the cache dtype; q_pos: [M] absolute positions (used by MASK_CAUSAL only);
+    q: [M, BLOCK_D] in the cache dtype (KV_FP8: in its own 16- or 32-bit dtype, which the e4m3 tiles are
+    converted to; qk_scale then carries k_scale); q_pos: [M] absolute positions (used by MASK_CAUSAL only);
     bt_ptr points at this request's block-table row. Returns the updated (acc, l_i, m_i)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -96,6 +132,8 @@ def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start
         load_mask = load_mask & (offs_d[None, :] < HEAD_DIM)
     k_ptrs = k_cache_ptr + kv_head_off_k + page[:, None] * stride_kb + row[:, None] * stride_ks
     k = tl.load(k_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
+    if KV_FP8:
+        k = k.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASK == 1:
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -107,5 +145,7 @@ def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v_ptrs = v_cache_ptr + kv_head_off_v + page[:, None] * stride_vb + row[:, None] * stride_vs
     v = tl.load(v_ptrs + offs_d[None, :], mask=load_mask, other=0.0)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new

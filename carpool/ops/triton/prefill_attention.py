@@ -11,6 +11,9 @@ The program -> (request, first query) map is built on the host from `query_start
 short, and cached per step (utils.step_plan) so all layers of a step share one upload. Requests with a single
 query can be left out of it (`skip_single_queries`): the dispatcher gives those to the decode kernel,
 which splits long contexts and wastes no tile rows.
+
+An FP8 cache (KV_FP8, paged_kv.py's docstring): the query stays in its dtype, k_scale is in qk_scale and
+the normalized output is multiplied by v_scale.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import triton.language as tl
 
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops.triton import utils
-from carpool.ops.triton.paged_kv import attend_tile
+from carpool.ops.triton.paged_kv import LOG2E, attend_tile, check_kv_scales, is_fp8_cache
 from carpool.ops.triton.utils import pdl_enter
 from carpool.platform import to_device
 from carpool.utils import cdiv
@@ -38,6 +41,7 @@ class PrefillConfig:
 
 
 def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    """dtype: the tiles' (the cache's, or the query's over an FP8 cache)."""
     if dtype == torch.float32:  # correctness runs only: smaller tiles keep fp32 tiles out of local memory
         return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=1)
     if head_dim <= 64:
@@ -51,10 +55,11 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
                     tile_req_ptr, tile_q_ptr, out_ptr, qk_scale,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                    stride_bt, stride_ot, stride_oh,
+                    stride_bt, stride_ot, stride_oh, v_scale,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -75,7 +80,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     heads = kv_head * GROUP + g
     q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_qd, other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if not KV_FP8:
+        q = q.to(k_cache_ptr.dtype.element_ty)
     q_pos = ctx_start + tok
 
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -91,12 +97,16 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     for t in range(0, num_free_tiles):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, t * BLOCK_N,
                                     seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
-                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 0, DOT_PRECISION)
+                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 0, DOT_PRECISION,
+                                    KV_FP8)
     for t in range(num_free_tiles, tl.cdiv(kv_end, BLOCK_N)):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, t * BLOCK_N,
                                     seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
-                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 2, DOT_PRECISION)
+                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 2, DOT_PRECISION,
+                                    KV_FP8)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * v_scale
     tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask_qd)
 
@@ -139,15 +149,20 @@ def _num_tiles(meta: AttentionMetadata, block_q: int, skip_single_queries: bool)
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       meta: AttentionMetadata, scale: float, skip_single_queries: bool = False,
-                      config: PrefillConfig | None = None) -> torch.Tensor:
+                      config: PrefillConfig | None = None, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of the requests' queries over their contexts; writes those rows of `out`.
 
     K/V of the new tokens must already be in the cache. With skip_single_queries, requests with one
-    query are left to the decode kernel."""
+    query are left to the decode kernel. An FP8 cache holds k / k_scale and v / v_scale (paged_kv.py);
+    a model-dtype cache takes scales of 1."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    config = config or default_prefill_config(head_dim, k_cache.dtype)
+    check_kv_scales(k_cache, k_scale, v_scale)
+    kv_fp8 = is_fp8_cache(k_cache)
+    tile_dtype = q.dtype if kv_fp8 else k_cache.dtype
+    config = config or default_prefill_config(head_dim, tile_dtype)
     block_g = triton.next_power_of_2(group)
     # Both powers of two, so row // BLOCK_G and row % BLOCK_G in the kernel are a shift and a mask.
     block_q = max(1, config.block_m // block_g)
@@ -156,14 +171,14 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if num_tiles == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
-    precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    precision = "ieee" if tile_dtype == torch.float32 else "tf32"
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, plan[0], plan[1], out,
-        scale * 1.4426950408889634,
+        scale * k_scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), float(v_scale),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_G=block_g,
-        BLOCK_D=block_d, BLOCK_N=config.block_n, DOT_PRECISION=precision,
+        BLOCK_D=block_d, BLOCK_N=config.block_n, DOT_PRECISION=precision, KV_FP8=kv_fp8,
         num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out

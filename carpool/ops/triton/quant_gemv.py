@@ -14,6 +14,11 @@ block ([ceil(N/128), ceil(K/128)]); int4 in carpool's layout (quantization/forma
 
 PDL (utils.py): as the bf16 GEMV, the first weight tile is loaded before waiting for the kernel that
 writes x.
+
+SiLU-and-mul (`fp8_gemv_silu_and_mul`, `int4_gemv_silu_and_mul`): the same kernels over a merged
+[gate; up] weight with the pairing of gemv.gemv_silu_and_mul: a program's BLOCK_N rows are BLOCK_N / 2
+gate rows and the up rows d below them, and it writes silu(gate) * up for those BLOCK_N / 2 columns. One
+kernel fewer in a decode step's dependent chain and no [M, 2d] intermediate, for the same weight bytes.
 """
 
 from __future__ import annotations
@@ -56,6 +61,33 @@ def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
 
 
 @triton.jit
+def _program_rows(N, pair_offset, BLOCK_N: tl.constexpr, SILU_PAIR: tl.constexpr):
+    """(weight rows, which of them exist) of this program: BLOCK_N consecutive rows, or with SILU_PAIR the
+    BLOCK_N / 2 gate rows of its output columns followed by their up rows, pair_offset (= d) further."""
+    if SILU_PAIR:
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        j = tl.arange(0, BLOCK_N)
+        out_cols = tl.program_id(0) * HALF_N + j % HALF_N
+        return out_cols + (j // HALF_N) * pair_offset, out_cols < pair_offset
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N
+
+
+@triton.jit
+def _store_silu_and_mul(out, out_ptr, ms, m_ok, stride_om, d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out [BLOCK_M, BLOCK_N] float32 over SILU_PAIR rows (gate half, then up half) -> silu(gate) * up at
+    this program's BLOCK_N / 2 output columns, with the roundings of the GEMV followed by silu_and_mul
+    (elementwise.py): gate and up as the GEMV stores them, silu(gate) rounded before the multiply."""
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    y = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+    gate, up = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
+    cols = tl.program_id(0) * HALF_N + tl.arange(0, HALF_N)
+    tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + cols[None, :],
+             (act.to(tl.float32) * up).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (cols < d)[None, :])
+
+
+@triton.jit
 def _fp8_tile(acc, w, s_ptr, x_rows, rows, row_ok, m_ok, k0, K, stride_sn, BLOCK_K: tl.constexpr,
               BLOCK_SCALES: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N, BLOCK_K] += x[:, k0:k0+BLOCK_K] times the e4m3 tile w, in float32."""
@@ -72,10 +104,10 @@ def _fp8_tile(acc, w, s_ptr, x_rows, rows, row_ok, m_ok, k0, K, stride_sn, BLOCK
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_sn,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+                     pair_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_PAIR: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     cols = tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
@@ -94,8 +126,11 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, st
         out = out * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & row_ok[None, :])
+    if SILU_PAIR:
+        _store_silu_and_mul(out, out_ptr, ms, m_ok, stride_om, pair_offset, BLOCK_M, BLOCK_N)
+    else:
+        tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -123,12 +158,11 @@ def _int4_tile(acc, words, s_ptr, z_ptr, x_rows, rows64, row_ok, m_ok, k0, K, st
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                      stride_sn, stride_zn, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      stride_sn, stride_zn, pair_offset, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SILU_PAIR: tl.constexpr, USE_PDL: tl.constexpr):
     BLOCK_W: tl.constexpr = BLOCK_K // 8  # int32 words per row and step
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
     rows64 = rows.to(tl.int64)
     w_rows = w_ptr + rows64[:, None] * stride_wn
     words_i = tl.arange(0, BLOCK_W)
@@ -148,8 +182,11 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, strid
     out = tl.sum(acc, axis=2)
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & row_ok[None, :])
+    if SILU_PAIR:
+        _store_silu_and_mul(out, out_ptr, ms, m_ok, stride_om, pair_offset, BLOCK_M, BLOCK_N)
+    else:
+        tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & row_ok[None, :])
 
 
 def _check_x(x: torch.Tensor, k: int, name: str) -> torch.Tensor:
@@ -158,30 +195,69 @@ def _check_x(x: torch.Tensor, k: int, name: str) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-             config: QuantGemvConfig | None = None) -> torch.Tensor:
-    """x [M <= 8, K] @ (weight * scale).T (+ bias) -> [M, N] in x's dtype. weight: e4m3 [N, K], K
-    contiguous; weight_scale: float32 [N] (per channel) or [ceil(N/128), ceil(K/128)] (128x128 blocks)."""
+def _check_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, name: str) -> torch.Tensor:
     n, k = weight.shape
-    x = _check_x(x, k, "fp8_gemv")
+    x = _check_x(x, k, name)
     if weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
-        raise ValueError(f"fp8_gemv: weight must be float8_e4m3fn [N, K] contiguous in K, got {weight.dtype} "
+        raise ValueError(f"{name}: weight must be float8_e4m3fn [N, K] contiguous in K, got {weight.dtype} "
                          f"with strides {tuple(weight.stride())}")
     blocks = weight_scale.dim() == 2
     expected = (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK)) if blocks else (n,)
     if tuple(weight_scale.shape) != expected or weight_scale.stride(-1) != 1:
-        raise ValueError(f"fp8_gemv: weight_scale must be [{n}] or [{expected if blocks else '(N/128, K/128)'}] "
+        raise ValueError(f"{name}: weight_scale must be [{n}] or [{expected if blocks else '(N/128, K/128)'}] "
                          f"for weight {tuple(weight.shape)}, got {tuple(weight_scale.shape)}")
+    return x
+
+
+def _launch_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                config: QuantGemvConfig | None, silu_pair: bool) -> torch.Tensor:
+    n, k = weight.shape
     m = x.shape[0]
-    config = config or default_quant_gemv_config(m, k, int4=False)
-    out = utils.empty_output((m, n), x.dtype, x.device)
-    _fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+    blocks = weight_scale.dim() == 2
+    config = _config(config, m, k, False, silu_pair)
+    out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
+    _fp8_gemv_kernel[(_num_programs(n, config, silu_pair),)](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k, x.stride(0),
-        weight.stride(0), out.stride(0), weight_scale.stride(0) if blocks else 1,
+        weight.stride(0), out.stride(0), weight_scale.stride(0) if blocks else 1, n // 2 if silu_pair else 0,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_SCALES=blocks,
-        HAS_BIAS=bias is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_BIAS=bias is not None, SILU_PAIR=silu_pair, num_warps=config.num_warps, num_stages=config.num_stages,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
+
+
+def _config(config: QuantGemvConfig | None, m: int, k: int, int4: bool, silu_pair: bool) -> QuantGemvConfig:
+    config = config or default_quant_gemv_config(m, k, int4)
+    if silu_pair and (config.block_n < 2 or config.block_n & (config.block_n - 1)):
+        raise ValueError(f"block_n: a SiLU-and-mul GEMV pairs gate and up rows, so it must be a power of two >= 2, "
+                         f"got {config.block_n}")
+    return config
+
+
+def _num_programs(n: int, config: QuantGemvConfig, silu_pair: bool) -> int:
+    return triton.cdiv(n // 2, config.block_n // 2) if silu_pair else triton.cdiv(n, config.block_n)
+
+
+def _check_gate_up(n: int, name: str) -> None:
+    if n % 2:
+        raise ValueError(f"{name}: the weight must stack gate and up ([2d, K]), got {n} rows")
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+             config: QuantGemvConfig | None = None) -> torch.Tensor:
+    """x [M <= 8, K] @ (weight * scale).T (+ bias) -> [M, N] in x's dtype. weight: e4m3 [N, K], K
+    contiguous; weight_scale: float32 [N] (per channel) or [ceil(N/128), ceil(K/128)] (128x128 blocks)."""
+    x = _check_fp8(x, weight, weight_scale, "fp8_gemv")
+    return _launch_fp8(x, weight, weight_scale, bias, config, silu_pair=False)
+
+
+def fp8_gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          config: QuantGemvConfig | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) -> [M, d] for an FP8 weight [gate; up] of shape [2d, K] (scales as
+    fp8_gemv's); equals fp8_gemv followed by silu_and_mul (same roundings). config.block_n: rows per
+    program, gate and up halves (an even power of two)."""
+    x = _check_fp8(x, weight, weight_scale, "fp8_gemv_silu_and_mul")
+    _check_gate_up(weight.shape[0], "fp8_gemv_silu_and_mul")
+    return _launch_fp8(x, weight, weight_scale, None, config, silu_pair=True)
 
 
 def check_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
@@ -200,22 +276,38 @@ def check_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     return n, k
 
 
+def _launch_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, bias: torch.Tensor | None, config: QuantGemvConfig | None, silu_pair: bool,
+                 name: str) -> torch.Tensor:
+    n, k = check_int4(packed, scales, zeros, group_size, name)
+    x = _check_x(x, k, name)
+    if silu_pair:
+        _check_gate_up(n, name)
+    m = x.shape[0]
+    config = _config(config, m, k, True, silu_pair)
+    if config.block_k < 8 or config.block_k & (config.block_k - 1):
+        raise ValueError(f"{name}: block_k must be a power of two >= 8, got {config.block_k}")
+    out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
+    _int4_gemv_kernel[(_num_programs(n, config, silu_pair),)](
+        x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+        m, n, k, x.stride(0), packed.stride(0), out.stride(0), scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0, n // 2 if silu_pair else 0, GROUP=group_size,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SILU_PAIR=silu_pair, num_warps=config.num_warps,
+        num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out
+
+
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               group_size: int, bias: torch.Tensor | None = None,
               config: QuantGemvConfig | None = None) -> torch.Tensor:
     """x [M <= 8, K] @ W.T (+ bias) -> [M, N] in x's dtype, W = (q - zero) * scale dequantized in
     registers from carpool's int4 layout (zero = 8 when `zeros` is None)."""
-    n, k = check_int4(packed, scales, zeros, group_size, "int4_gemv")
-    x = _check_x(x, k, "int4_gemv")
-    m = x.shape[0]
-    config = config or default_quant_gemv_config(m, k, int4=True)
-    if config.block_k < 8 or config.block_k & (config.block_k - 1):
-        raise ValueError(f"int4_gemv: block_k must be a power of two >= 8, got {config.block_k}")
-    out = utils.empty_output((m, n), x.dtype, x.device)
-    _int4_gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-        m, n, k, x.stride(0), packed.stride(0), out.stride(0), scales.stride(0),
-        zeros.stride(0) if zeros is not None else 0, GROUP=group_size, BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    return out
+    return _launch_int4(x, packed, scales, zeros, group_size, bias, config, False, "int4_gemv")
+
+
+def int4_gemv_silu_and_mul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                           group_size: int, config: QuantGemvConfig | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) -> [M, d] for an int4 weight [gate; up] of 2d rows in carpool's layout;
+    equals int4_gemv followed by silu_and_mul (same roundings). config.block_n as fp8_gemv_silu_and_mul's."""
+    return _launch_int4(x, packed, scales, zeros, group_size, None, config, True, "int4_gemv_silu_and_mul")

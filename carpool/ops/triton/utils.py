@@ -49,6 +49,11 @@ def step_plan(meta: AttentionMetadata, name: str, build: Callable[[list[int], li
         plans.clear()
         plans["signature"] = signature
     if name not in plans:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # (a plan's upload would be captured reading host memory freed after the capture: a graph
+            # must find its plans built in warm-up, on the same metadata object)
+            raise RuntimeError(f"step plan {name!r} built during CUDA graph capture; warm up the graph's "
+                               "metadata first")
         plans[name] = build(qsl, seq_lens)
     return plans[name]
 
