@@ -8,7 +8,9 @@ computed by the kernel backend's `fused_moe` (the torch expert loop on CPU, the 
 and, for Qwen2-MoE, a shared expert scaled by a sigmoid gate. Like every MLP it returns this rank's
 partial sums, which the decoder layer reduces. Under tensor parallelism the routed experts are split
 along their intermediate dimension, or with expert parallelism (`ModelRuntime.expert_parallel`) divided
-whole among the ranks (layers/moe/experts.py); `expert_layout` states which.
+whole among the ranks (layers/moe/experts.py); `expert_layout` states which. Under a quantization
+scheme the routed experts take the runtime's experts method (FP8 stacks with their scales,
+quantization/moe_methods.py), the dense projections their linear methods, and the routers none.
 
 What differs between the families is data: the MoEConfig the registry's adapter read from config.json,
 and the checkpoint's names for the experts (`checkpoint_name_map`).
