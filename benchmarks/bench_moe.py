@@ -5,6 +5,7 @@ transformers' eager loop): hidden 2048, 128 experts, top-8, expert intermediate 
 JSON object.
 
     python benchmarks/bench_moe.py [--out FILE] [--batches 1,64,256] [--quick] [--tensor-parallel-size N]
+                                   [--fp8 block|channel]
 
 Roofline: a step must read the weights (w13 and w2) of every distinct expert its tokens chose, plus its
 hidden rows in and out, at the copy bandwidth measured in the same run; `ratio` = roofline time / time
@@ -24,6 +25,13 @@ the kernel skipping the pairs of other ranks' experts), the latter for every ran
 for its slowest rank. Each has its roofline ratio (the bytes that rank must read). The all-reduce is the
 same size either way and is not timed here; bench_throughput/bench_latency with -tp N and
 --enable-expert-parallel measure the whole engine.
+
+With --fp8 block (Qwen3-30B-A3B-FP8's 128x128 scales) or --fp8 channel (llm-compressor's per-channel
+FP8), each batch also times the same experts quantized to e4m3 (W8A16: the kernels dequantize in
+registers) beside the bf16 run (`fp8`): its default path in a CUDA graph, both paths forced at small
+batches, its roofline ratio (one byte per weight plus the scales), `fp8_over_bf16` (time ratio, < 1 is
+faster; the bytes alone would give ~0.5 at small batches) and the max error against the torch loop on
+the dequantized weights in float32.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from common import emit, measure_copy_bandwidth  # noqa: E402
 from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops.torch_ref.moe import fused_moe as torch_loop_moe  # noqa: E402
 from carpool.ops.triton.moe import FusedMoeConfig, GroupedGemmConfig, default_moe_config, fused_moe  # noqa: E402
+from carpool.quantization.moe_methods import quantize_fp8_experts  # noqa: E402
+from carpool.utils import cdiv  # noqa: E402
 
 HIDDEN, NUM_EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
 DTYPE_BYTES = 2
@@ -65,6 +75,20 @@ def step_bytes(topk_ids: torch.Tensor, hidden: int, inter: int, dtype_bytes: int
     the tokens' hidden rows in and out."""
     distinct = int(torch.unique(topk_ids).numel())
     return distinct * 3 * hidden * inter * dtype_bytes + 2 * topk_ids.shape[0] * hidden * dtype_bytes
+
+
+def fp8_scale_bytes(distinct: int, hidden: int, inter: int, block: bool) -> int:
+    """float32 scales a step reads beside the e4m3 weights of `distinct` experts: per 128x128 block of
+    gate, up and down, or per output channel (2I for w13, H for w2)."""
+    per_expert = 3 * cdiv(inter, 128) * cdiv(hidden, 128) if block else 2 * inter + hidden
+    return distinct * per_expert * 4
+
+
+def fp8_step_bytes(topk_ids: torch.Tensor, hidden: int, inter: int, block: bool) -> int:
+    """step_bytes with one byte per weight, plus the scales (hidden rows stay bf16)."""
+    distinct = int(torch.unique(topk_ids).numel())
+    return (distinct * 3 * hidden * inter + fp8_scale_bytes(distinct, hidden, inter, block)
+            + 2 * topk_ids.shape[0] * hidden * DTYPE_BYTES)
 
 
 def make_routings(num_tokens: int, count: int, gen: torch.Generator, device: str
@@ -137,9 +161,36 @@ def rank_shares(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, split: tup
     return row
 
 
+def bench_fp8(x: torch.Tensor, fp8: tuple, routings: list[tuple[torch.Tensor, torch.Tensor]], bandwidth: float,
+              bf16_us: float) -> dict:
+    """The FP8 experts' timings beside the bf16 ones of the same batch and routings (see the docstring)."""
+    q13, q2, scales = fp8
+    num_tokens = x.shape[0]
+    nbytes = sum(fp8_step_bytes(ids, HIDDEN, INTER, scales.block) for _, ids in routings) / len(routings)
+    roofline = nbytes / bandwidth
+
+    def timed(config: FusedMoeConfig) -> dict:
+        sec = time_in_graph([(lambda w=w, i=i: fused_moe(x, q13, q2, w, i, config, scales=scales))
+                             for w, i in routings])
+        return {"us": round(sec * 1e6, 2), "ratio": round(roofline / sec, 3)}
+
+    default = default_moe_config(num_tokens, TOP_K, NUM_EXPERTS)
+    weights, ids = routings[0]
+    expected = torch_loop_moe(x.float(), q13, q2, weights.float(), ids, scales=scales)
+    err = (fused_moe(x, q13, q2, weights, ids, scales=scales).float() - expected).abs().max().item()
+    fused = timed(default)
+    row = {"scales": "block" if scales.block else "channel", "bytes_mean": int(nbytes),
+           "roofline_us": round(roofline * 1e6, 2), "fused_us": fused["us"], "fused_ratio": fused["ratio"],
+           "fp8_over_bf16": round(fused["us"] / bf16_us, 3), "max_abs_err": err}
+    if num_tokens <= PATH_SPLIT_MAX:
+        row["gemv_path"] = timed(FusedMoeConfig(small_batch_max_tokens=num_tokens, gemm=default.gemm))
+        row["grouped_path"] = timed(FusedMoeConfig(small_batch_max_tokens=0, gemm=default.gemm))
+    return row
+
+
 def bench_batch(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, weights_fp32: tuple[torch.Tensor, torch.Tensor],
                 bandwidth: float, quick: bool, gen: torch.Generator, tp: int = 1,
-                split: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                split: tuple[torch.Tensor, torch.Tensor] | None = None, fp8: tuple | None = None) -> dict:
     """One batch size: timings, roofline ratios and the max error against the torch loop in float32."""
     x = (torch.randn(num_tokens, HIDDEN, generator=gen) * 0.5).to(torch.bfloat16).cuda()
     routings = make_routings(num_tokens, ROUTINGS, gen, "cuda")
@@ -175,6 +226,8 @@ def bench_batch(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, weights_fp
         row["best_grouped"] = max(sweep, key=lambda s: s["ratio"])
     if tp > 1 and split is not None:
         row["rank_share"] = rank_shares(x, w13, w2, split, routings, tp, bandwidth)
+    if fp8 is not None:
+        row["fp8"] = bench_fp8(x, fp8, routings, bandwidth, fused["us"])
     progress({k: v for k, v in row.items() if k != "sweep"})
     return row
 
@@ -187,6 +240,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the default configs only")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                     help="also time one rank's share under the intermediate split and under expert parallelism")
+    ap.add_argument("--fp8", choices=["block", "channel"],
+                    help="also time the experts in FP8 (e4m3) with 128x128 block or per-channel scales")
     args = ap.parse_args()
     tp = args.tensor_parallel_size
     if tp < 1 or NUM_EXPERTS % tp or INTER % tp:
@@ -200,12 +255,13 @@ def main() -> None:
     w2 = (torch.randn(NUM_EXPERTS, HIDDEN, INTER, device="cuda") / INTER ** 0.5).to(torch.bfloat16)
     weights_fp32 = (w13.float(), w2.float())  # the error reference: the torch loop on upcast weights
     split = rank_split_weights(w13, w2, tp) if tp > 1 else None
-    cases = [bench_batch(int(b), w13, w2, weights_fp32, bandwidth, args.quick, gen, tp, split)
+    fp8 = quantize_fp8_experts(w13, w2, args.fp8 == "block") if args.fp8 else None
+    cases = [bench_batch(int(b), w13, w2, weights_fp32, bandwidth, args.quick, gen, tp, split, fp8)
              for b in args.batches.split(",")]
     emit({"benchmark": "moe/fused-vs-torch-loop", "device": torch.cuda.get_device_name(),
           "torch": torch.__version__, "triton": triton.__version__, "copy_gb_per_s": round(bandwidth / 1e9, 1),
           "shape": {"hidden": HIDDEN, "experts": NUM_EXPERTS, "top_k": TOP_K, "moe_intermediate": INTER,
-                    "dtype": "bfloat16"}, "tensor_parallel_size": tp, "cases": cases}, args.out)
+                    "dtype": "bfloat16"}, "tensor_parallel_size": tp, "fp8": args.fp8, "cases": cases}, args.out)
 
 
 if __name__ == "__main__":

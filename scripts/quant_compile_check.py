@@ -1,7 +1,8 @@
 """Compile the quantization kernels (ops/triton/quant_*.py, fp8.py, the attention kernels over an FP8 KV
 cache) for an H100/H200 (sm_90) on a machine
 with no GPU, with scripts/triton_compile_check.py's interception of each launch, on the Llama-3-8B
-shapes; report registers and spills. Prints one JSON object.
+shapes, and the fused MoE on FP8 experts (block and channel scales) at the Qwen3-30B-A3B expert shape;
+report registers and spills. Prints one JSON object.
 
     python scripts/quant_compile_check.py
 """
@@ -74,6 +75,21 @@ def call_quant_ops() -> None:
     assert isinstance(meta, AttentionMetadata)
 
 
+def call_fp8_moe_ops() -> None:
+    from carpool.ops.torch_ref.moe import ExpertScales
+    from carpool.ops.triton import moe
+
+    e, h, i, k = 128, 2048, 768, 8
+    w13, w2 = torch.zeros(e, 2 * i, h, dtype=torch.float8_e4m3fn), torch.zeros(e, h, i, dtype=torch.float8_e4m3fn)
+    bh, bi = triton.cdiv(h, 128), triton.cdiv(i, 128)
+    for scales in (ExpertScales(torch.ones(e, 2 * bi, bh), torch.ones(e, bh, bi), True),
+                   ExpertScales(torch.ones(e, 2 * i), torch.ones(e, h), False)):
+        for t in (1, 4, 64, 512, 4096):  # the GEMV path, then each grouped-GEMM tile of default_gemm_config
+            x = torch.zeros(t, h, dtype=torch.bfloat16)
+            moe.fused_moe(x, w13, w2, torch.zeros(t, k, dtype=torch.bfloat16), torch.zeros(t, k, dtype=torch.int64),
+                          scales=scales)
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this script compiles the kernels")
@@ -82,6 +98,7 @@ def main() -> None:
 
     utils.set_pdl(True)
     call_quant_ops()
+    call_fp8_moe_ops()
     rows = list(compiled.values())
     print(json.dumps(dict(target="sm_90", triton=triton.__version__,
                           spilling=[r for r in rows if r["stack_bytes"] > 0], kernels=rows), indent=1))

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from carpool.quantization.writers import (
     INT4_FORMATS,
-    LINEARS,  # noqa: F401 (the tests' list of quantized projections)
+    LINEARS,
     copy_side_files,
     linear_modules,
     set_quantization_config,
@@ -44,10 +44,20 @@ FORMATS = ("awq", "gptq", "gptq-asym", "gptq-v2-asym", "ct-w4a16", "ct-w4a16-sym
 
 def quant_overrides(arch: str, fmt: str) -> dict:
     """Config overrides of a float checkpoint that `fmt` can quantize (Qwen3's default test head_dim of
-    24 makes o_proj's input 96 columns: no whole 128-column group)."""
+    24 makes o_proj's input 96 columns: no whole 128-column group). Experts of 256 intermediate rows:
+    two 128-row blocks per projection, and down projections of two 128-column blocks (one per rank of
+    two)."""
     dims = dict(QUANT_DIMS)
     if arch == "qwen3":
         dims["head_dim"] = 32
+    if arch == "qwen3_moe":  # q/k/v outputs of 2 x 128 rows: whole blocks on each of two ranks
+        dims["head_dim"] = 64
+    if arch in ("qwen3_moe", "qwen2_moe"):
+        dims["moe_intermediate_size"] = 256
+    if arch == "qwen2_moe":
+        dims["shared_expert_intermediate_size"] = 128
+    if arch == "mixtral":
+        dims["intermediate_size"] = 256
     if fmt == "fp8-block":
         dims["num_key_value_heads"] = 4
     return dims
@@ -107,6 +117,63 @@ def _write_compressed_tensors(src: str, dst: str, fmt: str, group: int) -> None:
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
+def _moe_linear_modules(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The projections of a mixture-of-experts checkpoint, Mixtral's w1/w2/w3 experts included."""
+    names = (*LINEARS, "w1", "w2", "w3")
+    return sorted(name[:-len(".weight")] for name in weights
+                  if name.endswith(".weight") and name.split(".")[-2] in names)
+
+
+def _write_compressed_tensors_per_tensor(src: str, dst: str, fmt: str, group: int, ignore: list[str]) -> None:
+    """compressed-tensors with its own tooling on a checkpoint whose linear weights are not all nn.Linear
+    modules of the transformers model (mixture-of-experts stacks): each weight of the safetensors file
+    becomes an nn.Linear of the same name in a container module, which is quantized (qparams from its own
+    min/max, as `_write_compressed_tensors`), compressed by ModelCompressor and written back under the
+    checkpoint's names. llm-compressor does the same by unfusing the experts into Linear modules."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme, ct_format = _ct_scheme(fmt, group)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    container = torch.nn.Module()
+    modules = _moe_linear_modules(weights)
+    for module in modules:
+        w = weights.pop(f"{module}.weight")
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        linear.weight.data.copy_(w)
+        parent = container
+        *path, last = module.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(last, linear)
+    apply_quantization_config(container, QuantizationConfig(config_groups={"group_0": scheme}), show_progress=False)
+    gen = torch.Generator().manual_seed(1)
+    for _, m in container.named_modules():
+        if not hasattr(m, "quantization_scheme"):
+            continue
+        w, args = m.weight.data, m.quantization_scheme.weights
+        if args.strategy == "channel":
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        else:
+            lo, hi = w.amin(), w.amax()
+        scale, _ = calculate_qparams(lo, hi, args)
+        m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+        if hasattr(m, "input_scale"):
+            m.input_scale.data.fill_(0.01 + 0.02 * torch.rand((), generator=gen).item())
+    compressor = ModelCompressor.from_pretrained_model(container, ct_format)
+    compressor.compress_model(container)
+    for name, t in container.state_dict().items():
+        if name.rsplit(".", 1)[0] in modules and not name.endswith("zero_point"):
+            weights[name] = t.contiguous()
+    copy_side_files(src, dst)
+    save_file(weights, os.path.join(dst, "model.safetensors"))
+    compressor.quantization_config.ignore = ignore
+    compressor.update_config(dst)
+
+
 def _ct_decompress(weights: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor]:
     """Each compressed module's weight, decompressed by compressed-tensors' own compressor."""
     from compressed_tensors.compressors.base import BaseCompressor
@@ -137,6 +204,8 @@ def _hf_fp8_ops():
 
 
 def _write_hf_fp8(src: str, dst: str) -> None:
+    """Every linear weight (MoE checkpoints: each expert's three, not the routers) quantized to 128x128
+    blocks by transformers' Fp8Quantize, as the Qwen3 FP8 releases are."""
     quantize, _ = _hf_fp8_ops()
     weights = load_file(os.path.join(src, "model.safetensors"))
     for module in linear_modules(weights):
@@ -148,11 +217,20 @@ def _write_hf_fp8(src: str, dst: str) -> None:
                             "weight_block_size": [128, 128]})
 
 
+def _is_moe(path: str) -> bool:
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    return bool(cfg.get("num_experts") or cfg.get("num_local_experts"))
+
+
 # --- entry points -----------------------------------------------------------------------------------------------
 
 def write_quantized(src: str, dst: str, fmt: str, group: int = 128) -> str:
     if fmt in INT4_FORMATS:
         write_int4(src, dst, fmt, group)
+    elif fmt.startswith("ct-") and _is_moe(src):
+        _write_compressed_tensors_per_tensor(src, dst, fmt, group, ["lm_head", "re:.*mlp.gate$",
+                                                                    "re:.*shared_expert_gate$"])
     elif fmt.startswith("ct-"):
         _write_compressed_tensors(src, dst, fmt, group)
     elif fmt == "fp8-block":
@@ -239,14 +317,15 @@ def run_prompt_logits(model, layers, prompt: list[int], chunk: int, cache_dtype:
     return torch.cat(logits)
 
 
-def hf_agrees_with_greedy(path: str, prompts: list[list[int]], outputs: list[list[int]]) -> bool:
+def hf_agrees_with_greedy(path: str, prompts: list[list[int]], outputs: list[list[int]], **load_kwargs) -> bool:
     """Whether `outputs` are transformers' greedy continuations of `prompts` on the checkpoint at `path`
     (float32): one forward over each prompt + output, whose argmax at every position must be the next
     output token. The same verdict as comparing with `generate` (greedy is determined by its prefixes),
-    at one forward per prompt instead of one per token."""
+    at one forward per prompt instead of one per token. load_kwargs go to from_pretrained (MoE references:
+    experts_implementation="eager", the loop carpool's CPU path computes in the same order)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **load_kwargs).eval()
     with torch.no_grad():
         for prompt, out in zip(prompts, outputs):
             ids = torch.tensor([prompt + out[:-1]])

@@ -268,28 +268,47 @@ def test_experts_that_do_not_split_are_refused_before_spawning():
         check_tensor_parallel(model, 2)
 
 
+AWQ_CHECKPOINT_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 FP8_CHECKPOINT_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                          "weight_block_size": [128, 128]}
 
 
-@pytest.mark.parametrize("how", ["online", "checkpoint"])
-def test_weight_quantization_of_an_moe_model_is_refused_naming_the_field(checkpoint_factory, tmp_path, how):
-    """The routed experts have no quantized kernels: `--quantization fp8` (which would quantize the router
-    and leave the experts as they are) and a quantized MoE checkpoint (whose FP8 experts would load as
-    unscaled values) are refused with the engine config, before any weight is read."""
+def _with_quantization_config(path, dst, qc: dict, **config_overrides):
+    """A weightless copy of checkpoint `path` whose config.json has `qc` as its quantization_config."""
     import json
     import shutil
 
+    dst = shutil.copytree(path, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **config_overrides, "quantization_config": qc}))
+    return dst
+
+
+def test_int4_quantization_of_an_moe_model_is_refused_naming_the_field(checkpoint_factory, tmp_path):
+    """The routed experts run in FP8 or unquantized: a 4-bit MoE checkpoint is refused with the engine
+    config, before any weight is read."""
     from carpool import EngineArgs
 
-    path = checkpoint_factory("qwen3_moe")
-    if how == "checkpoint":
-        path = shutil.copytree(path, tmp_path / "fp8", ignore=shutil.ignore_patterns("*.safetensors"))
-        cfg = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": FP8_CHECKPOINT_CONFIG}))
-    with pytest.raises(ValueError, match=r"^quantization: .*qwen3_moe.*experts"):
-        EngineArgs(model=str(path), device="cpu", quantization="fp8" if how == "online" else None
-                   ).create_engine_config()
+    path = _with_quantization_config(checkpoint_factory("qwen3_moe"), tmp_path / "awq", AWQ_CHECKPOINT_CONFIG)
+    with pytest.raises(ValueError, match=r"^quantization: awq .*qwen3_moe.*FP8"):
+        EngineArgs(model=str(path), device="cpu").create_engine_config()
+
+
+def test_block_fp8_experts_split_inside_a_block_are_refused_naming_the_field(checkpoint_factory, tmp_path):
+    """moe_intermediate_size 384 over 2 ranks leaves 192 rows each: rank 1 would start inside a 128-row
+    scale block. Whole experts per rank (expert parallelism) or 256 rows (128 each) are fine."""
+    from carpool import EngineArgs
+
+    def config(inter: int, **kwargs):
+        path = _with_quantization_config(checkpoint_factory("qwen3_moe"), tmp_path / f"fp8-{inter}-{sorted(kwargs)}",
+                                         FP8_CHECKPOINT_CONFIG, moe_intermediate_size=inter)
+        return EngineArgs(model=str(path), device="cpu", tensor_parallel_size=2, **kwargs).create_engine_config()
+
+    with pytest.raises(ValueError, match=r"^tensor_parallel_size: .*moe_intermediate_size=384.*192 rows.*"
+                                         r"enable_expert_parallel"):
+        config(384)
+    assert config(256).model.moe.moe_intermediate_size == 256
+    assert config(384, enable_expert_parallel=True).parallel.enable_expert_parallel
 
 
 def test_an_expert_tensor_of_the_wrong_shape_is_refused_naming_the_expert():

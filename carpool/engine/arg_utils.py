@@ -22,8 +22,11 @@ from carpool.config import (
 from carpool.models.registry import SUPPORTED_ARCHITECTURES
 from carpool.platform import default_device, kernel_backend_for
 from carpool.quantization.config import (
+    FP8_BLOCK,
     KV_CACHE_DTYPES,
     QUANTIZATION_CHOICES,
+    Fp8Scheme,
+    QuantScheme,
     parse_kv_cache_dtype,
     parse_quantization_config,
 )
@@ -124,11 +127,7 @@ class EngineArgs:
         # A checkpoint quantized in a way carpool cannot run is refused here, before anything is built.
         scheme = parse_quantization_config(model.hf_config, self.quantization)
         if scheme is not None and model.moe is not None:
-            # (the routed experts have no quantized kernels: online FP8 would quantize the router and leave
-            # the experts as they are, and a quantized checkpoint's FP8 experts would load unscaled)
-            raise ValueError(f"quantization: {scheme.name} is not supported for mixture-of-experts models "
-                             f"({model.hf_config.get('model_type', model.architecture)}): the routed experts run "
-                             "unquantized only; serve an unquantized checkpoint (--kv-cache-dtype fp8 works)")
+            check_moe_quantization(scheme, model, self.tensor_parallel_size, self.enable_expert_parallel)
         if self.enable_expert_parallel and model.moe is None:
             raise ValueError(f"enable_expert_parallel: the model ({model.architecture}) is dense, it has no experts "
                              "to divide among the ranks; leave expert parallelism off")
@@ -268,3 +267,20 @@ class EngineArgs:
 
     def replace(self, **changes: object) -> "EngineArgs":
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def check_moe_quantization(scheme: QuantScheme, model: ModelConfig, tp_size: int, expert_parallel: bool) -> None:
+    """Refuse a quantized mixture-of-experts model carpool cannot run, before anything is built: the
+    routed experts run FP8 only (no 4-bit expert kernels), and block-scaled FP8 experts split along their
+    intermediate dimension must keep whole 128-row blocks on every rank."""
+    assert model.moe is not None
+    if not isinstance(scheme, Fp8Scheme):
+        raise ValueError(f"quantization: {scheme.name} is not supported for mixture-of-experts models "
+                         f"({model.hf_config.get('model_type', model.architecture)}): routed experts run in FP8 "
+                         "or unquantized; serve an FP8 or unquantized checkpoint")
+    inter = model.moe.moe_intermediate_size
+    if scheme.weight_strategy == "block" and not expert_parallel and tp_size > 1 and (inter // tp_size) % FP8_BLOCK[0]:
+        raise ValueError(f"tensor_parallel_size: the model's moe_intermediate_size={inter} split over "
+                         f"tensor_parallel_size={tp_size} ranks leaves {inter // tp_size} rows per rank, which cuts "
+                         f"the experts' {FP8_BLOCK[0]}x{FP8_BLOCK[1]} FP8 weight blocks; use enable_expert_parallel "
+                         "(whole experts per rank) or fewer ranks")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from carpool.config import ModelConfig
 from carpool.layers.attention import Attention
 from carpool.layers.linear import LinearBase, default_weight_loader
+from carpool.layers.moe import FusedExperts
 from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
 
@@ -130,7 +131,7 @@ def load_weights(model: nn.Module, path: str) -> None:
                          + (" ..." if len(missing) > 8 else ""))
     for module_name, module in model.named_modules():
         try:
-            if isinstance(module, LinearBase):
+            if isinstance(module, (LinearBase, FusedExperts)):
                 module.method.process_weights_after_loading(module)
             elif isinstance(module, Attention):
                 module.backend.process_weights_after_loading(module)

@@ -8,7 +8,9 @@ computed by the kernel backend's `fused_moe` (the torch expert loop on CPU, the 
 and, for Qwen2-MoE, a shared expert scaled by a sigmoid gate. Like every MLP it returns this rank's
 partial sums, which the decoder layer reduces. Under tensor parallelism the routed experts are split
 along their intermediate dimension, or with expert parallelism (`ModelRuntime.expert_parallel`) divided
-whole among the ranks (layers/moe/experts.py); `expert_layout` states which.
+whole among the ranks (layers/moe/experts.py); `expert_layout` states which. Under a quantization
+scheme the routed experts take the runtime's experts method (FP8 stacks with their scales,
+quantization/moe_methods.py), the dense projections their linear methods, and the routers none.
 
 What differs between the families is data: the MoEConfig the registry's adapter read from config.json,
 and the checkpoint's names for the experts (`checkpoint_name_map`).
@@ -33,6 +35,10 @@ from carpool.models.qwen3 import Qwen3DecoderLayer
 from carpool.models.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
+
+# What an expert projection's checkpoint tensors end in: the weight, and the scales of quantized formats
+# (stacked under the same suffix: `experts.3.up_proj.weight_scale_inv` -> `experts.w13_weight_scale_inv`).
+EXPERT_TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_scale", "input_scale")
 
 
 class SharedExpert(nn.Module):
@@ -72,16 +78,21 @@ class SparseMoeBlock(nn.Module):
         h, dtype = config.hidden_size, config.dtype
         self.routing = Routing(moe.num_experts, moe.num_experts_per_tok, renormalize=moe.norm_topk_prob,
                                weights_in_logits_dtype=moe.router_weights_in_model_dtype)
-        self.gate = LinearBase(h, moe.num_experts, False, dtype, runtime.linear_method(f"{prefix}.gate"))
+        # Routers stay in the model dtype under any quantization: their logits choose the experts, and the
+        # formats leave them so (transformers' FP8 quantizer converts nn.Linear modules only, which its
+        # routers are not; llm-compressor's MoE recipes ignore `mlp.gate`).
+        self.gate = LinearBase(h, moe.num_experts, False, dtype, runtime.unquantized_linear_method())
+        # (an ignore list is matched against Qwen's expert module names; Mixtral's lists name no experts)
+        experts_method = runtime.experts_method(f"{prefix}.experts", moe.num_experts,
+                                                ("gate_proj", "up_proj", "down_proj"))
         self.experts = FusedExperts(moe.num_experts, h, moe.moe_intermediate_size, dtype, runtime.ops.fused_moe,
-                                    runtime.comm, expert_parallel=runtime.expert_parallel)
+                                    runtime.comm, expert_parallel=runtime.expert_parallel, method=experts_method)
         self.shared_expert: SharedExpert | None = None
         self.shared_expert_gate: LinearBase | None = None
         if moe.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(config, runtime, moe.shared_expert_intermediate_size,
                                               f"{prefix}.shared_expert")
-            self.shared_expert_gate = LinearBase(h, 1, False, dtype,
-                                                 runtime.linear_method(f"{prefix}.shared_expert_gate"))
+            self.shared_expert_gate = LinearBase(h, 1, False, dtype, runtime.unquantized_linear_method())
 
     def forward(self, x: torch.Tensor) -> PartialSums:
         topk_weights, topk_ids = self.routing.select(self.gate(x))
@@ -177,8 +188,11 @@ class MoeForCausalLM(LlamaForCausalLM):
     def __init__(self, config: ModelConfig, runtime: ModelRuntime | None = None) -> None:
         runtime = runtime or ModelRuntime.plain()
         super().__init__(config, runtime)
-        self._expert_name = re.compile(rf"^(model\.layers\.\d+)\.{re.escape(self.checkpoint_mlp_name)}"
-                                       rf"\.experts\.(\d+)\.(\w+)\.weight$")
+        mlp = re.escape(self.checkpoint_mlp_name)
+        self._expert_name = re.compile(rf"^(model\.layers\.\d+)\.{mlp}\.experts\.(\d+)\.(\w+)\."
+                                       rf"({'|'.join(EXPERT_TENSOR_SUFFIXES)})$")
+        self._quantized_router = re.compile(rf"\.{mlp}\.(gate|shared_expert_gate)\.(weight_scale|weight_scale_inv|"
+                                            rf"input_scale)$")
         moe = config.moe
         if moe is not None and runtime.comm.rank == 0:
             total, active = parameter_counts(config, self.qk_norm)
@@ -193,11 +207,14 @@ class MoeForCausalLM(LlamaForCausalLM):
     def checkpoint_name_map(self, name: str) -> tuple[str, Any] | None:
         match = self._expert_name.match(name)
         if match is not None:
-            layer, expert, projection = match.groups()
+            layer, expert, projection, suffix = match.groups()
             kind = self.checkpoint_expert_names.get(projection)
             if kind is None:
                 raise ValueError(f"checkpoint tensor {name!r}: unknown expert projection {projection!r}")
-            return f"{layer}.mlp.experts.{'w2' if kind == 'w2' else 'w13'}_weight", (kind, int(expert))
+            return f"{layer}.mlp.experts.{'w2' if kind == 'w2' else 'w13'}_{suffix}", (kind, int(expert))
+        if self._quantized_router.search(name):
+            raise ValueError(f"checkpoint tensor {name!r}: this checkpoint quantizes a router; carpool runs routers "
+                             "in the model dtype (the quantization_config's ignore list should name it)")
         if self.checkpoint_mlp_name != "mlp":
             name = name.replace(f".{self.checkpoint_mlp_name}.", ".mlp.")
         return super().checkpoint_name_map(name)

@@ -18,6 +18,7 @@ from carpool.attention.dense import DenseCausalAttentionBackend
 from carpool.config import KernelConfig
 from carpool.distributed import SINGLE_RANK, Communicator
 from carpool.layers.linear_method import LinearMethod, UnquantizedLinearMethod
+from carpool.layers.moe.experts import ExpertsMethod
 from carpool.ops import KernelOps, get_kernel_ops
 from carpool.quantization.config import KVCacheScheme, QuantScheme
 
@@ -66,13 +67,23 @@ class ModelRuntime:
 
         method = quantized_linear_method(self.quantization, prefix, self.ops.name, self.packed_modules,
                                          self.kernels.fused_gemv_silu)
-        if method is not None:
-            return method
+        return method if method is not None else self.unquantized_linear_method()
+
+    def unquantized_linear_method(self) -> LinearMethod:
+        """A model-dtype weight whatever the quantization (mixture-of-experts routers), with the batch-1
+        GEMV kernels of this runtime."""
         ops = self.ops
         return UnquantizedLinearMethod(
             gemv=ops.gemv,
             gemv_silu_and_mul=ops.gemv_silu_and_mul if self.kernels.fused_gemv_silu else None,
             gemv_rope_and_store_kv=ops.gemv_rope_and_store_kv if self.kernels.fused_qkv_rope else None)
+
+    def experts_method(self, prefix: str, num_experts: int, checkpoint_expert_names: tuple[str, ...]
+                       ) -> ExpertsMethod | None:
+        """The method of the routed experts named `prefix` (None: model-dtype stacks)."""
+        from carpool.quantization.factory import quantized_experts_method
+
+        return quantized_experts_method(self.quantization, prefix, num_experts, checkpoint_expert_names)
 
     def lm_head_gemv(self):  # type: ignore[no-untyped-def]
         """The GEMV for one-row LM heads, or None (plain matmul)."""

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from carpool.layers.linear_method import LinearMethod
+from carpool.layers.moe.experts import ExpertsMethod
 from carpool.quantization.config import Fp8Scheme, KVCacheScheme, QuantScheme, is_ignored
 from carpool.quantization.methods import Fp8LinearMethod, Int4WeightOnlyLinearMethod
+from carpool.quantization.moe_methods import Fp8ExpertsMethod
 
 FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core products and conversions: Ada and Hopper or newer
 
@@ -35,6 +37,21 @@ def quantized_linear_method(scheme: QuantScheme | None, prefix: str, kernel_back
     if isinstance(scheme, Fp8Scheme):
         return Fp8LinearMethod(scheme, kernel_backend, fused_gemv_silu)
     return Int4WeightOnlyLinearMethod(scheme, kernel_backend, fused_gemv_silu)
+
+
+def quantized_experts_method(scheme: QuantScheme | None, prefix: str, num_experts: int,
+                             checkpoint_expert_names: tuple[str, ...]) -> ExpertsMethod | None:
+    """The method of the routed experts named `prefix` ("model.layers.0.mlp.experts"), or None where they
+    run unquantized. The checkpoint modules are `{prefix}.{e}.{name}` for each expert e and projection
+    name; an ignore list must name all of them or none."""
+    if scheme is None:
+        return None
+    modules = tuple(f"{prefix}.{e}.{name}" for e in range(num_experts) for name in checkpoint_expert_names)
+    if is_ignored(scheme, prefix, modules):
+        return None
+    if not isinstance(scheme, Fp8Scheme):  # (refused with the engine config: EngineArgs.create_engine_config)
+        raise ValueError(f"quantization: {scheme.name} routed experts are not supported; carpool runs FP8 experts")
+    return Fp8ExpertsMethod(scheme)
 
 
 def check_device_support(scheme: QuantScheme | None, kv_cache: KVCacheScheme, kernel_backend: str,

@@ -2,8 +2,12 @@
 
 Checkpoints store each expert's projections as separate tensors (`experts.{e}.gate_proj.weight`, ...);
 the layer holds them as two stacks, w13 [E, 2I, H] (expert e's gate rows, then its up rows) and
-w2 [E, H, I], the layout of `ops.*.fused_moe`. The `weight_loader` copies one checkpoint tensor into
+w2 [E, H, I], the layout of `ops.*.fused_moe`. Each parameter's loader copies one checkpoint tensor into
 its expert's rows, so the stacks fill tensor by tensor and no second full copy is ever held.
+
+As a linear layer has a LinearMethod, the experts have an `ExpertsMethod`: the layer decides which
+experts and which slice of each this rank holds (`locate`), the method decides how they are stored and
+computed (model-dtype stacks here; FP8 stacks with their scales in quantization/moe_methods.py).
 
 Tensor parallelism splits the experts across ranks in one of two ways; either way each rank's result is
 its partial sum of the full one, reduced by the decoder layer like any MLP's:
@@ -17,7 +21,9 @@ its partial sum of the full one, reduced by the decoder layer like any MLP's:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,11 +32,58 @@ from torch import nn
 from carpool.distributed import SINGLE_RANK, Communicator
 from carpool.layers.linear import load_narrow, loaded_shape
 from carpool.layers.linear_method import set_weight_loader
+from carpool.quantization.sharding import ShardSlice
+
+EXPERT_KINDS = ("w1", "w2", "w3")  # gate, down, up (Mixtral's names)
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """Where one checkpoint expert tensor goes on this rank: held expert `local` (an index into the
+    stacks), its projection `kind`, and the logical rows and columns of the checkpoint matrix ([I, H]
+    for w1 / w3, [H, I] for w2) this rank holds. For w1 / w3, `sl.dst_row` is the first of the tensor's
+    rows in w13's [2I_rank] (0: gate, I_rank: up)."""
+    local: int
+    kind: str
+    sl: ShardSlice
+
+
+class ExpertsMethod(ABC):
+    """How a FusedExperts layer stores its weights and computes with them."""
+
+    @abstractmethod
+    def create_weights(self, layer: "FusedExperts", dtype: torch.dtype) -> None:
+        """Register the parameters of layer.experts_per_rank experts of layer.intermediate_per_rank rows,
+        each with a loader taking (param, checkpoint tensor, (kind, global expert id))."""
+
+    @abstractmethod
+    def apply(self, layer: "FusedExperts", x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sums [T, H] of the routed experts."""
+
+    def process_weights_after_loading(self, layer: "FusedExperts") -> None:
+        """Check (and repack) what was loaded."""
+
+
+class UnquantizedExpertsMethod(ExpertsMethod):
+    """w13_weight and w2_weight in the model dtype."""
+
+    def create_weights(self, layer: "FusedExperts", dtype: torch.dtype) -> None:
+        inter, local, h = layer.intermediate_per_rank, layer.experts_per_rank, layer.hidden_size
+        layer.w13_weight = set_weight_loader(
+            nn.Parameter(torch.empty(local, 2 * inter, h, dtype=dtype), requires_grad=False), layer.weight_loader)
+        layer.w2_weight = set_weight_loader(
+            nn.Parameter(torch.empty(local, h, inter, dtype=dtype), requires_grad=False), layer.weight_loader)
+
+    def apply(self, layer: "FusedExperts", x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        return layer.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
+                               expert_start=layer.expert_start, num_global_experts=layer.num_experts)
 
 
 class FusedExperts(nn.Module):
-    """w13_weight [E_rank, 2 I_rank, H] and w2_weight [E_rank, H, I_rank]; forward(x, topk_weights,
-    topk_ids) -> this rank's partial sums [T, H]. Without expert parallelism E_rank = E and
+    """w13 [E_rank, 2 I_rank, H] and w2 [E_rank, H, I_rank] (in the method's format); forward(x,
+    topk_weights, topk_ids) -> this rank's partial sums [T, H]. Without expert parallelism E_rank = E and
     I_rank = I / tp; with it E_rank = E / tp (global experts expert_start ... expert_start + E_rank - 1)
     and I_rank = I.
 
@@ -40,7 +93,7 @@ class FusedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
                  fused_moe: Callable[..., torch.Tensor], comm: Communicator = SINGLE_RANK,
-                 expert_parallel: bool = False) -> None:
+                 expert_parallel: bool = False, method: ExpertsMethod | None = None) -> None:
         super().__init__()
         if expert_parallel:
             if num_experts % comm.size:
@@ -62,40 +115,52 @@ class FusedExperts(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.expert_parallel = expert_parallel
-        inter, local = self.intermediate_per_rank, self.experts_per_rank
-        self.w13_weight = set_weight_loader(
-            nn.Parameter(torch.empty(local, 2 * inter, hidden_size, dtype=dtype), requires_grad=False),
-            self.weight_loader)
-        self.w2_weight = set_weight_loader(
-            nn.Parameter(torch.empty(local, hidden_size, inter, dtype=dtype), requires_grad=False),
-            self.weight_loader)
         self.fused_moe = fused_moe
+        self.method = method or UnquantizedExpertsMethod()
+        self.method.create_weights(self, dtype)
 
     def holds(self, expert: int) -> bool:
         """Whether this rank holds (a slice of) global expert `expert`."""
         return self.expert_start <= expert < self.expert_start + self.experts_per_rank
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any) -> None:
+    def locate(self, shard_id: Any) -> ExpertTensor | None:
+        """Where the checkpoint tensor with this shard id goes on this rank; None for an expert held by
+        another rank (its tensor is then never read). Raises for an unknown kind or expert id."""
         kind, expert = shard_id
-        if kind not in ("w1", "w2", "w3"):
+        if kind not in EXPERT_KINDS:
             raise ValueError(f"unknown expert shard {shard_id!r}")
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert}, but the model has num_experts={self.num_experts}")
+        if not self.holds(expert):
+            return None
         h, i = self.hidden_size, self.intermediate_size
-        expected = [h, i] if kind == "w2" else [i, h]
-        if loaded_shape(loaded) != expected:
+        inter, start = self.intermediate_per_rank, self.intermediate_start
+        if kind == "w2":
+            sl = ShardSlice(0, 0, h, start, inter, h, i)
+        else:  # gate rows first, then up rows: the order fused_moe reads
+            sl = ShardSlice(0 if kind == "w1" else inter, start, inter, 0, h, i, h)
+        return ExpertTensor(expert - self.expert_start, kind, sl)
+
+    def expected_shape(self, kind: str) -> list[int]:
+        """The whole checkpoint matrix of one expert projection."""
+        h, i = self.hidden_size, self.intermediate_size
+        return [h, i] if kind == "w2" else [i, h]
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any) -> None:
+        """A model-dtype expert weight into its stack."""
+        kind, expert = shard_id
+        expected = self.expected_shape(kind) if kind in EXPERT_KINDS else None
+        if expected is not None and loaded_shape(loaded) != expected:
             raise ValueError(f"checkpoint tensor of expert {expert} ({kind}) has shape {loaded_shape(loaded)}, "
                              f"expected {expected}")
-        if not self.holds(expert):
+        where = self.locate(shard_id)
+        if where is None:
             return  # another rank's expert: its tensor is never read here
-        inter, start = self.intermediate_per_rank, self.intermediate_start
-        local = param.data[expert - self.expert_start]
+        sl, local = where.sl, param.data[where.local]
         if kind == "w2":
-            local.copy_(load_narrow(loaded, 1, start, inter))
-        else:  # gate rows first, then up rows: the order fused_moe reads
-            offset = 0 if kind == "w1" else inter
-            local.narrow(0, offset, inter).copy_(load_narrow(loaded, 0, start, inter))
+            local.copy_(load_narrow(loaded, 1, sl.src_col, sl.cols))
+        else:
+            local.narrow(0, sl.dst_row, sl.rows).copy_(load_narrow(loaded, 0, sl.src_row, sl.rows))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return self.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
-                              expert_start=self.expert_start, num_global_experts=self.num_experts)
+        return self.method.apply(self, x, topk_weights, topk_ids)

@@ -10,12 +10,61 @@ Expert parallelism: the weights may hold a contiguous range of the model's exper
 chose. A pair routed to an expert outside the range contributes nothing here (another rank holds that
 expert and adds its contribution in the all-reduce): the result is this rank's partial sum, as if the
 other experts' routing weights were zero, and those pairs are never computed.
+
+FP8 experts (`ExpertScales`): w13 / w2 hold e4m3 values and the scales say what they stand for. The loop
+dequantizes each chosen expert's weights to the activation dtype before its two products (only the
+experts some token chose, one at a time: no dequantized copy of the layer is ever held), so in float32
+the result is the model whose experts are the dequantized weights, bit for bit.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from carpool.quantization.formats import dequantize_fp8
+from carpool.utils import cdiv
+
+FP8_BLOCK = 128  # rows and columns of a block-scaled FP8 weight's scale block
+
+
+@dataclass(frozen=True)
+class ExpertScales:
+    """Scales of FP8 (e4m3) stacked expert weights, float32; W = value * scale.
+
+    Per output channel (block=False): w13 [E, 2I] (row r of w13's [2I, H]), w2 [E, H].
+    Per 128x128 block (block=True): w13 [E, 2 * ceil(I/128), ceil(H/128)], the gate projection's blocks
+    then the up projection's (each projection is blocked on its own, as its checkpoint tensor is, so a
+    partial last block of gate rows never shares a scale with up rows); w2 [E, ceil(H/128), ceil(I/128)]."""
+    w13: torch.Tensor
+    w2: torch.Tensor
+    block: bool
+
+    def check(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        e, two_i, h = w13.shape
+        i = two_i // 2
+        if self.block:
+            want13, want2 = (e, 2 * cdiv(i, FP8_BLOCK), cdiv(h, FP8_BLOCK)), (e, cdiv(h, FP8_BLOCK), cdiv(i, FP8_BLOCK))
+        else:
+            want13, want2 = (e, two_i), (e, h)
+        if tuple(self.w13.shape) != want13 or tuple(self.w2.shape) != want2:
+            raise ValueError(f"fused_moe: {'block' if self.block else 'channel'} scales must be w13 {list(want13)} and "
+                             f"w2 {list(want2)}; got {list(self.w13.shape)} and {list(self.w2.shape)}")
+
+    def dequantize(self, w13: torch.Tensor, w2: torch.Tensor, expert: int, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert `expert`'s (w13 [2I, H], w2 [H, I]) as float32 values * scales, rounded to dtype."""
+        i = w13.shape[1] // 2
+        if not self.block:
+            return ((w13[expert].float() * self.w13[expert, :, None]).to(dtype),
+                    (w2[expert].float() * self.w2[expert, :, None]).to(dtype))
+        blocks = (FP8_BLOCK, FP8_BLOCK)
+        half = self.w13.shape[1] // 2
+        gate = dequantize_fp8(w13[expert, :i], self.w13[expert, :half], blocks)
+        up = dequantize_fp8(w13[expert, i:], self.w13[expert, half:], blocks)
+        return torch.cat([gate, up]).to(dtype), dequantize_fp8(w2[expert], self.w2[expert], blocks).to(dtype)
 
 
 def check_moe_inputs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -47,15 +96,18 @@ def local_expert_ids(topk_ids: torch.Tensor, num_experts: int, expert_start: int
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, *, expert_start: int = 0, num_global_experts: int | None = None
-              ) -> torch.Tensor:
+              topk_ids: torch.Tensor, *, expert_start: int = 0, num_global_experts: int | None = None,
+              scales: ExpertScales | None = None) -> torch.Tensor:
     """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k] -> [T, H],
     the sum taken over the pairs whose expert the weights hold (see the module docstring).
 
     With tensor parallelism w13/w2 hold this rank's slice of every expert's intermediate dimension, or
     (expert parallelism) whole experts from expert_start; either way the result is this rank's partial
-    sum. Host-syncing (it asks which experts were hit): CPU path only."""
+    sum. With `scales`, w13 / w2 are FP8 and each chosen expert is dequantized to hidden's dtype first.
+    Host-syncing (it asks which experts were hit): CPU path only."""
     check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts)
+    if scales is not None:
+        scales.check(w13, w2)
     num_experts = w13.shape[0]
     out = torch.zeros_like(hidden)
     # expert_mask[e, k, t]: token t chose held expert e in its k-th slot (row E: an expert held elsewhere).
@@ -63,8 +115,12 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     expert_mask = F.one_hot(local_ids, num_classes=num_experts + 1).permute(2, 1, 0)[:num_experts]
     for expert in torch.nonzero(expert_mask.sum(dim=(1, 2)) > 0).flatten().tolist():
         slot, token = torch.where(expert_mask[expert])
-        gate, up = F.linear(hidden[token], w13[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights[token, slot, None]
+        if scales is None:
+            w_in, w_out = w13[expert], w2[expert]
+        else:
+            w_in, w_out = scales.dequantize(w13, w2, expert, hidden.dtype)
+        gate, up = F.linear(hidden[token], w_in).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w_out) * topk_weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
 

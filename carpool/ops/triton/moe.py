@@ -23,6 +23,16 @@ Two paths, both reading only the experts that some token chose:
 CUDA graphs: every launch's grid and every buffer depend only on (T, k, E, H, I) and the config; the
 actual routing is read on the device (programs of blocks past the padded count exit at once).
 
+FP8 experts (`scales`, ops/torch_ref/moe.ExpertScales): w13 / w2 hold e4m3 values with float32 scales per
+output channel or per 128x128 block. Both paths are W8A16: hidden stays in the model dtype, each weight
+tile is converted in registers (exactly: e4m3 values are bf16 / fp16 / fp32 values) and the scales are
+applied in float32, per-channel ones to a finished sum, block ones to each 128-column k step's product
+(the GEMVs scale each weight, their k steps spanning blocks). Why not W8A8: a step's experts see few
+tokens each (batch 64 of Qwen3-30B-A3B: 4 pairs per expert), so the grouped GEMM reads weights, not
+multiplies; halving the weight bytes is the gain, and activation quantization would add a kernel and
+a rounding the torch reference does not have. Prefill-sized batches could use FP8 tensor cores (W8A8)
+where measurements show it pays.
+
 Roundings, both paths: gate and up are rounded to the activation dtype, silu(gate) is rounded before
 the multiply (as silu_and_mul), the down projection is rounded before the routing weight scales it and
 again after (as the reference's `linear(...) * weight`); the k scaled rows of a token are summed in
@@ -31,15 +41,17 @@ float32 and rounded once. In float32 the paths match the reference to accumulati
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-from carpool.ops.torch_ref.moe import check_moe_inputs, max_padded_pairs
+from carpool.ops.torch_ref.moe import FP8_BLOCK, ExpertScales, check_moe_inputs, max_padded_pairs
 from carpool.ops.triton import utils
 from carpool.ops.triton.utils import pdl_enter
+from carpool.quantization.formats import FP8_DTYPE
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> FusedMo
 
 
 # ---- sorting the pairs by expert ---------------------------------------------------------------------
+
+FP8_BLOCK_C = tl.constexpr(FP8_BLOCK)  # (for the kernels: globals they read must be constexpr)
 
 ALIGN_MAX_PROGRAMS = 64  # programs of the counting and scattering kernels (their [P, E] table is one tile)
 ALIGN_CHUNK = 64  # pairs a program handles per loop step
@@ -204,18 +218,34 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
 
 # ---- grouped GEMMs over the sorted pairs --------------------------------------------------------------
 
+@triton.jit
+def _scale_rows(s_ptr, expert, cols, up_row0, stride_se, stride_sn, SCALES: tl.constexpr):
+    """Pointers to the scale rows of output columns `cols` (+ up_row0: w13's up projection) of an FP8
+    expert: one scale per column (SCALES == 1) or the row of 128-column blocks of its 128-row block
+    (SCALES == 2; the caller adds the block column)."""
+    if SCALES == 1:
+        rows = cols
+    else:
+        rows = cols // FP8_BLOCK_C
+    return s_ptr + expert * stride_se + (up_row0 + rows).to(tl.int64) * stride_sn
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
-def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr,
-                     num_pairs, num_m_blocks, N, K, stride_am, stride_we, stride_wn, stride_om,
-                     A_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, topk_w_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr,
+                     num_pairs, num_m_blocks, N, K, stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
+                     stride_sk, up_row0, A_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                     SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """Rows of one sorted block (one expert) times that expert's weight, row r of the block being pair
     p = sorted[r] and reading A row p // A_ROW_DIV (a token of hidden for gate/up, the pair's own row of
     the intermediate for down); the result goes to out row p.
 
     GATE_UP: N = I; the program computes gate columns n and up columns n + N of w13 and stores
-    silu(gate) * up. MUL_WEIGHT: the result is scaled by the pair's routing weight."""
+    silu(gate) * up. MUL_WEIGHT: the result is scaled by the pair's routing weight.
+
+    SCALES (FP8 weights, W8A16): 0 none; 1 per output channel, applied to the finished sums; 2 per
+    128x128 block, applied to each k step's product (BLOCK_K divides 128, so a step lies in one block
+    column). e4m3 values convert exactly to the activation dtype, so tl.dot runs on unscaled weights."""
     pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
@@ -237,15 +267,31 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ptr, expert_ids_p
     w_cols = w_ptr + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    a_dtype = a_ptr.dtype.element_ty
+    s_gate = _scale_rows(s_ptr, expert, cols, 0, stride_se, stride_sn, SCALES)
+    s_up = _scale_rows(s_ptr, expert, cols, up_row0, stride_se, stride_sn, SCALES)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if SCALES == 2:
+            s_col = (k0 // FP8_BLOCK_C) * stride_sk
+            s = tl.load(s_gate + s_col, mask=col_ok, other=0.0)
+            acc += tl.dot(a, w.to(a_dtype), input_precision=PRECISION) * s[None, :]
+        else:
+            acc = tl.dot(a, w.to(a_dtype), acc, input_precision=PRECISION)
         if GATE_UP:
             w_up = tl.load(w_cols + N * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+            if SCALES == 2:
+                s = tl.load(s_up + (k0 // FP8_BLOCK_C) * stride_sk, mask=col_ok, other=0.0)
+                acc_up += tl.dot(a, w_up.to(a_dtype), input_precision=PRECISION) * s[None, :]
+            else:
+                acc_up = tl.dot(a, w_up.to(a_dtype), acc_up, input_precision=PRECISION)
+    if SCALES == 1:
+        acc = acc * tl.load(s_gate, mask=col_ok, other=0.0)[None, :]
+        if GATE_UP:
+            acc_up = acc_up * tl.load(s_up, mask=col_ok, other=0.0)[None, :]
     dtype = out_ptr.dtype.element_ty
     if GATE_UP:
         gate = acc.to(dtype).to(tl.float32)
@@ -260,16 +306,33 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ptr, expert_ids_p
     tl.store(out, res.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _launch_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor,
-                 sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_padded: torch.Tensor, num_pairs: int,
-                 n: int, a_row_div: int, gate_up: bool, cfg: GroupedGemmConfig) -> None:
+def _scale_args(scale: torch.Tensor | None, block: bool) -> tuple:
+    """(scale tensor, stride_se, stride_sn, stride_sk, SCALES) for a kernel; a dummy pointer without."""
+    if scale is None:
+        return None, 0, 0, 0, 0
+    return scale, scale.stride(0), scale.stride(1), scale.stride(2) if block else 0, 2 if block else 1
+
+
+def _up_row0(scales: ExpertScales | None, inter_size: int) -> int:
+    """The first scale row of w13's up projection: after I channel scales, or the gate's row blocks."""
+    if scales is None:
+        return 0
+    return scales.w13.shape[1] // 2 if scales.block else inter_size
+
+
+def _launch_gemm(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, block: bool, up_row0: int,
+                 out: torch.Tensor, topk_weights: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
+                 num_padded: torch.Tensor, num_pairs: int, n: int, a_row_div: int, gate_up: bool,
+                 cfg: GroupedGemmConfig) -> None:
     num_m_blocks = expert_ids.numel()
     grid = (num_m_blocks * triton.cdiv(n, cfg.block_n),)
+    s, stride_se, stride_sn, stride_sk, scales = _scale_args(scale, block)
     _moe_gemm_kernel[grid](
-        a, w, out, topk_weights, sorted_ids, expert_ids, num_padded, num_pairs, num_m_blocks, n, w.shape[2],
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0), A_ROW_DIV=a_row_div, GATE_UP=gate_up,
-        MUL_WEIGHT=not gate_up, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, PRECISION=_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        a, w, s if s is not None else w, out, topk_weights, sorted_ids, expert_ids, num_padded, num_pairs,
+        num_m_blocks, n, w.shape[2], a.stride(0), w.stride(0), w.stride(1), out.stride(0), stride_se, stride_sn,
+        stride_sk, up_row0, A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=not gate_up, SCALES=scales,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        PRECISION=_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
 
 
@@ -280,13 +343,24 @@ def _precision(dtype: torch.dtype) -> str:
 
 # ---- per-pair GEMVs for small batches -----------------------------------------------------------------
 
+@triton.jit
+def _gemv_weights(w_ptrs, s_rows, rows, cols, mask, stride_sk, SCALES: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] weight tile in float32; with block scales (SCALES == 2) each weight times its
+    block's scale (a tile may span block columns), per-channel scales are applied to the sums instead."""
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if SCALES == 2:
+        w = w * tl.load(s_rows[:, None] + (cols // FP8_BLOCK_C)[None, :] * stride_sk, mask=mask, other=0.0)
+    return w
+
+
 @triton.jit(do_not_specialize=["expert_start"])
-def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, INTER, H, stride_xt, stride_we, stride_wn,
-                             expert_start, num_experts, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, out_ptr, INTER, H, stride_xt, stride_we, stride_wn,
+                             stride_se, stride_sn, stride_sk, up_row0, expert_start, num_experts,
+                             TOP_K: tl.constexpr, SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (pair, row block): out[pair, rows] = silu(x_t . gate_e[rows]) * (x_t . up_e[rows]) with
     t = pair // TOP_K and e = topk_ids[pair] (nothing for a pair of an expert held elsewhere: the down
-    kernel skips it)."""
+    kernel skips it). SCALES: as _moe_gemm_kernel (FP8 weights dequantized in registers)."""
     pdl_enter(USE_PDL)
     pair = tl.program_id(0)
     expert = _held_expert(tl.load(ids_ptr + pair), expert_start, num_experts).to(tl.int64)
@@ -296,6 +370,8 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, INTER, H, stride_xt
     row_ok = rows < INTER
     gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
     up_rows = gate_rows + INTER * stride_wn
+    s_gate = _scale_rows(s_ptr, expert, rows, 0, stride_se, stride_sn, SCALES)
+    s_up = _scale_rows(s_ptr, expert, rows, up_row0, stride_se, stride_sn, SCALES)
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xt
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -304,19 +380,24 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, INTER, H, stride_xt
         col_ok = cols < H
         mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        acc_gate += tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x
-        acc_up += tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x
+        acc_gate += _gemv_weights(gate_rows + cols[None, :], s_gate, rows, cols, mask, stride_sk, SCALES) * x
+        acc_up += _gemv_weights(up_rows + cols[None, :], s_up, rows, cols, mask, stride_sk, SCALES) * x
     dtype = out_ptr.dtype.element_ty
-    gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
-    up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+    gate = tl.sum(acc_gate, axis=1)
+    up = tl.sum(acc_up, axis=1)
+    if SCALES == 1:
+        gate = gate * tl.load(s_gate, mask=row_ok, other=0.0)
+        up = up * tl.load(s_up, mask=row_ok, other=0.0)
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + pair.to(tl.int64) * INTER + rows, (act * up).to(dtype), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["expert_start"])
-def _moe_gemv_down_kernel(inter_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER, H, stride_we, stride_wn,
-                          expert_start, num_experts, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _moe_gemv_down_kernel(inter_ptr, w_ptr, s_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER, H, stride_we, stride_wn,
+                          stride_se, stride_sn, stride_sk, expert_start, num_experts, TOP_K: tl.constexpr,
+                          SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (token, row block): out[t, rows] = sum over the token's pairs p of
     weight[p] * (down_e[rows] . inter[p]), e = topk_ids[p], summed in float32 in slot order; a pair of an
     expert held elsewhere adds zero (its loads are masked off: no memory is read for it)."""
@@ -331,15 +412,21 @@ def _moe_gemv_down_kernel(inter_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER,
         expert = _held_expert(tl.load(ids_ptr + pair), expert_start, num_experts).to(tl.int64)
         held_inter = tl.where(expert >= 0, INTER, 0)  # columns to read: none for a pair held elsewhere
         weight = tl.load(topk_w_ptr + pair).to(tl.float32)
-        w_rows = w_ptr + tl.maximum(expert, 0) * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        e = tl.maximum(expert, 0)
+        w_rows = w_ptr + e * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        s_rows = _scale_rows(s_ptr, e, rows, 0, stride_se, stride_sn, SCALES)
         v_row = inter_ptr + pair.to(tl.int64) * INTER
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, INTER, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < held_inter
             v = tl.load(v_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            acc += tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * v
-        y = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype)
+            acc += _gemv_weights(w_rows + cols[None, :], s_rows, rows, cols, row_ok[:, None] & col_ok[None, :],
+                                 stride_sk, SCALES) * v
+        y = tl.sum(acc, axis=1)
+        if SCALES == 1:
+            y = y * tl.load(s_rows, mask=row_ok, other=0.0)  # (a pair held elsewhere: y is 0, e = 0 is read)
+        y = (y.to(dtype).to(tl.float32) * weight).to(dtype)
         total += y.to(tl.float32)
     tl.store(out_ptr + token.to(tl.int64) * H + rows, total.to(dtype), mask=row_ok)
 
@@ -353,16 +440,21 @@ def _gemv_block_k(k: int) -> int:
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: FusedMoeConfig | None = None, *, expert_start: int = 0,
-              num_global_experts: int | None = None) -> torch.Tensor:
+              num_global_experts: int | None = None, scales: ExpertScales | None = None) -> torch.Tensor:
     """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, k] -> [T, H]
     in hidden's dtype, over the pairs whose expert w13/w2 hold (global experts [expert_start,
-    expert_start + E) of num_global_experts, default all). Weights must be contiguous in their last dim;
-    topk_ids must be valid global expert ids (not checked on the device: that would sync)."""
+    expert_start + E) of num_global_experts, default all). With `scales`, w13 / w2 are e4m3 and are
+    dequantized in registers (W8A16: hidden is not quantized). Weights must be contiguous in their last
+    dim; topk_ids must be valid global expert ids (not checked on the device: that would sync)."""
     check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts)
     if hidden.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe: hidden, w13 and w2 must be contiguous in their last dim")
-    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
-        raise ValueError(f"fused_moe: weights must have hidden's dtype {hidden.dtype}, got {w13.dtype} and {w2.dtype}")
+    want = hidden.dtype if scales is None else FP8_DTYPE
+    if w13.dtype != want or w2.dtype != want:
+        raise ValueError(f"fused_moe: weights must be {want} ({'FP8 with scales' if scales else 'hidden dtype'}), "
+                         f"got {w13.dtype} and {w2.dtype}")
+    if scales is not None:
+        scales.check(w13, w2)
     num_tokens, h = hidden.shape
     num_experts, two_i, _ = w13.shape
     inter_size, top_k = two_i // 2, topk_ids.shape[1]
@@ -371,29 +463,38 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     total_experts = num_experts if num_global_experts is None else num_global_experts
     # (tiles by the pairs per expert, T k / total, the same whether or not the experts are spread over ranks)
     config = config or default_moe_config(num_tokens, top_k, total_experts)
+    block = scales is not None and scales.block
+    s13, s2 = (scales.w13, scales.w2) if scales is not None else (None, None)
+    up_row0 = _up_row0(scales, inter_size)
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
     num_pairs = num_tokens * top_k
     inter = utils.empty_output((num_pairs, inter_size), dtype=hidden.dtype, device=hidden.device)
     pdl = dict(USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if num_tokens <= config.small_batch_max_tokens:
         bn = config.gemv_block_n
+        s, se, sn, sk, kind = _scale_args(s13, block)
         _moe_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, bn))](
-            hidden, w13, ids, inter, inter_size, h, hidden.stride(0), w13.stride(0), w13.stride(1), expert_start,
-            num_experts, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=_gemv_block_k(h), num_warps=4, **pdl)
+            hidden, w13, s if s is not None else w13, ids, inter, inter_size, h, hidden.stride(0), w13.stride(0),
+            w13.stride(1), se, sn, sk, up_row0, expert_start, num_experts, TOP_K=top_k, SCALES=kind, BLOCK_N=bn,
+            BLOCK_K=_gemv_block_k(h), num_warps=4, **pdl)
         out = utils.empty_output((num_tokens, h), dtype=hidden.dtype, device=hidden.device)
+        s, se, sn, sk, kind = _scale_args(s2, block)
         _moe_gemv_down_kernel[(num_tokens, triton.cdiv(h, bn))](
-            inter, w2, ids, weights, out, inter_size, h, w2.stride(0), w2.stride(1), expert_start, num_experts,
-            TOP_K=top_k, BLOCK_N=bn, BLOCK_K=_gemv_block_k(inter_size), num_warps=4, **pdl)
+            inter, w2, s if s is not None else w2, ids, weights, out, inter_size, h, w2.stride(0), w2.stride(1),
+            se, sn, sk, expert_start, num_experts, TOP_K=top_k, SCALES=kind, BLOCK_N=bn,
+            BLOCK_K=_gemv_block_k(inter_size), num_warps=4, **pdl)
         return out
     cfg = config.gemm
+    if block and cfg.block_k > FP8_BLOCK:  # a k step must lie within one column of scale blocks
+        cfg = dataclasses.replace(cfg, block_k=FP8_BLOCK)
     sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, num_experts, cfg.block_m, expert_start)
-    _launch_gemm(hidden, w13, inter, weights, sorted_ids, expert_ids, num_padded, num_pairs, inter_size,
-                 a_row_div=top_k, gate_up=True, cfg=cfg)
+    _launch_gemm(hidden, w13, s13, block, up_row0, inter, weights, sorted_ids, expert_ids, num_padded, num_pairs,
+                 inter_size, a_row_div=top_k, gate_up=True, cfg=cfg)
     if total_experts == num_experts:
         scaled = utils.empty_output((num_pairs, h), dtype=hidden.dtype, device=hidden.device)
     else:  # the rows of pairs held elsewhere are never written: they must add zero to the sum below
         scaled = torch.zeros((num_pairs, h), dtype=hidden.dtype, device=hidden.device)
-    _launch_gemm(inter, w2, scaled, weights, sorted_ids, expert_ids, num_padded, num_pairs, h, a_row_div=1,
-                 gate_up=False, cfg=cfg)
+    _launch_gemm(inter, w2, s2, block, 0, scaled, weights, sorted_ids, expert_ids, num_padded, num_pairs, h,
+                 a_row_div=1, gate_up=False, cfg=cfg)
     # (torch sums a bf16 tensor in float32 and rounds once, as the GEMV path does.)
     return scaled.view(num_tokens, top_k, h).sum(dim=1)
