@@ -14,7 +14,9 @@ other experts' routing weights were zero, and those pairs are never computed.
 FP8 experts (`ExpertScales`): w13 / w2 hold e4m3 values and the scales say what they stand for. The loop
 dequantizes each chosen expert's weights to the activation dtype before its two products (only the
 experts some token chose, one at a time: no dequantized copy of the layer is ever held), so in float32
-the result is the model whose experts are the dequantized weights, bit for bit.
+the result is the model whose experts are the dequantized weights, bit for bit. INT4 experts
+(`Int4ExpertScales`: w13 / w2 hold carpool's packed int4 layout) are dequantized the same way, one
+chosen expert at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from carpool.quantization.formats import dequantize_fp8
+from carpool.ops.torch_ref.quant import dequantize_int4
+from carpool.quantization.formats import PACK, dequantize_fp8
 from carpool.utils import cdiv
 
 FP8_BLOCK = 128  # rows and columns of a block-scaled FP8 weight's scale block
@@ -41,6 +44,8 @@ class ExpertScales:
     w13: torch.Tensor
     w2: torch.Tensor
     block: bool
+
+    pack = 1  # weight values per stored element
 
     def check(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
         e, two_i, h = w13.shape
@@ -67,17 +72,65 @@ class ExpertScales:
         return torch.cat([gate, up]).to(dtype), dequantize_fp8(w2[expert], self.w2[expert], blocks).to(dtype)
 
 
+@dataclass(frozen=True)
+class Int4ExpertScales:
+    """Scales (and zero points) of 4-bit stacked expert weights in carpool's int4 layout
+    (quantization/formats.py): w13 packed [E, 2I, H/8] int32 and w2 packed [E, H, I/8], eight 4-bit values
+    per word along the input dim. W = (q - zero) * scale per group of input columns: scales w13 [E, 2I,
+    H/G13] and w2 [E, H, I/G2] in the model dtype, zeros of the same shapes (None: symmetric, zero 8).
+    The group sizes follow from the shapes: G = input columns / scale columns (the checkpoint's group,
+    or one group per row when it quantizes per channel)."""
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_zeros: torch.Tensor | None = None
+    w2_zeros: torch.Tensor | None = None
+
+    pack = PACK  # weight values per stored int32
+
+    def group_sizes(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int]:
+        """(G13, G2): input columns per scale of w13 and of w2."""
+        return w13.shape[2] * PACK // self.w13.shape[2], w2.shape[2] * PACK // self.w2.shape[2]
+
+    def check(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        if w13.dtype != torch.int32 or w2.dtype != torch.int32:
+            raise ValueError(f"fused_moe: int4 experts must be packed int32, got {w13.dtype} and {w2.dtype}")
+        for name, w, s, z in (("w13", w13, self.w13, self.w13_zeros), ("w2", w2, self.w2, self.w2_zeros)):
+            e, n, k = w.shape[0], w.shape[1], w.shape[2] * PACK
+            groups = s.shape[2] if s.dim() == 3 else 0
+            if s.dim() != 3 or tuple(s.shape[:2]) != (e, n) or not groups or k % groups or (k // groups) % PACK:
+                raise ValueError(f"fused_moe: int4 {name} scales must be [{e}, {n}, K/G] with a group G of whole "
+                                 f"8-column words dividing K={k}; got {list(s.shape)}")
+            if z is not None and z.shape != s.shape:
+                raise ValueError(f"fused_moe: int4 {name} zeros must have the scales' shape {list(s.shape)}, got "
+                                 f"{list(z.shape)}")
+
+    def dequantize(self, w13: torch.Tensor, w2: torch.Tensor, expert: int, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert `expert`'s (w13 [2I, H], w2 [H, I]) as (q - zero) * scale in float32, rounded to dtype."""
+        g13, g2 = self.group_sizes(w13, w2)
+        z13 = None if self.w13_zeros is None else self.w13_zeros[expert]
+        z2 = None if self.w2_zeros is None else self.w2_zeros[expert]
+        return (dequantize_int4(w13[expert], self.w13[expert], z13, g13, dtype),
+                dequantize_int4(w2[expert], self.w2[expert], z2, g2, dtype))
+
+
+QuantizedExperts = ExpertScales | Int4ExpertScales
+
+
 def check_moe_inputs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, expert_start: int = 0, num_global_experts: int | None = None) -> None:
-    """Shapes every implementation relies on: hidden [T, H], w13 [E, 2I, H] (gate rows, then up rows),
-    w2 [E, H, I], topk_weights and topk_ids [T, k]; the E experts held are global experts
-    [expert_start, expert_start + E) of num_global_experts (default E)."""
+                     topk_ids: torch.Tensor, expert_start: int = 0, num_global_experts: int | None = None,
+                     pack: int = 1) -> None:
+    """Shapes every implementation relies on: hidden [T, H], w13 [E, 2I, H / pack] (gate rows, then up
+    rows), w2 [E, H, I / pack] (pack: weight values per stored element, 8 for packed int4),
+    topk_weights and topk_ids [T, k]; the E experts held are global experts [expert_start,
+    expert_start + E) of num_global_experts (default E)."""
     if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"fused_moe: expected hidden [T, H], w13 [E, 2I, H], w2 [E, H, I]; got "
                          f"{tuple(hidden.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
-    e, two_i, h = w13.shape
-    if h != hidden.shape[1] or two_i % 2 or w2.shape != (e, h, two_i // 2):
-        raise ValueError(f"fused_moe: w13 must be [E, 2I, H={hidden.shape[1]}] and w2 [E, H, I]; got "
+    e, two_i, h = w13.shape[0], w13.shape[1], w13.shape[2] * pack
+    if h != hidden.shape[1] or two_i % 2 or w2.shape != (e, h, two_i // 2 // pack) or (two_i // 2) % pack:
+        per = "" if pack == 1 else f" / {pack}"
+        raise ValueError(f"fused_moe: w13 must be [E, 2I, H={hidden.shape[1]}{per}] and w2 [E, H, I{per}]; got "
                          f"{tuple(w13.shape)} and {tuple(w2.shape)}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"fused_moe: topk_ids and topk_weights must both be [T={hidden.shape[0]}, k]; got "
@@ -97,15 +150,16 @@ def local_expert_ids(topk_ids: torch.Tensor, num_experts: int, expert_start: int
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, expert_start: int = 0, num_global_experts: int | None = None,
-              scales: ExpertScales | None = None) -> torch.Tensor:
+              scales: QuantizedExperts | None = None) -> torch.Tensor:
     """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k] -> [T, H],
     the sum taken over the pairs whose expert the weights hold (see the module docstring).
 
     With tensor parallelism w13/w2 hold this rank's slice of every expert's intermediate dimension, or
     (expert parallelism) whole experts from expert_start; either way the result is this rank's partial
-    sum. With `scales`, w13 / w2 are FP8 and each chosen expert is dequantized to hidden's dtype first.
-    Host-syncing (it asks which experts were hit): CPU path only."""
-    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts)
+    sum. With `scales`, w13 / w2 are FP8 or packed int4 and each chosen expert is dequantized to
+    hidden's dtype first. Host-syncing (it asks which experts were hit): CPU path only."""
+    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts,
+                     scales.pack if scales is not None else 1)
     if scales is not None:
         scales.check(w13, w2)
     num_experts = w13.shape[0]

@@ -33,6 +33,12 @@ multiplies; halving the weight bytes is the gain, and activation quantization wo
 a rounding the torch reference does not have. Prefill-sized batches could use FP8 tensor cores (W8A8)
 where measurements show it pays.
 
+INT4 experts (`scales` an `Int4ExpertScales`): w13 / w2 hold carpool's packed int4 layout (8 values per
+int32 along the input dim) with model-dtype scales and zero points per group of input columns. Both paths
+are W4A16: each tile of packed words is unpacked and dequantized in registers by the int4 GEMV / GEMM's
+helper (quant_gemv.dequantize_int4_tile), to float32 for the GEMVs and to the activation dtype for the
+grouped GEMM's tl.dot, as the dense int4 kernels do.
+
 Roundings, both paths: gate and up are rounded to the activation dtype, silu(gate) is rounded before
 the multiply (as silu_and_mul), the down projection is rounded before the routing weight scales it and
 again after (as the reference's `linear(...) * weight`); the k scaled rows of a token are summed in
@@ -48,8 +54,15 @@ import torch
 import triton
 import triton.language as tl
 
-from carpool.ops.torch_ref.moe import FP8_BLOCK, ExpertScales, check_moe_inputs, max_padded_pairs
+from carpool.ops.torch_ref.moe import (
+    FP8_BLOCK,
+    Int4ExpertScales,
+    QuantizedExperts,
+    check_moe_inputs,
+    max_padded_pairs,
+)
 from carpool.ops.triton import utils
+from carpool.ops.triton.quant_gemv import dequantize_int4_tile
 from carpool.ops.triton.utils import pdl_enter
 from carpool.quantization.formats import FP8_DTYPE
 
@@ -221,21 +234,35 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
 @triton.jit
 def _scale_rows(s_ptr, expert, cols, up_row0, stride_se, stride_sn, SCALES: tl.constexpr):
     """Pointers to the scale rows of output columns `cols` (+ up_row0: w13's up projection) of an FP8
-    expert: one scale per column (SCALES == 1) or the row of 128-column blocks of its 128-row block
-    (SCALES == 2; the caller adds the block column)."""
-    if SCALES == 1:
-        rows = cols
-    else:
+    expert: one scale per column (SCALES == 1), the row of 128-column blocks of its 128-row block
+    (SCALES == 2; the caller adds the block column), or the row of int4 group scales (SCALES == 3)."""
+    if SCALES == 2:
         rows = cols // FP8_BLOCK_C
+    else:
+        rows = cols
     return s_ptr + expert * stride_se + (up_row0 + rows).to(tl.int64) * stride_sn
 
 
+@triton.jit
+def _int4_rows(w_rows, s_rows, z_rows, row_ok, k0, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) of BLOCK_N rows of packed int4 weights, dequantized to float32
+    [BLOCK_N, BLOCK_K]. w_rows / s_rows / z_rows: [BLOCK_N] pointers to each row's words, scales and zeros;
+    K: the columns that exist (0 reads nothing)."""
+    w_idx = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    w_ok = row_ok[:, None] & (w_idx < K // 8)[None, :]
+    words = tl.load(w_rows[:, None] + w_idx[None, :], mask=w_ok, other=0)
+    return dequantize_int4_tile(words, s_rows[:, None], z_rows[:, None], w_idx, w_ok, GROUP, BLOCK_N, BLOCK_K,
+                                HAS_ZEROS)
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
-def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, topk_w_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr,
+def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, topk_w_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr,
                      num_pairs, num_m_blocks, N, K, stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                      stride_sk, up_row0, A_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                     SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                     SCALES: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     """Rows of one sorted block (one expert) times that expert's weight, row r of the block being pair
     p = sorted[r] and reading A row p // A_ROW_DIV (a token of hidden for gate/up, the pair's own row of
     the intermediate for down); the result goes to out row p.
@@ -245,7 +272,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, topk_w_ptr, sorted_ptr, exper
 
     SCALES (FP8 weights, W8A16): 0 none; 1 per output channel, applied to the finished sums; 2 per
     128x128 block, applied to each k step's product (BLOCK_K divides 128, so a step lies in one block
-    column). e4m3 values convert exactly to the activation dtype, so tl.dot runs on unscaled weights."""
+    column). e4m3 values convert exactly to the activation dtype, so tl.dot runs on unscaled weights.
+    3: int4 words (K counts values; GROUP columns per scale and zero, HAS_ZEROS), dequantized to the
+    activation dtype before the dot (as quant_gemm.int4_gemm)."""
     pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
@@ -270,24 +299,35 @@ def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, topk_w_ptr, sorted_ptr, exper
     a_dtype = a_ptr.dtype.element_ty
     s_gate = _scale_rows(s_ptr, expert, cols, 0, stride_se, stride_sn, SCALES)
     s_up = _scale_rows(s_ptr, expert, cols, up_row0, stride_se, stride_sn, SCALES)
+    # (int4: zeros share the scales' strides; w rows of packed words)
+    z_gate = _scale_rows(z_ptr, expert, cols, 0, stride_se, stride_sn, SCALES)
+    z_up = _scale_rows(z_ptr, expert, cols, up_row0, stride_se, stride_sn, SCALES)
+    w_rows = w_ptr + expert * stride_we + cols.to(tl.int64) * stride_wn
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if SCALES == 2:
-            s_col = (k0 // FP8_BLOCK_C) * stride_sk
-            s = tl.load(s_gate + s_col, mask=col_ok, other=0.0)
-            acc += tl.dot(a, w.to(a_dtype), input_precision=PRECISION) * s[None, :]
+        if SCALES == 3:
+            w = _int4_rows(w_rows, s_gate, z_gate, col_ok, k0, K, GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS)
+            acc = tl.dot(a, tl.trans(w.to(a_dtype)), acc, input_precision=PRECISION)
+            if GATE_UP:
+                w = _int4_rows(w_rows + N * stride_wn, s_up, z_up, col_ok, k0, K, GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS)
+                acc_up = tl.dot(a, tl.trans(w.to(a_dtype)), acc_up, input_precision=PRECISION)
         else:
-            acc = tl.dot(a, w.to(a_dtype), acc, input_precision=PRECISION)
-        if GATE_UP:
-            w_up = tl.load(w_cols + N * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if SCALES == 2:
-                s = tl.load(s_up + (k0 // FP8_BLOCK_C) * stride_sk, mask=col_ok, other=0.0)
-                acc_up += tl.dot(a, w_up.to(a_dtype), input_precision=PRECISION) * s[None, :]
+                s_col = (k0 // FP8_BLOCK_C) * stride_sk
+                s = tl.load(s_gate + s_col, mask=col_ok, other=0.0)
+                acc += tl.dot(a, w.to(a_dtype), input_precision=PRECISION) * s[None, :]
             else:
-                acc_up = tl.dot(a, w_up.to(a_dtype), acc_up, input_precision=PRECISION)
+                acc = tl.dot(a, w.to(a_dtype), acc, input_precision=PRECISION)
+            if GATE_UP:
+                w_up = tl.load(w_cols + N * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if SCALES == 2:
+                    s = tl.load(s_up + (k0 // FP8_BLOCK_C) * stride_sk, mask=col_ok, other=0.0)
+                    acc_up += tl.dot(a, w_up.to(a_dtype), input_precision=PRECISION) * s[None, :]
+                else:
+                    acc_up = tl.dot(a, w_up.to(a_dtype), acc_up, input_precision=PRECISION)
     if SCALES == 1:
         acc = acc * tl.load(s_gate, mask=col_ok, other=0.0)[None, :]
         if GATE_UP:
@@ -306,34 +346,63 @@ def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, topk_w_ptr, sorted_ptr, exper
     tl.store(out, res.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _scale_args(scale: torch.Tensor | None, block: bool) -> tuple:
-    """(scale tensor, stride_se, stride_sn, stride_sk, SCALES) for a kernel; a dummy pointer without."""
-    if scale is None:
-        return None, 0, 0, 0, 0
-    return scale, scale.stride(0), scale.stride(1), scale.stride(2) if block else 0, 2 if block else 1
+@dataclass(frozen=True)
+class _StackQuant:
+    """One weight stack's format as kernel arguments: SCALES (0 none, 1 FP8 per channel, 2 FP8 128x128
+    blocks, 3 int4 groups), the scale and zero tensors (the weights stand in as dummy pointers) with the
+    scales' strides (int4 zeros share them), w13's first up-projection scale row, the int4 group and
+    whether there are zeros, and `pack`, weight values per stored element."""
+    kind: int = 0
+    s: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    stride_se: int = 0
+    stride_sn: int = 0
+    stride_sk: int = 0
+    up_row0: int = 0
+    group: int = 8
+    has_zeros: bool = False
+
+    @property
+    def pack(self) -> int:
+        return 8 if self.kind == 3 else 1
+
+    def scale_ptr(self, w: torch.Tensor) -> torch.Tensor:
+        return self.s if self.s is not None else w
+
+    def zero_ptr(self, w: torch.Tensor) -> torch.Tensor:
+        return self.z if self.z is not None else self.scale_ptr(w)
 
 
-def _up_row0(scales: ExpertScales | None, inter_size: int) -> int:
-    """The first scale row of w13's up projection: after I channel scales, or the gate's row blocks."""
+def _stack_quant(scales: QuantizedExperts | None, w13: torch.Tensor, w2: torch.Tensor, stack: str) -> _StackQuant:
+    """The kernel arguments of stack "w13" or "w2" (see _StackQuant)."""
     if scales is None:
-        return 0
-    return scales.w13.shape[1] // 2 if scales.block else inter_size
+        return _StackQuant()
+    inter = w13.shape[1] // 2
+    if isinstance(scales, Int4ExpertScales):
+        g13, g2 = scales.group_sizes(w13, w2)
+        s, z = (scales.w13, scales.w13_zeros) if stack == "w13" else (scales.w2, scales.w2_zeros)
+        if z is not None and z.stride() != s.stride():
+            raise ValueError("fused_moe: int4 zeros must have the strides of their scales")
+        return _StackQuant(3, s, z, s.stride(0), s.stride(1), 0, inter if stack == "w13" else 0,
+                           g13 if stack == "w13" else g2, z is not None)
+    s = scales.w13 if stack == "w13" else scales.w2
+    if scales.block:
+        return _StackQuant(2, s, None, s.stride(0), s.stride(1), s.stride(2), s.shape[1] // 2 if stack == "w13" else 0)
+    return _StackQuant(1, s, None, s.stride(0), s.stride(1), 0, inter if stack == "w13" else 0)
 
 
-def _launch_gemm(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, block: bool, up_row0: int,
-                 out: torch.Tensor, topk_weights: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
-                 num_padded: torch.Tensor, num_pairs: int, n: int, a_row_div: int, gate_up: bool,
-                 cfg: GroupedGemmConfig) -> None:
+def _launch_gemm(a: torch.Tensor, w: torch.Tensor, q: _StackQuant, out: torch.Tensor, topk_weights: torch.Tensor,
+                 sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_padded: torch.Tensor, num_pairs: int, n: int,
+                 a_row_div: int, gate_up: bool, cfg: GroupedGemmConfig) -> None:
     num_m_blocks = expert_ids.numel()
     grid = (num_m_blocks * triton.cdiv(n, cfg.block_n),)
-    s, stride_se, stride_sn, stride_sk, scales = _scale_args(scale, block)
     _moe_gemm_kernel[grid](
-        a, w, s if s is not None else w, out, topk_weights, sorted_ids, expert_ids, num_padded, num_pairs,
-        num_m_blocks, n, w.shape[2], a.stride(0), w.stride(0), w.stride(1), out.stride(0), stride_se, stride_sn,
-        stride_sk, up_row0, A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=not gate_up, SCALES=scales,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PRECISION=_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+        a, w, q.scale_ptr(w), q.zero_ptr(w), out, topk_weights, sorted_ids, expert_ids, num_padded, num_pairs,
+        num_m_blocks, n, w.shape[2] * q.pack, a.stride(0), w.stride(0), w.stride(1), out.stride(0), q.stride_se,
+        q.stride_sn, q.stride_sk, q.up_row0, A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=not gate_up,
+        SCALES=q.kind, GROUP=q.group, HAS_ZEROS=q.has_zeros, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PRECISION=_precision(a.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -354,13 +423,14 @@ def _gemv_weights(w_ptrs, s_rows, rows, cols, mask, stride_sk, SCALES: tl.conste
 
 
 @triton.jit(do_not_specialize=["expert_start"])
-def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, out_ptr, INTER, H, stride_xt, stride_we, stride_wn,
-                             stride_se, stride_sn, stride_sk, up_row0, expert_start, num_experts,
-                             TOP_K: tl.constexpr, SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
+def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, INTER, H, stride_xt, stride_we,
+                             stride_wn, stride_se, stride_sn, stride_sk, up_row0, expert_start, num_experts,
+                             TOP_K: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr,
+                             HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (pair, row block): out[pair, rows] = silu(x_t . gate_e[rows]) * (x_t . up_e[rows]) with
     t = pair // TOP_K and e = topk_ids[pair] (nothing for a pair of an expert held elsewhere: the down
-    kernel skips it). SCALES: as _moe_gemm_kernel (FP8 weights dequantized in registers)."""
+    kernel skips it). SCALES: as _moe_gemm_kernel (FP8 or int4 weights dequantized in registers)."""
     pdl_enter(USE_PDL)
     pair = tl.program_id(0)
     expert = _held_expert(tl.load(ids_ptr + pair), expert_start, num_experts).to(tl.int64)
@@ -368,10 +438,12 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, out_ptr, INTER, H, st
         return
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < INTER
-    gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-    up_rows = gate_rows + INTER * stride_wn
+    gate_base = w_ptr + expert * stride_we + rows.to(tl.int64) * stride_wn
+    up_base = gate_base + INTER * stride_wn
     s_gate = _scale_rows(s_ptr, expert, rows, 0, stride_se, stride_sn, SCALES)
     s_up = _scale_rows(s_ptr, expert, rows, up_row0, stride_se, stride_sn, SCALES)
+    z_gate = _scale_rows(z_ptr, expert, rows, 0, stride_se, stride_sn, SCALES)
+    z_up = _scale_rows(z_ptr, expert, rows, up_row0, stride_se, stride_sn, SCALES)
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xt
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -380,8 +452,13 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, out_ptr, INTER, H, st
         col_ok = cols < H
         mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        acc_gate += _gemv_weights(gate_rows + cols[None, :], s_gate, rows, cols, mask, stride_sk, SCALES) * x
-        acc_up += _gemv_weights(up_rows + cols[None, :], s_up, rows, cols, mask, stride_sk, SCALES) * x
+        if SCALES == 3:
+            acc_gate += _int4_rows(gate_base, s_gate, z_gate, row_ok, k0, H, GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS) * x
+            acc_up += _int4_rows(up_base, s_up, z_up, row_ok, k0, H, GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS) * x
+        else:
+            acc_gate += _gemv_weights(gate_base[:, None] + cols[None, :], s_gate, rows, cols, mask, stride_sk,
+                                      SCALES) * x
+            acc_up += _gemv_weights(up_base[:, None] + cols[None, :], s_up, rows, cols, mask, stride_sk, SCALES) * x
     dtype = out_ptr.dtype.element_ty
     gate = tl.sum(acc_gate, axis=1)
     up = tl.sum(acc_up, axis=1)
@@ -395,9 +472,10 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, out_ptr, INTER, H, st
 
 
 @triton.jit(do_not_specialize=["expert_start"])
-def _moe_gemv_down_kernel(inter_ptr, w_ptr, s_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER, H, stride_we, stride_wn,
-                          stride_se, stride_sn, stride_sk, expert_start, num_experts, TOP_K: tl.constexpr,
-                          SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _moe_gemv_down_kernel(inter_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, topk_w_ptr, out_ptr, INTER, H, stride_we,
+                          stride_wn, stride_se, stride_sn, stride_sk, expert_start, num_experts, TOP_K: tl.constexpr,
+                          SCALES: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (token, row block): out[t, rows] = sum over the token's pairs p of
     weight[p] * (down_e[rows] . inter[p]), e = topk_ids[p], summed in float32 in slot order; a pair of an
     expert held elsewhere adds zero (its loads are masked off: no memory is read for it)."""
@@ -413,16 +491,21 @@ def _moe_gemv_down_kernel(inter_ptr, w_ptr, s_ptr, ids_ptr, topk_w_ptr, out_ptr,
         held_inter = tl.where(expert >= 0, INTER, 0)  # columns to read: none for a pair held elsewhere
         weight = tl.load(topk_w_ptr + pair).to(tl.float32)
         e = tl.maximum(expert, 0)
-        w_rows = w_ptr + e * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        w_base = w_ptr + e * stride_we + rows.to(tl.int64) * stride_wn
         s_rows = _scale_rows(s_ptr, e, rows, 0, stride_se, stride_sn, SCALES)
+        z_rows = _scale_rows(z_ptr, e, rows, 0, stride_se, stride_sn, SCALES)
         v_row = inter_ptr + pair.to(tl.int64) * INTER
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, INTER, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < held_inter
             v = tl.load(v_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            acc += _gemv_weights(w_rows + cols[None, :], s_rows, rows, cols, row_ok[:, None] & col_ok[None, :],
-                                 stride_sk, SCALES) * v
+            if SCALES == 3:
+                acc += _int4_rows(w_base, s_rows, z_rows, row_ok, k0, held_inter, GROUP, BLOCK_N, BLOCK_K,
+                                  HAS_ZEROS) * v
+            else:
+                acc += _gemv_weights(w_base[:, None] + cols[None, :], s_rows, rows, cols,
+                                     row_ok[:, None] & col_ok[None, :], stride_sk, SCALES) * v
         y = tl.sum(acc, axis=1)
         if SCALES == 1:
             y = y * tl.load(s_rows, mask=row_ok, other=0.0)  # (a pair held elsewhere: y is 0, e = 0 is read)
@@ -440,61 +523,65 @@ def _gemv_block_k(k: int) -> int:
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: FusedMoeConfig | None = None, *, expert_start: int = 0,
-              num_global_experts: int | None = None, scales: ExpertScales | None = None) -> torch.Tensor:
+              num_global_experts: int | None = None, scales: QuantizedExperts | None = None) -> torch.Tensor:
     """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, k] -> [T, H]
     in hidden's dtype, over the pairs whose expert w13/w2 hold (global experts [expert_start,
-    expert_start + E) of num_global_experts, default all). With `scales`, w13 / w2 are e4m3 and are
-    dequantized in registers (W8A16: hidden is not quantized). Weights must be contiguous in their last
-    dim; topk_ids must be valid global expert ids (not checked on the device: that would sync)."""
-    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts)
+    expert_start + E) of num_global_experts, default all). With `scales`, w13 / w2 are e4m3
+    (ExpertScales) or packed int4 (Int4ExpertScales) and are dequantized in registers (W8A16 / W4A16:
+    hidden is not quantized). Weights must be contiguous in their last dim; topk_ids must be valid global
+    expert ids (not checked on the device: that would sync)."""
+    pack = scales.pack if scales is not None else 1
+    check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts, pack)
     if hidden.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe: hidden, w13 and w2 must be contiguous in their last dim")
-    want = hidden.dtype if scales is None else FP8_DTYPE
+    if scales is None:
+        want, what = hidden.dtype, "hidden dtype"
+    elif isinstance(scales, Int4ExpertScales):
+        want, what = torch.int32, "packed int4"
+    else:
+        want, what = FP8_DTYPE, "FP8 with scales"
     if w13.dtype != want or w2.dtype != want:
-        raise ValueError(f"fused_moe: weights must be {want} ({'FP8 with scales' if scales else 'hidden dtype'}), "
-                         f"got {w13.dtype} and {w2.dtype}")
+        raise ValueError(f"fused_moe: weights must be {want} ({what}), got {w13.dtype} and {w2.dtype}")
     if scales is not None:
         scales.check(w13, w2)
     num_tokens, h = hidden.shape
-    num_experts, two_i, _ = w13.shape
+    num_experts, two_i = w13.shape[:2]
     inter_size, top_k = two_i // 2, topk_ids.shape[1]
     if num_tokens == 0:
         return hidden.new_empty(0, h)
     total_experts = num_experts if num_global_experts is None else num_global_experts
     # (tiles by the pairs per expert, T k / total, the same whether or not the experts are spread over ranks)
     config = config or default_moe_config(num_tokens, top_k, total_experts)
-    block = scales is not None and scales.block
-    s13, s2 = (scales.w13, scales.w2) if scales is not None else (None, None)
-    up_row0 = _up_row0(scales, inter_size)
+    q13, q2 = _stack_quant(scales, w13, w2, "w13"), _stack_quant(scales, w13, w2, "w2")
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
     num_pairs = num_tokens * top_k
     inter = utils.empty_output((num_pairs, inter_size), dtype=hidden.dtype, device=hidden.device)
     pdl = dict(USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if num_tokens <= config.small_batch_max_tokens:
         bn = config.gemv_block_n
-        s, se, sn, sk, kind = _scale_args(s13, block)
         _moe_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, bn))](
-            hidden, w13, s if s is not None else w13, ids, inter, inter_size, h, hidden.stride(0), w13.stride(0),
-            w13.stride(1), se, sn, sk, up_row0, expert_start, num_experts, TOP_K=top_k, SCALES=kind, BLOCK_N=bn,
+            hidden, w13, q13.scale_ptr(w13), q13.zero_ptr(w13), ids, inter, inter_size, h, hidden.stride(0),
+            w13.stride(0), w13.stride(1), q13.stride_se, q13.stride_sn, q13.stride_sk, q13.up_row0, expert_start,
+            num_experts, TOP_K=top_k, SCALES=q13.kind, GROUP=q13.group, HAS_ZEROS=q13.has_zeros, BLOCK_N=bn,
             BLOCK_K=_gemv_block_k(h), num_warps=4, **pdl)
         out = utils.empty_output((num_tokens, h), dtype=hidden.dtype, device=hidden.device)
-        s, se, sn, sk, kind = _scale_args(s2, block)
         _moe_gemv_down_kernel[(num_tokens, triton.cdiv(h, bn))](
-            inter, w2, s if s is not None else w2, ids, weights, out, inter_size, h, w2.stride(0), w2.stride(1),
-            se, sn, sk, expert_start, num_experts, TOP_K=top_k, SCALES=kind, BLOCK_N=bn,
+            inter, w2, q2.scale_ptr(w2), q2.zero_ptr(w2), ids, weights, out, inter_size, h, w2.stride(0),
+            w2.stride(1), q2.stride_se, q2.stride_sn, q2.stride_sk, expert_start, num_experts, TOP_K=top_k,
+            SCALES=q2.kind, GROUP=q2.group, HAS_ZEROS=q2.has_zeros, BLOCK_N=bn,
             BLOCK_K=_gemv_block_k(inter_size), num_warps=4, **pdl)
         return out
     cfg = config.gemm
-    if block and cfg.block_k > FP8_BLOCK:  # a k step must lie within one column of scale blocks
+    if q13.kind == 2 and cfg.block_k > FP8_BLOCK:  # a k step must lie within one column of scale blocks
         cfg = dataclasses.replace(cfg, block_k=FP8_BLOCK)
     sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, num_experts, cfg.block_m, expert_start)
-    _launch_gemm(hidden, w13, s13, block, up_row0, inter, weights, sorted_ids, expert_ids, num_padded, num_pairs,
-                 inter_size, a_row_div=top_k, gate_up=True, cfg=cfg)
+    _launch_gemm(hidden, w13, q13, inter, weights, sorted_ids, expert_ids, num_padded, num_pairs, inter_size,
+                 a_row_div=top_k, gate_up=True, cfg=cfg)
     if total_experts == num_experts:
         scaled = utils.empty_output((num_pairs, h), dtype=hidden.dtype, device=hidden.device)
     else:  # the rows of pairs held elsewhere are never written: they must add zero to the sum below
         scaled = torch.zeros((num_pairs, h), dtype=hidden.dtype, device=hidden.device)
-    _launch_gemm(inter, w2, s2, block, 0, scaled, weights, sorted_ids, expert_ids, num_padded, num_pairs, h,
-                 a_row_div=1, gate_up=False, cfg=cfg)
+    _launch_gemm(inter, w2, q2, scaled, weights, sorted_ids, expert_ids, num_padded, num_pairs, h, a_row_div=1,
+                 gate_up=False, cfg=cfg)
     # (torch sums a bf16 tensor in float32 and rounds once, as the GEMV path does.)
     return scaled.view(num_tokens, top_k, h).sum(dim=1)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from carpool.ops.triton import utils
 from carpool.ops.triton.fp8 import E4M3_MAX, to_e4m3
-from carpool.ops.triton.quant_gemv import FP8_BLOCK, check_int4
+from carpool.ops.triton.quant_gemv import FP8_BLOCK, check_int4, dequantize_int4_tile
 from carpool.ops.triton.utils import pdl_enter
 
 MIN_ACT_AMAX = tl.constexpr(1e-12)  # as ops/torch_ref/quant.py: an all-zero row still gets a finite scale
@@ -260,7 +260,8 @@ def _int4_gemm_kernel(a_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, M, N, K, stride_
     rn64 = rn.to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rw = tl.arange(0, BLOCK_W)
-    shifts = tl.arange(0, 8) * 4
+    s_rows = s_ptr + rn64[:, None] * stride_sn
+    z_rows = z_ptr + rn64[:, None] * stride_zn
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -268,14 +269,7 @@ def _int4_gemm_kernel(a_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, M, N, K, stride_
         w_idx = k0 // 8 + rw
         w_ok = n_ok[:, None] & (w_idx < K // 8)[None, :]
         words = tl.load(w_ptr + rn64[:, None] * stride_wn + w_idx[None, :], mask=w_ok, other=0)  # [BLOCK_N, BLOCK_W]
-        group = (w_idx * 8) // GROUP
-        s = tl.load(s_ptr + rn64[:, None] * stride_sn + group[None, :], mask=w_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + rn64[:, None] * stride_zn + group[None, :], mask=w_ok, other=0.0).to(tl.float32)
-        else:
-            z = tl.full([BLOCK_N, BLOCK_W], 8.0, dtype=tl.float32)
-        q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)
-        w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K)).to(a.dtype)
+        w = dequantize_int4_tile(words, s_rows, z_rows, w_idx, w_ok, GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS).to(a.dtype)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

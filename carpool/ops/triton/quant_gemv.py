@@ -134,6 +134,26 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, st
 
 
 @triton.jit
+def dequantize_int4_tile(words, s_rows, z_rows, w_idx, mask, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K / 8] of carpool's int4 layout (words w_idx of each row) -> weights
+    [BLOCK_N, BLOCK_K] float32, (q - zero) * scale, column 8j + i from nibble i of word j. s_rows / z_rows:
+    [BLOCK_N, 1] pointers to each row's scales / zeros (zero = 8 without zeros); `mask` [BLOCK_N, BLOCK_K / 8]
+    says which words exist. Shared by the int4 GEMV, GEMM and fused MoE kernels."""
+    BLOCK_W: tl.constexpr = BLOCK_K // 8
+    # Every 8-column word lies in one group (GROUP is a multiple of 8): scales and zeros per word.
+    group = (w_idx * 8) // GROUP
+    s = tl.load(s_rows + group[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_rows + group[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = tl.full([BLOCK_N, BLOCK_W], 8.0, dtype=tl.float32)
+    shifts = tl.arange(0, 8) * 4
+    q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)  # [BLOCK_N, BLOCK_W, 8]
+    return tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _int4_tile(acc, words, s_ptr, z_ptr, x_rows, rows64, row_ok, m_ok, k0, K, stride_sn, stride_zn,
                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N, BLOCK_K] += x[:, k0:k0+BLOCK_K] times the tile of int32 words [BLOCK_N,
@@ -141,16 +161,8 @@ def _int4_tile(acc, words, s_ptr, z_ptr, x_rows, rows64, row_ok, m_ok, k0, K, st
     BLOCK_W: tl.constexpr = BLOCK_K // 8
     w_idx = k0 // 8 + tl.arange(0, BLOCK_W)
     w_ok = row_ok[:, None] & (w_idx < K // 8)[None, :]
-    # Every 8-column word lies in one group (GROUP is a multiple of 8): scales and zeros per word.
-    group = (w_idx * 8) // GROUP
-    s = tl.load(s_ptr + rows64[:, None] * stride_sn + group[None, :], mask=w_ok, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + rows64[:, None] * stride_zn + group[None, :], mask=w_ok, other=0.0).to(tl.float32)
-    else:
-        z = tl.full([BLOCK_N, BLOCK_W], 8.0, dtype=tl.float32)
-    shifts = tl.arange(0, 8) * 4
-    q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)  # [BLOCK_N, BLOCK_W, 8]
-    w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))  # column 8j + i = nibble i of word j
+    w = dequantize_int4_tile(words, s_ptr + rows64[:, None] * stride_sn, z_ptr + rows64[:, None] * stride_zn, w_idx,
+                             w_ok, GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS)
     cols = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
     return acc + x[:, None, :] * w[None, :, :]
