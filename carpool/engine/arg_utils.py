@@ -270,15 +270,16 @@ class EngineArgs:
 
 
 def check_moe_quantization(scheme: QuantScheme, model: ModelConfig, tp_size: int, expert_parallel: bool) -> None:
-    """Refuse a quantized mixture-of-experts model carpool cannot run, before anything is built: the
-    routed experts run FP8 only (no 4-bit expert kernels), and block-scaled FP8 experts split along their
-    intermediate dimension must keep whole 128-row blocks on every rank."""
+    """Refuse a quantized mixture-of-experts model carpool cannot run, before anything is built: experts
+    split along their intermediate dimension must keep whole 128-row FP8 blocks, or whole 4-bit groups
+    and packed words, on every rank."""
     assert model.moe is not None
-    if not isinstance(scheme, Fp8Scheme):
-        raise ValueError(f"quantization: {scheme.name} is not supported for mixture-of-experts models "
-                         f"({model.hf_config.get('model_type', model.architecture)}): routed experts run in FP8 "
-                         "or unquantized; serve an FP8 or unquantized checkpoint")
     inter = model.moe.moe_intermediate_size
+    if not isinstance(scheme, Fp8Scheme):
+        from carpool.quantization.moe_methods import check_int4_expert_split
+
+        check_int4_expert_split(scheme, inter, tp_size, expert_parallel)
+        return
     if scheme.weight_strategy == "block" and not expert_parallel and tp_size > 1 and (inter // tp_size) % FP8_BLOCK[0]:
         raise ValueError(f"tensor_parallel_size: the model's moe_intermediate_size={inter} split over "
                          f"tensor_parallel_size={tp_size} ranks leaves {inter // tp_size} rows per rank, which cuts "

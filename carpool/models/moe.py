@@ -9,7 +9,7 @@ and, for Qwen2-MoE, a shared expert scaled by a sigmoid gate. Like every MLP it 
 partial sums, which the decoder layer reduces. Under tensor parallelism the routed experts are split
 along their intermediate dimension, or with expert parallelism (`ModelRuntime.expert_parallel`) divided
 whole among the ranks (layers/moe/experts.py); `expert_layout` states which. Under a quantization
-scheme the routed experts take the runtime's experts method (FP8 stacks with their scales,
+scheme the routed experts take the runtime's experts method (FP8 or 4-bit stacks with their scales,
 quantization/moe_methods.py), the dense projections their linear methods, and the routers none.
 
 What differs between the families is data: the MoEConfig the registry's adapter read from config.json,
@@ -36,9 +36,11 @@ from carpool.models.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
 
-# What an expert projection's checkpoint tensors end in: the weight, and the scales of quantized formats
-# (stacked under the same suffix: `experts.3.up_proj.weight_scale_inv` -> `experts.w13_weight_scale_inv`).
-EXPERT_TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_scale", "input_scale")
+# What an expert projection's checkpoint tensors end in: the weight, and the tensors of quantized formats
+# (stacked under the same suffix: `experts.3.up_proj.weight_scale_inv` -> `experts.w13_weight_scale_inv`):
+# FP8 scales; AWQ / GPTQ qweight, qzeros, scales, g_idx; compressed-tensors pack-quantized.
+EXPERT_TENSOR_SUFFIXES = ("weight", "weight_scale_inv", "weight_scale", "input_scale", "qweight", "qzeros", "scales",
+                          "g_idx", "weight_packed", "weight_zero_point", "weight_shape")
 
 
 class SharedExpert(nn.Module):
@@ -192,7 +194,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         self._expert_name = re.compile(rf"^(model\.layers\.\d+)\.{mlp}\.experts\.(\d+)\.(\w+)\."
                                        rf"({'|'.join(EXPERT_TENSOR_SUFFIXES)})$")
         self._quantized_router = re.compile(rf"\.{mlp}\.(gate|shared_expert_gate)\.(weight_scale|weight_scale_inv|"
-                                            rf"input_scale)$")
+                                            rf"input_scale|qweight|weight_packed)$")
         moe = config.moe
         if moe is not None and runtime.comm.rank == 0:
             total, active = parameter_counts(config, self.qk_norm)

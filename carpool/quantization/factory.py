@@ -11,7 +11,7 @@ from carpool.layers.linear_method import LinearMethod
 from carpool.layers.moe.experts import ExpertsMethod
 from carpool.quantization.config import Fp8Scheme, KVCacheScheme, QuantScheme, is_ignored
 from carpool.quantization.methods import Fp8LinearMethod, Int4WeightOnlyLinearMethod
-from carpool.quantization.moe_methods import Fp8ExpertsMethod
+from carpool.quantization.moe_methods import Fp8ExpertsMethod, Int4ExpertsMethod
 
 FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core products and conversions: Ada and Hopper or newer
 
@@ -49,9 +49,9 @@ def quantized_experts_method(scheme: QuantScheme | None, prefix: str, num_expert
     modules = tuple(f"{prefix}.{e}.{name}" for e in range(num_experts) for name in checkpoint_expert_names)
     if is_ignored(scheme, prefix, modules):
         return None
-    if not isinstance(scheme, Fp8Scheme):  # (refused with the engine config: EngineArgs.create_engine_config)
-        raise ValueError(f"quantization: {scheme.name} routed experts are not supported; carpool runs FP8 experts")
-    return Fp8ExpertsMethod(scheme)
+    if isinstance(scheme, Fp8Scheme):
+        return Fp8ExpertsMethod(scheme)
+    return Int4ExpertsMethod(scheme)
 
 
 def check_device_support(scheme: QuantScheme | None, kv_cache: KVCacheScheme, kernel_backend: str,

@@ -272,53 +272,11 @@ class Int4WeightOnlyLinearMethod(QuantizedLinearMethod):
             raise ValueError(f"quantization: a {self.scheme.name} layer's input size {k} (per rank) must be a multiple "
                              f"of 8 and of the group size {g}")
         fmt = self.scheme.checkpoint_format
-        channel = self.scheme.group_size == CHANNEL_GROUP
-        gs = self.scheme.group_size
-        # Scale-shaped tensors: one entry per group of input columns, or one for all of them (per channel,
-        # the same on every input shard of a row-parallel layer).
-        groups_in = None if channel else 0
-
-        def n_groups(sl: ShardSlice) -> int:
-            return 1 if channel else sl.full_cols // gs
-
-        packed = torch.empty(n, k // PACK, dtype=torch.int32)
-        scales = torch.empty(n, k // g, dtype=dtype)
-        zeros = torch.empty(n, k // g, dtype=dtype)
-        if fmt == "awq":
-            specs = [
-                (CheckpointTensor("qweight", TensorLayout(1, PACK, 0, 1),
-                                  lambda sl: (sl.full_cols, sl.full_rows // PACK),
-                                  lambda t, sl: awq_qweight_to_packed(_int32(t, "qweight"))), packed),
-                (CheckpointTensor("scales", TensorLayout(1, 1, groups_in, gs), lambda sl: (n_groups(sl), sl.full_rows),
-                                  lambda t, sl: t.t().to(dtype)), scales),
-                (CheckpointTensor("qzeros", TensorLayout(1, PACK, groups_in, gs),
-                                  lambda sl: (n_groups(sl), sl.full_rows // PACK),
-                                  lambda t, sl: awq_qzeros_to_zeros(_int32(t, "qzeros"), dtype)), zeros)]
-        elif fmt == "gptq":
-            offset = self.scheme.zero_offset
-            specs = [
-                (CheckpointTensor("qweight", TensorLayout(1, 1, 0, PACK),
-                                  lambda sl: (sl.full_cols // PACK, sl.full_rows),
-                                  lambda t, sl: gptq_qweight_to_packed(_int32(t, "qweight"))), packed),
-                (CheckpointTensor("scales", TensorLayout(1, 1, groups_in, gs), lambda sl: (n_groups(sl), sl.full_rows),
-                                  lambda t, sl: t.t().to(dtype)), scales),
-                (CheckpointTensor("qzeros", TensorLayout(1, PACK, groups_in, gs),
-                                  lambda sl: (n_groups(sl), sl.full_rows // PACK),
-                                  lambda t, sl: gptq_qzeros_to_zeros(_int32(t, "qzeros"), offset, dtype)), zeros)]
-        else:  # compressed-tensors pack-quantized
-            specs = [
-                (CheckpointTensor("weight_packed", TensorLayout(0, 1, 1, PACK),
-                                  lambda sl: (sl.full_rows, sl.full_cols // PACK),
-                                  lambda t, sl: _int32(t, "weight_packed")), packed),
-                (CheckpointTensor("weight_scale", TensorLayout(0, 1, None if channel else 1, gs),
-                                  lambda sl: (sl.full_rows, n_groups(sl)), lambda t, sl: t.to(dtype)), scales)]
-            if not self.scheme.symmetric:
-                specs.append((CheckpointTensor("weight_zero_point", TensorLayout(0, PACK, None if channel else 1, gs),
-                                               lambda sl: (sl.full_rows // PACK, n_groups(sl)),
-                                               lambda t, sl: pack_quantized_zero_point_to_zeros(
-                                                   _int32(t, "weight_zero_point"), dtype)), zeros))
-        for spec, data in specs:
-            self._register_tensor(layer, spec, data)
+        specs = int4_checkpoint_tensors(self.scheme, dtype)
+        data = {"packed": torch.empty(n, k // PACK, dtype=torch.int32), "scales": torch.empty(n, k // g, dtype=dtype),
+                "zeros": torch.empty(n, k // g, dtype=dtype)}
+        for role, spec in specs.items():
+            self._register_tensor(layer, spec, data[role])
         if fmt == "gptq":
             _param(layer, "g_idx", torch.zeros(k, dtype=torch.int32), self._g_idx_loader(layer), required=False)
         if fmt == "pack-quantized":
@@ -329,25 +287,12 @@ class Int4WeightOnlyLinearMethod(QuantizedLinearMethod):
         """GPTQ's group of each input column must be column // group size (desc_act false): anything
         else is an act-order checkpoint whose config says otherwise."""
         def loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-            sl = shard_slice(layer, shard_id)
-            check_shape(loaded, (sl.full_cols,), "g_idx")
-            part = narrow_checkpoint_tensor(loaded, TensorLayout(None, 1, 0, 1), sl, "g_idx").to(torch.int64)
-            g = sl.full_cols if self.scheme.group_size == CHANNEL_GROUP else self.scheme.group_size
-            expected = torch.arange(sl.src_col, sl.src_col + sl.cols) // g
-            if not torch.equal(part.cpu(), expected):
-                raise ValueError("g_idx: groups are not column // group_size; act-order (desc_act) GPTQ "
-                                 "checkpoints are not supported")
-            param.data.copy_(part.to(torch.int32))
+            param.data.copy_(check_g_idx(loaded, shard_slice(layer, shard_id), self.scheme, "g_idx"))
         return loader
 
     def _weight_shape_loader(self, layer: LinearBase) -> Callable[..., None]:
         def loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-            sl = shard_slice(layer, shard_id)
-            shape = read_full(loaded).reshape(-1).tolist()
-            if shape != [sl.full_rows, sl.full_cols]:
-                raise ValueError(f"weight_shape: the checkpoint says {shape}, the model's layer is "
-                                 f"[{sl.full_rows}, {sl.full_cols}]")
-            param.data.copy_(torch.tensor(shape))
+            param.data.copy_(check_weight_shape(loaded, shard_slice(layer, shard_id), "weight_shape"))
         return loader
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
@@ -386,6 +331,77 @@ class Int4WeightOnlyLinearMethod(QuantizedLinearMethod):
         """The layer's logical weight in float32 (tests and reference checkpoints)."""
         packed, scales, zeros = self.weights(layer)
         return ref.dequantize_int4(packed, scales, zeros, self.group_size(layer))
+
+
+def int4_checkpoint_tensors(scheme: Int4Scheme, dtype: torch.dtype) -> dict[str, CheckpointTensor]:
+    """The checkpoint tensors of one 4-bit projection in `scheme`'s format, by the role of what they
+    become in carpool's int4 layout ("packed" [N, K/8] int32, "scales" and "zeros" [N, K/G] in `dtype`),
+    each with its layout and conversion of a rank's part. Shared by dense layers and routed experts (a
+    symmetric compressed-tensors checkpoint has no zeros)."""
+    fmt = scheme.checkpoint_format
+    channel = scheme.group_size == CHANNEL_GROUP
+    gs = scheme.group_size
+    # Scale-shaped tensors: one entry per group of input columns, or one for all of them (per channel,
+    # the same on every input shard of a row-parallel layer).
+    groups_in = None if channel else 0
+
+    def n_groups(sl: ShardSlice) -> int:
+        return 1 if channel else sl.full_cols // gs
+
+    if fmt == "awq":
+        return {
+            "packed": CheckpointTensor("qweight", TensorLayout(1, PACK, 0, 1),
+                                       lambda sl: (sl.full_cols, sl.full_rows // PACK),
+                                       lambda t, sl: awq_qweight_to_packed(_int32(t, "qweight"))),
+            "scales": CheckpointTensor("scales", TensorLayout(1, 1, groups_in, gs),
+                                       lambda sl: (n_groups(sl), sl.full_rows), lambda t, sl: t.t().to(dtype)),
+            "zeros": CheckpointTensor("qzeros", TensorLayout(1, PACK, groups_in, gs),
+                                      lambda sl: (n_groups(sl), sl.full_rows // PACK),
+                                      lambda t, sl: awq_qzeros_to_zeros(_int32(t, "qzeros"), dtype))}
+    if fmt == "gptq":
+        offset = scheme.zero_offset
+        return {
+            "packed": CheckpointTensor("qweight", TensorLayout(1, 1, 0, PACK),
+                                       lambda sl: (sl.full_cols // PACK, sl.full_rows),
+                                       lambda t, sl: gptq_qweight_to_packed(_int32(t, "qweight"))),
+            "scales": CheckpointTensor("scales", TensorLayout(1, 1, groups_in, gs),
+                                       lambda sl: (n_groups(sl), sl.full_rows), lambda t, sl: t.t().to(dtype)),
+            "zeros": CheckpointTensor("qzeros", TensorLayout(1, PACK, groups_in, gs),
+                                      lambda sl: (n_groups(sl), sl.full_rows // PACK),
+                                      lambda t, sl: gptq_qzeros_to_zeros(_int32(t, "qzeros"), offset, dtype))}
+    specs = {  # compressed-tensors pack-quantized
+        "packed": CheckpointTensor("weight_packed", TensorLayout(0, 1, 1, PACK),
+                                   lambda sl: (sl.full_rows, sl.full_cols // PACK),
+                                   lambda t, sl: _int32(t, "weight_packed")),
+        "scales": CheckpointTensor("weight_scale", TensorLayout(0, 1, None if channel else 1, gs),
+                                   lambda sl: (sl.full_rows, n_groups(sl)), lambda t, sl: t.to(dtype))}
+    if not scheme.symmetric:
+        specs["zeros"] = CheckpointTensor("weight_zero_point", TensorLayout(0, PACK, None if channel else 1, gs),
+                                          lambda sl: (sl.full_rows // PACK, n_groups(sl)),
+                                          lambda t, sl: pack_quantized_zero_point_to_zeros(
+                                              _int32(t, "weight_zero_point"), dtype))
+    return specs
+
+
+def check_g_idx(loaded: Any, sl: ShardSlice, scheme: Int4Scheme, what: str) -> torch.Tensor:
+    """GPTQ's g_idx of the rank's input columns, int32. The group of each input column must be column //
+    group size (desc_act false): anything else is an act-order checkpoint whose config says otherwise."""
+    check_shape(loaded, (sl.full_cols,), what)
+    part = narrow_checkpoint_tensor(loaded, TensorLayout(None, 1, 0, 1), sl, what).to(torch.int64)
+    g = sl.full_cols if scheme.group_size == CHANNEL_GROUP else scheme.group_size
+    expected = torch.arange(sl.src_col, sl.src_col + sl.cols) // g
+    if not torch.equal(part.cpu(), expected):
+        raise ValueError(f"{what}: groups are not column // group_size; act-order (desc_act) GPTQ "
+                         "checkpoints are not supported")
+    return part.to(torch.int32)
+
+
+def check_weight_shape(loaded: Any, sl: ShardSlice, what: str) -> torch.Tensor:
+    """compressed-tensors' weight_shape, which must be the whole checkpoint matrix [rows, cols]."""
+    shape = read_full(loaded).reshape(-1).tolist()
+    if shape != [sl.full_rows, sl.full_cols]:
+        raise ValueError(f"{what}: the checkpoint says {shape}, the model's layer is [{sl.full_rows}, {sl.full_cols}]")
+    return torch.tensor(shape)
 
 
 def _int32(t: torch.Tensor, what: str) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from carpool.quantization.formats import quantize_fp8_per_channel
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MIXTRAL_EXPERT_LINEARS = ("w1", "w2", "w3")
 # AutoAWQ's order_map: nibble i of a packed word holds column AWQ_ORDER[i] of its eight.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 INT4_FORMATS = ("awq", "gptq", "gptq-asym", "gptq-v2-asym")
@@ -52,9 +53,12 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 
 def linear_modules(weights: dict[str, torch.Tensor]) -> list[str]:
-    """The module names of the decoder-layer projections in a float checkpoint's tensors."""
-    return sorted(name[:-len(".weight")] for name in weights
-                  if name.endswith(".weight") and name.split(".")[-2] in LINEARS)
+    """The module names of the decoder-layer projections in a float checkpoint's tensors: LINEARS, and
+    Mixtral's expert projections w1 / w2 / w3 (routers, `mlp.gate`, are none of these)."""
+    def projection(name: str) -> bool:
+        parts = name.split(".")
+        return parts[-2] in LINEARS or (parts[-2] in MIXTRAL_EXPERT_LINEARS and "experts" in parts)
+    return sorted(name[:-len(".weight")] for name in weights if name.endswith(".weight") and projection(name))
 
 
 def copy_side_files(src: str, dst: str) -> None:
