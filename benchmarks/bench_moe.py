@@ -5,7 +5,7 @@ transformers' eager loop): hidden 2048, 128 experts, top-8, expert intermediate 
 JSON object.
 
     python benchmarks/bench_moe.py [--out FILE] [--batches 1,64,256] [--quick] [--tensor-parallel-size N]
-                                   [--fp8 block|channel]
+                                   [--fp8 block|channel] [--int4 awq|gptq]
 
 Roofline: a step must read the weights (w13 and w2) of every distinct expert its tokens chose, plus its
 hidden rows in and out, at the copy bandwidth measured in the same run; `ratio` = roofline time / time
@@ -32,6 +32,12 @@ registers) beside the bf16 run (`fp8`): its default path in a CUDA graph, both p
 batches, its roofline ratio (one byte per weight plus the scales), `fp8_over_bf16` (time ratio, < 1 is
 faster; the bytes alone would give ~0.5 at small batches) and the max error against the torch loop on
 the dequantized weights in float32.
+
+With --int4 awq (AutoAWQ's layout as carpool holds it: 4-bit, group 128, bf16 scales and zero points) or
+--int4 gptq (symmetric: no zeros), each batch also times the experts in 4 bits (`int4`, W4A16: the kernels
+unpack and dequantize in registers) the same way: roofline ratio (half a byte per weight plus a scale,
+and a zero, per 128-column group of each row), `int4_over_bf16` (the bytes alone would give ~0.27 at
+small batches) and the max error against the torch loop on the dequantized weights.
 """
 
 from __future__ import annotations
@@ -51,11 +57,12 @@ from common import emit, measure_copy_bandwidth  # noqa: E402
 from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops.torch_ref.moe import fused_moe as torch_loop_moe  # noqa: E402
 from carpool.ops.triton.moe import FusedMoeConfig, GroupedGemmConfig, default_moe_config, fused_moe  # noqa: E402
-from carpool.quantization.moe_methods import quantize_fp8_experts  # noqa: E402
+from carpool.quantization.moe_methods import quantize_fp8_experts, quantize_int4_experts  # noqa: E402
 from carpool.utils import cdiv  # noqa: E402
 
 HIDDEN, NUM_EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
 DTYPE_BYTES = 2
+INT4_GROUP = 128
 ROUTINGS = 16  # routings per timed graph (batch 1: 16 disjoint sets of 8 experts cover all 128)
 PATH_SPLIT_MAX = 16  # batches up to this are also timed with each path forced
 SWEEP = [GroupedGemmConfig(16, 64, 128, 1, 4, 3), GroupedGemmConfig(16, 128, 64, 1, 4, 4),
@@ -89,6 +96,15 @@ def fp8_step_bytes(topk_ids: torch.Tensor, hidden: int, inter: int, block: bool)
     distinct = int(torch.unique(topk_ids).numel())
     return (distinct * 3 * hidden * inter + fp8_scale_bytes(distinct, hidden, inter, block)
             + 2 * topk_ids.shape[0] * hidden * DTYPE_BYTES)
+
+
+def int4_step_bytes(topk_ids: torch.Tensor, hidden: int, inter: int, group: int, zeros: bool) -> int:
+    """step_bytes with half a byte per weight, plus a bf16 scale (and zero) per group of `group` input
+    columns of every row: 2I rows of H / group groups for w13, H rows of I / group for w2."""
+    distinct = int(torch.unique(topk_ids).numel())
+    groups = 2 * inter * (hidden // group) + hidden * (inter // group)
+    per_expert = 3 * hidden * inter // 2 + groups * DTYPE_BYTES * (2 if zeros else 1)
+    return distinct * per_expert + 2 * topk_ids.shape[0] * hidden * DTYPE_BYTES
 
 
 def make_routings(num_tokens: int, count: int, gen: torch.Generator, device: str
@@ -161,12 +177,12 @@ def rank_shares(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, split: tup
     return row
 
 
-def bench_fp8(x: torch.Tensor, fp8: tuple, routings: list[tuple[torch.Tensor, torch.Tensor]], bandwidth: float,
-              bf16_us: float) -> dict:
-    """The FP8 experts' timings beside the bf16 ones of the same batch and routings (see the docstring)."""
-    q13, q2, scales = fp8
+def bench_quantized(x: torch.Tensor, experts: tuple, routings: list[tuple[torch.Tensor, torch.Tensor]],
+                    bandwidth: float, bf16_us: float, nbytes: float, name: str) -> dict:
+    """Quantized experts' timings beside the bf16 ones of the same batch and routings (see the docstring):
+    experts = (w13, w2, scales) as fused_moe takes them, nbytes what a step must read, name the ratio's."""
+    q13, q2, scales = experts
     num_tokens = x.shape[0]
-    nbytes = sum(fp8_step_bytes(ids, HIDDEN, INTER, scales.block) for _, ids in routings) / len(routings)
     roofline = nbytes / bandwidth
 
     def timed(config: FusedMoeConfig) -> dict:
@@ -179,18 +195,34 @@ def bench_fp8(x: torch.Tensor, fp8: tuple, routings: list[tuple[torch.Tensor, to
     expected = torch_loop_moe(x.float(), q13, q2, weights.float(), ids, scales=scales)
     err = (fused_moe(x, q13, q2, weights, ids, scales=scales).float() - expected).abs().max().item()
     fused = timed(default)
-    row = {"scales": "block" if scales.block else "channel", "bytes_mean": int(nbytes),
-           "roofline_us": round(roofline * 1e6, 2), "fused_us": fused["us"], "fused_ratio": fused["ratio"],
-           "fp8_over_bf16": round(fused["us"] / bf16_us, 3), "max_abs_err": err}
+    row = {"bytes_mean": int(nbytes), "roofline_us": round(roofline * 1e6, 2), "fused_us": fused["us"],
+           "fused_ratio": fused["ratio"], f"{name}_over_bf16": round(fused["us"] / bf16_us, 3), "max_abs_err": err}
     if num_tokens <= PATH_SPLIT_MAX:
         row["gemv_path"] = timed(FusedMoeConfig(small_batch_max_tokens=num_tokens, gemm=default.gemm))
         row["grouped_path"] = timed(FusedMoeConfig(small_batch_max_tokens=0, gemm=default.gemm))
     return row
 
 
+def bench_fp8(x: torch.Tensor, fp8: tuple, routings: list[tuple[torch.Tensor, torch.Tensor]], bandwidth: float,
+              bf16_us: float) -> dict:
+    block = fp8[2].block
+    nbytes = sum(fp8_step_bytes(ids, HIDDEN, INTER, block) for _, ids in routings) / len(routings)
+    return {"scales": "block" if block else "channel",
+            **bench_quantized(x, fp8, routings, bandwidth, bf16_us, nbytes, "fp8")}
+
+
+def bench_int4(x: torch.Tensor, int4: tuple, routings: list[tuple[torch.Tensor, torch.Tensor]], bandwidth: float,
+               bf16_us: float) -> dict:
+    zeros = int4[2].w13_zeros is not None
+    nbytes = sum(int4_step_bytes(ids, HIDDEN, INTER, INT4_GROUP, zeros) for _, ids in routings) / len(routings)
+    return {"group_size": INT4_GROUP, "zero_points": zeros,
+            **bench_quantized(x, int4, routings, bandwidth, bf16_us, nbytes, "int4")}
+
+
 def bench_batch(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, weights_fp32: tuple[torch.Tensor, torch.Tensor],
                 bandwidth: float, quick: bool, gen: torch.Generator, tp: int = 1,
-                split: tuple[torch.Tensor, torch.Tensor] | None = None, fp8: tuple | None = None) -> dict:
+                split: tuple[torch.Tensor, torch.Tensor] | None = None, fp8: tuple | None = None,
+                int4: tuple | None = None) -> dict:
     """One batch size: timings, roofline ratios and the max error against the torch loop in float32."""
     x = (torch.randn(num_tokens, HIDDEN, generator=gen) * 0.5).to(torch.bfloat16).cuda()
     routings = make_routings(num_tokens, ROUTINGS, gen, "cuda")
@@ -228,6 +260,8 @@ def bench_batch(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, weights_fp
         row["rank_share"] = rank_shares(x, w13, w2, split, routings, tp, bandwidth)
     if fp8 is not None:
         row["fp8"] = bench_fp8(x, fp8, routings, bandwidth, fused["us"])
+    if int4 is not None:
+        row["int4"] = bench_int4(x, int4, routings, bandwidth, fused["us"])
     progress({k: v for k, v in row.items() if k != "sweep"})
     return row
 
@@ -242,6 +276,8 @@ def main() -> None:
                     help="also time one rank's share under the intermediate split and under expert parallelism")
     ap.add_argument("--fp8", choices=["block", "channel"],
                     help="also time the experts in FP8 (e4m3) with 128x128 block or per-channel scales")
+    ap.add_argument("--int4", choices=["awq", "gptq"],
+                    help="also time the experts in 4 bits, group 128: AWQ (zero points) or symmetric GPTQ")
     args = ap.parse_args()
     tp = args.tensor_parallel_size
     if tp < 1 or NUM_EXPERTS % tp or INTER % tp:
@@ -256,12 +292,14 @@ def main() -> None:
     weights_fp32 = (w13.float(), w2.float())  # the error reference: the torch loop on upcast weights
     split = rank_split_weights(w13, w2, tp) if tp > 1 else None
     fp8 = quantize_fp8_experts(w13, w2, args.fp8 == "block") if args.fp8 else None
-    cases = [bench_batch(int(b), w13, w2, weights_fp32, bandwidth, args.quick, gen, tp, split, fp8)
+    int4 = quantize_int4_experts(w13, w2, INT4_GROUP, symmetric=args.int4 == "gptq") if args.int4 else None
+    cases = [bench_batch(int(b), w13, w2, weights_fp32, bandwidth, args.quick, gen, tp, split, fp8, int4)
              for b in args.batches.split(",")]
     emit({"benchmark": "moe/fused-vs-torch-loop", "device": torch.cuda.get_device_name(),
           "torch": torch.__version__, "triton": triton.__version__, "copy_gb_per_s": round(bandwidth / 1e9, 1),
           "shape": {"hidden": HIDDEN, "experts": NUM_EXPERTS, "top_k": TOP_K, "moe_intermediate": INTER,
-                    "dtype": "bfloat16"}, "tensor_parallel_size": tp, "fp8": args.fp8, "cases": cases}, args.out)
+                    "dtype": "bfloat16"}, "tensor_parallel_size": tp, "fp8": args.fp8, "int4": args.int4,
+          "cases": cases}, args.out)
 
 
 if __name__ == "__main__":
