@@ -113,7 +113,7 @@ if [ "$mode" = features ]; then
   # Each step has its own limit so that one slow or hung step leaves time for the rest (10 minutes a call).
   step timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -x --durations 5 \
     tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py \
-    tests/test_fused_moe_fp8.py tests/test_quant_moe.py
+    tests/test_fused_moe_quantized.py tests/test_quant_moe.py
   step timeout 80 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --out "$out/train.json"
   step timeout 80 python3 benchmarks/bench_quant.py --quick --out "$out/quant.json"
   step timeout 60 python3 benchmarks/bench_moe.py --quick --out "$out/moe.json"

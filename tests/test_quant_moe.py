@@ -1,13 +1,18 @@
-"""FP8 mixture-of-experts checkpoints (CPU, float32): Qwen3-MoE in the Hugging Face fine-grained FP8 format
-(128x128 blocks, `weight_scale_inv`, written by transformers' own quantizer) and in compressed-tensors FP8
-(per-channel `weight_scale`, dynamic per-token activations, written by compressed-tensors' own
-compressor), Qwen2-MoE in compressed-tensors per-tensor FP8 with static activation scales, and
-`--quantization fp8` on a float checkpoint. Greedy tokens equal transformers' on the same model with the
-weights dequantized by the format's reference, with chunked prefill and prefix-cache hits; each
-tensor-parallel rank (split experts or whole experts) holds its slice of the FP8 experts and their scales.
+"""Quantized mixture-of-experts checkpoints (CPU, float32).
 
-The routers stay unquantized (the formats leave them so); the experts are held as e4m3 stacks with their
-scales, never as a model-dtype copy."""
+FP8: Qwen3-MoE in the Hugging Face fine-grained FP8 format (128x128 blocks, `weight_scale_inv`, written by
+transformers' own quantizer) and in compressed-tensors FP8 (per-channel `weight_scale`, dynamic per-token
+activations, written by compressed-tensors' own compressor), Qwen2-MoE in compressed-tensors per-tensor
+FP8 with static activation scales, and `--quantization fp8` on a float checkpoint.
+4-bit: Qwen3-MoE in AutoAWQ's GEMM packing (zero points) and GPTQ v1 symmetric, Mixtral in GPTQ v1
+asymmetric, group 128, written by carpool's packers (quantization/writers.py, which transcribe the tools'
+packing code).
+
+Greedy tokens equal transformers' on the same model with the weights dequantized by the format's
+reference, with chunked prefill and prefix-cache hits; each tensor-parallel rank (split experts or whole
+experts) holds its slice of the quantized experts and their scales, and TP=2 on gloo gives the tokens of
+one rank. The routers stay unquantized (the formats leave them so); the experts are held as e4m3 or
+packed int4 stacks with their scales, never as a model-dtype copy."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from checkpoints import prompts_of_lengths
 from quant_checkpoints import LINEARS, hf_agrees_with_greedy, make_quant_checkpoint
 from safetensors.torch import load_file, save_file
 
-from carpool import LLM, SamplingParams
+from carpool import LLM, EngineArgs, SamplingParams
 from carpool.config import ModelConfig
 from carpool.distributed import Communicator, TPGroup
 from carpool.layers.moe import FusedExperts
@@ -59,19 +64,24 @@ def experts_of(llm: LLM) -> list[FusedExperts]:
     return [m for m in llm.engine.core.executor.runner.model.modules() if isinstance(m, FusedExperts)]
 
 
-@pytest.mark.parametrize("arch,fmt,method,scale", [
-    ("qwen3_moe", "fp8-block", "fp8", "weight_scale_inv"),
-    ("qwen3_moe", "ct-fp8-channel", "compressed-tensors-fp8", "weight_scale"),
-    ("qwen2_moe", "ct-fp8-tensor-static", "compressed-tensors-fp8", "weight_scale"),
+@pytest.mark.parametrize("arch,fmt,method,weight,scale", [
+    ("qwen3_moe", "fp8-block", "fp8", "weight", "weight_scale_inv"),
+    ("qwen3_moe", "ct-fp8-channel", "compressed-tensors-fp8", "weight", "weight_scale"),
+    ("qwen2_moe", "ct-fp8-tensor-static", "compressed-tensors-fp8", "weight", "weight_scale"),
+    ("qwen3_moe", "awq", "awq", "qweight", "scales"),
+    ("qwen3_moe", "gptq", "gptq", "qweight", "scales"),
+    ("mixtral", "gptq-asym", "gptq", "qweight", "scales"),
 ])
-def test_fp8_moe_greedy_tokens_equal_the_dequantized_reference_with_chunking_and_prefix_hits(
-        ckpt, arch: str, fmt: str, method: str, scale: str) -> None:
+def test_quantized_moe_greedy_tokens_equal_the_dequantized_reference_with_chunking_and_prefix_hits(
+        ckpt, arch: str, fmt: str, method: str, weight: str, scale: str) -> None:
     quantized, reference = ckpt(arch, fmt)
     got, llm = generate(quantized)
     assert llm.engine.stats().prefix_cache_hits > 0
     assert llm.engine.core.executor.describe()["quantization"] == method
     experts = experts_of(llm)
-    assert experts and all(e.w13_weight.dtype == e.w2_weight.dtype == FP8_DTYPE for e in experts)
+    stored = FP8_DTYPE if weight == "weight" else torch.int32  # e4m3 values, or 4-bit values packed in int32
+    assert experts and all(getattr(e, f"w13_{weight}").dtype == getattr(e, f"w2_{weight}").dtype == stored
+                           for e in experts)
     assert all(getattr(e, f"w13_{scale}").dtype == torch.float32 for e in experts)
     routers = [m.gate.weight for m in llm.engine.core.executor.runner.model.modules() if hasattr(m, "routing")]
     assert routers and all(w.dtype == torch.float32 for w in routers)
@@ -105,11 +115,12 @@ def _rank_experts(path: str, rank: int, size: int, expert_parallel: bool) -> lis
     return [m for m in model.modules() if isinstance(m, FusedExperts)]
 
 
-@pytest.mark.parametrize("fmt", ["fp8-block", "ct-fp8-channel"])
-def test_each_tensor_parallel_rank_holds_its_slice_of_the_fp8_experts(ckpt, fmt: str) -> None:
+@pytest.mark.parametrize("fmt", ["fp8-block", "ct-fp8-channel", "awq", "gptq-asym"])
+def test_each_tensor_parallel_rank_holds_its_slice_of_the_quantized_experts(ckpt, fmt: str) -> None:
     """Rank r of 2 dequantizes to the reference's experts cut as the rank holds them: every expert's
-    intermediate rows [128 r, 128 r + 128) (gate, up and down's columns, with their scale blocks), or,
-    with expert parallelism, experts 4r..4r+3 whole."""
+    intermediate rows [128 r, 128 r + 128) (gate, up and down's columns, with their scale blocks, or
+    down's one 128-column group and gate's and up's packed zero points), or, with expert parallelism,
+    experts 4r..4r+3 whole."""
     quantized, reference = ckpt("qwen3_moe", fmt)
     whole = _rank_experts(reference, 0, 1, False)
     for expert_parallel in (False, True):
@@ -125,10 +136,12 @@ def test_each_tensor_parallel_rank_holds_its_slice_of_the_fp8_experts(ckpt, fmt:
                 assert torch.equal(w2, ref.w2_weight[experts, :, i:i + inter])
 
 
-def test_split_and_expert_parallel_ranks_give_the_single_rank_tokens(ckpt) -> None:
-    """TP=2 on CPU (gloo), block-scaled FP8 experts split along their intermediate dimension (128 rows and
-    one scale block per rank) or whole per rank (expert parallelism): the tokens of one rank."""
-    quantized, _ = ckpt("qwen3_moe", "fp8-block")
+@pytest.mark.parametrize("fmt", ["fp8-block", "awq"])
+def test_split_and_expert_parallel_ranks_give_the_single_rank_tokens(ckpt, fmt: str) -> None:
+    """TP=2 on CPU (gloo), block-scaled FP8 or AWQ experts split along their intermediate dimension (128
+    rows per rank: one scale block, or one group of down's columns) or whole per rank (expert
+    parallelism): the tokens of one rank."""
+    quantized, _ = ckpt("qwen3_moe", fmt)
     requests = [{"prompt_token_ids": p} for p in prompts()[1:3]]
     runs = []
     for parallel in ({}, {"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}):
@@ -140,18 +153,19 @@ def test_split_and_expert_parallel_ranks_give_the_single_rank_tokens(ckpt) -> No
     assert runs[1] == runs[0] and runs[2] == runs[0]
 
 
-def test_triton_fused_moe_on_fp8_experts_gives_the_torch_tokens(ckpt, monkeypatch) -> None:
-    """The fused Triton MoE reading e4m3 experts inside the engine (interpreter on CPU): 8-token prefill
-    chunks take the grouped GEMM, decode steps of one or two tokens the per-pair GEMVs; the dense FP8
-    projections stay at <= 8 rows, in their GEMV (W8A16, as the torch path). Small experts (32 rows) keep
-    the interpreter's program count down."""
+@pytest.mark.parametrize("fmt,group", [("ct-fp8-channel", 128), ("awq", 32)])
+def test_triton_fused_moe_on_quantized_experts_gives_the_torch_tokens(ckpt, monkeypatch, fmt: str, group: int) -> None:
+    """The fused Triton MoE reading e4m3 or packed int4 experts inside the engine (interpreter on CPU):
+    8-token prefill chunks take the grouped GEMM, decode steps of one or two tokens the per-pair GEMVs;
+    the dense FP8 projections stay at <= 8 rows, in their GEMV (W8A16, as the torch path). Small experts
+    (32 rows; 4-bit: one group of 32) keep the interpreter's program count down."""
     import carpool.ops.triton as tri
 
     sizes: list[int] = []
     real = tri.fused_moe
     monkeypatch.setattr(tri, "fused_moe",
                         lambda hidden, *a, **k: sizes.append(hidden.shape[0]) or real(hidden, *a, **k))
-    quantized, _ = ckpt("qwen3_moe", "ct-fp8-channel", moe_intermediate_size=32, num_hidden_layers=2)
+    quantized, _ = ckpt("qwen3_moe", fmt, group=group, moe_intermediate_size=32, num_hidden_layers=2)
     requests = [{"prompt_token_ids": p} for p in (prompts()[0], prompts()[1][:12])]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3)]
     tokens = {}
@@ -162,32 +176,55 @@ def test_triton_fused_moe_on_fp8_experts_gives_the_torch_tokens(ckpt, monkeypatc
     assert max(sizes) > 4 and min(sizes) == 1  # both paths of the op ran, and a batch-1 step
 
 
-def test_a_quantized_router_is_refused_naming_the_tensor() -> None:
+@pytest.mark.parametrize("expert_tensor,router_tensor", [("weight_scale_inv", "weight_scale"), ("qzeros", "qweight")])
+def test_a_quantized_router_is_refused_naming_the_tensor(expert_tensor: str, router_tensor: str) -> None:
     from checkpoints import config_for
 
     config = ModelConfig.from_hf_config({**config_for("qwen3_moe").to_dict(), "architectures": ["Qwen3MoeForCausalLM"]})
     model = build_model(config, ModelRuntime.plain(), "meta")
-    assert model.checkpoint_name_map("model.layers.0.mlp.experts.3.up_proj.weight_scale_inv") == (
-        "model.layers.0.mlp.experts.w13_weight_scale_inv", ("w3", 3))
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.gate\.weight_scale'.*quantizes a router"):
-        model.checkpoint_name_map("model.layers.0.mlp.gate.weight_scale")
+    assert model.checkpoint_name_map(f"model.layers.0.mlp.experts.3.up_proj.{expert_tensor}") == (
+        f"model.layers.0.mlp.experts.w13_{expert_tensor}", ("w3", 3))
+    with pytest.raises(ValueError, match=rf"'model\.layers\.0\.mlp\.gate\.{router_tensor}'.*quantizes a router"):
+        model.checkpoint_name_map(f"model.layers.0.mlp.gate.{router_tensor}")
 
 
-def test_a_missing_expert_scale_is_refused_naming_the_expert(ckpt, tmp_path) -> None:
+@pytest.mark.parametrize("fmt,tensor", [("fp8-block", "weight_scale_inv"), ("awq", "qzeros")])
+def test_a_missing_expert_scale_is_refused_naming_the_expert(ckpt, tmp_path, fmt: str, tensor: str) -> None:
     from checkpoints import copy_without_weight
 
-    quantized, _ = ckpt("qwen3_moe", "fp8-block")
-    name = "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"
+    quantized, _ = ckpt("qwen3_moe", fmt)
+    name = f"model.layers.2.mlp.experts.5.up_proj.{tensor}"
     path = copy_without_weight(quantized, str(tmp_path / "lacking"), name)
-    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts: .*lacks expert 5's w3 weight_scale_inv"):
+    with pytest.raises(ValueError, match=rf"model\.layers\.2\.mlp\.experts: .*lacks expert 5's w3 {tensor}"):
         LLM(path, device="cpu", dtype="float32")
+
+
+def test_symmetric_gptq_experts_drop_their_stored_zero_points(ckpt) -> None:
+    """GPTQ v1 stores zero - 1 = 7 for symmetric weights; read back as 8 everywhere, the zeros are dropped
+    and the kernels take their zero-free path. Asymmetric experts keep theirs."""
+    sym, _ = ckpt("qwen3_moe", "gptq")
+    asym, _ = ckpt("qwen3_moe", "gptq-asym")
+    assert all(not hasattr(e, "w13_qzeros") and e.method.stacks(e)[2].w13_zeros is None
+               for e in _rank_experts(sym, 0, 1, False))
+    assert all(e.method.stacks(e)[2].w2_zeros is not None for e in _rank_experts(asym, 0, 1, False))
+
+
+def test_a_split_that_cuts_a_4bit_group_is_refused_naming_the_field(ckpt) -> None:
+    """moe_intermediate_size 256 over 4 ranks leaves 64 rows each, half of a 128-column group of the down
+    projections: refused with the engine config, before any process starts; expert parallelism is not."""
+    quantized, _ = ckpt("qwen3_moe", "awq")
+    with pytest.raises(ValueError, match=r"^tensor_parallel_size: .*leaves 64 rows per rank.*group_size=128"):
+        EngineArgs(model=quantized, device="cpu", tensor_parallel_size=4).create_engine_config()
+    config = EngineArgs(model=quantized, device="cpu", tensor_parallel_size=4,
+                        enable_expert_parallel=True).create_engine_config()
+    assert config.parallel.enable_expert_parallel
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fmt,kv", [("fp8-block", "auto"), ("ct-fp8-channel", "fp8")])
-def test_gpu_engine_runs_fp8_moe_checkpoints_in_cuda_graphs(ckpt, fmt: str, kv: str) -> None:
-    """The fused Triton MoE on FP8 experts in the engine (per-pair GEMVs at decode inside CUDA graphs, the
+@pytest.mark.parametrize("fmt,kv", [("fp8-block", "auto"), ("ct-fp8-channel", "fp8"), ("awq", "auto")])
+def test_gpu_engine_runs_quantized_moe_checkpoints_in_cuda_graphs(ckpt, fmt: str, kv: str) -> None:
+    """The fused Triton MoE on FP8 or int4 experts in the engine (per-pair GEMVs at decode inside CUDA graphs, the
     grouped GEMM for prefill) in bf16: the first greedy token of each prompt agrees with the dequantized
     reference run by the same engine in bf16 (later tokens may part on rounding)."""
     quantized, reference = ckpt("qwen3_moe", fmt)
