@@ -17,21 +17,13 @@ import os
 
 import pytest
 import torch
+from triton_cases import DEVICE, gpu, poison_outputs
 
-pytest.importorskip("triton")
-
-from carpool.layers.moe import Routing  # noqa: E402
-from carpool.ops.torch_ref import moe as ref  # noqa: E402
-from carpool.ops.torch_ref.moe import ExpertScales, Int4ExpertScales, QuantizedExperts  # noqa: E402
-from carpool.ops.triton import moe as fm  # noqa: E402
-from carpool.ops.triton import utils  # noqa: E402
-from carpool.quantization.moe_methods import quantize_fp8_experts, quantize_int4_experts  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
-gpu = pytest.mark.gpu
+from carpool.layers.moe import Routing
+from carpool.ops.torch_ref import moe as ref
+from carpool.ops.torch_ref.moe import ExpertScales, Int4ExpertScales, QuantizedExperts
+from carpool.ops.triton import moe as fm
+from carpool.quantization.moe_methods import quantize_fp8_experts, quantize_int4_experts
 
 HIDDEN, INTER = 160, 144
 INT4_GROUP = 16
@@ -45,9 +37,7 @@ KINDS = ["fp8-block", "fp8-channel", "int4", "int4-sym"]
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(utils, "empty_output", poisoned)
+    poison_outputs(monkeypatch)
 
 
 def quantize(w13: torch.Tensor, w2: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, QuantizedExperts]:
