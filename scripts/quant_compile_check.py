@@ -1,8 +1,8 @@
 """Compile the quantization kernels (ops/triton/quant_*.py, fp8.py, the attention kernels over an FP8 KV
 cache) for an H100/H200 (sm_90) on a machine
 with no GPU, with scripts/triton_compile_check.py's interception of each launch, on the Llama-3-8B
-shapes, and the fused MoE on FP8 experts (block and channel scales) at the Qwen3-30B-A3B expert shape;
-report registers and spills. Prints one JSON object.
+shapes, and the fused MoE on FP8 experts (block and channel scales) and 4-bit experts (group 128, with and
+without zeros) at the Qwen3-30B-A3B expert shape; report registers and spills. Prints one JSON object.
 
     python scripts/quant_compile_check.py
 """
@@ -75,18 +75,22 @@ def call_quant_ops() -> None:
     assert isinstance(meta, AttentionMetadata)
 
 
-def call_fp8_moe_ops() -> None:
-    from carpool.ops.torch_ref.moe import ExpertScales
+def call_quantized_moe_ops() -> None:
+    from carpool.ops.torch_ref.moe import ExpertScales, Int4ExpertScales
     from carpool.ops.triton import moe
 
-    e, h, i, k = 128, 2048, 768, 8
+    e, h, i, k, g = 128, 2048, 768, 8, 128
     w13, w2 = torch.zeros(e, 2 * i, h, dtype=torch.float8_e4m3fn), torch.zeros(e, h, i, dtype=torch.float8_e4m3fn)
+    p13, p2 = torch.zeros(e, 2 * i, h // 8, dtype=torch.int32), torch.zeros(e, h, i // 8, dtype=torch.int32)
+    s13, s2 = torch.zeros(e, 2 * i, h // g, dtype=torch.bfloat16), torch.zeros(e, h, i // g, dtype=torch.bfloat16)
     bh, bi = triton.cdiv(h, 128), triton.cdiv(i, 128)
-    for scales in (ExpertScales(torch.ones(e, 2 * bi, bh), torch.ones(e, bh, bi), True),
-                   ExpertScales(torch.ones(e, 2 * i), torch.ones(e, h), False)):
+    for weights, scales in (((w13, w2), ExpertScales(torch.ones(e, 2 * bi, bh), torch.ones(e, bh, bi), True)),
+                            ((w13, w2), ExpertScales(torch.ones(e, 2 * i), torch.ones(e, h), False)),
+                            ((p13, p2), Int4ExpertScales(s13, s2, s13.clone(), s2.clone())),
+                            ((p13, p2), Int4ExpertScales(s13, s2))):
         for t in (1, 4, 64, 512, 4096):  # the GEMV path, then each grouped-GEMM tile of default_gemm_config
             x = torch.zeros(t, h, dtype=torch.bfloat16)
-            moe.fused_moe(x, w13, w2, torch.zeros(t, k, dtype=torch.bfloat16), torch.zeros(t, k, dtype=torch.int64),
+            moe.fused_moe(x, *weights, torch.zeros(t, k, dtype=torch.bfloat16), torch.zeros(t, k, dtype=torch.int64),
                           scales=scales)
 
 
@@ -98,7 +102,7 @@ def main() -> None:
 
     utils.set_pdl(True)
     call_quant_ops()
-    call_fp8_moe_ops()
+    call_quantized_moe_ops()
     rows = list(compiled.values())
     print(json.dumps(dict(target="sm_90", triton=triton.__version__,
                           spilling=[r for r in rows if r["stack_bytes"] > 0], kernels=rows), indent=1))

@@ -117,6 +117,10 @@ def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> FusedMo
 
 # ---- sorting the pairs by expert ---------------------------------------------------------------------
 
+# int4 grouped GEMM: each k step unpacks a [BLOCK_N, BLOCK_K] weight tile in registers; 128-column steps
+# take 220-255 registers for sm_90 at 4 warps (scripts/quant_compile_check.py), 64-column ones fewer
+# (as quant_gemm's int4 default). Unmeasured: benchmarks/bench_moe.py --int4 times the default tiles.
+INT4_MAX_BLOCK_K = 64
 FP8_BLOCK_C = tl.constexpr(FP8_BLOCK)  # (for the kernels: globals they read must be constexpr)
 
 ALIGN_MAX_PROGRAMS = 64  # programs of the counting and scattering kernels (their [P, E] table is one tile)
@@ -574,6 +578,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     cfg = config.gemm
     if q13.kind == 2 and cfg.block_k > FP8_BLOCK:  # a k step must lie within one column of scale blocks
         cfg = dataclasses.replace(cfg, block_k=FP8_BLOCK)
+    if q13.kind == 3 and cfg.block_k > INT4_MAX_BLOCK_K:
+        cfg = dataclasses.replace(cfg, block_k=INT4_MAX_BLOCK_K)
     sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, num_experts, cfg.block_m, expert_start)
     _launch_gemm(hidden, w13, q13, inter, weights, sorted_ids, expert_ids, num_padded, num_pairs, inter_size,
                  a_row_div=top_k, gate_up=True, cfg=cfg)
