@@ -155,18 +155,24 @@ def _write_compressed_tensors_per_tensor(src: str, dst: str, fmt: str, group: in
         if not hasattr(m, "quantization_scheme"):
             continue
         w, args = m.weight.data, m.quantization_scheme.weights
-        if args.strategy == "channel":
+        if args.strategy == "group":
+            w = w.unflatten(-1, (-1, args.group_size))
+            lo, hi = w.amin(-1), w.amax(-1)
+        elif args.strategy == "channel":
             lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         else:
             lo, hi = w.amin(), w.amax()
-        scale, _ = calculate_qparams(lo, hi, args)
+        scale, zero = calculate_qparams(lo, hi, args)
         m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+        if hasattr(m, "weight_zero_point"):
+            m.weight_zero_point.data.copy_(zero.reshape(m.weight_zero_point.shape))
         if hasattr(m, "input_scale"):
             m.input_scale.data.fill_(0.01 + 0.02 * torch.rand((), generator=gen).item())
     compressor = ModelCompressor.from_pretrained_model(container, ct_format)
     compressor.compress_model(container)
     for name, t in container.state_dict().items():
-        if name.rsplit(".", 1)[0] in modules and not name.endswith("zero_point"):
+        # (FP8's all-zero zero points are not checkpoint tensors; 4-bit ones, packed, are)
+        if name.rsplit(".", 1)[0] in modules and not (name.endswith("zero_point") and t.dtype != torch.int32):
             weights[name] = t.contiguous()
     copy_side_files(src, dst)
     save_file(weights, os.path.join(dst, "model.safetensors"))

@@ -6,7 +6,8 @@ activations, written by compressed-tensors' own compressor), Qwen2-MoE in compre
 FP8 with static activation scales, and `--quantization fp8` on a float checkpoint.
 4-bit: Qwen3-MoE in AutoAWQ's GEMM packing (zero points) and GPTQ v1 symmetric, Mixtral in GPTQ v1
 asymmetric, group 128, written by carpool's packers (quantization/writers.py, which transcribe the tools'
-packing code).
+packing code), and Qwen3-MoE in compressed-tensors pack-quantized (with and without zero points, written
+by compressed-tensors' own compressor).
 
 Greedy tokens equal transformers' on the same model with the weights dequantized by the format's
 reference, with chunked prefill and prefix-cache hits; each tensor-parallel rank (split experts or whole
@@ -71,6 +72,7 @@ def experts_of(llm: LLM) -> list[FusedExperts]:
     ("qwen3_moe", "awq", "awq", "qweight", "scales"),
     ("qwen3_moe", "gptq", "gptq", "qweight", "scales"),
     ("mixtral", "gptq-asym", "gptq", "qweight", "scales"),
+    ("qwen3_moe", "ct-w4a16", "compressed-tensors-w4a16", "weight_packed", "weight_scale"),
 ])
 def test_quantized_moe_greedy_tokens_equal_the_dequantized_reference_with_chunking_and_prefix_hits(
         ckpt, arch: str, fmt: str, method: str, weight: str, scale: str) -> None:
@@ -115,7 +117,7 @@ def _rank_experts(path: str, rank: int, size: int, expert_parallel: bool) -> lis
     return [m for m in model.modules() if isinstance(m, FusedExperts)]
 
 
-@pytest.mark.parametrize("fmt", ["fp8-block", "ct-fp8-channel", "awq", "gptq-asym"])
+@pytest.mark.parametrize("fmt", ["fp8-block", "ct-fp8-channel", "awq", "gptq-asym", "ct-w4a16-sym"])
 def test_each_tensor_parallel_rank_holds_its_slice_of_the_quantized_experts(ckpt, fmt: str) -> None:
     """Rank r of 2 dequantizes to the reference's experts cut as the rank holds them: every expert's
     intermediate rows [128 r, 128 r + 128) (gate, up and down's columns, with their scale blocks, or
