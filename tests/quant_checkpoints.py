@@ -12,7 +12,8 @@
 `write_dequantized_reference(quantized, dst)` writes the same model with every quantized weight
 dequantized by the format's reference (compressed-tensors' decompressors, transformers' FP8
 dequantization, AutoAWQ's / AutoGPTQ's dequantization as quantization/formats.py transcribes them): a
-plain float32 checkpoint that transformers runs as the exactness oracle.
+plain float32 checkpoint that transformers runs as the exactness oracle;
+`write_online_fp8_reference(src, dst)` the same for `--quantization fp8` on a float checkpoint.
 """
 
 from __future__ import annotations
@@ -271,6 +272,22 @@ def write_dequantized_reference(quantized: str, dst: str) -> str:
     copy_side_files(quantized, dst)
     save_file(out, os.path.join(dst, "model.safetensors"))
     set_quantization_config(dst, None)
+    return dst
+
+
+def write_online_fp8_reference(src: str, dst: str) -> str:
+    """The float checkpoint at `src` as `--quantization fp8` runs it: every projection (LINEARS, each
+    expert's included; routers and embeddings not) replaced by its weight rounded to e4m3 with a
+    per-output-channel scale (max |row| / 448), dequantized back to float."""
+    from carpool.quantization.formats import quantize_fp8_per_channel
+
+    shutil.copytree(src, dst)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    for name, w in weights.items():
+        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+            q, scale = quantize_fp8_per_channel(w)
+            weights[name] = q.float() * scale[:, None]
+    save_file(weights, os.path.join(dst, "model.safetensors"))
     return dst
 
 
