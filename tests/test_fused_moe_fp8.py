@@ -16,19 +16,13 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from triton_cases import DEVICE, gpu, poison_outputs, qwen3_moe_step  # noqa: E402
 
 from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops.torch_ref import moe as ref  # noqa: E402
 from carpool.ops.torch_ref.moe import ExpertScales  # noqa: E402
 from carpool.ops.triton import moe as fm  # noqa: E402
-from carpool.ops.triton import utils  # noqa: E402
 from carpool.quantization.moe_methods import quantize_fp8_experts  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
-gpu = pytest.mark.gpu
 
 HIDDEN, INTER = 160, 144
 # 64-wide k steps (two per 128-column scale block) and 64-column tiles that straddle the row blocks
@@ -41,9 +35,7 @@ KINDS = [pytest.param(True, id="block"), pytest.param(False, id="channel")]
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(utils, "empty_output", poisoned)
+    poison_outputs(monkeypatch)
 
 
 def fp8_experts(num_experts: int, block: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, ExpertScales]:
@@ -152,23 +144,19 @@ def test_moe_benchmark_counts_one_byte_per_fp8_weight_and_the_scales() -> None:
 
 # ---- GPU: bf16 activations, the Qwen3-30B-A3B expert shape, CUDA graphs ----------------------------------
 
-def qwen3_fp8_experts(block: bool, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, ExpertScales]:
-    """128 experts of hidden 2048 and intermediate 768 on the GPU, quantized per projection as a checkpoint
-    is (Qwen3-30B-A3B-FP8: 128x128 blocks; llm-compressor FP8_DYNAMIC: per channel)."""
-    e, h, i = 128, 2048, 768
-    w13 = torch.randn(e, 2 * i, h, generator=gen, device="cuda") / h ** 0.5
-    w2 = torch.randn(e, h, i, generator=gen, device="cuda") / i ** 0.5
-    return quantize_fp8_experts(w13, w2, block)
+def qwen3_fp8_step(num_tokens: int, block: bool, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, ExpertScales, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """triton_cases.qwen3_moe_step with the experts quantized per projection as a checkpoint is
+    (Qwen3-30B-A3B-FP8: 128x128 blocks; llm-compressor FP8_DYNAMIC: per channel)."""
+    w13, w2, hidden, weights, ids = qwen3_moe_step(num_tokens, seed)
+    return *quantize_fp8_experts(w13, w2, block), hidden, weights, ids
 
 
 @gpu
 @pytest.mark.parametrize("block", KINDS)
 @pytest.mark.parametrize("num_tokens", [1, 3, 64, 256, 1000])
 def test_gpu_bf16_fp8_qwen3_moe_shape_matches_reference(num_tokens: int, block: bool) -> None:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w13, w2, scales = qwen3_fp8_experts(block, gen)
-    hidden = torch.randn(num_tokens, 2048, generator=gen, device="cuda").bfloat16()
-    weights, ids = Routing.qwen_moe(128, 8, True).select(torch.randn(num_tokens, 128, generator=gen, device="cuda"))
+    w13, w2, scales, hidden, weights, ids = qwen3_fp8_step(num_tokens, block, seed=0)
     expected = ref.fused_moe(hidden.float(), w13, w2, weights, ids, scales=scales)
     out = fm.fused_moe(hidden, w13, w2, weights.bfloat16(), ids, scales=scales)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
@@ -179,10 +167,7 @@ def test_gpu_bf16_fp8_qwen3_moe_shape_matches_reference(num_tokens: int, block: 
 def test_gpu_fp8_expert_parallel_shards_replayed_in_graphs_sum_to_the_whole(num_tokens: int) -> None:
     """Two ranks' shards of FP8 block-scaled experts (64 whole experts each, with their scales), each op
     captured in a CUDA graph: each matches its shard's float32 reference, and they add up to the whole."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    w13, w2, scales = qwen3_fp8_experts(True, gen)
-    hidden = torch.randn(num_tokens, 2048, generator=gen, device="cuda").bfloat16()
-    weights, ids = Routing.qwen_moe(128, 8, True).select(torch.randn(num_tokens, 128, generator=gen, device="cuda"))
+    w13, w2, scales, hidden, weights, ids = qwen3_fp8_step(num_tokens, True, seed=1)
     shards = []
     for start in (0, 64):
         local = (w13[start:start + 64], w2[start:start + 64])
