@@ -38,7 +38,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,13 +47,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import LLAMA_1B, TINY, _free_port, _sync  # noqa: E402
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=8192,
-                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, vocab_size=512, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-            tie_word_embeddings=True)
 TARGET_EFFICIENCY = 0.925  # of N x one GPU's tokens/s (1.85 on two GPUs)
 # NVLink multicast stays off in every process this starts (mandatory on the shared hosts).
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -145,13 +139,6 @@ def phrase_tokens(num_tokens: int, vocab_size: int, seed: int = 0, num_phrases: 
 # One rank of one run (started by the launcher below with --worker SPEC.json)
 
 
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_worker(spec_path: str) -> None:
     """Train spec["steps"] steps (losses and seconds of each), then spec["profile_steps"] more, profiled
     on rank 0 when spec["trace"] is set; writes this rank's result JSON."""
@@ -220,12 +207,6 @@ def _profile(trainer: Any, steps: int, trace: str | None) -> dict[str, Any] | No
 
 # ---------------------------------------------------------------------------------------------------------
 # The launcher
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, spec: dict[str, Any], workdir: str, name: str, timeout_s: float) -> list[dict[str, Any]]:

@@ -113,17 +113,18 @@ def check_data_matches_model(model: str, data: str) -> None:
                          "sha256 differs)")
 
 
-def token_chunks(data: str, num_sequences: int, seq_len: int) -> list[list[int]]:
+def token_chunks(data: str, num_sequences: int, seq_len: int, field: str = "sequences") -> list[list[int]]:
     """The first `num_sequences` whole chunks of `seq_len + 1` tokens of the token file at `data`: the
-    inputs and labels of the chunks `carpool eval` scores first (PackedSequences.chunk)."""
+    inputs and labels of the chunks `carpool eval` scores first (PackedSequences.chunk). `field`: the
+    option that asked for num_sequences (errors start with it)."""
     if num_sequences < 1:
-        raise ValueError(f"sequences: must be >= 1, got {num_sequences}")
+        raise ValueError(f"{field}: must be >= 1, got {num_sequences}")
     if seq_len < 1:
         raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
     tokens, _ = open_tokens(data)
     whole = len(tokens) // (seq_len + 1)
     if whole < num_sequences:
-        raise ValueError(f"sequences: {data} holds {whole} whole chunks of {seq_len + 1} tokens, "
+        raise ValueError(f"{field}: {data} holds {whole} whole chunks of {seq_len + 1} tokens, "
                          f"{num_sequences} asked")
     chunks = np.asarray(tokens[:num_sequences * (seq_len + 1)], dtype=np.int64).reshape(num_sequences, seq_len + 1)
     return chunks.tolist()
@@ -218,7 +219,8 @@ def run_quality(model: str, data: str, device: str, num_sequences: int, seq_len:
     for tokens in (data, calibration) if calibration is not None else (data,):
         check_data_matches_model(model, tokens)
     sequences = token_chunks(data, num_sequences, seq_len)
-    calib = token_chunks(calibration, calibration_sequences, seq_len) if calibrated and calibration else None
+    calib = (token_chunks(calibration, calibration_sequences, seq_len, "calibration_sequences")
+             if calibrated and calibration else None)
     # Every sequence is one prompt of L + 1 tokens and one sampled token; the KV cache holds them all at
     # once (the capacity changes no value, and a CPU engine allocates its default budget slowly).
     engine_kwargs = {"device": device, "dtype": dtype, "enforce_eager": True, "max_model_len": seq_len + 2,

@@ -12,7 +12,8 @@
 `write_dequantized_reference(quantized, dst)` writes the same model with every quantized weight
 dequantized by the format's reference (compressed-tensors' decompressors, transformers' FP8
 dequantization, AutoAWQ's / AutoGPTQ's dequantization as quantization/formats.py transcribes them): a
-plain float32 checkpoint that transformers runs as the exactness oracle.
+plain float32 checkpoint that transformers runs as the exactness oracle;
+`write_online_fp8_reference(src, dst)` the same for `--quantization fp8` on a float checkpoint.
 """
 
 from __future__ import annotations
@@ -79,16 +80,11 @@ def _ct_scheme(fmt: str, group: int):
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts), "float-quantized"
 
 
-def _write_compressed_tensors(src: str, dst: str, fmt: str, group: int) -> None:
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+def _set_min_max_qparams(model: torch.nn.Module) -> None:
+    """Each quantized module's weight scale (and zero point) from its weight's min / max per group,
+    channel or tensor, and static activation scales as a calibration would set them (seeded)."""
     from compressed_tensors.quantization.utils import calculate_qparams
-    from transformers import AutoModelForCausalLM
 
-    scheme, ct_format = _ct_scheme(fmt, group)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]),
-                              show_progress=False)
     gen = torch.Generator().manual_seed(1)
     for _, m in model.named_modules():
         if not hasattr(m, "quantization_scheme"):
@@ -106,8 +102,20 @@ def _write_compressed_tensors(src: str, dst: str, fmt: str, group: int) -> None:
         m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
         if hasattr(m, "weight_zero_point"):
             m.weight_zero_point.data.copy_(zero.reshape(m.weight_zero_point.shape))
-        if hasattr(m, "input_scale"):  # a static activation scale, as a calibration would set it
+        if hasattr(m, "input_scale"):
             m.input_scale.data.fill_(0.01 + 0.02 * torch.rand((), generator=gen).item())
+
+
+def _write_compressed_tensors(src: str, dst: str, fmt: str, group: int) -> None:
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from transformers import AutoModelForCausalLM
+
+    scheme, ct_format = _ct_scheme(fmt, group)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]),
+                              show_progress=False)
+    _set_min_max_qparams(model)
     compressor = ModelCompressor.from_pretrained_model(model, ct_format)
     compressor.compress_model(model)
     model.save_pretrained(dst)
@@ -128,11 +136,10 @@ def _write_compressed_tensors_per_tensor(src: str, dst: str, fmt: str, group: in
     """compressed-tensors with its own tooling on a checkpoint whose linear weights are not all nn.Linear
     modules of the transformers model (mixture-of-experts stacks): each weight of the safetensors file
     becomes an nn.Linear of the same name in a container module, which is quantized (qparams from its own
-    min/max, as `_write_compressed_tensors`), compressed by ModelCompressor and written back under the
+    min/max: `_set_min_max_qparams`), compressed by ModelCompressor and written back under the
     checkpoint's names. llm-compressor does the same by unfusing the experts into Linear modules."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
-    from compressed_tensors.quantization.utils import calculate_qparams
 
     scheme, ct_format = _ct_scheme(fmt, group)
     weights = load_file(os.path.join(src, "model.safetensors"))
@@ -150,24 +157,7 @@ def _write_compressed_tensors_per_tensor(src: str, dst: str, fmt: str, group: in
             parent = getattr(parent, part)
         parent.add_module(last, linear)
     apply_quantization_config(container, QuantizationConfig(config_groups={"group_0": scheme}), show_progress=False)
-    gen = torch.Generator().manual_seed(1)
-    for _, m in container.named_modules():
-        if not hasattr(m, "quantization_scheme"):
-            continue
-        w, args = m.weight.data, m.quantization_scheme.weights
-        if args.strategy == "group":
-            w = w.unflatten(-1, (-1, args.group_size))
-            lo, hi = w.amin(-1), w.amax(-1)
-        elif args.strategy == "channel":
-            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        else:
-            lo, hi = w.amin(), w.amax()
-        scale, zero = calculate_qparams(lo, hi, args)
-        m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
-        if hasattr(m, "weight_zero_point"):
-            m.weight_zero_point.data.copy_(zero.reshape(m.weight_zero_point.shape))
-        if hasattr(m, "input_scale"):
-            m.input_scale.data.fill_(0.01 + 0.02 * torch.rand((), generator=gen).item())
+    _set_min_max_qparams(container)
     compressor = ModelCompressor.from_pretrained_model(container, ct_format)
     compressor.compress_model(container)
     for name, t in container.state_dict().items():
@@ -277,6 +267,22 @@ def write_dequantized_reference(quantized: str, dst: str) -> str:
     copy_side_files(quantized, dst)
     save_file(out, os.path.join(dst, "model.safetensors"))
     set_quantization_config(dst, None)
+    return dst
+
+
+def write_online_fp8_reference(src: str, dst: str) -> str:
+    """The float checkpoint at `src` as `--quantization fp8` runs it: every projection (LINEARS, each
+    expert's included; routers and embeddings not) replaced by its weight rounded to e4m3 with a
+    per-output-channel scale (max |row| / 448), dequantized back to float."""
+    from carpool.quantization.formats import quantize_fp8_per_channel
+
+    shutil.copytree(src, dst)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    for name, w in weights.items():
+        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+            q, scale = quantize_fp8_per_channel(w)
+            weights[name] = q.float() * scale[:, None]
+    save_file(weights, os.path.join(dst, "model.safetensors"))
     return dst
 
 

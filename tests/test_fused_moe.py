@@ -14,17 +14,11 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from triton_cases import DEVICE, gpu, poison_outputs, qwen3_moe_step  # noqa: E402
 
 from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops.torch_ref import moe as ref  # noqa: E402
 from carpool.ops.triton import moe as fm  # noqa: E402
-from carpool.ops.triton import utils  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
-gpu = pytest.mark.gpu
 
 HIDDEN, INTER = 48, 24  # neither a multiple of the 16-wide tiles, each spanning several
 GROUPED = fm.FusedMoeConfig(small_batch_max_tokens=0,
@@ -35,9 +29,7 @@ PATHS = [pytest.param(GROUPED, id="grouped"), pytest.param(GEMV, id="gemv")]
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(utils, "empty_output", poisoned)
+    poison_outputs(monkeypatch)
 
 
 def experts(num_experts: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,12 +211,8 @@ def test_grouped_gemm_config_rejects_tiles_tl_dot_cannot_take() -> None:
 @gpu
 @pytest.mark.parametrize("num_tokens", [1, 3, 64, 256, 1000])
 def test_gpu_bf16_qwen3_moe_shape_matches_reference(num_tokens: int) -> None:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    e, h, i, k = 128, 2048, 768, 8
-    w13 = (torch.randn(e, 2 * i, h, generator=gen, device="cuda") / h ** 0.5).bfloat16()
-    w2 = (torch.randn(e, h, i, generator=gen, device="cuda") / i ** 0.5).bfloat16()
-    hidden = torch.randn(num_tokens, h, generator=gen, device="cuda").bfloat16()
-    weights, ids = Routing.qwen_moe(e, k, True).select(torch.randn(num_tokens, e, generator=gen, device="cuda"))
+    w13, w2, hidden, weights, ids = qwen3_moe_step(num_tokens, seed=0)
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
     expected = ref.fused_moe(hidden.float(), w13.float(), w2.float(), weights, ids)
     out = fm.fused_moe(hidden, w13, w2, weights.bfloat16(), ids)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
@@ -256,12 +244,8 @@ def test_gpu_expert_parallel_shards_replayed_in_graphs_sum_to_the_whole(num_toke
     """The Qwen3-30B-A3B expert shape over two ranks' shards (64 whole experts each), bf16, each shard's
     op captured in a CUDA graph: each matches the float32 reference of its shard, and the two add up to
     the reference of all 128 experts."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    e, h, i, k = 128, 2048, 768, 8
-    w13 = (torch.randn(e, 2 * i, h, generator=gen, device="cuda") / h ** 0.5).bfloat16()
-    w2 = (torch.randn(e, h, i, generator=gen, device="cuda") / i ** 0.5).bfloat16()
-    hidden = torch.randn(num_tokens, h, generator=gen, device="cuda").bfloat16()
-    weights, ids = Routing.qwen_moe(e, k, True).select(torch.randn(num_tokens, e, generator=gen, device="cuda"))
+    w13, w2, hidden, weights, ids = qwen3_moe_step(num_tokens, seed=1)
+    w13, w2, e = w13.bfloat16(), w2.bfloat16(), w13.shape[0]
     shards = []
     for start in (0, e // 2):
         local = (w13[start:start + e // 2], w2[start:start + e // 2])

@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from triton_cases import DEVICE, gpu, poison_outputs
+from triton_cases import DEVICE, gpu, poison_outputs, qwen3_moe_step
 
 from carpool.layers.moe import Routing
 from carpool.ops.torch_ref import moe as ref
@@ -202,26 +202,21 @@ def test_moe_benchmark_counts_half_a_byte_per_int4_weight_and_the_group_scales()
 
 # ---- GPU: bf16 activations, the Qwen3-30B-A3B expert shape, CUDA graphs ----------------------------------
 
-def qwen3_experts(kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, QuantizedExperts]:
-    """128 experts of hidden 2048 and intermediate 768 on the GPU, quantized per projection as a checkpoint
-    is (Qwen3-30B-A3B-FP8: 128x128 blocks; llm-compressor FP8_DYNAMIC: per channel; AWQ: 4 bits, group
-    128, zero points, bf16 scales)."""
-    e, h, i = 128, 2048, 768
-    w13 = torch.randn(e, 2 * i, h, generator=gen, device="cuda") / h ** 0.5
-    w2 = torch.randn(e, h, i, generator=gen, device="cuda") / i ** 0.5
+def qwen3_quantized_step(num_tokens: int, kind: str, seed: int) -> tuple[torch.Tensor, ...]:
+    """(w13, w2, scales, hidden, topk_weights, topk_ids): triton_cases.qwen3_moe_step with the experts
+    quantized per projection as a checkpoint is (Qwen3-30B-A3B-FP8: 128x128 blocks; llm-compressor
+    FP8_DYNAMIC: per channel; AWQ: 4 bits, group 128, zero points, bf16 scales)."""
+    w13, w2, hidden, weights, ids = qwen3_moe_step(num_tokens, seed)
     if kind.startswith("fp8"):
-        return quantize_fp8_experts(w13, w2, kind == "fp8-block")
-    return quantize_int4_experts(w13.bfloat16(), w2.bfloat16(), 128, symmetric=False)
+        return *quantize_fp8_experts(w13, w2, kind == "fp8-block"), hidden, weights, ids
+    return *quantize_int4_experts(w13.bfloat16(), w2.bfloat16(), 128, symmetric=False), hidden, weights, ids
 
 
 @gpu
 @pytest.mark.parametrize("kind", ["fp8-block", "fp8-channel", "int4"])
 @pytest.mark.parametrize("num_tokens", [1, 3, 64, 256, 1000])
 def test_gpu_bf16_quantized_qwen3_moe_shape_matches_reference(num_tokens: int, kind: str) -> None:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w13, w2, scales = qwen3_experts(kind, gen)
-    hidden = torch.randn(num_tokens, 2048, generator=gen, device="cuda").bfloat16()
-    weights, ids = Routing.qwen_moe(128, 8, True).select(torch.randn(num_tokens, 128, generator=gen, device="cuda"))
+    w13, w2, scales, hidden, weights, ids = qwen3_quantized_step(num_tokens, kind, seed=0)
     expected = ref.fused_moe(hidden.float(), w13, w2, weights, ids, scales=scales)
     out = fm.fused_moe(hidden, w13, w2, weights.bfloat16(), ids, scales=scales)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
@@ -233,10 +228,7 @@ def test_gpu_bf16_quantized_qwen3_moe_shape_matches_reference(num_tokens: int, k
 def test_gpu_quantized_expert_parallel_shards_replayed_in_graphs_sum_to_the_whole(num_tokens: int, kind: str) -> None:
     """Two ranks' shards of quantized experts (64 whole experts each, with their scales), each op captured
     in a CUDA graph: each matches its shard's float32 reference, and they add up to the whole."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    w13, w2, scales = qwen3_experts(kind, gen)
-    hidden = torch.randn(num_tokens, 2048, generator=gen, device="cuda").bfloat16()
-    weights, ids = Routing.qwen_moe(128, 8, True).select(torch.randn(num_tokens, 128, generator=gen, device="cuda"))
+    w13, w2, scales, hidden, weights, ids = qwen3_quantized_step(num_tokens, kind, seed=1)
     shards = []
     for start in (0, 64):
         local = (w13[start:start + 64], w2[start:start + 64])

@@ -22,13 +22,16 @@ NEAR_TIE = 2 * LOGPROB_TOL  # a top-1/top-2 logprob gap bf16 may not resolve
 LENGTHS = [1, 7, 16, 33, 100, 257, 600]
 
 
+def build_gpu_checkpoint(directory: str) -> str:
+    """A small Qwen3-style model with head_dim 128 (the production kernel shape), peaked distributions."""
+    return build_checkpoint(directory, "qwen3", seed=1, hidden_size=512, intermediate_size=1024,
+                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                            max_position_embeddings=2048, initializer_range=0.05)
+
+
 @pytest.fixture(scope="module")
 def gpu_checkpoint(tmp_path_factory) -> str:
-    # A small Qwen3-style model with head_dim 128 (the production kernel shape), peaked distributions.
-    return build_checkpoint(str(tmp_path_factory.mktemp("gpu-qwen3")), "qwen3", seed=1, hidden_size=512,
-                            intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                            num_key_value_heads=4, head_dim=128, max_position_embeddings=2048,
-                            initializer_range=0.05)
+    return build_gpu_checkpoint(str(tmp_path_factory.mktemp("gpu-qwen3")))
 
 
 def run(path: str, prompts, **kwargs):

@@ -12,11 +12,10 @@ import httpx
 import pytest
 import torch
 from checkpoints import prompts_of_lengths
-from quant_checkpoints import LINEARS, hf_agrees_with_greedy, make_quant_checkpoint
+from quant_checkpoints import hf_agrees_with_greedy, make_quant_checkpoint, write_online_fp8_reference
 from safetensors.torch import load_file, save_file
 
 from carpool import LLM, SamplingParams
-from carpool.quantization.formats import quantize_fp8_per_channel
 
 MAX_NEW = 6
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -67,13 +66,7 @@ def test_online_fp8_greedy_tokens_equal_the_per_channel_quantized_reference(ckpt
     """--quantization fp8 on a float checkpoint runs the model whose every projection is its weight
     rounded to e4m3 with a per-output-channel scale (max |row| / 448)."""
     path, _ = ckpt("llama", "float")
-    reference = shutil.copytree(path, str(tmp_path / "ref"))
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    for name, w in weights.items():
-        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
-            q, scale = quantize_fp8_per_channel(w)
-            weights[name] = q.float() * scale[:, None]
-    save_file(weights, os.path.join(reference, "model.safetensors"))
+    reference = write_online_fp8_reference(path, str(tmp_path / "ref"))
     got, llm = generate(path, quantization="fp8", **SCHEDULING)
     assert llm.engine.core.executor.describe()["quantization"] == "fp8"
     assert hf_agrees_with_greedy(reference, prompts(), got)

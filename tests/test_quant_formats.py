@@ -117,6 +117,18 @@ def test_ignore_list_matches_names_suffixes_and_patterns_and_all_of_a_merged_lay
         is_ignored(partial, "model.layers.0.self_attn.qkv_proj", names)
 
 
+def test_an_ignore_list_naming_some_experts_is_refused_with_a_short_message() -> None:
+    """A routed-experts layer merges every expert's three projections: the message names a few of each
+    side and their counts, not all 384 modules."""
+    scheme = Int4Scheme("pack-quantized", 128, True, ignore=("model.layers.0.mlp.experts.3.gate_proj",))
+    names = tuple(f"model.layers.0.mlp.experts.{e}.{p}" for e in range(128) for p in ("gate_proj", "up_proj",
+                                                                                        "down_proj"))
+    with pytest.raises(ValueError, match=r"^quantization_config\.ignore: .*384 checkpoint modules.*experts\.3\."
+                                         r"gate_proj;.*\(383 in all\)") as err:
+        is_ignored(scheme, "model.layers.0.mlp.experts", names)
+    assert len(str(err.value)) < 400
+
+
 def test_kv_cache_dtype_and_description() -> None:
     assert parse_kv_cache_dtype("fp8_e4m3").is_fp8 and not parse_kv_cache_dtype("auto").is_fp8
     with pytest.raises(ValueError, match="kv_cache_dtype"):

@@ -17,14 +17,10 @@ packed int4 stacks with their scales, never as a model-dtype copy."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 from checkpoints import prompts_of_lengths
-from quant_checkpoints import LINEARS, hf_agrees_with_greedy, make_quant_checkpoint
-from safetensors.torch import load_file, save_file
+from quant_checkpoints import hf_agrees_with_greedy, make_quant_checkpoint, write_online_fp8_reference
 
 from carpool import LLM, EngineArgs, SamplingParams
 from carpool.config import ModelConfig
@@ -34,7 +30,7 @@ from carpool.models.loader import build_model, load_model
 from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
 from carpool.quantization.config import parse_quantization_config
-from carpool.quantization.formats import FP8_DTYPE, quantize_fp8_per_channel
+from carpool.quantization.formats import FP8_DTYPE
 
 MAX_NEW = 5
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -95,13 +91,7 @@ def test_online_fp8_moe_greedy_tokens_equal_the_per_channel_quantized_reference(
     """--quantization fp8 on a float MoE checkpoint: every projection, each expert's three included,
     becomes its weight rounded to e4m3 with a per-output-channel scale; the routers stay as they are."""
     path, _ = ckpt("qwen3_moe", "float")
-    reference = shutil.copytree(path, str(tmp_path / "ref"))
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    for name, w in weights.items():
-        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
-            q, scale = quantize_fp8_per_channel(w)
-            weights[name] = q.float() * scale[:, None]
-    save_file(weights, os.path.join(reference, "model.safetensors"))
+    reference = write_online_fp8_reference(path, str(tmp_path / "ref"))
     got, llm = generate(path, quantization="fp8")
     assert all(e.w13_weight.dtype == FP8_DTYPE for e in experts_of(llm))
     assert hf_agrees_with_greedy(reference, prompts(), got, **EAGER)

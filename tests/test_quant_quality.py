@@ -166,3 +166,9 @@ def test_unknown_methods_are_refused_naming_the_field(model, heldout):
 def test_more_sequences_than_the_file_holds_are_refused(heldout):
     with pytest.raises(ValueError, match="^sequences: "):
         quant_quality.token_chunks(heldout, 100, SEQ_LEN)
+
+
+def test_more_calibration_sequences_than_the_file_holds_are_refused_naming_that_option(model, heldout, train):
+    with pytest.raises(ValueError, match="^calibration_sequences: "):
+        quant_quality.run_quality(model, heldout, "cpu", SEQUENCES, SEQ_LEN, methods=["int4_gptq"], calibration=train,
+                                  calibration_sequences=100)

@@ -72,3 +72,10 @@ def test_int4_writer_quantizes_every_projection_of_a_sharded_bf16_checkpoint(sha
 def test_writing_over_the_source_checkpoint_is_refused(sharded_bf16):
     with pytest.raises(ValueError, match="^dst: "):
         write_fp8_channel(sharded_bf16, sharded_bf16)
+
+
+@pytest.mark.parametrize("group", [0, -1, 100])
+def test_int4_writer_refuses_a_group_size_the_checkpoint_could_not_load_with(sharded_bf16, tmp_path, group):
+    with pytest.raises(ValueError, match="group_size: must be one of 32, 64, 128"):
+        write_int4(sharded_bf16, str(tmp_path / "awq"), "awq", group)
+    assert not os.path.exists(tmp_path / "awq")

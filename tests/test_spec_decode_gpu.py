@@ -9,7 +9,8 @@ import json
 
 import pytest
 import torch
-from checkpoints import build_checkpoint, prompts_of_lengths
+from checkpoints import prompts_of_lengths
+from test_gpu_engine import build_gpu_checkpoint
 from test_spec_decode import smaller_draft
 
 from carpool import LLM, SamplingParams
@@ -24,11 +25,7 @@ KV = dict(dtype="float32", kv_cache_memory_bytes=1 << 28)
 
 @pytest.fixture(scope="module")
 def gpu_checkpoint(tmp_path_factory) -> str:
-    # head_dim 128 (the production kernel shape), peaked distributions, as tests/test_gpu_engine.py
-    return build_checkpoint(str(tmp_path_factory.mktemp("gpu-spec-qwen3")), "qwen3", seed=1, hidden_size=512,
-                            intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                            num_key_value_heads=4, head_dim=128, max_position_embeddings=2048,
-                            initializer_range=0.05)
+    return build_gpu_checkpoint(str(tmp_path_factory.mktemp("gpu-spec-qwen3")))
 
 
 def prompts() -> list[list[int]]:

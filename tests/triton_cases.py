@@ -1,6 +1,7 @@
 """Shared set-up of the Triton kernel tests (test_triton_ops.py, test_triton_distributed.py,
-test_triton_worker.py): where kernels run (compiled on a GPU, or the interpreter on CPU: conftest.py sets
-TRITON_INTERPRET=1), markers, and random paged-attention batches with their torch_ref expectation.
+test_triton_worker.py, test_fused_moe*.py, ...): where kernels run (compiled on a GPU, or the interpreter
+on CPU: conftest.py sets TRITON_INTERPRET=1), markers, random paged-attention batches with their torch_ref
+expectation, and a random mixture-of-experts step at the Qwen3-30B-A3B expert shape (GPU tests).
 
 Without a GPU the kernels run through the Triton interpreter in float32 (and float16; bf16 `tl.dot` is
 wrong in the interpreter); with a GPU the same unmarked tests run compiled in float32, and the `gpu`
@@ -19,6 +20,7 @@ pytest.importorskip("triton")
 from triton import cdiv  # noqa: E402
 
 from carpool.forward_batch import AttentionMetadata, TritonAttentionMetadata  # noqa: E402
+from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops import torch_ref  # noqa: E402
 from carpool.ops import triton as tri  # noqa: E402
 from carpool.ops.triton import utils  # noqa: E402
@@ -37,6 +39,20 @@ def poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     monkeypatch.setattr(utils, "empty_output", poisoned)
+
+
+def qwen3_moe_step(num_tokens: int, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w13, w2, hidden, topk_weights, topk_ids) on the GPU: float32 experts of Qwen3-30B-A3B's shape
+    (128 experts, hidden 2048, intermediate 768; the caller rounds or quantizes them), bf16 hidden rows of
+    num_tokens tokens and their top-8 Qwen3-MoE routing."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    e, h, i, k = 128, 2048, 768, 8
+    w13 = torch.randn(e, 2 * i, h, generator=gen, device="cuda") / h ** 0.5
+    w2 = torch.randn(e, h, i, generator=gen, device="cuda") / i ** 0.5
+    hidden = torch.randn(num_tokens, h, generator=gen, device="cuda").bfloat16()
+    weights, ids = Routing.qwen_moe(e, k, True).select(torch.randn(num_tokens, e, generator=gen, device="cuda"))
+    return w13, w2, hidden, weights, ids
 
 
 def make_batch(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int, head_dim: int,

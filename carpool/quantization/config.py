@@ -328,9 +328,17 @@ def is_ignored(scheme: QuantScheme, module_name: str, checkpoint_names: tuple[st
     names = checkpoint_names or (module_name,)
     hits = [any(_ignore_matches(entry, n) for entry in scheme.ignore) for n in names]
     if any(hits) and not all(hits):
-        raise ValueError(f"quantization_config.ignore: {module_name} merges {', '.join(names)}, of which only "
-                         "some are left unquantized; carpool needs all or none of a merged layer quantized")
+        ignored = [n for n, hit in zip(names, hits) if hit]
+        quantized = [n for n, hit in zip(names, hits) if not hit]
+        raise ValueError(f"quantization_config.ignore: {module_name} merges {len(names)} checkpoint modules, of "
+                         f"which only some are left unquantized ({_first_names(ignored)}; quantized: "
+                         f"{_first_names(quantized)}); carpool needs all or none of a merged layer quantized")
     return bool(hits) and all(hits)
+
+
+def _first_names(names: list[str], most: int = 3) -> str:
+    """Up to `most` names, then how many there are (a routed-experts layer merges hundreds of modules)."""
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def _ignore_matches(entry: str, name: str) -> bool:

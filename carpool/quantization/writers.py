@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from carpool.quantization.config import SUPPORTED_GROUP_SIZES
 from carpool.quantization.formats import quantize_fp8_per_channel
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -192,6 +193,8 @@ def write_int4(src: str, dst: str, fmt: str = "awq", group: int = 128,
     gptq.collect_hessians) GPTQ's error compensation on the same grids."""
     if fmt not in INT4_FORMATS:
         raise ValueError(f"fmt: unknown 4-bit format {fmt!r}; choose one of {', '.join(INT4_FORMATS)}")
+    if isinstance(group, bool) or group not in SUPPORTED_GROUP_SIZES:  # (what the written checkpoint must load with)
+        raise ValueError(f"group_size: must be one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}, got {group!r}")
     weights = read_checkpoint(src)
     out: dict[str, torch.Tensor] = {}
     for module in linear_modules(weights):

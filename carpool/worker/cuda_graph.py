@@ -250,9 +250,6 @@ class CUDAGraphRunner:
         shape = choose_graph(inputs.query_start_loc, inputs.cascade_prefix_len, self.index)
         return shape if shape in self.graphs else None
 
-    def can_run(self, inputs: StepInputs) -> bool:
-        return self.choose(inputs) is not None
-
     def run(self, inputs: StepInputs, fixup: PendingFixup | None = None, shape: GraphShape | None = None
             ) -> torch.Tensor:
         """Replay the graph for this step (`shape`: what choose() returned for it); returns logits at its
