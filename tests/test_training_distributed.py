@@ -6,7 +6,6 @@ atol 1e-6)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -32,11 +31,12 @@ def _one_step(cfg) -> dict:
     return {"loss": loss, "grads": grads, "params": params}
 
 
-def _worker(rank: int, world: int, port: int, paths: dict, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _worker(rank: int, world: int, paths: dict, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no port to pick, so nothing else on the machine can take it between pick and bind.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=world)
     try:
         for strategy, reshard, ac in STRATEGIES:
             name = f"{strategy}-{reshard}-{ac}"
@@ -49,18 +49,12 @@ def _worker(rank: int, world: int, port: int, paths: dict, out_dir: str) -> None
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     paths = build_token_files(str(tmp_path_factory.mktemp("dist-data")))
     out = str(tmp_path_factory.mktemp("dist-out"))
     reference = _one_step(tiny_config(paths, os.path.join(out, "one-rank"), micro_batch_size=4))
-    mp.spawn(_worker, args=(2, _free_port(), paths, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, paths, out), nprocs=2, join=True)
     two = {f"{s}-{r}-{a}": torch.load(os.path.join(out, f"{s}-{r}-{a}.pt"), weights_only=False)
            for s, r, a in STRATEGIES}
     return {"reference": reference, **two}
