@@ -13,13 +13,20 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHON=${
 work=/tmp/carpool-demo
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+# (the device goes into the log: at most 8 files come back, and the exports take six of them)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee "$out/train.log"
 timeout "$(left)" bash scripts/train_demo.sh "$work" --device cuda --only main --max-steps "$main_steps" \
   --max-minutes "$main_minutes" \
-  2>&1 | tee "$out/train.log"
+  2>&1 | tee -a "$out/train.log"
 if [ "$(left)" -gt 120 ] && [ -f "$work/main/eval.json" ]; then
   timeout "$(left)" bash scripts/train_demo.sh "$work" --device cuda --only draft --tokenizer "$work/tokenizer" \
     --draft-max-steps "$draft_steps" 2>&1 | tee -a "$out/train.log"
+fi
+# With time left, the speculative-decoding figures on the real pair (n-gram and draft model, batch 1 and the
+# large batch); its JSON also goes to the log.
+if [ "$(left)" -gt 100 ] && [ -f "$work/draft/export/config.json" ]; then
+  timeout $(( $(left) - 30 )) python3 benchmarks/bench_spec_decode.py --skip-mechanics --model "$work/main/export" \
+    --draft-model "$work/draft/export" --out "$out/spec_decode_demo.json" 2>&1 | tee -a "$out/train.log"
 fi
 (cd "$work" && tar -czf "$out/meta.tgz" tokenizer data/manifest.json data/corpus.json data/tokens.json \
   $(ls -d main/*.json main/*.jsonl main/*.png draft/*.json draft/*.jsonl draft/*.png 2>/dev/null))
