@@ -74,3 +74,18 @@ def test_console_script_runs(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Completion:" in proc.stdout
+
+
+def test_the_other_commands_run_where_the_server_packages_are_missing(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_fastapi(name, *args):
+        if name == "carpool.entrypoints.openai.api_server":
+            raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_fastapi)
+    parser = build_parser()
+    assert parser.parse_args(["eval", "some/dir"]).command == "eval"
