@@ -74,7 +74,7 @@ def heldout_perplexity(model_dir: str, data: str, seq_len: int = 1024, batch_siz
 class FunctionPrompt:
     file: str        # corpus path of the held-out file
     name: str        # the function's name
-    prompt: str      # its decorators-free header (def line(s)), dedented to column 0, ending in a newline
+    prompt: str      # its decorators-free header (def line(s)), dedented to column 0, without the final newline
 
 
 def function_prompts(manifest: Manifest, count: int = 100, seed: int = 0, max_header_lines: int = 6
@@ -98,21 +98,26 @@ def function_prompts(manifest: Manifest, count: int = 100, seed: int = 0, max_he
             prompt = textwrap.dedent(header)
             if not prompt.endswith("\n") or not prompt.lstrip().startswith(("def ", "async def ")):
                 continue
-            found.append(FunctionPrompt(file.path, node.name, prompt))
+            # The prompt stops at the header's last character: a byte-level BPE merges a newline with the
+            # indentation after it, so a prompt ending in a bare newline token tells the model "column 0
+            # next", which no function body starts with.
+            found.append(FunctionPrompt(file.path, node.name, prompt[:-1]))
     if len(found) < count:
         raise ValueError(f"code prompts: only {len(found)} functions in the held-out files, {count} asked")
     return random.Random(seed).sample(found, count)
 
 
-def cut_at_function_end(completion: str) -> tuple[str, bool]:
-    """The body lines of a completion of a column-0 function header: up to the first non-blank line at
-    column 0 (where the function ended). Without such a line the last, possibly unfinished, line is
-    dropped. Returns (body, ended)."""
-    lines = completion.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if line.strip() and not line[0].isspace():
+def cut_at_function_end(header: str, completion: str) -> tuple[str, bool]:
+    """The function a completion of a column-0 `header` (ending mid-line, at its colon) writes: the
+    header's lines and the body lines after them, up to the first non-blank line at column 0 (where the
+    function ended). Without such a line the last, possibly unfinished, line is dropped. Returns
+    (source, ended)."""
+    lines = (header + completion).splitlines(keepends=True)
+    first_body = header.count("\n") + 1
+    for i in range(first_body, len(lines)):
+        if lines[i].strip() and not lines[i][0].isspace():
             return "".join(lines[:i]), True
-    if lines and not lines[-1].endswith("\n"):
+    if len(lines) > first_body and not lines[-1].endswith("\n"):
         lines = lines[:-1]
     return "".join(lines), False
 
@@ -140,8 +145,9 @@ def function_completion_parse_rate(model_dir: str, manifest: Manifest, count: in
     ok = ended = 0
     shown = []
     for p, out in zip(prompts, outs):
-        body, did_end = cut_at_function_end(out.outputs[0].text)
-        good = parses(p.prompt + body)
+        source, did_end = cut_at_function_end(p.prompt, out.outputs[0].text)
+        good = parses(source)
+        body = source[len(p.prompt):]
         ok += good
         ended += did_end
         if len(shown) < examples:

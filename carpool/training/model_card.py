@@ -96,6 +96,8 @@ def render_model_card(name: str, hf_config: dict[str, Any], summary: dict[str, A
             "function's end |",
             f"| completions that ended the function within the budget | {code['ended_within_budget']:.0%} |",
         ]
+        if evaluation.get("code_note"):
+            lines.append(f"| how the completions were measured | {evaluation['code_note']} |")
     lines += [
         "",
         "## Data",
