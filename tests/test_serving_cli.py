@@ -10,6 +10,7 @@ import json
 import pytest
 
 from carpool import SamplingParams
+from carpool.demo import demo_model_path
 from carpool.entrypoints.bench import load_benchmark
 from carpool.entrypoints.cli import build_parser, main
 
@@ -29,7 +30,7 @@ def test_chat_streams_replies_and_reset_forgets_the_conversation(where, demo_llm
                                                                  capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{GREETING}\n/reset\n{GREETING}\n/exit\n"))
     args = ["chat", "--temperature", "0", "--max-tokens", "12"]
-    args += ["--device", "cpu"] if where == "in-process" else ["--url", demo_server.url]
+    args += [demo_model_path(), "--device", "cpu"] if where == "in-process" else ["--url", demo_server.url]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count(expected_reply(demo_llm, 12) + "\n") == 2  # the same reply again after /reset
