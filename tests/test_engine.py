@@ -108,3 +108,28 @@ def test_prompt_that_fills_the_context_needs_room_to_generate(llama_path):
     engine.add_request("fits", [1] * 31, SamplingParams(max_tokens=None, ignore_eos=True))
     out = [o for o in run_checked(engine) if o.finished][0]
     assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("speculative", [None, "draft_model"])
+def test_shutdown_frees_the_kv_cache_and_weights_while_the_engine_is_still_referenced(llama_path, speculative):
+    """A benchmark that builds a second engine while holding the first must not see the first one's KV
+    cache in its own memory profile: shutdown drops the runner (and a draft model's runner-proposer
+    cycle) even though the caller keeps the engine object; stepping afterwards is a clear error."""
+    import gc
+    import weakref
+
+    spec = {"method": "draft_model", "model": llama_path, "num_speculative_tokens": 2} if speculative else None
+    engine = make_engine(llama_path, speculative_config=spec)
+    engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
+    run_checked(engine)
+    runner = engine.core.executor.runner
+    alive = [weakref.ref(t) for t in (runner.kv_cache, next(runner.model.parameters()))]
+    if speculative:
+        alive.append(weakref.ref(runner.proposer.kv_cache))
+    del runner
+    engine.shutdown()
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True] * len(alive)
+    engine.add_request("b", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.step()

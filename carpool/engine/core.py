@@ -165,4 +165,5 @@ class EngineCore:
                            spec_decode_num_accepted_tokens_per_pos=list(spec.num_accepted_tokens_per_pos))
 
     def shutdown(self) -> None:
+        self._in_flight = None  # its handle refers to the runner's device tensors
         self.executor.shutdown()

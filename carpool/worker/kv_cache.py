@@ -64,6 +64,7 @@ def gpu_num_blocks(cache: CacheConfig, per_block: int, device: torch.device,
         return num_blocks_for_budget(cache.kv_cache_memory_bytes, per_block)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    held_before = torch.cuda.memory_allocated(device)  # this model's weights, and anything else alive
     profile_run()
     peak = torch.cuda.max_memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)
@@ -76,5 +77,7 @@ def gpu_num_blocks(cache: CacheConfig, per_block: int, device: torch.device,
     if budget < per_block:
         raise ValueError(f"gpu_memory_utilization: {cache.gpu_memory_utilization} leaves no room for the KV "
                          f"cache (weights and activations peak at {peak / 2**30:.2f} GiB of "
-                         f"{total / 2**30:.1f} GiB); raise it or lower max_num_batched_tokens")
+                         f"{total / 2**30:.1f} GiB, of which {held_before / 2**30:.2f} GiB was allocated "
+                         "before the profiled step: the weights, and any tensors of this process still "
+                         "alive, such as an engine not shut down); raise it or lower max_num_batched_tokens")
     return num_blocks_for_budget(budget, per_block)
