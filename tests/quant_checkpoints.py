@@ -41,6 +41,14 @@ from carpool.quantization.writers import (
 QUANT_DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 FORMATS = ("awq", "gptq", "gptq-asym", "gptq-v2-asym", "ct-w4a16", "ct-w4a16-sym", "ct-fp8-channel",
            "ct-fp8-tensor-static", "fp8-block")
+FAMILIES = ("llama", "qwen2", "qwen3")
+# (family, format) cells the whole engine runs with chunked prefill, preemption and prefix hits
+# (test_quant_engine.py): every format and every family at least once. The other cells of
+# FAMILIES x FORMATS run through the model alone (test_quant_methods.py), so every format meets every
+# family's layers (Qwen2's q/k/v biases, Qwen3's q/k norms and explicit head_dim).
+ENGINE_CELLS = (("llama", "awq"), ("qwen2", "gptq"), ("qwen3", "gptq-v2-asym"), ("qwen2", "ct-w4a16"),
+                ("qwen3", "ct-w4a16-sym"), ("llama", "ct-fp8-channel"), ("qwen2", "ct-fp8-tensor-static"),
+                ("qwen3", "fp8-block"), ("llama", "gptq-asym"))
 
 
 def quant_overrides(arch: str, fmt: str) -> dict:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 from checkpoints import prompts_of_lengths
-from quant_checkpoints import hf_agrees_with_greedy, make_quant_checkpoint, write_online_fp8_reference
+from quant_checkpoints import ENGINE_CELLS, hf_agrees_with_greedy, make_quant_checkpoint, write_online_fp8_reference
 from safetensors.torch import load_file, save_file
 
 from carpool import LLM, SamplingParams
@@ -45,14 +45,17 @@ def ckpt(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("arch,fmt,method", [
-    ("llama", "awq", "awq"), ("qwen2", "gptq", "gptq"), ("qwen3", "gptq-v2-asym", "gptq"),
-    ("qwen2", "ct-w4a16", "compressed-tensors-w4a16"),
-    ("qwen3", "ct-w4a16-sym", "compressed-tensors-w4a16"), ("llama", "ct-fp8-channel", "compressed-tensors-fp8"),
-    ("qwen2", "ct-fp8-tensor-static", "compressed-tensors-fp8"), ("qwen3", "fp8-block", "fp8"),
-])
+# The method name describe() reports for each test format.
+METHODS = {"awq": "awq", "gptq": "gptq", "gptq-asym": "gptq", "gptq-v2-asym": "gptq",
+           "ct-w4a16": "compressed-tensors-w4a16", "ct-w4a16-sym": "compressed-tensors-w4a16",
+           "ct-fp8-channel": "compressed-tensors-fp8", "ct-fp8-tensor-static": "compressed-tensors-fp8",
+           "fp8-block": "fp8"}
+
+
+@pytest.mark.parametrize("arch,fmt", ENGINE_CELLS)
 def test_greedy_tokens_equal_the_dequantized_reference_under_chunking_preemption_and_prefix_hits(
-        ckpt, arch: str, fmt: str, method: str) -> None:
+        ckpt, arch: str, fmt: str) -> None:
+    method = METHODS[fmt]
     quantized, reference = ckpt(arch, fmt)
     got, llm = generate(quantized, **SCHEDULING)
     stats = llm.engine.stats()

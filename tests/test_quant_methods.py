@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from quant_checkpoints import make_quant_checkpoint, run_prompt_logits
+from quant_checkpoints import ENGINE_CELLS, FAMILIES, FORMATS, make_quant_checkpoint, run_prompt_logits
 from safetensors.torch import load_file, save_file
 
 from carpool.config import ModelConfig
@@ -21,6 +21,7 @@ from carpool.models.registry import get_model_class
 from carpool.models.runtime import ModelRuntime
 from carpool.quantization.config import parse_quantization_config
 from carpool.quantization.formats import quantize_fp8_per_channel
+from carpool.quantization.methods import QuantizedLinearMethod
 
 
 def runtime(config: ModelConfig, backend: str = "torch", quantization: str | None = None, rank: int = 0,
@@ -64,6 +65,30 @@ def test_loaded_weights_equal_the_format_reference(ckpt, arch: str, fmt: str) ->
     assert got.keys() == expected.keys()
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+# Every (family, format) cell that the whole engine does not run (test_quant_engine.py runs ENGINE_CELLS).
+MODEL_ONLY_CELLS = [(arch, fmt) for arch in FAMILIES for fmt in FORMATS if (arch, fmt) not in ENGINE_CELLS]
+
+
+@pytest.mark.parametrize("arch,fmt", MODEL_ONLY_CELLS)
+def test_chunked_prefill_logits_equal_the_dequantized_reference_in_every_family(ckpt, arch: str, fmt: str) -> None:
+    """Each format in each family (Qwen2's q/k/v biases, Qwen3's q/k norms and head_dim): a prompt prefilled
+    in chunks of 8 through the paged cache gives, at every position, the logits and greedy token of
+    transformers (float32) on the checkpoint dequantized by the format's reference."""
+    from transformers import AutoModelForCausalLM
+
+    quantized, reference = ckpt(arch, fmt)
+    model = load(quantized)
+    decoder_linears = [m for name, m in model.named_modules() if isinstance(m, LinearBase) and ".layers." in name]
+    assert decoder_linears and all(isinstance(m.method, QuantizedLinearMethod) for m in decoder_linears)
+    prompt = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = run_prompt_logits(model, model.attention_layers(), prompt, 8, torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0]
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch,fmt", [("llama", "awq"), ("qwen2", "gptq"), ("qwen3", "ct-w4a16-sym"),
