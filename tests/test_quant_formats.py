@@ -139,6 +139,34 @@ def test_kv_cache_dtype_and_description() -> None:
                                                                           "kv_cache_dtype": "bfloat16"}
 
 
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_help_lists_the_quantization_and_kv_cache_dtype_choices(command: str) -> None:
+    from carpool.entrypoints.cli import build_parser
+    from carpool.quantization.config import KV_CACHE_DTYPES, QUANTIZATION_CHOICES
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    text = " ".join(sub.format_help().split())
+    for flag, choices in (("--quantization", QUANTIZATION_CHOICES), ("--kv-cache-dtype", KV_CACHE_DTYPES)):
+        assert f"{flag} {{{','.join(choices)}}}" in text, flag
+
+
+@pytest.mark.parametrize("scheme,kv,named", [
+    (Fp8Scheme("compressed-tensors", "channel", None, True), "auto", "quantization fp8"),
+    (None, "fp8", "kv_cache_dtype fp8"),
+    (Int4Scheme("awq", 128, symmetric=False), "fp8", "kv_cache_dtype fp8")])
+def test_fp8_on_a_gpu_older_than_compute_capability_8_9_is_refused_naming_the_setting(
+        monkeypatch: pytest.MonkeyPatch, scheme, kv: str, named: str) -> None:
+    from carpool.quantization.factory import check_device_support
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=rf"^{named}: .*8\.9 or newer; this one is 8\.0"):
+        check_device_support(scheme, parse_kv_cache_dtype(kv), "triton", "cuda")
+    # the torch backend runs it dequantized; an 8.9 GPU runs the kernels
+    check_device_support(scheme, parse_kv_cache_dtype(kv), "torch", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    check_device_support(scheme, parse_kv_cache_dtype(kv), "triton", "cuda")
+
+
 # --- packed layouts -----------------------------------------------------------------------------------------
 
 def test_awq_word_unpacks_in_the_interleaved_order() -> None:
