@@ -92,7 +92,8 @@ def test_fp8_kv_cache_tokens_do_not_depend_on_chunking_preemption_or_prefix_hits
     path, _ = ckpt("qwen3", "float")
     alone, _ = generate(path, kv_cache_dtype="fp8", enable_prefix_caching=False)
     scheduled, llm = generate(path, kv_cache_dtype="fp8", **SCHEDULING)
-    assert llm.engine.stats().num_preemptions > 0
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
     assert scheduled == alone
 
 

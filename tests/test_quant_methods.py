@@ -167,6 +167,30 @@ def test_a_scale_of_the_wrong_shape_is_named(ckpt, tmp_path) -> None:
         load(path)
 
 
+def _drop(name: str):
+    return lambda w: w.pop(name)
+
+
+def _reshape(name: str, shape: tuple[int, ...]):
+    return lambda w: w.update({name: torch.ones(shape)})
+
+
+@pytest.mark.parametrize("arch,fmt,edit,expected", [
+    ("llama", "ct-fp8-tensor-static", _drop("model.layers.0.self_attn.v_proj.input_scale"),
+     r"^model\.layers\.0\.self_attn\.qkv_proj: .*lacks .*input_scale for its shard 'v'"),
+    ("llama", "ct-fp8-tensor-static", _reshape("model.layers.0.mlp.down_proj.input_scale", (2,)),
+     r"'model\.layers\.0\.mlp\.down_proj\.input_scale': input_scale: expected one value, got shape \[2\]"),
+    ("qwen3", "fp8-block", _drop("model.layers.1.mlp.up_proj.weight_scale_inv"),
+     r"^model\.layers\.1\.mlp\.gate_up_proj: .*lacks .*weight_scale_inv for its shard 1"),
+    ("qwen3", "fp8-block", _reshape("model.layers.1.mlp.down_proj.weight_scale_inv", (1, 1)),
+     r"'model\.layers\.1\.mlp\.down_proj\.weight_scale_inv': weight_scale_inv: expected shape \[1, 2\], got \[1, 1\]"),
+], ids=["missing-input-scale", "misshapen-input-scale", "missing-block-scale", "misshapen-block-scale"])
+def test_a_missing_or_misshapen_fp8_scale_is_named(ckpt, tmp_path, arch: str, fmt: str, edit, expected: str) -> None:
+    quantized, _ = ckpt(arch, fmt)
+    with pytest.raises(ValueError, match=expected):
+        load(_edited_copy(quantized, str(tmp_path / "c"), edit))
+
+
 def test_an_act_order_g_idx_is_refused(ckpt, tmp_path) -> None:
     quantized, _ = ckpt("qwen2", "gptq")
     name = "model.layers.0.mlp.down_proj.g_idx"  # two groups of 128 columns: flipped, not column // 128
