@@ -2,7 +2,7 @@
 
 `write_quantized(src, dst, fmt)` quantizes the float32 checkpoint at `src` (tests/checkpoints.py) into
 `dst`, with the format's own tooling where it installs on CPU:
-- compressed-tensors (`ct-w4a16`, `ct-w4a16-sym`, `ct-fp8-channel`, `ct-fp8-tensor-static`): its own
+- compressed-tensors (`ct-w4a16`, `ct-w4a16-sym`, `ct-fp8-channel`, `ct-fp8-tensor-static`, `ct-fp8-block`): its own
   QuantizationConfig, qparams and ModelCompressor, as llm-compressor uses them;
 - Hugging Face fine-grained FP8 (`fp8-block`): transformers' own quantizer (Fp8Quantize);
 - AWQ (`awq`) and GPTQ (`gptq`, `gptq-asym`, `gptq-v2-asym`): carpool.quantization.writers' small packers
@@ -40,7 +40,7 @@ from carpool.quantization.writers import (
 # whole 128-row blocks when num_key_value_heads = 4.
 QUANT_DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 FORMATS = ("awq", "gptq", "gptq-asym", "gptq-v2-asym", "ct-w4a16", "ct-w4a16-sym", "ct-fp8-channel",
-           "ct-fp8-tensor-static", "fp8-block")
+           "ct-fp8-tensor-static", "ct-fp8-block", "fp8-block")
 FAMILIES = ("llama", "qwen2", "qwen3")
 # (family, format) cells the whole engine runs with chunked prefill, preemption and prefix hits
 # (test_quant_engine.py): every format and every family at least once. The other cells of
@@ -67,7 +67,7 @@ def quant_overrides(arch: str, fmt: str) -> dict:
         dims["shared_expert_intermediate_size"] = 128
     if arch == "mixtral":
         dims["intermediate_size"] = 256
-    if fmt == "fp8-block":
+    if fmt in ("fp8-block", "ct-fp8-block"):
         dims["num_key_value_heads"] = 4
     return dims
 
@@ -81,6 +81,11 @@ def _ct_scheme(fmt: str, group: int):
         weights = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=group,
                                    symmetric=fmt == "ct-w4a16-sym")
         return QuantizationScheme(targets=["Linear"], weights=weights), "pack-quantized"
+    if fmt == "ct-fp8-block":  # llm-compressor's FP8_BLOCK: 128x128 weight blocks, dynamic 128-column groups
+        weights = QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=[128, 128],
+                                   symmetric=True)
+        acts = QuantizationArgs(num_bits=8, type="float", strategy="group", group_size=128, dynamic=True)
+        return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts), "float-quantized"
     strategy = "channel" if fmt == "ct-fp8-channel" else "tensor"
     weights = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True)
     acts = (QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True) if fmt == "ct-fp8-channel"
@@ -102,6 +107,10 @@ def _set_min_max_qparams(model: torch.nn.Module) -> None:
         if args.strategy == "group":
             w = w.unflatten(-1, (-1, args.group_size))
             lo, hi = w.amin(-1), w.amax(-1)
+        elif args.strategy == "block":  # (whole 128x128 blocks: every test dimension is a multiple of 128)
+            bn, bk = args.block_structure
+            blocks = w.unflatten(0, (-1, bn)).unflatten(2, (-1, bk))
+            lo, hi = blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
         elif args.strategy == "channel":
             lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         else:

@@ -49,6 +49,7 @@ def ckpt(tmp_path_factory):
 METHODS = {"awq": "awq", "gptq": "gptq", "gptq-asym": "gptq", "gptq-v2-asym": "gptq",
            "ct-w4a16": "compressed-tensors-w4a16", "ct-w4a16-sym": "compressed-tensors-w4a16",
            "ct-fp8-channel": "compressed-tensors-fp8", "ct-fp8-tensor-static": "compressed-tensors-fp8",
+           "ct-fp8-block": "compressed-tensors-fp8",
            "fp8-block": "fp8"}
 
 
