@@ -76,10 +76,24 @@ def test_chunked_prefill_logits_equal_the_dequantized_reference_in_every_family(
     """Each format in each family (Qwen2's q/k/v biases, Qwen3's q/k norms and head_dim): a prompt prefilled
     in chunks of 8 through the paged cache gives, at every position, the logits and greedy token of
     transformers (float32) on the checkpoint dequantized by the format's reference."""
+    quantized, reference = ckpt(arch, fmt)
+    assert_chunked_prefill_logits_equal(load(quantized), reference)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_online_fp8_chunked_prefill_logits_equal_the_per_channel_reference(ckpt, tmp_path, arch: str) -> None:
+    """`--quantization fp8` in the families the engine test (Llama) does not run."""
+    from quant_checkpoints import write_online_fp8_reference
+
+    path, _ = ckpt(arch, "float")
+    assert_chunked_prefill_logits_equal(load(path, "fp8"), write_online_fp8_reference(path, str(tmp_path / "ref")))
+
+
+def assert_chunked_prefill_logits_equal(model: torch.nn.Module, reference: str) -> None:
+    """Every decoder projection of `model` is quantized, and a 21-token prompt prefilled in chunks of 8
+    gives transformers' logits (float32) on the float checkpoint at `reference`, and its argmax tokens."""
     from transformers import AutoModelForCausalLM
 
-    quantized, reference = ckpt(arch, fmt)
-    model = load(quantized)
     decoder_linears = [m for name, m in model.named_modules() if isinstance(m, LinearBase) and ".layers." in name]
     assert decoder_linears and all(isinstance(m.method, QuantizedLinearMethod) for m in decoder_linears)
     prompt = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(0)).tolist()
