@@ -4,7 +4,11 @@
 `dst`, with the format's own tooling where it installs on CPU:
 - compressed-tensors (`ct-w4a16`, `ct-w4a16-sym`, `ct-fp8-channel`, `ct-fp8-tensor-static`, `ct-fp8-block`): its own
   QuantizationConfig, qparams and ModelCompressor, as llm-compressor uses them;
-- Hugging Face fine-grained FP8 (`fp8-block`): transformers' own quantizer (Fp8Quantize);
+- Hugging Face fine-grained FP8 (`fp8-block`; `fp8-tensor`: one scale per tensor): transformers' own
+  quantizer (Fp8Quantize);
+- AutoFP8's per-tensor FP8 with static activation scales and k/v output scales (`autofp8-static`, the
+  neuralmagic FP8 releases' format: quant_method "fp8" with `weight_scale` / `input_scale`): a transcription
+  of AutoFP8's per_tensor_quantize (AutoFP8 needs a GPU to calibrate);
 - AWQ (`awq`) and GPTQ (`gptq`, `gptq-asym`, `gptq-v2-asym`): carpool.quantization.writers' small packers
   (the tools, AutoAWQ and AutoGPTQ, need CUDA builds), which follow the packing code named in each
   docstring.
@@ -40,7 +44,7 @@ from carpool.quantization.writers import (
 # whole 128-row blocks when num_key_value_heads = 4.
 QUANT_DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 FORMATS = ("awq", "gptq", "gptq-asym", "gptq-v2-asym", "ct-w4a16", "ct-w4a16-sym", "ct-fp8-channel",
-           "ct-fp8-tensor-static", "ct-fp8-block", "fp8-block")
+           "ct-fp8-tensor-static", "ct-fp8-block", "fp8-block", "fp8-tensor", "autofp8-static")
 FAMILIES = ("llama", "qwen2", "qwen3")
 # (family, format) cells the whole engine runs with chunked prefill, preemption and prefix hits
 # (test_quant_engine.py): every format and every family at least once. The other cells of
@@ -208,18 +212,19 @@ def _ct_decompress(weights: dict[str, torch.Tensor], qc: dict) -> dict[str, torc
 
 # --- Hugging Face fine-grained FP8, with transformers' own quantizer ------------------------------------------
 
-def _hf_fp8_ops():
+def _hf_fp8_ops(block: tuple[int, int] | None = (128, 128)):
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import Fp8Quantize, _dequantize_fp8_weight
 
-    quantizer = SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=(128, 128)))
+    quantizer = SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block))
     return Fp8Quantize(quantizer), _dequantize_fp8_weight
 
 
-def _write_hf_fp8(src: str, dst: str) -> None:
-    """Every linear weight (MoE checkpoints: each expert's three, not the routers) quantized to 128x128
-    blocks by transformers' Fp8Quantize, as the Qwen3 FP8 releases are."""
-    quantize, _ = _hf_fp8_ops()
+def _write_hf_fp8(src: str, dst: str, block: tuple[int, int] | None = (128, 128)) -> None:
+    """Every linear weight (MoE checkpoints: each expert's three, not the routers) quantized by
+    transformers' Fp8Quantize: to 128x128 blocks, as the Qwen3 FP8 releases are, or (block None) with one
+    scale per tensor."""
+    quantize, _ = _hf_fp8_ops(block)
     weights = load_file(os.path.join(src, "model.safetensors"))
     for module in linear_modules(weights):
         name = f"{module}.weight"
@@ -227,7 +232,29 @@ def _write_hf_fp8(src: str, dst: str) -> None:
     copy_side_files(src, dst)
     save_file(weights, os.path.join(dst, "model.safetensors"))
     set_quantization_config(dst, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                            "weight_block_size": [128, 128]})
+                            "weight_block_size": list(block) if block is not None else None})
+
+
+def _write_autofp8_static(src: str, dst: str) -> None:
+    """AutoFP8's static checkpoint (auto_fp8/quantize.py): each projection's `weight` e4m3 with `weight_scale`
+    = amax / 448 of the whole tensor (per_tensor_quantize), a calibrated `input_scale` (seeded here), and
+    k_proj / v_proj `output_scale` (its kv_cache_quant_layers), under {"quant_method": "fp8",
+    "activation_scheme": "static", "ignored_layers": [...], "kv_cache_scheme": "static"}."""
+    gen = torch.Generator().manual_seed(1)
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    for module in linear_modules(weights):
+        w = weights.pop(f"{module}.weight")
+        scale = fp8_max / w.abs().amax().clamp(min=1e-12)
+        weights[f"{module}.weight"] = (w * scale).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
+        weights[f"{module}.weight_scale"] = scale.float().reciprocal()
+        weights[f"{module}.input_scale"] = torch.tensor(0.01 + 0.02 * torch.rand((), generator=gen).item())
+        if module.endswith(("k_proj", "v_proj")):
+            weights[f"{module}.output_scale"] = torch.tensor(0.05 + 0.1 * torch.rand((), generator=gen).item())
+    copy_side_files(src, dst)
+    save_file(weights, os.path.join(dst, "model.safetensors"))
+    set_quantization_config(dst, {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"],
+                                  "kv_cache_scheme": "static"})
 
 
 def _is_moe(path: str) -> bool:
@@ -248,6 +275,10 @@ def write_quantized(src: str, dst: str, fmt: str, group: int = 128) -> str:
         _write_compressed_tensors(src, dst, fmt, group)
     elif fmt == "fp8-block":
         _write_hf_fp8(src, dst)
+    elif fmt == "fp8-tensor":
+        _write_hf_fp8(src, dst, block=None)
+    elif fmt == "autofp8-static":
+        _write_autofp8_static(src, dst)
     else:
         raise ValueError(f"unknown test format {fmt!r}; known: {', '.join(FORMATS)}")
     return dst
@@ -266,7 +297,7 @@ def write_dequantized_reference(quantized: str, dst: str) -> str:
         out = _ct_decompress(weights, qc)
     else:
         modules = sorted({n.rsplit(".", 1)[0] for n in weights
-                          if n.endswith((".qweight", ".weight_scale_inv"))})
+                          if n.endswith((".qweight", ".weight_scale_inv", ".weight_scale"))})
         _, dequantize_fp8 = _hf_fp8_ops() if method == "fp8" else (None, None)
         for m in modules:
             if method == "awq":
@@ -276,6 +307,10 @@ def write_dequantized_reference(quantized: str, dst: str) -> str:
                 offset = 1 if qc.get("checkpoint_format", "gptq") == "gptq" else 0
                 w = dequantize_gptq(weights.pop(f"{m}.qweight"), weights.pop(f"{m}.qzeros"), weights.pop(f"{m}.scales"),
                                     weights.pop(f"{m}.g_idx"), offset)
+            elif f"{m}.weight_scale" in weights:  # AutoFP8: W = weight * weight_scale (static input scales unused)
+                w = weights.pop(f"{m}.weight").float() * weights.pop(f"{m}.weight_scale").float()
+                for extra in ("input_scale", "output_scale"):
+                    weights.pop(f"{m}.{extra}", None)
             else:
                 w = dequantize_fp8(weights.pop(f"{m}.weight"), weights.pop(f"{m}.weight_scale_inv"),
                                    qc["weight_block_size"], torch.float32)

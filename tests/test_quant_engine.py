@@ -49,7 +49,7 @@ def ckpt(tmp_path_factory):
 METHODS = {"awq": "awq", "gptq": "gptq", "gptq-asym": "gptq", "gptq-v2-asym": "gptq",
            "ct-w4a16": "compressed-tensors-w4a16", "ct-w4a16-sym": "compressed-tensors-w4a16",
            "ct-fp8-channel": "compressed-tensors-fp8", "ct-fp8-tensor-static": "compressed-tensors-fp8",
-           "ct-fp8-block": "compressed-tensors-fp8",
+           "ct-fp8-block": "compressed-tensors-fp8", "fp8-tensor": "fp8", "autofp8-static": "fp8",
            "fp8-block": "fp8"}
 
 
@@ -166,6 +166,16 @@ def test_checkpoint_kv_scales_reach_each_layer_of_an_fp8_cache_and_are_skipped_o
     # A model-dtype cache has no use for them: the loader passes them by.
     plain = LLM(path, device="cpu", dtype="float32").engine.core.executor.runner.model
     assert not any(hasattr(layer, "k_scale") or hasattr(layer, "kv_scales") for layer in plain.attention_layers())
+
+
+def test_autofp8_k_and_v_output_scales_reach_each_layer_of_an_fp8_cache(ckpt) -> None:
+    """AutoFP8 writes a layer's KV-cache scales as `self_attn.k_proj.output_scale` / `v_proj.output_scale`."""
+    quantized, _ = ckpt("llama", "autofp8-static")
+    weights = load_file(os.path.join(quantized, "model.safetensors"))
+    expected = [tuple(weights[f"model.layers.{i}.self_attn.{kv}_proj.output_scale"].item() for kv in "kv")
+                for i in range(2)]
+    llm = LLM(quantized, device="cpu", dtype="float32", kv_cache_dtype="fp8")
+    assert [layer.kv_scales for layer in llm.engine.core.executor.runner.model.attention_layers()] == expected
 
 
 def test_a_non_positive_kv_scale_is_refused_naming_the_layer(ckpt, tmp_path) -> None:

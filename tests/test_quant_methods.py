@@ -198,7 +198,10 @@ def _reshape(name: str, shape: tuple[int, ...]):
      r"^model\.layers\.1\.mlp\.gate_up_proj: .*lacks .*weight_scale_inv for its shard 1"),
     ("qwen3", "fp8-block", _reshape("model.layers.1.mlp.down_proj.weight_scale_inv", (1, 1)),
      r"'model\.layers\.1\.mlp\.down_proj\.weight_scale_inv': weight_scale_inv: expected shape \[1, 2\], got \[1, 1\]"),
-], ids=["missing-input-scale", "misshapen-input-scale", "missing-block-scale", "misshapen-block-scale"])
+    ("qwen2", "autofp8-static", _drop("model.layers.1.self_attn.k_proj.weight_scale"),
+     r"^model\.layers\.1\.self_attn\.qkv_proj: .*lacks .*weight_scale_inv \(or weight_scale\) for its shard 'k'"),
+], ids=["missing-input-scale", "misshapen-input-scale", "missing-block-scale", "misshapen-block-scale",
+        "missing-autofp8-scale"])
 def test_a_missing_or_misshapen_fp8_scale_is_named(ckpt, tmp_path, arch: str, fmt: str, edit, expected: str) -> None:
     quantized, _ = ckpt(arch, fmt)
     with pytest.raises(ValueError, match=expected):

@@ -81,6 +81,7 @@ class QuantizedLinearMethod(LinearMethod):
             raise ValueError(f"kernel backend: unknown {backend!r}")
         self.backend = backend
         self.fused_gemv_silu = fused_gemv_silu
+        self.aliases: dict[str, str] = {}  # checkpoint tensor name -> the parameter it loads into
 
     def takes_gemv(self, x: torch.Tensor) -> bool:
         """x goes through the Triton GEMV (1 to MAX_GEMV_ROWS rows), not the GEMM or the torch path."""
@@ -114,13 +115,26 @@ class QuantizedLinearMethod(LinearMethod):
         loaded = layer.__dict__.setdefault("quant_loaded", set())
         loaded.add((name, shard_id))
 
+    def _register_alias(self, layer: LinearBase, alias: str, canonical: str) -> None:
+        """Checkpoint tensors named `alias` load into the parameter `canonical` (through its loader, so
+        they are checked and marked loaded under that name). The alias parameter itself is empty: it only
+        gives the model loader a parameter of that name."""
+        target = getattr(layer, canonical)
+
+        def loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+            target.weight_loader(target, loaded, shard_id)
+
+        _param(layer, alias, torch.empty(0), loader, required=False)
+        self.aliases[alias] = canonical
+
     def check_loaded(self, layer: LinearBase, names: list[str]) -> None:
         loaded = layer.__dict__.get("quant_loaded", set())
         for name in names:
             for shard in layer_shards(layer):
                 if (name, shard) not in loaded:
                     which = "" if shard is None else f" for its shard {shard!r}"
-                    raise ValueError(f"the checkpoint lacks the quantized layer's {name}{which}")
+                    also = "".join(f" (or {a})" for a, c in self.aliases.items() if c == name)
+                    raise ValueError(f"the checkpoint lacks the quantized layer's {name}{also}{which}")
 
 
 # --- FP8 -------------------------------------------------------------------------------------------------
@@ -137,9 +151,14 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         self.block = scheme.weight_strategy == "block"
         self.scale_name = "weight_scale" if scheme.checkpoint_format == "online" else scheme.scale_suffix()
         self.input_scale_name = None if scheme.dynamic_activations else scheme.input_scale_suffix()
+        # Hugging Face "fp8" with one scale per tensor is written under two namings: transformers'
+        # (weight_scale_inv, activation_scale) and AutoFP8's, which vLLM reads (weight_scale, input_scale).
+        self.tensor_aliases = ({"weight_scale": "weight_scale_inv", "input_scale": "activation_scale"}
+                               if scheme.checkpoint_format == "fp8" and not self.block else {})
 
     def create_weights(self, layer: LinearBase, input_size: int, output_size: int, dtype: torch.dtype) -> None:
         n, k = output_size, input_size
+        required = not self.tensor_aliases  # (either name will do: process_weights_after_loading checks)
         whole = TensorLayout(0, 1, 1, 1)
         if self.scheme.checkpoint_format == "online":
             _param(layer, "weight", torch.empty(n, k, dtype=FP8_DTYPE), self._online_loader(layer))
@@ -159,10 +178,14 @@ class Fp8LinearMethod(QuantizedLinearMethod):
             self._register_tensor(layer, spec, torch.ones(n, dtype=torch.float32))
         else:  # one scale per checkpoint tensor: per channel here, so merged q/k/v keep their own
             spec = CheckpointTensor(self.scale_name, TensorLayout(None, 1, None, 1), lambda sl: (),
-                                    lambda t, sl: t.float().reshape(()).expand(sl.rows))
+                                    lambda t, sl: t.float().reshape(()).expand(sl.rows), required=required)
             self._register_tensor(layer, spec, torch.ones(n, dtype=torch.float32))
         if self.input_scale_name is not None:
-            _param(layer, self.input_scale_name, torch.zeros(1, dtype=torch.float32), self._input_scale_loader(layer))
+            _param(layer, self.input_scale_name, torch.zeros(1, dtype=torch.float32), self._input_scale_loader(layer),
+                   required)
+        for alias, canonical in self.tensor_aliases.items():
+            if hasattr(layer, canonical):
+                self._register_alias(layer, alias, canonical)
 
     def _online_loader(self, layer: LinearBase) -> Callable[..., None]:
         """`--quantization fp8`: each bf16 checkpoint tensor (a shard's rows) quantized per output channel
