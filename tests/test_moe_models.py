@@ -313,6 +313,22 @@ def test_an_expert_tensor_of_the_wrong_shape_is_refused_naming_the_expert():
         experts.weight_loader(experts.w13_weight, torch.ones(6, 8), ("w1", 4))
 
 
+@pytest.mark.parametrize("family,name,error", [
+    pytest.param("qwen3_moe", "model.layers.2.mlp.experts.5.up_proj.weight",
+                 r"layers\.2\.mlp\.experts: .*lacks expert 5's w3 weight", id="qwen3_moe"),
+    pytest.param("mixtral", "model.layers.1.block_sparse_moe.experts.0.w2.weight",
+                 r"layers\.1\.mlp\.experts: .*lacks expert 0's w2 weight", id="mixtral"),
+])
+def test_a_missing_expert_tensor_is_refused_naming_the_expert(checkpoint_factory, tmp_path, family, name, error):
+    """The stacks count as loaded once any expert's tensor is, so the loader's own missing check cannot
+    see one absent expert projection; left unchecked its rows would hold uninitialized memory."""
+    from checkpoints import copy_without_weight
+
+    path = copy_without_weight(checkpoint_factory(family), str(tmp_path / "lacking"), name)
+    with pytest.raises(ValueError, match=error):
+        LLM(path, device="cpu")
+
+
 def test_benchmark_roofline_counts_the_experts_a_decode_step_reads():
     """benchmarks/common.py's bytes for the Qwen3-30B-A3B shape agree with the model's own parameter
     counts: a batch-1 step reads the active parameters, a large batch every parameter (less the
