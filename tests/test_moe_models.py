@@ -246,6 +246,41 @@ def test_family_adapters_read_the_routing_settings():
     assert ModelConfig.from_hf_config(hf_config_dict("qwen2")).moe is None
 
 
+@pytest.mark.parametrize("family,field,value,error", [
+    ("qwen3_moe", "num_experts_per_tok", 9, r"num_experts_per_tok must be in \[1, num_experts=8\], got 9"),
+    ("mixtral", "num_experts_per_tok", 0, r"num_experts_per_tok must be in \[1, num_experts=8\], got 0"),
+    ("qwen2_moe", "moe_intermediate_size", 0, r"moe_intermediate_size must be >= 1 .*got 0"),
+    ("qwen2_moe", "decoder_sparse_step", 0, r"decoder_sparse_step must be >= 1, got 0"),
+])
+def test_an_impossible_moe_config_is_refused_naming_the_field(family, field, value, error):
+    with pytest.raises(ValueError, match=rf"^model: {error}"):
+        ModelConfig.from_hf_config({**hf_config_dict(family), field: value})
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"]])
+def test_help_lists_the_moe_families(capsys, argv):
+    from carpool.entrypoints.cli import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    text = "".join(capsys.readouterr().out.split())  # (argparse wraps lines at spaces)
+    for architecture in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM"):
+        assert architecture in text
+    assert ("--enable-expert-parallel" in text) == (argv[0] == "generate")
+
+
+def test_readme_supported_models_table_lists_every_architecture():
+    import os
+
+    from carpool.models.registry import SUPPORTED_ARCHITECTURES
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| `")}
+    assert {"Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM"} <= set(SUPPORTED_ARCHITECTURES)
+    assert set(SUPPORTED_ARCHITECTURES) <= rows
+
+
 def test_engine_config_with_moe_round_trips_through_the_tp_codec():
     from carpool.config import CacheConfig, ParallelConfig, SchedulerConfig
     from carpool.worker import tp_codec
