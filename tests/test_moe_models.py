@@ -69,16 +69,21 @@ def test_greedy_matches_hf_with_async_scheduling(checkpoint_factory):
     assert greedy_tokens(llm, PROMPTS) == reference(path)
 
 
-def test_tp2_greedy_matches_hf(checkpoint_factory):
-    """Qwen2-MoE over two gloo ranks: every expert, the shared expert and the dense layer split along
-    their intermediate dimension; router and shared-expert gate replicated."""
-    path = checkpoint_factory("qwen2_moe")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_greedy_matches_hf(checkpoint_factory, family):
+    """Two gloo ranks: every expert (and Qwen2-MoE's shared expert, and the dense layers) split along its
+    intermediate dimension, half on each rank; routers and the shared-expert gate replicated."""
+    path = checkpoint_factory(family)
     llm = LLM(path, device="cpu", tensor_parallel_size=2, num_kv_blocks=18, max_num_batched_tokens=24)
     try:
+        layout = llm.engine.core.executor.describe()["moe_layout"]
         got = greedy_tokens(llm, PROMPTS)
         assert llm.engine.stats().num_preemptions > 0
     finally:
         llm.engine.shutdown()
+    inter = ModelConfig.from_pretrained(path).moe.moe_intermediate_size
+    assert layout == {"expert_parallel": False, "num_experts": 8, "experts_per_rank": 8,
+                      "moe_intermediate_size_per_rank": inter // 2}
     assert got == reference(path)
 
 
