@@ -140,6 +140,23 @@ def test_stop_string_inside_an_accepted_run_ends_text_and_tokens_there(replay_ll
     assert full.token_ids[:len(out.token_ids)] == out.token_ids and len(out.token_ids) < MAX_NEW
 
 
+@pytest.mark.parametrize("min_tokens", [3, 6], ids=["stop-allowed-from-token-3", "stop-banned-at-token-3"])
+def test_min_tokens_bans_stop_tokens_at_each_verified_position_by_its_own_index(replay_llm, llama_path,
+                                                                                 min_tokens):
+    """After prefill the replay proposes tokens 1..4 of the unconstrained continuation, token 3 being the
+    stop token. Each verified position bans it while its own output index is below min_tokens: with 3 the
+    run stops at token 3 (a ban by the step's first index would reject it), with 6 the target rejects it
+    there (no ban would accept it and stop), as plain decoding does."""
+    prompt = workload()[0]
+    full = token_ids(generate(replay_llm, [prompt]))[0][0]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, min_tokens=min_tokens, stop_token_ids=[full[3]],
+                            ignore_eos=True)
+    plain = generate(LLM(llama_path, device="cpu"), [prompt], params)[0].outputs[0]
+    assert full[3] not in full[:3] and (plain.token_ids == full[:4]) == (min_tokens == 3)
+    spec = generate(replay_llm, [prompt], params)[0].outputs[0]
+    assert (spec.token_ids, spec.finish_reason) == (plain.token_ids, plain.finish_reason)
+
+
 def test_n_sequences_and_logprobs_are_the_targets(replay_llm, llama_path):
     prompt = workload()[1]
     params = SamplingParams(n=2, temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
@@ -165,6 +182,47 @@ def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(llam
     for a, b in zip(plain, spec):
         assert [lp.keys() for lp in a.outputs[0].logprobs] == [lp.keys() for lp in b.outputs[0].logprobs]
     assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
+
+
+def run_engine(engine: Engine, prompts: dict[str, list[int]], abort_after: dict[str, int] | None = None
+               ) -> dict[str, list[int]]:
+    """Run requests to the end (each aborted once it has `abort_after[id]` tokens); their tokens by id."""
+    abort_after = abort_after or {}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, {"prompt_token_ids": prompt}, GREEDY)
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id] = out.outputs[0].token_ids
+            if len(got[out.request_id]) >= abort_after.get(out.request_id, MAX_NEW + 1) and not out.finished:
+                engine.abort(out.request_id)
+    return got
+
+
+def test_a_draft_row_freed_by_an_abort_proposes_for_its_next_request_as_a_fresh_engine_would(llama_path,
+                                                                                           tmp_path):
+    """One row (max_num_seqs=1): the aborted request's draft state must not leak into the next request's
+    proposals, so the next request's tokens and acceptance counts are those of a fresh engine."""
+    prompts = workload()
+
+    def engine() -> Engine:
+        return Engine.from_engine_args(EngineArgs(model=llama_path, device="cpu", max_num_seqs=1,
+                                                  speculative_config=spec_config("draft_model", llama_path,
+                                                                                 tmp_path, prompts)))
+
+    def counts(e: Engine) -> tuple[int, int, int]:
+        s = e.stats()
+        return s.spec_decode_num_drafts, s.spec_decode_num_draft_tokens, s.spec_decode_num_accepted_tokens
+
+    fresh = engine()
+    expected = run_engine(fresh, {"b": prompts[3]})
+    reused = engine()
+    aborted = run_engine(reused, {"a": prompts[1]}, abort_after={"a": 6})
+    assert 6 <= len(aborted["a"]) < MAX_NEW and counts(reused)[0] > 0
+    before = counts(reused)
+    assert run_engine(reused, {"b": prompts[3]}) == expected
+    assert tuple(x - y for x, y in zip(counts(reused), before)) == counts(fresh)
+    reused.core.kv_cache_manager.check_integrity(live_request_ids=[])
 
 
 def test_async_engine_overlaps_steps_only_while_speculation_is_off(llama_path):
