@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from checkpoints import prompts_of_lengths
 from safetensors.torch import load_file, save_file
 
@@ -250,6 +251,37 @@ def test_async_engine_overlaps_steps_only_while_speculation_is_off(llama_path):
     assert overlapped > 0 and engine.stats().spec_decode_num_drafts > 0
 
 
+KV_BUDGET = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def draft_llm(llama_path, tmp_path_factory) -> LLM:
+    draft = smaller_draft(llama_path, str(tmp_path_factory.mktemp("draft") / "draft"))
+    return LLM(llama_path, device="cpu", block_size=16, kv_cache_memory_bytes=KV_BUDGET, speculative_config={
+        "method": "draft_model", "model": draft, "num_speculative_tokens": K})
+
+
+def test_a_draft_models_kv_cache_shares_the_block_budget(draft_llm, llama_path):
+    """One block of the pool holds the target's K/V and the draft's (one layer fewer), for the same ids."""
+    with open(os.path.join(llama_path, "config.json")) as f:
+        cfg = json.load(f)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    itemsize = torch.tensor([], dtype=draft_llm.engine.config.model.dtype).element_size()
+    per_layer = 2 * 16 * cfg["num_key_value_heads"] * head_dim * itemsize  # K and V of 16 tokens
+    num_blocks = draft_llm.engine.stats().num_kv_blocks
+    assert num_blocks == KV_BUDGET // (per_layer * (2 * cfg["num_hidden_layers"] - 1))
+    draft_kv = draft_llm.engine.core.executor.runner.proposer.kv_cache
+    assert draft_kv.shape[:3] == (2, cfg["num_hidden_layers"] - 1, num_blocks)
+
+
+def test_describe_names_the_speculative_method_and_the_draft(draft_llm, replay_llm):
+    spec = draft_llm.engine.config.speculative_config
+    assert draft_llm.engine.core.executor.describe()["speculative"] == {
+        "method": "draft_model", "num_speculative_tokens": K, "disable_by_batch_size": spec.disable_by_batch_size,
+        "draft_model": spec.model, "draft_on_every_rank": False, "draft_cuda_graphs": False}
+    assert replay_llm.engine.core.executor.describe()["speculative"]["method"] == "replay"
+
+
 def test_metrics_expose_vllm_spec_decode_counters(replay_llm):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -295,6 +327,7 @@ def test_tensor_parallel_draft_model_greedy_equals_greedy_without_speculation(ll
               max_num_batched_tokens=24, kv_cache_memory_bytes=1 << 22)
     try:
         assert llm.engine.config.speculative_config.draft_tensor_parallel_size == (draft_tp or 2)
+        assert llm.engine.core.executor.describe()["speculative"]["draft_on_every_rank"] == (draft_tp is None)
         assert token_ids(generate(llm, prompts, params)) == reference(llama_path, prompts, params)
         stats = llm.engine.stats()
         assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
