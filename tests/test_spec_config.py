@@ -129,3 +129,13 @@ def test_speculative_config_travels_to_tensor_parallel_ranks(llama_path):
         "disable_by_batch_size": None}).create_engine_config()
     wire = tp_codec.dumps(tp_codec.engine_config_to_dict(config))
     assert tp_codec.engine_config_from_dict(tp_codec.loads(wire)) == config
+
+
+def test_serve_refuses_a_bad_speculative_config_naming_the_field(llama_path, capsys):
+    pytest.importorskip("fastapi")
+    from carpool.entrypoints.cli import main
+
+    bad = '{"method": "ngram", "num_speculative_tokens": 0}'
+    assert main(["serve", llama_path, "--device", "cpu", "--port", "0", "--speculative-config", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("carpool serve: error: speculative_config.num_speculative_tokens:") and "Traceback" not in err
