@@ -52,6 +52,11 @@ def test_missing_method_without_model_and_invalid_json_are_refused():
         SpeculativeConfig.from_dict('{"method": ')
 
 
+def test_a_model_without_a_method_means_a_draft_model_as_in_vllm():
+    spec = SpeculativeConfig.from_dict({"model": "/some/draft", "num_speculative_tokens": 2})
+    assert (spec.method, spec.model) == ("draft_model", "/some/draft")
+
+
 def test_replay_needs_a_recording_and_a_rate(tmp_path):
     with pytest.raises(ValueError, match=r"^speculative_config\.acceptance_rate:"):
         SpeculativeConfig.from_dict({"method": "replay", "num_speculative_tokens": 3, "acceptance_rate": 1.5})
