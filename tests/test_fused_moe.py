@@ -152,6 +152,16 @@ def test_float16_matches_reference_within_rounding(config: fm.FusedMoeConfig) ->
     check(hidden, *experts(8, torch.float16), weights.to(torch.float16), ids, config, atol=3e-3, rtol=3e-3)
 
 
+@pytest.mark.parametrize("config", PATHS)
+def test_float16_with_float32_routing_weights_matches_reference_within_rounding(config: fm.FusedMoeConfig) -> None:
+    """Mixtral keeps its routing weights in float32 in a half-precision model (Routing.mixtral)."""
+    num_tokens = 2 if config is GEMV else 11
+    hidden, _, _ = routed(random_logits(num_tokens, 8), top_k=2, dtype=torch.float16)
+    weights, ids = Routing.mixtral(8, 2).select(random_logits(num_tokens, 8).to(torch.float16).to(DEVICE))
+    assert weights.dtype == torch.float32
+    check(hidden, *experts(8, torch.float16), weights, ids, config, atol=3e-3, rtol=3e-3)
+
+
 # ---- expert parallelism: one rank's whole experts, global routing ids --------------------------------
 
 def test_alignment_of_one_ranks_experts_equals_its_torch_twin() -> None:

@@ -69,16 +69,21 @@ def test_greedy_matches_hf_with_async_scheduling(checkpoint_factory):
     assert greedy_tokens(llm, PROMPTS) == reference(path)
 
 
-def test_tp2_greedy_matches_hf(checkpoint_factory):
-    """Qwen2-MoE over two gloo ranks: every expert, the shared expert and the dense layer split along
-    their intermediate dimension; router and shared-expert gate replicated."""
-    path = checkpoint_factory("qwen2_moe")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_greedy_matches_hf(checkpoint_factory, family):
+    """Two gloo ranks: every expert (and Qwen2-MoE's shared expert, and the dense layers) split along its
+    intermediate dimension, half on each rank; routers and the shared-expert gate replicated."""
+    path = checkpoint_factory(family)
     llm = LLM(path, device="cpu", tensor_parallel_size=2, num_kv_blocks=18, max_num_batched_tokens=24)
     try:
+        layout = llm.engine.core.executor.describe()["moe_layout"]
         got = greedy_tokens(llm, PROMPTS)
         assert llm.engine.stats().num_preemptions > 0
     finally:
         llm.engine.shutdown()
+    inter = ModelConfig.from_pretrained(path).moe.moe_intermediate_size
+    assert layout == {"expert_parallel": False, "num_experts": 8, "experts_per_rank": 8,
+                      "moe_intermediate_size_per_rank": inter // 2}
     assert got == reference(path)
 
 
@@ -246,6 +251,41 @@ def test_family_adapters_read_the_routing_settings():
     assert ModelConfig.from_hf_config(hf_config_dict("qwen2")).moe is None
 
 
+@pytest.mark.parametrize("family,field,value,error", [
+    ("qwen3_moe", "num_experts_per_tok", 9, r"num_experts_per_tok must be in \[1, num_experts=8\], got 9"),
+    ("mixtral", "num_experts_per_tok", 0, r"num_experts_per_tok must be in \[1, num_experts=8\], got 0"),
+    ("qwen2_moe", "moe_intermediate_size", 0, r"moe_intermediate_size must be >= 1 .*got 0"),
+    ("qwen2_moe", "decoder_sparse_step", 0, r"decoder_sparse_step must be >= 1, got 0"),
+])
+def test_an_impossible_moe_config_is_refused_naming_the_field(family, field, value, error):
+    with pytest.raises(ValueError, match=rf"^model: {error}"):
+        ModelConfig.from_hf_config({**hf_config_dict(family), field: value})
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"]])
+def test_help_lists_the_moe_families(capsys, argv):
+    from carpool.entrypoints.cli import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    text = "".join(capsys.readouterr().out.split())  # (argparse wraps lines at spaces)
+    for architecture in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM"):
+        assert architecture in text
+    assert ("--enable-expert-parallel" in text) == (argv[0] == "generate")
+
+
+def test_readme_supported_models_table_lists_every_architecture():
+    import os
+
+    from carpool.models.registry import SUPPORTED_ARCHITECTURES
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| `")}
+    assert {"Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM"} <= set(SUPPORTED_ARCHITECTURES)
+    assert set(SUPPORTED_ARCHITECTURES) <= rows
+
+
 def test_engine_config_with_moe_round_trips_through_the_tp_codec():
     from carpool.config import CacheConfig, ParallelConfig, SchedulerConfig
     from carpool.worker import tp_codec
@@ -311,6 +351,22 @@ def test_an_expert_tensor_of_the_wrong_shape_is_refused_naming_the_expert():
         experts.weight_loader(experts.w2_weight, torch.ones(6, 8), ("w2", 1))
     with pytest.raises(ValueError, match="expert 4, but the model has num_experts=4"):
         experts.weight_loader(experts.w13_weight, torch.ones(6, 8), ("w1", 4))
+
+
+@pytest.mark.parametrize("family,name,error", [
+    pytest.param("qwen3_moe", "model.layers.2.mlp.experts.5.up_proj.weight",
+                 r"layers\.2\.mlp\.experts: .*lacks expert 5's w3 weight", id="qwen3_moe"),
+    pytest.param("mixtral", "model.layers.1.block_sparse_moe.experts.0.w2.weight",
+                 r"layers\.1\.mlp\.experts: .*lacks expert 0's w2 weight", id="mixtral"),
+])
+def test_a_missing_expert_tensor_is_refused_naming_the_expert(checkpoint_factory, tmp_path, family, name, error):
+    """The stacks count as loaded once any expert's tensor is, so the loader's own missing check cannot
+    see one absent expert projection; left unchecked its rows would hold uninitialized memory."""
+    from checkpoints import copy_without_weight
+
+    path = copy_without_weight(checkpoint_factory(family), str(tmp_path / "lacking"), name)
+    with pytest.raises(ValueError, match=error):
+        LLM(path, device="cpu")
 
 
 def test_benchmark_roofline_counts_the_experts_a_decode_step_reads():

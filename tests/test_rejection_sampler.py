@@ -4,9 +4,12 @@ longest agreeing prefix plus the target's own token.
 Statistical checks (a small vocabulary, N draws each, a fixed seed): the emitted tokens' frequencies
 are compared with the target distribution p by a chi-square test at alpha = 1e-4. Its power against
 wrong acceptance rules, for the distributions below and N = 20000: resampling from p instead of
-norm(max(0, p - q)) after a rejection, accepting with probability p(x) regardless of q, or accepting
-every proposed token move the expected statistic to at least ~1500 (without top-k/top-p) and ~1550
-(with them), against critical values of at most 25.7: each would be caught with probability > 0.9999.
+norm(max(0, p - q)) after a rejection, accepting with probability p(x) regardless of q (for proposals
+sampled from q; with one-hot q that is the right rule), or accepting every proposed token move the
+expected statistic to at least ~1500 (without top-k/top-p), ~1550 (with them) and ~1600 (with min_p),
+against critical values of at most 25.7: each would be caught with probability > 0.9999. A rule that
+skips the filters (min_p, top-k, top-p) on either distribution emits tokens outside the target's
+support, which fails at once.
 """
 
 from __future__ import annotations
@@ -30,16 +33,20 @@ DRAFT_PROBS = torch.tensor([[0.05, 0.10, 0.40, 0.30, 0.10, 0.05],
                             [1 / 6] * 6])
 
 
-def target(position: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def target(position: int, temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
     logits = LOGITS[position:position + 1] / temperature
+    probs = torch.softmax(logits, dim=-1)
+    logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))  # min_p: relative to the top token
     logits = apply_top_k_top_p(logits, torch.tensor([top_k]) if top_k else None,
                                torch.tensor([top_p]) if top_p < 1 else None)
     return torch.softmax(logits, dim=-1)[0]
 
 
-def metadata(rows: int, temperature: float, top_k: int, top_p: float) -> SamplingMetadata:
+def metadata(rows: int, temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> SamplingMetadata:
     md = SamplingMetadata(temperature=torch.full((rows,), temperature), all_greedy=False,
                           num_logprobs=[None] * rows)
+    if min_p:
+        md.min_p = torch.full((rows,), min_p)
     if top_k:
         md.top_k = torch.full((rows,), top_k, dtype=torch.long)
     if top_p < 1:
@@ -56,10 +63,11 @@ def assert_distributed_as(tokens: torch.Tensor, p: torch.Tensor) -> None:
     assert statistic < CHI2_CRITICAL[int(support.sum()) - 1], (statistic, counts / len(tokens), p)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 4, 0.9)],
-                         ids=["plain", "top_k_top_p"])
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [(1.0, 0, 1.0, 0.0), (0.8, 4, 0.9, 0.0),
+                                                             (0.9, 0, 1.0, 0.15)],
+                         ids=["plain", "top_k_top_p", "min_p"])
 @pytest.mark.parametrize("proposals", ["sampled_from_q", "one_hot"])
-def test_emitted_tokens_follow_the_target_distribution(temperature, top_k, top_p, proposals):
+def test_emitted_tokens_follow_the_target_distribution(temperature, top_k, top_p, min_p, proposals):
     torch.manual_seed(0)
     # N requests, each proposing 2 tokens: rows (position 1, position 2, bonus) per request
     logits = LOGITS.repeat(N, 1)
@@ -70,12 +78,12 @@ def test_emitted_tokens_follow_the_target_distribution(temperature, top_k, top_p
         draft_probs = None
         drafts = torch.tensor([2, 4, 0]).repeat(N)
     drafts.view(N, 3)[:, 2] = -1
-    tokens, num_emitted, _ = RejectionSampler(Sampler())(logits, metadata(3 * N, temperature, top_k, top_p), drafts,
-                                                np.full(N, 2), draft_probs)
-    assert_distributed_as(tokens[:, 0], target(0, temperature, top_k, top_p))
+    md = metadata(3 * N, temperature, top_k, top_p, min_p)
+    tokens, num_emitted, _ = RejectionSampler(Sampler())(logits, md, drafts, np.full(N, 2), draft_probs)
+    assert_distributed_as(tokens[:, 0], target(0, temperature, top_k, top_p, min_p))
     # after an accepted first token the second is position 2's; after two, the bonus is position 3's
-    assert_distributed_as(tokens[num_emitted >= 2, 1], target(1, temperature, top_k, top_p))
-    assert_distributed_as(tokens[num_emitted == 3, 2], target(2, temperature, top_k, top_p))
+    assert_distributed_as(tokens[num_emitted >= 2, 1], target(1, temperature, top_k, top_p, min_p))
+    assert_distributed_as(tokens[num_emitted == 3, 2], target(2, temperature, top_k, top_p, min_p))
     first_accepted = tokens[:, 0] == drafts.view(N, 3)[:, 0]
     assert torch.equal(num_emitted >= 2, first_accepted)  # a second token only after an accepted first
 

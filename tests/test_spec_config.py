@@ -52,6 +52,11 @@ def test_missing_method_without_model_and_invalid_json_are_refused():
         SpeculativeConfig.from_dict('{"method": ')
 
 
+def test_a_model_without_a_method_means_a_draft_model_as_in_vllm():
+    spec = SpeculativeConfig.from_dict({"model": "/some/draft", "num_speculative_tokens": 2})
+    assert (spec.method, spec.model) == ("draft_model", "/some/draft")
+
+
 def test_replay_needs_a_recording_and_a_rate(tmp_path):
     with pytest.raises(ValueError, match=r"^speculative_config\.acceptance_rate:"):
         SpeculativeConfig.from_dict({"method": "replay", "num_speculative_tokens": 3, "acceptance_rate": 1.5})
@@ -129,3 +134,13 @@ def test_speculative_config_travels_to_tensor_parallel_ranks(llama_path):
         "disable_by_batch_size": None}).create_engine_config()
     wire = tp_codec.dumps(tp_codec.engine_config_to_dict(config))
     assert tp_codec.engine_config_from_dict(tp_codec.loads(wire)) == config
+
+
+def test_serve_refuses_a_bad_speculative_config_naming_the_field(llama_path, capsys):
+    pytest.importorskip("fastapi")
+    from carpool.entrypoints.cli import main
+
+    bad = '{"method": "ngram", "num_speculative_tokens": 0}'
+    assert main(["serve", llama_path, "--device", "cpu", "--port", "0", "--speculative-config", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("carpool serve: error: speculative_config.num_speculative_tokens:") and "Traceback" not in err

@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from checkpoints import prompts_of_lengths
 from safetensors.torch import load_file, save_file
 
@@ -140,6 +141,23 @@ def test_stop_string_inside_an_accepted_run_ends_text_and_tokens_there(replay_ll
     assert full.token_ids[:len(out.token_ids)] == out.token_ids and len(out.token_ids) < MAX_NEW
 
 
+@pytest.mark.parametrize("min_tokens", [3, 6], ids=["stop-allowed-from-token-3", "stop-banned-at-token-3"])
+def test_min_tokens_bans_stop_tokens_at_each_verified_position_by_its_own_index(replay_llm, llama_path,
+                                                                                 min_tokens):
+    """After prefill the replay proposes tokens 1..4 of the unconstrained continuation, token 3 being the
+    stop token. Each verified position bans it while its own output index is below min_tokens: with 3 the
+    run stops at token 3 (a ban by the step's first index would reject it), with 6 the target rejects it
+    there (no ban would accept it and stop), as plain decoding does."""
+    prompt = workload()[0]
+    full = token_ids(generate(replay_llm, [prompt]))[0][0]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, min_tokens=min_tokens, stop_token_ids=[full[3]],
+                            ignore_eos=True)
+    plain = generate(LLM(llama_path, device="cpu"), [prompt], params)[0].outputs[0]
+    assert full[3] not in full[:3] and (plain.token_ids == full[:4]) == (min_tokens == 3)
+    spec = generate(replay_llm, [prompt], params)[0].outputs[0]
+    assert (spec.token_ids, spec.finish_reason) == (plain.token_ids, plain.finish_reason)
+
+
 def test_n_sequences_and_logprobs_are_the_targets(replay_llm, llama_path):
     prompt = workload()[1]
     params = SamplingParams(n=2, temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
@@ -163,8 +181,51 @@ def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(llam
     spec = generate(llm, prompts, params)
     assert token_ids(spec) == token_ids(plain)
     for a, b in zip(plain, spec):
-        assert [lp.keys() for lp in a.outputs[0].logprobs] == [lp.keys() for lp in b.outputs[0].logprobs]
+        for lp_a, lp_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert lp_a.keys() == lp_b.keys()
+            assert all(abs(lp_a[t].logprob - lp_b[t].logprob) < 1e-4 for t in lp_a)
     assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
+
+
+def run_engine(engine: Engine, prompts: dict[str, list[int]], abort_after: dict[str, int] | None = None
+               ) -> dict[str, list[int]]:
+    """Run requests to the end (each aborted once it has `abort_after[id]` tokens); their tokens by id."""
+    abort_after = abort_after or {}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, {"prompt_token_ids": prompt}, GREEDY)
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id] = out.outputs[0].token_ids
+            if len(got[out.request_id]) >= abort_after.get(out.request_id, MAX_NEW + 1) and not out.finished:
+                engine.abort(out.request_id)
+    return got
+
+
+def test_a_draft_row_freed_by_an_abort_proposes_for_its_next_request_as_a_fresh_engine_would(llama_path,
+                                                                                           tmp_path):
+    """One row (max_num_seqs=1): the aborted request's draft state must not leak into the next request's
+    proposals, so the next request's tokens and acceptance counts are those of a fresh engine."""
+    prompts = workload()
+
+    def engine() -> Engine:
+        return Engine.from_engine_args(EngineArgs(model=llama_path, device="cpu", max_num_seqs=1,
+                                                  speculative_config=spec_config("draft_model", llama_path,
+                                                                                 tmp_path, prompts)))
+
+    def counts(e: Engine) -> tuple[int, int, int]:
+        s = e.stats()
+        return s.spec_decode_num_drafts, s.spec_decode_num_draft_tokens, s.spec_decode_num_accepted_tokens
+
+    fresh = engine()
+    expected = run_engine(fresh, {"b": prompts[3]})
+    reused = engine()
+    aborted = run_engine(reused, {"a": prompts[1]}, abort_after={"a": 6})
+    assert 6 <= len(aborted["a"]) < MAX_NEW and counts(reused)[0] > 0
+    before = counts(reused)
+    assert run_engine(reused, {"b": prompts[3]}) == expected
+    assert tuple(x - y for x, y in zip(counts(reused), before)) == counts(fresh)
+    reused.core.kv_cache_manager.check_integrity(live_request_ids=[])
 
 
 def test_async_engine_overlaps_steps_only_while_speculation_is_off(llama_path):
@@ -190,6 +251,37 @@ def test_async_engine_overlaps_steps_only_while_speculation_is_off(llama_path):
         engine.core.scheduler.check_integrity()
     assert [got[str(i)] for i in range(len(prompts))] == [t[0] for t in expected]
     assert overlapped > 0 and engine.stats().spec_decode_num_drafts > 0
+
+
+KV_BUDGET = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def draft_llm(llama_path, tmp_path_factory) -> LLM:
+    draft = smaller_draft(llama_path, str(tmp_path_factory.mktemp("draft") / "draft"))
+    return LLM(llama_path, device="cpu", block_size=16, kv_cache_memory_bytes=KV_BUDGET, speculative_config={
+        "method": "draft_model", "model": draft, "num_speculative_tokens": K})
+
+
+def test_a_draft_models_kv_cache_shares_the_block_budget(draft_llm, llama_path):
+    """One block of the pool holds the target's K/V and the draft's (one layer fewer), for the same ids."""
+    with open(os.path.join(llama_path, "config.json")) as f:
+        cfg = json.load(f)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    itemsize = torch.tensor([], dtype=draft_llm.engine.config.model.dtype).element_size()
+    per_layer = 2 * 16 * cfg["num_key_value_heads"] * head_dim * itemsize  # K and V of 16 tokens
+    num_blocks = draft_llm.engine.stats().num_kv_blocks
+    assert num_blocks == KV_BUDGET // (per_layer * (2 * cfg["num_hidden_layers"] - 1))
+    draft_kv = draft_llm.engine.core.executor.runner.proposer.kv_cache
+    assert draft_kv.shape[:3] == (2, cfg["num_hidden_layers"] - 1, num_blocks)
+
+
+def test_describe_names_the_speculative_method_and_the_draft(draft_llm, replay_llm):
+    spec = draft_llm.engine.config.speculative_config
+    assert draft_llm.engine.core.executor.describe()["speculative"] == {
+        "method": "draft_model", "num_speculative_tokens": K, "disable_by_batch_size": spec.disable_by_batch_size,
+        "draft_model": spec.model, "draft_on_every_rank": False, "draft_cuda_graphs": False}
+    assert replay_llm.engine.core.executor.describe()["speculative"]["method"] == "replay"
 
 
 def test_metrics_expose_vllm_spec_decode_counters(replay_llm):
@@ -237,6 +329,7 @@ def test_tensor_parallel_draft_model_greedy_equals_greedy_without_speculation(ll
               max_num_batched_tokens=24, kv_cache_memory_bytes=1 << 22)
     try:
         assert llm.engine.config.speculative_config.draft_tensor_parallel_size == (draft_tp or 2)
+        assert llm.engine.core.executor.describe()["speculative"]["draft_on_every_rank"] == (draft_tp is None)
         assert token_ids(generate(llm, prompts, params)) == reference(llama_path, prompts, params)
         stats = llm.engine.stats()
         assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens

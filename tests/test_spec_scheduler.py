@@ -12,7 +12,7 @@ from carpool.core.block_pool import hash_block_tokens
 from carpool.core.kv_cache_manager import KVCacheManager
 from carpool.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from carpool.core.scheduler import Scheduler
-from carpool.request import Request
+from carpool.request import Request, RequestStatus
 from carpool.sampling_params import SamplingParams
 
 NGRAM = SpeculativeConfig("ngram", 3, prompt_lookup_min=1, prompt_lookup_max=2, disable_by_batch_size=None)
@@ -155,6 +155,43 @@ def test_stop_token_inside_an_accepted_run_ends_the_request_there():
     assert out[0].new_token_ids == after[1:3] and out[0].finish_reason == "stop"
     assert not s.has_unfinished_requests()
     assert s.kv.pool.num_free_blocks == s.kv.num_blocks
+
+
+def test_eos_inside_an_accepted_run_ends_the_request_there():
+    s = make()
+    after = targets(2, 4)
+    s.add_request(req("a", [1, 2], max_tokens=10, eos_token_ids=(after[2],)))  # the third token of the run
+    step(s, oracle())
+    _, out = step(s, oracle())
+    assert out[0].new_token_ids == after[1:3] and out[0].finish_reason == "stop"
+    assert s.kv.pool.num_free_blocks == s.kv.num_blocks
+
+
+def test_a_stop_token_before_min_tokens_inside_an_accepted_run_does_not_end_it():
+    s = make()
+    after = targets(2, 5)  # prefill emits after[0]; the verification after[1:4] and the target's after[4]
+    s.add_request(req("a", [1, 2], max_tokens=10, min_tokens=4, stop_token_ids=[after[2]]))
+    step(s, oracle())
+    _, out = step(s, oracle())  # the stop token is output 3 of at least 4: the run goes on past it
+    assert out[0].new_token_ids == after[1:] and out[0].finish_reason is None
+
+
+def test_a_request_aborted_while_verifying_drops_its_tokens_and_frees_its_blocks():
+    s = make(block_size=4, caching=False)
+    s.add_request(req("a", [1, 2, 3]))
+    s.add_request(req("b", [4, 5, 6]))
+    step(s, oracle())
+    so = s.schedule()
+    assert set(so.scheduled_spec_decode_tokens) == {"a", "b"}
+    s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    context = s.requests["b"].prompt_token_ids + s.requests["b"].output_token_ids
+    emitted = targets(context[-1], 4)  # both verify all 3 proposed tokens; a's are dropped
+    out = s.update_from_output(so, ModelRunnerOutput(["a"] * 4 + ["b"] * 4, emitted + emitted, [None] * 8))
+    assert [o.request_id for o in out] == ["b"] and out[0].new_token_ids == emitted
+    assert s.spec_stats.num_drafts == 1  # only b's verification counts
+    s.check_integrity()
+    assert s.kv.pool.num_free_blocks == s.kv.num_blocks - len(s.kv.block_ids("b"))
+    assert "a" in s.schedule().finished_req_ids  # the runner frees a's row (and the proposer forgets it)
 
 
 def test_proposals_never_reach_past_max_tokens():

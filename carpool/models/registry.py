@@ -54,12 +54,13 @@ def _qwen_moe(cfg: dict[str, Any]) -> MoEConfig | None:
     num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
     if num_experts == 0:
         return None
+    step = cfg.get("decoder_sparse_step")  # (0 is refused by MoEConfig, not read as the default)
     return MoEConfig(num_experts=num_experts,
                      num_experts_per_tok=int(cfg["num_experts_per_tok"]),
                      moe_intermediate_size=int(cfg["moe_intermediate_size"]),
                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), router_weights_in_model_dtype=True,
                      shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
-                     decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+                     decoder_sparse_step=1 if step is None else int(step),
                      mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()))
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from carpool.layers.linear import loaded_shape
 from carpool.layers.linear_method import set_weight_loader
-from carpool.layers.moe.experts import EXPERT_KINDS, ExpertsMethod, ExpertTensor, FusedExperts
+from carpool.layers.moe.experts import EXPERT_KINDS, ExpertsMethod, FusedExperts
 from carpool.ops.torch_ref.moe import ExpertScales, Int4ExpertScales
 from carpool.quantization.config import CHANNEL_GROUP, FP8_BLOCK, Fp8Scheme, Int4Scheme
 from carpool.quantization.formats import FP8_DTYPE, PACK, pack_int4, quantize_fp8_per_channel
@@ -62,28 +62,14 @@ WHOLE = TensorLayout(0, 1, 1, 1)
 
 class QuantizedExpertsMethod(ExpertsMethod):
     """What the quantized experts methods share: parameters that say whether a checkpoint must supply
-    them, and the record of which (tensor, projection, held expert) arrived, checked after loading (the
-    loader's own missing check sees a stack as loaded once any expert's tensor is)."""
+    them; which (tensor, projection, held expert) arrived is recorded and checked after loading as for
+    model-dtype experts (ExpertsMethod.check_loaded)."""
 
     @staticmethod
     def _param(layer: FusedExperts, name: str, data: torch.Tensor, loader: Any, required: bool = True) -> None:
         p = set_weight_loader(nn.Parameter(data, requires_grad=False), loader)
         p.checkpoint_required = required  # type: ignore[attr-defined]  # (models/loader.py: the missing check)
         layer.register_parameter(name, p)
-
-    @staticmethod
-    def _mark_loaded(layer: FusedExperts, name: str, where: ExpertTensor) -> None:
-        layer.__dict__.setdefault("quant_loaded", set()).add((name, where.kind, where.local))
-
-    @staticmethod
-    def check_loaded(layer: FusedExperts, names: list[str]) -> None:
-        """Every held expert's every projection arrived with each of `names`."""
-        loaded = layer.__dict__.get("quant_loaded", set())
-        for name in names:
-            for local in range(layer.experts_per_rank):
-                for kind in EXPERT_KINDS:
-                    if (name, kind, local) not in loaded:
-                        raise ValueError(f"the checkpoint lacks expert {layer.expert_start + local}'s {kind} {name}")
 
 
 class Fp8ExpertsMethod(QuantizedExpertsMethod):
@@ -149,7 +135,7 @@ class Fp8ExpertsMethod(QuantizedExpertsMethod):
             # (index_copy_ / copy_ of e4m3 on CPU go through the bytes)
             dst = param.data[where.local].narrow(0, sl.dst_row, sl.rows)
             dst.view(torch.uint8).copy_(part.to(param.device).view(torch.uint8))
-            self._mark_loaded(layer, "weight", where)
+            self.mark_loaded(layer, "weight", where)
         return loader
 
     def _scale_loader(self, layer: FusedExperts) -> Callable[..., None]:
@@ -179,7 +165,7 @@ class Fp8ExpertsMethod(QuantizedExpertsMethod):
                 local.narrow(0, sl.dst_row, sl.rows).copy_(part)
             else:  # one scale for the whole tensor: every channel of it
                 local.narrow(0, sl.dst_row, sl.rows).fill_(float(read_full(loaded).float().reshape(())))
-            self._mark_loaded(layer, self.scale_name, where)
+            self.mark_loaded(layer, self.scale_name, where)
         return loader
 
     def _input_scale_loader(self, layer: FusedExperts) -> Callable[..., None]:
@@ -197,7 +183,7 @@ class Fp8ExpertsMethod(QuantizedExpertsMethod):
             if not bool(value > 0) or not bool(torch.isfinite(value)):
                 raise ValueError(f"{what}: a static activation scale must be positive and finite, got {value.item()}")
             param.data[where.local] = torch.maximum(param.data[where.local], value.to(param.device))
-            self._mark_loaded(layer, str(self.input_scale_name), where)
+            self.mark_loaded(layer, str(self.input_scale_name), where)
         return loader
 
     def process_weights_after_loading(self, layer: FusedExperts) -> None:
@@ -333,7 +319,7 @@ class Int4ExpertsMethod(QuantizedExpertsMethod):
             if values.shape != dst.shape:
                 raise ValueError(f"{what}: converts to {tuple(values.shape)}, the stack holds {tuple(dst.shape)}")
             dst.copy_(values)
-            self._mark_loaded(layer, spec.suffix, where)
+            self.mark_loaded(layer, spec.suffix, where)
         return loader
 
     def _g_idx_loader(self, layer: FusedExperts) -> Callable[..., None]:

@@ -21,7 +21,7 @@ device) written in as a fix-up; catch-up steps with several tokens per row run e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -87,6 +87,10 @@ class DraftModelProposer(Proposer):
             self.graph_runner = CUDAGraphRunner(self.model, self.runtime.attention, self.graph_max_num_seqs,
                                                 self.max_model_len, self.block_size, self.device, cascade=False)
             self.graph_runner.capture()
+
+    def describe(self) -> dict[str, Any]:
+        return {"draft_model": self.draft_config.path, "draft_on_every_rank": self.runtime.comm.size > 1,
+                "draft_cuda_graphs": self.graph_runner is not None}
 
     def remove(self, row: int) -> None:
         self.num_computed[row] = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,10 @@ class Proposer(ABC):
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the proposer's KV memory for `num_blocks` blocks (the target's count and block ids)."""
+
+    def describe(self) -> dict[str, Any]:
+        """How the proposer runs, beyond the speculative config (for the runner's describe())."""
+        return {}
 
 
 def make_proposer(config: EngineConfig, runner: "ModelRunner") -> Proposer | None:

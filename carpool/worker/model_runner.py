@@ -118,14 +118,21 @@ class ModelRunner:
 
     def describe(self) -> dict:
         """The kernel paths this runner uses: the backend, the fast paths asked for (KernelConfig),
-        whether decode steps replay CUDA graphs, the quantization method, the KV cache dtype and how a
-        mixture of experts' routed experts are divided among the ranks (None: a dense model)."""
+        whether decode steps replay CUDA graphs, the quantization method, the KV cache dtype, how a
+        mixture of experts' routed experts are divided among the ranks (None: a dense model) and how it
+        speculates (None: it does not)."""
+        spec = self.config.speculative_config
+        speculative = None if spec is None else {
+            "method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens,
+            "disable_by_batch_size": spec.disable_by_batch_size,
+            **(self.proposer.describe() if self.proposer is not None else {})}
         return {"kernel_backend": self.ops.name, "attention_backend": self.attention.name,
                 "cuda_graphs": self.graph_runner is not None, "kernels": dataclasses.asdict(self.config.kernels),
                 "quantization": self.quantization.name if self.quantization is not None else None,
                 "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
                 "moe_layout": expert_layout(self.config.model, self.comm.size,
-                                            self.config.parallel.enable_expert_parallel)}
+                                            self.config.parallel.enable_expert_parallel),
+                "speculative": speculative}
 
     # ---- KV memory -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:

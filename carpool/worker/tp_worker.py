@@ -266,7 +266,7 @@ class TPWorker:
                 "cuda_graphs": self.runner.graph_runner is not None,
                 "kernels": dataclasses.asdict(self.runner.config.kernels),
                 **{k: v for k, v in self.runner.describe().items()
-                   if k in ("quantization", "kv_cache_dtype", "moe_layout")}}
+                   if k in ("quantization", "kv_cache_dtype", "moe_layout", "speculative")}}
 
     def timings(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Rank 0's per-step timings since the last call; `enable` switches collection on or off."""

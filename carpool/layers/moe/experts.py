@@ -64,6 +64,23 @@ class ExpertsMethod(ABC):
     def process_weights_after_loading(self, layer: "FusedExperts") -> None:
         """Check (and repack) what was loaded."""
 
+    @staticmethod
+    def mark_loaded(layer: "FusedExperts", name: str, where: ExpertTensor) -> None:
+        """Record that tensor `name` of held expert where.local's projection where.kind arrived."""
+        layer.__dict__.setdefault("loaded_expert_tensors", set()).add((name, where.kind, where.local))
+
+    @staticmethod
+    def check_loaded(layer: "FusedExperts", names: list[str]) -> None:
+        """Every held expert's every projection arrived with each of `names`. (The loader's own missing
+        check sees a stack as loaded once any expert's tensor is: a checkpoint lacking one expert's
+        projection would otherwise leave those rows uninitialized.)"""
+        loaded = layer.__dict__.get("loaded_expert_tensors", set())
+        for name in names:
+            for local in range(layer.experts_per_rank):
+                for kind in EXPERT_KINDS:
+                    if (name, kind, local) not in loaded:
+                        raise ValueError(f"the checkpoint lacks expert {layer.expert_start + local}'s {kind} {name}")
+
 
 class UnquantizedExpertsMethod(ExpertsMethod):
     """w13_weight and w2_weight in the model dtype."""
@@ -79,6 +96,9 @@ class UnquantizedExpertsMethod(ExpertsMethod):
               topk_ids: torch.Tensor) -> torch.Tensor:
         return layer.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
                                expert_start=layer.expert_start, num_global_experts=layer.num_experts)
+
+    def process_weights_after_loading(self, layer: "FusedExperts") -> None:
+        self.check_loaded(layer, ["weight"])
 
 
 class FusedExperts(nn.Module):
@@ -161,6 +181,7 @@ class FusedExperts(nn.Module):
             local.copy_(load_narrow(loaded, 1, sl.src_col, sl.cols))
         else:
             local.narrow(0, sl.dst_row, sl.rows).copy_(load_narrow(loaded, 0, sl.src_row, sl.rows))
+        self.method.mark_loaded(self, "weight", where)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, topk_weights, topk_ids)
