@@ -7,8 +7,9 @@ families of checkpoints map onto two compute methods:
 - `Fp8Scheme` (W8A8, e4m3): Hugging Face `quant_method: "fp8"` (the fine-grained format of the
   Qwen3/DeepSeek FP8 releases: 128x128 block scales `weight_scale_inv`, or one per-tensor scale without
   `weight_block_size`, named as transformers writes it, `weight_scale_inv` / `activation_scale`, or as
-  AutoFP8 does, `weight_scale` / `input_scale`), compressed-tensors `float-quantized` (llm-compressor's FP8: per-channel,
-  per-tensor or 128x128-block `weight_scale`, dynamic or static `input_scale`), and `--quantization fp8`
+  AutoFP8 does, `weight_scale` / `input_scale`), compressed-tensors `float-quantized` (llm-compressor's
+  FP8: per-channel, per-tensor or 128x128-block `weight_scale`, dynamic or static `input_scale`), and
+  `--quantization fp8`
   on an unquantized checkpoint (per-channel scales computed while loading).
 - `Int4Scheme` (W4A16): AutoAWQ GEMM (`quant_method: "awq"`), GPTQ (`quant_method: "gptq"`, v1 and v2
   zero points) and compressed-tensors `pack-quantized` int4.
