@@ -59,6 +59,14 @@ class Fp8Scheme:
     def input_scale_suffix(self) -> str:
         return "activation_scale" if self.checkpoint_format == "fp8" else "input_scale"
 
+    def tensor_aliases(self) -> dict[str, str]:
+        """Other names a checkpoint may give its scale tensors -> the name they load under. Hugging Face
+        "fp8" with one scale per tensor is written under two namings: transformers' (weight_scale_inv,
+        activation_scale) and AutoFP8's, which vLLM reads (weight_scale, input_scale)."""
+        if self.checkpoint_format != "fp8" or self.weight_strategy == "block":
+            return {}
+        return {"weight_scale": "weight_scale_inv", "input_scale": "activation_scale"}
+
 
 @dataclass(frozen=True)
 class Int4Scheme:

@@ -15,7 +15,7 @@ SiLU-and-mul in its epilogue, as the bf16 path does at batch 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +63,29 @@ class CheckpointTensor:
     required: bool = True  # False: a checkpoint may omit it (then the parameter is derived or unused)
 
 
-def _param(layer: LinearBase, name: str, tensor: torch.Tensor, loader: Any, required: bool = True) -> nn.Parameter:
+def _param(layer: nn.Module, name: str, tensor: torch.Tensor, loader: Any, required: bool = True) -> nn.Parameter:
     p = set_weight_loader(nn.Parameter(tensor, requires_grad=False), loader)
     p.checkpoint_required = required  # type: ignore[attr-defined]  # (models/loader.py: the missing check)
     layer.register_parameter(name, p)
     return p
+
+
+def register_alias(layer: nn.Module, alias: str, canonical: str) -> None:
+    """Checkpoint tensors named `alias` load into the parameter `canonical` (through its loader, so
+    they are checked and marked loaded under that name). The alias parameter itself is empty: it only
+    gives the model loader a parameter of that name."""
+    target = getattr(layer, canonical)
+
+    def loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        target.weight_loader(target, loaded, shard_id)
+
+    _param(layer, alias, torch.empty(0), loader, required=False)
+
+
+def alias_note(aliases: Mapping[str, str], name: str) -> str:
+    """The text ' (or X)' for each alias X of `name` (aliases: alias -> name): a missing-tensor error
+    names every spelling a checkpoint may use."""
+    return "".join(f" (or {a})" for a, c in aliases.items() if c == name)
 
 
 class QuantizedLinearMethod(LinearMethod):
@@ -116,15 +134,7 @@ class QuantizedLinearMethod(LinearMethod):
         loaded.add((name, shard_id))
 
     def _register_alias(self, layer: LinearBase, alias: str, canonical: str) -> None:
-        """Checkpoint tensors named `alias` load into the parameter `canonical` (through its loader, so
-        they are checked and marked loaded under that name). The alias parameter itself is empty: it only
-        gives the model loader a parameter of that name."""
-        target = getattr(layer, canonical)
-
-        def loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-            target.weight_loader(target, loaded, shard_id)
-
-        _param(layer, alias, torch.empty(0), loader, required=False)
+        register_alias(layer, alias, canonical)
         self.aliases[alias] = canonical
 
     def check_loaded(self, layer: LinearBase, names: list[str]) -> None:
@@ -133,8 +143,8 @@ class QuantizedLinearMethod(LinearMethod):
             for shard in layer_shards(layer):
                 if (name, shard) not in loaded:
                     which = "" if shard is None else f" for its shard {shard!r}"
-                    also = "".join(f" (or {a})" for a, c in self.aliases.items() if c == name)
-                    raise ValueError(f"the checkpoint lacks the quantized layer's {name}{also}{which}")
+                    raise ValueError(f"the checkpoint lacks the quantized layer's {name}"
+                                     f"{alias_note(self.aliases, name)}{which}")
 
 
 # --- FP8 -------------------------------------------------------------------------------------------------
@@ -151,10 +161,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         self.block = scheme.weight_strategy == "block"
         self.scale_name = "weight_scale" if scheme.checkpoint_format == "online" else scheme.scale_suffix()
         self.input_scale_name = None if scheme.dynamic_activations else scheme.input_scale_suffix()
-        # Hugging Face "fp8" with one scale per tensor is written under two namings: transformers'
-        # (weight_scale_inv, activation_scale) and AutoFP8's, which vLLM reads (weight_scale, input_scale).
-        self.tensor_aliases = ({"weight_scale": "weight_scale_inv", "input_scale": "activation_scale"}
-                               if scheme.checkpoint_format == "fp8" and not self.block else {})
+        self.tensor_aliases = scheme.tensor_aliases()
 
     def create_weights(self, layer: LinearBase, input_size: int, output_size: int, dtype: torch.dtype) -> None:
         n, k = output_size, input_size
