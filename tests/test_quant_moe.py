@@ -3,7 +3,10 @@
 FP8: Qwen3-MoE in the Hugging Face fine-grained FP8 format (128x128 blocks, `weight_scale_inv`, written by
 transformers' own quantizer) and in compressed-tensors FP8 (per-channel `weight_scale`, dynamic per-token
 activations, written by compressed-tensors' own compressor), Qwen2-MoE in compressed-tensors per-tensor
-FP8 with static activation scales, and `--quantization fp8` on a float checkpoint.
+FP8 with static activation scales, Qwen3-MoE and Mixtral in Hugging Face per-tensor FP8 under both of its
+namings (transformers' `weight_scale_inv`, written by its own quantizer, and AutoFP8's `weight_scale` /
+`input_scale` with static activation scales, the neuralmagic FP8 releases' format), and `--quantization
+fp8` on a float checkpoint.
 4-bit: Qwen3-MoE in AutoAWQ's GEMM packing (zero points) and GPTQ v1 symmetric, Mixtral in GPTQ v1
 asymmetric, group 128, written by carpool's packers (quantization/writers.py, which transcribe the tools'
 packing code), and Qwen3-MoE in compressed-tensors pack-quantized (with and without zero points, written
@@ -65,6 +68,10 @@ def experts_of(llm: LLM) -> list[FusedExperts]:
     ("qwen3_moe", "fp8-block", "fp8", "weight", "weight_scale_inv"),
     ("qwen3_moe", "ct-fp8-channel", "compressed-tensors-fp8", "weight", "weight_scale"),
     ("qwen2_moe", "ct-fp8-tensor-static", "compressed-tensors-fp8", "weight", "weight_scale"),
+    ("qwen3_moe", "fp8-tensor", "fp8", "weight", "weight_scale_inv"),
+    ("qwen3_moe", "autofp8-static", "fp8", "weight", "weight_scale_inv"),
+    ("mixtral", "fp8-tensor", "fp8", "weight", "weight_scale_inv"),
+    ("mixtral", "autofp8-static", "fp8", "weight", "weight_scale_inv"),
     ("qwen3_moe", "awq", "awq", "qweight", "scales"),
     ("qwen3_moe", "gptq", "gptq", "qweight", "scales"),
     ("mixtral", "gptq-asym", "gptq", "qweight", "scales"),
@@ -180,14 +187,21 @@ def test_a_quantized_router_is_refused_naming_the_tensor(expert_tensor: str, rou
         model.checkpoint_name_map(f"model.layers.0.mlp.gate.{router_tensor}")
 
 
-@pytest.mark.parametrize("fmt,tensor", [("fp8-block", "weight_scale_inv"), ("awq", "qzeros")])
-def test_a_missing_expert_scale_is_refused_naming_the_expert(ckpt, tmp_path, fmt: str, tensor: str) -> None:
+@pytest.mark.parametrize("fmt,tensor,named", [
+    ("fp8-block", "weight_scale_inv", "weight_scale_inv"),
+    ("awq", "qzeros", "qzeros"),
+    # Hugging Face per-tensor FP8 under either naming: the error names both spellings
+    ("autofp8-static", "weight_scale", r"weight_scale_inv \(or weight_scale\)"),
+    ("autofp8-static", "input_scale", r"activation_scale \(or input_scale\)"),
+])
+def test_a_missing_expert_scale_is_refused_naming_the_expert(ckpt, tmp_path, fmt: str, tensor: str,
+                                                              named: str) -> None:
     from checkpoints import copy_without_weight
 
     quantized, _ = ckpt("qwen3_moe", fmt)
     name = f"model.layers.2.mlp.experts.5.up_proj.{tensor}"
     path = copy_without_weight(quantized, str(tmp_path / "lacking"), name)
-    with pytest.raises(ValueError, match=rf"model\.layers\.2\.mlp\.experts: .*lacks expert 5's w3 {tensor}"):
+    with pytest.raises(ValueError, match=rf"model\.layers\.2\.mlp\.experts: .*lacks expert 5's w3 {named}"):
         LLM(path, device="cpu", dtype="float32")
 
 

@@ -9,7 +9,9 @@ block (w13 [E, 2 ceil(I/128), ceil(H/128)], gate blocks then up blocks; w2 [E, c
 Per-tensor checkpoint scales are expanded to channels, as the dense FP8 method does.
 
 Parameters keep the checkpoint tensors' names after the stack's (`w13_weight_scale_inv` for Hugging Face
-fine-grained FP8, `w13_weight_scale` for compressed-tensors and `--quantization fp8`), and each loader
+fine-grained FP8, `w13_weight_scale` for compressed-tensors and `--quantization fp8`; Hugging Face
+per-tensor FP8 in AutoFP8's naming, `weight_scale` / `input_scale`, loads through aliases of
+transformers' `weight_scale_inv` / `activation_scale`, as the dense method's do), and each loader
 converts one expert tensor's rank part as it arrives (quantization/sharding.py cuts it: a tensor-parallel
 split of the intermediate dimension must fall on whole 128-row blocks), so no layer is held twice.
 
@@ -47,6 +49,7 @@ from carpool.quantization.methods import (
     check_g_idx,
     check_weight_shape,
     int4_checkpoint_tensors,
+    register_alias,
 )
 from carpool.quantization.sharding import (
     ShardSlice,
@@ -83,6 +86,7 @@ class Fp8ExpertsMethod(QuantizedExpertsMethod):
         self.online = scheme.checkpoint_format == "online"
         self.scale_name = "weight_scale" if self.online else scheme.scale_suffix()
         self.input_scale_name = None if scheme.dynamic_activations else scheme.input_scale_suffix()
+        self.aliases = scheme.tensor_aliases()  # (w13_weight_scale loads into w13_weight_scale_inv, ...)
 
     # ---- parameters ---------------------------------------------------------------------------------
 
@@ -101,12 +105,18 @@ class Fp8ExpertsMethod(QuantizedExpertsMethod):
         else:
             shapes13, shapes2 = (e, 2 * inter), (e, h)
         loader = None if self.online else self._scale_loader(layer)
+        required = not self.aliases  # (either name will do: process_weights_after_loading checks)
         for name, shape in ((f"w13_{self.scale_name}", shapes13), (f"w2_{self.scale_name}", shapes2)):
-            self._param(layer, name, torch.ones(shape, dtype=torch.float32), loader, required=not self.online)
+            self._param(layer, name, torch.ones(shape, dtype=torch.float32), loader,
+                        required=required and not self.online)
         if self.input_scale_name is not None:
             for stack in ("w13", "w2"):
                 self._param(layer, f"{stack}_{self.input_scale_name}", torch.zeros(e, dtype=torch.float32),
-                            self._input_scale_loader(layer))
+                            self._input_scale_loader(layer), required)
+        for alias, canonical in self.aliases.items():
+            for stack in ("w13", "w2"):
+                if hasattr(layer, f"{stack}_{canonical}"):
+                    register_alias(layer, f"{stack}_{alias}", f"{stack}_{canonical}")
 
     # ---- loaders ----------------------------------------------------------------------------------------
 
@@ -192,7 +202,7 @@ class Fp8ExpertsMethod(QuantizedExpertsMethod):
         names = ["weight"] + ([] if self.online else [self.scale_name])
         if self.input_scale_name is not None:
             names.append(self.input_scale_name)
-        self.check_loaded(layer, names)
+        self.check_loaded(layer, names, self.aliases)
 
     # ---- compute -----------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ its partial sum of the full one, reduced by the decoder layer like any MLP's:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from torch import nn
 from carpool.distributed import SINGLE_RANK, Communicator
 from carpool.layers.linear import load_narrow, loaded_shape
 from carpool.layers.linear_method import set_weight_loader
+from carpool.quantization.methods import alias_note
 from carpool.quantization.sharding import ShardSlice
 
 EXPERT_KINDS = ("w1", "w2", "w3")  # gate, down, up (Mixtral's names)
@@ -70,16 +71,18 @@ class ExpertsMethod(ABC):
         layer.__dict__.setdefault("loaded_expert_tensors", set()).add((name, where.kind, where.local))
 
     @staticmethod
-    def check_loaded(layer: "FusedExperts", names: list[str]) -> None:
+    def check_loaded(layer: "FusedExperts", names: list[str], aliases: Mapping[str, str] | None = None) -> None:
         """Every held expert's every projection arrived with each of `names`. (The loader's own missing
         check sees a stack as loaded once any expert's tensor is: a checkpoint lacking one expert's
-        projection would otherwise leave those rows uninitialized.)"""
+        projection would otherwise leave those rows uninitialized.) The error also names a tensor's
+        `aliases` (alias -> name), the other spellings a checkpoint may use."""
         loaded = layer.__dict__.get("loaded_expert_tensors", set())
         for name in names:
             for local in range(layer.experts_per_rank):
                 for kind in EXPERT_KINDS:
                     if (name, kind, local) not in loaded:
-                        raise ValueError(f"the checkpoint lacks expert {layer.expert_start + local}'s {kind} {name}")
+                        raise ValueError(f"the checkpoint lacks expert {layer.expert_start + local}'s {kind} "
+                                         f"{name}{alias_note(aliases or {}, name)}")
 
 
 class UnquantizedExpertsMethod(ExpertsMethod):
