@@ -47,3 +47,24 @@ def test_chunked_loss_under_bf16_autocast_stays_close_and_keeps_fp32_gradients()
     ref = F.cross_entropy(hidden.detach() @ weight.detach().t(), labels, ignore_index=IGNORE_INDEX)
     assert ours.dtype == torch.float32 and weight.grad.dtype == torch.float32
     torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)  # bf16 matmul inputs: ~3 significant digits
+
+
+def test_chunked_loss_never_holds_more_than_one_chunk_of_logits():
+    """Forward and backward create no tensor of [tokens, vocab] (or larger): at most [chunk, vocab]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return out
+
+    n, h, v, chunk = 64, 8, 500, 16
+    hidden, weight, labels = _inputs(n, h, v, dtype=torch.float32)
+    with LargestOutput():
+        chunked_cross_entropy(hidden, weight, labels, "mean", chunk).backward()
+    assert chunk * v <= LargestOutput.largest < n * v  # the chunk's logits exist, the whole logits never do
