@@ -154,3 +154,64 @@ def test_training_from_a_hugging_face_checkpoint_starts_at_its_loss(llama_path, 
     with torch.no_grad():
         ref = F.cross_entropy(hf(batch.input_ids).logits.flatten(0, 1), batch.labels.flatten())
     torch.testing.assert_close(loss.float(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_layers_give_the_same_loss_gradients_and_parameter_names(paths, tmp_path):
+    plain_loss, plain = _grads(tiny_config(paths, str(tmp_path / "plain")))
+    compiled_loss, compiled = _grads(tiny_config(paths, str(tmp_path / "compiled"), compile=True))
+    assert compiled_loss == pytest.approx(plain_loss, rel=1e-6)
+    _assert_same_grads(compiled, plain, rtol=1e-5, atol=1e-6)  # inductor may fuse and reorder fp32 sums
+
+
+def test_bf16_computes_in_bf16_over_fp32_master_weights_and_optimizer_states(paths, tmp_path):
+    trainer = Trainer(tiny_config(paths, str(tmp_path), precision="bf16"))
+    seen: list[torch.dtype] = []
+    trainer.module.model.layers[0].mlp.register_forward_hook(lambda m, i, out: seen.append(out.value.dtype))
+    trainer.train_step()
+    assert seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainer.module.parameters())
+    states = [t for s in trainer.optimizer.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+    assert states and all(t.dtype == torch.float32 for t in states)
+    trainer.close()
+
+
+def test_gradient_clipping_scales_the_global_norm_down_to_the_limit(paths, tmp_path):
+    def global_norm(grads: dict[str, torch.Tensor]) -> float:
+        return float(torch.stack([g.norm() for g in grads.values()]).norm())
+
+    trainer = Trainer(tiny_config(paths, str(tmp_path), optim={"grad_clip": 1e-3}))
+    trainer.accumulate_gradients()
+    before = global_norm(trainer.full_gradients())
+    norm, _ = trainer.clip_and_step()
+    assert before > 1e-2 and float(norm) == pytest.approx(before, rel=1e-5)  # reported before clipping
+    assert global_norm(trainer.full_gradients()) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_resuming_restores_the_random_number_generators(paths, tmp_path):
+    import random
+
+    import numpy as np
+
+    cfg = tiny_config(paths, str(tmp_path), max_steps=3)
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    torch.rand(5), np.random.rand(5), random.random()  # a run that drew random numbers before saving
+    trainer.save()
+    expected = (torch.rand(4), np.random.rand(4), random.random())
+    resumed = Trainer(cfg)
+    assert resumed.step == 1
+    got = (torch.rand(4), np.random.rand(4), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_a_run_shows_progress_and_writes_metric_lines(paths, tmp_path, capsys):
+    cfg = tiny_config(paths, str(tmp_path), max_steps=2, progress_bar=True, eval_interval=1)
+    Trainer(cfg).run()
+    err = capsys.readouterr().err
+    assert "2/2" in err and "loss=" in err and "tok/s=" in err
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[0]["event"] == "start" and records[0]["memory_estimate"]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["tokens_per_s"] > 0 for r in steps)
+    assert [r["step"] for r in records if "heldout_ppl" in r] == [1, 2]  # at the interval and at the end
