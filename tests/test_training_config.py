@@ -25,6 +25,24 @@ def test_flags_override_the_toml_file_which_overrides_defaults(tmp_path):
     assert cfg.parallel.reshard_after_forward is False and cfg.micro_batch_size == TrainConfig().micro_batch_size
 
 
+def test_a_yaml_config_gives_the_same_config_as_the_toml_file(tmp_path):
+    toml, yaml = tmp_path / "run.toml", tmp_path / "run.yml"
+    toml.write_text('max_steps = 50\n[data]\ntrain = "x.bin"\n[optim]\nlr = 1e-3\nbetas = [0.8, 0.9]\n'
+                    '[parallel]\nstrategy = "fsdp"\nreshard_after_forward = false\n')
+    yaml.write_text("max_steps: 50\ndata: {train: x.bin}\noptim: {lr: 0.001, betas: [0.8, 0.9]}\n"
+                    "parallel: {strategy: fsdp, reshard_after_forward: false}\n")
+    from_yaml = _parse(["--config", str(yaml)])
+    assert from_yaml == _parse(["--config", str(toml)]) and from_yaml.optim.betas == (0.8, 0.9)
+    assert from_yaml.parallel.reshard_after_forward is False and from_yaml.max_steps == 50
+
+
+def test_a_wrong_typed_field_in_a_yaml_config_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {train: x.bin}\noptim: {warmup_steps: ten}\n")
+    with pytest.raises(ValueError, match="^optim[.]warmup_steps: expected an integer"):
+        _parse(["--config", str(path)])
+
+
 @pytest.mark.parametrize("data, field", [
     ({"optim": {"lr": "fast"}}, "optim.lr"),
     ({"max_steps": 1.5}, "max_steps"),

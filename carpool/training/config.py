@@ -1,7 +1,8 @@
-"""TrainConfig: every knob of a training run, from a TOML file and/or command-line flags.
+"""TrainConfig: every knob of a training run, from a TOML or YAML file and/or command-line flags.
 
-Precedence: dataclass defaults < TOML file < flags. A TOML table is a section (`[optim] lr = 3e-4`); the
-flag of the same field is `--optim.lr 3e-4`; top-level fields are plain (`--max-steps 100`).
+Precedence: dataclass defaults < config file < flags. A TOML table (a YAML mapping) is a section
+(`[optim] lr = 3e-4`, or `optim: {lr: 3.0e-4}`); the flag of the same field is `--optim.lr 3e-4`; top-level
+fields are plain (`--max-steps 100`). Both file formats go through the same typed parsing.
 
 Validation happens in two places, both before the model is built or a step runs:
 - `TrainConfig.from_dict` / `parse_value`: types and ranges, naming the field (`optim.lr: ...`).
@@ -152,6 +153,11 @@ class TrainConfig:
     def from_toml(path: str) -> "TrainConfig":
         return TrainConfig.from_dict(load_toml(path))
 
+    @staticmethod
+    def from_file(path: str) -> "TrainConfig":
+        """TOML, or YAML when the name ends in .yaml/.yml."""
+        return TrainConfig.from_dict(load_config_file(path))
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Typed parsing
@@ -269,6 +275,28 @@ def load_toml(path: str) -> dict[str, Any]:
             raise ValueError(f"config: {path} is not valid TOML ({e})") from None
 
 
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config: no such file {path!r}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config: {path} is not valid YAML ({e})") from None
+    if data is None:  # an empty file: all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The fields of a config file: YAML for .yaml/.yml, TOML otherwise."""
+    return load_yaml(path) if path.lower().endswith((".yaml", ".yml")) else load_toml(path)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Ranges and consistency of the values themselves (no file system access)."""
     positive = {"seq_len": cfg.seq_len, "micro_batch_size": cfg.micro_batch_size,
@@ -349,7 +377,8 @@ def flag_name(dotted: str) -> str:
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (`--optim.lr`, `--max-steps`), each defaulting to 'not given'."""
-    parser.add_argument("--config", metavar="TOML", help="TOML file of TrainConfig fields (flags override it)")
+    parser.add_argument("--config", metavar="FILE", help="TOML file (or YAML: .yaml/.yml) of the fields below, "
+                        "sections as tables: [optim] lr = 3e-4 (flags override it)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     defaults = TrainConfig()
     for dotted, tp, f in _flag_fields():
@@ -374,8 +403,8 @@ def _metavar(tp: Any) -> str:
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    """TOML (if --config) overlaid with the flags that were given."""
-    data: dict[str, Any] = load_toml(ns.config) if getattr(ns, "config", None) else {}
+    """The config file (if --config) overlaid with the flags that were given."""
+    data: dict[str, Any] = load_config_file(ns.config) if getattr(ns, "config", None) else {}
     for dotted, tp, _ in _flag_fields():
         if dotted not in vars(ns):
             continue
