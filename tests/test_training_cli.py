@@ -23,6 +23,13 @@ def test_train_help_names_every_group_of_flags():
         assert flag in text, flag
 
 
+def test_train_help_says_how_to_launch_on_several_processes_and_nodes():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    text = train.format_help()
+    for words in ("--nproc-per-node N", "torchrun --nproc-per-node", "--nnodes", "--rdzv-endpoint", "YAML"):
+        assert words in text, words
+
+
 def test_commands_train_on_two_processes_and_evaluate_the_export(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
     manifest = str(data / "manifest.json")

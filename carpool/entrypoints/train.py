@@ -109,9 +109,28 @@ def run_pretokenize(ns: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_EPILOG = """\
+launching:
+  one process:          carpool train --config run.toml --data.train DATA/train
+  N processes here:     carpool train ... --parallel.strategy fsdp --nproc-per-node N
+                        (spawns them as torchrun does; gloo on CPU, NCCL on GPUs)
+  under torchrun:       torchrun --nproc-per-node N -m carpool.entrypoints.cli train ...
+  several nodes:        on every node, torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d
+                        --rdzv-endpoint HOST:PORT -m carpool.entrypoints.cli train ... (the trainer
+                        reads RANK/WORLD_SIZE/LOCAL_RANK from torchrun's rendezvous)
+
+A run resumes from the latest complete checkpoint in --checkpoint.dir; bad values, a missing data file,
+a vocabulary smaller than the data's tokenizer or an unwritable output directory are reported before the
+model is built. Outputs in --output-dir: metrics.jsonl, summary.json, loss_curve.png (with matplotlib),
+checkpoints/, export/ (Hugging Face format).
+"""
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     from carpool.training.config import add_config_args
 
+    p.epilog = TRAIN_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_config_args(p)
 
 
