@@ -20,13 +20,19 @@ STRATEGIES = [("ddp", True, "off"), ("fsdp", True, "on"), ("fsdp", False, "off")
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def _one_step(cfg) -> dict:
+# the run whose sharded checkpoint a single process resumes
+SAVED = ("fsdp", True, "on")
+
+
+def _one_step(cfg, save: bool = False) -> dict:
     trainer = Trainer(cfg)
     loss, _ = trainer.accumulate_gradients()
     loss = float(loss)
     grads = trainer.full_gradients()
     trainer.clip_and_step()
     params = trainer.full_state_dict()
+    if save:
+        trainer.save()
     trainer.close()
     return {"loss": loss, "grads": grads, "params": params}
 
@@ -42,7 +48,7 @@ def _worker(rank: int, world: int, paths: dict, out_dir: str) -> None:
             name = f"{strategy}-{reshard}-{ac}"
             cfg = tiny_config(paths, os.path.join(out_dir, name), micro_batch_size=2, activation_checkpointing=ac,
                               parallel={"strategy": strategy, "reshard_after_forward": reshard})
-            result = _one_step(cfg)
+            result = _one_step(cfg, save=(strategy, reshard, ac) == SAVED)
             if rank == 0:
                 torch.save(result, os.path.join(out_dir, f"{name}.pt"))
     finally:
@@ -57,7 +63,10 @@ def results(tmp_path_factory) -> dict:
     mp.spawn(_worker, args=(2, paths, out), nprocs=2, join=True)
     two = {f"{s}-{r}-{a}": torch.load(os.path.join(out, f"{s}-{r}-{a}.pt"), weights_only=False)
            for s, r, a in STRATEGIES}
-    return {"reference": reference, **two}
+    second = Trainer(tiny_config(paths, os.path.join(out, "one-rank-two-steps"), micro_batch_size=4))
+    reference["next_loss"] = [second.train_step().loss for _ in range(2)][1]
+    reference["next_params"] = second.full_state_dict()
+    return {"reference": reference, "out": out, "paths": paths, **two}
 
 
 @pytest.mark.parametrize("strategy, reshard, ac", STRATEGIES)
@@ -69,3 +78,19 @@ def test_two_rank_step_equals_the_one_rank_step(results, strategy, reshard, ac):
         torch.testing.assert_close(two["grads"][name], ref["grads"][name], msg=name, **TOL)
     for name in ref["params"]:
         torch.testing.assert_close(two["params"][name], ref["params"][name], msg=name, **TOL)
+
+
+def test_a_sharded_two_rank_checkpoint_resumes_on_one_process(results):
+    """FSDP's DCP shards, the AdamW states, the schedule and the data position saved by two ranks load into
+    one process, which continues as the one-rank run: its second step's loss (data position, weights) and
+    the weights after it (AdamW states, schedule) agree to the tolerance of the two-rank step."""
+    name = "-".join(map(str, SAVED))
+    cfg = tiny_config(results["paths"], os.path.join(results["out"], "resumed"), micro_batch_size=4,
+                      checkpoint={"dir": os.path.join(results["out"], name, "checkpoints")})
+    resumed = Trainer(cfg)
+    assert resumed.step == 1 and resumed.loader.global_position == 4
+    for key, value in resumed.full_state_dict().items():
+        torch.testing.assert_close(value, results[name]["params"][key], rtol=0, atol=0, msg=key)
+    assert resumed.train_step().loss == pytest.approx(results["reference"]["next_loss"], rel=1e-5)
+    for key, value in resumed.full_state_dict().items():
+        torch.testing.assert_close(value, results["reference"]["next_params"][key], msg=key, **TOL)
