@@ -9,8 +9,7 @@ families of checkpoints map onto two compute methods:
   `weight_block_size`, named as transformers writes it, `weight_scale_inv` / `activation_scale`, or as
   AutoFP8 does, `weight_scale` / `input_scale`), compressed-tensors `float-quantized` (llm-compressor's
   FP8: per-channel, per-tensor or 128x128-block `weight_scale`, dynamic or static `input_scale`), and
-  `--quantization fp8`
-  on an unquantized checkpoint (per-channel scales computed while loading).
+  `--quantization fp8` on an unquantized checkpoint (per-channel scales computed while loading).
 - `Int4Scheme` (W4A16): AutoAWQ GEMM (`quant_method: "awq"`), GPTQ (`quant_method: "gptq"`, v1 and v2
   zero points) and compressed-tensors `pack-quantized` int4.
 """

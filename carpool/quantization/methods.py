@@ -99,7 +99,7 @@ class QuantizedLinearMethod(LinearMethod):
             raise ValueError(f"kernel backend: unknown {backend!r}")
         self.backend = backend
         self.fused_gemv_silu = fused_gemv_silu
-        self.aliases: dict[str, str] = {}  # checkpoint tensor name -> the parameter it loads into
+        self.aliases: dict[str, str] = {}  # other checkpoint names of a tensor -> the parameter it loads into
 
     def takes_gemv(self, x: torch.Tensor) -> bool:
         """x goes through the Triton GEMV (1 to MAX_GEMV_ROWS rows), not the GEMM or the torch path."""
@@ -133,10 +133,6 @@ class QuantizedLinearMethod(LinearMethod):
         loaded = layer.__dict__.setdefault("quant_loaded", set())
         loaded.add((name, shard_id))
 
-    def _register_alias(self, layer: LinearBase, alias: str, canonical: str) -> None:
-        register_alias(layer, alias, canonical)
-        self.aliases[alias] = canonical
-
     def check_loaded(self, layer: LinearBase, names: list[str]) -> None:
         loaded = layer.__dict__.get("quant_loaded", set())
         for name in names:
@@ -161,11 +157,11 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         self.block = scheme.weight_strategy == "block"
         self.scale_name = "weight_scale" if scheme.checkpoint_format == "online" else scheme.scale_suffix()
         self.input_scale_name = None if scheme.dynamic_activations else scheme.input_scale_suffix()
-        self.tensor_aliases = scheme.tensor_aliases()
+        self.aliases = scheme.tensor_aliases()
 
     def create_weights(self, layer: LinearBase, input_size: int, output_size: int, dtype: torch.dtype) -> None:
         n, k = output_size, input_size
-        required = not self.tensor_aliases  # (either name will do: process_weights_after_loading checks)
+        required = not self.aliases  # (either name will do: process_weights_after_loading checks)
         whole = TensorLayout(0, 1, 1, 1)
         if self.scheme.checkpoint_format == "online":
             _param(layer, "weight", torch.empty(n, k, dtype=FP8_DTYPE), self._online_loader(layer))
@@ -190,9 +186,9 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         if self.input_scale_name is not None:
             _param(layer, self.input_scale_name, torch.zeros(1, dtype=torch.float32), self._input_scale_loader(layer),
                    required)
-        for alias, canonical in self.tensor_aliases.items():
+        for alias, canonical in self.aliases.items():
             if hasattr(layer, canonical):
-                self._register_alias(layer, alias, canonical)
+                register_alias(layer, alias, canonical)
 
     def _online_loader(self, layer: LinearBase) -> Callable[..., None]:
         """`--quantization fp8`: each bf16 checkpoint tensor (a shard's rows) quantized per output channel

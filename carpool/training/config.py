@@ -150,10 +150,6 @@ class TrainConfig:
         return cfg
 
     @staticmethod
-    def from_toml(path: str) -> "TrainConfig":
-        return TrainConfig.from_dict(load_toml(path))
-
-    @staticmethod
     def from_file(path: str) -> "TrainConfig":
         """TOML, or YAML when the name ends in .yaml/.yml."""
         return TrainConfig.from_dict(load_config_file(path))
@@ -266,8 +262,6 @@ def load_toml(path: str) -> dict[str, Any]:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
-    if not os.path.isfile(path):
-        raise ValueError(f"config: no such file {path!r}")
     with open(path, "rb") as f:
         try:
             return tomllib.load(f)
@@ -278,8 +272,6 @@ def load_toml(path: str) -> dict[str, Any]:
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    if not os.path.isfile(path):
-        raise ValueError(f"config: no such file {path!r}")
     with open(path) as f:
         try:
             data = yaml.safe_load(f)
@@ -294,6 +286,8 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def load_config_file(path: str) -> dict[str, Any]:
     """The fields of a config file: YAML for .yaml/.yml, TOML otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config: no such file {path!r}")
     return load_yaml(path) if path.lower().endswith((".yaml", ".yml")) else load_toml(path)
 
 
