@@ -10,7 +10,10 @@
 # attention's work balance on and off; "check" measures the issue's targets twice after the GPU tests;
 # "seams" compares this tree with an older commit's copy in .baseline/ (latency and throughput, twice each);
 # "features" runs the quantization, MoE and speculative-decoding GPU tests and a short run of each of their
-# benchmarks and of the training benchmark (about 9 minutes; suite.log plus one JSON file per benchmark).
+# benchmarks and of the training benchmark (about 9 minutes; suite.log plus one JSON file per benchmark);
+# "rest" runs what "features" leaves: the single-GPU tests, the seams comparison once, speculative decoding
+# on the shipped demo pair and the compiled training benchmark, in that order of priority (a step cut off by
+# the call's limit leaves the earlier steps' files).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -28,7 +31,7 @@ run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -123,6 +126,19 @@ if [ "$mode" = features ]; then
   finish
 fi
 
+if [ "$mode" = rest ]; then
+  run_gpu_tests timeout 240
+  here=$PWD
+  base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
+  step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency.json"
+  step timeout 100 base python3 benchmarks/bench_latency.py --out "$out/latency_base.json"
+  step timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
+  step timeout 150 base python3 benchmarks/bench_throughput.py --out "$out/throughput_base.json"
+  step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --model carpool/demo_models/main \
+    --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  step timeout 120 python3 benchmarks/bench_train.py --compile --steps 8 --warmup 3 --out "$out/train_compile.json"
+  finish
+fi
 if [ "$mode" = check ]; then
   # The figures of the issue's targets, each measured twice, with the GPU tests first: batch-1 latency
   # (profiled, repeated, and without the fused gate/up GEMV + SiLU) and offline throughput (plain, profiled).
