@@ -13,7 +13,9 @@
 # benchmarks and of the training benchmark (about 9 minutes; suite.log plus one JSON file per benchmark);
 # "rest" runs what "features" leaves: the single-GPU tests, the seams comparison once, speculative decoding
 # on the shipped demo pair and the compiled training benchmark, in that order of priority (a step cut off by
-# the call's limit leaves the earlier steps' files).
+# the call's limit leaves the earlier steps' files); "priority" is for a session with device time for one
+# short call: the single-GPU tests, the seams comparison once, the quantization and MoE GPU tests, the
+# training benchmark, in that order.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -31,7 +33,7 @@ run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -126,7 +128,7 @@ if [ "$mode" = features ]; then
   finish
 fi
 
-if [ "$mode" = rest ]; then
+if [ "$mode" = rest ] || [ "$mode" = priority ]; then
   run_gpu_tests timeout 240
   here=$PWD
   base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
@@ -134,6 +136,13 @@ if [ "$mode" = rest ]; then
   step timeout 100 base python3 benchmarks/bench_latency.py --out "$out/latency_base.json"
   step timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
   step timeout 150 base python3 benchmarks/bench_throughput.py --out "$out/throughput_base.json"
+  if [ "$mode" = priority ]; then
+    step timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 \
+      tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py \
+      tests/test_fused_moe_quantized.py tests/test_quant_moe.py
+    step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --out "$out/train.json"
+    finish
+  fi
   step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --model carpool/demo_models/main \
     --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
   step timeout 120 python3 benchmarks/bench_train.py --compile --steps 8 --warmup 3 --out "$out/train_compile.json"
