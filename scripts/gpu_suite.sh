@@ -3,7 +3,7 @@
 # (default: $OUT on the device machine, else ./gpu_out). Run from the repository root on an H100/H200:
 #   bash scripts/gpu_suite.sh /path/to/results [quick]
 # "final" = GPU tests + latency + serve. "quick" skips the HF baselines and the long throughput runs; "nohf" is full without HF; "serve" runs the serving benchmark
-# (needs fastapi/uvicorn/pydantic: wheels in .whl/ are installed to /tmp/site); "tp" runs the
+# (needs fastapi/uvicorn/pydantic: `bash scripts/gpu_wheels.sh serve`, then carry .whl); "tp" runs the
 # tensor-parallel tests and benchmarks (2 GPUs, ~8 min): 7 JSON files + suite.log, nothing else;
 # "pdl [kernels]" compares programmatic dependent launch on and off (and sweeps the decode kernel);
 # "ablate" times batch-1 latency with each kernel choice undone in turn; "balance" compares the decode
@@ -29,6 +29,10 @@ step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1;
 gpu_tests="tests/test_gpu_engine.py tests/test_triton_ops.py tests/test_triton_distributed.py tests/test_triton_worker.py tests/test_spec_decode_gpu.py"  # (the server tests need fastapi/openai)
 # the single-GPU tests as one step; $@: what goes before pytest (e.g. "timeout 300")
 run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu_tests -o addopts=""; }
+# a command run on the older commit's copy in .baseline/ ("seams", "rest"): `step base timeout N python3 ...`
+# (timeout cannot run a shell function, so it goes inside)
+here=$PWD
+base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 # end of a mode: the exit status of its steps; the pause lets tee write the end of the log
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
@@ -36,6 +40,11 @@ device_file="$out/device.txt"
 if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
+fi
+# Packages the image lacks, carried as wheels in .whl/ (scripts/gpu_wheels.sh): installed beside the image's.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$device_file"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$device_file"
@@ -46,10 +55,6 @@ if [ "$mode" = serve ] || [ "$mode" = final ]; then
   # (--disable-frontend-multiprocessing). final: the GPU tests and the latency benchmark first.
   # At most 8 files come back from the device: logs and JSON only.
   exec > >(tee -a "$out/suite.log") 2>&1
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
-  fi
   if [ "$mode" = final ]; then
     run_gpu_tests
     step python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
@@ -101,41 +106,37 @@ if [ "$mode" = seams ]; then
   # batch-1 latency and offline throughput alternating this tree and the baseline's (a copy of the older
   # commit's carpool/ and benchmarks/ in .baseline/, carried to the machine), ${3:-2} times each.
   run_gpu_tests timeout 240
-  here=$PWD
-  base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
   for i in $(seq "${3:-2}"); do
     step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_$i.json"
-    step timeout 100 base python3 benchmarks/bench_latency.py --out "$out/latency_base_$i.json"
+    step base timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_base_$i.json"
   done
   for i in $(seq "${3:-2}"); do  # (the second pair's JSON is in suite.log only: at most 8 files come back)
     dir=$out; [ $i = 2 ] && dir=/tmp
     step timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_$i.json"
-    step timeout 150 base python3 benchmarks/bench_throughput.py --out "$dir/throughput_base_$i.json"
+    step base timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_base_$i.json"
   done
   finish
 fi
 if [ "$mode" = features ]; then
   # Each step has its own limit so that one slow or hung step leaves time for the rest; the limits add up
-  # to 570 s, inside one 10-minute call.
-  step timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -x --durations 5 \
+  # to 595 s, inside one 10-minute call.
+  step timeout 220 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 \
     tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py \
     tests/test_fused_moe_quantized.py tests/test_quant_moe.py
   step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --out "$out/train.json"
   step timeout 75 python3 benchmarks/bench_quant.py --quick --out "$out/quant.json"
   step timeout 55 python3 benchmarks/bench_moe.py --quick --out "$out/moe.json"
-  step timeout 85 python3 benchmarks/bench_moe.py --quick --fp8 block --batches 1,8,64,256 --out "$out/moe_fp8.json"
-  step timeout 110 python3 benchmarks/bench_spec_decode.py --rates 0.5,0.8,1.0 --new-tokens 64 --out "$out/spec_decode.json"
+  step timeout 75 python3 benchmarks/bench_moe.py --quick --fp8 block --batches 1,8,64,256 --out "$out/moe_fp8.json"
+  step timeout 95 python3 benchmarks/bench_spec_decode.py --rates 0.5,0.8,1.0 --new-tokens 64 --out "$out/spec_decode.json"
   finish
 fi
 
 if [ "$mode" = rest ] || [ "$mode" = priority ]; then
   run_gpu_tests timeout 240
-  here=$PWD
-  base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
   step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency.json"
-  step timeout 100 base python3 benchmarks/bench_latency.py --out "$out/latency_base.json"
+  step base timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_base.json"
   step timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
-  step timeout 150 base python3 benchmarks/bench_throughput.py --out "$out/throughput_base.json"
+  step base timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput_base.json"
   if [ "$mode" = priority ]; then
     step timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 \
       tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py \
