@@ -269,6 +269,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     args.seq_len = args.seq_len or (64 if args.tiny else 4096)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
