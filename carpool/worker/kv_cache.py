@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
@@ -62,6 +63,9 @@ def gpu_num_blocks(cache: CacheConfig, per_block: int, device: torch.device,
         return cache.num_kv_blocks
     if cache.kv_cache_memory_bytes is not None:
         return num_blocks_for_budget(cache.kv_cache_memory_bytes, per_block)
+    # An engine dropped without shutdown() may still hold its KV cache through a reference cycle until the
+    # collector runs: collect first, so that only live tensors count against this engine's budget.
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     held_before = torch.cuda.memory_allocated(device)  # this model's weights, and anything else alive
