@@ -212,19 +212,30 @@ def _ct_decompress(weights: dict[str, torch.Tensor], qc: dict) -> dict[str, torc
 
 # --- Hugging Face fine-grained FP8, with transformers' own quantizer ------------------------------------------
 
-def _hf_fp8_ops(block: tuple[int, int] | None = (128, 128)):
+def _hf_fp8_quantizer(block: tuple[int, int] | None = (128, 128)):
     from transformers import FineGrainedFP8Config
-    from transformers.integrations.finegrained_fp8 import Fp8Quantize, _dequantize_fp8_weight
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
-    quantizer = SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block))
-    return Fp8Quantize(quantizer), _dequantize_fp8_weight
+    return Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: list[int] | None) -> torch.Tensor:
+    """W = weight x scale_inv of its [block[0], block[1]] tile (one scale for the tensor when block is None),
+    partial tiles at the edges included: the fine-grained FP8 format's definition, written out here rather
+    than taken from transformers' private helper, which not every transformers release has."""
+    w = weight.float()
+    if block is None:
+        return w * scale_inv.float()
+    rows, cols = w.shape[-2:]  # [..., N, K]: stacked experts too
+    tiles = scale_inv.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
+    return w * tiles[..., :rows, :cols]
 
 
 def _write_hf_fp8(src: str, dst: str, block: tuple[int, int] | None = (128, 128)) -> None:
     """Every linear weight (MoE checkpoints: each expert's three, not the routers) quantized by
     transformers' Fp8Quantize: to 128x128 blocks, as the Qwen3 FP8 releases are, or (block None) with one
     scale per tensor."""
-    quantize, _ = _hf_fp8_ops(block)
+    quantize = _hf_fp8_quantizer(block)
     weights = load_file(os.path.join(src, "model.safetensors"))
     for module in linear_modules(weights):
         name = f"{module}.weight"
@@ -298,7 +309,6 @@ def write_dequantized_reference(quantized: str, dst: str) -> str:
     else:
         modules = sorted({n.rsplit(".", 1)[0] for n in weights
                           if n.endswith((".qweight", ".weight_scale_inv", ".weight_scale"))})
-        _, dequantize_fp8 = _hf_fp8_ops() if method == "fp8" else (None, None)
         for m in modules:
             if method == "awq":
                 w = dequantize_awq(weights.pop(f"{m}.qweight"), weights.pop(f"{m}.qzeros"), weights.pop(f"{m}.scales"),
@@ -312,8 +322,8 @@ def write_dequantized_reference(quantized: str, dst: str) -> str:
                 for extra in ("input_scale", "output_scale"):
                     weights.pop(f"{m}.{extra}", None)
             else:
-                w = dequantize_fp8(weights.pop(f"{m}.weight"), weights.pop(f"{m}.weight_scale_inv"),
-                                   qc["weight_block_size"], torch.float32)
+                w = dequantize_fp8_blocks(weights.pop(f"{m}.weight"), weights.pop(f"{m}.weight_scale_inv"),
+                                           qc["weight_block_size"])
             out[f"{m}.weight"] = w.float().contiguous()
     out.update(weights)
     copy_side_files(quantized, dst)

@@ -19,6 +19,7 @@ from carpool import LLM, SamplingParams
 
 MAX_NEW = 6
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+GPU_KV_BYTES = 1 << 28  # a GPU engine's KV cache: enough for the prompts, not 0.9 of the card
 
 
 def prompts() -> list[list[int]]:
@@ -124,12 +125,13 @@ def test_gpu_engine_runs_quantized_checkpoints_in_cuda_graphs(ckpt, fmt: str, kv
     cache) in bf16: the first greedy token of each prompt agrees with the dequantized reference's, run by
     the same engine in bf16 (later tokens may part on rounding)."""
     quantized, reference = ckpt("llama", fmt)
-    llm = LLM(quantized, device="cuda", dtype="bfloat16", kv_cache_dtype=kv)
+    llm = LLM(quantized, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=GPU_KV_BYTES)
     paths = llm.engine.core.executor.describe()
     assert paths["cuda_graphs"] and paths["quantization"] is not None
     got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts()], GREEDY,
                                                         use_tqdm=False)]
-    ref = LLM(reference, device="cuda", dtype="bfloat16")
+    llm.engine.shutdown()  # its weights and KV cache go before the reference engine profiles memory
+    ref = LLM(reference, device="cuda", dtype="bfloat16", kv_cache_memory_bytes=GPU_KV_BYTES)
     expected = [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in prompts()], GREEDY,
                                                               use_tqdm=False)]
     agree = sum(g[0] == e[0] for g, e in zip(got, expected))

@@ -241,8 +241,12 @@ def test_bf16_quantized_kernels_match_reference_on_gpu() -> None:
     wq, s = wq.cuda(), s.cuda()
     xq, xs = quantize_fp8_act(x)
     expected = ref.w8a8_linear(xq.cpu(), xs.cpu(), wq.cpu(), s.cpu(), None, torch.float32)
+    # Hopper's FP8 tensor cores accumulate with fewer mantissa bits than fp32, so the error follows the size
+    # of the partial sums (outputs here are ~N(0, 32^2)), not of each output: absolute tolerance 1e-3 of the
+    # largest output (a wrong scale or tile is off by far more).
+    atol = 1e-3 * expected.abs().max().item()
     for got in (fp8_gemm(xq, xs, wq, s, torch.bfloat16), fp8_scaled_mm(xq, xs, wq, s, torch.bfloat16)):
-        torch.testing.assert_close(got.float().cpu(), expected, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got.float().cpu(), expected, atol=atol, rtol=2e-2)
     torch.testing.assert_close(fp8_gemv(x[:4], wq, s).float().cpu(),
                                ref.fp8_linear(x[:4].float().cpu(), wq.cpu(), s.cpu()), atol=2e-2, rtol=2e-2)
     packed, scales, zeros = int4_weights(n, k, 128, asym=True)

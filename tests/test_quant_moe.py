@@ -37,6 +37,7 @@ from carpool.quantization.formats import FP8_DTYPE
 
 MAX_NEW = 5
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+GPU_KV_BYTES = 1 << 28  # a GPU engine's KV cache: enough for the prompts, not 0.9 of the card
 EAGER = dict(experts_implementation="eager")  # transformers' expert loop: carpool's CPU path, in its order
 # Chunks of 16 tokens; the last two prompts share a 32-token prefix (two whole blocks: cache hits).
 SCHEDULING = dict(max_num_batched_tokens=16, enable_prefix_caching=True)
@@ -234,10 +235,11 @@ def test_gpu_engine_runs_quantized_moe_checkpoints_in_cuda_graphs(ckpt, fmt: str
     grouped GEMM for prefill) in bf16: the first greedy token of each prompt agrees with the dequantized
     reference run by the same engine in bf16 (later tokens may part on rounding)."""
     quantized, reference = ckpt("qwen3_moe", fmt)
-    llm = LLM(quantized, device="cuda", dtype="bfloat16", kv_cache_dtype=kv)
+    llm = LLM(quantized, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=GPU_KV_BYTES)
     assert llm.engine.core.executor.describe()["cuda_graphs"]
     requests = [{"prompt_token_ids": p} for p in prompts()]
     got = [o.outputs[0].token_ids for o in llm.generate(requests, GREEDY, use_tqdm=False)]
-    ref = LLM(reference, device="cuda", dtype="bfloat16", kv_cache_dtype=kv)
+    llm.engine.shutdown()  # its weights and KV cache go before the reference engine profiles memory
+    ref = LLM(reference, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=GPU_KV_BYTES)
     expected = [o.outputs[0].token_ids for o in ref.generate(requests, GREEDY, use_tqdm=False)]
     assert sum(g[0] == e[0] for g, e in zip(got, expected)) >= len(got) - 1, (got, expected)
