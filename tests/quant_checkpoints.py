@@ -219,18 +219,6 @@ def _hf_fp8_quantizer(block: tuple[int, int] | None = (128, 128)):
     return Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
 
 
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: list[int] | None) -> torch.Tensor:
-    """W = weight x scale_inv of its [block[0], block[1]] tile (one scale for the tensor when block is None),
-    partial tiles at the edges included: the fine-grained FP8 format's definition, written out here rather
-    than taken from transformers' private helper, which not every transformers release has."""
-    w = weight.float()
-    if block is None:
-        return w * scale_inv.float()
-    rows, cols = w.shape[-2:]  # [..., N, K]: stacked experts too
-    tiles = scale_inv.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
-    return w * tiles[..., :rows, :cols]
-
-
 def _write_hf_fp8(src: str, dst: str, block: tuple[int, int] | None = (128, 128)) -> None:
     """Every linear weight (MoE checkpoints: each expert's three, not the routers) quantized by
     transformers' Fp8Quantize: to 128x128 blocks, as the Qwen3 FP8 releases are, or (block None) with one
@@ -297,7 +285,7 @@ def write_quantized(src: str, dst: str, fmt: str, group: int = 128) -> str:
 
 def write_dequantized_reference(quantized: str, dst: str) -> str:
     """The quantized checkpoint at `quantized` as a plain float32 checkpoint (see the module docstring)."""
-    from carpool.quantization.formats import dequantize_awq, dequantize_gptq
+    from carpool.quantization.formats import dequantize_awq, dequantize_fp8, dequantize_gptq
 
     with open(os.path.join(quantized, "config.json")) as f:
         qc = json.load(f)["quantization_config"]
@@ -322,8 +310,10 @@ def write_dequantized_reference(quantized: str, dst: str) -> str:
                 for extra in ("input_scale", "output_scale"):
                     weights.pop(f"{m}.{extra}", None)
             else:
-                w = dequantize_fp8_blocks(weights.pop(f"{m}.weight"), weights.pop(f"{m}.weight_scale_inv"),
-                                           qc["weight_block_size"])
+                # carpool's torch dequantization, checked bit for bit against transformers' on CPU
+                # (test_fp8_block_dequantization_matches_transformers)
+                w = dequantize_fp8(weights.pop(f"{m}.weight"), weights.pop(f"{m}.weight_scale_inv"),
+                                   qc["weight_block_size"])
             out[f"{m}.weight"] = w.float().contiguous()
     out.update(weights)
     copy_side_files(quantized, dst)
