@@ -29,6 +29,12 @@ step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1;
 gpu_tests="tests/test_gpu_engine.py tests/test_triton_ops.py tests/test_triton_distributed.py tests/test_triton_worker.py tests/test_spec_decode_gpu.py"  # (the server tests need fastapi/openai)
 # the single-GPU tests as one step; $@: what goes before pytest (e.g. "timeout 300")
 run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu_tests -o addopts=""; }
+# the quantization and MoE GPU tests as one step, the same way
+quant_moe_tests="tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py
+  tests/test_fused_moe_quantized.py tests/test_quant_moe.py"
+run_quant_moe_tests() {
+  step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 $quant_moe_tests
+}
 # a command run on the older commit's copy in .baseline/ ("seams", "rest"): `step base timeout N python3 ...`
 # (timeout cannot run a shell function, so it goes inside)
 here=$PWD
@@ -120,9 +126,7 @@ fi
 if [ "$mode" = features ]; then
   # Each step has its own limit so that one slow or hung step leaves time for the rest; the limits add up
   # to 595 s, inside one 10-minute call.
-  step timeout 220 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 \
-    tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py \
-    tests/test_fused_moe_quantized.py tests/test_quant_moe.py
+  run_quant_moe_tests timeout 220
   step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --out "$out/train.json"
   step timeout 75 python3 benchmarks/bench_quant.py --quick --out "$out/quant.json"
   step timeout 55 python3 benchmarks/bench_moe.py --quick --out "$out/moe.json"
@@ -138,9 +142,7 @@ if [ "$mode" = rest ] || [ "$mode" = priority ]; then
   step timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
   step base timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput_base.json"
   if [ "$mode" = priority ]; then
-    step timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 \
-      tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py \
-      tests/test_fused_moe_quantized.py tests/test_quant_moe.py
+    run_quant_moe_tests timeout 170
     step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --out "$out/train.json"
     finish
   fi
