@@ -397,3 +397,34 @@ def hf_agrees_with_greedy(path: str, prompts: list[list[int]], outputs: list[lis
             if logits[len(prompt) - 1:].argmax(-1).tolist() != out:
                 return False
     return True
+
+
+# How far (in log-probability, nats) a token of the quantized GPU run may fall behind the greedy choice of
+# the dequantized reference on the same prefix. FP8 checkpoints quantize activations on the GPU (e4m3 per
+# token or per 128-column group, 2^-4 relative rounding) for prefill rows and GEMMs, which the reference
+# does not, and bf16 rounding moves activations across e4m3 rounding boundaries: on these tiny random
+# models (logits of standard deviation ~1.1, near-ties of a few hundredths) that moves a token by up to
+# ~0.45 nats (an MoE routing flip; the CPU emulation of the GPU's W8A8 arithmetic shows the same). A wrong
+# activation or weight scale (a scale of another row or channel, or twice the scale) puts tokens 1.5 to 4
+# nats behind: well outside this bound.
+MAX_DEFICIT = 0.75
+
+
+def greedy_logprob_deficits(llm, prompts: list[list[int]], outputs: list[list[int]]) -> list[list[float]]:
+    """For every token of `outputs`: how far it falls behind the greedy choice of the engine `llm` (an
+    `LLM`, the reference), in log-probability, given its prompt and the outputs before it: the top-1
+    logprob minus the token's, 0 where the token is the top-1. Teacher forcing (one prefill of prompt +
+    outputs per request, read through prompt_logprobs) checks every output token against the same prefix
+    the run under test saw, so one early near-tie does not make every later token differ."""
+    from carpool import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    results = llm.generate([{"prompt_token_ids": p + o} for p, o in zip(prompts, outputs)], params, use_tqdm=False)
+    deficits = []
+    for prompt, out, result in zip(prompts, outputs, results):
+        per_token = []
+        for j, token in enumerate(out):
+            at = result.prompt_logprobs[len(prompt) + j]  # the token itself and the top-1
+            per_token.append(max(v.logprob for v in at.values()) - at[token].logprob)
+        deficits.append(per_token)
+    return deficits

@@ -12,7 +12,14 @@ import httpx
 import pytest
 import torch
 from checkpoints import prompts_of_lengths
-from quant_checkpoints import ENGINE_CELLS, hf_agrees_with_greedy, make_quant_checkpoint, write_online_fp8_reference
+from quant_checkpoints import (
+    ENGINE_CELLS,
+    MAX_DEFICIT,
+    greedy_logprob_deficits,
+    hf_agrees_with_greedy,
+    make_quant_checkpoint,
+    write_online_fp8_reference,
+)
 from safetensors.torch import load_file, save_file
 
 from carpool import LLM, SamplingParams
@@ -122,8 +129,10 @@ def test_server_runs_a_quantized_checkpoint_and_reports_it(ckpt) -> None:
                                     ("fp8-block", "auto")])
 def test_gpu_engine_runs_quantized_checkpoints_in_cuda_graphs(ckpt, fmt: str, kv: str) -> None:
     """The Triton kernels in the engine (GEMV at batch <= 8 inside CUDA graphs, GEMM for prefill, the FP8 KV
-    cache) in bf16: the first greedy token of each prompt agrees with the dequantized reference's, run by
-    the same engine in bf16 (later tokens may part on rounding)."""
+    cache) in bf16: every greedy token is the dequantized reference's greedy choice on the same prefix, or
+    within MAX_DEFICIT of it (a near-tie that FP8 activation rounding may flip). The reference is the same
+    engine in bf16 with the same KV cache dtype (an FP8 cache alone moves tokens of these models), reading
+    the prompts and the tokens under test in one prefill (teacher forcing), so decode tokens are checked too."""
     quantized, reference = ckpt("llama", fmt)
     llm = LLM(quantized, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=GPU_KV_BYTES)
     paths = llm.engine.core.executor.describe()
@@ -131,11 +140,9 @@ def test_gpu_engine_runs_quantized_checkpoints_in_cuda_graphs(ckpt, fmt: str, kv
     got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts()], GREEDY,
                                                         use_tqdm=False)]
     llm.engine.shutdown()  # its weights and KV cache go before the reference engine profiles memory
-    ref = LLM(reference, device="cuda", dtype="bfloat16", kv_cache_memory_bytes=GPU_KV_BYTES)
-    expected = [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in prompts()], GREEDY,
-                                                              use_tqdm=False)]
-    agree = sum(g[0] == e[0] for g, e in zip(got, expected))
-    assert agree >= len(got) - 1, (got, expected)
+    ref = LLM(reference, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=GPU_KV_BYTES)
+    deficits = greedy_logprob_deficits(ref, prompts(), got)
+    assert max(max(d) for d in deficits) <= MAX_DEFICIT, (got, deficits)
 
 
 def _with_kv_scales(src: str, dst: str, scales: dict[str, float]) -> str:

@@ -23,7 +23,13 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoints import prompts_of_lengths
-from quant_checkpoints import hf_agrees_with_greedy, make_quant_checkpoint, write_online_fp8_reference
+from quant_checkpoints import (
+    MAX_DEFICIT,
+    greedy_logprob_deficits,
+    hf_agrees_with_greedy,
+    make_quant_checkpoint,
+    write_online_fp8_reference,
+)
 
 from carpool import LLM, EngineArgs, SamplingParams
 from carpool.config import ModelConfig
@@ -232,8 +238,9 @@ def test_a_split_that_cuts_a_4bit_group_is_refused_naming_the_field(ckpt) -> Non
 @pytest.mark.parametrize("fmt,kv", [("fp8-block", "auto"), ("ct-fp8-channel", "fp8"), ("awq", "auto")])
 def test_gpu_engine_runs_quantized_moe_checkpoints_in_cuda_graphs(ckpt, fmt: str, kv: str) -> None:
     """The fused Triton MoE on FP8 or int4 experts in the engine (per-pair GEMVs at decode inside CUDA graphs, the
-    grouped GEMM for prefill) in bf16: the first greedy token of each prompt agrees with the dequantized
-    reference run by the same engine in bf16 (later tokens may part on rounding)."""
+    grouped GEMM for prefill) in bf16: every greedy token is the dequantized reference's greedy choice on the
+    same prefix or within MAX_DEFICIT of it (quant_checkpoints.py says why), the reference being the same
+    engine in bf16 with the same KV cache dtype, teacher-forced on the tokens under test."""
     quantized, reference = ckpt("qwen3_moe", fmt)
     llm = LLM(quantized, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=GPU_KV_BYTES)
     assert llm.engine.core.executor.describe()["cuda_graphs"]
@@ -241,5 +248,5 @@ def test_gpu_engine_runs_quantized_moe_checkpoints_in_cuda_graphs(ckpt, fmt: str
     got = [o.outputs[0].token_ids for o in llm.generate(requests, GREEDY, use_tqdm=False)]
     llm.engine.shutdown()  # its weights and KV cache go before the reference engine profiles memory
     ref = LLM(reference, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=GPU_KV_BYTES)
-    expected = [o.outputs[0].token_ids for o in ref.generate(requests, GREEDY, use_tqdm=False)]
-    assert sum(g[0] == e[0] for g, e in zip(got, expected)) >= len(got) - 1, (got, expected)
+    deficits = greedy_logprob_deficits(ref, prompts(), got)
+    assert max(max(d) for d in deficits) <= MAX_DEFICIT, (got, deficits)
