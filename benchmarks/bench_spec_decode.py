@@ -83,9 +83,24 @@ class LaunchCounter:
         executor.launch = counted
 
 
-def run_batch(llm: Any, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]], int]:
-    """Generate greedily for all prompts at once, stepping the engine by hand: (decode seconds, outputs,
-    decode steps launched). Decode time starts once every request has its first token."""
+@dataclasses.dataclass(frozen=True)
+class BatchRun:
+    seconds: float  # decode time: from the step where every request has its first token to the end
+    outputs: list[list[int]]
+    steps: int  # steps launched in that time
+    tokens: int  # output tokens generated in that time (counted, not assumed)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def run_batch(llm: Any, prompts: list[list[int]], new_tokens: int) -> BatchRun:
+    """Generate greedily for all prompts at once, stepping the engine by hand. Decode time starts once
+    every request has its first token; the tokens counted are those generated after that point. (In a
+    large batch the first requests decode while the last ones prefill, and a speculating engine emits
+    several tokens per step then, and spends longer in that phase when its draft catches up on prompts:
+    assuming new_tokens - 1 per request in the window would credit it with tokens made before it.)"""
     from carpool import SamplingParams
 
     engine = llm.engine
@@ -97,18 +112,22 @@ def run_batch(llm: Any, prompts: list[list[int]], new_tokens: int) -> tuple[floa
     outputs: dict[str, list[int]] = {}
     started: float | None = None
     first_launch = 0
+    tokens_before = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = list(out.outputs[0].token_ids)
-        if started is None and engine.stats().num_waiting == 0 and all(
-                r.output_token_ids for r in engine.core.scheduler.requests.values()):
+        running = engine.core.scheduler.requests.values()
+        if started is None and engine.stats().num_waiting == 0 and all(r.output_token_ids for r in running):
             _sync()
             started = time.perf_counter()
             first_launch = counter.count
+            tokens_before = sum(len(o) for o in outputs.values()) + sum(len(r.output_token_ids) for r in running)
     _sync()
     assert started is not None
-    return time.perf_counter() - started, [outputs[i] for i in ids], counter.count - first_launch
+    seconds = time.perf_counter() - started
+    result = [outputs[i] for i in ids]
+    return BatchRun(seconds, result, counter.count - first_launch, sum(len(o) for o in result) - tokens_before)
 
 
 def _sync() -> None:
@@ -148,15 +167,17 @@ def mechanics(model: str, engine_kwargs: dict[str, Any], args: argparse.Namespac
     # Plain engine: the baselines, and the greedy outputs the replay proposer will propose.
     llm = make_llm(model, engine_kwargs)
     run_batch(llm, context, 8)  # warm-up
-    seconds, context_out, steps = run_batch(llm, context, args.new_tokens)
-    plain_step_ms = 1e3 * seconds / steps
+    run = run_batch(llm, context, args.new_tokens)
+    context_out = run.outputs
+    plain_step_ms = 1e3 * run.seconds / run.steps
+    plain_context_tps = run.tokens_per_s
     plain: dict[int, float] = {}
     recorded = {"prompt_token_ids": context, "output_token_ids": context_out}
     for b, prompts in batches.items():
-        seconds, outs, _ = run_batch(llm, prompts, args.new_tokens)
-        plain[b] = b * (args.new_tokens - 1) / seconds
+        run = run_batch(llm, prompts, args.new_tokens)
+        plain[b] = run.tokens_per_s
         recorded["prompt_token_ids"] = recorded["prompt_token_ids"] + prompts
-        recorded["output_token_ids"] = recorded["output_token_ids"] + outs
+        recorded["output_token_ids"] = recorded["output_token_ids"] + run.outputs
     release(llm)
 
     path = os.path.join(tempfile.mkdtemp(prefix="carpool-replay-"), "recorded.json")
@@ -170,30 +191,28 @@ def mechanics(model: str, engine_kwargs: dict[str, Any], args: argparse.Namespac
     verify: dict[str, Any] = {}
     for k in ks:
         set_speculation(llm, k, None, 1.0)
-        seconds, outs, steps = run_batch(llm, context, args.new_tokens)
-        step_ms = 1e3 * seconds / steps
+        run = run_batch(llm, context, args.new_tokens)
+        step_ms = 1e3 * run.seconds / run.steps
         # (in bf16 on a GPU a verification's kernels may round a near-tie differently from decode's; the
         # replay then stops proposing where the outputs part: reported, not asserted)
         verify[str(k)] = {"ms_per_step": step_ms, "cost_ratio": step_ms / plain_step_ms,
-                          "greedy_equals_plain": outs == context_out,
-                          "tokens_per_step": (args.new_tokens - 1) / steps,
-                          "speedup": (args.new_tokens - 1) / seconds / (1e3 / plain_step_ms)}
+                          "greedy_equals_plain": run.outputs == context_out,
+                          "tokens_per_step": run.tokens / run.steps,
+                          "speedup": run.tokens_per_s / plain_context_tps}
     replay: dict[str, Any] = {}
     for b, prompts in batches.items():
         row: dict[str, Any] = {"plain_tokens_per_s": plain[b]}
         for rate in rates:
             set_speculation(llm, args.k, None, rate)
             before = spec_counts(llm)
-            seconds, _, _ = run_batch(llm, prompts, args.new_tokens)
-            tps = b * (args.new_tokens - 1) / seconds
+            tps = run_batch(llm, prompts, args.new_tokens).tokens_per_s
             row[str(rate)] = {"speedup": tps / plain[b], "tokens_per_s": tps,
                               **acceptance(before, spec_counts(llm))}
         replay[str(b)] = row
     largest = max(batch_sizes)
     set_speculation(llm, args.k, args.disable_by_batch_size, max(rates))
-    seconds, _, _ = run_batch(llm, batches[largest], args.new_tokens)
     load_aware = {"batch": largest, "disable_by_batch_size": args.disable_by_batch_size,
-                  "throughput_ratio": largest * (args.new_tokens - 1) / seconds / plain[largest]}
+                  "throughput_ratio": run_batch(llm, batches[largest], args.new_tokens).tokens_per_s / plain[largest]}
     release(llm)
     return {"plain_decode_step_ms": plain_step_ms, "verify_cost": verify,
             "replay": {"num_speculative_tokens": args.k, "by_batch": replay, "load_aware": load_aware}}
@@ -256,16 +275,19 @@ def real_models(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict
         llm = make_llm(args.model, kwargs, spec)
         run_batch(llm, one[:1], 8)  # warm-up
         before = spec_counts(llm) if spec else None
-        seconds = 0.0
+        seconds, tokens = 0.0, 0
         for prompt in one:  # batch 1, one prompt after the other
-            s, _, _ = run_batch(llm, [prompt], args.new_tokens)
-            seconds += s
-        tps1 = len(one) * (args.new_tokens - 1) / seconds
+            run = run_batch(llm, [prompt], args.new_tokens)
+            seconds, tokens = seconds + run.seconds, tokens + run.tokens
+        tps1 = tokens / seconds
         row: dict[str, Any] = {"batch1_tokens_per_s": tps1}
         if before is not None:
             row.update(acceptance(before, spec_counts(llm)))
-        seconds, _, _ = run_batch(llm, many, args.new_tokens)
-        row[f"batch{args.throughput_batch}_tokens_per_s"] = len(many) * (args.new_tokens - 1) / seconds
+        run = run_batch(llm, many, args.new_tokens)
+        # (the decode window's share of all tokens: unlike shares mean the engines' windows differ)
+        row[f"batch{args.throughput_batch}_tokens_per_s"] = run.tokens_per_s
+        row[f"batch{args.throughput_batch}_decode_window_tokens"] = run.tokens
+        row[f"batch{args.throughput_batch}_total_tokens"] = sum(len(o) for o in run.outputs)
         release(llm)
         if name == "plain":
             base = {"b1": tps1, "bn": row[f"batch{args.throughput_batch}_tokens_per_s"]}

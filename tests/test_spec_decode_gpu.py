@@ -1,7 +1,7 @@
 """Speculative decoding with CUDA graphs (marked gpu; run through scripts/gpu_suite.sh on an H100/H200):
-verification steps of uniform width and the draft model's single-token steps replay captured graphs, and
-greedy output stays token for token greedy's without speculation. float32, so that only the step shapes
-(graphs against eager, verification against decode) could change a token."""
+verification steps of uniform width and the draft model's steps (single-token ones and catch-ups) replay
+captured graphs, and greedy output stays token for token greedy's without speculation. float32, so that
+only the step shapes (graphs against eager, verification against decode) could change a token."""
 
 from __future__ import annotations
 
@@ -73,8 +73,11 @@ def test_graphed_verifications_give_greedy_tokens_without_speculation(gpu_checkp
     assert any(s.query_len == K + 1 and s.num_reqs > b for s, b in target)  # padded
     assert any(s == GraphShape(1, K + 1) and b == 1 for s, b in target)
     if method == "draft_model":
-        draft = id(runner.proposer.graph_runner)
-        assert any(r == draft and shape.query_len == 1 for r, shape, _ in replays)
+        draft = runner.proposer.graph_runner
+        assert GraphShape(1, K + 1) in draft.graphs  # the catch-up after a verification emitting K + 1
+        widths = {shape.query_len for r, shape, _ in replays if r == id(draft)}
+        assert 1 in widths  # the single-token steps
+        assert widths - {1}  # the catch-ups after verifications
     assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
 
 

@@ -221,7 +221,7 @@ def test_graphed_verification_and_draft_steps_give_greedy_tokens_without_specula
                                                                                      stand_in_graphs):
     """Three requests speculate with a draft model (verifications of 3 tokens each, replayed padded to a
     batch of 4) beside a penalized one that never speculates (while it runs, mixed widths: eager); the
-    draft's single-token steps replay its decode graphs."""
+    draft's single-token steps replay its decode graphs, its catch-ups its graphs of several tokens per row."""
     from checkpoints import prompts_of_lengths
     from test_spec_decode import smaller_draft
 
@@ -242,6 +242,46 @@ def test_graphed_verification_and_draft_steps_give_greedy_tokens_without_specula
     verified = {(s.query_len, b, s.num_reqs) for r, s, b in stand_in_graphs
                 if r is runner.graph_runner and s.query_len > 1}
     assert (3, 3, 4) in verified
-    assert any(r is runner.proposer.graph_runner and s.query_len == 1 for r, s, _ in stand_in_graphs)
+    draft = [s.query_len for r, s, _ in stand_in_graphs if r is runner.proposer.graph_runner]
+    assert 1 in draft  # the single-token steps
+    assert any(w > 1 for w in draft)  # the catch-ups after verifications
     stats = llm.engine.stats()
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+
+
+@interpreter_only
+def test_graphed_draft_catch_ups_propose_what_eager_ones_propose(llama_path, tmp_path, stand_in_graphs,
+                                                                 monkeypatch):
+    """Two rows run while a third request waits for a row: when it enters, its prompt's catch-up runs
+    eagerly beside the other row's graphed one, and every proposal of the engine equals the one an engine
+    without draft graphs makes at the same point."""
+    from checkpoints import prompts_of_lengths
+    from test_spec_decode import smaller_draft
+
+    from carpool import LLM, SamplingParams
+    from carpool.spec_decode.draft_model import DraftModelProposer
+
+    calls: list[tuple[list[list[int]], int, list[tuple[int, int]]]] = []
+    real_propose = DraftModelProposer.propose
+
+    def propose(self, batch, rows, max_lens):
+        first = len(stand_in_graphs)
+        out = real_propose(self, batch, rows, max_lens)
+        replays = [(s.query_len, b) for r, s, b in stand_in_graphs[first:] if r is self.graph_runner]
+        calls.append((out, int(np.count_nonzero(max_lens)), replays))
+        return out
+
+    monkeypatch.setattr(DraftModelProposer, "propose", propose)
+    prompts = [{"prompt_token_ids": p} for p in prompts_of_lengths([5, 7, 6], seed=2)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 6, 4)]
+    spec = {"method": "draft_model", "model": smaller_draft(llama_path, str(tmp_path / "draft")),
+            "num_speculative_tokens": 2}
+    kwargs = dict(device="cpu", max_num_seqs=2, block_size=8, speculative_config=spec)
+    graphed = LLM(llama_path, **kwargs, kernel_backend="triton").generate(prompts, params, use_tqdm=False)
+    graphed_calls, calls[:] = list(calls), []
+    eager = LLM(llama_path, **kwargs).generate(prompts, params, use_tqdm=False)  # (torch_ref: no graphs)
+    assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
+    assert [c[0] for c in graphed_calls] == [c[0] for c in calls]
+    # (k = 2: a catch-up and one single-token step.) A call for two rows replayed both steps, the catch-up
+    # for one row: the other's ran eagerly.
+    assert any(n == 2 and len(replays) == 2 and replays[0][1] == 1 for _, n, replays in graphed_calls)

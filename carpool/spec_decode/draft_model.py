@@ -14,9 +14,17 @@ A proposal first catches up on the verified tokens from there (a whole prompt th
 verification, the accepted tokens and the target's own), whose last logits give the first guess, then
 feeds back each guess for k - 1 single-token steps; positions holding guesses are recomputed next time,
 so a rejected guess never lingers. Draft K/V of a prefix-cache hit block is recomputed too (its
-computing request may not have drafted): a new row starts at 0. On a GPU (CUDA graphs on for the target)
-the single-token steps replay the draft's own decode graphs, their input ids (the last guesses, on the
-device) written in as a fix-up; catch-up steps with several tokens per row run eagerly.
+computing request may not have drafted): a new row starts at 0.
+
+On a GPU (CUDA graphs on for the target) every step of a steady cycle replays a graph of the draft's own
+CUDAGraphRunner, the target's runner class: the single-token steps its decode graphs, their input ids
+(the last guesses, still on the device) written in as a fix-up, and the catch-up its verification-shaped
+graphs of W = 2 .. k + 1 query tokens per row. A cycle's catch-up has 1 .. k + 1 tokens per row (the
+tokens a verification emitted), so it is made uniform: every row recomputes its last W verified tokens,
+W the widest row's count, which rewrites K/V that some rows already hold from the same verified tokens
+(a guess only; verification decides what is emitted). Rows with more to catch up (a new request's
+prompt, a row that skipped proposing) run eagerly in a forward of their own. The host waits once per
+proposal, for the guesses of all steps.
 """
 
 from __future__ import annotations
@@ -75,6 +83,8 @@ class DraftModelProposer(Proposer):
                                 and self.graph_max_num_seqs > 0)
         self.graph_runner: CUDAGraphRunner | None = None
         self.max_model_len = config.model.max_model_len
+        # Catch-up widths with a graph: a verification emits 1 .. k + 1 tokens, the draft recomputes them.
+        self.catch_up_widths = tuple(range(2, spec.num_speculative_tokens + 2))
 
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
@@ -85,7 +95,9 @@ class DraftModelProposer(Proposer):
                                           self.draft_config.dtype, self.device)
         if self.use_cuda_graphs:
             self.graph_runner = CUDAGraphRunner(self.model, self.runtime.attention, self.graph_max_num_seqs,
-                                                self.max_model_len, self.block_size, self.device, cascade=False)
+                                                self.max_model_len, self.block_size, self.device, cascade=False,
+                                                verify_widths=self.catch_up_widths,
+                                                verify_max_num_seqs=self.graph_max_num_seqs)
             self.graph_runner.capture()
 
     def describe(self) -> dict[str, Any]:
@@ -108,12 +120,7 @@ class DraftModelProposer(Proposer):
         rows, k, num_tokens = rows[active], k[active], num_tokens[active]
         start = np.minimum(self.num_computed[rows], num_tokens - 1)
         # Step 0: the verified tokens not yet in the draft's cache; the last one's logits guess first.
-        counts = num_tokens - start
-        token_row = np.repeat(rows, counts)
-        positions = np.repeat(start, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts,
-                                                                                          counts)
-        ids = to_device(batch.token_ids[token_row, positions], self.device)
-        guesses = [self._step(batch, rows, ids, positions, counts)]
+        guesses = [self._catch_up(batch, rows, start, num_tokens)]
         self.num_computed[rows] = num_tokens
         # Steps 1 .. k - 1: each row feeds back its last guess while it wants more.
         alive = np.arange(len(rows))
@@ -137,31 +144,86 @@ class DraftModelProposer(Proposer):
             out[int(active[i])] = proposal
         return out
 
-    def _step(self, batch: "InputBatch", rows: np.ndarray, input_ids: torch.Tensor, positions: np.ndarray,
-              counts: np.ndarray) -> torch.Tensor:
-        """One draft forward: each row computes counts[i] tokens at `positions` (packed) and guesses the
-        token after its last one (greedy). Returns the guesses [len(rows)] on the device."""
+    def _catch_up(self, batch: "InputBatch", rows: np.ndarray, start: np.ndarray, num_tokens: np.ndarray
+                  ) -> torch.Tensor:
+        """Draft K/V of each row's verified tokens from start[i] to num_tokens[i] - 1, and the first guess
+        (after the last of them), [len(rows)] on the device. Rows whose count fits a catch-up graph are
+        widened to one count W (they start at num_tokens - W) so that one graph replay computes them all;
+        the others (or all, without graphs) run in one eager forward."""
+        counts = num_tokens - start
+        width = self._uniform_width(counts, num_tokens)
+        if width == 0:
+            return self._step(batch, rows, self._verified_ids(batch, rows, start, counts), start, counts)
+        uniform = (counts <= width) & (num_tokens >= width)
+        if uniform.all():
+            wide = np.full(len(rows), width, dtype=np.int64)
+            return self._step(batch, rows, self._verified_ids(batch, rows, num_tokens - width, wide),
+                              num_tokens - width, wide)
+        # two forwards (graphed, eager), their guesses put back in row order
+        out = torch.empty(len(rows), dtype=torch.long, device=self.device)
+        graphed, eager = np.flatnonzero(uniform), np.flatnonzero(~uniform)
+        wide = np.full(len(graphed), width, dtype=np.int64)
+        for part, first, c in ((graphed, num_tokens[graphed] - width, wide), (eager, start[eager], counts[eager])):
+            guesses = self._step(batch, rows[part], self._verified_ids(batch, rows[part], first, c), first, c)
+            out.index_copy_(0, to_device(part, self.device), guesses)
+        return out
+
+    def _uniform_width(self, counts: np.ndarray, num_tokens: np.ndarray) -> int:
+        """The catch-up width W (0: none) whose graph takes the rows that have at most W tokens to catch up
+        and W verified tokens to recompute: the widest such count, when a graph of that width exists for
+        that many rows (1 is a decode graph)."""
+        if self.graph_runner is None:
+            return 0
+        widest = max(self.catch_up_widths, default=1)
+        fits = counts[counts <= widest]
+        if not len(fits):
+            return 0
+        width = int(fits.max())
+        n = int(np.count_nonzero((counts <= width) & (num_tokens >= width)))
+        sizes = self.graph_runner.index.sizes.get(width, [])
+        return width if n and sizes and sizes[-1] >= n else 0
+
+    @staticmethod
+    def _verified_ids(batch: "InputBatch", rows: np.ndarray, start: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The token ids at positions start[i] .. start[i] + counts[i] - 1 of each row, packed (host)."""
+        return batch.token_ids[np.repeat(rows, counts), packed_positions(start, counts)]
+
+    def _step(self, batch: "InputBatch", rows: np.ndarray, input_ids: torch.Tensor | np.ndarray,
+              start: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+        """One draft forward: each row computes counts[i] tokens at positions start[i] .. start[i] +
+        counts[i] - 1 and guesses the token after its last one (greedy). `input_ids` (packed): on the host
+        (verified tokens) or on the device (the last guesses, written into a graph's inputs as a fix-up).
+        Returns the guesses [len(rows)] on the device; nothing here waits for the device."""
         bs = self.block_size
         qsl = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=qsl[1:])
-        token_row = np.repeat(rows, counts)
-        slots = batch.block_table[token_row, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = positions[qsl[1:] - 1] + 1
+        positions = packed_positions(start, counts)
+        slots = batch.block_table[np.repeat(rows, counts), positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = start + counts
         max_blocks = min(cdiv(int(batch.num_blocks[rows].max()), 16) * 16, batch.max_blocks_per_req)
-        inputs = StepInputs(rows=rows, input_ids=np.zeros(len(positions), dtype=np.int64),
-                            positions=positions.astype(np.int64),
-                            slot_mapping=slots, query_start_loc=qsl.astype(np.int32),
+        on_host = isinstance(input_ids, np.ndarray)
+        inputs = StepInputs(rows=rows, input_ids=(input_ids.astype(np.int64, copy=False) if on_host  # type: ignore[union-attr]
+                                                  else np.zeros(len(positions), dtype=np.int64)),
+                            positions=positions, slot_mapping=slots, query_start_loc=qsl.astype(np.int32),
                             seq_lens=seq_lens.astype(np.int32), block_tables=batch.block_table[rows, :max_blocks],
                             sample_rows=rows, logits_indices=qsl[1:] - 1, max_query_len=int(counts.max()),
                             max_seq_len=int(seq_lens.max()), pending_token_index=np.zeros(0, dtype=np.int64),
                             pending_rows=np.zeros(0, dtype=np.int64))
         self.runtime.comm.begin_forward()
         shape = self.graph_runner.choose(inputs) if self.graph_runner is not None else None
-        if shape is not None:  # every input id is a device value: all of them go in as the fix-up
-            fixup = PendingFixup(np.arange(len(positions), dtype=np.int64), input_ids)
+        if shape is not None:  # device input ids (every one of them) go in as the fix-up
+            fixup = None if on_host else PendingFixup(np.arange(len(positions), dtype=np.int64),
+                                                      input_ids)  # type: ignore[arg-type]
             return self.graph_runner.run(inputs, fixup, shape).argmax(dim=-1)  # type: ignore[union-attr]
-        fwd = ForwardBatch(input_ids=input_ids, positions=to_device(inputs.positions, self.device),
+        ids = to_device(inputs.input_ids, self.device) if on_host else input_ids
+        fwd = ForwardBatch(input_ids=ids, positions=to_device(inputs.positions, self.device),  # type: ignore[arg-type]
                            attn=self.runtime.attention.build_metadata(inputs, self.device))
         hidden = self.model(fwd.input_ids, fwd.positions, fwd)
         logits = self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
         return logits.argmax(dim=-1)
+
+
+def packed_positions(start: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """start[i] .. start[i] + counts[i] - 1 for each i, packed one after the other (int64)."""
+    offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(start.astype(np.int64, copy=False), counts) + offsets
