@@ -19,7 +19,9 @@ object (progress on stderr).
   quant_gemv.fp8_gemv_silu_and_mul / int4_gemv_silu_and_mul) side by side with the GEMV then silu_and_mul
   (two kernels), through the LinearMethods, each as a fraction of copy bandwidth (the fused path's bytes:
   weights, x and the [M, d] output) and fused / two-kernel time. `--gate-up-silu`: only this section.
-- --sweep: GEMV launch configs per method, projection and batch (quant_gemv.default_quant_gemv_config).
+- --sweep: quant_gemv.QuantGemvConfig (block_n x block_k x num_warps, sweep_configs) per method (FP8 channel,
+  FP8 block, INT4), projection and batch 1, 4, 8, as fractions of copy bandwidth, with the best and the
+  default side by side; with --gate-up-silu only the fused gate/up GEMV.
 - --dry-run: the cases with their bytes and FLOPs, without a GPU.
 - --quality: each method's logit error on a random-weight Llama against float32 (CPU or GPU; the issue's
   quality figure until a trained demo model exists): bf16, FP8 weights, FP8 W8A8, FP8 blocks, INT4
@@ -259,42 +261,73 @@ def gate_up_silu_section(bandwidth: float, gen: torch.Generator) -> list[dict]:
     return rows
 
 
-def sweep_section(gen: torch.Generator) -> list[dict]:
-    """GEMV configs per method, projection and batch (1 and 8)."""
+SWEEP_BLOCK_N = (4, 8, 16, 32)
+SWEEP_BLOCK_K = (256, 512, 1024, 2048, 4096)
+SWEEP_WARPS = (4, 8)
+
+
+def sweep_configs(method: str, m: int, k: int) -> list:
+    """The QuantGemvConfigs swept for one method, batch and K: every block_n x block_k x num_warps whose
+    step fits K and keeps a thread's weight bytes per step within 16-256 (below, too little in flight;
+    above, the registers for the products of 8 rows of x spill), plus the default."""
+    from carpool.ops.triton.quant_gemv import QuantGemvConfig, default_quant_gemv_config
+
+    weight_bytes_per_col = 0.5 if method == "int4" else 1
+    configs = [default_quant_gemv_config(m, k, int4=method == "int4")]
+    for bn in SWEEP_BLOCK_N:
+        for bk in SWEEP_BLOCK_K:
+            for warps in SWEEP_WARPS:
+                per_thread = bn * bk * weight_bytes_per_col / (32 * warps)
+                if bk <= max(256, k) and 16 <= per_thread <= 256:
+                    configs.append(QuantGemvConfig(bn, bk, warps))
+    return list(dict.fromkeys(configs))
+
+
+def sweep_section(bandwidth: float, gen: torch.Generator, gate_up_only: bool = False) -> list[dict]:
+    """QuantGemvConfigs per method (FP8 per channel, FP8 blocks, INT4), projection and batch (1, 4, 8),
+    each timed in CUDA graphs over weights cycled out of L2, as a fraction of copy bandwidth; gate_up
+    runs the fused SiLU-and-mul GEMV, the others the plain one. `best` is what the default should be."""
     from bench_kernels import num_sets, time_in_graph
 
-    from carpool.ops.triton.quant_gemv import QuantGemvConfig, default_quant_gemv_config, fp8_gemv, int4_gemv
+    from carpool.ops.triton import quant_gemv as qg
 
-    configs = [QuantGemvConfig(bn, bk, w, st) for bn in (1, 2, 4) for bk in (512, 1024, 2048, 4096)
-               for w, st in ((4, 3), (8, 3))]
     rows = []
-    for method in ("fp8", "int4"):
-        for name, n, k in PROJECTIONS:
+    for method in ("fp8", "fp8_block", "int4"):
+        for name, n, k in ([GATE_UP] if gate_up_only else PROJECTIONS):
+            silu = name == "gate_up"
             sets = num_sets(weight_bytes(method, n, k))
             layers = [make_layer(method, n, k, gen)[0] for _ in range(sets)]
-            for m in (1, 8):
+            for m in GATE_UP_BATCHES:
                 x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-                default = default_quant_gemv_config(m, k, int4=method == "int4")
+                default = qg.default_quant_gemv_config(m, k, int4=method == "int4")
+                nbytes = (gate_up_silu_bytes(method, m) if silu else weight_bytes(method, n, k) + 2 * m * (n + k))
                 results = []
-                for cfg in dict.fromkeys([default] + configs):
-                    if cfg.block_k > max(512, 8192 // triton_next_pow2(m)) or cfg.block_k > 2 * k:
-                        continue
-                    if method == "fp8":
-                        calls = [lambda L=L, cfg=cfg: fp8_gemv(x, L.weight, L.weight_scale, config=cfg) for L in layers]
+                for cfg in sweep_configs(method, m, k):
+                    if method == "int4":
+                        op = qg.int4_gemv_silu_and_mul if silu else qg.int4_gemv
+                        calls = [lambda L=L, cfg=cfg, op=op: op(x, L.qweight, L.scales, L.qzeros, GROUP, config=cfg)
+                                 for L in layers]
                     else:
-                        calls = [lambda L=L, cfg=cfg: int4_gemv(x, L.qweight, L.scales, L.qzeros, GROUP, config=cfg)
+                        op = qg.fp8_gemv_silu_and_mul if silu else qg.fp8_gemv
+                        calls = [lambda L=L, cfg=cfg, op=op: op(x, L.weight, _fp8_scale(L), config=cfg)
                                  for L in layers]
                     sec = time_in_graph(calls)
                     results.append({"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps,
-                                    "num_stages": cfg.num_stages, "us": round(sec * 1e6, 2), "default": cfg == default})
+                                    "us": round(sec * 1e6, 2), "default": cfg == default,
+                                    "copy_roofline_ratio": round(nbytes / sec / bandwidth, 3)})
                 best = min(results, key=lambda r: r["us"])
-                row = {"method": method, "proj": name, "batch": m, "best": best,
-                       "default": next(r for r in results if r["default"]), "configs": results}
+                row = {"method": method, "proj": name, "n": n, "k": k, "batch": m, "fused_silu": silu,
+                       "best": best, "default": next(r for r in results if r["default"]), "configs": results}
                 print({key: v for key, v in row.items() if key != "configs"}, file=sys.stderr, flush=True)
                 rows.append(row)
             del layers
             torch.cuda.empty_cache()
     return rows
+
+
+def _fp8_scale(layer: Any) -> torch.Tensor:
+    """The FP8 scale a make_layer layer holds (its name follows the checkpoint format)."""
+    return next(v for key, v in vars(layer).items() if "scale" in key)
 
 
 # --- quality (CPU or GPU) -------------------------------------------------------------------------------------
@@ -388,10 +421,6 @@ def quality_section(device: str, tokens: int = 256, seed: int = 0) -> list[dict]
     return rows
 
 
-def triton_next_pow2(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
@@ -430,6 +459,8 @@ def main() -> None:
         "projections": PROJECTIONS}
     if args.gate_up_silu:
         report["gate_up_silu"] = gate_up_silu_section(bandwidth, gen)
+        if args.sweep:
+            report["gemv_sweep"] = sweep_section(bandwidth, gen, gate_up_only=True)
         emit(report, args.out)
         return
     report["decode"] = decode_section(bandwidth, (1, 64) if args.quick else DECODE_BATCHES, gen)
@@ -437,7 +468,7 @@ def main() -> None:
     report["fp8_gemm_backend"] = selector_section(gen, (16, 64, 512, 8192) if args.quick else SELECTOR_M)
     report["gate_up_silu"] = gate_up_silu_section(bandwidth, gen)
     if args.sweep:
-        report["gemv_sweep"] = sweep_section(gen)
+        report["gemv_sweep"] = sweep_section(bandwidth, gen)
     emit(report, args.out)
 
 

@@ -93,6 +93,30 @@ def test_int4_gemv_group_128_with_steps_longer_than_a_group() -> None:
     torch.testing.assert_close(got.cpu(), ref.int4_linear(x, packed, scales, zeros, group), atol=1e-4, rtol=1e-5)
 
 
+def test_fp8_block_gemv_scales_each_128_column_slice_of_a_step_with_its_own_block() -> None:
+    n, k = 131, 300  # two 128-column slices per 256-column step; the second step is partial, as is row block 2
+    wq, s = quantize_fp8_per_block(rand(n, k), BLOCK)
+    x = rand(2, k, seed=1)
+    got = fp8_gemv(*dev(x, wq, s), config=QuantGemvConfig(block_n=4, block_k=256))
+    torch.testing.assert_close(got.cpu(), ref.fp8_linear(x, wq, s, BLOCK), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k,group", [(288, 96), (224, 224)])  # a group that is not a power of two; one per row
+def test_int4_gemv_matches_reference_for_groups_that_are_not_powers_of_two(k: int, group: int) -> None:
+    n = 19
+    packed, scales, zeros = int4_weights(n, k, group, asym=True, seed=6)
+    x = rand(3, k, seed=7)
+    got = int4_gemv(*dev(x, packed, scales, zeros), group, config=QuantGemvConfig(block_n=8, block_k=128))
+    torch.testing.assert_close(got.cpu(), ref.int4_linear(x, packed, scales, zeros, group), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,kwargs", [("block_n", {"block_n": 3}), ("block_k", {"block_k": 8}),
+                                          ("num_warps", {"num_warps": 3})])
+def test_quant_gemv_config_refuses_a_bad_field(field: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=field):
+        QuantGemvConfig(**kwargs)
+
+
 def test_gemv_refuses_more_than_eight_rows() -> None:
     wq, s = quantize_fp8_per_channel(rand(16, 32))
     with pytest.raises(ValueError, match=r"M <= 8"):
@@ -109,14 +133,14 @@ def silu_and_mul_ref(y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("m,blocks,d,block_n", [
     (1, False, 37, 2),  # one gate and one up row per program, as on a GPU
     (3, True, 131, None),  # up rows start inside a 128-row scale block; the interpreter's wide programs
-    (8, True, 131, 4)])
+    (8, True, 131, 8)])
 def test_fp8_gemv_silu_and_mul_matches_reference(m: int, blocks: bool, d: int, block_n: int | None) -> None:
     k = 200  # a partial 128-column block, a partial column step
     w = rand(2 * d, k) / 4  # gate values of a few units: no exp overflow
     wq, s = quantize_fp8_per_block(w, BLOCK) if blocks else quantize_fp8_per_channel(w)
     x = rand(m, k, seed=1)
     expected = silu_and_mul_ref(ref.fp8_linear(x, wq, s, BLOCK if blocks else None))
-    config = None if block_n is None else QuantGemvConfig(block_n=block_n, block_k=64)
+    config = None if block_n is None else QuantGemvConfig(block_n=block_n, block_k=64 if m == 1 else 128)
     got = fp8_gemv_silu_and_mul(*dev(x, wq, s), config=config)
     assert got.shape == (m, d)
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)

@@ -4,9 +4,15 @@ Why: a small-batch decode step is weight bandwidth, so the bytes per weight set 
 are half of bf16's, 4-bit ones a quarter plus their group scales. Like the bf16 GEMV (gemv.py) each
 program streams BLOCK_N whole rows of W (contiguous in K) and reduces them in registers, one launch per
 projection, no split-K; here the weights are dequantized in registers (e4m3 -> float32, or 4-bit
-(q - zero) * scale) and every weight tile serves all BLOCK_M rows of x, so batch 8 reads the weights
-once. Activations are not quantized (W8A16 / W4A16 arithmetic, float32 accumulation): at these batch
-sizes the multiply is free, and the step saves the activation-quantization kernel.
+nibbles -> floats by mantissa tricks) and every weight tile serves all BLOCK_M rows of x, so batch 8
+reads the weights once. Activations are not quantized (W8A16 / W4A16 arithmetic, float32 accumulation):
+the step saves the activation-quantization kernel.
+
+Unlike the bf16 GEMV these kernels are bound by instruction issue before bytes (a weight is 1 or 0.5
+bytes but ~3-4 instructions per row of x), so scales apply once per output (per channel) or once per
+128-column slice (blocks, int4 groups), never per weight, each row of x is reduced against a tile as
+its products form (no float32 tile-sized accumulator), and programs are wide (8-16 rows) so their fixed
+work spreads over more weights. default_quant_gemv_config gives the budgets.
 
 Weight layouts: FP8 weight [N, K] float8_e4m3fn with scales per output channel ([N]) or per 128x128
 block ([ceil(N/128), ceil(K/128)]); int4 in carpool's layout (quantization/formats.py): packed
@@ -38,26 +44,53 @@ FP8_BLOCK = 128  # the block of block-scaled FP8 weights (rows and columns)
 
 @dataclass(frozen=True)
 class QuantGemvConfig:
-    block_n: int = 2  # output rows per program
+    """A quantized GEMV's launch: BLOCK_N weight rows per program, BLOCK_K columns per loop step, num_warps.
+    Triton does not pipeline loads that feed no dot (no cp.async; num_stages changes nothing), so the
+    bytes a program has in flight are one step's tile, BLOCK_N x BLOCK_K weights, and an SM's are that
+    times the programs its registers hold (65536 / (registers x 32 x num_warps))."""
+    block_n: int = 8  # weight rows per program (SiLU-and-mul: half gate rows, half up rows)
     block_k: int = 1024  # weight columns per loop step
     num_warps: int = 4
-    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("block_n", self.block_n, 1), ("block_k", self.block_k, 16)):
+            if value < low or value & (value - 1):
+                raise ValueError(f"QuantGemvConfig.{name} must be a power of two >= {low}, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"QuantGemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+
+    def tile_bytes(self, int4: bool) -> int:
+        """Weight bytes one loop step of a program loads (excluding scales)."""
+        return self.block_n * self.block_k // (2 if int4 else 1)
 
 
 def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
-    """Unmeasured defaults, derived from the bf16 GEMV's measured ones (gemv.py): two rows per program
-    and whole rows per step up to 4096 columns at one row of x; each further row of x multiplies the
-    float32 partial products a program holds (BLOCK_M x BLOCK_N x BLOCK_K), so the step shrinks to keep
-    them at 8192 per program. benchmarks/bench_quant.py sweeps these (`--sweep`). In the interpreter
-    (CPU tests) programs are few and wide instead."""
-    block_m = triton.next_power_of_2(max(1, m))
-    limit = max(256, 4096 // block_m)
-    block_k = min(limit, max(64 if int4 else 16, triton.next_power_of_2(k)))
+    """Unmeasured on a GPU; chosen from two budgets per SM of an H100 (132 SMs, ~3 TB/s), with registers
+    and instruction counts from compiling for sm_90 (scripts/quant_compile_check.py, cuobjdump):
+
+    - bytes in flight: the bf16 GEMV (gemv.py) reaches copy bandwidth with 16 KiB of weights per program
+      and step at 128 registers a thread, 4 programs an SM: ~64 KiB in flight per SM;
+    - instruction issue: 4 warp-instructions per clock per SM. A weight moves in 1 (FP8) or 0.5 (INT4)
+      bytes but costs ~3-4 instructions per row of x (convert, multiply-add, its share of the
+      reduction), so the quantized GEMVs are issue-bound first: the old kernels (2 rows x 4096 columns,
+      8 warps, 14336 programs on gate_up) issued ~85M (FP8) and ~96M (INT4, plus I2F conversions at 1/8
+      rate) warp-instructions, ~92 us at 1.75 GHz: they measured 103 and 222 us against a 40 and 21 us
+      roofline. Fewer, larger programs amortize the per-program work (address setup, the cross-warp
+      reduction, the epilogue) and x's loads over more weights.
+
+    FP8, one row of x: 8 rows x 1024 columns (8 KiB per step), 64 registers, so 8 programs (64 KiB) an
+    SM, ~20M warp-instructions on gate_up (~22 us of issue under a 40 us roofline). More rows of x
+    multiply each weight again: 16 rows x 512 columns (~126 registers, 4 programs, 32 KiB in flight), where
+    at 4-8 rows the multiply-adds, not the bytes, set the time (~50 / ~90 us of issue on gate_up).
+    INT4: 16 rows x 1024 columns (8 KiB of words per step, ~180 registers, 2 programs an SM, ~28M
+    warp-instructions: ~30 us of issue against a 21 us roofline, so issue-bound); 16 x 512 above one row.
+    benchmarks/bench_quant.py --sweep times the neighbours of these per projection and batch. In the
+    interpreter (CPU tests) programs are few and wide instead."""
     if utils.interpreting():  # CPU tests: each program costs ~10 ms of Python per op, whatever its size
-        return QuantGemvConfig(block_n=64, block_k=min(block_k, 256), num_warps=4)
-    # 8 warps once a program holds 4096 float32 products per row: compiled for sm_90 (scripts/
-    # quant_compile_check.py), 4 warps then take 184-210 registers (int4, block-scaled FP8), 8 take 80-128.
-    return QuantGemvConfig(block_n=2, block_k=block_k, num_warps=8 if k > 4096 or block_m * block_k >= 4096 else 4)
+        return QuantGemvConfig(block_n=64, block_k=min(256, max(64, triton.next_power_of_2(k))))
+    if m == 1:
+        return QuantGemvConfig(block_n=16, block_k=1024) if int4 else QuantGemvConfig(block_n=8, block_k=1024)
+    return QuantGemvConfig(block_n=16, block_k=512)
 
 
 @triton.jit
@@ -88,42 +121,11 @@ def _store_silu_and_mul(out, out_ptr, ms, m_ok, stride_om, d, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _fp8_tile(acc, w, s_ptr, x_rows, rows, row_ok, m_ok, k0, K, stride_sn, BLOCK_K: tl.constexpr,
-              BLOCK_SCALES: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N, BLOCK_K] += x[:, k0:k0+BLOCK_K] times the e4m3 tile w, in float32."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    wf = w.to(tl.float32)
-    if BLOCK_SCALES:  # one scale per 128x128 block: applied to each weight before the sum
-        s = tl.load(s_ptr + (rows // 128)[:, None] * stride_sn + (cols // 128)[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        wf = wf * s
-    x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    return acc + x[:, None, :] * wf[None, :, :]
-
-
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_sn,
-                     pair_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_PAIR: tl.constexpr,
-                     USE_PDL: tl.constexpr):
-    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    cols = tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-    pdl_wait_then_release(USE_PDL)
+def _store_out(out, b_ptr, out_ptr, rows, row_ok, M, stride_om, pair_offset, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_PAIR: tl.constexpr):
+    """The epilogue shared by both GEMVs: out [BLOCK_M, BLOCK_N] float32 (+ bias) -> the output rows."""
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
-    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc = _fp8_tile(acc, w, s_ptr, x_rows, rows, row_ok, m_ok, 0, K, stride_sn, BLOCK_K, BLOCK_SCALES)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-        acc = _fp8_tile(acc, w, s_ptr, x_rows, rows, row_ok, m_ok, k0, K, stride_sn, BLOCK_K, BLOCK_SCALES)
-    out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
-    if not BLOCK_SCALES:  # one scale per output channel: applied once to the sum
-        out = out * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     if SILU_PAIR:
@@ -131,6 +133,53 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, st
     else:
         tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _fp8_step(acc, w, x_ptr, s_ptr, rows, row_ok, M, k0, K, stride_xm, stride_sn, BLOCK_M: tl.constexpr,
+              SUB: tl.constexpr, NSUB: tl.constexpr, BLOCK_SCALES: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x[:, k0:k0+BLOCK_K] @ tile.T for the e4m3 tile w [BLOCK_N, NSUB, SUB]
+    (BLOCK_K = NSUB * SUB columns). Each row of x is reduced against the tile as its products form, so
+    no float32 [BLOCK_N, BLOCK_K] tensor is held. Block scales: each SUB-column slice lies in one 128x128
+    block, so its sum is scaled once (one multiply per slice and row, not per weight)."""
+    cols = k0 + tl.arange(0, NSUB)[:, None] * SUB + tl.arange(0, SUB)[None, :]
+    wf = w.to(tl.float32)
+    if BLOCK_SCALES:
+        starts = k0 + tl.arange(0, NSUB) * SUB
+        s = tl.load(s_ptr + (rows // 128)[:, None] * stride_sn + (starts // 128)[None, :],
+                    mask=row_ok[:, None] & (starts < K)[None, :], other=0.0)
+    ms = tl.arange(0, BLOCK_M)
+    for m in tl.static_range(BLOCK_M):
+        x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < tl.where(m < M, K, 0), other=0.0).to(tl.float32)
+        part = tl.sum(wf * x[None, :, :], axis=2)  # [BLOCK_N, NSUB]
+        if BLOCK_SCALES:
+            part = part * s
+        acc += tl.where(ms[:, None] == m, tl.sum(part, axis=1)[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_sn,
+                     pair_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
+                     NSUB: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU_PAIR: tl.constexpr, USE_PDL: tl.constexpr):
+    BLOCK_K: tl.constexpr = NSUB * SUB
+    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
+    offs = tl.arange(0, NSUB)[:, None] * SUB + tl.arange(0, SUB)[None, :]  # a step's columns, [NSUB, SUB]
+    w = tl.load(w_rows + offs[None, :, :], mask=row_ok[:, None, None] & (offs < K)[None, :, :], other=0.0)
+    pdl_wait_then_release(USE_PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _fp8_step(acc, w, x_ptr, s_ptr, rows, row_ok, M, 0, K, stride_xm, stride_sn, BLOCK_M, SUB, NSUB,
+                    BLOCK_SCALES)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + offs
+        w = tl.load(w_rows + cols[None, :, :], mask=row_ok[:, None, None] & (cols < K)[None, :, :], other=0.0)
+        acc = _fp8_step(acc, w, x_ptr, s_ptr, rows, row_ok, M, k0, K, stride_xm, stride_sn, BLOCK_M, SUB, NSUB,
+                        BLOCK_SCALES)
+    if not BLOCK_SCALES:  # one scale per output channel: applied once to the sum
+        acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[None, :]
+    _store_out(acc, b_ptr, out_ptr, rows, row_ok, M, stride_om, pair_offset, BLOCK_M, BLOCK_N, HAS_BIAS, SILU_PAIR)
 
 
 @triton.jit
@@ -154,51 +203,76 @@ def dequantize_int4_tile(words, s_rows, z_rows, w_idx, mask, GROUP: tl.constexpr
 
 
 @triton.jit
-def _int4_tile(acc, words, s_ptr, z_ptr, x_rows, rows64, row_ok, m_ok, k0, K, stride_sn, stride_zn,
-               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N, BLOCK_K] += x[:, k0:k0+BLOCK_K] times the tile of int32 words [BLOCK_N,
-    BLOCK_K / 8], dequantized in float32: (q - zero) * scale."""
-    BLOCK_W: tl.constexpr = BLOCK_K // 8
-    w_idx = k0 // 8 + tl.arange(0, BLOCK_W)
-    w_ok = row_ok[:, None] & (w_idx < K // 8)[None, :]
-    w = dequantize_int4_tile(words, s_ptr + rows64[:, None] * stride_sn, z_ptr + rows64[:, None] * stride_zn, w_idx,
-                             w_ok, GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS)
-    cols = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
-    return acc + x[:, None, :] * w[None, :, :]
+def _int4_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, M, k0, K, stride_xm, stride_sn, stride_zn,
+               GROUP: tl.constexpr, BLOCK_M: tl.constexpr, SUBW: tl.constexpr, NSUB: tl.constexpr,
+               HAS_ZEROS: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x[:, k0:k0+BLOCK_K] @ W.T for the int32 words [BLOCK_N, NSUB, SUBW] of
+    one step (BLOCK_K = 8 * NSUB * SUBW columns; column 8j + i is nibble i of word j).
+
+    The GEMV is instruction-bound before it is byte-bound (a weight is half a byte), so a weight costs
+    three instructions per row of x and nothing else:
+    - a nibble becomes a float without a conversion instruction (I2F issues at 1/8 of the FMA rate): OR-ed
+      into the mantissa of 2^23 (one LOP3 with the mask) and minus 2^23 (one add) it is q * 16^p exactly,
+      p its position (nibbles 0-4 in the word, 5-7 in the word shifted right by 12, one shift per word);
+      the x it multiplies is pre-scaled by 16^-p (exact, a power of two) once per step for all rows;
+    - the eight nibbles of a word are multiply-added into one float32 per word and row of x (a chain of
+      FMAs in registers, in the words' own layout: no [.., 8] tensor, no layout conversion);
+    - each SUBW-word slice lies in one group, so its scale and zero apply once per slice and row:
+      sum (q - z) s x = s (sum q x - z sum x)."""
+    SUB: tl.constexpr = SUBW * 8
+    starts = k0 + tl.arange(0, NSUB) * SUB
+    sub_ok = starts < K  # (K is a multiple of GROUP, GROUP of SUB: a slice is wholly in K or out)
+    g_ok = row_ok[:, None] & sub_ok[None, :]
+    s = tl.load(s_ptr + rows64[:, None] * stride_sn + (starts // GROUP)[None, :], mask=g_ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + rows64[:, None] * stride_zn + (starts // GROUP)[None, :], mask=g_ok,
+                    other=0.0).to(tl.float32)
+    else:
+        z = tl.full([1, NSUB], 8.0, dtype=tl.float32)
+    ms = tl.arange(0, BLOCK_M)
+    word_cols = starts[:, None] + tl.arange(0, SUBW)[None, :] * 8  # [NSUB, SUBW]: column of each word's nibble 0
+    x_rows = x_ptr + ms[:, None, None] * stride_xm
+    x_ok = (ms < M)[:, None, None] & sub_ok[None, :, None]
+    high = words >> 12
+    qx = tl.zeros([BLOCK_M, words.shape[0], NSUB, SUBW], dtype=tl.float32)
+    x_sum = tl.zeros([BLOCK_M, NSUB, SUBW], dtype=tl.float32)
+    for i in tl.static_range(8):
+        if i < 5:
+            q = ((words & (0xF << (4 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q 16^i
+            x_scale = 1.0 / (16 ** i)
+        else:
+            q = ((high & (0xF << (4 * (i - 3)))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            x_scale = 1.0 / (16 ** (i - 3))
+        x = tl.load(x_rows + (word_cols + i)[None, :, :], mask=x_ok, other=0.0).to(tl.float32)
+        x_sum += x
+        qx += q[None, :, :, :] * (x * x_scale)[:, None, :, :]
+    qx = tl.sum(qx, axis=3)  # [BLOCK_M, BLOCK_N, NSUB]
+    x_sum = tl.sum(x_sum, axis=2)  # [BLOCK_M, NSUB]
+    return acc + tl.sum(s[None, :, :] * (qx - z[None, :, :] * x_sum[:, None, :]), axis=2)
 
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                       stride_sn, stride_zn, pair_offset, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SILU_PAIR: tl.constexpr, USE_PDL: tl.constexpr):
-    BLOCK_W: tl.constexpr = BLOCK_K // 8  # int32 words per row and step
+                      BLOCK_N: tl.constexpr, SUBW: tl.constexpr, NSUB: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SILU_PAIR: tl.constexpr, USE_PDL: tl.constexpr):
+    BLOCK_W: tl.constexpr = NSUB * SUBW  # int32 words per row and step
     rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
     rows64 = rows.to(tl.int64)
-    w_rows = w_ptr + rows64[:, None] * stride_wn
-    words_i = tl.arange(0, BLOCK_W)
-    words = tl.load(w_rows + words_i[None, :], mask=row_ok[:, None] & (words_i < K // 8)[None, :], other=0)
+    w_rows = w_ptr + rows64[:, None, None] * stride_wn
+    offs = tl.arange(0, NSUB)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]  # a step's words, [NSUB, SUBW]
+    words = tl.load(w_rows + offs[None, :, :], mask=row_ok[:, None, None] & (offs < K // 8)[None, :, :], other=0)
     pdl_wait_then_release(USE_PDL)
-    ms = tl.arange(0, BLOCK_M)
-    m_ok = ms < M
-    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc = _int4_tile(acc, words, s_ptr, z_ptr, x_rows, rows64, row_ok, m_ok, 0, K, stride_sn, stride_zn, GROUP,
-                     BLOCK_N, BLOCK_K, HAS_ZEROS)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        w_idx = k0 // 8 + words_i
-        words = tl.load(w_rows + w_idx[None, :], mask=row_ok[:, None] & (w_idx < K // 8)[None, :], other=0)
-        acc = _int4_tile(acc, words, s_ptr, z_ptr, x_rows, rows64, row_ok, m_ok, k0, K, stride_sn, stride_zn,
-                         GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS)
-    out = tl.sum(acc, axis=2)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    if SILU_PAIR:
-        _store_silu_and_mul(out, out_ptr, ms, m_ok, stride_om, pair_offset, BLOCK_M, BLOCK_N)
-    else:
-        tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & row_ok[None, :])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _int4_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, M, 0, K, stride_xm, stride_sn, stride_zn,
+                     GROUP, BLOCK_M, SUBW, NSUB, HAS_ZEROS)
+    for k0 in range(8 * BLOCK_W, K, 8 * BLOCK_W):
+        w_idx = k0 // 8 + offs
+        words = tl.load(w_rows + w_idx[None, :, :], mask=row_ok[:, None, None] & (w_idx < K // 8)[None, :, :],
+                        other=0)
+        acc = _int4_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, M, k0, K, stride_xm, stride_sn,
+                         stride_zn, GROUP, BLOCK_M, SUBW, NSUB, HAS_ZEROS)
+    _store_out(acc, b_ptr, out_ptr, rows, row_ok, M, stride_om, pair_offset, BLOCK_M, BLOCK_N, HAS_BIAS, SILU_PAIR)
 
 
 def _check_x(x: torch.Tensor, k: int, name: str) -> torch.Tensor:
@@ -228,11 +302,12 @@ def _launch_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     blocks = weight_scale.dim() == 2
     config = _config(config, m, k, False, silu_pair)
     out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
+    sub = min(FP8_BLOCK, config.block_k) if blocks else config.block_k  # columns under one scale
     _fp8_gemv_kernel[(_num_programs(n, config, silu_pair),)](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k, x.stride(0),
         weight.stride(0), out.stride(0), weight_scale.stride(0) if blocks else 1, n // 2 if silu_pair else 0,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_SCALES=blocks,
-        HAS_BIAS=bias is not None, SILU_PAIR=silu_pair, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=config.block_n, SUB=sub, NSUB=config.block_k // sub,
+        BLOCK_SCALES=blocks, HAS_BIAS=bias is not None, SILU_PAIR=silu_pair, num_warps=config.num_warps,
         USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
 
@@ -297,16 +372,15 @@ def _launch_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
         _check_gate_up(n, name)
     m = x.shape[0]
     config = _config(config, m, k, True, silu_pair)
-    if config.block_k < 8 or config.block_k & (config.block_k - 1):
-        raise ValueError(f"{name}: block_k must be a power of two >= 8, got {config.block_k}")
     out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
+    subw = min(config.block_k, group_size & -group_size) // 8  # words under one scale: a power of two
     _int4_gemv_kernel[(_num_programs(n, config, silu_pair),)](
         x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
         m, n, k, x.stride(0), packed.stride(0), out.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, n // 2 if silu_pair else 0, GROUP=group_size,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=config.block_n, SUBW=subw, NSUB=config.block_k // 8 // subw,
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SILU_PAIR=silu_pair, num_warps=config.num_warps,
-        num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+        USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
 
 
