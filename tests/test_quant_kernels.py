@@ -383,6 +383,29 @@ def test_bf16_quantized_kernels_match_reference_on_gpu() -> None:
                                rtol=2e-2)
 
 
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [16, 40, 64, 200, 1024])
+def test_bf16_int4_linear_and_block_fp8_linear_match_reference_on_gpu(m: int) -> None:
+    """The dispatch's GEMMs at their defaults: int4 split-K / swap_ab tiles (16-64 rows), 128-row tiles (200)
+    and dequantize-then-cuBLAS (1024); block FP8 through torch._scaled_mm's block scaling where the probe
+    found it (rows padded), else Triton."""
+    from carpool.ops.triton.quant_gemm import block_scaled_mm_rows, fp8_linear, int4_linear
+
+    n, k = 768, 2048
+    x = rand(m, k).to("cuda", torch.bfloat16)
+    packed, scales, zeros = int4_weights(n, k, 128, asym=True)
+    expected = ref.int4_linear(x.float().cpu(), packed, scales.bfloat16().float(), zeros, 128)
+    got = int4_linear(x, packed.cuda(), scales.cuda().bfloat16(), zeros.cuda().bfloat16(), 128)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=5e-2, rtol=2e-2)
+    wq, s = quantize_fp8_per_block(rand(n, k), BLOCK)
+    xq, xs = ref.quantize_fp8_activations(x.float().cpu(), group_size=128)
+    expected = ref.w8a8_linear(xq, xs, wq, s, BLOCK, torch.float32)
+    got = fp8_linear(x, wq.cuda(), s.cuda())
+    assert block_scaled_mm_rows(x.device) in (0, 1, 16)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=1e-3 * expected.abs().max().item(), rtol=2e-2)
+
+
 def test_quant_benchmark_imports_on_cpu_and_counts_bytes_per_method() -> None:
     """benchmarks/bench_quant.py's dry run (no GPU): FP8 reads about half of bf16's bytes at batch 1, INT4
     (group 128, with scales and zeros) about a quarter plus 3%."""
