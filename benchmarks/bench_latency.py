@@ -19,6 +19,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    LINEAR_BYTES,
     SHAPES,
     ModelArithmetic,
     add_engine_flags,
@@ -99,6 +100,18 @@ def run_hf(model: str, prompt: list[int], new_tokens: int) -> dict[str, Any]:
     return {"ms_per_token": 1e3 * (full - one) / (new_tokens - 1), "seconds_total": full}
 
 
+def roofline(args: argparse.Namespace, bandwidth: float, linear_bytes: float, kv_dtype_bytes: int) -> dict[str, float]:
+    """Bytes one decode token reads at the measured copy bandwidth: the weights (quantized linear layers
+    at their own bytes; routers, embedding and LM head in bf16; a mixture of experts' top_k experts, not
+    all) and the K/V of the mean context (under 1% of the bytes at these lengths)."""
+    arithmetic = ModelArithmetic.of(args.shape, linear_bytes, kv_dtype_bytes)
+    weight_bytes = arithmetic.decode_weight_bytes(1)
+    kv_bytes = arithmetic.kv_bytes_per_token * (args.prompt_len + args.new_tokens / 2)
+    # with TP each GPU reads its share of the weights, in parallel, at its own bandwidth
+    ms = 1e3 * (weight_bytes + kv_bytes) / (bandwidth * args.tensor_parallel_size)
+    return {"ms_per_token": ms, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -111,9 +124,17 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="add per-step host/device timings (always on with -tp > 1); see profile_util.stop_timings")
     ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--peer-bf16", action="store_true",
+                    help="with --quant-format, --quantization or --kv-cache-dtype fp8: also time bf16 weights and "
+                         "a bf16 KV cache in the same run, and report the ratio")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler summary of 50 decode steps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.peer_bf16 and not (args.quant_format or args.quantization or args.kv_cache_dtype == "fp8"):
+        ap.error("--peer-bf16 compares a quantized run with bf16: pass --quant-format, --quantization or "
+                 "--kv-cache-dtype fp8 too")
+    if args.peer_bf16 and args.model is not None:
+        ap.error("--peer-bf16 needs random weights of --shape (no --model): the bf16 peer is that shape")
 
     random.seed(0)
     prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
@@ -134,17 +155,20 @@ def main() -> None:
     result["carpool"] = run_carpool(model, prompt, args.new_tokens, args.repeats, engine_kwargs, args.profile,
                                     args.breakdown or args.tensor_parallel_size > 1)
     result["ms_per_token"] = result["carpool"]["ms_per_token"]
-    if dummy and args.quant_format is None and args.quantization is None:  # (bf16 weight bytes)
-        arithmetic = ModelArithmetic.of(args.shape)
-        # (a mixture of experts' step reads its token's top_k experts per sparse layer, not all of them)
-        weight_bytes = arithmetic.decode_weight_bytes(1)
-        # the K/V of the mean context of a decode step (under 1% of the bytes at these lengths)
-        kv_bytes = arithmetic.kv_bytes_per_token * (args.prompt_len + args.new_tokens / 2)
-        # with TP each GPU reads its share of the weights, in parallel, at its own bandwidth
-        result["roofline_ms_per_token"] = 1e3 * (weight_bytes + kv_bytes) / (bandwidth * args.tensor_parallel_size)
-        result["roofline_weight_bytes"] = weight_bytes
-        result["roofline_kv_bytes"] = kv_bytes
-        result["roofline_ratio"] = result["ms_per_token"] / result["roofline_ms_per_token"]
+    if dummy:
+        fmt = args.quant_format or args.quantization
+        kv_fp8 = args.kv_cache_dtype == "fp8"
+        result["roofline"] = roofline(args, bandwidth, LINEAR_BYTES[fmt], 1 if kv_fp8 else 2)
+        result["roofline_ratio"] = result["ms_per_token"] / result["roofline"]["ms_per_token"]
+        result["roofline_ms_per_token"] = result["roofline"]["ms_per_token"]
+        if args.peer_bf16 and (fmt is not None or kv_fp8):
+            bf16_kwargs = {**engine_kwargs, "quantization": None, "kv_cache_dtype": "auto"}
+            bf16_model = write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-bf16-config"), args.shape)
+            peer = run_carpool(bf16_model, prompt, args.new_tokens, args.repeats, bf16_kwargs)
+            peer_roofline = roofline(args, bandwidth, LINEAR_BYTES[None], 2)
+            result["bf16"] = {**peer, "roofline_ms_per_token": peer_roofline["ms_per_token"],
+                              "roofline_ratio": peer["ms_per_token"] / peer_roofline["ms_per_token"]}
+            result["ms_per_token_vs_bf16"] = result["ms_per_token"] / peer["ms_per_token"]
     if args.hf:
         result["hf"] = run_hf(model, prompt, args.new_tokens)
         result["hf_ms_per_token"] = result["hf"]["ms_per_token"]

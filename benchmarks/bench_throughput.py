@@ -6,6 +6,11 @@ Workloads:
   randint(100, 1024); then 256 output lengths randint(100, 1024) as max_tokens, ignore_eos, temperature 0.6.
 - shared-prefix: 256 requests = one 2,000-token system prefix + distinct 50-300-token suffixes, 128 output
   tokens each, run with prefix caching on and then off.
+- prefill: 32 (--num-prompts) prompts of 4,000 (--input-len) random token ids, one output token each:
+  prompt tokens per second, against the prefill FLOPs at the measured bf16 matmul rate.
+
+--peer-bf16 (with --quant-format, --quantization or --kv-cache-dtype fp8) runs the same workload again with
+bf16 weights and a bf16 KV cache in the same process and reports the ratio.
 
 Roofline time = (sum over requests of K/V bytes read by all its decode steps + sum over decode steps of
 the weight bytes the step reads) / B + (prefill FLOPs + decode FLOPs) / F, with B the measured copy
@@ -29,6 +34,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    LINEAR_BYTES,
     ModelArithmetic,
     add_engine_flags,
     device_name,
@@ -56,10 +62,18 @@ def shared_prefix_workload(num_prompts: int = 256, prefix_len: int = 2000, seed:
     return prompts, [128] * num_prompts
 
 
+def prefill_workload(num_prompts: int, input_len: int, seed: int = 0,
+                     vocab: int = 10000) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(0, vocab - 1) for _ in range(input_len)] for _ in range(num_prompts)], [1] * num_prompts
+
+
 def roofline(shape: str, prompts: list[list[int]], out_lens: list[int], bandwidth: float, flops: float,
-             max_num_seqs: int, cached_prefix: int = 0) -> dict[str, float]:
-    """Lower bound on the run time: the bytes every step must move and the FLOPs it must do."""
-    m = ModelArithmetic.of(shape)
+             max_num_seqs: int, cached_prefix: int = 0, linear_bytes: float = 2.0,
+             kv_dtype_bytes: int = 2) -> dict[str, float]:
+    """Lower bound on the run time: the bytes every step must move and the FLOPs it must do (weights and
+    K/V at the bytes they are stored in: common.ModelArithmetic; FLOPs at the bf16 rate)."""
+    m = ModelArithmetic.of(shape, linear_bytes, kv_dtype_bytes)
     kv_bytes = 0
     prefill_flops = 0
     decode_flops = 0
@@ -233,11 +247,15 @@ def run_hf(model: str, prompts: list[list[int]], out_lens: list[int], temperatur
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["random", "shared-prefix"], default="random")
+    ap.add_argument("--workload", choices=["random", "shared-prefix", "prefill"], default="random")
     ap.add_argument("--model", default=None, help="checkpoint dir; default: a random checkpoint of --shape")
     ap.add_argument("--shape", default="qwen3-0.6b")
     ap.add_argument("--checkpoint-dir", default="/tmp/carpool-bench")
-    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--num-prompts", type=int, default=None, help="default 256 (prefill: 32)")
+    ap.add_argument("--input-len", type=int, default=4000, help="prefill: tokens per prompt")
+    ap.add_argument("--peer-bf16", action="store_true",
+                    help="with --quant-format, --quantization or --kv-cache-dtype fp8: the same workload with "
+                         "bf16 weights and KV cache in the same run, and the ratio")
     ap.add_argument("--prefix-len", type=int, default=2000)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -250,6 +268,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler summary of 30 decode steps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    fmt = args.quant_format or args.quantization
+    if args.peer_bf16 and not (fmt or args.kv_cache_dtype == "fp8"):
+        ap.error("--peer-bf16 compares a quantized run with bf16: pass --quant-format, --quantization or "
+                 "--kv-cache-dtype fp8 too")
+    if args.peer_bf16 and args.model is not None:
+        ap.error("--peer-bf16 needs random weights of --shape (no --model): the bf16 peer is that shape")
+    if args.quant_format and args.load_format != "dummy":
+        ap.error("--quant-format writes a config only: pass --load-format dummy")
+    if args.num_prompts is None:
+        args.num_prompts = 32 if args.workload == "prefill" else 256
 
     import torch
 
@@ -279,21 +307,48 @@ def main() -> None:
 
     with open(os.path.join(model, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
-    if args.workload == "random":
-        prompts, out_lens = random_workload(args.num_prompts)
+    if args.workload in ("random", "prefill"):
+        if args.workload == "random":
+            prompts, out_lens = random_workload(args.num_prompts)
+        else:
+            prompts, out_lens = prefill_workload(args.num_prompts, args.input_len)
+            engine_kwargs.setdefault("max_model_len", args.input_len + 16)
         if vocab <= 10000:  # small models (the CPU demo): fold ids into the vocabulary
             prompts = [[t % vocab for t in p] for p in prompts]
+        prompt_tokens = sum(len(p) for p in prompts)
         result["total_output_tokens"] = sum(out_lens)
-        result["carpool"] = run_carpool(model, prompts, out_lens, args.temperature, engine_kwargs, args.profile)
+        result["total_prompt_tokens"] = prompt_tokens
+
+        def measure(model_dir: str, kwargs: dict[str, Any], linear_bytes: float, kv_bytes: int,
+                    profile: bool) -> dict[str, Any]:
+            run = run_carpool(model_dir, prompts, out_lens, args.temperature, kwargs, profile)
+            run["prompt_tokens_per_s"] = prompt_tokens / run["seconds"]
+            if on_gpu and args.model is None:  # (copy bandwidth and FLOP rate above are summed over the GPUs)
+                rl = roofline(args.shape, prompts, out_lens, bandwidth, flops, args.max_num_seqs,
+                              linear_bytes=linear_bytes, kv_dtype_bytes=kv_bytes)
+                run["roofline"] = rl
+                run["roofline_ratio"] = rl["roofline_seconds"] / run["seconds"]
+            return run
+
+        kv_bytes = 1 if args.kv_cache_dtype == "fp8" else 2
+        result["carpool"] = measure(model, engine_kwargs, LINEAR_BYTES[fmt], kv_bytes, args.profile)
+        key = "prompt_tokens_per_s" if args.workload == "prefill" else "tokens_per_s"
         result["tokens_per_s"] = result["carpool"]["tokens_per_s"]
-        for key in ("host_ms_per_step", "gpu_ms_per_step", "host_over_gpu"):
-            if key in result["carpool"]:
-                result[key] = result["carpool"][key]
-        if on_gpu and args.model is None:  # (copy bandwidth and FLOP rate above are summed over the GPUs)
-            rl = roofline(args.shape, prompts, out_lens, bandwidth, flops, args.max_num_seqs)
+        result["prompt_tokens_per_s"] = result["carpool"]["prompt_tokens_per_s"]
+        for k in ("host_ms_per_step", "gpu_ms_per_step", "host_over_gpu"):
+            if k in result["carpool"]:
+                result[k] = result["carpool"][k]
+        if "roofline" in result["carpool"]:
+            rl = result["carpool"]["roofline"]
             result["roofline"] = rl
             result["roofline_tokens_per_s"] = sum(out_lens) / rl["roofline_seconds"]
-            result["roofline_ratio"] = result["tokens_per_s"] / result["roofline_tokens_per_s"]
+            result["roofline_ratio"] = result["carpool"]["roofline_ratio"]
+        if args.peer_bf16:
+            bf16_model = write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-bf16-config"), args.shape) \
+                if args.load_format == "dummy" else model
+            bf16_kwargs = {**engine_kwargs, "quantization": None, "kv_cache_dtype": "auto"}
+            result["bf16"] = measure(bf16_model, bf16_kwargs, LINEAR_BYTES[None], 2, False)
+            result[f"{key}_vs_bf16"] = result["carpool"][key] / result["bf16"][key]
         if args.hf:
             result["hf"] = run_hf(model, prompts, out_lens, args.temperature)
             result["hf_tokens_per_s"] = result["hf"]["tokens_per_s"]

@@ -9,7 +9,12 @@ is not installed on the GPU machine). Prints one JSON object.
 
 MFU = (6·N + 12·L·heads·head_dim·T) · tokens/s over the bf16 matmul rate measured in the same run (an
 8192^3 torch.mm), and over the data-sheet peak. Peak memory (torch.cuda.max_memory_allocated over the
-timed steps) is reported beside carpool's analytic estimate (carpool/training/metrics.py).
+timed steps) is reported beside carpool's analytic estimate (carpool/training/metrics.py) of the mode that
+ran: eager, or with --compile the compiled layers, which save fewer activations (the partitioner recomputes
+the norms' fp32 input and silu(gate) in backward: 10.0 instead of 14.0 GiB at this shape and batch). The
+estimate's peak is the forward's last loss chunk: fp32 master weights and AdamW states, no gradients
+(zero_grad frees them; one micro-batch), the root's gathered bf16 weights, every activation, and the
+loss's head gradient plus its largest chunk stage (the fp32 logits next to logsumexp's fp32 temporary).
 """
 
 from __future__ import annotations

@@ -55,6 +55,10 @@ QUANT_FORMATS: dict[str, dict[str, Any]] = {
                         "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
                         "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},
 }
+# bytes per linear-layer weight a decode step reads, by --quant-format / --quantization (None: bf16):
+# 4 bits plus a bf16 scale and a 4-bit zero point per group of 128
+LINEAR_BYTES: dict[str | None, float] = {None: 2.0, "fp8": 1.0, "fp8-block": 1.0, "fp8-channel": 1.0,
+                                         "awq": 0.5 + 2.5 / 128, "gptq": 0.5 + 2.5 / 128}
 
 
 def write_config(path: str, shape: str, dtype: str = "bfloat16", quant_format: str | None = None) -> str:
@@ -126,7 +130,11 @@ class ModelArithmetic:
     top_k: int = 0
 
     @staticmethod
-    def of(shape: str, dtype_bytes: int = 2) -> "ModelArithmetic":
+    def of(shape: str, linear_bytes: float = 2, kv_dtype_bytes: int = 2) -> "ModelArithmetic":
+        """linear_bytes: bytes per weight of the decoder layers' linear projections and experts (2 bf16,
+        1 FP8, about 0.52 for 4 bits with group-128 scales and zeros: LINEAR_BYTES); routers, the embedding
+        and the LM head stay bf16, as the quantized checkpoints keep them. kv_dtype_bytes: bytes per cached K
+        or V element (2 bf16, 1 FP8)."""
         c = SHAPES[shape]
         h, inter, v, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
         hd, nh, nkv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
@@ -135,18 +143,20 @@ class ModelArithmetic:
         mlp_only, step = c.get("mlp_only_layers", []), c.get("decoder_sparse_step", 1)
         sparse = sum(1 for i in range(L) if num_experts and i not in mlp_only and (i + 1) % step == 0)
         shared = c.get("shared_expert_intermediate_size", 0)
-        # read by every step: attention, dense MLPs, routers, shared experts (and their gates)
-        always = L * attention + (L - sparse) * 3 * h * inter
-        always += sparse * (num_experts * h + (3 * h * shared + h if shared else 0))
+        # read by every step: attention, dense MLPs, shared experts (linear) and routers, shared-expert gates
+        always_linear = L * attention + (L - sparse) * 3 * h * inter + sparse * 3 * h * shared
+        always_bf16 = sparse * (num_experts * h + (h if shared else 0))
         expert = sparse * 3 * h * c.get("moe_intermediate_size", 0)  # one routed expert, every sparse layer
         embed = v * h
         head = 0 if c["tie_word_embeddings"] else v * h
         # a decode step reads every layer, the LM head (the embedding too when tied), not the lookup table
-        weight_params = always + (embed if c["tie_word_embeddings"] else head)
-        return ModelArithmetic(weight_bytes=weight_params * dtype_bytes,
-                               kv_bytes_per_token=2 * L * nkv * hd * dtype_bytes,
-                               linear_flops_per_token=2 * (always + top_k * expert), lm_head_flops=2 * v * h,
-                               attn_flops_per_key=4 * L * nh * hd, expert_bytes=expert * dtype_bytes,
+        head_params = embed if c["tie_word_embeddings"] else head
+        weight_bytes = always_linear * linear_bytes + (always_bf16 + head_params) * 2
+        return ModelArithmetic(weight_bytes=int(weight_bytes),
+                               kv_bytes_per_token=2 * L * nkv * hd * kv_dtype_bytes,
+                               linear_flops_per_token=2 * (always_linear + always_bf16 + top_k * expert),
+                               lm_head_flops=2 * v * h,
+                               attn_flops_per_key=4 * L * nh * hd, expert_bytes=int(expert * linear_bytes),
                                num_experts=num_experts, top_k=top_k)
 
     def expected_distinct_experts(self, batch: int) -> float:

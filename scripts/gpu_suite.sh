@@ -15,7 +15,11 @@
 # on the shipped demo pair and the compiled training benchmark, in that order of priority (a step cut off by
 # the call's limit leaves the earlier steps' files); "priority" is for a session with device time for one
 # short call: the single-GPU tests, the seams comparison once, the quantization and MoE GPU tests, the
-# training benchmark, in that order.
+# training benchmark, in that order. "quant-targets" measures issue 21's engine-level targets, each against
+# bf16 in the same process (--peer-bf16): FP8 KV offline, FP8 and AWQ batch-1 decode, FP8 prefill of 32 x
+# 4,000 tokens, AWQ at batch 64 (about 9 minutes); "model-targets" the MoE shape's offline and batch-1
+# figures (issue 22), the training benchmark eager and compiled (issue 20) and speculative decoding on the
+# demo pair (issue 23).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -43,7 +47,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -121,6 +125,26 @@ if [ "$mode" = seams ]; then
     step timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_$i.json"
     step base timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_base_$i.json"
   done
+  finish
+fi
+if [ "$mode" = quant-targets ]; then
+  # Each step's limit leaves the later ones their time; the limits add up to 590 s.
+  step timeout 110 python3 benchmarks/bench_throughput.py --kv-cache-dtype fp8 --peer-bf16 --out "$out/kv_fp8_offline.json"
+  step timeout 110 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
+  step timeout 110 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --out "$out/latency_awq.json"
+  step timeout 120 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
+    --quantization fp8 --peer-bf16 --out "$out/prefill_fp8.json"
+  step timeout 140 python3 benchmarks/bench_throughput.py --shape llama3-8b --load-format dummy --quant-format awq \
+    --max-num-seqs 64 --num-prompts 64 --peer-bf16 --out "$out/batch64_awq.json"
+  finish
+fi
+if [ "$mode" = model-targets ]; then
+  step timeout 150 python3 benchmarks/bench_throughput.py --shape qwen3-30b-a3b --load-format dummy --out "$out/moe_offline.json"
+  step timeout 80 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
+  step timeout 100 python3 benchmarks/bench_train.py --steps 10 --warmup 3 --out "$out/train.json"
+  step timeout 120 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --out "$out/train_compile.json"
+  step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --model carpool/demo_models/main \
+    --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
   finish
 fi
 if [ "$mode" = features ]; then

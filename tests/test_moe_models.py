@@ -390,3 +390,26 @@ def test_benchmark_roofline_counts_the_experts_a_decode_step_reads():
     assert m.expected_distinct_experts(64) < m.expected_distinct_experts(256) <= shape["num_experts"]
     dense = ModelArithmetic.of("qwen3-0.6b")
     assert dense.decode_weight_bytes(1) == dense.decode_weight_bytes(256) == dense.weight_bytes
+
+
+def test_benchmark_arithmetic_counts_quantized_linear_bytes_and_bf16_head_and_routers() -> None:
+    """The quantized rooflines: only the decoder layers' linear weights (and routed experts) shrink; the LM
+    head/embedding and routers stay bf16; an FP8 KV cache halves the K/V bytes per token."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from common import LINEAR_BYTES, SHAPES, ModelArithmetic
+
+    for shape in ("llama3-8b", "qwen3-30b-a3b"):
+        c = SHAPES[shape]
+        head = c["vocab_size"] * c["hidden_size"]  # the LM head, or the tied embedding it reads
+        routers = c.get("num_experts", 0) * c["hidden_size"] * c["num_hidden_layers"]
+        bf16 = ModelArithmetic.of(shape)
+        fp8 = ModelArithmetic.of(shape, LINEAR_BYTES["fp8"], kv_dtype_bytes=1)
+        linear_params = bf16.weight_bytes / 2 - head - routers
+        assert bf16.weight_bytes - fp8.weight_bytes == pytest.approx(linear_params, rel=1e-9)
+        assert fp8.expert_bytes * 2 == bf16.expert_bytes
+        assert fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token
+        int4 = ModelArithmetic.of(shape, LINEAR_BYTES["awq"])
+        assert int4.weight_bytes == pytest.approx(2 * (head + routers) + linear_params * (0.5 + 2.5 / 128), rel=1e-9)

@@ -25,7 +25,8 @@ def _layer_model(dtype: str):
     return model
 
 
-def _saved_bytes_per_token(model, residual_dtype: torch.dtype, autocast: bool, tokens: int = 256) -> float:
+def _saved_bytes_per_token(model, residual_dtype: torch.dtype, autocast: bool, compiled: bool = False,
+                           tokens: int = 256) -> float:
     """Bytes of the distinct storages autograd saves in one decoder layer's forward, parameters excluded."""
     from carpool.attention import dense_batch
     from carpool.distributed import PartialSums
@@ -44,23 +45,30 @@ def _saved_bytes_per_token(model, residual_dtype: torch.dtype, autocast: bool, t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        model.model.layers[0](batch.positions, PartialSums(partial), residual, batch)
+        layer = model.model.layers[0]
+        forward = torch.compile(layer.forward) if compiled else layer.forward
+        forward(batch.positions, PartialSums(partial), residual, batch)
     return sum(storages.values()) / tokens
 
 
-@pytest.mark.parametrize("weights, autocast, compute_bytes, residual_bytes", [
+MODES = [
     ("float32", False, 4, 4),    # fp32 training
     ("bfloat16", False, 2, 2),   # FSDP mixed precision: the gathered weights are bf16
     ("float32", True, 2, 4),     # autocast over fp32 weights (single device, DDP)
-])
-def test_analytic_activation_bytes_match_what_autograd_saves(weights, autocast, compute_bytes, residual_bytes):
+]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("weights, autocast, compute_bytes, residual_bytes", MODES)
+def test_analytic_activation_bytes_match_what_autograd_saves(weights, autocast, compute_bytes, residual_bytes,
+                                                             compiled):
     model, tokens = _layer_model(weights), 256
     measured = _saved_bytes_per_token(model, torch.float32 if residual_bytes == 4 else torch.bfloat16, autocast,
-                                      tokens)
+                                      compiled, tokens)
     shape = ModelShape.from_hf_config(HF)
     if autocast:  # autocast's bf16 copies of the weights are saved too; the estimate counts them as weights
         measured -= shape.layer_matmul_params * 2 / tokens
-    analytic = activation_bytes_per_token_per_layer(shape, compute_bytes, residual_bytes)
+    analytic = activation_bytes_per_token_per_layer(shape, compute_bytes, residual_bytes, compiled)
     assert analytic == pytest.approx(measured, rel=0.02)
 
 

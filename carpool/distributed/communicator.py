@@ -17,11 +17,12 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.utils._pytree
 from torch import nn
 
 from carpool.config import KernelConfig
@@ -43,6 +44,25 @@ class PartialSums:
     value: torch.Tensor
     reduced: bool = False
     pushed: bool = False
+
+
+def _flatten_partial_sums(p: PartialSums) -> tuple[list[torch.Tensor], tuple[bool, bool]]:
+    return [p.value], (p.reduced, p.pushed)
+
+
+def _unflatten_partial_sums(values: Iterable[torch.Tensor], flags: tuple[bool, bool]) -> PartialSums:
+    (value,) = values
+    return PartialSums(value, *flags)
+
+
+# A pytree node, so that code which finds a module's tensors with `tree_flatten` sees the one inside. A
+# decoder layer returns its MLP output as PartialSums; FSDP2 up to torch 2.12 registers its pre-backward
+# hook (which all-gathers the layer's weights again after a reshard) only on the output tensors that
+# `tree_flatten` yields, and a dataclass that is not registered is one opaque leaf. The hook then sat on
+# the residual alone, autograd ran down_proj's backward (created later, so first) before it, and read
+# the freed weight: "setStorage: ... out of bounds for storage of size 0" (eager, reshard_after_forward).
+torch.utils._pytree.register_pytree_node(PartialSums, _flatten_partial_sums, _unflatten_partial_sums,
+                                         serialized_type_name="carpool.distributed.PartialSums")
 
 
 class Communicator:

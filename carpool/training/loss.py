@@ -47,6 +47,7 @@ def _chunked_loop(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
         target = logits.gather(1, safe[:, None])[:, 0]
         total += torch.where(valid, lse - target, 0.0).sum()
         if grad_hidden is None and grad_weight is None:
+            del logits
             continue
         # d loss / d logits = softmax - one_hot(label), zero on ignored rows; computed in place over the logits.
         probs = logits.sub_(lse[:, None]).exp_()
@@ -57,6 +58,9 @@ def _chunked_loop(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
             grad_hidden[start:end] = (g @ w).to(hidden.dtype)
         if grad_weight is not None:
             grad_weight.add_(g.t() @ h)  # accumulates in fp32 without an fp32 copy of the product
+        # Freed before the next chunk's logits exist: otherwise the names keep this chunk's fp32 logits and
+        # softmax alive while the next chunk's are made, twice the chunk memory.
+        del logits, probs, g
     return total, grad_hidden, grad_weight
 
 

@@ -90,55 +90,94 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per rank at the peak of a training step (the start of backward, all activations alive)."""
+    """Bytes per rank at the peak of a training step.
+
+    The peak is the last loss chunk of the (last) micro-batch's forward: every activation is alive and
+    the loss's chunk temporaries are at their largest; backward then frees a layer's activations (about
+    4x its fp32 gradient) as it makes the gradient. The one other candidate is the optimizer step
+    (parameters, whole gradients, AdamW states, no activations), so `total` is the larger of the two.
+    """
 
     params: int              # fp32 master weights (this rank's shard under FSDP)
-    grads: int               # fp32 gradients (shard under FSDP)
+    grads: int               # fp32 gradients alive at the forward peak: none for one micro-batch (zero_grad
+                             # sets them to None), all of them when earlier micro-batches accumulated some
     optimizer: int           # AdamW exp_avg + exp_avg_sq, fp32
     gathered_params: int     # FSDP: bf16 unsharded copies alive at the peak (root + layers not resharded)
-    activations: int         # tensors saved for backward
-    loss: int                # chunked cross-entropy: one chunk's fp32 logits + the head's gradient buffers
+    activations: int         # tensors saved for backward (eager or torch.compile'd layers)
+    loss: int                # chunked cross-entropy: the head's fp32 gradient + one chunk's temporaries
+
+    @property
+    def forward_peak(self) -> int:
+        return self.params + self.grads + self.optimizer + self.gathered_params + self.activations + self.loss
+
+    @property
+    def optimizer_step(self) -> int:
+        return 2 * self.params + self.optimizer  # gradients are as large as the fp32 parameters
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.gathered_params + self.activations + self.loss
+        return max(self.forward_peak, self.optimizer_step)
 
     def to_json(self) -> dict[str, float]:
         d = {k: v / 2 ** 30 for k, v in asdict(self).items()}
+        d["optimizer_step"] = self.optimizer_step / 2 ** 30
         d["total"] = self.total / 2 ** 30
         return {f"{k}_gib": round(v, 4) for k, v in d.items()}
 
 
-def activation_bytes_per_token_per_layer(shape: ModelShape, compute_bytes: int, residual_bytes: int) -> int:
+def activation_bytes_per_token_per_layer(shape: ModelShape, compute_bytes: int, residual_bytes: int,
+                                         compiled: bool = False) -> int:
     """Bytes autograd saves for backward in one carpool Llama decoder layer, per token, without recomputation.
 
     compute_bytes: the matmuls' dtype (2 for bf16, 4 for fp32); residual_bytes: the residual stream's (2
     when the weights themselves are bf16, as FSDP's mixed precision gathers them; 4 under autocast, whose
     fp32 weights keep the embedding and the residual adds in fp32, and in fp32).
 
-    Per RMSNorm (torch reference, computing in fp32): the fp32 input, the normalized input in the residual
-    dtype, the output as the next matmul reads it, and the fp32 1/rms. Attention: the fused q/k/v output
-    (the SDPA keeps v, a view of it), q and k after RoPE, the cos/sin rows, the SDPA output and its fp32
-    log-sum-exp. MLP: the gate/up output, silu(gate), and silu(gate) * up. (Matched against the tensors
-    autograd saves in tests/test_training_metrics.py.)
+    Eager, per RMSNorm (torch reference, computing in fp32): the fp32 input, the normalized input in the
+    residual dtype, the output as the next matmul reads it, and the fp32 1/rms. Attention: the fused q/k/v
+    output (the SDPA keeps v, a view of it), q and k after RoPE, the cos/sin rows, the SDPA output and its
+    fp32 log-sum-exp. MLP: the gate/up output, silu(gate), and silu(gate) * up.
+
+    torch.compile'd layer (the min-cut partitioner recomputes elementwise ops in backward when that saves
+    bytes): per RMSNorm only its input, its output (the next matmul's input) and 1/rms, the fp32 copy
+    being recomputed; the MLP drops silu(gate), recomputed from the gate/up output. Attention keeps the
+    same tensors, except that in fp32 (no cast of cos/sin to the compute dtype) it keeps the fp32 cos/sin
+    cache rows [T, head_dim] instead of cos and sin. (Both modes matched against the tensors autograd
+    saves in tests/test_training_metrics.py.)
     """
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     q, kv = shape.num_heads * d, shape.num_kv_heads * d
     cb, rb = compute_bytes, residual_bytes
-    norm = 4 * h + rb * h + cb * h + 4
-    attention = (q + 2 * kv) * cb + q * cb + kv * cb + 2 * d * cb + q * cb + shape.num_heads * 4
-    mlp = 4 * i * cb
-    return 2 * norm + attention + mlp
+    rope = 4 * d if (compiled and cb == 4) else 2 * d * cb
+    attention = (q + 2 * kv) * cb + q * cb + kv * cb + rope + q * cb + shape.num_heads * 4
+    if compiled:
+        return 2 * (rb * h + cb * h + 4) + attention + 3 * i * cb
+    return 2 * (4 * h + rb * h + cb * h + 4) + attention + 4 * i * cb
+
+
+def loss_peak_bytes(shape: ModelShape, tokens: int, compute_bytes: int, residual_bytes: int,
+                    loss_chunk_size: int) -> int:
+    """The chunked cross-entropy's largest moment (loss.py), on top of the activations: the head's fp32
+    gradient accumulator [V, H] and the hidden states' gradient [T, H], plus the largest of one chunk's
+    (c tokens) three stages -- the compute-dtype logits while their fp32 copy is made; the fp32 logits
+    while torch.logsumexp makes its fp32 temporary; the fp32 logits, their softmax in the compute dtype
+    and the [V, H] head-gradient product in the compute dtype. In fp32 the casts are no-ops."""
+    h, v, cb = shape.hidden_size, shape.vocab_size, compute_bytes
+    c = min(loss_chunk_size, tokens)
+    cast = cb if cb != 4 else 0  # a compute-dtype copy next to an fp32 one (none when both are fp32)
+    stages = max(c * v * (cast + 4), c * v * 8, c * v * (4 + cast) + v * h * cb)
+    return 4 * v * h + tokens * h * residual_bytes + stages
 
 
 def estimate_memory(hf_config: dict[str, Any], seq_len: int, micro_batch_size: int, precision: str,
                     activation_checkpointing: str, strategy: str, world_size: int,
-                    reshard_after_forward: bool, loss_chunk_size: int) -> MemoryEstimate:
-    """Analytic peak bytes per rank, at the start of backward (every activation alive, the LM head's
-    gradient just computed). Parameters, gradients and AdamW states are fp32 (16 bytes per parameter),
-    divided by the world size under FSDP. Activations: every layer's saved tensors without checkpointing;
-    a checkpointed layer keeps only its inputs (the residual stream and the MLP output), and one layer's
-    tensors exist again while it is recomputed."""
+                    reshard_after_forward: bool, loss_chunk_size: int, compiled: bool = False,
+                    grad_accum_steps: int = 1) -> MemoryEstimate:
+    """Analytic peak bytes per rank (see MemoryEstimate for which moment). Parameters, gradients and AdamW
+    states are fp32 (4 + 4 + 8 bytes per parameter), divided by the world size under FSDP. Activations:
+    every layer's saved tensors without checkpointing -- eager or compiled, which keeps fewer (see
+    activation_bytes_per_token_per_layer); a checkpointed layer keeps only its inputs (the residual stream
+    and the MLP output), and one layer's tensors exist again while it is recomputed."""
     shape = ModelShape.from_hf_config(hf_config)
     n = shape.num_params
     shard = world_size if strategy == "fsdp" else 1
@@ -146,29 +185,28 @@ def estimate_memory(hf_config: dict[str, Any], seq_len: int, micro_batch_size: i
     cb = 2 if bf16 else 4
     rb = 2 if (bf16 and strategy == "fsdp") else 4
     tokens = seq_len * micro_batch_size
-    per_layer = activation_bytes_per_token_per_layer(shape, cb, rb) * tokens
+    per_layer = activation_bytes_per_token_per_layer(shape, cb, rb, compiled) * tokens
     layer_inputs = 2 * shape.hidden_size * rb * tokens
     layers = shape.num_layers
     recomputed = {"on": layers, "selective": (layers + 1) // 2, "off": 0}[activation_checkpointing]
     activations = recomputed * layer_inputs + (layers - recomputed) * per_layer + (per_layer if recomputed else 0)
-    # the final norm (as in a layer) and the hidden states handed to the loss
+    # the final norm (eager, as in a layer; only the layers are compiled) and the hidden states handed to the loss
     activations += (4 * shape.hidden_size + 2 * rb * shape.hidden_size + 4) * tokens
-    h, v = shape.hidden_size, shape.vocab_size
-    head = v * h
+    h = shape.hidden_size
+    head = shape.vocab_size * h
     gathered = 0
     if strategy == "fsdp":
         # bf16 (or fp32) unsharded copies: the root's (embedding, head, final norm) stay gathered through
-        # the step; each layer's are freed after its forward unless reshard_after_forward is off.
+        # the forward; each layer's are freed after its forward unless reshard_after_forward is off (the
+        # last layer's all-gather buffer is released only when the root's forward, the loss included, ends).
         root = head * (1 if shape.tie_word_embeddings else 2) + h
         layer = shape.layer_matmul_params + 2 * h
         gathered = (root + (1 if reshard_after_forward else layers) * layer) * cb
     elif bf16:
         gathered = shape.num_params * cb  # autocast caches the bf16 casts of the weights for the step
-    chunk = min(loss_chunk_size, tokens)
-    # the head's fp32 gradient accumulator and its compute-dtype result, one chunk's fp32 logits and their
-    # compute-dtype softmax, and the gradient of the hidden states
-    loss = head * (4 + cb) + chunk * v * (4 + cb) + tokens * h * rb
-    return MemoryEstimate(params=4 * n // shard, grads=4 * n // shard, optimizer=8 * n // shard,
+    loss = loss_peak_bytes(shape, tokens, cb, rb, loss_chunk_size)
+    grads = 4 * n // shard if grad_accum_steps > 1 else 0
+    return MemoryEstimate(params=4 * n // shard, grads=grads, optimizer=8 * n // shard,
                           gathered_params=gathered, activations=activations, loss=loss)
 
 

@@ -316,7 +316,7 @@ class Trainer:
         c = self.cfg
         est = estimate_memory(self.hf_config, c.seq_len, c.micro_batch_size, c.precision, c.activation_checkpointing,
                               c.parallel.strategy, self.dist.world_size, c.parallel.reshard_after_forward,
-                              c.loss_chunk_size)
+                              c.loss_chunk_size, c.compile, c.grad_accum_steps)
         return est.to_json()
 
     def close(self) -> None:
