@@ -3,7 +3,7 @@
 through the engine's own dispatch (the LinearMethods of carpool/quantization/methods.py). Prints one JSON
 object (progress on stderr).
 
-    python benchmarks/bench_quant.py [--out FILE] [--quick] [--sweep] [--gate-up-silu] [--dry-run]
+    python benchmarks/bench_quant.py [--out FILE] [--quick] [--sweep] [--gemm] [--gate-up-silu] [--dry-run]
 
 - decode: one layer's four projections (q/k/v, o, gate/up, down) at batch 1, 4, 8 (the GEMVs) and 64
   (activation quantization + GEMM for FP8, the int4 GEMM): microseconds per layer set, bytes read
@@ -19,9 +19,15 @@ object (progress on stderr).
   quant_gemv.fp8_gemv_silu_and_mul / int4_gemv_silu_and_mul) side by side with the GEMV then silu_and_mul
   (two kernels), through the LinearMethods, each as a fraction of copy bandwidth (the fused path's bytes:
   weights, x and the [M, d] output) and fused / two-kernel time. `--gate-up-silu`: only this section.
+- backends: per projection and M, INT4 fused Triton against dequantize-then-cuBLAS and block-scaled FP8
+  Triton against torch._scaled_mm's block scaling (where the GPU and torch have it), with what the
+  dispatch picks: the evidence for quant_gemm.INT4_DEQUANT_MM_MIN_ROWS and FP8_BLOCK_SCALED_MM_MIN_ROWS.
 - --sweep: quant_gemv.QuantGemvConfig (block_n x block_k x num_warps, sweep_configs) per method (FP8 channel,
   FP8 block, INT4), projection and batch 1, 4, 8, as fractions of copy bandwidth, with the best and the
-  default side by side; with --gate-up-silu only the fused gate/up GEMV.
+  default side by side; with --gate-up-silu only the fused gate/up GEMV. Also GEMM configs
+  (quant_gemm.QuantGemmConfig: tiles, warps, stages, split_k, swap_ab) for INT4 at M 16/64/256 and block
+  FP8 at 64/512/8192. --gemm: only the GEMM sections (batch-64 decode, prefill, backends; the GEMM sweep
+  with --sweep).
 - --dry-run: the cases with their bytes and FLOPs, without a GPU.
 - --quality: each method's logit error on a random-weight Llama against float32 (CPU or GPU; the issue's
   quality figure until a trained demo model exists): bf16, FP8 weights, FP8 W8A8, FP8 blocks, INT4
@@ -56,6 +62,8 @@ GATE_UP = PROJECTIONS[2]
 GATE_UP_BATCHES = (1, 4, 8)  # the GEMV rows (quant_gemv.MAX_GEMV_ROWS = 8)
 PREFILL_TOKENS = 8192
 SELECTOR_M = (16, 32, 64, 128, 256, 512, 1024, 2048, 8192)
+BACKEND_M = (16, 64, 256, 512, 1024, 2048, 4096, 8192)
+BACKEND_M_QUICK = (64, 512, 1024, 8192)
 GROUP = 128
 
 
@@ -224,6 +232,116 @@ def selector_section(gen: torch.Generator, ms: tuple[int, ...]) -> dict[str, Any
             if t_tr < t_mm:
                 triton_faster.append((m, n, k))
     return {"cases": rows, "triton_faster": triton_faster}
+
+
+def _int4_weights(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    packed = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), generator=gen, device="cuda", dtype=torch.int32)
+    scales = (torch.rand(n, k // GROUP, generator=gen, device="cuda") / (k ** 0.5 * 8)).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (n, k // GROUP), generator=gen, device="cuda").to(torch.bfloat16)
+    return packed, scales, zeros
+
+
+def _fp8_block_weights(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, generator=gen, device="cuda").to(torch.float8_e4m3fn)
+    return w, torch.rand(cdiv(n, FP8_BLOCK[0]), cdiv(k, FP8_BLOCK[1]), generator=gen, device="cuda") / k ** 0.5
+
+
+def backends_section(gen: torch.Generator, ms: tuple[int, ...]) -> dict[str, Any]:
+    """Per projection and M, each GEMM backend the dispatch chooses between, at its default config, weights
+    cycled out of L2: INT4 fused Triton (int4_gemm) against dequantize-then-cuBLAS (int4_dequant_mm), for
+    quant_gemm.INT4_DEQUANT_MM_MIN_ROWS; block-scaled FP8 Triton (fp8_gemm, activation quantization
+    included) against torch._scaled_mm's block scaling where quant_gemm.block_scaled_mm_rows finds it, for
+    FP8_BLOCK_SCALED_MM_MIN_ROWS. `chosen` is what the dispatch picks now."""
+    from bench_kernels import num_sets, time_in_graph
+
+    from carpool.ops.triton import quant_gemm as qg
+
+    rows = []
+    scaled_mm_rows = qg.block_scaled_mm_rows(torch.device("cuda"))
+    for name, n, k in PROJECTIONS:
+        int4 = [_int4_weights(n, k, gen) for _ in range(num_sets(weight_bytes("int4", n, k)))]
+        fp8 = [_fp8_block_weights(n, k, gen) for _ in range(num_sets(weight_bytes("fp8_block", n, k)))]
+        for m in ms:
+            x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+            fused = time_in_graph([lambda w=w: qg.int4_gemm(x, *w, GROUP) for w in int4])
+            dequant = time_in_graph([lambda w=w: qg.int4_dequant_mm(x, *w, GROUP) for w in int4])
+
+            def fp8_triton(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                return qg.fp8_gemm(*qg.quantize_fp8_act(x, FP8_BLOCK[1]), w, s, torch.bfloat16)
+
+            def fp8_cublas(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                rows_ = cdiv(m, scaled_mm_rows) * scaled_mm_rows
+                return qg.fp8_scaled_mm(*qg.quantize_fp8_act(x, FP8_BLOCK[1], rows=rows_), w, s, torch.bfloat16)[:m]
+            t_tr = time_in_graph([lambda w=w: fp8_triton(*w) for w in fp8])
+            t_mm = time_in_graph([lambda w=w: fp8_cublas(*w) for w in fp8]) if scaled_mm_rows else None
+            row = {"proj": name, "m": m, "n": n, "k": k, "int4_triton_us": round(fused * 1e6, 2),
+                   "int4_dequant_mm_us": round(dequant * 1e6, 2),
+                   "int4_chosen": qg.int4_gemm_backend(m, n, k),
+                   "fp8_block_triton_us": round(t_tr * 1e6, 2),
+                   "fp8_block_scaled_mm_us": round(t_mm * 1e6, 2) if t_mm else None,
+                   "fp8_block_chosen": qg.fp8_gemm_backend(m, n, k, True, torch.bfloat16, scaled_mm_rows > 0)}
+            print(row, file=sys.stderr, flush=True)
+            rows.append(row)
+        del int4, fp8
+        torch.cuda.empty_cache()
+    return {"block_scaled_mm_rows": scaled_mm_rows, "cases": rows}
+
+
+def triton_next_pow2(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def gemm_sweep_section(gen: torch.Generator) -> list[dict]:
+    """Launch configs of the INT4 GEMM (tiles, warps, stages, split_k, swap_ab) at M 16, 64, 256 and of the
+    block-scaled FP8 Triton GEMM at M 64, 512, 8192, per projection, against the default
+    (quant_gemm.default_quant_gemm_config)."""
+    from bench_kernels import num_sets, time_in_graph
+
+    from carpool.ops.triton import quant_gemm as qg
+
+    QC = qg.QuantGemmConfig
+    rows = []
+    for name, n, k in PROJECTIONS:
+        int4 = [_int4_weights(n, k, gen) for _ in range(num_sets(weight_bytes("int4", n, k)))]
+        for m in (16, 64, 256):
+            x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+            default = qg.default_quant_gemm_config(m, n, k, torch.bfloat16, int4=True, group_size=GROUP,
+                                                   sms=qg.num_sms(x.device))
+            bm = max(16, min(128, triton_next_pow2(m)))
+            st = 4 if m <= 64 else 3
+            configs = [QC(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=sk, swap_ab=sw)
+                       for bn, bk, w in ((128, 64, 8), (128, 64, 4), (128, 128, 8), (64, 128, 4), (64, 64, 4))
+                       for sk in sorted({1, default.split_k}) for sw in (False, True)]
+            results = []
+            for cfg in dict.fromkeys([default] + configs):
+                sec = time_in_graph([lambda w=w, cfg=cfg: qg.int4_gemm(x, *w, GROUP, config=cfg) for w in int4])
+                results.append({**cfg.__dict__, "us": round(sec * 1e6, 2), "default": cfg == default})
+            rows.append(_sweep_row("int4", name, m, results))
+        del int4
+        fp8 = [_fp8_block_weights(n, k, gen) for _ in range(num_sets(weight_bytes("fp8_block", n, k)))]
+        for m in (64, 512, 8192):
+            xq, xs = qg.quantize_fp8_act(torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16), 128)
+            default = qg.default_quant_gemm_config(m, n, k, torch.bfloat16, block_scales=True)
+            configs = [QC(block_m=bm, block_n=bn, block_k=128, num_warps=w, num_stages=st)
+                       for bm, bn, w in ((64, 128, 4), (128, 128, 8), (64, 64, 4), (32, 128, 4), (128, 64, 4))
+                       for st in (3, 4) if bm <= max(32, triton_next_pow2(m))]
+            results = []
+            for cfg in dict.fromkeys([default] + configs):
+                sec = time_in_graph([lambda w=w, cfg=cfg: qg.fp8_gemm(xq, xs, *w, torch.bfloat16, config=cfg)
+                                     for w in fp8])
+                results.append({**cfg.__dict__, "us": round(sec * 1e6, 2), "default": cfg == default})
+            rows.append(_sweep_row("fp8_block", name, m, results))
+        del fp8
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _sweep_row(method: str, proj: str, m: int, results: list[dict]) -> dict:
+    best = min(results, key=lambda r: r["us"])
+    row = {"method": method, "proj": proj, "m": m, "best": best,
+           "default": next(r for r in results if r["default"]), "configs": results}
+    print({key: v for key, v in row.items() if key != "configs"}, file=sys.stderr, flush=True)
+    return row
 
 
 def gate_up_silu_section(bandwidth: float, gen: torch.Generator) -> list[dict]:
@@ -425,7 +543,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="decode at batch 1 and 64, selector at 4 sizes")
-    ap.add_argument("--sweep", action="store_true", help="also sweep the GEMV launch configs")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the GEMV and GEMM launch configs")
+    ap.add_argument("--gemm", action="store_true",
+                    help="only the GEMM sections: decode at batch 64, prefill, backends (and the GEMM sweep with "
+                         "--sweep)")
     ap.add_argument("--gate-up-silu", action="store_true",
                     help="only the gate/up + SiLU-and-mul section: fused GEMV against GEMV then silu_and_mul")
     ap.add_argument("--dry-run", action="store_true", help="list the cases with bytes and FLOPs (no GPU)")
@@ -463,12 +584,22 @@ def main() -> None:
             report["gemv_sweep"] = sweep_section(bandwidth, gen, gate_up_only=True)
         emit(report, args.out)
         return
+    if args.gemm:
+        report["decode"] = decode_section(bandwidth, (64,), gen)
+        report["prefill"] = prefill_section(bf16_flops, fp8_flops, gen)
+        report["backends"] = backends_section(gen, BACKEND_M_QUICK if args.quick else BACKEND_M)
+        if args.sweep:
+            report["gemm_sweep"] = gemm_sweep_section(gen)
+        emit(report, args.out)
+        return
     report["decode"] = decode_section(bandwidth, (1, 64) if args.quick else DECODE_BATCHES, gen)
     report["prefill"] = prefill_section(bf16_flops, fp8_flops, gen)
+    report["backends"] = backends_section(gen, BACKEND_M_QUICK if args.quick else BACKEND_M)
     report["fp8_gemm_backend"] = selector_section(gen, (16, 64, 512, 8192) if args.quick else SELECTOR_M)
     report["gate_up_silu"] = gate_up_silu_section(bandwidth, gen)
     if args.sweep:
         report["gemv_sweep"] = sweep_section(bandwidth, gen)
+        report["gemm_sweep"] = gemm_sweep_section(gen)
     emit(report, args.out)
 
 

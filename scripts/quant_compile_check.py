@@ -51,6 +51,10 @@ def call_quant_ops() -> None:
             xq, xs = quant_gemm.quantize_fp8_act(x, static_scale=torch.ones(1))
             quant_gemm.fp8_gemm(xq, xs, w, channel, bf16)
             quant_gemm.int4_gemm(x, packed, scales, zeros, 128)
+        for m in (16, 32, 256):  # the int4 GEMM's swap_ab / split-K tiles and its 128-row tiles
+            quant_gemm.int4_gemm(torch.zeros(m, k, dtype=bf16), packed, scales, zeros, 128)
+            quant_gemm.int4_gemm(torch.zeros(m, k, dtype=bf16), packed, scales, None, 128)
+        quant_gemm.dequantize_int4(packed, scales, zeros, 128, bf16)  # (int4_dequant_mm's first half)
     hq, hkv, d, page = 32, 8, 128, 16
     reqs = [(100, 1), (2000, 1), (300, 50)]
     nb = [triton.cdiv(s, page) for s, _ in reqs]

@@ -16,7 +16,17 @@ pytest.importorskip("triton")
 
 from carpool.ops.torch_ref import quant as ref  # noqa: E402
 from carpool.ops.triton import utils  # noqa: E402
-from carpool.ops.triton.quant_gemm import QuantGemmConfig, fp8_gemm, fp8_gemm_backend, int4_gemm, quantize_fp8_act  # noqa: E402
+from carpool.ops.triton.quant_gemm import (  # noqa: E402
+    QuantGemmConfig,
+    dequantize_int4,
+    fp8_gemm,
+    fp8_gemm_backend,
+    int4_dequant_mm,
+    int4_gemm,
+    int4_gemm_backend,
+    quantize_fp8_act,
+    split_k_for,
+)
 from carpool.ops.triton.quant_gemv import (  # noqa: E402
     QuantGemvConfig,
     fp8_gemv,
@@ -24,7 +34,14 @@ from carpool.ops.triton.quant_gemv import (  # noqa: E402
     int4_gemv,
     int4_gemv_silu_and_mul,
 )
-from carpool.quantization.formats import pack_int4, quantize_fp8_per_block, quantize_fp8_per_channel  # noqa: E402
+from carpool.quantization.formats import (  # noqa: E402
+    dequantize_gptq,
+    gptq_qweight_to_packed,
+    gptq_qzeros_to_zeros,
+    pack_int4,
+    quantize_fp8_per_block,
+    quantize_fp8_per_channel,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -245,6 +262,115 @@ def test_int4_gemm_matches_reference_across_group_boundaries(asym: bool) -> None
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_int4_gemm_split_k_matches_reference_with_uneven_splits_and_tails(swap_ab: bool) -> None:
+    """7 K steps of 32 columns (the last holding 24) in 3 splits of 3, 3 and 1 steps, rows and channels
+    that fill no tile, and the bias added once by the reduction, not per split."""
+    m, n, k, group = 19, 45, 216, 72  # group 72: no power-of-two divisor >= 16, scales gathered per column
+    packed, scales, zeros = int4_weights(n, k, group, asym=True, seed=3)
+    x, bias = rand(m, k, seed=1), rand(n, seed=2)
+    expected = ref.int4_linear(x, packed, scales, zeros, group, bias)
+    config = QuantGemmConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1, split_k=3,
+                             swap_ab=swap_ab)
+    got = int4_gemm(*dev(x, packed, scales, zeros), group, bias.to(DEVICE), config=config)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_int4_gemm_with_one_group_per_step_matches_reference_symmetric() -> None:
+    """Group 64 with 32-column steps: the aligned path (one scale row per step), zeros = 8."""
+    m, n, k, group = 33, 40, 256, 64
+    packed, scales, _ = int4_weights(n, k, group, asym=False, seed=5)
+    x = rand(m, k, seed=6)
+    config = QuantGemmConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1, swap_ab=True)
+    got = int4_gemm(*dev(x, packed, scales), None, group, config=config)
+    torch.testing.assert_close(got.cpu(), ref.int4_linear(x, packed, scales, None, group), atol=1e-4, rtol=1e-5)
+
+
+def test_int4_gemm_reads_gptq_v1_zeros_as_autogptq_does() -> None:
+    """A GPTQ v1 checkpoint (zeros stored minus one, nibbles up to 15, so zero points up to 16) converted
+    to carpool's layout multiplies as AutoGPTQ's dequantization says."""
+    n, k, group, m = 24, 128, 32, 17
+    gen = torch.Generator().manual_seed(8)
+    qweight = pack_int4(torch.randint(0, 16, (k, n), generator=gen), 0)  # [K/8, N], packed along K
+    qzeros = pack_int4(torch.randint(0, 16, (k // group, n), generator=gen), 1)  # [K/G, N/8]
+    scales = 0.01 + 0.1 * torch.rand(k // group, n, generator=gen)
+    g_idx = torch.arange(k) // group
+    expected = rand(m, k, seed=9) @ dequantize_gptq(qweight, qzeros, scales, g_idx, zero_offset=1).t()
+    packed, zeros = gptq_qweight_to_packed(qweight), gptq_qzeros_to_zeros(qzeros, 1, torch.float32)
+    config = QuantGemmConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1, split_k=2)
+    got = int4_gemm(*dev(rand(m, k, seed=9), packed, scales.t().contiguous(), zeros), group, config=config)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group", [32, 72])
+def test_int4_dequantization_kernel_equals_reference_bit_for_bit(group: int) -> None:
+    n, k = 37, 288  # group 72: 64-column steps with per-column scales, the last step partial
+    packed, scales, zeros = int4_weights(n, k, group, asym=True, seed=10)
+    got = dequantize_int4(*dev(packed, scales, zeros), group, torch.float32)
+    assert torch.equal(got.cpu(), ref.dequantize_int4(packed, scales, zeros, group))
+
+
+def test_int4_dequant_mm_matches_reference() -> None:
+    m, n, k, group = 9, 30, 128, 32
+    packed, scales, zeros = int4_weights(n, k, group, asym=True, seed=11)
+    x, bias = rand(m, k, seed=1), rand(n, seed=2)
+    got = int4_dequant_mm(*dev(x, packed, scales, zeros), group, bias.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), ref.int4_linear(x, packed, scales, zeros, group, bias), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_int4_backend_dequantizes_whole_weights_only_for_prefill_sized_batches() -> None:
+    from carpool.ops.triton.quant_gemm import INT4_DEQUANT_MM_MIN_ROWS
+
+    assert int4_gemm_backend(64, 4096, 4096) == "triton"
+    assert int4_gemm_backend(INT4_DEQUANT_MM_MIN_ROWS - 1, 4096, 4096) == "triton"
+    assert int4_gemm_backend(INT4_DEQUANT_MM_MIN_ROWS, 4096, 4096) == "dequant_mm"
+
+
+@pytest.mark.parametrize("tiles,k_steps", [(32, 64), (48, 32), (32, 224), (7, 5), (200, 64)])
+def test_split_k_leaves_no_split_empty_and_splits_only_below_one_wave(tiles: int, k_steps: int) -> None:
+    split = split_k_for(tiles, k_steps, sms=132)
+    per_split = -(-k_steps // split)
+    assert (split - 1) * per_split < k_steps  # the last split has steps
+    assert split == 1 if tiles >= 132 else 1 <= split and tiles * split <= 2 * 132 + tiles
+
+
+def test_group_activation_scales_are_m_major_and_padding_rows_quantize_zeros() -> None:
+    x = rand(5, 300)
+    xq, scale = quantize_fp8_act(*dev(x), group_size=128, rows=8)
+    assert scale.shape == (8, 3) and scale.stride() == (1, 8)  # (torch._scaled_mm's 1x128 layout)
+    expected_q, expected_s = ref.quantize_fp8_activations(x, group_size=128)
+    assert torch.equal(xq[:5].cpu().view(torch.uint8), expected_q.view(torch.uint8))
+    assert torch.equal(scale[:5].cpu(), expected_s)
+    assert torch.equal(xq[5:].cpu().float(), torch.zeros(3, 300))
+
+
+def test_fp8_gemm_with_block_scales_and_tiles_wider_than_a_scale_block_matches_reference() -> None:
+    """block_n 256: a tile spans two 128-row scale blocks (scales per column), not one value per step."""
+    m, n, k = 17, 300, 256
+    wq, s = quantize_fp8_per_block(rand(n, k), BLOCK)
+    xq, xs = ref.quantize_fp8_activations(rand(m, k, seed=1), group_size=128)
+    got = fp8_gemm(*dev(xq, xs, wq, s), torch.float32,
+                   config=QuantGemmConfig(block_m=16, block_n=256, block_k=128, num_warps=4, num_stages=1))
+    torch.testing.assert_close(got.cpu(), ref.w8a8_linear(xq, xs, wq, s, BLOCK, torch.float32), atol=1e-4, rtol=1e-5)
+
+
+def test_fp8_block_scales_take_scaled_mm_only_where_it_has_block_scaling() -> None:
+    assert fp8_gemm_backend(64, 4096, 4096, block_scales=True, out_dtype=torch.bfloat16,
+                            block_scaled_mm=True) == "scaled_mm"
+    assert fp8_gemm_backend(64, 4096, 4096, block_scales=True, out_dtype=torch.bfloat16,
+                            block_scaled_mm=False) == "triton"
+    assert fp8_gemm_backend(64, 4096, 4100, block_scales=True, out_dtype=torch.bfloat16,
+                            block_scaled_mm=True) == "triton"
+
+
+def test_quant_gemm_config_refuses_tiles_tl_dot_cannot_take() -> None:
+    with pytest.raises(ValueError, match="block_k"):
+        QuantGemmConfig(block_k=8)
+    with pytest.raises(ValueError, match="split_k"):
+        QuantGemmConfig(split_k=0)
+
+
 def test_fp8_gemm_backend_sends_block_scales_and_unaligned_shapes_to_triton() -> None:
     assert fp8_gemm_backend(64, 4096, 4096, block_scales=True, out_dtype=torch.bfloat16) == "triton"
     assert fp8_gemm_backend(64, 4096, 4100, block_scales=False, out_dtype=torch.bfloat16) == "triton"
@@ -290,6 +416,29 @@ def test_bf16_quantized_kernels_match_reference_on_gpu() -> None:
     expected = ref.int4_linear(xf[:8], packed.cpu(), scales.float().cpu(), zf, 128)
     torch.testing.assert_close(int4_gemv(x[:8], packed, scales, zeros, 128).float().cpu(), expected, atol=atol,
                                rtol=2 ** -7)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [16, 40, 64, 200, 1024])
+def test_bf16_int4_linear_and_block_fp8_linear_match_reference_on_gpu(m: int) -> None:
+    """The dispatch's GEMMs at their defaults: int4 split-K / swap_ab tiles (16-64 rows), 128-row tiles (200)
+    and dequantize-then-cuBLAS (1024); block FP8 through torch._scaled_mm's block scaling where the probe
+    found it (rows padded), else Triton."""
+    from carpool.ops.triton.quant_gemm import block_scaled_mm_rows, fp8_linear, int4_linear
+
+    n, k = 768, 2048
+    x = rand(m, k).to("cuda", torch.bfloat16)
+    packed, scales, zeros = int4_weights(n, k, 128, asym=True)
+    expected = ref.int4_linear(x.float().cpu(), packed, scales.bfloat16().float(), zeros, 128)
+    got = int4_linear(x, packed.cuda(), scales.cuda().bfloat16(), zeros.cuda().bfloat16(), 128)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=5e-2, rtol=2e-2)
+    wq, s = quantize_fp8_per_block(rand(n, k), BLOCK)
+    xq, xs = ref.quantize_fp8_activations(x.float().cpu(), group_size=128)
+    expected = ref.w8a8_linear(xq, xs, wq, s, BLOCK, torch.float32)
+    got = fp8_linear(x, wq.cuda(), s.cuda())
+    assert block_scaled_mm_rows(x.device) in (0, 1, 16)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=1e-3 * expected.abs().max().item(), rtol=2e-2)
 
 
 def test_quant_benchmark_imports_on_cpu_and_counts_bytes_per_method() -> None:

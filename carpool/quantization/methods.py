@@ -149,7 +149,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
     """FP8 e4m3 weights with float32 scales per output channel or per 128x128 block. Triton: rows of x up
     to 8 through the FP8 weight GEMV (activations unquantized), more through activation quantization
     (per token, per 128-column group with block weights, or the checkpoint's static scale) and the W8A8
-    GEMM (torch._scaled_mm or Triton, ops/triton/quant_gemm.fp8_gemm_backend)."""
+    GEMM (torch._scaled_mm or Triton, ops/triton/quant_gemm.fp8_linear)."""
 
     def __init__(self, scheme: Fp8Scheme, backend: str, fused_gemv_silu: bool = False) -> None:
         super().__init__(backend, fused_gemv_silu)
@@ -240,11 +240,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         if self.takes_gemv(x):
             return quant_gemv.fp8_gemv(x, weight, scale, bias)
         static = getattr(layer, self.input_scale_name) if self.input_scale_name is not None else None
-        xq, x_scale = quant_gemm.quantize_fp8_act(x, FP8_BLOCK[1] if self.block else None, static)
-        m, k = x.shape
-        if quant_gemm.fp8_gemm_backend(m, weight.shape[0], k, self.block, x.dtype) == "scaled_mm":
-            return quant_gemm.fp8_scaled_mm(xq, x_scale, weight, scale, x.dtype, bias)
-        return quant_gemm.fp8_gemm(xq, x_scale, weight, scale, x.dtype, bias)
+        return quant_gemm.fp8_linear(x, weight, scale, bias, static)
 
     def apply_silu_and_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
         if not self.takes_fused_silu(x):
@@ -342,7 +338,7 @@ class Int4WeightOnlyLinearMethod(QuantizedLinearMethod):
         x = x if x.stride(-1) == 1 else x.contiguous()
         if self.takes_gemv(x):
             return quant_gemv.int4_gemv(x, packed, scales, zeros, g, bias)
-        return quant_gemm.int4_gemm(x, packed, scales, zeros, g, bias)
+        return quant_gemm.int4_linear(x, packed, scales, zeros, g, bias)
 
     def apply_silu_and_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
         if not self.takes_fused_silu(x):
