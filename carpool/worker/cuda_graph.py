@@ -12,8 +12,7 @@ widest request has W query tokens (its last known token and W - 1 proposed ones)
 width W (`choose_graph`), whatever its other requests' widths: proposers return what they find (an
 n-gram proposer nothing where the context has no match, fewer than k near a match's end or near
 max_tokens), requests with penalties never speculate, so a batch mixing widths is the common case, and
-running it eagerly would cost the whole model's launch overhead (~36 ms instead of ~6 for an 8B model
-at batch 8 on an H100).
+running it eagerly pays every kernel's launch, several times the step's replay at small batches.
 
 A narrower request (w < W tokens, a plain decode among them) is padded in front: its w real queries are
 the last w of its W slots, at their own positions, and the W - w padding queries before them sit at the
@@ -23,10 +22,13 @@ holds. The kernels take the queries of a request as the last q_len positions of 
 the keys it attends eagerly; the padding queries store nothing (slot -1), and their logits are never
 read. Hence padding needs no KV slot, no scheduler budget and no change to what is proposed or counted
 (acceptance metrics see only real proposals): it only costs W - w wasted query tokens per narrower
-request, which a weight-bound step hides. It needs W tokens of context (seq_len >= W): a request with
-less (a very short prompt's first tokens) sends its step to the eager path. Padding in front, not
-behind, keeps every key a query reads inside the request's context: queries behind its last token would
-need seq_len past it, i.e. keys at positions no block holds yet.
+request, which a weight-bound step hides. (Padding the proposals themselves with filler tokens would
+cost the same compute but take KV slots and budget, need the metrics to tell fillers apart, and leave
+the requests that may not propose at all, penalized ones and those near max_tokens, narrower still.)
+It needs W tokens of context (seq_len >= W): a request with less (a very short prompt's first tokens)
+sends its step to the eager path. Padding in front, not behind, keeps every key a query reads inside
+the request's context: queries behind its last token would need seq_len past it, i.e. keys at positions
+no block holds yet.
 
 Batch padding adds whole requests (W tokens at positions 0 .. W - 1 over block 0, storing nothing),
 never tokens inside a real request. Any other shape (prefill chunks wider than the widest graph, batches
