@@ -19,7 +19,8 @@
 # bf16 in the same process (--peer-bf16): FP8 KV offline, FP8 and AWQ batch-1 decode, FP8 prefill of 32 x
 # 4,000 tokens, AWQ at batch 64 (about 9 minutes); "model-targets" the MoE shape's offline and batch-1
 # figures (issue 22), the training benchmark eager and compiled (issue 20) and speculative decoding on the
-# demo pair (issue 23).
+# demo pair (issue 23); "train" the training benchmark eager and compiled beside torchtitan and the plain
+# FSDP2 loop (issue 20; carry .whl after `bash scripts/gpu_wheels.sh train`, else torchtitan is skipped).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -145,6 +146,11 @@ if [ "$mode" = model-targets ]; then
   step timeout 120 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --out "$out/train_compile.json"
   step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --model carpool/demo_models/main \
     --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  finish
+fi
+if [ "$mode" = train ]; then
+  step timeout 200 python3 benchmarks/bench_train.py --steps 10 --warmup 3 --out "$out/train.json"
+  step timeout 390 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --out "$out/train_compile.json"
   finish
 fi
 if [ "$mode" = features ]; then
