@@ -488,6 +488,7 @@ def run_torchtitan(shape: dict[str, Any], args: argparse.Namespace, device: torc
     finally:
         if trainer is not None:
             trainer.close()
+        gc.enable()  # torchtitan's GarbageCollection disabled automatic collection for its own steps
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
         for k, v in saved.items():
@@ -519,8 +520,8 @@ def main() -> None:
                          "installed), plain (a plain PyTorch FSDP2 loop)")
     ap.add_argument("--skip-peer", action="store_true", help="run carpool alone")
     ap.add_argument("--profile", metavar="DIR", default=None,
-                    help="after timing, write chrome traces of 2 more steps (carpool_trace.json, torchtitan_trace.json, "
-                         "peer_trace.json)")
+                    help="after timing, write chrome traces of 2 more steps (carpool_trace.json, "
+                         "torchtitan_trace.json, peer_trace.json)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
