@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from triton_cases import DEVICE, interpreter_only, poison_outputs
 
 from carpool.config import SpeculativeConfig
+from carpool.spec_decode.draft_chain import DraftChainGraphs
 from carpool.worker.cuda_graph import (
     CUDAGraphRunner,
     GraphIndex,
@@ -238,6 +239,46 @@ def test_verification_graphs_refuse_a_width_of_one():
                         verify_widths=(1, 3), verify_max_num_seqs=4)
 
 
+def test_a_draft_chain_replay_writes_every_steps_inputs_and_freezes_rows_that_want_fewer_guesses():
+    """Step j of a row is at its first position + j, its slot from its block table; a row wanting
+    fewer guesses repeats its last live step (its last verified position if none) storing nothing; the
+    padded row attends one key of block 0. A four-row replay runs first, so the mirror holds other
+    values; the catch-up's guesses are step 0's input ids."""
+    from carpool.attention.triton_paged import TritonAttentionBackend
+
+    model = SimpleNamespace(attention_layers=lambda: [SimpleNamespace(num_kv_heads=2)])
+    chain = DraftChainGraphs(model, TritonAttentionBackend(), 4, 3, 512, 4, torch.device(DEVICE))  # type: ignore[arg-type]
+    seen: list[dict] = []
+    for bs in chain.batch_sizes:
+        chain.graphs[bs] = SimpleNamespace(replay=lambda bs=bs: seen.append(  # type: ignore[assignment]
+            {**{name: t.to("cpu", copy=True) for name, t in chain.staged.tensors.items()}, "bs": bs,
+             "block_tables": chain.block_tables.to("cpu", copy=True), "guesses": chain.guesses.to("cpu", copy=True)}))
+    wide = np.arange(40, dtype=np.int32).reshape(4, 10) + 1
+    chain.run(wide, np.array([20, 30, 9, 14]), np.full(4, 3), torch.arange(4, dtype=torch.long, device=DEVICE))
+    table = np.array([[7, 3, 9, 0], [2, 5, 0, 0], [4, 0, 0, 0]], dtype=np.int32)
+    out = chain.run(table, np.array([7, 6, 2]), np.array([3, 1, 0]),
+                    torch.tensor([11, 12, 13], dtype=torch.long, device=DEVICE))
+    got = seen[-1]
+    assert got["bs"] == 4 and tuple(out.shape) == (4, 3)
+    assert got["guesses"][0, :3].tolist() == [11, 12, 13]
+    positions = [[7, 8, 9], [6, 6, 6], [1, 1, 1], [0, 0, 0]]  # rows 0-2, then the padded row
+    slots = [[3 * 4 + 3, 9 * 4 + 0, 9 * 4 + 1], [5 * 4 + 2, -1, -1], [-1, -1, -1], [-1, -1, -1]]
+    for j in range(3):
+        assert got[f"positions.{j}"].tolist() == [p[j] for p in positions], j
+        assert got[f"slot_mapping.{j}"].tolist() == [s[j] for s in slots], j
+        assert got[f"seq_lens.{j}"].tolist() == [p[j] + 1 for p in positions[:3]] + [1], j
+    assert got["block_tables"][:3, :3].tolist() == table[:, :3].tolist()  # columns up to position 9's
+    assert got["block_tables"][3, 0] == 0
+
+
+def test_draft_chain_graphs_need_a_single_token_step():
+    from carpool.attention.triton_paged import TritonAttentionBackend
+
+    model = SimpleNamespace(attention_layers=lambda: [SimpleNamespace(num_kv_heads=2)])
+    with pytest.raises(ValueError, match="^num_steps:"):
+        DraftChainGraphs(model, TritonAttentionBackend(), 4, 0, 512, 4, torch.device(DEVICE))  # type: ignore[arg-type]
+
+
 # ---- whole engines, graph replays stood in for on CPU -----------------------------------------------------
 
 @pytest.fixture
@@ -245,11 +286,14 @@ def stand_in_graphs(monkeypatch):
     return install_stand_in_graphs(monkeypatch)
 
 
-def install_stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[CUDAGraphRunner, GraphShape, int]]:
-    """Engines whose runners (target and draft) build CUDAGraphRunners on CPU; each "replay" runs the forward
-    a capture records, over the same static buffers and graph metadata, through the Triton interpreter.
-    Returns the (graph runner, graph shape, real requests) of every replay. One decode split everywhere: the interpreter
-    runs each idle split (the split count only shapes the work, never the result)."""
+def install_stand_in_graphs(monkeypatch: pytest.MonkeyPatch
+                            ) -> list[tuple[CUDAGraphRunner | DraftChainGraphs, GraphShape, int]]:
+    """Engines whose runners (target and draft) build CUDAGraphRunners (and the draft its DraftChainGraphs)
+    on CPU; each "replay" runs the forwards a capture records, over the same static buffers and graph
+    metadata, through the Triton interpreter. Returns the (graph runner or chain, graph shape, real
+    requests) of every replay (a chain's shape: its batch size, one query token per step). One decode split
+    everywhere: the interpreter runs each idle split (the split count only shapes the work, never the
+    result)."""
     from carpool.ops.triton import attention as tri_attention
     from carpool.worker import model_runner
 
@@ -257,7 +301,7 @@ def install_stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[CUDAG
     monkeypatch.setattr(tri_attention, "DECODE_SPLIT_TABLE", ((1 << 30, 1),))
     monkeypatch.setattr(model_runner.ModelRunner, "use_cuda_graphs",
                         property(lambda self: self.attention.supports_cuda_graphs and not self.config.enforce_eager))
-    replays: list[tuple[CUDAGraphRunner, GraphShape, int]] = []
+    replays: list[tuple[CUDAGraphRunner | DraftChainGraphs, GraphShape, int]] = []
 
     def capture(self: CUDAGraphRunner) -> None:
         for shape in self.shapes:
@@ -273,8 +317,22 @@ def install_stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[CUDAG
         replays.append((self, shape or self.choose(inputs), len(inputs.rows)))
         return real_run(self, inputs, fixup, shape)
 
+    def capture_chain(self: DraftChainGraphs) -> None:
+        for bs in self.batch_sizes:
+            self.batches[bs] = self._batches(bs)
+            self.graphs[bs] = SimpleNamespace(replay=lambda bs=bs: self._record(bs))
+
+    real_chain_run = DraftChainGraphs.run
+
+    def chain_run(self, block_table, first_position, live_steps, first_guesses):
+        b = len(first_position)
+        replays.append((self, GraphShape(min(s for s in self.batch_sizes if s >= b)), b))
+        return real_chain_run(self, block_table, first_position, live_steps, first_guesses)
+
     monkeypatch.setattr(CUDAGraphRunner, "capture", capture)
     monkeypatch.setattr(CUDAGraphRunner, "run", run)
+    monkeypatch.setattr(DraftChainGraphs, "capture", capture_chain)
+    monkeypatch.setattr(DraftChainGraphs, "run", chain_run)
     return replays
 
 
@@ -283,7 +341,7 @@ def test_graphed_verification_and_draft_steps_give_greedy_tokens_without_specula
                                                                                      stand_in_graphs):
     """Three requests speculate with a draft model (verifications of 3 tokens each, replayed padded to a
     batch of 4) beside a penalized one that never speculates (its decodes padded into the same graphs); the
-    draft's single-token steps replay its decode graphs, its catch-ups its graphs of several tokens per row."""
+    draft's catch-ups replay its graphs of several tokens per row, its single-token steps its chain graph."""
     from checkpoints import prompts_of_lengths
     from test_spec_decode import smaller_draft
 
@@ -305,8 +363,8 @@ def test_graphed_verification_and_draft_steps_give_greedy_tokens_without_specula
                 if r is runner.graph_runner and s.query_len > 1}
     assert (3, 3, 4) in verified
     draft = [s.query_len for r, s, _ in stand_in_graphs if r is runner.proposer.graph_runner]
-    assert 1 in draft  # the single-token steps
     assert any(w > 1 for w in draft)  # the catch-ups after verifications
+    assert any(r is runner.proposer.chain for r, _, _ in stand_in_graphs)  # the single-token steps
     stats = llm.engine.stats()
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
 
@@ -315,8 +373,9 @@ def test_graphed_verification_and_draft_steps_give_greedy_tokens_without_specula
 def test_graphed_draft_catch_ups_propose_what_eager_ones_propose(llama_path, tmp_path, stand_in_graphs,
                                                                  monkeypatch):
     """Two rows run while a third request waits for a row: when it enters, its prompt's catch-up runs
-    eagerly beside the other row's graphed one, and every proposal of the engine equals the one an engine
-    without draft graphs makes at the same point."""
+    eagerly beside the other row's graphed one, and every proposal of the engine (its single-token steps
+    in the chain graph, rows near max_tokens frozen in it) equals the one an engine without draft graphs
+    makes at the same point."""
     from checkpoints import prompts_of_lengths
     from test_spec_decode import smaller_draft
 
@@ -329,7 +388,7 @@ def test_graphed_draft_catch_ups_propose_what_eager_ones_propose(llama_path, tmp
     def propose(self, batch, rows, max_lens):
         first = len(stand_in_graphs)
         out = real_propose(self, batch, rows, max_lens)
-        replays = [(s.query_len, b) for r, s, b in stand_in_graphs[first:] if r is self.graph_runner]
+        replays = [(s.query_len, b) for r, s, b in stand_in_graphs[first:] if r in (self.graph_runner, self.chain)]
         calls.append((out, int(np.count_nonzero(max_lens)), replays))
         return out
 
@@ -337,16 +396,18 @@ def test_graphed_draft_catch_ups_propose_what_eager_ones_propose(llama_path, tmp
     prompts = [{"prompt_token_ids": p} for p in prompts_of_lengths([5, 7, 6], seed=2)]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 6, 4)]
     spec = {"method": "draft_model", "model": smaller_draft(llama_path, str(tmp_path / "draft")),
-            "num_speculative_tokens": 2}
+            "num_speculative_tokens": 3}
     kwargs = dict(device="cpu", max_num_seqs=2, block_size=8, speculative_config=spec)
     graphed = LLM(llama_path, **kwargs, kernel_backend="triton").generate(prompts, params, use_tqdm=False)
     graphed_calls, calls[:] = list(calls), []
     eager = LLM(llama_path, **kwargs).generate(prompts, params, use_tqdm=False)  # (torch_ref: no graphs)
     assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
     assert [c[0] for c in graphed_calls] == [c[0] for c in calls]
-    # (k = 2: a catch-up and one single-token step.) A call for two rows replayed both steps, the catch-up
-    # for one row: the other's ran eagerly.
+    # (k = 3: a catch-up and a chain of two single-token steps.) A call for two rows replayed both, the
+    # catch-up for one row: the other's ran eagerly.
     assert any(n == 2 and len(replays) == 2 and replays[0][1] == 1 for _, n, replays in graphed_calls)
+    # near max_tokens a row wants fewer guesses than the chain makes: it is frozen, its proposal shorter
+    assert any(len(replays) == 2 and any(0 < len(p) < 3 for p in out) for out, _, replays in graphed_calls)
 
 
 # ---- n-gram speculation in batches mixing query widths ----------------------------------------------------

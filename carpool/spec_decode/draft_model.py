@@ -16,15 +16,21 @@ feeds back each guess for k - 1 single-token steps; positions holding guesses ar
 so a rejected guess never lingers. Draft K/V of a prefix-cache hit block is recomputed too (its
 computing request may not have drafted): a new row starts at 0.
 
-On a GPU (CUDA graphs on for the target) every step of a steady cycle replays a graph of the draft's own
-CUDAGraphRunner, the target's runner class: the single-token steps its decode graphs, their input ids
-(the last guesses, still on the device) written in as a fix-up, and the catch-up its verification-shaped
-graphs of W = 2 .. k + 1 query tokens per row. A cycle's catch-up has 1 .. k + 1 tokens per row (the
-tokens a verification emitted), so it is made uniform: every row recomputes its last W verified tokens,
-W the widest row's count, which rewrites K/V that some rows already hold from the same verified tokens
-(a guess only; verification decides what is emitted). Rows with more to catch up (a new request's
-prompt, a row that skipped proposing) run eagerly in a forward of their own. The host waits once per
-proposal, for the guesses of all steps.
+On a GPU (CUDA graphs on for the target) a steady cycle replays two graphs: the catch-up one of the
+draft's own CUDAGraphRunner (the target's runner class), its verification-shaped graphs of W = 2 .. k + 1
+query tokens per row (W = 1: its decode graphs), then the k - 1 single-token steps all in one graph of
+DraftChainGraphs (draft_chain.py): their metadata is known before the first of them (step j of a row is
+at its verified token count + j, over the same block table), so one host pass and one upload prepare
+them all, and each step's argmax is written, inside the graph, where the next step reads its input ids.
+Without graphs (CPU, enforce_eager) the single-token steps run one by one, eagerly; with them every
+proposing batch fits the chain (proposals stop at disable_by_batch_size, where its ladder ends).
+
+A cycle's catch-up has 1 .. k + 1 tokens per row (the tokens a verification emitted), so it is made
+uniform: every row recomputes its last W verified tokens, W the widest row's count, which rewrites K/V
+that some rows already hold from the same verified tokens (a guess only; verification decides what is
+emitted). Rows with more to catch up (a new request's prompt, a row that skipped proposing) run eagerly
+in a forward of their own. The host waits once per proposal, for the guesses of all steps (the chain
+returns them as one [k, rows] tensor).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from carpool.models.runtime import ModelRuntime
 from carpool.platform import to_device
 from carpool.quantization.config import parse_kv_cache_dtype, parse_quantization_config
 from carpool.quantization.factory import check_device_support
+from carpool.spec_decode.draft_chain import DraftChainGraphs
 from carpool.spec_decode.proposer import Proposer
 from carpool.utils import cdiv
 from carpool.worker.cuda_graph import CUDAGraphRunner, verification_graph_shapes
@@ -82,6 +89,8 @@ class DraftModelProposer(Proposer):
         self.use_cuda_graphs = (runner.use_cuda_graphs and self.runtime.attention.supports_cuda_graphs
                                 and self.graph_max_num_seqs > 0)
         self.graph_runner: CUDAGraphRunner | None = None
+        self.chain: DraftChainGraphs | None = None
+        self.num_speculative_tokens = spec.num_speculative_tokens
         self.max_model_len = config.model.max_model_len
         # Catch-up widths with a graph: a verification emits 1 .. k + 1 tokens, the draft recomputes them.
         self.catch_up_widths = tuple(range(2, spec.num_speculative_tokens + 2))
@@ -99,6 +108,11 @@ class DraftModelProposer(Proposer):
                                                 verify_widths=self.catch_up_widths,
                                                 verify_max_num_seqs=self.graph_max_num_seqs)
             self.graph_runner.capture()
+            if self.num_speculative_tokens > 1:
+                self.chain = DraftChainGraphs(self.model, self.runtime.attention, self.graph_max_num_seqs,
+                                              self.num_speculative_tokens - 1, self.max_model_len, self.block_size,
+                                              self.device, self.runtime.comm.begin_forward)
+                self.chain.capture()
 
     def describe(self) -> dict[str, Any]:
         return {"draft_model": self.draft_config.path, "draft_on_every_rank": self.runtime.comm.size > 1,
@@ -122,6 +136,13 @@ class DraftModelProposer(Proposer):
         # Step 0: the verified tokens not yet in the draft's cache; the last one's logits guess first.
         guesses = [self._catch_up(batch, rows, start, num_tokens)]
         self.num_computed[rows] = num_tokens
+        if self.chain is not None and int(k.max()) > 1 and self.chain.fits(len(rows)):
+            self.runtime.comm.begin_forward()
+            # [k, rows] (the chain's k): one wait, for every guess of every row
+            host = self.chain.run(batch.block_table[rows], num_tokens, k - 1, guesses[0]).tolist()
+            for i in range(len(rows)):
+                out[int(active[i])] = [host[j][i] for j in range(int(k[i]))]
+            return out
         # Steps 1 .. k - 1: each row feeds back its last guess while it wants more.
         alive = np.arange(len(rows))
         for j in range(1, int(k.max())):
