@@ -1,8 +1,8 @@
 """Speculative decoding with CUDA graphs (marked gpu; run through scripts/gpu_suite.sh on an H100/H200):
 verification steps (narrower requests padded to the widest one's width) and the draft model's steps
-(single-token ones and catch-ups) replay captured graphs, and greedy output stays token for token
-greedy's without speculation. float32, so that only the step shapes (graphs against eager, verification
-against decode) could change a token."""
+(catch-ups, and the single-token ones chained in one graph) replay captured graphs, and greedy output
+stays token for token greedy's without speculation. float32, so that only the step shapes (graphs
+against eager, verification against decode) could change a token."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from test_gpu_engine import build_gpu_checkpoint
 from test_spec_decode import smaller_draft
 
 from carpool import LLM, SamplingParams
+from carpool.spec_decode.draft_chain import DraftChainGraphs
 from carpool.worker.cuda_graph import CUDAGraphRunner, GraphShape
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -64,6 +65,14 @@ def test_graphed_verifications_give_greedy_tokens_without_speculation(gpu_checkp
         return real_run(self, inputs, fixup, shape)
 
     monkeypatch.setattr(CUDAGraphRunner, "run", run)
+    chains: list[int] = []
+    real_chain_run = DraftChainGraphs.run
+
+    def chain_run(self, block_table, first_position, live_steps, first_guesses):
+        chains.append(len(first_position))
+        return real_chain_run(self, block_table, first_position, live_steps, first_guesses)
+
+    monkeypatch.setattr(DraftChainGraphs, "run", chain_run)
     llm = LLM(gpu_checkpoint, device="cuda", **KV,
               speculative_config=spec_config(method, gpu_checkpoint, tmp_path, reference))
     assert generate(llm, prompts()) == reference  # 5 requests: verifications padded to 8
@@ -77,8 +86,8 @@ def test_graphed_verifications_give_greedy_tokens_without_speculation(gpu_checkp
         draft = runner.proposer.graph_runner
         assert GraphShape(1, K + 1) in draft.graphs  # the catch-up after a verification emitting K + 1
         widths = {shape.query_len for r, shape, _ in replays if r == id(draft)}
-        assert 1 in widths  # the single-token steps
         assert widths - {1}  # the catch-ups after verifications
+        assert chains and 1 in chains  # the single-token steps, in the chain graph (batch 1 included)
     assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
 
 
