@@ -19,7 +19,8 @@
 # bf16 in the same process (--peer-bf16): FP8 KV offline, FP8 and AWQ batch-1 decode, FP8 prefill of 32 x
 # 4,000 tokens, AWQ at batch 64 (about 9 minutes); "model-targets" the MoE shape's offline and batch-1
 # figures (issue 22), the training benchmark eager and compiled (issue 20) and speculative decoding on the
-# demo pair (issue 23).
+# demo pair (issue 23); "train" the training benchmark eager and compiled beside torchtitan and the plain
+# FSDP2 loop (issue 20; carry .whl after `bash scripts/gpu_wheels.sh train`, else torchtitan is skipped).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -47,7 +48,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -141,17 +142,22 @@ fi
 if [ "$mode" = model-targets ]; then
   step timeout 150 python3 benchmarks/bench_throughput.py --shape qwen3-30b-a3b --load-format dummy --out "$out/moe_offline.json"
   step timeout 80 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
-  step timeout 100 python3 benchmarks/bench_train.py --steps 10 --warmup 3 --out "$out/train.json"
-  step timeout 120 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --out "$out/train_compile.json"
+  step timeout 100 python3 benchmarks/bench_train.py --steps 10 --warmup 3 --peers plain --out "$out/train.json"
+  step timeout 120 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --peers plain --out "$out/train_compile.json"
   step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --model carpool/demo_models/main \
     --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  finish
+fi
+if [ "$mode" = train ]; then
+  step timeout 200 python3 benchmarks/bench_train.py --steps 10 --warmup 3 --out "$out/train.json"
+  step timeout 390 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --out "$out/train_compile.json"
   finish
 fi
 if [ "$mode" = features ]; then
   # Each step has its own limit so that one slow or hung step leaves time for the rest; the limits add up
   # to 595 s, inside one 10-minute call.
   run_quant_moe_tests timeout 220
-  step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --out "$out/train.json"
+  step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --peers plain --out "$out/train.json"
   step timeout 75 python3 benchmarks/bench_quant.py --quick --out "$out/quant.json"
   step timeout 55 python3 benchmarks/bench_moe.py --quick --out "$out/moe.json"
   step timeout 75 python3 benchmarks/bench_moe.py --quick --fp8 block --batches 1,8,64,256 --out "$out/moe_fp8.json"
@@ -167,12 +173,12 @@ if [ "$mode" = rest ] || [ "$mode" = priority ]; then
   step base timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput_base.json"
   if [ "$mode" = priority ]; then
     run_quant_moe_tests timeout 170
-    step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --out "$out/train.json"
+    step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --peers plain --out "$out/train.json"
     finish
   fi
   step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --model carpool/demo_models/main \
     --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
-  step timeout 120 python3 benchmarks/bench_train.py --compile --steps 8 --warmup 3 --out "$out/train_compile.json"
+  step timeout 120 python3 benchmarks/bench_train.py --compile --steps 8 --warmup 3 --peers plain --out "$out/train_compile.json"
   finish
 fi
 if [ "$mode" = check ]; then

@@ -6,6 +6,12 @@
 # versions.
 #   bash scripts/gpu_wheels.sh            # compressed-tensors (the quantization GPU tests)
 #   bash scripts/gpu_wheels.sh serve      # ... and fastapi, uvicorn, openai (the serving benchmark)
+#   bash scripts/gpu_wheels.sh train      # ... and torchtitan 0.2.2 (the training benchmark's peer, ~1 MB)
+# torchtitan is not in the venv (it would pull datasets, tensorboard, wandb), so its set is pinned here
+# instead: the packages torchtitan 0.2.2's Trainer and Llama model import at load that the image lacks.
+# datasets and tensorboard, imported at load for features the benchmark leaves off, are stubbed in the
+# benchmark's process instead (benchmarks/bench_train.py); 0.2.2 is the newest release that runs on the
+# image's torch 2.11 (0.3.0 imports torch.distributed.fsdp.DataParallelMeshDims, which 2.11 lacks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -46,6 +52,8 @@ def closure(names):
 print(" ".join(f"{name}=={version}" for name, version in sorted(closure(sys.argv[1:]).items())))
 PY
 )
+[ "${1:-}" = train ] && pins="$pins torchtitan==0.2.2 torchdata==0.11.0 tyro==1.0.17 docstring-parser==0.18.0 \
+typeguard==4.6.1"
 mkdir -p .whl
 # The device machines run CPython 3.12 on x86-64 Linux.
 .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,7 +1,8 @@
 """Speculative decoding with CUDA graphs (marked gpu; run through scripts/gpu_suite.sh on an H100/H200):
-verification steps of uniform width and the draft model's steps (single-token ones and catch-ups) replay
-captured graphs, and greedy output stays token for token greedy's without speculation. float32, so that
-only the step shapes (graphs against eager, verification against decode) could change a token."""
+verification steps (narrower requests padded to the widest one's width) and the draft model's steps
+(single-token ones and catch-ups) replay captured graphs, and greedy output stays token for token
+greedy's without speculation. float32, so that only the step shapes (graphs against eager, verification
+against decode) could change a token."""
 
 from __future__ import annotations
 
@@ -78,6 +79,29 @@ def test_graphed_verifications_give_greedy_tokens_without_speculation(gpu_checkp
         widths = {shape.query_len for r, shape, _ in replays if r == id(draft)}
         assert 1 in widths  # the single-token steps
         assert widths - {1}  # the catch-ups after verifications
+    assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
+
+
+def test_graphed_ngram_verifications_mixing_widths_give_greedy_tokens_without_speculation(gpu_checkpoint,
+                                                                                         monkeypatch):
+    """n-gram lookup proposes up to k tokens for the repetitive prompts and often nothing for the random
+    ones: verification steps mixing widths replay the graph of their widest request's width."""
+    reference = generate(LLM(gpu_checkpoint, device="cuda", **KV), prompts())
+    replays: list[tuple[int, GraphShape, tuple[int, ...]]] = []
+    real_run = CUDAGraphRunner.run
+
+    def run(self, inputs, fixup=None, shape=None):
+        widths = tuple(int(w) for w in inputs.query_start_loc[1:] - inputs.query_start_loc[:-1])
+        replays.append((id(self), shape or self.choose(inputs), widths))
+        return real_run(self, inputs, fixup, shape)
+
+    monkeypatch.setattr(CUDAGraphRunner, "run", run)
+    spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
+    llm = LLM(gpu_checkpoint, device="cuda", **KV, speculative_config=spec)
+    assert generate(llm, prompts()) == reference
+    runner = llm.engine.core.executor.runner  # type: ignore[attr-defined]
+    mixed = [(s, w) for r, s, w in replays if r == id(runner.graph_runner) and len(set(w)) > 1]
+    assert mixed and all(s.query_len == max(w) for s, w in mixed)
     assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
 
 

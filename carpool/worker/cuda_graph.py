@@ -6,14 +6,36 @@ a step of B decodes replays the smallest graph >= B with its inputs copied into 
 rows attend over one token of block 0 and store nothing (slot -1), so they cannot disturb real rows.
 
 Speculative decoding adds verification graphs (`GraphShape.query_len` W > 1): every request computes W
-consecutive query tokens (its last known token and W - 1 proposed ones), packed request after request,
-so `query_start_loc` is the fixed i * W and only the tokens, positions, slots, context lengths and block
-tables change between replays. A step replays one only when every request has exactly W query tokens
-(`choose_graph`); padding adds whole requests (W tokens at positions 0 .. W - 1 over block 0, storing
-nothing), never tokens inside a real request. Any other shape (mixed widths, prefill chunks, batches
-past the ladder) runs eagerly. The kernels see such a step as an ordinary prefill/extend step with W
-queries per request (ops/triton/attention.py); the per-step tile map of that kernel depends only on
-the query lengths, which the graph fixes, so it is built once in warm-up and kept with the graph.
+consecutive query tokens, packed request after request, so `query_start_loc` is the fixed i * W and only
+the tokens, positions, slots, context lengths and block tables change between replays. A step whose
+widest request has W query tokens (its last known token and W - 1 proposed ones) replays the graph of
+width W (`choose_graph`), whatever its other requests' widths: proposers return what they find (an
+n-gram proposer nothing where the context has no match, fewer than k near a match's end or near
+max_tokens), requests with penalties never speculate, so a batch mixing widths is the common case, and
+running it eagerly pays every kernel's launch, several times the step's replay at small batches.
+
+A narrower request (w < W tokens, a plain decode among them) is padded in front: its w real queries are
+the last w of its W slots, at their own positions, and the W - w padding queries before them sit at the
+positions just before its first real one (seq_len - W .. seq_len - w - 1), whose keys the cache already
+holds. The kernels take the queries of a request as the last q_len positions of its context
+(ops/triton/prefill_attention.py), so with the request's real seq_len every real query attends exactly
+the keys it attends eagerly; the padding queries store nothing (slot -1), and their logits are never
+read. Hence padding needs no KV slot, no scheduler budget and no change to what is proposed or counted
+(acceptance metrics see only real proposals): it only costs W - w wasted query tokens per narrower
+request, which a weight-bound step hides. (Padding the proposals themselves with filler tokens would
+cost the same compute but take KV slots and budget, need the metrics to tell fillers apart, and leave
+the requests that may not propose at all, penalized ones and those near max_tokens, narrower still.)
+It needs W tokens of context (seq_len >= W): a request with less (a very short prompt's first tokens)
+sends its step to the eager path. Padding in front, not behind, keeps every key a query reads inside
+the request's context: queries behind its last token would need seq_len past it, i.e. keys at positions
+no block holds yet.
+
+Batch padding adds whole requests (W tokens at positions 0 .. W - 1 over block 0, storing nothing),
+never tokens inside a real request. Any other shape (prefill chunks wider than the widest graph, batches
+past the ladder, too little context) runs eagerly. The kernels see a verification step as an ordinary
+prefill/extend step with W queries per request (ops/triton/attention.py); the per-step tile map of that
+kernel depends only on the query lengths, which the graph fixes, so it is built once in warm-up and kept
+with the graph.
 
 Everything the captured kernels read must live in these static device buffers: no host values that
 change between replays, no .item()/.tolist() inside. What attention needs beyond the common inputs (the
@@ -107,16 +129,18 @@ class GraphIndex:
                           frozenset(s.num_reqs for s in shapes if s.cascade))
 
 
-def choose_graph(query_start_loc: np.ndarray, cascade_prefix_len: int, index: GraphIndex) -> GraphShape | None:
-    """The graph that runs a step, or None (eager): every request must have the same number W of query
-    tokens, and a graph of W tokens per request must exist for a batch at least as large (the smallest
-    such: the step is padded to it). A decode step with a shared prefix takes the cascade graph of its
-    size when there is one, else the plain one."""
+def choose_graph(query_start_loc: np.ndarray, seq_lens: np.ndarray, cascade_prefix_len: int, index: GraphIndex
+                 ) -> GraphShape | None:
+    """The graph that runs a step, or None (eager). Its width W is the widest request's number of query
+    tokens; narrower requests are padded in front to W (see the module docstring), which needs every
+    request to have at least W tokens of context. A graph of W tokens per request must exist for a batch
+    at least as large (the smallest such: the step is padded to it). A decode step with a shared prefix
+    takes the cascade graph of its size when there is one, else the plain one."""
     b = len(query_start_loc) - 1
     if b < 1:
         return None
-    width = int(query_start_loc[1] - query_start_loc[0])
-    if int(query_start_loc[-1] - query_start_loc[0]) != b * width or np.any(np.diff(query_start_loc) != width):
+    width = int(np.diff(query_start_loc).max())
+    if width > 1 and int(seq_lens[:b].min()) < width:
         return None
     sizes = index.sizes.get(width, [])
     i = bisect.bisect_left(sizes, b)
@@ -247,7 +271,7 @@ class CUDAGraphRunner:
             return None
         if inputs.max_query_len > 1 and not len(inputs.logits_indices):
             return None
-        shape = choose_graph(inputs.query_start_loc, inputs.cascade_prefix_len, self.index)
+        shape = choose_graph(inputs.query_start_loc, inputs.seq_lens, inputs.cascade_prefix_len, self.index)
         return shape if shape in self.graphs else None
 
     def run(self, inputs: StepInputs, fixup: PendingFixup | None = None, shape: GraphShape | None = None
@@ -286,15 +310,33 @@ class CUDAGraphRunner:
         return logits.index_select(0, to_device(inputs.logits_indices, logits.device))
 
     def _run_verification(self, inputs: StepInputs, fixup: PendingFixup | None, shape: GraphShape) -> torch.Tensor:
-        """Replay a graph of W query tokens per request. Real requests keep the eager step's packed layout
-        (request i's tokens at i * W ..), so logits_indices index the graph's logits as they would the
-        eager step's. Padded requests: W tokens at positions 0 .. W - 1 over block 0, storing nothing."""
+        """Replay a graph of W query tokens per request. Real request i owns the graph's tokens i * W ..
+        i * W + W - 1, its own queries the last ones of them (all W when it has W: then the eager step's
+        packing is the graph's), the padding queries before them at the positions just before its first
+        real one, storing nothing; logits_indices and the fix-up are moved to where their tokens sit.
+        Padded requests: W tokens at positions 0 .. W - 1 over block 0, storing nothing."""
         b, bs, w = len(inputs.rows), shape.num_reqs, shape.query_len
         t = b * w
         host = self.staged.host()  # (holds what was written two replays ago: write every value read)
-        host["input_ids"][:t] = inputs.input_ids
-        host["positions"][:t] = inputs.positions
-        host["slot_mapping"][:t] = inputs.slot_mapping
+        logits_indices = inputs.logits_indices
+        if len(inputs.input_ids) == t:
+            host["input_ids"][:t] = inputs.input_ids
+            host["positions"][:t] = inputs.positions
+            host["slot_mapping"][:t] = inputs.slot_mapping
+        else:
+            qsl = inputs.query_start_loc
+            widths = np.diff(qsl)
+            # graph index of each packed token: request i's first real query at i * W + W - widths[i]
+            dest = np.arange(len(inputs.input_ids)) + np.repeat(np.arange(b) * w + w - widths - qsl[:-1], widths)
+            host["input_ids"][:t] = 0
+            host["input_ids"][dest] = inputs.input_ids
+            # request i's W tokens sit at positions seq_len - W .. seq_len - 1: its real ones at their own
+            host["positions"][:t] = np.repeat(inputs.seq_lens.astype(np.int64) - w, w) + np.tile(np.arange(w), b)
+            host["slot_mapping"][:t] = -1
+            host["slot_mapping"][dest] = inputs.slot_mapping
+            logits_indices = dest[logits_indices]
+            if fixup is not None:
+                fixup = PendingFixup(dest[fixup.index], fixup.values)
         host["seq_lens"][:b] = inputs.seq_lens
         pad_columns = cdiv(w, self.block_size)  # a padded request's W keys, all in block 0
         width = max(pad_columns, inputs.block_tables.shape[1])
@@ -309,7 +351,7 @@ class CUDAGraphRunner:
             tables[b:bs] = 0
         self._upload(host, fixup, bs, width)
         self.graphs[shape].replay()
-        return self.logits[shape].index_select(0, to_device(inputs.logits_indices, self.input_ids.device))
+        return self.logits[shape].index_select(0, to_device(logits_indices, self.input_ids.device))
 
     def _upload(self, host: dict[str, np.ndarray], fixup: PendingFixup | None, bs: int, width: int) -> None:
         """The replay's inputs by one copy of the mirror, the block tables spread into place, and the

@@ -4,13 +4,15 @@ The runner keeps each live request's tokens, block table and sampling params in 
 scheduler only sends what changed. A request samples in a step exactly when its scheduled tokens reach
 the end of its known tokens; earlier prefill chunks only fill the KV cache (and, for a request that
 asked for prompt logprobs, score its prompt tokens: compute_prompt_logprobs). Decode-only steps on a GPU
-replay CUDA graphs (so do uniform verifications, below); every other step, and any step that scores
+replay CUDA graphs (so do verifications, below); every other step, and any step that scores
 prompt tokens, runs eagerly.
 
 Speculative decoding: a request the scheduler gives proposed tokens (`scheduled_spec_decode_tokens`)
 computes them after its known ones; the runner takes logits at all its k + 1 positions and the
-rejection sampler decides what it emits. On a GPU, verification steps whose every request has the same
-number of query tokens replay CUDA graphs of that width (worker/cuda_graph.py); others run eagerly.
+rejection sampler decides what it emits. On a GPU, a verification step replays the CUDA graph of its
+widest request's query width, narrower requests (shorter or no proposals, plain decodes) padded in front
+with queries that store nothing (worker/cuda_graph.py): proposals stay what the proposer found, so the
+scheduler's budget, KV slots and acceptance metrics count real proposed tokens only.
 Once a step's tokens are on the host, the proposer guesses the next tokens of the rows that sampled;
 they travel back to the scheduler in `ModelRunnerOutput.spec_token_ids`.
 """
