@@ -116,15 +116,19 @@ if [ "$mode" = seams ]; then
   # A change against the code before it, side by side on one machine: the GPU tests of this tree, then
   # batch-1 latency and offline throughput alternating this tree and the baseline's (a copy of the older
   # commit's carpool/ and benchmarks/ in .baseline/, carried to the machine), ${3:-2} times each.
+  # Even pairs run the baseline first (ABBA): a run's place in the call (the first throughput run of a call
+  # was the slow one in both H100 checks) then weighs on both trees alike.
   run_gpu_tests timeout 240
   for i in $(seq "${3:-2}"); do
-    step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_$i.json"
-    step base timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_base_$i.json"
+    this() { step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_$i.json"; }
+    that() { step base timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_base_$i.json"; }
+    if [ $((i % 2)) = 1 ]; then this; that; else that; this; fi
   done
   for i in $(seq "${3:-2}"); do  # (the second pair's JSON is in suite.log only: at most 8 files come back)
     dir=$out; [ $i = 2 ] && dir=/tmp
-    step timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_$i.json"
-    step base timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_base_$i.json"
+    this() { step timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_$i.json"; }
+    that() { step base timeout 150 python3 benchmarks/bench_throughput.py --out "$dir/throughput_base_$i.json"; }
+    if [ $((i % 2)) = 1 ]; then this; that; else that; this; fi
   done
   finish
 fi
