@@ -6,6 +6,7 @@ JSON object.
 
     python benchmarks/bench_moe.py [--out FILE] [--batches 1,64,256] [--quick] [--tensor-parallel-size N]
                                    [--fp8 block|channel] [--int4 awq|gptq]
+    python benchmarks/bench_moe.py --quick --batches 1,2,4,8   # the routing comparison (`block`) alone
 
 Roofline: a step must read the weights (w13 and w2) of every distinct expert its tokens chose, plus its
 hidden rows in and out, at the copy bandwidth measured in the same run; `ratio` = roofline time / time
@@ -17,6 +18,15 @@ routing, E * (1 - (1 - k/E)^T), is stated beside the measured mean.
 Per batch: the engine's default path (`fused_us`, in a CUDA graph, and eager), both paths forced at
 batches up to 16 (where `FusedMoeConfig.small_batch_max_tokens` is decided), a few grouped-GEMM tiles
 (`sweep`, unless --quick), and the torch loop (eager: it asks the host which experts were hit).
+
+Routing (`block`, batches up to 16): the whole MoE block after its norm, router GEMV included, in a
+CUDA graph with PDL on (as the engine runs it) and off, both ways the engine can route:
+`torch_routing` (KernelConfig.fused_moe_routing off: Routing.select's softmax, topk, sum, divide and cast
+as torch kernels, then fused_moe) and `fused_routing` (on: fused_moe_routed, which routes inside the
+gate/up GEMV at batches up to small_batch_max_tokens and in one kernel above). Batch 1 of Qwen3-30B-A3B
+is then 3 kernels instead of 8, all under PDL; `saved_ms_per_token_48_layers` is the difference times
+the model's 48 MoE layers. (The router GEMV's logits are computed and dropped: each call routes from
+prepared logits, so that batch 1 cycles through disjoint experts as above.)
 
 With --tensor-parallel-size N, each batch also times one rank's share of the layer under both ways of
 splitting the experts over N GPUs, on this one GPU (`rank_share`): `intermediate_split` (the default:
@@ -56,7 +66,15 @@ from common import emit, measure_copy_bandwidth  # noqa: E402
 
 from carpool.layers.moe import Routing  # noqa: E402
 from carpool.ops.torch_ref.moe import fused_moe as torch_loop_moe  # noqa: E402
-from carpool.ops.triton.moe import FusedMoeConfig, GroupedGemmConfig, default_moe_config, fused_moe  # noqa: E402
+from carpool.ops.triton import utils as triton_utils  # noqa: E402
+from carpool.ops.triton.gemv import gemv  # noqa: E402
+from carpool.ops.triton.moe import (  # noqa: E402
+    FusedMoeConfig,
+    GroupedGemmConfig,
+    default_moe_config,
+    fused_moe,
+    fused_moe_routed,
+)
 from carpool.quantization.moe_methods import quantize_fp8_experts, quantize_int4_experts  # noqa: E402
 from carpool.utils import cdiv  # noqa: E402
 
@@ -107,11 +125,14 @@ def int4_step_bytes(topk_ids: torch.Tensor, hidden: int, inter: int, group: int,
     return distinct * per_expert + 2 * topk_ids.shape[0] * hidden * DTYPE_BYTES
 
 
-def make_routings(num_tokens: int, count: int, gen: torch.Generator, device: str
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` (topk_weights, topk_ids) from random logits; for one token, routing j is pushed onto the
-    j-th disjoint set of TOP_K experts of a random permutation (wrapping around after 128 / 8 sets)."""
-    routing = Routing.qwen_moe(NUM_EXPERTS, TOP_K, norm_topk_prob=True)
+ROUTING = Routing.qwen_moe(NUM_EXPERTS, TOP_K, norm_topk_prob=True)
+MOE_LAYERS = 48  # Qwen3-30B-A3B's
+
+
+def make_logits(num_tokens: int, count: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """`count` random router logits [num_tokens, E] (float32, on the host); for one token, logits j are
+    pushed onto the j-th disjoint set of TOP_K experts of a random permutation (wrapping around after
+    128 / 8 sets)."""
     perm = torch.randperm(NUM_EXPERTS, generator=gen)
     out = []
     for j in range(count):
@@ -119,9 +140,61 @@ def make_routings(num_tokens: int, count: int, gen: torch.Generator, device: str
         if num_tokens == 1:
             chosen = perm.view(-1, TOP_K)[j % (NUM_EXPERTS // TOP_K)]
             logits[:, chosen] += 20.0
-        weights, ids = routing.select(logits.to(device))
+        out.append(logits)
+    return out
+
+
+def make_routings(num_tokens: int, count: int, gen: torch.Generator, device: str
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` (topk_weights, topk_ids) of make_logits' logits through Qwen3-MoE routing."""
+    out = []
+    for logits in make_logits(num_tokens, count, gen):
+        weights, ids = ROUTING.select(logits.to(device))
         out.append((weights.to(torch.bfloat16), ids))
     return out
+
+
+def bench_block(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, bandwidth: float, gen: torch.Generator
+                ) -> dict:
+    """The MoE block from its input rows, router GEMV included, routed by torch ops or in the kernels
+    (see the module docstring), with PDL on (where supported) and off."""
+    x = (torch.randn(num_tokens, HIDDEN, generator=gen) * 0.5).to(torch.bfloat16).cuda()
+    router = (torch.randn(NUM_EXPERTS, HIDDEN, generator=gen) / HIDDEN ** 0.5).to(torch.bfloat16).cuda()
+    logits = [lg.to(torch.bfloat16).cuda() for lg in make_logits(num_tokens, ROUTINGS, gen)]
+    kernel_routing = ROUTING.kernel_routing
+    nbytes = (sum(step_bytes(ROUTING.select(lg)[1], HIDDEN, INTER) for lg in logits) / len(logits)
+              + router.numel() * DTYPE_BYTES)
+
+    def route(inp: torch.Tensor) -> torch.Tensor:
+        return gemv(inp, router) if num_tokens == 1 else torch.nn.functional.linear(inp, router)
+
+    def torch_routing(lg: torch.Tensor) -> torch.Tensor:
+        route(x)
+        weights, ids = ROUTING.select(lg)
+        return fused_moe(x, w13, w2, weights, ids)
+
+    def fused_routing(lg: torch.Tensor) -> torch.Tensor:
+        route(x)
+        return fused_moe_routed(x, lg, w13, w2, kernel_routing)[0]
+
+    agree = all(torch.equal(ROUTING.select(lg)[1], fused_moe_routed(x, lg, w13, w2, kernel_routing)[2].long())
+                for lg in logits)
+    err = max((torch_routing(lg).float() - fused_routing(lg).float()).abs().max().item() for lg in logits)
+    was = triton_utils.pdl()
+    row: dict = {"bytes_mean": int(nbytes), "roofline_us": round(nbytes / bandwidth * 1e6, 2),
+                 "same_experts_as_torch_routing": agree, "max_abs_diff_vs_torch_routing": err}
+    for pdl in ((True, False) if triton_utils.pdl_supported(x.device) else (False,)):
+        triton_utils.set_pdl(pdl)
+        times = {name: time_in_graph([(lambda lg=lg, f=f: f(lg)) for lg in logits])
+                 for name, f in (("torch_routing", torch_routing), ("fused_routing", fused_routing))}
+        row["pdl" if pdl else "no_pdl"] = {
+            **{f"{name}_us": round(t * 1e6, 2) for name, t in times.items()},
+            **{f"{name}_ratio": round(nbytes / bandwidth / t, 3) for name, t in times.items()},
+            "fused_over_torch": round(times["fused_routing"] / times["torch_routing"], 3),
+            "saved_ms_per_token_48_layers": round((times["torch_routing"] - times["fused_routing"]) * MOE_LAYERS
+                                                  * 1e3, 3)}
+    triton_utils.set_pdl(was)
+    return row
 
 
 def time_eager(calls: list, trials: int = 3) -> float:
@@ -252,6 +325,7 @@ def bench_batch(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, weights_fp
         row["grouped_path"] = timed(FusedMoeConfig(small_batch_max_tokens=0, gemm=default.gemm))
         row["gemv_block_n"] = {bn: timed(FusedMoeConfig(small_batch_max_tokens=num_tokens, gemv_block_n=bn))
                                for bn in (1, 4, 8)} if not quick else {}
+        row["block"] = bench_block(num_tokens, w13, w2, bandwidth, gen)
     if not quick:
         sweep = [{**asdict(c), **timed(FusedMoeConfig(small_batch_max_tokens=0, gemm=c))} for c in SWEEP]
         row["sweep"] = sweep

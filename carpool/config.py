@@ -248,6 +248,10 @@ class KernelConfig:
     push_all_reduce: bool = True
     # TP on GPUs, batch-1 steps: the LM head's logits gathered by push instead of an NCCL all-gather
     push_logits: bool = True
+    # mixture-of-experts layers: softmax, top-k and renormalization in Triton (ops/triton/moe.py
+    # fused_moe_routed), inside the expert gate/up GEMV at small batches, in one kernel at larger ones,
+    # instead of torch's five kernels (softmax, topk, sum, divide, cast)
+    fused_moe_routing: bool = True
 
 
 SPEC_METHODS = ("ngram", "draft_model", "replay")

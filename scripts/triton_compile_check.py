@@ -105,6 +105,13 @@ def call_every_op(dtype: torch.dtype) -> None:
                                    torch.zeros(1, dtype=torch.long), torch.zeros(4096, 128), kv_cache,
                                    kv_cache.clone(), torch.zeros(1, dtype=torch.long), heads, heads // 4)
     tri.sample_from_logits(torch.zeros(4, 151936, dtype=dtype), torch.ones(4), torch.zeros(4, dtype=torch.int64))
+    from carpool.ops.torch_ref.moe import TopKRouting
+
+    e, h, i = 128, 2048, 768  # Qwen3-30B-A3B's experts (never touched: empty, not zeroed)
+    w13, w2 = torch.empty(e, 2 * i, h, dtype=dtype), torch.empty(e, h, i, dtype=dtype)
+    for t in (1, 8):  # routed in the gate/up GEMV; the routing kernel, then the grouped GEMMs
+        tri.fused_moe_routed(torch.zeros(t, h, dtype=dtype), torch.zeros(t, e, dtype=dtype), w13, w2,
+                             TopKRouting(8, True, True))
     from carpool.ops.triton.host_io import copy_to_host, stage_inputs  # step boundaries through pinned memory
 
     copy_to_host(torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))

@@ -53,7 +53,7 @@ def test_an_engine_dropped_without_shutdown_in_a_reference_cycle_does_not_count_
         del old_kv
         assert sum(a.nbytes for a in fake_cuda) == 71 * GIB
         blocks = gpu_num_blocks(CacheConfig(gpu_memory_utilization=0.9), per_block, torch.device("cuda", 0),
-                                profile_run=lambda: None)
+                                profile_run=lambda: 0)
     finally:
         gc.enable()
     assert blocks == (int(TOTAL * 0.9) - 1 * GIB - CUDA_GRAPH_RESERVE_BYTES) // per_block
@@ -64,5 +64,22 @@ def test_memory_still_referenced_is_counted_and_the_error_says_how_much_was_held
     fake_cuda.add(held[0])
     with pytest.raises(ValueError, match=r"gpu_memory_utilization: 0.9 leaves no room.*72.00 GiB was allocated"):
         gpu_num_blocks(CacheConfig(gpu_memory_utilization=0.9), 1 << 20, torch.device("cuda", 0),
-                       profile_run=lambda: None)
+                       profile_run=lambda: 0)
     assert held
+
+
+def test_the_profile_runs_throwaway_kv_cache_is_left_to_the_real_cache(fake_cuda) -> None:
+    """The peak of the profiled step includes its own small KV cache; the real cache replaces it, so only
+    the weights and the activations are kept out of the budget."""
+    weights = _Allocation(40 * GIB)
+    fake_cuda.add(weights)
+    alive: list[_Allocation] = []
+
+    def profile_run() -> int:
+        alive.extend([_Allocation(2 * GIB), _Allocation(3 * GIB)])  # its KV cache, its activations
+        fake_cuda.update(alive)
+        return 2 * GIB
+
+    per_block = 1 << 20
+    blocks = gpu_num_blocks(CacheConfig(gpu_memory_utilization=0.9), per_block, torch.device("cuda", 0), profile_run)
+    assert blocks == (int(TOTAL * 0.9) - 40 * GIB - 3 * GIB - CUDA_GRAPH_RESERVE_BYTES) // per_block

@@ -174,8 +174,8 @@ def test_triton_backend_gives_the_torch_tokens(checkpoint_factory, monkeypatch):
     import carpool.ops.triton as tri
 
     sizes: list[int] = []
-    real = tri.fused_moe
-    monkeypatch.setattr(tri, "fused_moe",
+    real = tri.fused_moe_routed  # (the op the model calls: KernelConfig.fused_moe_routing)
+    monkeypatch.setattr(tri, "fused_moe_routed",
                         lambda hidden, *a, **k: sizes.append(hidden.shape[0]) or real(hidden, *a, **k))
     path = checkpoint_factory("qwen2_moe")
     prompts = [PROMPTS[5], PROMPTS[0]]  # (interpreter time: two short prompts, a few tokens)

@@ -168,8 +168,8 @@ def test_triton_fused_moe_on_quantized_experts_gives_the_torch_tokens(ckpt, monk
     import carpool.ops.triton as tri
 
     sizes: list[int] = []
-    real = tri.fused_moe
-    monkeypatch.setattr(tri, "fused_moe",
+    real = tri.fused_moe_routed  # (the op the model calls: KernelConfig.fused_moe_routing)
+    monkeypatch.setattr(tri, "fused_moe_routed",
                         lambda hidden, *a, **k: sizes.append(hidden.shape[0]) or real(hidden, *a, **k))
     quantized, _ = ckpt("qwen3_moe", fmt, group=group, moe_intermediate_size=32, num_hidden_layers=2)
     requests = [{"prompt_token_ids": p} for p in (prompts()[0], prompts()[1][:12])]

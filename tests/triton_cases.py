@@ -37,7 +37,8 @@ interpreter_only = pytest.mark.skipif(not INTERPRET, reason="a CPU engine's Trit
 
 def poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        # (integer outputs, such as expert ids, start as -1)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     monkeypatch.setattr(utils, "empty_output", poisoned)
 
 

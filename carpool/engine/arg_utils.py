@@ -41,6 +41,8 @@ KERNEL_FLAG_HELP: dict[str, str] = {
     "fused_all_reduce_norm": "tensor parallel: the all-reduce before each residual add + RMSNorm fused with it",
     "push_all_reduce": "tensor parallel, batch-1 steps: row-parallel GEMVs push their outputs to every rank",
     "push_logits": "tensor parallel, batch-1 steps: the LM head's logits gathered by push, not NCCL",
+    "fused_moe_routing": "mixture of experts: routing (softmax, top-k, renormalize) in Triton, inside the expert "
+                         "GEMV at small batches",
 }
 
 
@@ -80,6 +82,7 @@ class EngineArgs:
     fused_all_reduce_norm: bool = True
     push_all_reduce: bool = True
     push_logits: bool = True
+    fused_moe_routing: bool = True
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "EngineArgs":

@@ -66,7 +66,10 @@ class SparseMoeBlock(nn.Module):
     """router -> top-k routing -> routed experts (+ sigmoid(shared_expert_gate(x)) * shared_expert(x)).
 
     Everything runs on the device with shapes fixed by the token count (no host sync on the Triton
-    backend), so a decode step's block is captured in its CUDA graph like a dense MLP."""
+    backend), so a decode step's block is captured in its CUDA graph like a dense MLP. On the Triton
+    backend (KernelConfig.fused_moe_routing) the experts' kernels route from the router logits: a
+    batch-1 Qwen3-MoE block is then three kernels (router GEMV, gate/up GEMV, down GEMV), all under PDL,
+    where torch's routing added five that are not."""
 
     def __init__(self, config: ModelConfig, runtime: ModelRuntime, layer_index: int) -> None:
         super().__init__()
@@ -87,8 +90,10 @@ class SparseMoeBlock(nn.Module):
         # (an ignore list is matched against Qwen's expert module names; Mixtral's lists name no experts)
         experts_method = runtime.experts_method(f"{prefix}.experts", moe.num_experts,
                                                 ("gate_proj", "up_proj", "down_proj"))
+        routed = runtime.ops.fused_moe_routed if runtime.kernels.fused_moe_routing else None
         self.experts = FusedExperts(moe.num_experts, h, moe.moe_intermediate_size, dtype, runtime.ops.fused_moe,
-                                    runtime.comm, expert_parallel=runtime.expert_parallel, method=experts_method)
+                                    runtime.comm, expert_parallel=runtime.expert_parallel, method=experts_method,
+                                    fused_moe_routed=routed)
         self.shared_expert: SharedExpert | None = None
         self.shared_expert_gate: LinearBase | None = None
         if moe.shared_expert_intermediate_size:
@@ -97,8 +102,12 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = LinearBase(h, 1, False, dtype, runtime.unquantized_linear_method())
 
     def forward(self, x: torch.Tensor) -> PartialSums:
-        topk_weights, topk_ids = self.routing.select(self.gate(x))
-        out = self.experts(x, topk_weights, topk_ids)
+        router_logits = self.gate(x)
+        if self.experts.fused_moe_routed is not None:
+            out = self.experts.forward_routed(x, router_logits, self.routing.kernel_routing)
+        else:
+            topk_weights, topk_ids = self.routing.select(router_logits)
+            out = self.experts(x, topk_weights, topk_ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             # a per-token scale of this rank's partial sums is a partial sum of the scaled whole
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

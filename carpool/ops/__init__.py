@@ -33,6 +33,10 @@ class KernelOps:
     # the mixture-of-experts MLP: (hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k],
     # topk_ids [T, k]) -> [T, H]; the torch twin loops over the chosen experts (host-syncing, CPU only)
     fused_moe: Callable | None = None
+    # fused_moe from router logits [T, E] rather than a routing: (hidden, router_logits, w13, w2,
+    # TopKRouting) -> (out, topk_weights, topk_ids), the routing computed in the kernels (ties by lowest id;
+    # its oracle is torch_ref.moe.fused_moe_routed). None: the model routes with torch ops, then fused_moe.
+    fused_moe_routed: Callable | None = None
 
 
 def get_kernel_ops(name: str) -> KernelOps:
@@ -49,4 +53,5 @@ def get_kernel_ops(name: str) -> KernelOps:
                      gemv=getattr(impl, "gemv", None),
                      gemv_silu_and_mul=getattr(impl, "gemv_silu_and_mul", None),
                      gemv_rope_and_store_kv=getattr(impl, "gemv_rope_and_store_kv", None),
-                     fused_moe=getattr(impl, "fused_moe", None))
+                     fused_moe=getattr(impl, "fused_moe", None),
+                     fused_moe_routed=getattr(impl, "fused_moe_routed", None))

@@ -210,11 +210,8 @@ class Fp8ExpertsMethod(QuantizedExpertsMethod):
         return ExpertScales(getattr(layer, f"w13_{self.scale_name}"), getattr(layer, f"w2_{self.scale_name}"),
                             self.block)
 
-    def apply(self, layer: FusedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-        return layer.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
-                               expert_start=layer.expert_start, num_global_experts=layer.num_experts,
-                               scales=self.scales(layer))
+    def stacks(self, layer: FusedExperts) -> tuple[torch.Tensor, torch.Tensor, ExpertScales]:
+        return layer.w13_weight, layer.w2_weight, self.scales(layer)
 
     def dequantized_weights(self, layer: FusedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         """The held experts' (w13, w2) in float32 (tests and reference checkpoints)."""
@@ -365,12 +362,6 @@ class Int4ExpertsMethod(QuantizedExpertsMethod):
                 Int4ExpertScales(getattr(layer, f"w13_{scales}"), getattr(layer, f"w2_{scales}"),
                                  getattr(layer, f"w13_{zeros.suffix}") if zeros else None,
                                  getattr(layer, f"w2_{zeros.suffix}") if zeros else None))
-
-    def apply(self, layer: FusedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-        w13, w2, scales = self.stacks(layer)
-        return layer.fused_moe(x, w13, w2, topk_weights, topk_ids, expert_start=layer.expert_start,
-                               num_global_experts=layer.num_experts, scales=scales)
 
     def dequantized_weights(self, layer: FusedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         """The held experts' (w13, w2) in float32 (tests and reference checkpoints)."""

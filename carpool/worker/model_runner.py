@@ -169,16 +169,20 @@ class ModelRunner:
                 and self.attention.supports_cuda_graphs)
 
     @torch.inference_mode()
-    def profile_run(self) -> None:
+    def profile_run(self) -> int:
         """One forward at the largest step the scheduler can produce (max_num_batched_tokens tokens,
-        logits for max_num_seqs rows), with a throwaway KV cache, so peak activation memory is known."""
+        logits for max_num_seqs rows), with a throwaway KV cache, so peak activation memory is known.
+        Returns the throwaway cache's bytes (part of the measured peak, but not of what the step needs
+        beside the real cache)."""
         cfg = self.config.scheduler
         num_tokens = cfg.max_num_batched_tokens
         num_seqs = min(cfg.max_num_seqs, num_tokens)
         per_seq = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
         num_blocks = sum(cdiv(n, self.block_size) for n in per_seq)
-        allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
-                          self.kv_cache_dtype, self.device)
+        profile_cache = allocate_kv_cache(self.model.attention_layers(), num_blocks, self.block_size,
+                                          self.kv_cache_dtype, self.device)
+        profile_cache_bytes = profile_cache.numel() * profile_cache.element_size()
+        del profile_cache  # (the layers' views keep it alive until the end of the run)
         qsl = np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int32)
         positions = np.concatenate([np.arange(n) for n in per_seq])
         max_blocks = cdiv(max(per_seq), self.block_size)
@@ -208,6 +212,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         for layer in self.model.attention_layers():
             layer.k_cache = layer.v_cache = torch.empty(0)
+        return profile_cache_bytes
 
     # ---- one step ------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from carpool.distributed import SINGLE_RANK, Communicator
 from carpool.layers.linear import load_narrow, loaded_shape
 from carpool.layers.linear_method import set_weight_loader
+from carpool.ops.torch_ref.moe import QuantizedExperts, TopKRouting
 from carpool.quantization.methods import alias_note
 from carpool.quantization.sharding import ShardSlice
 
@@ -58,9 +59,25 @@ class ExpertsMethod(ABC):
         each with a loader taking (param, checkpoint tensor, (kind, global expert id))."""
 
     @abstractmethod
+    def stacks(self, layer: "FusedExperts") -> tuple[torch.Tensor, torch.Tensor, QuantizedExperts | None]:
+        """(w13, w2, their scales or None) as the fused MoE ops take them."""
+
     def apply(self, layer: "FusedExperts", x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
         """This rank's partial sums [T, H] of the routed experts."""
+        w13, w2, scales = self.stacks(layer)
+        return layer.fused_moe(x, w13, w2, topk_weights, topk_ids, expert_start=layer.expert_start,
+                               num_global_experts=layer.num_experts, scales=scales)
+
+    def apply_routed(self, layer: "FusedExperts", x: torch.Tensor, router_logits: torch.Tensor,
+                     routing: TopKRouting) -> torch.Tensor:
+        """This rank's partial sums [T, H] from the router logits [T, num_experts], the routing computed
+        by the kernels (layer.fused_moe_routed must be set)."""
+        assert layer.fused_moe_routed is not None
+        w13, w2, scales = self.stacks(layer)
+        out, _, _ = layer.fused_moe_routed(x, router_logits, w13, w2, routing, expert_start=layer.expert_start,
+                                           num_global_experts=layer.num_experts, scales=scales)
+        return out
 
     def process_weights_after_loading(self, layer: "FusedExperts") -> None:
         """Check (and repack) what was loaded."""
@@ -95,10 +112,8 @@ class UnquantizedExpertsMethod(ExpertsMethod):
         layer.w2_weight = set_weight_loader(
             nn.Parameter(torch.empty(local, h, inter, dtype=dtype), requires_grad=False), layer.weight_loader)
 
-    def apply(self, layer: "FusedExperts", x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-        return layer.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
-                               expert_start=layer.expert_start, num_global_experts=layer.num_experts)
+    def stacks(self, layer: "FusedExperts") -> tuple[torch.Tensor, torch.Tensor, QuantizedExperts | None]:
+        return layer.w13_weight, layer.w2_weight, None
 
     def process_weights_after_loading(self, layer: "FusedExperts") -> None:
         self.check_loaded(layer, ["weight"])
@@ -112,11 +127,16 @@ class FusedExperts(nn.Module):
 
     Checkpoint shard ids: ("w1", e) expert e's gate projection [I, H], ("w3", e) its up projection
     [I, H], ("w2", e) its down projection [H, I] (Mixtral's names; Qwen's gate/up/down_proj map to them);
-    e is the global expert id, and a tensor of an expert held by another rank is not read."""
+    e is the global expert id, and a tensor of an expert held by another rank is not read.
+
+    fused_moe_routed (the Triton backend's, when KernelConfig.fused_moe_routing): `forward_routed` takes
+    the router logits and the kernels route; None: the caller routes and calls forward."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
                  fused_moe: Callable[..., torch.Tensor], comm: Communicator = SINGLE_RANK,
-                 expert_parallel: bool = False, method: ExpertsMethod | None = None) -> None:
+                 expert_parallel: bool = False, method: ExpertsMethod | None = None,
+                 fused_moe_routed: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+                 ) -> None:
         super().__init__()
         if expert_parallel:
             if num_experts % comm.size:
@@ -139,6 +159,7 @@ class FusedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.expert_parallel = expert_parallel
         self.fused_moe = fused_moe
+        self.fused_moe_routed = fused_moe_routed
         self.method = method or UnquantizedExpertsMethod()
         self.method.create_weights(self, dtype)
 
@@ -188,3 +209,7 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, topk_weights, topk_ids)
+
+    def forward_routed(self, x: torch.Tensor, router_logits: torch.Tensor, routing: TopKRouting) -> torch.Tensor:
+        """forward with the routing computed inside the kernels from the router logits (fused_moe_routed)."""
+        return self.method.apply_routed(self, x, router_logits, routing)

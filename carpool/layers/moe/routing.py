@@ -13,6 +13,10 @@ Ties: experts with equal probabilities are ordered exactly as `torch.topk` order
 selection *is* `torch.topk` on the same float32 probabilities the reference computes; the weights'
 order follows the ids'. Everything here is a device op with static shapes (no host sync), so it can be
 captured in a CUDA graph.
+
+The Triton backend computes the same routing inside its MoE kernels (`kernel_routing`, KernelConfig's
+fused_moe_routing), ordering equal logits by increasing expert id: torch.topk leaves that order
+unspecified, so the two may pick different experts only among experts of equal probability.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from carpool.ops.torch_ref.moe import TopKRouting
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,11 @@ class Routing:
     def mixtral(num_experts: int, top_k: int) -> Routing:
         """Mixtral (`MixtralTopKRouter`): always renormalized, float32 weights."""
         return Routing(num_experts, top_k, renormalize=True, weights_in_logits_dtype=False)
+
+    @property
+    def kernel_routing(self) -> TopKRouting:
+        """This routing as the fused MoE ops take it (ops fused_moe_routed)."""
+        return TopKRouting(self.top_k, self.renormalize, self.weights_in_logits_dtype)
 
     def select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router_logits [T, num_experts] -> (topk_weights [T, top_k], topk_ids [T, top_k] int64)."""

@@ -179,6 +179,47 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     return out
 
 
+@dataclass(frozen=True)
+class TopKRouting:
+    """What the fused routing computes from router logits [T, num_experts] (layers/moe/routing.py says
+    how each family sets it): the top_k experts of a float32 softmax over all experts, their
+    probabilities divided by their sum when `renormalize`, rounded to the logits' dtype when
+    `weights_in_logits_dtype`."""
+    top_k: int
+    renormalize: bool
+    weights_in_logits_dtype: bool
+
+
+def select_experts(router_logits: torch.Tensor, routing: TopKRouting) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_weights [T, k], topk_ids [T, k] int64) as `Routing.select` computes them, with one tie rule:
+    the oracle of the Triton routing (ops/triton/moe.py), which orders experts by decreasing logit and
+    equal logits by increasing id. (torch.topk leaves the order of equal values unspecified; softmax is
+    increasing, so ranking logits ranks the probabilities, up to two distinct logits whose float32
+    probabilities round equal.) The weights are the float32 softmax probabilities of the chosen experts."""
+    if router_logits.dim() != 2 or not 1 <= routing.top_k <= router_logits.shape[1]:
+        raise ValueError(f"router_logits: expected [tokens, num_experts >= top_k={routing.top_k}], got "
+                         f"{tuple(router_logits.shape)}")
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    ids = torch.sort(router_logits.float(), dim=-1, descending=True, stable=True).indices[:, :routing.top_k]
+    weights = probs.gather(1, ids)
+    if routing.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if routing.weights_in_logits_dtype:
+        weights = weights.to(router_logits.dtype)
+    return weights, ids
+
+
+def fused_moe_routed(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     routing: TopKRouting, *, expert_start: int = 0, num_global_experts: int | None = None,
+                     scales: QuantizedExperts | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The oracle of the Triton op of the same name: `select_experts`, then `fused_moe`. Returns (output
+    [T, H], topk_weights, topk_ids)."""
+    weights, ids = select_experts(router_logits, routing)
+    out = fused_moe(hidden, w13, w2, weights, ids, expert_start=expert_start,
+                    num_global_experts=num_global_experts, scales=scales)
+    return out, weights, ids
+
+
 def max_padded_pairs(num_pairs: int, num_experts: int, block_size: int) -> int:
     """An upper bound on the sorted-and-padded length for any routing of num_pairs (token, k) pairs,
     a multiple of block_size: each expert's segment is padded up to a multiple of block_size, adding at
