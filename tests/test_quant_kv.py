@@ -1,8 +1,9 @@
 """The FP8 KV cache: the Triton store, RoPE + store and attention kernels against their torch twins
 (ops/torch_ref/quant.py), and a model's logits with an FP8 cache against the model-dtype cache.
 
-Kernels run under the Triton interpreter on CPU (tests/conftest.py) with float32 queries; K/V are e4m3
-with per-layer scales that are not 1, so a scale applied twice or not at all fails.
+Kernels run under the Triton interpreter on CPU (tests/conftest.py) with float32 queries, and with bfloat16
+ones for the float16 tiles the GPU runs (paged_kv.fp8_tile_query); K/V are e4m3 with per-layer scales that
+are not 1, so a scale applied twice or not at all fails.
 """
 
 from __future__ import annotations
@@ -89,6 +90,55 @@ def check_fp8_attention(reqs: list[tuple[int, int]], num_q_heads: int, num_kv_he
     # The store wrote the same e4m3 bytes as the reference, and nothing for the padding row.
     assert torch.equal(kc.cpu().view(torch.uint8), kc_ref.view(torch.uint8))
     assert torch.equal(vc.cpu().view(torch.uint8), vc_ref.view(torch.uint8))
+
+
+def check_fp8_attention_16bit_query(reqs: list[tuple[int, int]], num_splits: int | None = None,
+                                    huge_dim0: bool = False, cascade_prefix_len: int = 0) -> None:
+    """bfloat16 q/k/v through the float16 tiles against the reference on the same values in float32; the
+    tolerance is the bfloat16 output's rounding. huge_dim0: q's first dim is 1e5 (beyond float16) and every
+    key's is 0, so the scores stay ordinary and a query left unscaled, or scores not scaled back, show.
+    cascade_prefix_len: every request shares its first blocks with request 0, read as a cascade."""
+    q, k, v, kc, vc, meta = fp8_batch(reqs, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    if huge_dim0:
+        q[..., 0], k[..., 0], kc[..., 0] = 1e5, 0.0, 0.0
+    if cascade_prefix_len:
+        shared = cascade_prefix_len // 16
+        meta.block_tables[1:, :shared] = meta.block_tables[0, :shared]
+        meta.cascade_prefix_len = torch.tensor([cascade_prefix_len], dtype=torch.int32, device=DEVICE)
+    meta.num_splits = num_splits
+    scale = 16 ** -0.5
+    kc_ref, vc_ref = kc.clone().cpu(), vc.clone().cpu()
+    cpu_meta = AttentionMetadata(meta.query_start_loc.cpu(), meta.seq_lens.cpu(), meta.block_tables.cpu(),
+                                 meta.slot_mapping.cpu(), meta.max_query_len, meta.max_seq_len,
+                                 meta.query_start_loc_cpu, meta.seq_lens_cpu)
+    expected = ref.paged_attention_fp8(q.float().cpu(), k.float().cpu(), v.float().cpu(), kc_ref, vc_ref, cpu_meta,
+                                       scale, K_SCALE, V_SCALE)
+    out = tri.paged_attention(q, k, v, kc, vc, meta, scale, K_SCALE, V_SCALE)
+    n = meta.query_start_loc_cpu[-1]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[:n].float().cpu(), expected[:n], atol=1e-2, rtol=1e-2)
+
+
+def test_fp8_decode_with_bf16_queries_matches_reference_across_key_tiles() -> None:
+    # contexts shorter than, spanning and several times the FP8 decode tile (128 keys), over 3 splits
+    check_fp8_attention_16bit_query([(s, 1) for s in (1, 70, 200, 300)], num_splits=3)
+
+
+def test_fp8_prefill_and_decode_with_bf16_queries_match_reference() -> None:
+    check_fp8_attention_16bit_query([(21, 21), (40, 7), (150, 1)])
+
+
+def test_fp8_attention_with_queries_beyond_float16_range_matches_reference() -> None:
+    check_fp8_attention_16bit_query([(40, 7), (150, 1)], huge_dim0=True)
+
+
+def test_fp8_cascade_decode_with_bf16_queries_matches_reference() -> None:
+    from carpool.forward_batch import CASCADE_ALIGN
+
+    # the prefix is one CASCADE_ALIGN (half an FP8 decode tile): the split kernel's tiles shrink to it
+    check_fp8_attention_16bit_query([(CASCADE_ALIGN + 5, 1), (CASCADE_ALIGN + 150, 1)],
+                                    cascade_prefix_len=CASCADE_ALIGN)
 
 
 def test_fp8_decode_matches_reference() -> None:

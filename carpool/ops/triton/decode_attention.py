@@ -19,8 +19,9 @@ by request, and `_merge_kernel` (grid (num_reqs, num_q_heads)) combines the `use
 With a shared prefix (cascade) every split writes a partial (idle ones with weight 0) and the merge
 reads all slots, the prefix kernel's too.
 
-An FP8 cache (KV_FP8, paged_kv.py's docstring): the query stays in its dtype, k_scale is in qk_scale and
-the normalized outputs are multiplied by v_scale before they are written or merged.
+An FP8 cache (KV_FP8, paged_kv.py's docstring): the tiles are float16 (fp8_tile_query), k_scale is in
+qk_scale, the normalized outputs are multiplied by v_scale before they are written or merged, and a tile
+holds twice the keys (FP8_DECODE_CONFIG), except where a cascade's prefix alignment caps it.
 
 Latency (batch 1 under PDL): both kernels launch while the kernel before them still runs and read the
 step's metadata before they wait for it. (Loading the first tile's older keys before the wait as well
@@ -29,7 +30,7 @@ was slower at batch 1: EXPERIMENTS.md run 65.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -37,7 +38,7 @@ import triton.language as tl
 
 from carpool.forward_batch import CASCADE_ALIGN  # prefix kernel tile; split kernel tiles divide it
 from carpool.ops.triton import utils
-from carpool.ops.triton.paged_kv import LOG2E, attend_tile, check_kv_scales, is_fp8_cache
+from carpool.ops.triton.paged_kv import LOG2E, attend_tile, check_kv_scales, fp8_tile_query, is_fp8_cache
 from carpool.ops.triton.utils import pdl_enter, pdl_release, pdl_wait
 
 
@@ -50,15 +51,23 @@ class DecodeConfig:
     min_split_tiles: int = 1  # a split gets at least this many tiles, so short contexts use fewer splits
 
 
+# Over an FP8 cache a key costs half the bytes, so a tile of twice the keys moves what the model-dtype
+# tile moves per load: with the same bytes in flight per program (a load is issued a tile ahead), decode
+# stays as close to HBM bandwidth while reading half the bytes. Compiled for sm_90 at head_dim 128
+# (scripts/quant_compile_check.py), no spills: one split (large batches) 115 registers at 8 warps, two
+# programs per SM, twice the bytes in flight of 64-key tiles (108 registers, also two); several splits
+# 142 (one program per SM, as many bytes in flight as 64-key tiles at 106, two); 4 warps take 203-207.
+# Unmeasured: `benchmarks/bench_kernels.py --parts fp8` sweeps tiles, warps, stages and plans against bf16.
+FP8_DECODE_CONFIG = DecodeConfig(block_n=128, num_warps=8)
+
+
 def default_decode_config(head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> DecodeConfig:
-    """dtype: the tiles' (the cache's, or the query's over an FP8 cache)."""
+    """dtype: the tiles' (the cache's, or the query's over an FP8 cache). An FP8 cache takes twice the
+    model-dtype tile's keys (FP8_DECODE_CONFIG)."""
     if dtype == torch.float32:  # correctness runs only: keep fp32 tiles out of local memory
         return DecodeConfig(block_n=32, num_stages=1)
     if kv_fp8:
-        # Compiled for sm_90 (scripts/quant_compile_check.py), the e4m3 -> bf16 conversions take 4 warps
-        # to 128 registers and a 16-byte spill; 8 warps take 102 and none. Unmeasured: bench_kernels.py
-        # can sweep it.
-        return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=8)
+        return FP8_DECODE_CONFIG if head_dim <= 128 else DecodeConfig(block_n=64, num_warps=8)
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
 
 
@@ -124,7 +133,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
 
     q = tl.load(q_ptr + q_row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=(offs_g < active_rows)[:, None] & mask_d, other=0.0)
-    if not KV_FP8:
+    if KV_FP8:
+        q, qk_scale = fp8_tile_query(q, qk_scale)
+    else:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -182,7 +193,9 @@ def _prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, p
     mask_qd = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=mask_qd,
                 other=0.0)
-    if not KV_FP8:
+    if KV_FP8:
+        q, qk_scale = fp8_tile_query(q, qk_scale)
+    else:
         q = q.to(k_cache_ptr.dtype.element_ty)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -289,6 +302,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     tile_dtype = q.dtype if kv_fp8 else k_cache.dtype
     config = config or default_decode_config(head_dim, tile_dtype, kv_fp8)
     cascade = prefix_len is not None
+    if cascade and CASCADE_ALIGN % config.block_n:
+        # The split kernel starts after the prefix at a tile boundary: its tiles must divide the prefix.
+        config = replace(config, block_n=CASCADE_ALIGN)
     num_slots = num_splits + (prefix_splits if cascade else 0)
     if num_slots > 1:
         part_out, part_lse = scratch if scratch is not None else decode_scratch(

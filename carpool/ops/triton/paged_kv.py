@@ -18,6 +18,14 @@ converts each K/V tile to the query's dtype after loading (`attend_tile`), and f
 they cost nothing: k_scale into the softmax scale (q . (s k) = s (q . k)), v_scale into the normalized
 output (sum p (s v) = s sum p v). Only the cache bytes halve, which is what decode attention (bandwidth
 bound) pays for; the score and output tiles stay 16-bit on the tensor cores.
+
+Those 16-bit tiles are float16 whatever the model dtype (`fp8_tile_query`): sm_90 converts e4m3 pairs to
+float16 in one instruction (cvt.rn.f16x2.e4m3x2), while bfloat16 takes a second, per-element conversion
+(F2F, a quarter-rate pipe) that costs an SM about as many cycles per tile as its share of HBM bandwidth
+takes to bring the tile in, so a bf16-tiled FP8 decode is bound by conversions instead of bytes. float16
+holds every e4m3 value exactly, and the probabilities p (in [0, 1]) with more mantissa than bfloat16; a
+16-bit query is scaled per row by a power of two into float16's range and the scores by its inverse, so
+q . k is the same product of the same values.
 """
 
 from __future__ import annotations
@@ -109,15 +117,29 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 
 
 @triton.jit
+def fp8_tile_query(q, qk_scale):
+    """(q, qk_scale) for attend_tile over an FP8 cache: a 16-bit q [M, D] as float16, each row scaled by
+    2^-e (an integer e >= 0, so that |q| 2^-e <= 2^15, inside float16's 65504; e = 0 for rows within
+    2^14) and qk_scale as [M, 1] times 2^e; a float32 q (correctness runs) is returned as it is."""
+    if q.dtype == tl.float32:
+        return q, qk_scale
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.abs(qf), axis=1)
+    # log2 is approximate: the margin of one power of two keeps the bound whichever way it rounds.
+    e = tl.maximum(tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 14.0, 0.0)
+    return (qf * tl.exp2(-e)[:, None]).to(tl.float16), (qk_scale * tl.exp2(e))[:, None]
+
+
+@triton.jit
 def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start_n, seq_len,
                 kv_head_off_k, kv_head_off_v, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """Fold keys [start_n, start_n + BLOCK_N) into the running (acc, l_i, m_i) of query rows q.
 
-    q: [M, BLOCK_D] in the cache dtype (KV_FP8: in its own 16- or 32-bit dtype, which the e4m3 tiles are
-    converted to; qk_scale then carries k_scale); q_pos: [M] absolute positions (used by MASK_CAUSAL only);
-    bt_ptr points at this request's block-table row. Returns the updated (acc, l_i, m_i)."""
+    q: [M, BLOCK_D] in the cache dtype (KV_FP8: float16 or float32 from fp8_tile_query, which the e4m3 tiles
+    are converted to; qk_scale, a scalar or [M, 1], then carries k_scale); q_pos: [M] absolute positions
+    (used by MASK_CAUSAL only); bt_ptr points at this request's block-table row. Returns the updated (acc, l_i, m_i)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if MASK == 0:

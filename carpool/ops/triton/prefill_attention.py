@@ -12,8 +12,8 @@ short, and cached per step (utils.step_plan) so all layers of a step share one u
 query can be left out of it (`skip_single_queries`): the dispatcher gives those to the decode kernel,
 which splits long contexts and wastes no tile rows.
 
-An FP8 cache (KV_FP8, paged_kv.py's docstring): the query stays in its dtype, k_scale is in qk_scale and
-the normalized output is multiplied by v_scale.
+An FP8 cache (KV_FP8, paged_kv.py's docstring): the tiles are float16 (fp8_tile_query), k_scale is in
+qk_scale and the normalized output is multiplied by v_scale.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import triton.language as tl
 
 from carpool.forward_batch import AttentionMetadata
 from carpool.ops.triton import utils
-from carpool.ops.triton.paged_kv import LOG2E, attend_tile, check_kv_scales, is_fp8_cache
+from carpool.ops.triton.paged_kv import LOG2E, attend_tile, check_kv_scales, fp8_tile_query, is_fp8_cache
 from carpool.ops.triton.utils import pdl_enter
 from carpool.platform import to_device
 from carpool.utils import cdiv
@@ -80,7 +80,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     heads = kv_head * GROUP + g
     q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_qd, other=0.0)
-    if not KV_FP8:
+    if KV_FP8:
+        q, qk_scale = fp8_tile_query(q, qk_scale)
+    else:
         q = q.to(k_cache_ptr.dtype.element_ty)
     q_pos = ctx_start + tok
 
