@@ -19,6 +19,8 @@ How it measures:
   (attention.balanced_decode_plan: longest first, a split count per request), side by side on the same
   data, each with its sweep (grid splits x target work items x order for the balanced one), so the
   constants of attention.py can be tuned from one run.
+- FP8 cache (`--parts fp8`, not in the default parts): the same mixed contexts over an e4m3 cache
+  against the bf16 cache, each with the engine's launch, and a sweep of FP8 tile configs and plans.
 """
 
 from __future__ import annotations
@@ -92,14 +94,15 @@ def num_sets(bytes_per_call: int) -> int:
 
 # ---- decode attention --------------------------------------------------------------------------
 
-def decode_inputs(batch: int, context: int | list[int], sets: int, gen: torch.Generator) -> dict:
+def decode_inputs(batch: int, context: int | list[int], sets: int, gen: torch.Generator,
+                  cache_dtype: torch.dtype = DTYPE) -> dict:
     """One cache holding `sets` disjoint copies of the batch's pages, each set with its own table.
-    `context`: one length for every request, or one per request."""
+    `context`: one length for every request, or one per request. `cache_dtype`: DTYPE or e4m3 (FP8)."""
     lens = context if isinstance(context, list) else [context] * batch
     blocks_per_req = cdiv(max(lens), PAGE)
     total = batch * blocks_per_req * sets
-    k_cache = torch.empty(total, PAGE, HKV, HEAD_DIM, dtype=DTYPE, device=DEVICE).normal_()
-    v_cache = torch.empty_like(k_cache).normal_()
+    k_cache = torch.empty(total, PAGE, HKV, HEAD_DIM, dtype=DTYPE, device=DEVICE).normal_().to(cache_dtype)
+    v_cache = torch.empty(total, PAGE, HKV, HEAD_DIM, dtype=DTYPE, device=DEVICE).normal_().to(cache_dtype)
     perm = torch.randperm(total, generator=gen).to(torch.int32).view(sets, batch, blocks_per_req).to(DEVICE)
     q = torch.randn(batch, HQ, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     return dict(k_cache=k_cache, v_cache=v_cache, tables=list(perm.unbind(0)), q=q,
@@ -150,6 +153,47 @@ def bench_decode_mixed(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
                   best_balanced=max(balanced_sweep, key=lambda s: s["roofline_ratio"]),
                   sweep=sweep, balanced_sweep=balanced_sweep)
     progress({k: v for k, v in result.items() if not k.endswith("sweep")})
+    del inp
+    torch.cuda.empty_cache()
+    return result
+
+
+def bench_decode_fp8(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
+    """Decode over an FP8 (e4m3) cache against the bf16 cache on the same contexts (uniform in [lo, hi]),
+    both with the engine's launch (default tile config, balanced plan): `speedup` = bf16 us / fp8 us, the
+    gain `--kv-cache-dtype fp8` can bring to the attention share of a decode step (at most 2: half the
+    bytes). Each ratio is against copy bandwidth over that cache's own bytes. The FP8 sweep covers tile
+    configs (the default, FP8_DECODE_CONFIG, and the model-dtype default's 64-key tile) and the plan's
+    target work items, so the FP8 defaults can be tuned from one run."""
+    rng = torch.Generator().manual_seed(1)
+    lens = torch.randint(lo, hi + 1, (batch,), generator=rng).tolist()
+    plan = balanced_decode_plan(lens, HKV)
+
+    def nbytes(elem: int) -> int:
+        return 2 * sum(lens) * HKV * HEAD_DIM * elem + 2 * batch * HQ * HEAD_DIM * 2
+
+    def row(sec: float, elem: int, **fields: object) -> dict:
+        return dict(**fields, us=round(sec * 1e6, 2), roofline_ratio=round(nbytes(elem) / sec / bandwidth, 3))
+
+    inp = decode_inputs(batch, lens, num_sets(nbytes(2)), torch.Generator().manual_seed(0))
+    bf16 = row(time_decode(inp, plan.num_splits, default_decode_config(HEAD_DIM, DTYPE), plan), 2)
+    del inp
+    inp = decode_inputs(batch, lens, num_sets(nbytes(1)), torch.Generator().manual_seed(0), torch.float8_e4m3fn)
+    default_config = default_decode_config(HEAD_DIM, DTYPE, kv_fp8=True)
+    configs = [default_config] + [c for c in (DecodeConfig(64, 8, 2), DecodeConfig(64, 4, 2), DecodeConfig(128, 4, 2),
+                                              DecodeConfig(128, 8, 3), DecodeConfig(256, 8, 2)) if c != default_config]
+    sweep = []
+    for config in configs:
+        for target in (DECODE_TARGET_ITEMS // 2, DECODE_TARGET_ITEMS, 2 * DECODE_TARGET_ITEMS):
+            p = balanced_decode_plan(lens, HKV, target_items=target)
+            sweep.append(row(time_decode(inp, p.num_splits, config, p), 1, block_n=config.block_n,
+                             num_warps=config.num_warps, num_stages=config.num_stages, target_items=target,
+                             num_splits=p.num_splits, split_len=p.split_len))
+    fp8 = next(r for r in sweep if r["target_items"] == DECODE_TARGET_ITEMS)  # configs[0]: the engine's launch
+    best = min(sweep, key=lambda r: r["us"])
+    result = dict(batch=batch, contexts=[lo, hi], bf16=bf16, fp8=fp8, speedup=round(bf16["us"] / fp8["us"], 3),
+                  best_fp8=best, best_speedup=round(bf16["us"] / best["us"], 3), fp8_sweep=sweep)
+    progress({k: v for k, v in result.items() if k != "fp8_sweep"})
     del inp
     torch.cuda.empty_cache()
     return result
@@ -335,7 +379,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--contexts", default="1024,2048,4096,8192")
     parser.add_argument("--parts", default="decode,mixed,prefill,elementwise",
-                        help="comma-separated subset")
+                        help="comma-separated subset; 'fp8': decode over an FP8 cache against bf16")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     torch.manual_seed(0)
@@ -345,6 +389,8 @@ def main() -> None:
                           [int(c) for c in args.contexts.split(",")], args.quick) if "decode" in parts else []
     mixed = [bench_decode_mixed(bandwidth, b, 100, hi) for hi in (1100, 2048) for b in (16, 64, 128, 256)
              ] if "mixed" in parts else []
+    fp8 = [bench_decode_fp8(bandwidth, b, 100, hi) for hi in (1100, 2048) for b in (16, 64, 256)
+           ] if "fp8" in parts else []
     big = [d["roofline_ratio"] for d in decode if d["batch"] >= 64]
     best_splits: dict[str, dict[str, int]] = {}
     for d in decode:
@@ -363,6 +409,11 @@ def main() -> None:
                                    default=m["default"]["roofline_ratio"], balanced=m["balanced"]["roofline_ratio"],
                                    best_balanced=m["best_balanced"]["roofline_ratio"]) for m in mixed],
         prefill_attention=prefill,
+        # FP8 cache against bf16 (engine launch each; details and the FP8 config sweep in the list)
+        decode_fp8_summary=[dict(batch=f["batch"], contexts=f["contexts"], speedup=f["speedup"],
+                                 best_speedup=f["best_speedup"], fp8=f["fp8"]["roofline_ratio"],
+                                 bf16=f["bf16"]["roofline_ratio"]) for f in fp8],
+        decode_attention_fp8=fp8,
         elementwise=elementwise)
     emit(report, args.out)
 
