@@ -4,13 +4,20 @@ on the Llama-3-8B shapes, whole and split for TP=2, as a fraction of measured co
 Each case is timed inside a CUDA graph that cycles through enough weight copies (>= 512 MiB) that no call
 finds its matrix in L2, as a decode step would not. Prints one JSON object.
 
-    python benchmarks/bench_gemv.py [--out FILE] [--quick] [--push]
+    python benchmarks/bench_gemv.py [--out FILE] [--quick] [--push] [--qk-norm]
 
 --push: the TP=2 row-parallel shapes (o/2, down/2) as the batch-1 push exchange runs them
 (ops/triton/gemv.py gemv_push, under PDL like the engine): plain, pushing into two slot rows on this
 GPU, and (with a second GPU) pushing one of them into the peer's memory over NVLink; each with the
 engine's config and a few others. Separates the cost of pushing, and of pushing across NVLink, from the
 GEMV's own.
+
+--qk-norm: a batch-1 Qwen3 layer's q/k/v projection (the SHAPES of benchmarks/common.py with a q/k norm),
+under PDL: as the engine runs it (the GEMV, then one kernel for the per-head q/k RMSNorm, RoPE and the
+KV-cache store), against Llama's one kernel for the same shape (gemv_rope_and_store_kv: the GEMV with
+RoPE and the store, no norm), the GEMV alone, and the GEMV with one head's rows per program (what a GEMV
+holding a whole head for its norm would stream). Two_kernels - fused is what folding the norm into the
+GEMV could save per layer at most; per_head against gemv is what a program per head would cost.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import num_sets, progress, time_in_graph  # noqa: E402
+from common import SHAPES as MODEL_SHAPES  # noqa: E402
 from common import emit, measure_copy_bandwidth  # noqa: E402
 
 from carpool.ops.triton import utils as triton_utils  # noqa: E402
-from carpool.ops.triton.gemv import GemvConfig, default_gemv_config, gemv, gemv_push  # noqa: E402
+from carpool.ops.triton.elementwise import rope_and_store_kv  # noqa: E402
+from carpool.ops.triton.gemv import GemvConfig, default_gemv_config, gemv, gemv_push, gemv_rope_and_store_kv  # noqa: E402
 
 # (name, N, K): Llama-3-8B projections, then their TP=2 halves (column-parallel halve N, row-parallel K)
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
@@ -83,13 +92,87 @@ def push_cases(bandwidth: float) -> list[dict]:
     return rows
 
 
+# GEMV configs of one head's rows per program (block_n = head_dim): (block_k, num_warps, num_stages)
+PER_HEAD_SWEEP = ((32, 4, 3), (64, 8, 3), (128, 8, 2))
+
+
+def qk_norm_shapes() -> list[tuple[str, dict]]:
+    """(name, config) of the model shapes whose attention has a per-head q/k RMSNorm (Qwen3, dense and MoE)."""
+    return [(name, cfg) for name, cfg in MODEL_SHAPES.items() if cfg["model_type"] in ("qwen3", "qwen3_moe")]
+
+
+def qk_norm_calls(cfg: dict, ws: list[torch.Tensor], device: str) -> dict[str, list]:
+    """Per case, one call per weight copy in `ws` ([(heads + 2 kv heads) * head_dim, hidden] each)."""
+    heads, kv_heads, head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    dtype = ws[0].dtype
+    x = torch.randn(1, cfg["hidden_size"], dtype=dtype, device=device)
+    positions = torch.tensor([100], device=device)
+    slots = torch.tensor([37], device=device)
+    cos_sin = torch.randn(128, head_dim, device=device)  # float32, as RotaryEmbedding keeps it
+    k_cache, v_cache = (torch.zeros(8, 16, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
+    q_weight, k_weight = (torch.rand(head_dim, dtype=dtype, device=device) + 0.5 for _ in range(2))
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+
+    def two_kernels(w: torch.Tensor) -> torch.Tensor:
+        q, k, v = gemv(x, w).split([q_size, kv_size, kv_size], dim=-1)
+        return rope_and_store_kv(positions, q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim),
+                                 v.view(1, kv_heads, head_dim), cos_sin, k_cache, v_cache, slots, q_weight, k_weight,
+                                 cfg["rms_norm_eps"])
+
+    def fused(w: torch.Tensor) -> torch.Tensor:
+        return gemv_rope_and_store_kv(x, w, None, positions, cos_sin, k_cache, v_cache, slots, heads, kv_heads)
+
+    calls = {"two_kernels": [lambda w=w: two_kernels(w) for w in ws],
+             "fused_without_norm": [lambda w=w: fused(w) for w in ws],
+             "gemv": [lambda w=w: gemv(x, w) for w in ws]}
+    for bk, warps, stages in PER_HEAD_SWEEP:
+        config = GemvConfig(block_n=head_dim, block_k=bk, num_warps=warps, num_stages=stages)
+        calls[f"per_head_gemv_k{bk}_w{warps}_s{stages}"] = [lambda w=w, c=config: gemv(x, w, config=c) for w in ws]
+    return calls
+
+
+def qk_norm_cases(bandwidth: float) -> list[dict]:
+    """Per Qwen3 shape: µs per layer of each case, its fraction of the byte roofline, and the savings."""
+    triton_utils.choose_pdl(torch.device("cuda"), disabled=False)
+    rows = []
+    for name, cfg in qk_norm_shapes():
+        n = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * cfg["head_dim"]
+        k = cfg["hidden_size"]
+        nbytes = n * k * 2 + k * 2 + n * 2
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5 for _ in range(num_sets(nbytes))]
+        row: dict = {"shape": name, "n": n, "k": k, "layers": cfg["num_hidden_layers"],
+                     "roofline_us": round(nbytes / bandwidth * 1e6, 2)}
+        for case, calls in qk_norm_calls(cfg, ws, "cuda").items():
+            sec = time_in_graph(calls)
+            row[f"{case}_us"] = round(sec * 1e6, 2)
+            row[f"{case}_ratio"] = round(nbytes / sec / bandwidth, 3)
+        per_head = min((key for key in row if key.startswith("per_head_gemv") and key.endswith("_us")),
+                       key=lambda key: row[key])
+        row["best_per_head_gemv"] = per_head
+        saving = row["two_kernels_us"] - row["fused_without_norm_us"]
+        row["norm_kernel_cost_us"] = round(saving, 2)
+        row["norm_kernel_cost_ms_per_token"] = round(saving * cfg["num_hidden_layers"] / 1e3, 3)
+        row["per_head_over_gemv_us"] = round(row[per_head] - row["gemv_us"], 2)
+        progress(row)
+        rows.append(row)
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="the engine's config for each shape only")
     ap.add_argument("--push", action="store_true", help="the row-parallel shapes plain and pushing (see above)")
+    ap.add_argument("--qk-norm", action="store_true", help="Qwen3's q/k/v projection with its q/k norm (see above)")
     args = ap.parse_args()
     bandwidth = measure_copy_bandwidth()
+    if args.qk_norm:
+        cases = qk_norm_cases(bandwidth)  # (turns PDL on, as the engine does)
+        emit({"benchmark": "gemv/batch1-qk-norm", "device": torch.cuda.get_device_name(), "pdl": triton_utils.pdl(),
+              "copy_gb_per_s": round(bandwidth / 1e9, 1), "cases": cases}, args.out)
+        return
     if args.push:
         cases = push_cases(bandwidth)  # (turns PDL on, as the engine does)
         emit({"benchmark": "gemv/batch1-push", "device": torch.cuda.get_device_name(), "pdl": triton_utils.pdl(),

@@ -17,7 +17,7 @@ NO_KERNEL = {"view", "_unsafe_view", "as_strided", "detach", "t", "alias", "empt
              "new_empty_strided", "expand", "permute", "reshape", "slice", "select", "unsqueeze", "squeeze",
              "transpose", "split", "split_with_sizes", "chunk", "unbind", "lift_fresh", "_to_copy_noop",
              "empty_like", "is_nonzero", "sym_size", "sym_stride", "sym_numel", "size", "stride", "dim",
-             "contiguous", "narrow", "flatten", "numel", "_local_scalar_dense"}
+             "contiguous", "narrow", "flatten", "numel", "_local_scalar_dense", "result_type"}
 
 
 @dataclass
