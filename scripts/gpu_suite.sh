@@ -20,7 +20,8 @@
 # 4,000 tokens, AWQ at batch 64 (about 9 minutes); "model-targets" the MoE shape's offline and batch-1
 # figures (issue 22, batch 1 with the routing in the kernels and without) and speculative decoding on the
 # demo pair (issue 23); "train" the training benchmark eager and compiled beside torchtitan and the plain
-# FSDP2 loop (issue 20; carry .whl after `bash scripts/gpu_wheels.sh train`, else torchtitan is skipped).
+# FSDP2 loop (issue 20; carry .whl after `bash scripts/gpu_wheels.sh train`, else torchtitan is skipped);
+# "moe-hf" the MoE shape beside HF transformers on 32 prompts of the random workload (issue 22).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -48,7 +49,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -151,6 +152,13 @@ if [ "$mode" = model-targets ]; then
   step timeout 60 python3 benchmarks/bench_moe.py --quick --batches 1,2,4,8,16 --out "$out/moe_routing.json"
   step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --model carpool/demo_models/main \
     --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  finish
+fi
+if [ "$mode" = moe-hf ]; then
+  # Issue 22's side by side: carpool and HF transformers on the MoE shape and the random workload, cut to 32
+  # prompts (HF's continuous batching over 30B parameters is slow; its run stops at 240 s, reported as partial)
+  step timeout 560 python3 benchmarks/bench_throughput.py --shape qwen3-30b-a3b --load-format dummy --num-prompts 32 \
+    --hf --out "$out/moe_hf.json"
   finish
 fi
 if [ "$mode" = train ]; then
