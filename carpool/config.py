@@ -252,6 +252,10 @@ class KernelConfig:
     # fused_moe_routed), inside the expert gate/up GEMV at small batches, in one kernel at larger ones,
     # instead of torch's five kernels (softmax, topk, sum, divide, cast)
     fused_moe_routing: bool = True
+    # steps of 2-16 rows (small-batch decode, speculative verification): unquantized linear layers through
+    # the multi-row GEMV (ops/triton/gemv.py gemv_rows; with fused_gemv_silu, gate/up with SiLU-and-mul in
+    # it) rather than cuBLAS. Off until a GPU run shows it faster (benchmarks/bench_gemv.py --rows).
+    small_batch_gemv: bool = False
 
 
 SPEC_METHODS = ("ngram", "draft_model", "replay")

@@ -5,6 +5,7 @@ travel from the CLI to the TP workers; a linear layer computes through the metho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 import torch
@@ -76,9 +77,9 @@ def test_kernel_flags_reach_the_engine_config_and_the_tp_codec(checkpoint_factor
 
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     ns = parser.parse_args(["--model", checkpoint_factory("llama"), "--no-fused-gemv-silu", "--no-pdl",
-                            "--device", "cpu"])
+                            "--small-batch-gemv", "--device", "cpu"])  # (small_batch_gemv: off by default)
     config = EngineArgs.from_cli_args(ns).create_engine_config()
-    assert config.kernels == KernelConfig(fused_gemv_silu=False, pdl=False)
+    assert config.kernels == KernelConfig(fused_gemv_silu=False, pdl=False, small_batch_gemv=True)
     assert tp_codec.engine_config_from_dict(tp_codec.loads(tp_codec.dumps(
         tp_codec.engine_config_to_dict(config)))).kernels == config.kernels
 
@@ -99,6 +100,39 @@ def test_linear_layers_compute_through_the_method_they_were_given() -> None:
     layer.bias.weight_loader(layer.bias, torch.ones(4))
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), 2 * (x @ full.T + 1))
+
+
+def test_small_batch_gemv_takes_steps_of_2_to_16_rows_and_only_those() -> None:
+    """With KernelConfig.small_batch_gemv the unquantized method sends 2-16-row inputs (and merged gate/up
+    layers' SiLU-and-mul) to the multi-row GEMV ops, one row to the GEMV, more rows to the matmul."""
+    from carpool.layers.linear import MergedColumnParallelLinear
+    from carpool.ops import get_kernel_ops
+
+    pytest.importorskip("triton")
+    calls: list[tuple[str, int]] = []
+
+    def recording(name: str, fn):  # type: ignore[no-untyped-def]
+        def call(x, *args):  # type: ignore[no-untyped-def]
+            calls.append((name, x.shape[0]))
+            return fn(x, *args)
+        return call
+
+    ops = get_kernel_ops("triton")
+    ops = dataclasses.replace(ops, gemv=recording("gemv", ops.gemv), gemv_rows=recording("rows", ops.gemv_rows),
+                              gemv_silu_and_mul=None,
+                              gemv_rows_silu_and_mul=recording("rows_silu", ops.gemv_rows_silu_and_mul))
+    runtime = dataclasses.replace(ModelRuntime.plain(), ops=ops, kernels=KernelConfig(small_batch_gemv=True))
+    layer = MergedColumnParallelLinear(32, [8, 8], bias=False, method=runtime.unquantized_linear_method())
+    layer.weight.data.copy_(torch.randn(16, 32))
+    for m in (1, 2, 16, 17):
+        x = torch.randn(m, 32)
+        torch.testing.assert_close(layer(x), x @ layer.weight.T, atol=1e-5, rtol=1e-5)
+        gate, up = (x @ layer.weight.T).chunk(2, dim=-1)
+        torch.testing.assert_close(layer.silu_and_mul(x, ops.silu_and_mul), torch.nn.functional.silu(gate) * up,
+                                   atol=1e-5, rtol=1e-5)
+    assert calls == [("gemv", 1), ("gemv", 1), ("rows", 2), ("rows_silu", 2), ("rows", 16), ("rows_silu", 16)]
+    default = dataclasses.replace(runtime, kernels=KernelConfig()).unquantized_linear_method()
+    assert default.gemv_rows is None and default.gemv_rows_silu_and_mul is None  # type: ignore[attr-defined]
 
 
 def test_model_families_are_adapters_not_name_checks(checkpoint_factory) -> None:

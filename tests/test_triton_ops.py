@@ -473,3 +473,51 @@ def check_sampling_distribution(device: str, n: int) -> None:
         # every class within 5 standard deviations of its binomial count
         std = (expected * (1 - expected / n)).sqrt()
         assert bool(((counts - expected).abs() <= 5 * std + 1).all()), (name, counts, expected)
+
+
+@pytest.mark.parametrize("m,with_bias", [(2, True), (3, False), (5, True), (8, False), (16, True)])
+def test_gemv_rows_matches_linear(m: int, with_bias: bool) -> None:
+    from carpool.ops.triton.gemv import GemvRowsConfig, gemv_rows
+
+    n, k = 70, 300  # ragged row and column tiles for every config below
+    w, x = torch.randn(n, k, device=DEVICE), torch.randn(m, k, device=DEVICE)
+    b = torch.randn(n, device=DEVICE) if with_bias else None
+    expected = torch.nn.functional.linear(x, w, b)
+    for config in (None, GemvRowsConfig(block_n=16, block_k=64)):  # None: the default
+        torch.testing.assert_close(gemv_rows(x, w, b, config), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_rows_bf16_is_within_one_rounding_of_a_float32_matmul() -> None:
+    from carpool.ops.triton.gemv import gemv_rows
+
+    w = torch.randn(40, 200, device=DEVICE).bfloat16()
+    x, b = torch.randn(4, 200, device=DEVICE).bfloat16(), torch.randn(40, device=DEVICE).bfloat16()
+    got = gemv_rows(x, w, b)
+    assert got.dtype == torch.bfloat16
+    expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=2 ** -7)  # bf16: 8 significant bits
+
+
+@pytest.mark.parametrize("m,d", [(2, 37), (7, 20)])  # ragged rows (d not a multiple of block_n / 2)
+def test_gemv_rows_silu_and_mul_equals_gemv_rows_then_silu_and_mul(m: int, d: int) -> None:
+    from carpool.ops.triton.gemv import GemvRowsConfig, gemv_rows, gemv_rows_silu_and_mul
+
+    w = 0.05 * torch.randn(2 * d, 300, device=DEVICE)  # gate values of a few units: no exp overflow
+    x = torch.randn(m, 300, device=DEVICE)
+    gate, up = torch.nn.functional.linear(x, w).chunk(2, dim=-1)
+    torch.testing.assert_close(gemv_rows_silu_and_mul(x, w), torch.nn.functional.silu(gate) * up,
+                               atol=1e-4, rtol=1e-4)
+    for config in (None, GemvRowsConfig(block_n=16, block_k=64)):  # the same roundings: equal bits
+        assert torch.equal(gemv_rows_silu_and_mul(x, w, config), tri.silu_and_mul(gemv_rows(x, w, config=config)))
+
+
+def test_gemv_rows_refuses_more_than_16_rows_an_unpaired_weight_and_a_bad_config() -> None:
+    from carpool.ops.triton.gemv import GemvRowsConfig, gemv_rows, gemv_rows_silu_and_mul
+
+    w = torch.randn(8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="gemv_rows: x must be"):
+        gemv_rows(torch.randn(17, 32, device=DEVICE), w)
+    with pytest.raises(ValueError, match="gate and up"):
+        gemv_rows_silu_and_mul(torch.randn(2, 32, device=DEVICE), w[1:])
+    with pytest.raises(ValueError, match="block_n"):
+        GemvRowsConfig(block_n=8)

@@ -43,6 +43,8 @@ KERNEL_FLAG_HELP: dict[str, str] = {
     "push_logits": "tensor parallel, batch-1 steps: the LM head's logits gathered by push, not NCCL",
     "fused_moe_routing": "mixture of experts: routing (softmax, top-k, renormalize) in Triton, inside the expert "
                          "GEMV at small batches",
+    "small_batch_gemv": "steps of 2-16 rows: unquantized projections through the multi-row Triton GEMV rather "
+                        "than cuBLAS (default off: unmeasured)",
 }
 
 
@@ -83,6 +85,7 @@ class EngineArgs:
     push_all_reduce: bool = True
     push_logits: bool = True
     fused_moe_routing: bool = True
+    small_batch_gemv: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "EngineArgs":
@@ -256,11 +259,12 @@ class EngineArgs:
                        help='speculative decoding, as JSON: {"method": "ngram" | "draft_model", '
                             '"num_speculative_tokens": k, "prompt_lookup_min": ..., "prompt_lookup_max": ..., '
                             '"model": draft checkpoint, "disable_by_batch_size": ...} (default: off)')
-        k = parser.add_argument_group("kernels", "GPU fast paths, all on by default; each is exact, and --no-X "
-                                                 "turns one off (for ablations or as a workaround)")
+        k = parser.add_argument_group("kernels", "GPU fast paths, on by default unless marked; each is exact, "
+                                                 "and --no-X / --X turns one off / on (ablations, workarounds)")
+        defaults = {f.name: f.default for f in fields(KernelConfig)}
         for name, help_text in KERNEL_FLAG_HELP.items():
-            k.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=True,
-                           help=help_text)
+            k.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                           default=defaults[name], help=help_text)
         return parser
 
     @classmethod

@@ -60,16 +60,25 @@ def set_weight_loader(param: nn.Parameter, loader: Any) -> nn.Parameter:
     return param
 
 
+MAX_GEMV_ROWS = 16  # rows of x up to which gemv_rows takes a step (ops/triton/gemv.py MAX_GEMV_ROWS)
+
+
 class UnquantizedLinearMethod(LinearMethod):
     """One plain weight matrix in the model dtype. With kernels given (the Triton backend on a GPU),
-    one-row inputs (batch-1 decode) take the GEMV, which beats cuBLAS there and launches under PDL."""
+    one-row inputs (batch-1 decode) take the GEMV, which beats cuBLAS there and launches under PDL; with
+    gemv_rows given (KernelConfig.small_batch_gemv), inputs of 2-16 rows (small-batch decode, speculative
+    verification) take the multi-row GEMV, and merged gate/up layers its SiLU-and-mul variant."""
 
     def __init__(self, gemv: Callable[..., torch.Tensor] | None = None,
                  gemv_silu_and_mul: Callable[..., torch.Tensor] | None = None,
-                 gemv_rope_and_store_kv: Callable[..., torch.Tensor] | None = None) -> None:
+                 gemv_rope_and_store_kv: Callable[..., torch.Tensor] | None = None,
+                 gemv_rows: Callable[..., torch.Tensor] | None = None,
+                 gemv_rows_silu_and_mul: Callable[..., torch.Tensor] | None = None) -> None:
         self.gemv = gemv
         self.gemv_silu_and_mul = gemv_silu_and_mul
         self.gemv_rope_and_store_kv = gemv_rope_and_store_kv
+        self.gemv_rows = gemv_rows
+        self.gemv_rows_silu_and_mul = gemv_rows_silu_and_mul
 
     def create_weights(self, layer: "LinearBase", input_size: int, output_size: int, dtype: torch.dtype) -> None:
         layer.weight = set_weight_loader(
@@ -79,15 +88,21 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
             return self.gemv(x, layer.weight, bias)
+        if self.gemv_rows is not None and x.dim() == 2 and 2 <= x.shape[0] <= MAX_GEMV_ROWS:
+            return self.gemv_rows(x, layer.weight, bias)
         return nn.functional.linear(x, layer.weight, bias)
 
     def dense_weight(self, layer: "LinearBase") -> torch.Tensor | None:
         return layer.weight
 
     def apply_silu_and_mul(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor | None:
-        if self.gemv_silu_and_mul is None or x.dim() != 2 or x.shape[0] != 1:
+        if x.dim() != 2:
             return None
-        return self.gemv_silu_and_mul(x, layer.weight)
+        if self.gemv_silu_and_mul is not None and x.shape[0] == 1:
+            return self.gemv_silu_and_mul(x, layer.weight)
+        if self.gemv_rows_silu_and_mul is not None and 2 <= x.shape[0] <= MAX_GEMV_ROWS:
+            return self.gemv_rows_silu_and_mul(x, layer.weight)
+        return None
 
     def apply_rope_and_store_kv(self, layer: "LinearBase", x: torch.Tensor, positions: torch.Tensor,
                                 cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

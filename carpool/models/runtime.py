@@ -71,12 +71,15 @@ class ModelRuntime:
 
     def unquantized_linear_method(self) -> LinearMethod:
         """A model-dtype weight whatever the quantization (mixture-of-experts routers), with the batch-1
-        GEMV kernels of this runtime."""
-        ops = self.ops
+        GEMV kernels of this runtime (and the multi-row ones when KernelConfig.small_batch_gemv)."""
+        ops, kernels = self.ops, self.kernels
+        rows = kernels.small_batch_gemv
         return UnquantizedLinearMethod(
             gemv=ops.gemv,
-            gemv_silu_and_mul=ops.gemv_silu_and_mul if self.kernels.fused_gemv_silu else None,
-            gemv_rope_and_store_kv=ops.gemv_rope_and_store_kv if self.kernels.fused_qkv_rope else None)
+            gemv_silu_and_mul=ops.gemv_silu_and_mul if kernels.fused_gemv_silu else None,
+            gemv_rope_and_store_kv=ops.gemv_rope_and_store_kv if kernels.fused_qkv_rope else None,
+            gemv_rows=ops.gemv_rows if rows else None,
+            gemv_rows_silu_and_mul=ops.gemv_rows_silu_and_mul if rows and kernels.fused_gemv_silu else None)
 
     def experts_method(self, prefix: str, num_experts: int, checkpoint_expert_names: tuple[str, ...]
                        ) -> ExpertsMethod | None:

@@ -30,6 +30,10 @@ class KernelOps:
     gemv_silu_and_mul: Callable | None = None
     # a batch-1 step's q/k/v GEMV with rope_and_store_kv (no q/k norm) in one kernel; None: the two ops.
     gemv_rope_and_store_kv: Callable | None = None
+    # x [M, K] @ W[N, K].T (+ bias) and the silu(gate) * up variant for steps of 1-16 rows
+    # (ops/triton/gemv.py gemv_rows; used when KernelConfig.small_batch_gemv); None: plain matmul.
+    gemv_rows: Callable | None = None
+    gemv_rows_silu_and_mul: Callable | None = None
     # the mixture-of-experts MLP: (hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k],
     # topk_ids [T, k]) -> [T, H]; the torch twin loops over the chosen experts (host-syncing, CPU only)
     fused_moe: Callable | None = None
@@ -53,5 +57,7 @@ def get_kernel_ops(name: str) -> KernelOps:
                      gemv=getattr(impl, "gemv", None),
                      gemv_silu_and_mul=getattr(impl, "gemv_silu_and_mul", None),
                      gemv_rope_and_store_kv=getattr(impl, "gemv_rope_and_store_kv", None),
+                     gemv_rows=getattr(impl, "gemv_rows", None),
+                     gemv_rows_silu_and_mul=getattr(impl, "gemv_rows_silu_and_mul", None),
                      fused_moe=getattr(impl, "fused_moe", None),
                      fused_moe_routed=getattr(impl, "fused_moe_routed", None))

@@ -17,6 +17,7 @@ import triton.language as tl
 from carpool.ops.triton import utils
 from carpool.ops.triton.paged_kv import slot_row
 from carpool.ops.triton.push_words import check_push_world, push_pairs, push_targets
+from carpool.ops.triton.quant_gemv import _program_rows, _store_out
 from carpool.ops.triton.utils import pdl_wait_then_release
 
 
@@ -248,3 +249,114 @@ def gemv_rope_and_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                        head_dim // 2)
     out = _launch("gemv_rope_and_store_kv", x, weight, n, None, block_n=2, bias=bias, rope=rope)
     return out[:, :num_heads * head_dim].view(1, num_heads, head_dim)
+
+
+# -- several rows of x: small-batch decode steps and speculative verification (k + 1 query tokens) --------
+
+MAX_GEMV_ROWS = 16  # rows of x the multi-row GEMV takes: one 16-row MMA tile, whatever M below it costs
+
+
+@dataclass(frozen=True)
+class GemvRowsConfig:
+    """A multi-row GEMV's launch: BLOCK_N weight rows per program (SiLU-and-mul: half gate, half up rows),
+    BLOCK_K columns per loop step, num_warps, num_stages (the loads feed tl.dot, so Triton pipelines
+    them: num_stages - 1 steps of weights in flight per program)."""
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self) -> None:
+        for name, value in (("block_n", self.block_n), ("block_k", self.block_k)):
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"GemvRowsConfig.{name} must be a power of two >= 16 (a tl.dot side), got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"GemvRowsConfig: num_warps must be 1-16 (a power of two) and num_stages >= 1, got "
+                             f"{self.num_warps} and {self.num_stages}")
+
+
+def default_gemv_rows_config() -> GemvRowsConfig:
+    """Unmeasured on a GPU (benchmarks/bench_gemv.py --rows sweeps it against cuBLAS). 32 weight rows per
+    program: 128 programs on the 4096-row projections (o, down) for 132 SMs, and the x tile (at most
+    16 x BLOCK_K, only M rows of it loaded) at most half the weight tile. 256-column steps, 4 stages: 48 KiB
+    of weights in flight per program. In the interpreter (CPU tests) programs are few and wide instead."""
+    if utils.interpreting():
+        return GemvRowsConfig(block_n=64, block_k=128, num_stages=1)
+    return GemvRowsConfig()
+
+
+@triton.jit
+def _dot_rows(x, w, acc, F32: tl.constexpr):
+    """acc + x @ w.T. F32: in float32 at full precision (float32 inputs, which tl.dot would round to tf32,
+    and the interpreter, whose dot misreads bf16); the same value for 16-bit inputs, whose products are
+    exact in float32 either way."""
+    if F32:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def _gemv_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, pair_offset,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SILU_PAIR: tl.constexpr, F32: tl.constexpr, USE_PDL: tl.constexpr):
+    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    ms = tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
+    m_ok = (ms < M)[:, None]
+    cols = tl.arange(0, BLOCK_K)
+    # As the one-row GEMV: the first weight tile is loaded before waiting for the kernel that writes x.
+    w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    pdl_wait_then_release(USE_PDL)
+    x = tl.load(x_rows + cols[None, :], mask=m_ok & (cols < K)[None, :], other=0.0)
+    acc = _dot_rows(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), F32)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = (cols < K)[None, :]
+        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
+        x = tl.load(x_rows + cols[None, :], mask=m_ok & col_ok, other=0.0)
+        acc = _dot_rows(x, w, acc, F32)
+    _store_out(acc, b_ptr, out_ptr, rows, row_ok, M, stride_om, pair_offset, BLOCK_M, BLOCK_N, HAS_BIAS, SILU_PAIR)
+
+
+def _launch_rows(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 config: GemvRowsConfig | None, silu_pair: bool) -> torch.Tensor:
+    n, k = weight.shape
+    if x.dim() != 2 or x.shape[1] != k or not 1 <= x.shape[0] <= MAX_GEMV_ROWS:
+        raise ValueError(f"{name}: x must be [M <= {MAX_GEMV_ROWS}, {k}] for weight {tuple(weight.shape)}, got "
+                         f"{tuple(x.shape)}")
+    if weight.stride(1) != 1 or x.dtype != weight.dtype:
+        raise ValueError(f"{name}: weight must be [N, K] contiguous in K and of x's dtype, got {weight.dtype} with "
+                         f"strides {tuple(weight.stride())} for x {x.dtype}")
+    if silu_pair and n % 2:
+        raise ValueError(f"{name}: the weight must stack gate and up ([2d, K]), got {n} rows")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    config = config or default_gemv_rows_config()
+    m = x.shape[0]
+    out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
+    programs = triton.cdiv(n // 2, config.block_n // 2) if silu_pair else triton.cdiv(n, config.block_n)
+    _gemv_rows_kernel[(programs,)](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        n // 2 if silu_pair else 0, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, HAS_BIAS=bias is not None, SILU_PAIR=silu_pair, F32=x.dtype == torch.float32 or utils.interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out
+
+
+def gemv_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              config: GemvRowsConfig | None = None) -> torch.Tensor:
+    """x [M <= 16, K] @ weight[N, K].T (+ bias) -> [M, N] in x's dtype (float32 accumulation).
+
+    Why: a step of a few rows (small-batch decode, speculative verification of k + 1 tokens) is still
+    weight bandwidth, where cuBLAS splits K and adds a reduction kernel on the smaller projections. Each
+    program streams BLOCK_N whole rows of W once for all rows of x, multiplying on the tensor cores (x
+    padded to one 16-row tile): no split, no second kernel, launched under PDL like the one-row GEMV."""
+    return _launch_rows("gemv_rows", x, weight, bias, config, silu_pair=False)
+
+
+def gemv_rows_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
+                           config: GemvRowsConfig | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) -> [M <= 16, d] for weight = [gate; up] of shape [2d, K], pairing rows as
+    quant_gemv's SiLU-and-mul GEMVs (a program's BLOCK_N / 2 gate rows and their up rows); equals
+    gemv_rows followed by silu_and_mul (same roundings), with no [M, 2d] intermediate."""
+    return _launch_rows("gemv_rows_silu_and_mul", x, weight, None, config, silu_pair=True)
