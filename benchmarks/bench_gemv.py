@@ -12,6 +12,12 @@ GPU, and (with a second GPU) pushing one of them into the peer's memory over NVL
 engine's config and a few others. Separates the cost of pushing, and of pushing across NVLink, from the
 GEMV's own.
 
+--rows: steps of 2-16 rows (small-batch decode, speculative verification of k + 1 tokens) on the 8B
+projections, whole: the multi-row GEMV (gemv_rows, KernelConfig.small_batch_gemv; gate_up also as
+gemv_rows_silu_and_mul) with its default config and a sweep, against cuBLAS (and cuBLAS + silu_and_mul for
+gate_up), as fractions of copy bandwidth, under PDL as the engine runs them. `faster_than_cublas` per
+shape and M decides whether the flag should default on.
+
 --qk-norm: a batch-1 Qwen3 layer's q/k/v projection (the SHAPES of benchmarks/common.py with a q/k norm),
 under PDL: as the engine runs it (the GEMV, then one kernel for the per-head q/k RMSNorm, RoPE and the
 KV-cache store), against Llama's one kernel for the same shape (gemv_rope_and_store_kv: the GEMV with
@@ -36,8 +42,18 @@ from common import SHAPES as MODEL_SHAPES  # noqa: E402
 from common import emit, measure_copy_bandwidth  # noqa: E402
 
 from carpool.ops.triton import utils as triton_utils  # noqa: E402
-from carpool.ops.triton.elementwise import rope_and_store_kv  # noqa: E402
-from carpool.ops.triton.gemv import GemvConfig, default_gemv_config, gemv, gemv_push, gemv_rope_and_store_kv  # noqa: E402
+from carpool.ops.triton.elementwise import rope_and_store_kv, silu_and_mul  # noqa: E402
+from carpool.ops.triton.gemv import (  # noqa: E402
+    GemvConfig,
+    GemvRowsConfig,
+    default_gemv_config,
+    default_gemv_rows_config,
+    gemv,
+    gemv_push,
+    gemv_rope_and_store_kv,
+    gemv_rows,
+    gemv_rows_silu_and_mul,
+)
 
 # (name, N, K): Llama-3-8B projections, then their TP=2 halves (column-parallel halve N, row-parallel K)
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
@@ -160,14 +176,64 @@ def qk_norm_cases(bandwidth: float) -> list[dict]:
     return rows
 
 
+ROWS = (2, 3, 4, 5, 6, 8, 9, 16)
+ROWS_SWEEP = ((16, 256, 4, 4), (32, 128, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4), (64, 128, 8, 4), (32, 256, 8, 5))
+
+
+def rows_cases(bandwidth: float, quick: bool) -> list[dict]:
+    """Per projection and M: µs and fraction of the byte roofline of cuBLAS and of gemv_rows per config."""
+    triton_utils.choose_pdl(torch.device("cuda"), disabled=False)
+    default = default_gemv_rows_config()
+    configs = [default] + ([] if quick else [c for c in (GemvRowsConfig(*t) for t in ROWS_SWEEP) if c != default])
+    rows = []
+    for name, n, k in SHAPES[:4]:
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+              for _ in range(num_sets(n * k * 2))]
+        for m in ROWS:
+            nbytes = n * k * 2 + m * k * 2 + m * n * 2
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            ref = F.linear(x.float(), ws[0].float())
+            cublas = time_in_graph([(lambda w=w: F.linear(x, w)) for w in ws])
+            row: dict = {"case": name, "n": n, "k": k, "m": m, "cublas_us": round(cublas * 1e6, 2),
+                         "cublas_ratio": round(nbytes / cublas / bandwidth, 3), "triton": []}
+            if name == "gate_up":
+                sec = time_in_graph([(lambda w=w: silu_and_mul(F.linear(x, w))) for w in ws])
+                row["cublas_silu_us"] = round(sec * 1e6, 2)
+            for cfg in configs:
+                err = (gemv_rows(x, ws[0], config=cfg).float() - ref).abs().max().item()
+                sec = time_in_graph([(lambda w=w, cfg=cfg: gemv_rows(x, w, config=cfg)) for w in ws])
+                t = {"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps,
+                     "num_stages": cfg.num_stages, "us": round(sec * 1e6, 2),
+                     "ratio": round(nbytes / sec / bandwidth, 3), "max_abs_err": err}
+                if name == "gate_up":
+                    sec = time_in_graph([(lambda w=w, cfg=cfg: gemv_rows_silu_and_mul(x, w, cfg)) for w in ws])
+                    t["silu_us"] = round(sec * 1e6, 2)
+                row["triton"].append(t)
+            row["engine_config"] = row["triton"][0]
+            row["best_triton"] = max(row["triton"], key=lambda t: t["ratio"])
+            row["faster_than_cublas"] = row["engine_config"]["us"] < row["cublas_us"]
+            progress({key: v for key, v in row.items() if key != "triton"})
+            rows.append(row)
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="the engine's config for each shape only")
     ap.add_argument("--push", action="store_true", help="the row-parallel shapes plain and pushing (see above)")
     ap.add_argument("--qk-norm", action="store_true", help="Qwen3's q/k/v projection with its q/k norm (see above)")
+    ap.add_argument("--rows", action="store_true", help="steps of 2-16 rows: gemv_rows against cuBLAS (see above)")
     args = ap.parse_args()
     bandwidth = measure_copy_bandwidth()
+    if args.rows:
+        cases = rows_cases(bandwidth, args.quick)  # (turns PDL on, as the engine does)
+        emit({"benchmark": "gemv/rows", "device": torch.cuda.get_device_name(), "pdl": triton_utils.pdl(),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "copy_gb_per_s": round(bandwidth / 1e9, 1), "cases": cases}, args.out)
+        return
     if args.qk_norm:
         cases = qk_norm_cases(bandwidth)  # (turns PDL on, as the engine does)
         emit({"benchmark": "gemv/batch1-qk-norm", "device": torch.cuda.get_device_name(), "pdl": triton_utils.pdl(),

@@ -338,7 +338,8 @@ def _launch_rows(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     _gemv_rows_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         n // 2 if silu_pair else 0, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, HAS_BIAS=bias is not None, SILU_PAIR=silu_pair, F32=x.dtype == torch.float32 or utils.interpreting(),
+        BLOCK_K=config.block_k, HAS_BIAS=bias is not None, SILU_PAIR=silu_pair,
+        F32=x.dtype == torch.float32 or utils.interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out
 
