@@ -6,10 +6,16 @@ tests; compiled for CUDA GPUs otherwise.
 
 from carpool.ops.triton.attention import paged_attention
 from carpool.ops.triton.elementwise import fused_add_rms_norm, rms_norm, rope_and_store_kv, silu_and_mul
-from carpool.ops.triton.gemv import gemv, gemv_rope_and_store_kv, gemv_rows, gemv_rows_silu_and_mul, gemv_silu_and_mul
+from carpool.ops.triton.gemv import (
+    gemv,
+    gemv_rope_and_store_kv,
+    gemv_rows,
+    gemv_rows_silu_and_mul,
+    gemv_silu_and_mul,
+)
 from carpool.ops.triton.moe import fused_moe, fused_moe_routed
 from carpool.ops.triton.sampling import sample_from_logits
 
 __all__ = ["paged_attention", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_store_kv",
-           "sample_from_logits", "gemv", "gemv_silu_and_mul", "gemv_rope_and_store_kv", "gemv_rows", "gemv_rows_silu_and_mul", "fused_moe",
-           "fused_moe_routed"]
+           "sample_from_logits", "gemv", "gemv_silu_and_mul", "gemv_rope_and_store_kv", "gemv_rows",
+           "gemv_rows_silu_and_mul", "fused_moe", "fused_moe_routed"]
