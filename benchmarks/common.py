@@ -231,6 +231,9 @@ class Timer:
 def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     """The engine settings the latency and throughput benchmarks both expose (vLLM's flag names), and
     every GPU fast path as the engine's own --X / --no-X flag (KernelConfig): an ablation is a field."""
+    from dataclasses import fields
+
+    from carpool.config import KernelConfig
     from carpool.engine.arg_utils import KERNEL_FLAG_HELP
 
     ap.add_argument("--enforce-eager", action="store_true")
@@ -243,9 +246,11 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: an e4m3 KV cache")
     ap.add_argument("--quant-format", default=None, choices=sorted(QUANT_FORMATS),
                     help="random weights (--load-format dummy, no --model) of a quantized checkpoint format")
+    # each fast path's default is the engine's (KernelConfig): a path that is off until measured stays off
+    defaults = {f.name: f.default for f in fields(KernelConfig)}
     for name, help_text in KERNEL_FLAG_HELP.items():
-        ap.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=True,
-                        help=help_text)
+        ap.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                        default=defaults[name], help=help_text)
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:

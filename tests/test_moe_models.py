@@ -413,3 +413,26 @@ def test_benchmark_arithmetic_counts_quantized_linear_bytes_and_bf16_head_and_ro
         assert fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token
         int4 = ModelArithmetic.of(shape, LINEAR_BYTES["awq"])
         assert int4.weight_bytes == pytest.approx(2 * (head + routers) + linear_params * (0.5 + 2.5 / 128), rel=1e-9)
+
+
+def test_benchmark_kernel_flags_default_to_the_engines_kernel_config() -> None:
+    """The benchmarks' --X/--no-X kernel flags start from KernelConfig's defaults, so a fast path that is off
+    until measured (small_batch_gemv) is not switched on by every benchmark run."""
+    import argparse
+    import os
+    import sys
+    from dataclasses import fields
+
+    from carpool.config import KernelConfig
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from common import add_engine_flags, engine_flags
+
+    ap = argparse.ArgumentParser()
+    add_engine_flags(ap)
+    flags = engine_flags(ap.parse_args([]))
+    defaults = {f.name: f.default for f in fields(KernelConfig)}
+    assert {name: flags[name] for name in defaults if name in flags} == {
+        name: value for name, value in defaults.items() if name in flags}
+    assert flags["small_batch_gemv"] is False
+    assert engine_flags(ap.parse_args(["--small-batch-gemv"]))["small_batch_gemv"] is True
