@@ -42,7 +42,7 @@ from torch import nn
 from carpool.attention.backend import AttentionBackend, GraphBuffers
 from carpool.forward_batch import ForwardBatch
 from carpool.utils import cdiv
-from carpool.worker.cuda_graph import graph_batch_sizes
+from carpool.worker.cuda_graph import graph_batch_sizes, graph_capture
 from carpool.worker.staging import Field, StaticInputs
 
 logger = logging.getLogger(__name__)
@@ -106,10 +106,7 @@ class DraftChainGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with graph_capture() as (pool, stream):
             for bs in reversed(self.batch_sizes):  # largest first: smaller graphs reuse its pool
                 self.batches[bs] = self._batches(bs)
                 for _ in range(2):  # warm-up: compiles and plans outside the capture
@@ -118,7 +115,6 @@ class DraftChainGraphs:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self._record(bs)
                 self.graphs[bs] = graph
-        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured %d draft chain graphs of %d steps in %.1f s", len(self.graphs),
                                          self.num_steps, time.perf_counter() - start)

@@ -53,7 +53,7 @@ from carpool.spec_decode.draft_chain import DraftChainGraphs
 from carpool.spec_decode.proposer import Proposer
 from carpool.utils import cdiv
 from carpool.worker.cuda_graph import CUDAGraphRunner, verification_graph_shapes
-from carpool.worker.input_batch import PendingFixup, StepInputs
+from carpool.worker.input_batch import PendingFixup, StepInputs, packed_ranges
 from carpool.worker.kv_cache import allocate_kv_cache, bytes_per_block
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ class DraftModelProposer(Proposer):
     @staticmethod
     def _verified_ids(batch: "InputBatch", rows: np.ndarray, start: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """The token ids at positions start[i] .. start[i] + counts[i] - 1 of each row, packed (host)."""
-        return batch.token_ids[np.repeat(rows, counts), packed_positions(start, counts)]
+        return batch.token_ids[np.repeat(rows, counts), packed_ranges(start, counts)]
 
     def _step(self, batch: "InputBatch", rows: np.ndarray, input_ids: torch.Tensor | np.ndarray,
               start: np.ndarray, counts: np.ndarray) -> torch.Tensor:
@@ -218,7 +218,7 @@ class DraftModelProposer(Proposer):
         bs = self.block_size
         qsl = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=qsl[1:])
-        positions = packed_positions(start, counts)
+        positions = packed_ranges(start, counts)
         slots = batch.block_table[np.repeat(rows, counts), positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = start + counts
         max_blocks = min(cdiv(int(batch.num_blocks[rows].max()), 16) * 16, batch.max_blocks_per_req)
@@ -242,9 +242,3 @@ class DraftModelProposer(Proposer):
         hidden = self.model(fwd.input_ids, fwd.positions, fwd)
         logits = self.model.compute_logits(hidden.index_select(0, to_device(inputs.logits_indices, self.device)))
         return logits.argmax(dim=-1)
-
-
-def packed_positions(start: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """start[i] .. start[i] + counts[i] - 1 for each i, packed one after the other (int64)."""
-    offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(start.astype(np.int64, copy=False), counts) + offsets

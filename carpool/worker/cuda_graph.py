@@ -49,7 +49,8 @@ import bisect
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,19 @@ def verification_graph_shapes(config: EngineConfig) -> tuple[tuple[int, ...], in
     if spec.disable_by_batch_size is not None:
         max_num_seqs = min(max_num_seqs, spec.disable_by_batch_size - 1)
     return tuple(range(2, spec.num_speculative_tokens + 2)), max_num_seqs
+
+
+@contextmanager
+def graph_capture() -> Iterator[tuple[tuple[int, int], torch.cuda.Stream]]:
+    """(memory pool, side stream) for capturing a set of graphs: capture runs off the default stream, after
+    the work queued before it, and every graph of the set shares one pool (captured largest first, the
+    smaller ones reuse its memory); on leaving, the current stream waits for the side stream's work."""
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield pool, stream
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 @dataclass(frozen=True)
@@ -231,10 +245,7 @@ class CUDAGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with graph_capture() as (pool, stream):
             for shape in self.shapes:
                 batch = self.batches[shape] = self._batch(shape)
                 # Warm-up: Triton compiles outside the capture, and the step's host plans (a
@@ -256,7 +267,6 @@ class CUDAGraphRunner:
                         logits = out.copy_(logits)
                     self.logits[shape] = logits
                 self.graphs[shape] = graph
-        torch.cuda.current_stream().wait_stream(stream)
         if self.kernel_io:
             self._compile_host_io()
         torch.cuda.synchronize()

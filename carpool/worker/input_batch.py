@@ -64,12 +64,16 @@ def shared_prefix_len(block_tables: np.ndarray, num_blocks: np.ndarray, seq_lens
     return length if length >= CASCADE_MIN_PREFIX else 0
 
 
+def packed_ranges(start: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """start[i] .. start[i] + counts[i] - 1 for each i, packed one after the other (int64)."""
+    offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(start.astype(np.int64, copy=False), counts) + offsets
+
+
 def spread_logits_indices(last_indices: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
     """Logit rows of a verification step: a request whose last scheduled token is at packed index e and
     which verifies d proposed tokens needs the logits at e - d .. e."""
-    counts = num_drafts + 1
-    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(last_indices - num_drafts, counts) + offsets
+    return packed_ranges(last_indices - num_drafts, num_drafts + 1)
 
 
 class InputBatch:
