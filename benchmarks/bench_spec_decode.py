@@ -250,6 +250,28 @@ def grounded_prompts(tokenizer: Any, n: int, chars: int, max_tokens: int, seed: 
     return prompts
 
 
+def profile_batch1(llm: Any, prompt: list[int], new_tokens: int, steps: int = 20) -> dict[str, Any]:
+    """A torch.profiler window over `steps` batch-1 engine steps once the request decodes: device time per
+    step against the step's wall time, so host-bound steps (device idle between kernels) show as such."""
+    from profile_util import profile_steps
+
+    from carpool import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    engine.add_request(None, {"prompt_token_ids": prompt}, params)
+    for _ in range(3):  # the prefill (and the draft's catch-up on the prompt)
+        engine.step()
+    _sync()
+    started = time.perf_counter()
+    summary = profile_steps(engine, steps)
+    summary["wall_ms_per_step_profiled"] = 1e3 * (time.perf_counter() - started) / max(summary["steps"], 1)
+    summary.pop("last_step_critical_path", None)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return summary
+
+
 def real_models(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     from carpool.engine.llm_engine import load_tokenizer
 
@@ -275,14 +297,16 @@ def real_models(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict
         llm = make_llm(args.model, kwargs, spec)
         run_batch(llm, one[:1], 8)  # warm-up
         before = spec_counts(llm) if spec else None
-        seconds, tokens = 0.0, 0
+        seconds, tokens, steps = 0.0, 0, 0
         for prompt in one:  # batch 1, one prompt after the other
             run = run_batch(llm, [prompt], args.new_tokens)
-            seconds, tokens = seconds + run.seconds, tokens + run.tokens
+            seconds, tokens, steps = seconds + run.seconds, tokens + run.tokens, steps + run.steps
         tps1 = tokens / seconds
-        row: dict[str, Any] = {"batch1_tokens_per_s": tps1}
+        row: dict[str, Any] = {"batch1_tokens_per_s": tps1, "batch1_ms_per_step": 1e3 * seconds / max(steps, 1)}
         if before is not None:
             row.update(acceptance(before, spec_counts(llm)))
+        if args.profile:
+            row["batch1_profile"] = profile_batch1(llm, one[0], args.new_tokens)
         run = run_batch(llm, many, args.new_tokens)
         # (the decode window's share of all tokens: unlike shares mean the engines' windows differ)
         row[f"batch{args.throughput_batch}_tokens_per_s"] = run.tokens_per_s
@@ -320,6 +344,8 @@ def main() -> None:
     ap.add_argument("--throughput-batch", type=int, default=256, help="part 3: the large batch")
     ap.add_argument("--source-chars", type=int, default=3000, help="part 3: characters of source per prompt")
     ap.add_argument("--skip-mechanics", action="store_true", help="only part 3")
+    ap.add_argument("--profile", action="store_true",
+                    help="part 3: a torch.profiler summary of 20 batch-1 steps of each method (device vs wall time)")
     add_engine_flags(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -328,6 +354,8 @@ def main() -> None:
 
     if args.disable_by_batch_size is None:
         args.disable_by_batch_size = DEFAULT_DISABLE_BY_BATCH_SIZE
+    if args.profile and args.device == "cpu":
+        ap.error("--profile times CUDA kernels: it needs a GPU")
     assert args.tensor_parallel_size == 1, "the benchmark changes speculation on a single-process engine"
     largest = max(int(b) for b in args.batch_sizes.split(","))
     model = args.model or write_config(os.path.join(args.checkpoint_dir, f"{args.shape}-config"), args.shape)

@@ -21,7 +21,8 @@
 # figures (issue 22, batch 1 with the routing in the kernels and without) and speculative decoding on the
 # demo pair (issue 23); "train" the training benchmark eager and compiled beside torchtitan and the plain
 # FSDP2 loop (issue 20; carry .whl after `bash scripts/gpu_wheels.sh train`, else torchtitan is skipped);
-# "moe-hf" the MoE shape beside HF transformers on 32 prompts of the random workload (issue 22).
+# "moe-hf" the MoE shape beside HF transformers on 32 prompts of the random workload (issue 22); "spec-train"
+# the speculative-decoding GPU tests, the demo pair profiled and the compiled training benchmark (one call).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -49,7 +50,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -159,6 +160,18 @@ if [ "$mode" = moe-hf ]; then
   # prompts (HF's continuous batching over 30B parameters is slow; its run stops at 240 s, reported as partial)
   step timeout 560 python3 benchmarks/bench_throughput.py --shape qwen3-30b-a3b --load-format dummy --num-prompts 32 \
     --hf --out "$out/moe_hf.json"
+  finish
+fi
+if [ "$mode" = spec-train ]; then
+  # Issue 23's GPU tests (the draft chain's graphs run here first), the demo models' batch-1 step profiled
+  # (host against device time), speculative decoding on the demo pair with a profile of each method's
+  # batch-1 steps, then issue 20's compiled training beside torchtitan (carry .whl); limits add up to 590 s.
+  step timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf tests/test_spec_decode_gpu.py
+  step timeout 60 python3 benchmarks/bench_latency.py --model carpool/demo_models/main --breakdown --profile \
+    --out "$out/demo_latency.json"
+  step timeout 150 python3 benchmarks/bench_spec_decode.py --skip-mechanics --profile --model carpool/demo_models/main \
+    --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  step timeout 240 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --out "$out/train_compile.json"
   finish
 fi
 if [ "$mode" = train ]; then
