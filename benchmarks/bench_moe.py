@@ -22,11 +22,11 @@ batches up to 16 (where `FusedMoeConfig.small_batch_max_tokens` is decided), a f
 Routing (`block`, batches up to 16): the whole MoE block after its norm, router GEMV included, in a
 CUDA graph with PDL on (as the engine runs it) and off, both ways the engine can route:
 `torch_routing` (KernelConfig.fused_moe_routing off: Routing.select's softmax, topk, sum, divide and cast
-as torch kernels, then fused_moe) and `fused_routing` (on: fused_moe_routed, which routes inside the
-gate/up GEMV at batches up to small_batch_max_tokens and in one kernel above). Batch 1 of Qwen3-30B-A3B
-is then 3 kernels instead of 8, all under PDL; `saved_ms_per_token_48_layers` is the difference times
-the model's 48 MoE layers. (The router GEMV's logits are computed and dropped: each call routes from
-prepared logits, so that batch 1 cycles through disjoint experts as above.)
+as torch kernels, then fused_moe) and `fused_routing` (on: fused_moe_routed, which routes in one Triton
+kernel). Batch 1 of Qwen3-30B-A3B is then 4 kernels instead of 8, all under PDL;
+`saved_ms_per_token_48_layers` is the difference times the model's 48 MoE layers. (The router GEMV's
+logits are computed and dropped: each call routes from prepared logits, so that batch 1 cycles through
+disjoint experts as above.)
 
 With --tensor-parallel-size N, each batch also times one rank's share of the layer under both ways of
 splitting the experts over N GPUs, on this one GPU (`rank_share`): `intermediate_split` (the default:

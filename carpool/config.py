@@ -249,8 +249,8 @@ class KernelConfig:
     # TP on GPUs, batch-1 steps: the LM head's logits gathered by push instead of an NCCL all-gather
     push_logits: bool = True
     # mixture-of-experts layers: softmax, top-k and renormalization in Triton (ops/triton/moe.py
-    # fused_moe_routed), inside the expert gate/up GEMV at small batches, in one kernel at larger ones,
-    # instead of torch's five kernels (softmax, topk, sum, divide, cast)
+    # fused_moe_routed), one kernel before the expert kernels, instead of torch's five kernels (softmax,
+    # topk, sum, divide, cast)
     fused_moe_routing: bool = True
     # steps of 2-16 rows (small-batch decode, speculative verification): unquantized linear layers through
     # the multi-row GEMV (ops/triton/gemv.py gemv_rows; with fused_gemv_silu, gate/up with SiLU-and-mul in

@@ -1,5 +1,6 @@
-"""Routing inside the fused MoE kernels (ops/triton/moe.py `select_experts`, `fused_moe_routed`) against
-their torch twins (ops/torch_ref/moe.py), and what a batch-1 MoE block launches.
+"""Routing in one Triton kernel before the fused MoE kernels (ops/triton/moe.py `select_experts`,
+`fused_moe_routed`) against their torch twins (ops/torch_ref/moe.py), and what a batch-1 MoE block
+launches.
 
 The twin is the families' routing (`Routing.select`: float32 softmax over all experts, top-k,
 renormalization, the weights' dtype) with one tie rule, equal logits by increasing expert id; the
@@ -87,8 +88,8 @@ def test_routing_twin_orders_equal_logits_by_expert_id() -> None:
 
 @pytest.mark.parametrize("family", list(ROUTINGS))
 @pytest.mark.parametrize("num_tokens", [1, 3])
-def test_small_batch_gemvs_route_from_logits_as_the_twin(family: str, num_tokens: int) -> None:
-    """The gate/up GEMV routes each pair itself and writes the routing it used for the down GEMV."""
+def test_small_batch_gemvs_take_the_routing_kernels_choice_as_the_twin(family: str, num_tokens: int) -> None:
+    """The routing kernel's ids and weights are returned and used by both expert GEMVs."""
     routing = ROUTINGS[family].kernel_routing
     logits, (w13, w2), hidden = tied_logits(num_tokens, 10), experts(10), hidden_rows(num_tokens)
     out, weights, ids = fm.fused_moe_routed(hidden, logits, w13, w2, routing, SMALL)
@@ -120,7 +121,7 @@ def test_expert_parallel_shards_of_a_routed_step_add_up_to_the_whole() -> None:
     torch.testing.assert_close(shards[0] + shards[1], want, atol=1e-5, rtol=1e-5)
 
 
-def test_fp8_experts_route_in_the_gemv_as_the_twin() -> None:
+def test_fp8_experts_routed_by_the_kernel_give_the_twins_output() -> None:
     from carpool.quantization.moe_methods import quantize_fp8_experts
 
     routing = ROUTINGS["qwen3_moe"].kernel_routing
@@ -139,6 +140,7 @@ def test_router_logits_of_the_wrong_width_are_refused() -> None:
 
 
 EXPERT_GEMVS = ["_gemv_kernel", "_moe_gemv_gate_up_kernel", "_moe_gemv_down_kernel"]  # router, gate/up, down
+ROUTED_BLOCK = ["_gemv_kernel", "_moe_route_kernel", "_moe_gemv_gate_up_kernel", "_moe_gemv_down_kernel"]
 
 
 def batch1_block_launches(fused_routing: bool, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
@@ -164,10 +166,11 @@ def batch1_block_launches(fused_routing: bool, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts the interpreter's launches")
-def test_batch1_moe_block_with_fused_routing_is_three_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The router GEMV and the two expert GEMVs, all under PDL on a GPU, and no torch kernel."""
+def test_batch1_moe_block_with_fused_routing_is_four_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router GEMV, the routing kernel and the two expert GEMVs, all under PDL on a GPU, and no torch
+    kernel."""
     launches = batch1_block_launches(True, monkeypatch)
-    assert launches.triton() == EXPERT_GEMVS
+    assert launches.triton() == ROUTED_BLOCK
     assert launches.torch() == []
 
 

@@ -41,8 +41,8 @@ KERNEL_FLAG_HELP: dict[str, str] = {
     "fused_all_reduce_norm": "tensor parallel: the all-reduce before each residual add + RMSNorm fused with it",
     "push_all_reduce": "tensor parallel, batch-1 steps: row-parallel GEMVs push their outputs to every rank",
     "push_logits": "tensor parallel, batch-1 steps: the LM head's logits gathered by push, not NCCL",
-    "fused_moe_routing": "mixture of experts: routing (softmax, top-k, renormalize) in Triton, inside the expert "
-                         "GEMV at small batches",
+    "fused_moe_routing": "mixture of experts: routing (softmax, top-k, renormalize) in one Triton kernel, not "
+                         "torch's five",
     "small_batch_gemv": "steps of 2-16 rows: unquantized projections through the multi-row Triton GEMV rather "
                         "than cuBLAS (default off: unmeasured)",
 }

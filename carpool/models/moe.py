@@ -67,9 +67,9 @@ class SparseMoeBlock(nn.Module):
 
     Everything runs on the device with shapes fixed by the token count (no host sync on the Triton
     backend), so a decode step's block is captured in its CUDA graph like a dense MLP. On the Triton
-    backend (KernelConfig.fused_moe_routing) the experts' kernels route from the router logits: a
-    batch-1 Qwen3-MoE block is then three kernels (router GEMV, gate/up GEMV, down GEMV), all under PDL,
-    where torch's routing added five that are not."""
+    backend (KernelConfig.fused_moe_routing) one Triton kernel routes from the router logits: a
+    batch-1 Qwen3-MoE block is then four kernels (router GEMV, routing, gate/up GEMV, down GEMV), all
+    under PDL, where torch's routing added five that are not."""
 
     def __init__(self, config: ModelConfig, runtime: ModelRuntime, layer_index: int) -> None:
         super().__init__()

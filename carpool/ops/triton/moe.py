@@ -22,10 +22,12 @@ Two paths, both reading only the experts that some token chose:
 
 Routing (`fused_moe_routed`, KernelConfig.fused_moe_routing): the op may take the router logits instead
 of a routing and compute the family's top-k itself (torch_ref.moe.select_experts: float32 softmax over
-all experts, top-k with equal logits by increasing id, renormalization, the weights' dtype): on the
-per-pair GEMV path inside the gate/up kernel, each program routing its own pair (it writes the routing
-for the down kernel), so a batch-1 MoE block is the router GEMV and these two kernels, all under PDL,
-with no sort, no zero-fill and no sum kernel; on the grouped path in one routing kernel before the sort.
+all experts, top-k with equal logits by increasing id, renormalization, the weights' dtype) in one
+routing kernel (_moe_route_kernel, one program per token) before either path: a batch-1 MoE block is
+the router GEMV, the routing kernel and the two GEMVs, all under PDL. Why not route inside the gate/up
+GEMV (one launch fewer): every one of its small programs (2 rows of an expert) then routes before it can
+issue a weight load: on an H100 the batch-1 gate/up GEMV of Qwen3-30B-A3B took 41 us per layer that way,
+where gate/up and down together took 31.8 us from a given routing (benchmarks/EXPERIMENTS.md).
 
 CUDA graphs: every launch's grid and every buffer depend only on (T, k, E, H, I) and the config; the
 actual routing is read on the device (programs of blocks past the padded count exit at once).
@@ -461,21 +463,6 @@ def _route_token(logits_ptr, token, stride_lt, num_experts, TOP_K: tl.constexpr,
 
 
 @triton.jit
-def _routed_slot(logits_ptr, ids_ptr, topk_w_ptr, pair, stride_lt, num_experts, store, TOP_K: tl.constexpr,
-                 K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """The global expert id of `pair` (token pair // TOP_K, slot pair % TOP_K) from the token's logits;
-    if `store`, its id and weight are written to ids[pair] and topk_weights[pair] for the down GEMV."""
-    ids, weights = _route_token(logits_ptr, pair // TOP_K, stride_lt, num_experts, TOP_K, K_PAD, E_PAD,
-                                RENORMALIZE)
-    mine = tl.arange(0, K_PAD) == pair % TOP_K
-    expert = tl.sum(tl.where(mine, ids, 0), axis=0)
-    if store:
-        tl.store(ids_ptr + pair, expert)
-        tl.store(topk_w_ptr + pair, tl.sum(tl.where(mine, weights, 0.0), axis=0).to(topk_w_ptr.dtype.element_ty))
-    return expert
-
-
-@triton.jit
 def _moe_route_kernel(logits_ptr, ids_ptr, topk_w_ptr, stride_lt, num_experts, TOP_K: tl.constexpr,
                       K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, USE_PDL: tl.constexpr):
     """Program t: token t's routing into ids[t, :TOP_K] and topk_weights[t, :TOP_K] (in their dtype)."""
@@ -529,29 +516,17 @@ def _gemv_weights(w_ptrs, s_rows, rows, cols, mask, stride_sk, SCALES: tl.conste
 
 
 @triton.jit(do_not_specialize=["expert_start"])
-def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, logits_ptr, topk_w_ptr, stride_lt,
-                             num_global_experts, INTER, H, stride_xt, stride_we, stride_wn, stride_se, stride_sn,
-                             stride_sk, up_row0, expert_start, num_experts, TOP_K: tl.constexpr,
-                             SCALES: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTE: tl.constexpr,
-                             K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, INTER, H, stride_xt, stride_we,
+                             stride_wn, stride_se, stride_sn, stride_sk, up_row0, expert_start, num_experts,
+                             TOP_K: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr,
+                             HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              USE_PDL: tl.constexpr):
     """Program (pair, row block): out[pair, rows] = silu(x_t . gate_e[rows]) * (x_t . up_e[rows]) with
     t = pair // TOP_K and e = topk_ids[pair] (nothing for a pair of an expert held elsewhere: the down
-    kernel skips it). SCALES: as _moe_gemm_kernel (FP8 or int4 weights dequantized in registers).
-
-    ROUTE: e comes from the token's router logits instead (_route_token over num_global_experts; every
-    program of the pair computes it, a few hundred cycles against its 4 BLOCK_N H weight bytes), and the
-    pair's row-block-0 program writes topk_ids[pair] and topk_weights[pair] for the down kernel, so no
-    routing kernel runs between the router GEMV and this one."""
+    kernel skips it). SCALES: as _moe_gemm_kernel (FP8 or int4 weights dequantized in registers)."""
     pdl_enter(USE_PDL)
     pair = tl.program_id(0)
-    if ROUTE:
-        global_id = _routed_slot(logits_ptr, ids_ptr, topk_w_ptr, pair, stride_lt, num_global_experts,
-                                 tl.program_id(1) == 0, TOP_K, K_PAD, E_PAD, RENORMALIZE)
-    else:
-        global_id = tl.load(ids_ptr + pair)
-    expert = _held_expert(global_id, expert_start, num_experts).to(tl.int64)
+    expert = _held_expert(tl.load(ids_ptr + pair), expert_start, num_experts).to(tl.int64)
     if expert < 0:
         return
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -648,8 +623,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     (ExpertScales) or packed int4 (Int4ExpertScales) and are dequantized in registers (W8A16 / W4A16:
     hidden is not quantized). Weights must be contiguous in their last dim; topk_ids must be valid global
     expert ids (not checked on the device: that would sync)."""
-    return _fused_moe(hidden, w13, w2, topk_weights, topk_ids, None, None, config, expert_start,
-                      num_global_experts, scales)
+    return _fused_moe(hidden, w13, w2, topk_weights, topk_ids, config, expert_start, num_global_experts, scales)
 
 
 def fused_moe_routed(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -660,35 +634,24 @@ def fused_moe_routed(hidden: torch.Tensor, router_logits: torch.Tensor, w13: tor
     routing: (output [T, H], topk_weights [T, k], topk_ids [T, k] int32), as torch_ref's twin
     (`select_experts` then `fused_moe`; equal logits ordered by increasing id).
 
-    Launches: small batches (T <= small_batch_max_tokens) two, the per-pair GEMVs, the gate/up GEMV
-    routing its pair from the logits itself; larger ones one routing kernel (_moe_route_kernel), then
-    the grouped path. Torch's routing is five kernels (softmax, topk, sum, divide, cast) that do not
-    launch under PDL, so each also waits for its predecessor to finish and delays the next kernel's
-    launch; at batch 1 of Qwen3-30B-A3B that is 48 layers x 5 of the ~3-4 us a small kernel costs in a
-    CUDA graph without PDL, about 0.8 ms of a 3.8 ms token (benchmarks/bench_moe.py times both)."""
+    Launches: the routing kernel (_moe_route_kernel), then fused_moe's. Torch's routing is five kernels
+    (softmax, topk, sum, divide, cast) that do not launch under PDL, so each also waits for its
+    predecessor to finish and delays the next kernel's launch; at batch 1 of Qwen3-30B-A3B that is 48
+    layers x 5 of the ~3-4 us a small kernel costs in a CUDA graph without PDL (benchmarks/bench_moe.py
+    times both)."""
     _check_router_logits(router_logits, routing)
     total = w13.shape[0] if num_global_experts is None else num_global_experts
     if router_logits.shape != (hidden.shape[0], total):
         raise ValueError(f"router_logits: expected [T={hidden.shape[0]}, num_experts={total}], got "
                          f"{tuple(router_logits.shape)}")
-    num_tokens, top_k = hidden.shape[0], routing.top_k
-    config = config or default_moe_config(num_tokens, top_k, total)
-    if num_tokens > config.small_batch_max_tokens:
-        weights, ids = select_experts(router_logits, routing)
-        return fused_moe(hidden, w13, w2, weights, ids, config, expert_start=expert_start,
-                         num_global_experts=num_global_experts, scales=scales), weights, ids
-    weights, ids = _routing_buffers(router_logits, routing)
-    out = _fused_moe(hidden, w13, w2, weights, ids, router_logits, routing, config, expert_start,
-                     num_global_experts, scales)
-    return out, weights, ids
+    weights, ids = select_experts(router_logits, routing)
+    return fused_moe(hidden, w13, w2, weights, ids, config, expert_start=expert_start,
+                     num_global_experts=num_global_experts, scales=scales), weights, ids
 
 
 def _fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-               topk_ids: torch.Tensor, router_logits: torch.Tensor | None, routing: TopKRouting | None,
-               config: FusedMoeConfig | None, expert_start: int, num_global_experts: int | None,
-               scales: QuantizedExperts | None) -> torch.Tensor:
-    """fused_moe; with router_logits (small batches only) topk_weights / topk_ids are the buffers the
-    gate/up GEMV writes the routing it computes into."""
+               topk_ids: torch.Tensor, config: FusedMoeConfig | None, expert_start: int,
+               num_global_experts: int | None, scales: QuantizedExperts | None) -> torch.Tensor:
     pack = scales.pack if scales is not None else 1
     check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts, pack)
     if hidden.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
@@ -718,15 +681,11 @@ def _fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     pdl = dict(USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if num_tokens <= config.small_batch_max_tokens:
         bn = config.gemv_block_n
-        route = router_logits is not None and routing is not None
-        logits = router_logits if route else hidden  # (a dummy pointer without routing)
         _moe_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, bn))](
-            hidden, w13, q13.scale_ptr(w13), q13.zero_ptr(w13), ids, inter, logits, weights, logits.stride(0),
-            total_experts, inter_size, h, hidden.stride(0), w13.stride(0), w13.stride(1), q13.stride_se,
-            q13.stride_sn, q13.stride_sk, q13.up_row0, expert_start, num_experts, TOP_K=top_k, SCALES=q13.kind,
-            GROUP=q13.group, HAS_ZEROS=q13.has_zeros, BLOCK_N=bn, BLOCK_K=_gemv_block_k(h), ROUTE=route,
-            K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(total_experts),
-            RENORMALIZE=route and routing.renormalize, num_warps=4, **pdl)
+            hidden, w13, q13.scale_ptr(w13), q13.zero_ptr(w13), ids, inter, inter_size, h, hidden.stride(0),
+            w13.stride(0), w13.stride(1), q13.stride_se, q13.stride_sn, q13.stride_sk, q13.up_row0, expert_start,
+            num_experts, TOP_K=top_k, SCALES=q13.kind, GROUP=q13.group, HAS_ZEROS=q13.has_zeros, BLOCK_N=bn,
+            BLOCK_K=_gemv_block_k(h), num_warps=4, **pdl)
         out = utils.empty_output((num_tokens, h), dtype=hidden.dtype, device=hidden.device)
         _moe_gemv_down_kernel[(num_tokens, triton.cdiv(h, bn))](
             inter, w2, q2.scale_ptr(w2), q2.zero_ptr(w2), ids, weights, out, inter_size, h, w2.stride(0),
