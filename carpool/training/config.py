@@ -81,6 +81,9 @@ class ParallelismConfig:
         "none | ddp | fsdp (FSDP2 fully_shard per decoder layer and root)"))
     reshard_after_forward: bool = field(default=True, metadata=_help(
         "FSDP: free gathered layer weights after forward (ZeRO-3); false keeps them (ZeRO-2-like)"))
+    explicit_prefetch: bool = field(default=True, metadata=_help(
+        "FSDP: layer i issues layer i+1's all-gather as it starts (i-1's in backward); false leaves the "
+        "order to FSDP2 (forward gathers on demand, backward prefetches by the recorded forward order)"))
     nproc_per_node: int = field(default=1, metadata=_help(
         "processes to launch on this machine (`carpool train` spawns them like torchrun)"))
 

@@ -178,7 +178,7 @@ class Trainer:
         strategy = cfg.parallel.strategy
         if strategy == "fsdp":
             apply_fsdp(self.module, device_mesh(self.device), torch.bfloat16 if bf16 else None,
-                       cfg.parallel.reshard_after_forward)
+                       cfg.parallel.reshard_after_forward, cfg.parallel.explicit_prefetch)
             self.forward_module: nn.Module = self.module
         elif strategy == "ddp":
             self.forward_module = apply_ddp(self.module, self.device)
