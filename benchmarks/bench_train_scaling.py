@@ -6,6 +6,7 @@ says how much of the FSDP communication overlaps compute. Prints one JSON object
     python benchmarks/bench_train_scaling.py [--nproc-per-node 2] [--steps 150] [--micro-batch-size 2]
         [--trace FILE.json.gz] [--out FILE]
     python benchmarks/bench_train_scaling.py --tiny --device cpu --steps 6 --warmup 2   # gloo on CPU (CI test)
+        [--no-explicit-prefetch]
 
 The two runs (each its own processes, started like torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT;
 nothing is pickled) see the same tokens at every optimizer step:
@@ -28,6 +29,10 @@ Overlap (N-GPU run, rank 0, --profile-steps more steps after the measured ones; 
 during which some other kernel runs is U(compute); `overlap_fraction` = |U(nccl) ∩ U(compute)| / |U(nccl)|,
 also per collective (all-gather: FSDP's parameter gathers; reduce-scatter: its gradient reductions).
 An NCCL kernel's duration includes time it waits for the peer rank, which is counted like transfer time.
+On CPU (gloo, no kernels) `prefetch_in_flight_fraction` says instead, from FSDP2's record_function ranges,
+for how many decoder layers the collective was issued before, and waited on after, the compute of the layer
+run before it (forward all-gathers, backward re-gathers, reduce-scatters; fsdp_schedule, GatherWindow):
+the schedule that lets a GPU overlap them. --no-explicit-prefetch shows the forward without it.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ import gzip
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -88,6 +95,24 @@ def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
     return total
 
 
+def _subtract(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """A \\ B of two merged (sorted, disjoint) interval lists, as one."""
+    out: list[tuple[float, float]] = []
+    j = 0
+    for start, end in a:
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        k, cursor = j, start
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > cursor:
+                out.append((cursor, b[k][0]))
+            cursor = max(cursor, b[k][1])
+            k += 1
+        if cursor < end:
+            out.append((cursor, end))
+    return out
+
+
 COLLECTIVES = {"all_gather": "allgather", "reduce_scatter": "reducescatter", "all_reduce": "allreduce"}
 
 
@@ -116,6 +141,151 @@ def kernel_overlap(trace_events: list[dict[str, Any]]) -> dict[str, Any]:
     for key, needle in COLLECTIVES.items():
         result[key] = summary([k for k in nccl if needle in k[2].lower().replace("_", "")])
     result["overlap_fraction"] = result["nccl"]["overlap_fraction"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP2's prefetch schedule in a CPU trace (record_function ranges, any backend)
+
+_LAYER_FQN = re.compile(r"^FSDP::(\w+) \((?:.*\.)?layers\.(\d+)\)")
+
+
+@dataclass(frozen=True)
+class GatherWindow:
+    """One collective of decoder layer `layer` against the compute of layer `prev_layer`, the one that runs
+    before `layer` in that pass (i-1 in forward, i+1 in backward). `issue_us`: where FSDP calls the
+    collective; `wait_us`: where it first needs the result (the all-gather's copy-out; for a reduce-scatter,
+    the next `post_backward_rs_wait`). On a GPU the issue only enqueues on FSDP's communication stream and
+    the wait is a stream wait, so the compute between the two runs while the collective is in flight. On
+    CPU, gloo completes a collective before the issuing call returns (FSDP2's unshard_async_op is False),
+    so a CPU trace shows that schedule, not concurrency."""
+    layer: int
+    prev_layer: int
+    issue_us: float
+    wait_us: float
+    prev_compute_start_us: float
+    prev_compute_end_us: float
+    prev_compute_us: float
+    compute_between_us: float  # of prev_layer's compute, inside [issue_us, wait_us]
+
+    @property
+    def issued_before_prev_compute_start(self) -> bool:
+        return self.issue_us <= self.prev_compute_start_us
+
+    @property
+    def issued_before_prev_compute_end(self) -> bool:
+        return self.issue_us < self.prev_compute_end_us
+
+    @property
+    def waited_after_prev_compute_end(self) -> bool:
+        return self.wait_us >= self.prev_compute_end_us
+
+    @property
+    def in_flight_during_prev_compute(self) -> bool:
+        return self.issued_before_prev_compute_end and self.waited_after_prev_compute_end \
+            and self.compute_between_us > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "issued_before_prev_compute_start": self.issued_before_prev_compute_start,
+                "issued_before_prev_compute_end": self.issued_before_prev_compute_end,
+                "waited_after_prev_compute_end": self.waited_after_prev_compute_end,
+                "in_flight_during_prev_compute": self.in_flight_during_prev_compute}
+
+
+def _layer_ranges(events: list[dict[str, Any]]) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """(FSDP label, layer index) -> its [start, end) ranges in time order."""
+    ranges: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for e in events:
+        m = _LAYER_FQN.match(e["name"])
+        if m:
+            ranges.setdefault((m.group(1), int(m.group(2))), []).append((e["ts"], e["ts"] + e["dur"]))
+    return ranges
+
+
+def _pass_schedule(fsdp: list[dict[str, Any]], ops: list[tuple[float, float]]) -> dict[str, list[GatherWindow]]:
+    """The windows of one forward+backward (events from one root pre-forward to the next)."""
+    root_post_forward = [e["ts"] for e in fsdp if e["name"] == "FSDP::post_forward"]
+    if not root_post_forward:
+        return {"forward": [], "backward": [], "reduce_scatter": []}
+    split = root_post_forward[0]
+    fwd = _layer_ranges([e for e in fsdp if e["ts"] < split])
+    bwd = _layer_ranges([e for e in fsdp if e["ts"] >= split])
+    hooks = merge_intervals([(e["ts"], e["ts"] + e["dur"]) for e in fsdp])
+
+    def compute(start: float, end: float) -> list[tuple[float, float]]:
+        """Operator time in [start, end) outside FSDP's own ranges: the layer's compute."""
+        inside = merge_intervals([(max(s, start), min(e, end)) for s, e in ops if s < end and e > start])
+        return _subtract(inside, hooks)
+
+    def window(layer: int, prev: int, issue: float, wait: float, begin_label: str, end_label: str,
+               ranges: dict[tuple[str, int], list[tuple[float, float]]]) -> GatherWindow | None:
+        begin, end = ranges.get((begin_label, prev)), ranges.get((end_label, prev))
+        if not begin or not end:
+            return None
+        work = compute(begin[0][1], end[0][0])
+        if not work:
+            return None
+        return GatherWindow(layer, prev, issue, wait, work[0][0], work[-1][1], _length(work),
+                            _intersection(work, [(issue, wait)]) if wait > issue else 0.0)
+
+    layers = sorted({i for _, i in fwd})
+    result: dict[str, list[GatherWindow]] = {"forward": [], "backward": [], "reduce_scatter": []}
+    for i in layers:
+        gather, copy_out = fwd.get(("all_gather", i)), fwd.get(("all_gather_copy_out", i))
+        if i - 1 in layers and gather and copy_out:
+            w = window(i, i - 1, gather[0][0], copy_out[0][0], "pre_forward", "post_forward", fwd)
+            result["forward"] += [w] if w else []
+        gather, copy_out = bwd.get(("all_gather", i)), bwd.get(("all_gather_copy_out", i))
+        if i + 1 in layers and gather and copy_out:  # none when the weights stay gathered after forward
+            w = window(i, i + 1, gather[0][0], copy_out[0][0], "pre_backward", "post_backward_accumulate", bwd)
+            result["backward"] += [w] if w else []
+        reduce = bwd.get(("post_backward_reduce", i))
+        if i - 1 in layers and reduce:
+            waits = [e["ts"] for e in fsdp if e["ts"] > reduce[0][1]
+                     and e["name"].startswith(("FSDP::post_backward_rs_wait", "FSDP::root_post_backward"))]
+            if waits:
+                w = window(i, i - 1, reduce[0][0], waits[0], "pre_backward", "post_backward_accumulate", bwd)
+                result["reduce_scatter"] += [w] if w else []
+    return result
+
+
+def fsdp_schedule(trace_events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether FSDP2's collectives of each decoder layer were issued before, and waited on after, the
+    compute of the layer that runs before it, read from the `FSDP::*` record_function ranges of a torch
+    profiler trace (CPU activities suffice; see GatherWindow). FSDP2 names a layer's ranges with its
+    module path ("FSDP::all_gather (model.layers.3)"); each `FSDP::root_pre_forward` starts a pass.
+
+    - forward: layer i's all-gather (i >= 1) against layer i-1's forward;
+    - backward: layer i's re-gather (reshard_after_forward) against layer i+1's backward;
+    - reduce_scatter: layer i's gradient reduction (i >= 1) against layer i-1's backward.
+    Per kind: the windows, `fraction_in_flight` of them whose collective was outstanding during some of
+    the previous layer's compute, and `compute_between_us`, that compute summed (None: no windows)."""
+    marks = [e for e in trace_events if e.get("ph") == "X" and "dur" in e]
+    fsdp = sorted((e for e in marks if str(e.get("name", "")).startswith("FSDP::")), key=lambda e: e["ts"])
+    roots = [e for e in fsdp if e["name"] == "FSDP::root_pre_forward"]
+    if not roots:
+        return {"passes": 0, **{k: {"windows": [], "fraction_in_flight": None, "compute_between_us": None}
+                                for k in ("forward", "backward", "reduce_scatter")}}
+    main_thread = roots[0]["tid"]
+    # Operators of the main thread, less autograd's per-node wrapper ranges: those hold the FSDP hooks the
+    # node runs (pre-backward, prefetch), and the operators they also hold are listed on their own.
+    ops = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in marks
+           if e.get("cat") == "cpu_op" and e.get("tid") == main_thread
+           and not str(e.get("name", "")).startswith("autograd::engine::evaluate_function")]
+    starts = [e["ts"] for e in roots] + [math.inf]
+    windows: dict[str, list[GatherWindow]] = {"forward": [], "backward": [], "reduce_scatter": []}
+    for lo, hi in zip(starts, starts[1:]):
+        one = _pass_schedule([e for e in fsdp if lo <= e["ts"] < hi and e["tid"] == main_thread],
+                             [o for o in ops if lo <= o[0] < hi])
+        for kind in windows:
+            windows[kind] += one[kind]
+    result: dict[str, Any] = {"passes": len(roots)}
+    for kind, ws in windows.items():
+        result[kind] = {"windows": [w.to_dict() for w in ws],
+                        "fraction_in_flight": sum(w.in_flight_during_prev_compute for w in ws) / len(ws)
+                        if ws else None,
+                        "compute_between_us": sum(w.compute_between_us for w in ws) if ws else None,
+                        "prev_compute_us": sum(w.prev_compute_us for w in ws) if ws else None}
     return result
 
 
@@ -201,8 +371,11 @@ def _profile(trainer: Any, steps: int, trace: str | None) -> dict[str, Any] | No
     os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
     with gzip.open(trace, "wb") as f:
         f.write(data)
-    return {"steps": steps, "losses": losses, "trace": trace, "trace_bytes_gz": os.path.getsize(trace),
-            **kernel_overlap(events)}
+    result = {"steps": steps, "losses": losses, "trace": trace, "trace_bytes_gz": os.path.getsize(trace),
+              **kernel_overlap(events)}
+    if trainer.device.type == "cpu":  # no device timeline: the schedule of FSDP's collectives instead
+        result["fsdp_schedule"] = fsdp_schedule(events)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,6 +466,8 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="chrome trace of those steps on rank 0 (.json.gz)")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 (fp32 on CPU)")
     ap.add_argument("--activation-checkpointing", default="off", choices=["off", "on", "selective"])
+    ap.add_argument("--no-explicit-prefetch", action="store_true",
+                    help="leave FSDP2 to prefetch on its own (parallel.explicit_prefetch = false)")
     ap.add_argument("--loss-chunk-size", type=int, default=4096, help="chunked cross-entropy tokens")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-warmup-steps", type=int, default=20)
@@ -343,7 +518,9 @@ def main() -> None:
         "benchmark": "train_scaling",
         "device": device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__, "shape": shape, "seq_len": seq_len, "precision": precision,
-        "parallelism": "fsdp2 (fully_shard per decoder layer and root, reshard_after_forward, explicit prefetch)",
+        "parallelism": "fsdp2 (fully_shard per decoder layer and root, reshard_after_forward, "
+                       + ("FSDP2's own prefetch)" if args.no_explicit_prefetch else "explicit prefetch)"),
+        "explicit_prefetch": not args.no_explicit_prefetch,
         "activation_checkpointing": args.activation_checkpointing, "nproc_per_node": n, "micro_batch_size": b,
         "steps": args.steps, "warmup": args.warmup, "flops_per_token": flops_per_token,
         "comparison": (f"one: 1 rank, micro-batch {b}, gradient accumulation {n}; many: {n} ranks, micro-batch "
@@ -361,7 +538,8 @@ def main() -> None:
                 "grad_accum_steps": n // world, "max_steps": total_steps, "precision": precision,
                 "activation_checkpointing": args.activation_checkpointing, "device": device,
                 "loss_chunk_size": args.loss_chunk_size,
-                "parallel": {"strategy": "fsdp"}, "optim": {"lr": args.lr, "warmup_steps": args.lr_warmup_steps},
+                "parallel": {"strategy": "fsdp", "explicit_prefetch": not args.no_explicit_prefetch},
+                "optim": {"lr": args.lr, "warmup_steps": args.lr_warmup_steps},
                 "output_dir": os.path.join(workdir, f"out{world}"), "checkpoint": {"resume": False},
                 "export": False, "progress_bar": False}
             return {"config": config, "steps": args.steps, "warmup": args.warmup, "measure_matmul": measure,
@@ -389,6 +567,9 @@ def main() -> None:
     result["profile_rank0"] = profile
     result["overlap_fraction"] = profile["overlap_fraction"] if profile else None
     result["all_gather_overlap_fraction"] = profile["all_gather"]["overlap_fraction"] if profile else None
+    schedule = (profile or {}).get("fsdp_schedule")
+    result["prefetch_in_flight_fraction"] = {kind: schedule[kind]["fraction_in_flight"] for kind in
+                                             ("forward", "backward", "reduce_scatter")} if schedule else None
     emit(result, args.out)
 
 

@@ -1,7 +1,8 @@
 """The FSDP2 scaling benchmark's CPU path (benchmarks/bench_train_scaling.py, gloo): its two runs, one
 rank with gradient accumulation 2 and two ranks without, see the same tokens at every optimizer step, so
 their loss curves agree to fp32 rounding; the JSON carries the throughput ratio, the loss comparison and
-the rank-0 profile; and the overlap of NCCL with compute kernels is measured on a trace's timeline."""
+the rank-0 profile (on CPU, the schedule of FSDP's collectives); and the overlap of NCCL with compute
+kernels is measured on a trace's timeline."""
 
 from __future__ import annotations
 
@@ -80,6 +81,14 @@ def test_scaling_json_reports_both_runs_their_ratio_and_the_overlap(scaling):
     assert r["target_ratio"] == pytest.approx(1.85)
     assert r["profile_rank0"]["steps"] == 2
     assert "overlap_fraction" in r and "all_gather_overlap_fraction" in r  # None on CPU: no NCCL kernels
+
+
+def test_cpu_scaling_json_reports_the_forward_prefetch_schedule(scaling):
+    r = scaling["result"]
+    forward = r["profile_rank0"]["fsdp_schedule"]["forward"]
+    assert len(forward["windows"]) == r["profile_rank0"]["steps"] * (r["shape"]["num_hidden_layers"] - 1)
+    assert r["prefetch_in_flight_fraction"]["forward"] == forward["fraction_in_flight"] == 1.0
+    assert forward["compute_between_us"] > 0
 
 
 def test_rank0_trace_is_a_gzipped_chrome_trace(scaling):
