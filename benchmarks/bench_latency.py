@@ -137,8 +137,12 @@ def main() -> None:
         ap.error("--peer-bf16 needs random weights of --shape (no --model): the bf16 peer is that shape")
 
     random.seed(0)
-    prompt = [random.randint(0, 10000) for _ in range(args.prompt_len)]
     dummy = args.model is None
+    # token ids below 10001 (every shape's vocabulary holds them) and inside a real checkpoint's vocabulary
+    from carpool.config import ModelConfig
+
+    vocab = 10001 if dummy else ModelConfig.from_pretrained(args.model).vocab_size
+    prompt = [random.randint(0, min(10000, vocab - 1)) for _ in range(args.prompt_len)]
     config_dir = os.path.join(args.checkpoint_dir, f"{args.shape}-{args.quant_format or 'bf16'}-config")
     model = args.model or write_config(config_dir, args.shape, quant_format=args.quant_format)
     engine_kwargs: dict[str, Any] = dict(max_num_seqs=8, max_model_len=args.prompt_len + args.new_tokens + 16,

@@ -16,9 +16,12 @@ uniform: accepting x_j with probability p_j(x_j) and otherwise emitting a draw f
 the same as drawing position j's token exactly as plain sampling would and accepting x_j iff it is that
 token. So each position samples with the ordinary sampler (its seed is (seed, output index), as
 without speculation) and the walk compares: a seeded request emits the very tokens it would emit without
-speculation, and logprobs are the sampler's (the target's raw distribution at each emitted token).
-Proposals with a distribution (`draft_probs`) take the explicit rule, drawing per position the
-exponential-race noise and then the acceptance uniform from the row's generator.
+speculation, and logprobs are the sampler's (the target's raw distribution at each emitted token). The
+engine's proposers are all deterministic: a verification step samples every position on the device and
+the walk (`emitted_lengths`) runs on the host once the candidates arrive, with the proposed tokens the
+host already holds, so the step adds no kernel to plain sampling's. Proposals with a distribution
+(`draft_probs`, RejectionSampler) take the explicit rule, drawing per position the exponential-race noise
+and then the acceptance uniform from the row's generator, and share the walk.
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ from carpool.layers.sampler import (
 from carpool.platform import to_device
 
 
+def emitted_lengths(accepted: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """How many tokens each request emits: 1 + the number of its leading accepted proposed tokens.
+    accepted [L] bool, request s owning num_drafts[s] + 1 consecutive rows (its proposed tokens' rows
+    then its bonus row, whose entry is ignored); returns [S] int64 in [1, num_drafts[s] + 1]. A request
+    emits the tokens of its first m rows: an accepted row's token is the proposed one, the first
+    rejected row's (or the bonus row's) is the target's own."""
+    counts = num_drafts.astype(np.int64) + 1
+    starts = np.cumsum(counts) - counts
+    rejected = ~accepted.astype(bool, copy=True)
+    rejected[starts + counts - 1] = True  # the walk always stops at the bonus row
+    index = np.where(rejected, np.arange(len(rejected)), len(rejected))
+    return np.minimum.reduceat(index, starts) - starts + 1
+
+
 class RejectionSampler(nn.Module):
     def __init__(self, sampler: Sampler) -> None:
         super().__init__()
@@ -47,7 +64,10 @@ class RejectionSampler(nn.Module):
     def forward(self, logits: torch.Tensor, md: SamplingMetadata, draft_token_ids: torch.Tensor,
                 num_drafts: np.ndarray, draft_probs: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, list[TokenLogprobs | None]]:
-        """logits [L, V] with L = sum(num_drafts + 1): request s owns num_drafts[s] + 1 consecutive rows,
+        """Verification with the rule above, all of it here (tests; the engine's deterministic proposals
+        sample the candidates in the step and walk at resolve, model_runner.PendingStep).
+
+        logits [L, V] with L = sum(num_drafts + 1): request s owns num_drafts[s] + 1 consecutive rows,
         its proposed tokens' positions then its bonus position; md describes each of the L rows (with
         per-position seeds); draft_token_ids [L]: the proposed token each row judges (ignored at each
         request's last row); draft_probs [L, V]: the proposer's distributions (None: deterministic).
@@ -60,25 +80,25 @@ class RejectionSampler(nn.Module):
         ends = np.cumsum(counts)
         is_bonus_np = np.zeros(len(logits), dtype=bool)
         is_bonus_np[ends - 1] = True
-        is_bonus = to_device(is_bonus_np, device)
         draft = draft_token_ids.clamp(min=0)
         if draft_probs is None:
             candidate, logprobs = self.sampler(logits, md)
-            candidate = candidate.to(torch.int64)
-            accepted = (candidate == draft) & ~is_bonus
+            row_token = candidate.to(torch.int64)
+            accepted = row_token.cpu().numpy() == draft_token_ids.cpu().numpy()
         else:
-            candidate, accepted, logprobs = self._with_draft_probs(logits, md, draft, draft_probs, is_bonus)
-        # Each row's token if the walk reaches it: the proposed token if accepted, else the target's own.
-        row_token = torch.where(accepted, draft, candidate)
+            candidate, accepted_dev, logprobs = self._with_draft_probs(logits, md, draft, draft_probs,
+                                                                       torch.from_numpy(is_bonus_np).to(device))
+            # Each row's token if the walk reaches it: the proposed token if accepted, else the target's own.
+            row_token = torch.where(accepted_dev, draft, candidate)
+            accepted = accepted_dev.cpu().numpy()
+        num_emitted = emitted_lengths(accepted, num_drafts)
         width = int(counts.max())
         col = np.arange(width)
-        valid_np = col[None, :] < counts[:, None]
-        index_np = np.where(valid_np, (ends - counts)[:, None] + col[None, :], 0)
-        index, valid = to_device(index_np, device), to_device(valid_np, device)
-        num_emitted = (accepted[index] & valid).to(torch.int64).cumprod(dim=1).sum(dim=1) + 1
-        emitted = torch.arange(width, device=device)[None, :] < num_emitted[:, None]
-        tokens = torch.where(emitted, row_token[index], torch.full_like(index, -1))
-        return tokens, num_emitted, logprobs
+        emitted = col[None, :] < num_emitted[:, None]
+        index = np.where(emitted, (ends - counts)[:, None] + col[None, :], 0)
+        tokens = torch.where(to_device(emitted, device), row_token[to_device(index, device)],
+                             torch.full(index.shape, -1, dtype=torch.int64, device=device))
+        return tokens, to_device(num_emitted, device), logprobs
 
     @staticmethod
     def _with_draft_probs(logits: torch.Tensor, md: SamplingMetadata, draft: torch.Tensor,

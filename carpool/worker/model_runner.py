@@ -34,7 +34,7 @@ from carpool.config import EngineConfig
 from carpool.core.sched_output import ModelRunnerOutput, PromptLogprobs, SchedulerOutput, TokenLogprobs
 from carpool.distributed import SINGLE, Communicator, TPGroup
 from carpool.forward_batch import ForwardBatch
-from carpool.layers.rejection_sampler import RejectionSampler
+from carpool.layers.rejection_sampler import emitted_lengths
 from carpool.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
 from carpool.models.loader import load_model
 from carpool.models.moe import expert_layout
@@ -113,7 +113,6 @@ class ModelRunner:
         # whose output is the one the engine reads, or every rank for a draft model split over the ranks
         # (each resolves the same tokens into the same request state, so they propose in lockstep and
         # meet in the same collectives). The rejection sampler runs wherever tokens are sampled.
-        self.rejection_sampler = RejectionSampler(self.sampler)
         spec = config.speculative_config
         on_every_rank = spec is not None and spec.draft_on_every_rank
         self.proposer = make_proposer(config, self) if tp.rank == 0 or on_every_rank else None
@@ -310,16 +309,20 @@ class ModelRunner:
                                                           device=self.device)
         return buf[:n]
 
-    def sample(self, logits: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
-        """One token per sampling row (+ logprobs). A hook: under tensor parallelism rank 0 samples and
-        broadcasts the tokens (worker/tp_worker.py), so every rank appends the same tokens."""
-        return self.sampler(logits, self._sampling_metadata(rows))
+    def sample(self, logits: torch.Tensor, rows: np.ndarray, output_offsets: np.ndarray | None = None
+               ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """One token per logit row (+ logprobs); `output_offsets` as _sampling_metadata's (a verification's
+        positions). A hook: under tensor parallelism rank 0 samples and broadcasts the tokens
+        (worker/tp_worker.py), so every rank appends the same tokens."""
+        return self.sampler(logits, self._sampling_metadata(rows, output_offsets))
 
     def verify(self, logits: torch.Tensor, inputs: StepInputs
-               ) -> tuple[torch.Tensor, torch.Tensor, list[TokenLogprobs | None]]:
-        """The emitted tokens of each sampling row of a verification step (rejection_sampler.py): tokens
-        [S, max_drafts + 1], num_emitted [S], logprobs per logit row. A hook, like `sample` (TP: rank 0
-        verifies and broadcasts)."""
+               ) -> tuple[torch.Tensor, np.ndarray, list[TokenLogprobs | None]]:
+        """A verification step's candidates (rejection_sampler.py: the engine's proposals are
+        deterministic, so each position's token is drawn as plain sampling would draw it there): the
+        candidate per logit row [L] on the device, the proposed token each row judges [L] on the host (-1
+        at a request's last row), and logprobs per logit row. PendingStep walks them once they reach the
+        host (emitted_lengths)."""
         assert inputs.num_drafts is not None
         batch = self.input_batch
         counts = inputs.num_drafts + 1
@@ -329,8 +332,8 @@ class ModelRunner:
         width = batch.token_ids.shape[1]
         draft_ids = batch.token_ids[rows, np.minimum(batch.num_tokens[rows] + offsets, width - 1)]
         draft_ids[np.cumsum(counts) - 1] = -1
-        md = self._sampling_metadata(rows, offsets)
-        return self.rejection_sampler(logits, md, to_device(draft_ids, self.device), inputs.num_drafts)
+        candidates, logprobs = self.sample(logits, rows, offsets)
+        return candidates.to(torch.long), draft_ids, logprobs
 
     def propose(self, rows: np.ndarray) -> dict[str, list[int]]:
         """The proposer's guesses for rows whose tokens just reached the host. None while the batch is at
@@ -379,9 +382,9 @@ class ModelRunner:
             self._last_end_event = None
         spans = self.prompt_logprob_spans(inputs)
         logits = self._forward(inputs, self._pending_fixup(inputs), keep_hidden=bool(spans))
-        tokens, logprobs, num_emitted = None, [], None
+        tokens, logprobs, draft_ids = None, [], None
         if logits is not None and inputs.num_drafts is not None:
-            tokens, num_emitted, logprobs = self.verify(logits, inputs)
+            tokens, draft_ids, logprobs = self.verify(logits, inputs)
         elif logits is not None:
             tokens, logprobs = self.sample(logits, inputs.sample_rows)
         prompt_logprobs = self.compute_prompt_logprobs(spans) if spans else {}
@@ -391,11 +394,11 @@ class ModelRunner:
             timing.launch_s = time.perf_counter() - launch_start
         self.input_batch.launched(inputs.rows, counts, inputs.sample_rows)
         # (a verification is resolved before the next step is launched: nothing for a fix-up to read)
-        self._last_sampled = ((tokens, inputs.sample_rows) if num_emitted is None
+        self._last_sampled = ((tokens, inputs.sample_rows) if draft_ids is None
                               else (None, np.zeros(0, dtype=np.int64)))
         ids = self.input_batch.req_ids
         return PendingStep(self, [ids[r] for r in inputs.sample_rows], inputs.sample_rows,  # type: ignore[misc]
-                           tokens, logprobs, timing, num_emitted, inputs.num_drafts, prompt_logprobs)
+                           tokens, logprobs, timing, draft_ids, inputs.num_drafts, prompt_logprobs)
 
     def _pending_fixup(self, inputs: StepInputs) -> PendingFixup | None:
         """Input tokens sampled by the previous, unresolved step: where they go, and their values on the
@@ -505,14 +508,15 @@ class PendingStep:
     them, so resolving waits for this step only, never for the steps launched after it."""
 
     def __init__(self, runner: ModelRunner, req_ids: list[str], rows: np.ndarray, tokens: torch.Tensor | None,
-                 logprobs: list, timing: StepEvents | None, num_emitted: torch.Tensor | None = None,
+                 logprobs: list, timing: StepEvents | None, draft_ids: np.ndarray | None = None,
                  num_drafts: np.ndarray | None = None,
                  prompt_logprobs: dict[str, PromptLogprobs] | None = None) -> None:
         self.runner = runner
-        # A verification (speculative decoding): tokens is [rows, max_drafts + 1], row i's first
-        # num_emitted[i] valid, and logprobs has one entry per logit row (num_drafts[i] + 1 per row).
+        # A verification (speculative decoding): tokens is the candidate of each logit row, num_drafts[i]
+        # + 1 rows per sampling row, draft_ids the proposed token each logit row judges (host), and
+        # logprobs has one entry per logit row.
         self.num_drafts = num_drafts
-        self.host_num_emitted: torch.Tensor | None = None
+        self.draft_ids = draft_ids
         self.req_ids = req_ids
         self.rows = rows
         self.logprobs = logprobs
@@ -523,12 +527,7 @@ class PendingStep:
         if tokens is not None:
             if tokens.is_cuda:
                 self.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                if num_emitted is not None:
-                    self.host_tokens.copy_(tokens, non_blocking=True)
-                    self.host_num_emitted = torch.empty(num_emitted.shape, dtype=num_emitted.dtype,
-                                                        pin_memory=True)
-                    self.host_num_emitted.copy_(num_emitted, non_blocking=True)
-                elif runner.kernel_host_io and tokens.is_contiguous() and tokens.numel() <= HOST_IO_MAX_ROWS:
+                if runner.kernel_host_io and tokens.is_contiguous() and tokens.numel() <= HOST_IO_MAX_ROWS:
                     from carpool.ops.triton.host_io import copy_to_host
 
                     copy_to_host(tokens, self.host_tokens)
@@ -539,7 +538,6 @@ class PendingStep:
                 self.ready.record()
             else:
                 self.host_tokens = tokens
-                self.host_num_emitted = num_emitted
 
     def resolve(self) -> ModelRunnerOutput:
         sampled: list[int] = []
@@ -552,7 +550,7 @@ class PendingStep:
                 gap = t.previous_end.elapsed_time(t.start) / 1e3 if t.previous_end is not None else 0.0
                 self.runner.timings.append(StepTiming(launch_s=t.launch_s, wait_s=time.perf_counter() - wait_start,
                                                       gpu_s=t.start.elapsed_time(t.end) / 1e3, gap_s=gap))
-            if self.host_num_emitted is not None:
+            if self.draft_ids is not None:
                 return self._resolve_verification()
             sampled = self.host_tokens.tolist()
         batch = self.runner.input_batch
@@ -568,22 +566,25 @@ class PendingStep:
                                  spec_token_ids=spec, prompt_logprobs=self.prompt_logprobs)
 
     def _resolve_verification(self) -> ModelRunnerOutput:
-        """Each row's emitted tokens, flattened: a row emitting m tokens appears m times in a row."""
-        assert self.host_tokens is not None and self.host_num_emitted is not None and self.num_drafts is not None
+        """Each row's emitted tokens, flattened: a row emitting m tokens appears m times in a row. The walk
+        (rejection_sampler.emitted_lengths) compares each candidate with the proposed token its row judges:
+        a row emits its first m candidates, the accepted proposed tokens then the target's own."""
+        assert self.host_tokens is not None and self.draft_ids is not None and self.num_drafts is not None
         batch = self.runner.input_batch
-        token_rows = self.host_tokens.tolist()
-        num_emitted = self.host_num_emitted.tolist()
-        starts = np.cumsum(self.num_drafts + 1) - (self.num_drafts + 1)
+        candidates = self.host_tokens.numpy()
+        num_emitted = emitted_lengths(candidates == self.draft_ids, self.num_drafts).tolist()
+        starts = (np.cumsum(self.num_drafts + 1) - (self.num_drafts + 1)).tolist()
+        flat = candidates.tolist()
         req_ids: list[str] = []
         sampled: list[int] = []
         logprobs: list[TokenLogprobs | None] = []
         kept_rows, kept_tokens = [], []
         for i, (row, rid) in enumerate(zip(self.rows.tolist(), self.req_ids)):
-            m = num_emitted[i]
-            tokens = token_rows[i][:m]
+            m, start = num_emitted[i], starts[i]
+            tokens = flat[start:start + m]
             req_ids += [rid] * m
             sampled += tokens
-            logprobs += self.logprobs[starts[i]:starts[i] + m]
+            logprobs += self.logprobs[start:start + m]
             if batch.req_ids[row] == rid:
                 kept_rows.append(row)
                 kept_tokens.append(tokens)

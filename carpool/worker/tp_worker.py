@@ -54,7 +54,6 @@ from carpool.platform import dist_backend_for
 from carpool.profiling import device_activity, device_kernel_times, device_timeline, ms_stats, step_timings_summary
 from carpool.sampling_params import SamplingParams
 from carpool.worker import tp_codec
-from carpool.worker.input_batch import StepInputs
 from carpool.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
@@ -112,37 +111,21 @@ class ControlChannel:
 class TPModelRunner(ModelRunner):
     """A ModelRunner whose sampled tokens come from rank 0 (see the module docstring)."""
 
-    def sample(self, logits: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+    def sample(self, logits: torch.Tensor, rows: np.ndarray, output_offsets: np.ndarray | None = None
+               ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """Plain sampling and a verification's candidates alike (the walk then runs on every rank's host
+        over the same tokens)."""
         if self.samples_on_every_rank(rows):
-            tokens, logprobs = super().sample(logits, rows)
+            tokens, logprobs = super().sample(logits, rows, output_offsets)
             return tokens.to(torch.long), logprobs if self.tp.rank == 0 else [None] * len(rows)
         if self.tp.rank == 0:
-            tokens, logprobs = super().sample(logits, rows)
+            tokens, logprobs = super().sample(logits, rows, output_offsets)
             tokens = tokens.to(torch.long).contiguous()
         else:
             tokens = torch.empty(len(rows), dtype=torch.long, device=self.device)
             logprobs = [None] * len(rows)
         dist.broadcast(tokens, src=0)  # NCCL: enqueued on the device, the host does not wait
         return tokens, logprobs
-
-    def verify(self, logits: torch.Tensor, inputs: StepInputs
-               ) -> tuple[torch.Tensor, torch.Tensor, list[TokenLogprobs | None]]:
-        """Speculative decoding's verification, agreed like sampling: all-greedy steps verify on every
-        rank (an argmax comparison); otherwise rank 0 verifies and broadcasts the emitted tokens with
-        their count (one [rows, k + 2] tensor)."""
-        if self.samples_on_every_rank(inputs.sample_rows):
-            tokens, num_emitted, logprobs = super().verify(logits, inputs)
-            return tokens, num_emitted, logprobs if self.tp.rank == 0 else [None] * len(logits)
-        assert inputs.num_drafts is not None
-        width = int(inputs.num_drafts.max()) + 1
-        if self.tp.rank == 0:
-            tokens, num_emitted, logprobs = super().verify(logits, inputs)
-            packed = torch.cat([tokens, num_emitted.unsqueeze(1)], dim=1).contiguous()
-        else:
-            packed = torch.empty(len(inputs.sample_rows), width + 1, dtype=torch.long, device=self.device)
-            logprobs = [None] * len(logits)
-        dist.broadcast(packed, src=0)
-        return packed[:, :width], packed[:, width], logprobs
 
     def samples_on_every_rank(self, rows: np.ndarray) -> bool:
         return samples_on_every_rank([self.input_batch.params[r] for r in rows])
