@@ -39,9 +39,11 @@ class StaticInputs:
     def __init__(self, fields: list[Field], device: torch.device) -> None:
         self.device = device
         self.layout: dict[str, tuple[int, Field]] = {}
+        self._row_bytes: dict[str, int] = {}  # (end_of runs every replay: no per-call dtype lookup)
         offset = 0
         for f in fields:
             self.layout[f.name] = (offset, f)
+            self._row_bytes[f.name] = self._nbytes(f) // f.shape[0]
             offset += cdiv(self._nbytes(f), ALIGN) * ALIGN
         self.total = offset
         pin = device.type == "cuda"
@@ -72,8 +74,7 @@ class StaticInputs:
 
     def end_of(self, name: str, rows: int) -> int:
         """Bytes from the buffer's start to the end of the first `rows` rows of field `name`."""
-        offset, f = self.layout[name]
-        return offset + rows * self._nbytes(f) // f.shape[0]
+        return self.layout[name][0] + rows * self._row_bytes[name]
 
     def upload(self, nbytes: int | None = None) -> None:
         """Queue the copy of the mirror's first nbytes (default: all) to the device buffer."""
