@@ -361,7 +361,11 @@ class CUDAGraphRunner:
             tables[b:bs] = 0
         self._upload(host, fixup, bs, width)
         self.graphs[shape].replay()
-        return self.logits[shape].index_select(0, to_device(logits_indices, self.input_ids.device))
+        logits = self.logits[shape]
+        first = int(logits_indices[0]) if len(logits_indices) else 0
+        if np.array_equal(logits_indices, np.arange(first, first + len(logits_indices))):
+            return logits[first:first + len(logits_indices)]  # (a view: no index upload, no gather kernel)
+        return logits.index_select(0, to_device(logits_indices, self.input_ids.device))
 
     def _upload(self, host: dict[str, np.ndarray], fixup: PendingFixup | None, bs: int, width: int) -> None:
         """The replay's inputs by one copy of the mirror, the block tables spread into place, and the
