@@ -34,13 +34,14 @@ export CARPOOL_CACHE_DIR=${CARPOOL_CACHE_DIR:-/tmp/carpool-cache}
 status=0
 step() { echo "=== $* ($(date +%T))"; "$@" || { echo "!!! failed: $*"; status=1; return 1; }; }
 gpu_tests="tests/test_gpu_engine.py tests/test_triton_ops.py tests/test_triton_distributed.py tests/test_triton_worker.py tests/test_spec_decode_gpu.py"  # (the server tests need fastapi/openai)
-# the single-GPU tests as one step; $@: what goes before pytest (e.g. "timeout 300")
+# the single-GPU tests as one step; $@: what goes before pytest (e.g. "timeout -s INT -k 20 300": SIGINT, so
+# that pytest cut by the limit still prints which tests failed)
 run_gpu_tests() { step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider $gpu_tests -o addopts=""; }
 # the quantization and MoE GPU tests as one step, the same way
 quant_moe_tests="tests/test_quant_kernels.py tests/test_quant_engine.py tests/test_fused_moe.py tests/test_moe_gpu.py
-  tests/test_fused_moe_quantized.py tests/test_quant_moe.py"
+  tests/test_fused_moe_quantized.py tests/test_quant_moe.py tests/test_moe_fused_routing.py"
 run_quant_moe_tests() {
-  step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 $quant_moe_tests
+  step "$@" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 --tb=short -rf $quant_moe_tests
 }
 # a command run on the older commit's copy in .baseline/ ("seams", "rest"): `step base timeout N python3 ...`
 # (timeout cannot run a shell function, so it goes inside)
@@ -108,7 +109,7 @@ fi
 if [ "$mode" = balance ]; then
   # The decode attention's work balance for mixed context lengths: the GPU tests, batch-1 latency, the
   # decode kernel on equal and on mixed contexts (balanced and not), offline throughput with and without it.
-  run_gpu_tests timeout 400
+  run_gpu_tests timeout -s INT -k 20 400
   step timeout 200 python3 benchmarks/bench_latency.py --breakdown --out "$out/latency.json"
   step timeout 300 python3 benchmarks/bench_kernels.py --quick --parts decode,mixed --out "$out/kernels.json"
   step timeout 240 python3 benchmarks/bench_throughput.py --profile --out "$out/throughput.json"
@@ -120,7 +121,7 @@ if [ "$mode" = seams ]; then
   # commit's carpool/ and benchmarks/ in .baseline/, carried to the machine), ${3:-2} times each.
   # Even pairs run the baseline first (ABBA): a run's place in the call (the first throughput run of a call
   # was the slow one in both H100 checks) then weighs on both trees alike.
-  run_gpu_tests timeout 240
+  run_gpu_tests timeout -s INT -k 20 240
   for i in $(seq "${3:-2}"); do
     this() { step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_$i.json"; }
     that() { step base timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_base_$i.json"; }
@@ -163,14 +164,15 @@ if [ "$mode" = moe-hf ]; then
   finish
 fi
 if [ "$mode" = spec-train ]; then
-  # Issue 23's GPU tests (the draft chain's graphs run here first), the demo models' batch-1 step profiled
-  # (host against device time), speculative decoding on the demo pair with a profile of each method's
-  # batch-1 steps, then issue 20's compiled training beside torchtitan (carry .whl); limits add up to 590 s.
-  step timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf tests/test_spec_decode_gpu.py
-  step timeout 60 python3 benchmarks/bench_latency.py --model carpool/demo_models/main --breakdown --profile \
-    --out "$out/demo_latency.json"
+  # Issue 23's GPU tests, speculative decoding on the demo pair with a profile of each method's batch-1
+  # steps (host against device time) and again without CUDA graphs, then issue 20's compiled training
+  # beside torchtitan (carry .whl); limits add up to 590 s.
+  step timeout -s INT -k 20 140 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf tests/test_spec_decode_gpu.py
   step timeout 150 python3 benchmarks/bench_spec_decode.py --skip-mechanics --profile --model carpool/demo_models/main \
     --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  # the same pair without graphs: the draft's acceptance with and without them (0.63 graphed, 0.76 before)
+  step timeout 60 python3 benchmarks/bench_spec_decode.py --skip-mechanics --enforce-eager --throughput-batch 4 \
+    --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_eager.json"
   step timeout 240 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --out "$out/train_compile.json"
   finish
 fi
@@ -182,7 +184,7 @@ fi
 if [ "$mode" = features ]; then
   # Each step has its own limit so that one slow or hung step leaves time for the rest; the limits add up
   # to 595 s, inside one 10-minute call.
-  run_quant_moe_tests timeout 220
+  run_quant_moe_tests timeout -s INT -k 20 220
   step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --peers plain --out "$out/train.json"
   step timeout 75 python3 benchmarks/bench_quant.py --quick --out "$out/quant.json"
   step timeout 55 python3 benchmarks/bench_moe.py --quick --out "$out/moe.json"
@@ -192,13 +194,13 @@ if [ "$mode" = features ]; then
 fi
 
 if [ "$mode" = rest ] || [ "$mode" = priority ]; then
-  run_gpu_tests timeout 240
+  run_gpu_tests timeout -s INT -k 20 240
   step timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency.json"
   step base timeout 100 python3 benchmarks/bench_latency.py --out "$out/latency_base.json"
   step timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput.json"
   step base timeout 150 python3 benchmarks/bench_throughput.py --out "$out/throughput_base.json"
   if [ "$mode" = priority ]; then
-    run_quant_moe_tests timeout 170
+    run_quant_moe_tests timeout -s INT -k 20 170
     step timeout 75 python3 benchmarks/bench_train.py --steps 8 --warmup 2 --peers plain --out "$out/train.json"
     finish
   fi
@@ -210,7 +212,7 @@ fi
 if [ "$mode" = check ]; then
   # The figures of the issue's targets, each measured twice, with the GPU tests first: batch-1 latency
   # (profiled, repeated, and without the fused gate/up GEMV + SiLU) and offline throughput (plain, profiled).
-  run_gpu_tests timeout 300
+  run_gpu_tests timeout -s INT -k 20 300
   step timeout 150 python3 benchmarks/bench_latency.py --profile --out "$out/latency.json"
   step timeout 150 python3 benchmarks/bench_latency.py --no-fused-gemv-silu --out "$out/latency_unfused_silu.json"
   step timeout 150 python3 benchmarks/bench_latency.py --out "$out/latency_repeat.json"
@@ -248,12 +250,12 @@ if [ "$mode" = tp ]; then
   # GPU (streams); if they fail, the rest runs without the push exchange.
   # (the model-family push test is a CPU test of the wiring: on a GPU its engine start-up compiles for
   # minutes, which once ran this step past its limit)
-  step timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_distributed.py -o addopts="" \
+  step timeout -s INT -k 20 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_distributed.py -o addopts="" \
     -k "over_simulated_ranks or pushes_to_the_norm" \
     || { push_off=--no-push-all-reduce; echo "!!! push exchange off for the remaining steps"; }
-  step timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_ops.py -o addopts="" \
+  step timeout -s INT -k 20 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_ops.py -o addopts="" \
     -k "gemv_silu or gemv_rope"
-  step timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
+  step timeout -s INT -k 20 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_custom_all_reduce.py -o addopts="" -s
   # Llama-3-8B shape, batch 1: TP=2 (rank-0 profile), TP=2 without the push exchange (the fused exchange
   # after each row-parallel GEMV instead), TP=1, and both sizes with the q/k/v GEMV and RoPE + KV store
   # as two kernels.
