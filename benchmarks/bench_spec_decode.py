@@ -9,7 +9,7 @@
    mechanics' ceiling, independent of any proposer's quality. Speculation is forced on at every batch
    size here; `load_aware` repeats the largest batch with the default disable_by_batch_size.
 3. real (with --model PATH): n-gram and, with --draft-model, the draft model on an input-grounded
-   workload (prompts asking to repeat a source file with one identifier renamed), tokens/s over plain at
+   workload (a source file, then its start again with one identifier renamed), tokens/s over plain at
    batch 1 and at --throughput-batch (load awareness on, as configured by default); acceptance rates.
 
 Parts 1 and 2 use the model of --model when given (then no shape arithmetic), else --shape with dummy
@@ -220,9 +220,13 @@ def mechanics(model: str, engine_kwargs: dict[str, Any], args: argparse.Namespac
 
 # ---- part 3: real weights, input-grounded workload ----------------------------------------------------
 def grounded_prompts(tokenizer: Any, n: int, chars: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
-    """Prompts asking to repeat a source file of this repository with one identifier renamed: the answer
-    is mostly text already in the context, where n-gram lookup and a draft model both do well. A prompt
-    longer than max_tokens is built again from a shorter part of its file."""
+    """Prompts that hold a source file of this repository and then start it again with one identifier
+    renamed (its first quarter): continuing means copying text already in the context (with the rename),
+    where n-gram lookup and a draft model both do well, and a base model trained on code (the demo models)
+    continues it without any chat format. (A chat-template request to repeat the file made the demo model
+    loop on a code fence, a workload both proposers predict trivially.) The files are this checkout's, so
+    another commit's workload differs slightly. A prompt longer than max_tokens is built again from a
+    shorter part of its file."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "carpool")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".py"))
     rng = random.Random(seed)
@@ -237,11 +241,8 @@ def grounded_prompts(tokenizer: Any, n: int, chars: int, max_tokens: int, seed: 
             names = sorted({w for w in src.replace("(", " ").replace(".", " ").split() if w.isidentifier()
                             and len(w) > 5})
             old = names[int(pick * len(names))] if names else "self"
-            text = (f"Here is a Python file:\n```python\n{src}\n```\nRepeat the whole file exactly, except "
-                    f"rename `{old}` to `{old}_{i}`.\n```python\n")
-            if getattr(tokenizer, "chat_template", None):
-                text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                     add_generation_prompt=True) + "```python\n"
+            head = src[:max(1, len(src) // 4)].replace(old, f"{old}_{i}")
+            text = f"{src}\n\n# The same file again, with `{old}` renamed to `{old}_{i}`:\n\n{head}"
             ids = tokenizer(text)["input_ids"]
             if len(ids) <= max_tokens or size < 64:
                 break
@@ -342,7 +343,9 @@ def main() -> None:
     ap.add_argument("--lookup-min", type=int, default=2)
     ap.add_argument("--lookup-max", type=int, default=5)
     ap.add_argument("--throughput-batch", type=int, default=256, help="part 3: the large batch")
-    ap.add_argument("--source-chars", type=int, default=3000, help="part 3: characters of source per prompt")
+    ap.add_argument("--source-chars", type=int, default=2000,
+                    help="part 3: characters of source per prompt (2000: prompt and output stay inside the demo "
+                         "models' 1024-token training context)")
     ap.add_argument("--skip-mechanics", action="store_true", help="only part 3")
     ap.add_argument("--profile", action="store_true",
                     help="part 3: a torch.profiler summary of 20 batch-1 steps of each method (device vs wall time)")
