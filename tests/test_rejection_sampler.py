@@ -112,3 +112,18 @@ def test_seeded_rows_draw_the_same_tokens_again():
     first = run()
     torch.manual_seed(2)  # the global stream differs; seeded rows do not read it
     assert run() == first
+
+
+@pytest.mark.parametrize("accepted, num_drafts, expected", [
+    ([True, True, False], [2], [3]),  # both proposed tokens kept, then the bonus row's token
+    ([True, False, True], [2], [2]),  # the walk stops at the first rejection
+    ([False, True, True], [2], [1]),
+    ([True], [0], [1]),  # nothing proposed: the bonus row alone (its entry ignored)
+    ([True, True, True, False, True, True, True, False, False], [3, 1, 0, 1], [4, 2, 1, 1]),
+])
+def test_emitted_lengths_count_the_leading_accepted_tokens_plus_one(accepted, num_drafts, expected):
+    """The host walk of a verification: each request's rows are its proposed tokens' then its bonus row."""
+    from carpool.layers.rejection_sampler import emitted_lengths
+
+    got = emitted_lengths(np.array(accepted), np.array(num_drafts))
+    assert got.tolist() == expected
