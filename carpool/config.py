@@ -256,6 +256,11 @@ class KernelConfig:
     # the multi-row GEMV (ops/triton/gemv.py gemv_rows; with fused_gemv_silu, gate/up with SiLU-and-mul in
     # it) rather than cuBLAS. Off until a GPU run shows it faster (benchmarks/bench_gemv.py --rows).
     small_batch_gemv: bool = False
+    # Triton attention, steps whose longest query has 2-16 tokens (speculative verification, a draft's
+    # catch-up): attention as split-K decode, one decode row per query token with its own causal context
+    # (attention/triton_paged.py), instead of the prefill kernel's one program per query tile and head.
+    # Off until a GPU run shows it faster (benchmarks/bench_spec_decode.py part 1 and the demo pair).
+    short_query_decode: bool = False
 
 
 SPEC_METHODS = ("ngram", "draft_model", "replay")

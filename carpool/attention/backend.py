@@ -74,6 +74,12 @@ class AttentionBackend(ABC):
         """Static inputs of the backend's own that each replay refills (prepare_replay)."""
         return []
 
+    def decode_rows(self, query_len: int) -> bool:
+        """Whether steps whose longest query has query_len tokens run attention as one decode row per
+        query token (attention/triton_paged.py as_decode_rows); a graph of them is captured over its
+        tokens as decode rows."""
+        return False
+
     def configure_graphs(self, batch_sizes: list[int], num_kv_heads: int) -> None:
         """Before capture: the batch sizes that get a graph and the model's KV heads per rank."""
 
@@ -87,14 +93,20 @@ class AttentionBackend(ABC):
         """Fill the backend's host fields for a replay of `batch_size` rows, the first len(seq_lens) real."""
 
 
-def get_attention_backend(kernel_backend: str, kv_cache: "KVCacheScheme | None" = None) -> AttentionBackend:
+def get_attention_backend(kernel_backend: str, kv_cache: "KVCacheScheme | None" = None,
+                          short_query_decode: bool = False) -> AttentionBackend:
     """The inference backend of a kernel backend ('torch' | 'triton') over a KV cache in the model dtype
-    (default) or FP8 (kv_cache.is_fp8: attention/fp8_kv.py)."""
+    (default) or FP8 (kv_cache.is_fp8: attention/fp8_kv.py). `short_query_decode`
+    (KernelConfig.short_query_decode, Triton only): steps of 2-16 query tokens per request run attention
+    as decode rows (attention/triton_paged.py)."""
     if kv_cache is not None and kv_cache.is_fp8 and kernel_backend in ("torch", "triton"):
         from carpool.attention.fp8_kv import Fp8PagedAttentionBackend, Fp8TritonAttentionBackend
 
-        cls = Fp8PagedAttentionBackend if kernel_backend == "torch" else Fp8TritonAttentionBackend
-        return cls(checkpoint_scales=kv_cache.checkpoint_scales)
+        if kernel_backend == "torch":
+            return Fp8PagedAttentionBackend(checkpoint_scales=kv_cache.checkpoint_scales)
+        fp8 = Fp8TritonAttentionBackend(checkpoint_scales=kv_cache.checkpoint_scales)
+        fp8.short_query_decode = short_query_decode
+        return fp8
     if kernel_backend == "torch":
         from carpool.attention.paged import PagedAttentionBackend
 
@@ -102,7 +114,7 @@ def get_attention_backend(kernel_backend: str, kv_cache: "KVCacheScheme | None" 
     if kernel_backend == "triton":
         from carpool.attention.triton_paged import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(short_query_decode)
     raise ValueError(f"kernel backend: unknown {kernel_backend!r}; choose 'torch' or 'triton'")
 
 

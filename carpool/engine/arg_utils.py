@@ -45,6 +45,8 @@ KERNEL_FLAG_HELP: dict[str, str] = {
                          "torch's five",
     "small_batch_gemv": "steps of 2-16 rows: unquantized projections through the multi-row Triton GEMV rather "
                         "than cuBLAS (default off: unmeasured)",
+    "short_query_decode": "steps of 2-16 query tokens per request (verification): attention as split-K decode, "
+                          "one row per query token (default off: unmeasured)",
 }
 
 
@@ -86,6 +88,7 @@ class EngineArgs:
     push_logits: bool = True
     fused_moe_routing: bool = True
     small_batch_gemv: bool = False
+    short_query_decode: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "EngineArgs":

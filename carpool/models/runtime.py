@@ -45,9 +45,10 @@ class ModelRuntime:
                       packed_modules: Mapping[str, tuple[str, Any]] | None = None,
                       kv_cache: KVCacheScheme | None = None, expert_parallel: bool = False) -> "ModelRuntime":
         kv_cache = kv_cache or KVCacheScheme()
-        return ModelRuntime(get_kernel_ops(kernel_backend), get_attention_backend(kernel_backend, kv_cache),
-                            comm, kernels or KernelConfig(), quantization, dict(packed_modules or {}), kv_cache,
-                            expert_parallel)
+        kernels = kernels or KernelConfig()
+        attention = get_attention_backend(kernel_backend, kv_cache, kernels.short_query_decode)
+        return ModelRuntime(get_kernel_ops(kernel_backend), attention, comm, kernels, quantization,
+                            dict(packed_modules or {}), kv_cache, expert_parallel)
 
     @staticmethod
     def plain() -> "ModelRuntime":

@@ -193,8 +193,12 @@ class CUDAGraphRunner:
         # largest first: smaller graphs reuse its memory pool
         self.shapes.sort(key=lambda s: (s.num_tokens, s.num_reqs), reverse=True)
         self.index = GraphIndex.of(self.shapes)
-        n = self.max_bs
         num_tokens = max(s.num_tokens for s in self.shapes)
+        # Verification graphs whose attention runs as decode rows (attention.decode_rows) read one
+        # seq_lens entry, table row and plan entry per token: the per-request buffers hold that many rows.
+        self.row_counts = sorted({s.num_tokens for s in self.shapes if s.query_len > 1
+                                  and attention.decode_rows(s.query_len)})
+        n = max([self.max_bs, *self.row_counts])
         self.max_model_len = max_model_len
         max_blocks_per_req = cdiv(max_model_len, block_size)
         # Every input a replay changes, in one device buffer that one copy from pinned memory refills
@@ -220,7 +224,8 @@ class CUDAGraphRunner:
         self.query_start_loc = self.query_start_locs[1]
         self.buffers = GraphBuffers(self.query_start_loc, self.seq_lens, self.block_tables, self.slot_mapping,
                                     {f.name: t[f.name] for f in backend_fields}, self.prefix_len)
-        attention.configure_graphs(self.batch_sizes, model.attention_layers()[0].num_kv_heads)
+        attention.configure_graphs(sorted({*self.batch_sizes, *self.row_counts}),
+                                   model.attention_layers()[0].num_kv_heads)
         self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
         self.logits: dict[GraphShape, torch.Tensor] = {}
         # Verification graphs write their logits into one shared buffer (a view per graph), so that each
@@ -231,10 +236,16 @@ class CUDAGraphRunner:
         # captured kernels read (built in warm-up, see capture), which must not be freed.
         self.batches: dict[GraphShape, ForwardBatch] = {}
 
+    def _decode_rows(self, shape: GraphShape) -> bool:
+        return shape.query_len > 1 and self.attention.decode_rows(shape.query_len)
+
     def _batch(self, shape: GraphShape) -> ForwardBatch:
-        buffers = dataclasses.replace(self.buffers, query_start_loc=self.query_start_locs[shape.query_len])
-        meta = self.attention.graph_metadata(shape.num_reqs, buffers, shape.cascade, self.max_model_len,
-                                             shape.query_len)
+        if self._decode_rows(shape):  # every token one decode row (query_start_locs[1] is 0, 1, 2, ...)
+            meta = self.attention.graph_metadata(shape.num_tokens, self.buffers, False, self.max_model_len)
+        else:
+            buffers = dataclasses.replace(self.buffers, query_start_loc=self.query_start_locs[shape.query_len])
+            meta = self.attention.graph_metadata(shape.num_reqs, buffers, shape.cascade, self.max_model_len,
+                                                 shape.query_len)
         t = shape.num_tokens
         return ForwardBatch(input_ids=self.input_ids[:t], positions=self.positions[:t], attn=meta)
 
@@ -359,7 +370,16 @@ class CUDAGraphRunner:
             host["slot_mapping"][t:bs * w] = -1
             host["seq_lens"][b:bs] = w
             tables[b:bs] = 0
-        self._upload(host, fixup, bs, width)
+        rows = bs
+        if self._decode_rows(shape):
+            # one decode row per graph token: context = its position + 1, its request's table row
+            rows = bs * w
+            row_tables = host["packed_block_tables"][:rows * width].reshape(rows, width)
+            row_tables[:] = np.repeat(tables.copy(), w, axis=0)
+            row_lens = (host["positions"][:rows] + 1).astype(np.int32)
+            host["seq_lens"][:rows] = row_lens
+            self.attention.prepare_replay(host, row_lens, rows)
+        self._upload(host, fixup, rows, width)
         self.graphs[shape].replay()
         logits = self.logits[shape]
         first = int(logits_indices[0]) if len(logits_indices) else 0
