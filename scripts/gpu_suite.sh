@@ -22,7 +22,8 @@
 # demo pair (issue 23); "train" the training benchmark eager and compiled beside torchtitan and the plain
 # FSDP2 loop (issue 20; carry .whl after `bash scripts/gpu_wheels.sh train`, else torchtitan is skipped);
 # "moe-hf" the MoE shape beside HF transformers on 32 prompts of the random workload (issue 22); "spec-train"
-# the speculative-decoding GPU tests, the demo pair profiled and the compiled training benchmark (one call).
+# the speculative-decoding GPU tests, the demo pair profiled and the compiled training benchmark (one call);
+# "spec-verify" the verification cost with short_query_decode off and on, and the demo pair with it on.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -51,7 +52,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -174,6 +175,16 @@ if [ "$mode" = spec-train ]; then
   step timeout 60 python3 benchmarks/bench_spec_decode.py --skip-mechanics --enforce-eager --throughput-batch 4 \
     --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_eager.json"
   step timeout 240 python3 benchmarks/bench_train.py --compile --steps 10 --warmup 3 --out "$out/train_compile.json"
+  finish
+fi
+if [ "$mode" = spec-verify ]; then
+  # short_query_decode off and on: the cost of verifying k = 1..8 tokens on the Llama-3-8B shape (part 1;
+  # part 2 cut to batch 1 at acceptance 1.0), then the demo pair with it on (limits add up to 580 s)
+  step timeout 220 python3 benchmarks/bench_spec_decode.py --rates 1.0 --batch-sizes 1 --out "$out/verify_cost.json"
+  step timeout 220 python3 benchmarks/bench_spec_decode.py --short-query-decode --rates 1.0 --batch-sizes 1 \
+    --out "$out/verify_cost_decode_rows.json"
+  step timeout 140 python3 benchmarks/bench_spec_decode.py --skip-mechanics --short-query-decode --profile \
+    --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_decode_rows.json"
   finish
 fi
 if [ "$mode" = train ]; then
