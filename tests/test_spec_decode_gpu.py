@@ -140,3 +140,16 @@ def test_tensor_parallel_draft_with_graphs_gives_greedy_tokens_without_speculati
         assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("method", ["replay", "draft_model"])
+def test_verifications_as_decode_rows_give_greedy_tokens_without_speculation(gpu_checkpoint, tmp_path, method):
+    """KernelConfig.short_query_decode: verification graphs (and the draft's catch-ups) captured over one
+    decode row per query token keep greedy's tokens."""
+    reference = generate(LLM(gpu_checkpoint, device="cuda", **KV), prompts())
+    llm = LLM(gpu_checkpoint, device="cuda", **KV, short_query_decode=True,
+              speculative_config=spec_config(method, gpu_checkpoint, tmp_path, reference))
+    assert generate(llm, prompts()) == reference
+    runner = llm.engine.core.executor.runner  # type: ignore[attr-defined]
+    assert runner.graph_runner.batches[GraphShape(1, K + 1)].attn.max_query_len == 1  # decode rows
+    assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
