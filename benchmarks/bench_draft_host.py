@@ -10,7 +10,8 @@ cycle (the catch-up at its widest, k + 1 tokens).
 
 Reported: ms per engine step of the plain engine, ms per cycle of the draft-model engine and, of that,
 ms inside DraftModelProposer.propose (its graph replays, the catch-up's and the single-token chain's,
-counted by kind). A GPU adds each launch's driver cost on top; this measures the Python/NumPy side.
+counted by kind), and ms per step of an n-gram engine (its verification steps). A GPU adds each launch's
+driver cost on top; this measures the Python/NumPy side.
   python benchmarks/bench_draft_host.py --model carpool/demo_models/main --draft-model carpool/demo_models/draft
 """
 
@@ -145,6 +146,15 @@ def main() -> None:
     counts.clear()
     spec_times, spec_tokens = timed_steps(llm, prompt, args.new_tokens)
     cycles = len(spec_times)
+    draft_replays = dict(counts)
+    llm.engine.shutdown()
+
+    # n-gram lookup on the same engine settings: its verification step's host time (zero logits: every
+    # guess is token 0, so lookups match once the output repeats)
+    ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    llm = LLM(args.model, **kwargs, speculative_config=ngram)
+    timed_steps(llm, prompt, 20)
+    ngram_times, ngram_tokens = timed_steps(llm, prompt, args.new_tokens)
     llm.engine.shutdown()
 
     def ms(xs: list[float]) -> float:
@@ -154,7 +164,8 @@ def main() -> None:
           "plain_step_host_ms": ms(plain_times), "plain_tokens_per_step": round(plain_tokens / len(plain_times), 3),
           "draft_cycle_host_ms": ms(spec_times), "draft_tokens_per_cycle": round(spec_tokens / cycles, 3),
           "propose_host_ms": ms(propose_s), "cycle_minus_propose_ms": round(ms(spec_times) - ms(propose_s), 4),
-          "replays_per_cycle": {k: round(v / cycles, 3) for k, v in counts.items()},
+          "ngram_step_host_ms": ms(ngram_times), "ngram_tokens_per_step": round(ngram_tokens / len(ngram_times), 3),
+          "replays_per_cycle": {k: round(v / cycles, 3) for k, v in draft_replays.items()},
           # host time per emitted token, the draft engine's over the plain engine's (< 1: the draft cycle's
           # host work is cheaper per token than plain decoding's)
           "host_ms_per_token_draft_over_plain": round((ms(spec_times) * cycles / spec_tokens)
