@@ -623,35 +623,6 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     (ExpertScales) or packed int4 (Int4ExpertScales) and are dequantized in registers (W8A16 / W4A16:
     hidden is not quantized). Weights must be contiguous in their last dim; topk_ids must be valid global
     expert ids (not checked on the device: that would sync)."""
-    return _fused_moe(hidden, w13, w2, topk_weights, topk_ids, config, expert_start, num_global_experts, scales)
-
-
-def fused_moe_routed(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                     routing: TopKRouting, config: FusedMoeConfig | None = None, *, expert_start: int = 0,
-                     num_global_experts: int | None = None, scales: QuantizedExperts | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`fused_moe` from router logits [T, num_global_experts] (the router GEMV's output) rather than a
-    routing: (output [T, H], topk_weights [T, k], topk_ids [T, k] int32), as torch_ref's twin
-    (`select_experts` then `fused_moe`; equal logits ordered by increasing id).
-
-    Launches: the routing kernel (_moe_route_kernel), then fused_moe's. Torch's routing is five kernels
-    (softmax, topk, sum, divide, cast) that do not launch under PDL, so each also waits for its
-    predecessor to finish and delays the next kernel's launch; at batch 1 of Qwen3-30B-A3B that is 48
-    layers x 5 of the ~3-4 us a small kernel costs in a CUDA graph without PDL (benchmarks/bench_moe.py
-    times both)."""
-    _check_router_logits(router_logits, routing)
-    total = w13.shape[0] if num_global_experts is None else num_global_experts
-    if router_logits.shape != (hidden.shape[0], total):
-        raise ValueError(f"router_logits: expected [T={hidden.shape[0]}, num_experts={total}], got "
-                         f"{tuple(router_logits.shape)}")
-    weights, ids = select_experts(router_logits, routing)
-    return fused_moe(hidden, w13, w2, weights, ids, config, expert_start=expert_start,
-                     num_global_experts=num_global_experts, scales=scales), weights, ids
-
-
-def _fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-               topk_ids: torch.Tensor, config: FusedMoeConfig | None, expert_start: int,
-               num_global_experts: int | None, scales: QuantizedExperts | None) -> torch.Tensor:
     pack = scales.pack if scales is not None else 1
     check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start, num_global_experts, pack)
     if hidden.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
@@ -709,3 +680,25 @@ def _fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
                  gate_up=False, cfg=cfg)
     # (torch sums a bf16 tensor in float32 and rounds once, as the GEMV path does.)
     return scaled.view(num_tokens, top_k, h).sum(dim=1)
+
+
+def fused_moe_routed(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     routing: TopKRouting, config: FusedMoeConfig | None = None, *, expert_start: int = 0,
+                     num_global_experts: int | None = None, scales: QuantizedExperts | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_moe` from router logits [T, num_global_experts] (the router GEMV's output) rather than a
+    routing: (output [T, H], topk_weights [T, k], topk_ids [T, k] int32), as torch_ref's twin
+    (`select_experts` then `fused_moe`; equal logits ordered by increasing id).
+
+    Launches: the routing kernel (_moe_route_kernel), then fused_moe's. Torch's routing is five kernels
+    (softmax, topk, sum, divide, cast) that do not launch under PDL, so each also waits for its
+    predecessor to finish and delays the next kernel's launch; at batch 1 of Qwen3-30B-A3B that is 48
+    layers x 5 of the ~3-4 us a small kernel costs in a CUDA graph without PDL (benchmarks/bench_moe.py
+    times both)."""
+    total = w13.shape[0] if num_global_experts is None else num_global_experts
+    if router_logits.shape != (hidden.shape[0], total):
+        raise ValueError(f"router_logits: expected [T={hidden.shape[0]}, num_experts={total}], got "
+                         f"{tuple(router_logits.shape)}")
+    weights, ids = select_experts(router_logits, routing)
+    return fused_moe(hidden, w13, w2, weights, ids, config, expert_start=expert_start,
+                     num_global_experts=num_global_experts, scales=scales), weights, ids
