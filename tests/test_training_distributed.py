@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from training_fixtures import build_token_files, tiny_config
+from training_fixtures import build_token_files, join_gloo_group, tiny_config
 
 from carpool.training.trainer import Trainer
 
@@ -38,11 +38,7 @@ def _one_step(cfg, save: bool = False) -> dict:
 
 
 def _worker(rank: int, world: int, paths: dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    # A file rendezvous: no port to pick, so nothing else on the machine can take it between pick and bind.
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
-                            world_size=world)
+    join_gloo_group(rank, world, out_dir)
     try:
         for strategy, reshard, ac in STRATEGIES:
             name = f"{strategy}-{reshard}-{ac}"

@@ -11,10 +11,9 @@ import os
 import sys
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from training_fixtures import build_token_files, tiny_config
+from training_fixtures import build_token_files, join_gloo_group, tiny_config
 
 from carpool.training.trainer import Trainer
 
@@ -28,10 +27,7 @@ LAYERS = 4
 def _worker(rank: int, world: int, paths: dict, out_dir: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
-                            world_size=world)
+    join_gloo_group(rank, world, out_dir)
     try:
         for prefetch in (True, False):
             cfg = tiny_config(paths, os.path.join(out_dir, f"prefetch-{prefetch}"), micro_batch_size=2,

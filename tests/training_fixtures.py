@@ -46,3 +46,16 @@ def tiny_config(paths: dict[str, str], output_dir: str, **overrides: Any) -> Tra
         else:
             data[key] = value
     return TrainConfig.from_dict(data)
+
+
+def join_gloo_group(rank: int, world: int, out_dir: str) -> None:
+    """Make this spawned process rank `rank` of a gloo group of `world`, as torchrun would (RANK,
+    WORLD_SIZE, LOCAL_RANK), one CPU thread each. A file rendezvous in out_dir: no port to pick, so
+    nothing else on the machine can take it between pick and bind."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=world)
