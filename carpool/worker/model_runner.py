@@ -8,11 +8,12 @@ replay CUDA graphs (so do verifications, below); every other step, and any step 
 prompt tokens, runs eagerly.
 
 Speculative decoding: a request the scheduler gives proposed tokens (`scheduled_spec_decode_tokens`)
-computes them after its known ones; the runner takes logits at all its k + 1 positions and the
-rejection sampler decides what it emits. On a GPU, a verification step replays the CUDA graph of its
-widest request's query width, narrower requests (shorter or no proposals, plain decodes) padded in front
-with queries that store nothing (worker/cuda_graph.py): proposals stay what the proposer found, so the
-scheduler's budget, KV slots and acceptance metrics count real proposed tokens only.
+computes them after its known ones; the runner takes logits at all its k + 1 positions, samples each
+position as plain sampling would, and once those samples reach the host the walk of
+layers/rejection_sampler.py (emitted_lengths) decides what it emits. On a GPU, a verification step
+replays the CUDA graph of its widest request's query width, narrower requests (shorter or no proposals,
+plain decodes) padded in front with queries that store nothing (worker/cuda_graph.py): proposals stay what
+the proposer found, so the scheduler's budget, KV slots and acceptance metrics count real proposed tokens only.
 Once a step's tokens are on the host, the proposer guesses the next tokens of the rows that sampled;
 they travel back to the scheduler in `ModelRunnerOutput.spec_token_ids`.
 """
@@ -112,7 +113,8 @@ class ModelRunner:
         # Speculative decoding: the proposer runs where the step's tokens are resolved: rank 0 under TP,
         # whose output is the one the engine reads, or every rank for a draft model split over the ranks
         # (each resolves the same tokens into the same request state, so they propose in lockstep and
-        # meet in the same collectives). The rejection sampler runs wherever tokens are sampled.
+        # meet in the same collectives). A verification's candidates are sampled wherever tokens are
+        # sampled (`sample`), and every rank walks them on its host.
         spec = config.speculative_config
         on_every_rank = spec is not None and spec.draft_on_every_rank
         self.proposer = make_proposer(config, self) if tp.rank == 0 or on_every_rank else None
