@@ -35,7 +35,9 @@ never tokens inside a real request. Any other shape (prefill chunks wider than t
 past the ladder, too little context) runs eagerly. The kernels see a verification step as an ordinary
 prefill/extend step with W queries per request (ops/triton/attention.py); the per-step tile map of that
 kernel depends only on the query lengths, which the graph fixes, so it is built once in warm-up and kept
-with the graph.
+with the graph. With KernelConfig.short_query_decode (attention.decode_rows) they see it instead as bs * W
+decode rows, one per graph token with its own context length and its request's table row, refilled at
+each replay with the decode plan for those lengths (attention/triton_paged.py).
 
 Everything the captured kernels read must live in these static device buffers: no host values that
 change between replays, no .item()/.tolist() inside. What attention needs beyond the common inputs (the
