@@ -104,9 +104,7 @@ def get_attention_backend(kernel_backend: str, kv_cache: "KVCacheScheme | None" 
 
         if kernel_backend == "torch":
             return Fp8PagedAttentionBackend(checkpoint_scales=kv_cache.checkpoint_scales)
-        fp8 = Fp8TritonAttentionBackend(checkpoint_scales=kv_cache.checkpoint_scales)
-        fp8.short_query_decode = short_query_decode
-        return fp8
+        return Fp8TritonAttentionBackend(kv_cache.checkpoint_scales, short_query_decode)
     if kernel_backend == "torch":
         from carpool.attention.paged import PagedAttentionBackend
 

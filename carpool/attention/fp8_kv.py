@@ -96,6 +96,6 @@ class Fp8TritonAttentionBackend(_Fp8KVMixin, TritonAttentionBackend):
     """The Triton kernels over an FP8 cache (decode split-K with cascade, prefill/extend): the model-dtype
     backend's own kernels, which switch on the cache's dtype."""
 
-    def __init__(self, checkpoint_scales: bool = False) -> None:
-        super().__init__()
+    def __init__(self, checkpoint_scales: bool = False, short_query_decode: bool = False) -> None:
+        super().__init__(short_query_decode)
         self.checkpoint_scales = checkpoint_scales
