@@ -23,7 +23,9 @@
 # FSDP2 loop (issue 20; carry .whl after `bash scripts/gpu_wheels.sh train`, else torchtitan is skipped);
 # "moe-hf" the MoE shape beside HF transformers on 32 prompts of the random workload (issue 22); "spec-train"
 # the speculative-decoding GPU tests, the demo pair profiled and the compiled training benchmark (one call);
-# "spec-verify" the verification cost with short_query_decode off and on, and the demo pair with it on.
+# "spec-verify" the verification cost with short_query_decode off and on, and the demo pair with it on;
+# "open-checks" the quantization/MoE and speculative-decoding GPU tests, MoE batch 1 with the routing
+# kernel, and the demo pair with short_query_decode off (profiled) and on (one call).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -52,7 +54,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -184,6 +186,17 @@ if [ "$mode" = spec-verify ]; then
   step timeout 220 python3 benchmarks/bench_spec_decode.py --short-query-decode --rates 1.0 --batch-sizes 1 \
     --out "$out/verify_cost_decode_rows.json"
   step timeout 140 python3 benchmarks/bench_spec_decode.py --skip-mechanics --short-query-decode --profile \
+    --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_decode_rows.json"
+  finish
+fi
+if [ "$mode" = open-checks ]; then
+  # limits add up to 580 s
+  run_quant_moe_tests timeout -s INT -k 20 170
+  step timeout -s INT -k 20 100 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf tests/test_spec_decode_gpu.py
+  step timeout 70 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
+  step timeout 130 python3 benchmarks/bench_spec_decode.py --skip-mechanics --profile --model carpool/demo_models/main \
+    --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  step timeout 110 python3 benchmarks/bench_spec_decode.py --skip-mechanics --short-query-decode \
     --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_decode_rows.json"
   finish
 fi
