@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -274,6 +275,12 @@ def profile_batch1(llm: Any, prompt: list[int], new_tokens: int, steps: int = 20
 
 
 def real_models(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Part 3. Every method's engine stays alive (the demo pair is small) and the runs are interleaved:
+    --repeats rounds, each running every method once on each batch-1 prompt and once on the large batch,
+    the order rotated per round. A host-bound step (the demo model's at batch 1 and at 256) moves by
+    10-20% between runs on a shared host, so ratios of runs minutes apart in separate engines were noise
+    as much as signal; here each ratio pairs runs made seconds apart. Reported: batch-1 tokens/s over all
+    rounds, and the median of the per-round ratios at the large batch (with every round's)."""
     from carpool.engine.llm_engine import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -285,6 +292,9 @@ def real_models(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict
     many = grounded_prompts(tokenizer, args.throughput_batch, args.source_chars, limit, seed=1)
     kwargs = dict(engine_kwargs, max_model_len=max(len(p) for p in one + many) + args.new_tokens + 8)
     kwargs.pop("load_format", None)
+    # engines side by side: each takes a fixed KV budget (the large batch's contexts at 8 KiB a token
+    # and more) instead of profiling the free memory the engines built before it left
+    kwargs.setdefault("kv_cache_memory_bytes", args.kv_cache_gib << 30)
     methods: dict[str, dict[str, Any] | None] = {
         "plain": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": args.lookup_min,
@@ -292,35 +302,56 @@ def real_models(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict
     if args.draft_model:
         methods["draft_model"] = {"method": "draft_model", "model": args.draft_model,
                                   "num_speculative_tokens": args.k}
-    out: dict[str, Any] = {"num_speculative_tokens": args.k}
-    base: dict[str, float] = {}
-    for name, spec in methods.items():
-        llm = make_llm(args.model, kwargs, spec)
+    llms = {name: make_llm(args.model, kwargs, spec) for name, spec in methods.items()}
+    names = list(llms)
+    for llm in llms.values():
         run_batch(llm, one[:1], 8)  # warm-up
-        before = spec_counts(llm) if spec else None
-        seconds, tokens, steps = 0.0, 0, 0
+    zero = {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_pos": [0] * args.k}
+    counted = {name: dict(zero) for name in names}  # the batch-1 runs' speculation counts
+    b1 = {name: [0.0, 0, 0] for name in names}  # seconds, tokens, steps
+    bn: dict[str, list[float]] = {name: [] for name in names}
+    many_tokens: dict[str, tuple[int, int]] = {}
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
         for prompt in one:  # batch 1, one prompt after the other
-            run = run_batch(llm, [prompt], args.new_tokens)
-            seconds, tokens, steps = seconds + run.seconds, tokens + run.tokens, steps + run.steps
-        tps1 = tokens / seconds
-        row: dict[str, Any] = {"batch1_tokens_per_s": tps1, "batch1_ms_per_step": 1e3 * seconds / max(steps, 1)}
-        if before is not None:
-            row.update(acceptance(before, spec_counts(llm)))
-        if args.profile:
-            row["batch1_profile"] = profile_batch1(llm, one[0], args.new_tokens)
-        run = run_batch(llm, many, args.new_tokens)
+            for name in order:
+                start = spec_counts(llms[name])
+                run = run_batch(llms[name], [prompt], args.new_tokens)
+                end, total = spec_counts(llms[name]), counted[name]
+                for key in ("drafts", "draft_tokens", "accepted_tokens"):
+                    total[key] += end[key] - start[key]
+                total["accepted_per_pos"] = [t + b - a for t, a, b in zip(total["accepted_per_pos"],
+                                                                          start["accepted_per_pos"],
+                                                                          end["accepted_per_pos"])]
+                acc = b1[name]
+                acc[0], acc[1], acc[2] = acc[0] + run.seconds, acc[1] + run.tokens, acc[2] + run.steps
+        for name in order:
+            run = run_batch(llms[name], many, args.new_tokens)
+            bn[name].append(run.tokens_per_s)
+            many_tokens[name] = (run.tokens, sum(len(o) for o in run.outputs))
+    out: dict[str, Any] = {"num_speculative_tokens": args.k, "repeats": args.repeats}
+    n = args.throughput_batch
+    for name in names:
+        seconds, tokens, steps = b1[name]
+        row: dict[str, Any] = {"batch1_tokens_per_s": tokens / seconds,
+                               "batch1_ms_per_step": 1e3 * seconds / max(steps, 1)}
+        if methods[name] is not None:  # acceptance of the batch-1 runs
+            row.update(acceptance(zero, counted[name]))
         # (the decode window's share of all tokens: unlike shares mean the engines' windows differ)
-        row[f"batch{args.throughput_batch}_tokens_per_s"] = run.tokens_per_s
-        row[f"batch{args.throughput_batch}_decode_window_tokens"] = run.tokens
-        row[f"batch{args.throughput_batch}_total_tokens"] = sum(len(o) for o in run.outputs)
-        release(llm)
-        if name == "plain":
-            base = {"b1": tps1, "bn": row[f"batch{args.throughput_batch}_tokens_per_s"]}
-        else:
-            row["batch1_speedup"] = tps1 / base["b1"]
-            row[f"batch{args.throughput_batch}_throughput_ratio"] = (
-                row[f"batch{args.throughput_batch}_tokens_per_s"] / base["bn"])
+        row[f"batch{n}_tokens_per_s"] = statistics.median(bn[name])
+        row[f"batch{n}_tokens_per_s_by_round"] = bn[name]
+        row[f"batch{n}_decode_window_tokens"], row[f"batch{n}_total_tokens"] = many_tokens[name]
+        if name != "plain":
+            row["batch1_speedup"] = row["batch1_tokens_per_s"] / out["plain"]["batch1_tokens_per_s"]
+            ratios = [a / b for a, b in zip(bn[name], bn["plain"])]
+            row[f"batch{n}_throughput_ratio"] = statistics.median(ratios)
+            row[f"batch{n}_throughput_ratio_by_round"] = ratios
         out[name] = row
+    if args.profile:  # after the timed runs: the profiler's overhead stays out of them
+        for name in names:
+            out[name]["batch1_profile"] = profile_batch1(llms[name], one[0], args.new_tokens)
+    for llm in llms.values():
+        release(llm)
     return out
 
 
@@ -346,6 +377,8 @@ def main() -> None:
     ap.add_argument("--source-chars", type=int, default=2000,
                     help="part 3: characters of source per prompt (2000: prompt and output stay inside the demo "
                          "models' 1024-token training context)")
+    ap.add_argument("--repeats", type=int, default=3, help="part 3: interleaved rounds of every method's runs")
+    ap.add_argument("--kv-cache-gib", type=int, default=4, help="part 3: KV cache of each engine (they coexist)")
     ap.add_argument("--skip-mechanics", action="store_true", help="only part 3")
     ap.add_argument("--profile", action="store_true",
                     help="part 3: a torch.profiler summary of 20 batch-1 steps of each method (device vs wall time)")

@@ -25,7 +25,9 @@
 # the speculative-decoding GPU tests, the demo pair profiled and the compiled training benchmark (one call);
 # "spec-verify" the verification cost with short_query_decode off and on, and the demo pair with it on;
 # "open-checks" the quantization/MoE and speculative-decoding GPU tests, MoE batch 1 with the routing
-# kernel, and the demo pair with short_query_decode off (profiled) and on (one call).
+# kernel, and the demo pair with short_query_decode off (profiled) and on (one call); "open-checks-2" the
+# MoE GPU tests open-checks' limit cut, and the demo pair with every method's runs interleaved, with
+# short_query_decode on and off.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -54,7 +56,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -189,7 +191,7 @@ if [ "$mode" = spec-verify ]; then
     --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_decode_rows.json"
   finish
 fi
-if [ "$mode" = open-checks ]; then
+if [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ]; then
   # limits add up to 580 s
   run_quant_moe_tests timeout -s INT -k 20 170
   step timeout -s INT -k 20 100 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf tests/test_spec_decode_gpu.py
@@ -198,6 +200,16 @@ if [ "$mode" = open-checks ]; then
     --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
   step timeout 110 python3 benchmarks/bench_spec_decode.py --skip-mechanics --short-query-decode \
     --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_decode_rows.json"
+  finish
+fi
+if [ "$mode" = open-checks-2 ]; then
+  # limits add up to 440 s
+  step timeout -s INT -k 20 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 --tb=short -rf \
+    tests/test_fused_moe_quantized.py tests/test_quant_moe.py tests/test_moe_fused_routing.py tests/test_moe_gpu.py
+  step timeout 150 python3 benchmarks/bench_spec_decode.py --skip-mechanics --short-query-decode --profile \
+    --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_decode_rows.json"
+  step timeout 130 python3 benchmarks/bench_spec_decode.py --skip-mechanics \
+    --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
   finish
 fi
 if [ "$mode" = train ]; then
