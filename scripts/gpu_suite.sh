@@ -204,12 +204,12 @@ if [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ]; then
 fi
 if [ "$mode" = open-checks-2 ]; then
   # limits add up to 440 s
-  step timeout -s INT -k 20 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 --tb=short -rf \
-    tests/test_fused_moe_quantized.py tests/test_quant_moe.py tests/test_moe_fused_routing.py tests/test_moe_gpu.py
+  step timeout -s INT -k 20 130 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 --tb=short -rf \
+    tests/test_fused_moe.py tests/test_fused_moe_quantized.py tests/test_moe_fused_routing.py tests/test_quant_moe.py
+  step timeout 75 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --profile --out "$out/moe_latency.json"
+  step timeout 60 python3 benchmarks/bench_moe.py --quick --batches 1,64,256 --out "$out/moe_kernel.json"
   step timeout 150 python3 benchmarks/bench_spec_decode.py --skip-mechanics --short-query-decode --profile \
     --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo_decode_rows.json"
-  step timeout 130 python3 benchmarks/bench_spec_decode.py --skip-mechanics \
-    --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
   finish
 fi
 if [ "$mode" = train ]; then
