@@ -240,7 +240,8 @@ def test_unsupported_fields_with_no_op_values_are_accepted(demo_server):
     client = openai.OpenAI(base_url=f"{demo_server.url}/v1", api_key="x", max_retries=0)
     r = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2, tools=[], tool_choice="none",
                                        response_format={"type": "text"}, logit_bias={})
-    assert r.choices[0].finish_reason == "length"
+    # accepted and served (a sampled end-of-text token may end it before max_tokens)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 2
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {}}}])
