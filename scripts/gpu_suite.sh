@@ -203,8 +203,8 @@ if [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ]; then
   finish
 fi
 if [ "$mode" = open-checks-2 ]; then
-  # limits add up to 390 s, in order of priority (a call cut short by the session's device time keeps the first)
-  step timeout -s INT -k 20 70 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 --tb=short -rf \
+  # limits add up to 380 s, in order of priority (a call cut short by the session's device time keeps the first)
+  step timeout -s INT -k 20 60 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --durations 5 --tb=short -rf \
     tests/test_fused_moe.py tests/test_fused_moe_quantized.py
   step timeout 140 python3 benchmarks/bench_spec_decode.py --skip-mechanics --profile \
     --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
