@@ -11,6 +11,7 @@
 3. real (with --model PATH): n-gram and, with --draft-model, the draft model on an input-grounded
    workload (a source file, then its start again with one identifier renamed), tokens/s over plain at
    batch 1 and at --throughput-batch (load awareness on, as configured by default); acceptance rates.
+   The methods' engines run side by side and their runs are interleaved over --repeats rounds.
 
 Parts 1 and 2 use the model of --model when given (then no shape arithmetic), else --shape with dummy
 weights. Prints one JSON object (and writes it to --out). A smoke run on CPU with a tiny checkpoint:
