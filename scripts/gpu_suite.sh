@@ -56,7 +56,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -212,13 +212,20 @@ if [ "$mode" = open-checks-2 ]; then
   step timeout 110 python3 benchmarks/bench_throughput.py --kv-cache-dtype fp8 --peer-bf16 --out "$out/kv_fp8_offline.json"
   finish
 fi
-if [ "$mode" = short-checks ]; then
+if [ "$mode" = short-checks ] || [ "$mode" = open-all ]; then
   # a call of about two minutes, in order of priority: the fused MoE kernels' GPU tests, MoE batch 1, the
   # demo pair interleaved over two rounds
   step timeout -s INT -k 10 45 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf tests/test_fused_moe.py
   step timeout 35 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
   step timeout 80 python3 benchmarks/bench_spec_decode.py --skip-mechanics --repeats 2 \
     --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  if [ "$mode" = open-all ]; then  # then issue 21's targets, as quant-targets, with shorter limits (585 s in all)
+    step timeout 110 python3 benchmarks/bench_throughput.py --kv-cache-dtype fp8 --peer-bf16 --out "$out/kv_fp8_offline.json"
+    step timeout 100 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
+    step timeout 100 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --out "$out/latency_awq.json"
+    step timeout 115 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
+      --quantization fp8 --peer-bf16 --out "$out/prefill_fp8.json"
+  fi
   finish
 fi
 if [ "$mode" = train ]; then
