@@ -26,8 +26,9 @@
 # "spec-verify" the verification cost with short_query_decode off and on, and the demo pair with it on;
 # "open-checks" the quantization/MoE and speculative-decoding GPU tests, MoE batch 1 with the routing
 # kernel, and the demo pair with short_query_decode off (profiled) and on (one call); "open-checks-2" the
-# MoE GPU tests open-checks' limit cut, and the demo pair with every method's runs interleaved, with
-# short_query_decode on and off.
+# fused MoE kernels' GPU tests, the demo pair with every method's runs interleaved, MoE batch 1 profiled
+# and the FP8 KV cache offline against bf16's (in that order of priority); "short-checks" a two-minute
+# subset of it; "open-all" short-checks then quant-targets' first four figures (one full call, carry .whl).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}

@@ -198,8 +198,7 @@ class CUDAGraphRunner:
         num_tokens = max(s.num_tokens for s in self.shapes)
         # Verification graphs whose attention runs as decode rows (attention.decode_rows) read one
         # seq_lens entry, table row and plan entry per token: the per-request buffers hold that many rows.
-        self.row_counts = sorted({s.num_tokens for s in self.shapes if s.query_len > 1
-                                  and attention.decode_rows(s.query_len)})
+        self.row_counts = sorted({s.num_tokens for s in self.shapes if self._decode_rows(s)})
         n = max([self.max_bs, *self.row_counts])
         self.max_model_len = max_model_len
         max_blocks_per_req = cdiv(max_model_len, block_size)

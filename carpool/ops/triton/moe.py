@@ -584,8 +584,8 @@ def _moe_gemv_down_kernel(inter_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, topk_w_ptr, o
     rows = tl.program_id(1) * BLOCK_N + flat % BLOCK_N
     pair = token * TOP_K + slot
     slot_ok = slot < TOP_K
-    expert = _held_expert(tl.load(ids_ptr + pair, mask=slot_ok, other=-1), expert_start, num_experts)
-    expert = tl.where(slot_ok, expert, -1).to(tl.int64)
+    # (a slot past TOP_K reads id -1, which no rank holds: expert -1)
+    expert = _held_expert(tl.load(ids_ptr + pair, mask=slot_ok, other=-1), expert_start, num_experts).to(tl.int64)
     row_ok = (rows < H) & (expert >= 0)
     weight = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     e = tl.maximum(expert, 0)
