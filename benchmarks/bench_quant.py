@@ -3,7 +3,8 @@
 through the engine's own dispatch (the LinearMethods of carpool/quantization/methods.py). Prints one JSON
 object (progress on stderr).
 
-    python benchmarks/bench_quant.py [--out FILE] [--quick] [--sweep] [--gemm] [--gate-up-silu] [--dry-run]
+    python benchmarks/bench_quant.py [--out FILE] [--quick] [--sweep] [--gemm] [--gate-up-silu] [--batch-one]
+                                     [--dry-run]
 
 - decode: one layer's four projections (q/k/v, o, gate/up, down) at batch 1, 4, 8 (the GEMVs) and 64
   (activation quantization + GEMM for FP8, the int4 GEMM): microseconds per layer set, bytes read
@@ -28,6 +29,8 @@ object (progress on stderr).
   (quant_gemm.QuantGemmConfig: tiles, warps, stages, split_k, swap_ab) for INT4 at M 16/64/256 and block
   FP8 at 64/512/8192. --gemm: only the GEMM sections (batch-64 decode, prefill, backends; the GEMM sweep
   with --sweep).
+- --batch-one: batch 1 only (the decode section; with --sweep the GEMV sweep, where batch 1 adds the
+  one-row kernels' configs beside the 1-8-row kernel's).
 - --dry-run: the cases with their bytes and FLOPs, without a GPU.
 - --quality: each method's logit error on a random-weight Llama against float32 (CPU or GPU; the issue's
   quality figure until a trained demo model exists): bf16, FP8 weights, FP8 W8A8, FP8 blocks, INT4
@@ -392,6 +395,14 @@ def sweep_configs(method: str, m: int, k: int) -> list:
 
     weight_bytes_per_col = 0.5 if method == "int4" else 1
     configs = [default_quant_gemv_config(m, k, int4=method == "int4")]
+    if m == 1:  # the one-row kernels (one_row=True) beside the 1-8-row kernel's former batch-1 default
+        configs.append(QuantGemvConfig(16 if method == "int4" else 8, 1024, 4, one_row=False))
+        for bn in (4, 8, 16):
+            for bk in (1024, 2048, 4096):
+                if bn * bk * weight_bytes_per_col / 128 <= 128:  # weight bytes a thread holds per step
+                    configs.append(QuantGemvConfig(bn, bk, 4))
+        configs.append(QuantGemvConfig(8, 4096, 8))
+        return list(dict.fromkeys(configs))
     for bn in SWEEP_BLOCK_N:
         for bk in SWEEP_BLOCK_K:
             for warps in SWEEP_WARPS:
@@ -401,7 +412,8 @@ def sweep_configs(method: str, m: int, k: int) -> list:
     return list(dict.fromkeys(configs))
 
 
-def sweep_section(bandwidth: float, gen: torch.Generator, gate_up_only: bool = False) -> list[dict]:
+def sweep_section(bandwidth: float, gen: torch.Generator, gate_up_only: bool = False,
+                  batches: tuple[int, ...] = GATE_UP_BATCHES) -> list[dict]:
     """QuantGemvConfigs per method (FP8 per channel, FP8 blocks, INT4), projection and batch (1, 4, 8),
     each timed in CUDA graphs over weights cycled out of L2, as a fraction of copy bandwidth; gate_up
     runs the fused SiLU-and-mul GEMV, the others the plain one. `best` is what the default should be."""
@@ -410,12 +422,12 @@ def sweep_section(bandwidth: float, gen: torch.Generator, gate_up_only: bool = F
     from carpool.ops.triton import quant_gemv as qg
 
     rows = []
-    for method in ("fp8", "fp8_block", "int4"):
+    for method in ("int4", "fp8", "fp8_block"):
         for name, n, k in ([GATE_UP] if gate_up_only else PROJECTIONS):
             silu = name == "gate_up"
             sets = num_sets(weight_bytes(method, n, k))
             layers = [make_layer(method, n, k, gen)[0] for _ in range(sets)]
-            for m in GATE_UP_BATCHES:
+            for m in batches:
                 x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
                 default = qg.default_quant_gemv_config(m, k, int4=method == "int4")
                 nbytes = (gate_up_silu_bytes(method, m) if silu else weight_bytes(method, n, k) + 2 * m * (n + k))
@@ -431,6 +443,7 @@ def sweep_section(bandwidth: float, gen: torch.Generator, gate_up_only: bool = F
                                  for L in layers]
                     sec = time_in_graph(calls)
                     results.append({"block_n": cfg.block_n, "block_k": cfg.block_k, "num_warps": cfg.num_warps,
+                                    "one_row": cfg.one_row and m == 1,
                                     "us": round(sec * 1e6, 2), "default": cfg == default,
                                     "copy_roofline_ratio": round(nbytes / sec / bandwidth, 3)})
                 best = min(results, key=lambda r: r["us"])
@@ -549,6 +562,8 @@ def main() -> None:
                          "--sweep)")
     ap.add_argument("--gate-up-silu", action="store_true",
                     help="only the gate/up + SiLU-and-mul section: fused GEMV against GEMV then silu_and_mul")
+    ap.add_argument("--batch-one", action="store_true",
+                    help="only batch 1: the decode section, and with --sweep the GEMV sweep (both kernels)")
     ap.add_argument("--dry-run", action="store_true", help="list the cases with bytes and FLOPs (no GPU)")
     ap.add_argument("--quality", action="store_true",
                     help="only the logit error of each method on a random-weight model (runs on CPU too)")
@@ -578,6 +593,12 @@ def main() -> None:
         "triton": triton.__version__, "pdl": triton_utils.pdl(), "copy_gb_per_s": round(bandwidth / 1e9, 1),
         "bf16_tflops": round(bf16_flops / 1e12, 1), "fp8_tflops": round(fp8_flops / 1e12, 1),
         "projections": PROJECTIONS}
+    if args.batch_one:
+        report["decode"] = decode_section(bandwidth, (1,), gen)
+        if args.sweep:
+            report["gemv_sweep"] = sweep_section(bandwidth, gen, batches=(1,))
+        emit(report, args.out)
+        return
     if args.gate_up_silu:
         report["gate_up_silu"] = gate_up_silu_section(bandwidth, gen)
         if args.sweep:

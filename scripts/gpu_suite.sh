@@ -28,7 +28,8 @@
 # kernel, and the demo pair with short_query_decode off (profiled) and on (one call); "open-checks-2" the
 # fused MoE kernels' GPU tests, the demo pair with every method's runs interleaved, MoE batch 1 profiled
 # and the FP8 KV cache offline against bf16's (in that order of priority); "short-checks" a two-minute
-# subset of it; "open-all" short-checks then quant-targets' first four figures (one full call, carry .whl).
+# subset of it; "open-all" short-checks then quant-targets' first four figures (one full call, carry .whl);
+# "one-row" the batch-1 one-row quantized GEMVs: tests, sweep, engine figures, then MoE batch 1.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -57,7 +58,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -227,6 +228,17 @@ if [ "$mode" = short-checks ] || [ "$mode" = open-all ]; then
     step timeout 115 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
       --quantization fp8 --peer-bf16 --out "$out/prefill_fp8.json"
   fi
+  finish
+fi
+if [ "$mode" = one-row ]; then
+  # the batch-1 one-row GEMV kernels: their GPU tests, the batch-1 GEMV sweep (both kernels, per method and
+  # projection), the AWQ and FP8 batch-1 engine figures, then MoE batch 1 (about 480 s)
+  step timeout -s INT -k 10 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" --tb=short -rf \
+    tests/test_quant_kernels.py -k gemv
+  step timeout 240 python3 benchmarks/bench_quant.py --batch-one --sweep --out "$out/quant_batch_one.json"
+  step timeout 90 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --out "$out/latency_awq.json"
+  step timeout 75 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
+  step timeout 70 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
   finish
 fi
 if [ "$mode" = train ]; then

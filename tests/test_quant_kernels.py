@@ -127,6 +127,40 @@ def test_int4_gemv_matches_reference_for_groups_that_are_not_powers_of_two(k: in
     torch.testing.assert_close(got.cpu(), ref.int4_linear(x, packed, scales, zeros, group), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k,group,silu", [(224, 32, False), (384, 128, True), (288, 96, False), (64, 16, True)])
+def test_int4_one_row_kernel_matches_reference_and_the_rows_kernel(k: int, group: int, silu: bool) -> None:
+    """Batch 1 takes the one-row kernel (per-thread sums, next step's words loaded early): steps longer and
+    shorter than a group, a partial last step, groups narrower than its 4-word slices (16 = 2 words)."""
+    n = 38
+    packed, scales, zeros = int4_weights(n, k, group, asym=True, seed=8)
+    x = rand(1, k, seed=9)
+    expected = ref.int4_linear(x, packed, scales, zeros, group)
+    op = int4_gemv_silu_and_mul if silu else int4_gemv
+    expected = silu_and_mul_ref(expected) if silu else expected
+    for block_n, block_k in ((2, 128), (8, 256), (4, 64)):
+        got = op(*dev(x, packed, scales, zeros), group, config=QuantGemvConfig(block_n=block_n, block_k=block_k))
+        rows = op(*dev(x, packed, scales, zeros), group,
+                  config=QuantGemvConfig(block_n=block_n, block_k=block_k, one_row=False))
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, rows, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k,blocks,silu", [(203, False, False), (300, True, False), (200, True, True)])
+def test_fp8_one_row_kernel_matches_reference(k: int, blocks: bool, silu: bool) -> None:
+    """K not a multiple of the 8-column slice, block scales changing inside a step, gate/up pairs whose
+    up rows start in another 128-row scale block."""
+    n = 262 if silu else 131
+    w = rand(n, k) / 4
+    wq, s = quantize_fp8_per_block(w, BLOCK) if blocks else quantize_fp8_per_channel(w)
+    x = rand(1, k, seed=3)
+    expected = ref.fp8_linear(x, wq, s, BLOCK if blocks else None)
+    op = fp8_gemv_silu_and_mul if silu else fp8_gemv
+    expected = silu_and_mul_ref(expected) if silu else expected
+    for block_n, block_k in ((2, 64), (8, 256)):
+        got = op(*dev(x, wq, s), config=QuantGemvConfig(block_n=block_n, block_k=block_k))
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("field,kwargs", [("block_n", {"block_n": 3}), ("block_k", {"block_k": 8}),
                                           ("num_warps", {"num_warps": 3})])
 def test_quant_gemv_config_refuses_a_bad_field(field: str, kwargs: dict) -> None:

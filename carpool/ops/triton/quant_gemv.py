@@ -40,6 +40,11 @@ from carpool.ops.triton.utils import pdl_wait_then_release
 
 MAX_GEMV_ROWS = 8  # rows of x above which the GEMM kernels take over
 FP8_BLOCK = 128  # the block of block-scaled FP8 weights (rows and columns)
+# int4 words a thread of the one-row kernel holds side by side (one 16-byte load), summed in its registers
+ONE_ROW_SLICE_WORDS = 4
+# e4m3 weights a thread of the FP8 one-row kernel holds side by side: 8, so that the bf16 x they multiply is
+# one 16-byte load in the same layout
+ONE_ROW_FP8_SLICE = 8
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class QuantGemvConfig:
     block_n: int = 8  # weight rows per program (SiLU-and-mul: half gate rows, half up rows)
     block_k: int = 1024  # weight columns per loop step
     num_warps: int = 4
+    # one row of x through the one-row kernel (partial sums per thread through the loop, the next step's
+    # weights loaded before this step's arithmetic); False: the kernel of 1-8 rows
+    one_row: bool = True
 
     def __post_init__(self) -> None:
         for name, value, low in (("block_n", self.block_n, 1), ("block_k", self.block_k, 16)):
@@ -89,7 +97,7 @@ def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
     if utils.interpreting():  # CPU tests: each program costs ~10 ms of Python per op, whatever its size
         return QuantGemvConfig(block_n=64, block_k=min(256, max(64, triton.next_power_of_2(k))))
     if m == 1:
-        return QuantGemvConfig(block_n=16, block_k=1024) if int4 else QuantGemvConfig(block_n=8, block_k=1024)
+        return QuantGemvConfig(block_n=8, block_k=4096) if int4 else QuantGemvConfig(block_n=8, block_k=1024)
     return QuantGemvConfig(block_n=16, block_k=512)
 
 
@@ -180,6 +188,41 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, st
     if not BLOCK_SCALES:  # one scale per output channel: applied once to the sum
         acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[None, :]
     _store_out(acc, b_ptr, out_ptr, rows, row_ok, M, stride_om, pair_offset, BLOCK_M, BLOCK_N, HAS_BIAS, SILU_PAIR)
+
+
+@triton.jit
+def _fp8_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn, pair_offset,
+                             BLOCK_N: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr,
+                             BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_PAIR: tl.constexpr,
+                             USE_PDL: tl.constexpr):
+    """fp8_gemv for one row of x (a batch-1 decode step), as _int4_gemv_one_row_kernel: partial sums per
+    thread through the loop, one reduction at the end, the next step's weights loaded before this step's
+    arithmetic. A thread holds SUB = 8 consecutive e4m3 weights of a row and the 8 bf16 values of x they
+    multiply, each one 8- or 16-byte load in the same thread-to-column layout, so x needs no exchange
+    between threads."""
+    BLOCK_K: tl.constexpr = NSUB * SUB
+    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
+    offs = tl.arange(0, NSUB)[:, None] * SUB + tl.arange(0, SUB)[None, :]  # a step's columns, [NSUB, SUB]
+    w = tl.load(w_rows + offs[None, :, :], mask=row_ok[:, None, None] & (offs < K)[None, :, :], other=0.0)
+    pdl_wait_then_release(USE_PDL)
+    acc = tl.zeros([BLOCK_N, NSUB], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        nxt = k0 + BLOCK_K + offs
+        following = tl.load(w_rows + nxt[None, :, :], mask=row_ok[:, None, None] & (nxt < K)[None, :, :], other=0.0)
+        cols = k0 + offs
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        part = tl.sum(w.to(tl.float32) * x[None, :, :], axis=2)  # [BLOCK_N, NSUB]: within each thread
+        if BLOCK_SCALES:  # an 8-column slice lies in one 128x128 block
+            starts = k0 + tl.arange(0, NSUB) * SUB
+            part *= tl.load(s_ptr + (rows // 128)[:, None] * stride_sn + (starts // 128)[None, :],
+                            mask=row_ok[:, None] & (starts < K)[None, :], other=0.0)
+        acc += part
+        w = following
+    out = tl.sum(acc, axis=1)
+    if not BLOCK_SCALES:
+        out = out * tl.load(s_ptr + rows, mask=row_ok, other=0.0)
+    _store_out(out[None, :], b_ptr, out_ptr, rows, row_ok, 1, 0, pair_offset, 1, BLOCK_N, HAS_BIAS, SILU_PAIR)
 
 
 @triton.jit
@@ -275,6 +318,70 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, strid
     _store_out(acc, b_ptr, out_ptr, rows, row_ok, M, stride_om, pair_offset, BLOCK_M, BLOCK_N, HAS_BIAS, SILU_PAIR)
 
 
+@triton.jit
+def _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, w0, KW, stride_sn, stride_zn,
+                   GROUP: tl.constexpr, SUBW: tl.constexpr, NSUB: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """acc [BLOCK_N, NSUB] += the products of x's columns 8 w0 .. 8 (w0 + NSUB SUBW) with the int32 words
+    [BLOCK_N, NSUB, SUBW] at those word columns, per slice of SUBW words (one group's scale and zero).
+    A thread's SUBW words of a row are consecutive, so the sum over them stays in its registers: no
+    shuffle, no shared memory, no barrier inside the loop. The nibble-to-float trick is _int4_step's."""
+    sub_w = w0 + tl.arange(0, NSUB) * SUBW  # the first word of each slice
+    sub_ok = sub_w < KW
+    g_ok = row_ok[:, None] & sub_ok[None, :]
+    group = (sub_w * 8) // GROUP
+    s = tl.load(s_ptr + rows64[:, None] * stride_sn + group[None, :], mask=g_ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + rows64[:, None] * stride_zn + group[None, :], mask=g_ok, other=0.0).to(tl.float32)
+    else:
+        z = tl.full([1, NSUB], 8.0, dtype=tl.float32)
+    # [SUBW, NSUB], transposed below: a thread's SUBW words sit in its registers, and x for them must too
+    x_cols = (tl.arange(0, SUBW)[:, None] + sub_w[None, :]) * 8
+    x_ok = sub_ok[None, :]
+    high = words >> 12
+    x_sum = tl.trans(tl.load(x_ptr + x_cols, mask=x_ok, other=0.0).to(tl.float32))
+    qx = (((words & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * x_sum[None, :, :]
+    for i in tl.static_range(1, 8):
+        if i < 5:
+            q = ((words & (0xF << (4 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q 16^i
+            x_scale = 1.0 / (16 ** i)
+        else:
+            q = ((high & (0xF << (4 * (i - 3)))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            x_scale = 1.0 / (16 ** (i - 3))
+        x = tl.trans(tl.load(x_ptr + x_cols + i, mask=x_ok, other=0.0).to(tl.float32))
+        x_sum += x
+        qx += q * (x * x_scale)[None, :, :]
+    return acc + s * (tl.sum(qx, axis=2) - z * tl.sum(x_sum, axis=1)[None, :])
+
+
+@triton.jit
+def _int4_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn,
+                              pair_offset, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUBW: tl.constexpr,
+                              NSUB: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              SILU_PAIR: tl.constexpr, USE_PDL: tl.constexpr):
+    """int4_gemv for one row of x (a batch-1 decode step). Unlike _int4_gemv_kernel, which reduces every
+    step across threads (shuffles and barriers in the loop), each thread keeps its own partial sums
+    through the loop and the program reduces once at the end, as the bf16 GEMV does; and the next step's
+    words are loaded before this step's arithmetic, so a program's loads stay in flight while it
+    computes (Triton pipelines no load that feeds no dot)."""
+    BLOCK_W: tl.constexpr = NSUB * SUBW  # int32 words per row and step
+    KW = K // 8
+    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
+    rows64 = rows.to(tl.int64)
+    w_rows = w_ptr + rows64[:, None, None] * stride_wn
+    offs = tl.arange(0, NSUB)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]  # a step's words, [NSUB, SUBW]
+    words = tl.load(w_rows + offs[None, :, :], mask=row_ok[:, None, None] & (offs < KW)[None, :, :], other=0)
+    pdl_wait_then_release(USE_PDL)
+    acc = tl.zeros([BLOCK_N, NSUB], dtype=tl.float32)
+    for w0 in range(0, KW, BLOCK_W):
+        nxt = w0 + BLOCK_W + offs
+        following = tl.load(w_rows + nxt[None, :, :], mask=row_ok[:, None, None] & (nxt < KW)[None, :, :], other=0)
+        acc = _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, w0, KW, stride_sn, stride_zn, GROUP,
+                             SUBW, NSUB, HAS_ZEROS)
+        words = following
+    out = tl.sum(acc, axis=1)[None, :]
+    _store_out(out, b_ptr, out_ptr, rows, row_ok, 1, 0, pair_offset, 1, BLOCK_N, HAS_BIAS, SILU_PAIR)
+
+
 def _check_x(x: torch.Tensor, k: int, name: str) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != k or not 1 <= x.shape[0] <= MAX_GEMV_ROWS:
         raise ValueError(f"{name}: x must be [M <= {MAX_GEMV_ROWS}, {k}], got {tuple(x.shape)}")
@@ -302,6 +409,14 @@ def _launch_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     blocks = weight_scale.dim() == 2
     config = _config(config, m, k, False, silu_pair)
     out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
+    if m == 1 and config.one_row:
+        sub = min(ONE_ROW_FP8_SLICE, config.block_k)
+        _fp8_gemv_one_row_kernel[(_num_programs(n, config, silu_pair),)](
+            x, weight, weight_scale, bias if bias is not None else weight_scale, out, n, k, weight.stride(0),
+            weight_scale.stride(0) if blocks else 1, n // 2 if silu_pair else 0, BLOCK_N=config.block_n, SUB=sub,
+            NSUB=config.block_k // sub, BLOCK_SCALES=blocks, HAS_BIAS=bias is not None, SILU_PAIR=silu_pair,
+            num_warps=config.num_warps, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+        return out
     sub = min(FP8_BLOCK, config.block_k) if blocks else config.block_k  # columns under one scale
     _fp8_gemv_kernel[(_num_programs(n, config, silu_pair),)](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k, x.stride(0),
@@ -373,6 +488,15 @@ def _launch_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     m = x.shape[0]
     config = _config(config, m, k, True, silu_pair)
     out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
+    if m == 1 and config.one_row:
+        subw = min(ONE_ROW_SLICE_WORDS, config.block_k // 8, (group_size & -group_size) // 8)
+        _int4_gemv_one_row_kernel[(_num_programs(n, config, silu_pair),)](
+            x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+            n, k, packed.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
+            n // 2 if silu_pair else 0, GROUP=group_size, BLOCK_N=config.block_n, SUBW=subw,
+            NSUB=config.block_k // 8 // subw, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+            SILU_PAIR=silu_pair, num_warps=config.num_warps, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+        return out
     subw = min(config.block_k, group_size & -group_size) // 8  # words under one scale: a power of two
     _int4_gemv_kernel[(_num_programs(n, config, silu_pair),)](
         x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
