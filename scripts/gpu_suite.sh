@@ -234,7 +234,7 @@ if [ "$mode" = one-row ]; then
   # the batch-1 one-row GEMV kernels: their GPU tests, the batch-1 GEMV sweep (both kernels, per method and
   # projection), the AWQ and FP8 batch-1 engine figures, then MoE batch 1 (about 480 s)
   step timeout -s INT -k 10 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" --tb=short -rf \
-    tests/test_quant_kernels.py -k gemv
+    tests/test_quant_kernels.py -k "gemv or one_row"
   step timeout 240 python3 benchmarks/bench_quant.py --batch-one --sweep --out "$out/quant_batch_one.json"
   step timeout 90 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --out "$out/latency_awq.json"
   step timeout 75 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"

@@ -337,15 +337,16 @@ def _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, w0, KW, stri
     # [SUBW, NSUB], transposed below: a thread's SUBW words sit in its registers, and x for them must too
     x_cols = (tl.arange(0, SUBW)[:, None] + sub_w[None, :]) * 8
     x_ok = sub_ok[None, :]
-    high = words >> 12
+    low = (words & 0xFFFFF) | 0x4B000000
+    high = ((words >> 12) & 0xFFF00) | 0x4B000000
     x_sum = tl.trans(tl.load(x_ptr + x_cols, mask=x_ok, other=0.0).to(tl.float32))
-    qx = (((words & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * x_sum[None, :, :]
+    qx = ((low & 0x4B00000F).to(tl.float32, bitcast=True) - 8388608.0) * x_sum[None, :, :]
     for i in tl.static_range(1, 8):
         if i < 5:
-            q = ((words & (0xF << (4 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q 16^i
+            q = (low & (0x4B000000 | (0xF << (4 * i)))).to(tl.float32, bitcast=True) - 8388608.0  # q 16^i
             x_scale = 1.0 / (16 ** i)
         else:
-            q = ((high & (0xF << (4 * (i - 3)))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            q = (high & (0x4B000000 | (0xF << (4 * (i - 3))))).to(tl.float32, bitcast=True) - 8388608.0
             x_scale = 1.0 / (16 ** (i - 3))
         x = tl.trans(tl.load(x_ptr + x_cols + i, mask=x_ok, other=0.0).to(tl.float32))
         x_sum += x
