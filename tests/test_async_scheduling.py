@@ -76,3 +76,29 @@ def test_block_accounting_holds_with_steps_in_flight(llama_path):
     assert engine.core.kv_cache_manager.pool.num_free_blocks == 18
     runner = engine.core.executor.runner
     assert len(runner.input_batch) == 0 or not engine.core.scheduler.requests
+
+
+def test_penalized_requests_are_counted_through_preemption_abort_and_finish(llama_path):
+    """The core asks every step whether a running request uses penalties (they stop steps overlapping); the
+    scheduler counts them as requests enter and leave `running` (check_integrity compares with a scan)."""
+    engine = Engine.from_engine_args(EngineArgs(model=llama_path, device="cpu", num_kv_blocks=18,
+                                                max_num_batched_tokens=40, async_scheduling=True))
+    scheduler = engine.core.scheduler
+    penalized = {"r1", "r3", "r4"}  # r3 is preempted, r4 aborted
+    for i, p in enumerate(prompts_of_lengths([5, 40, 90, 120, 17, 64, 33])):
+        extra = {"repetition_penalty": 1.3} if f"r{i}" in penalized else {}
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0.7, seed=i, max_tokens=15, ignore_eos=True,
+                                                      **extra))
+    seen_overlap_blocked = False
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        scheduler.check_integrity()
+        running = {r.request_id for r in scheduler.running}
+        assert scheduler.running_has_penalties() == bool(running & penalized)
+        seen_overlap_blocked |= scheduler.running_has_penalties() and not engine.core._can_overlap()
+        steps += 1
+        if steps == 6:
+            engine.abort("r4")
+    assert engine.stats().num_preemptions > 0
+    assert seen_overlap_blocked and not scheduler.running_has_penalties()

@@ -50,6 +50,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # running requests with penalties (they stop the engine core overlapping steps): counted as requests
+        # enter and leave `running`, so the core's per-step question costs no scan of the batch
+        self._running_with_penalties = 0
         # Requests that the runner holds state for (scheduled at least once since last admitted).
         self._in_runner: set[str] = set()
         self._finished_req_ids: set[str] = set()
@@ -111,6 +114,7 @@ class Scheduler:
             new_block_ids = self.kv.allocate_slots(request, num_new + extra)
             while new_block_ids is None:
                 victim = self.running.pop()
+                self._running_with_penalties -= victim.sampling_params.has_penalties
                 self._preempt(victim)
                 preempted_now = True
                 if victim is request:
@@ -149,6 +153,7 @@ class Scheduler:
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
             self.running.append(request)
+            self._running_with_penalties += request.sampling_params.has_penalties
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
@@ -325,7 +330,7 @@ class Scheduler:
             if request is None:
                 continue
             if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
+                self._leave_running(request)
             elif request in self.waiting:
                 self.waiting.remove(request)
             request.status = status
@@ -335,13 +340,21 @@ class Scheduler:
 
     def _remove(self, request: Request) -> None:
         if request in self.running:  # (a finished request is still in running; an aborted one may not be)
-            self.running.remove(request)
+            self._leave_running(request)
         self.kv.free(request)
         self._forget_in_runner(request.request_id)
         self._trimmed.discard(request.request_id)
         del self.requests[request.request_id]
 
+    def _leave_running(self, request: Request) -> None:
+        self.running.remove(request)
+        self._running_with_penalties -= request.sampling_params.has_penalties
+
     # ---- introspection -------------------------------------------------------------------------
+    def running_has_penalties(self) -> bool:
+        """Whether any running request samples with penalties (O(1): counted, not scanned)."""
+        return self._running_with_penalties > 0
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -355,6 +368,9 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(live_request_ids=[r.request_id for r in self.running])
+        penalized = sum(r.sampling_params.has_penalties for r in self.running)
+        assert self._running_with_penalties == penalized, (
+            f"{self._running_with_penalties} running requests counted with penalties, {penalized} in the batch")
         for request in self.running:
             held = len(self.kv.block_ids(request.request_id))
             assert held * self.kv.block_size >= request.num_computed_tokens, (

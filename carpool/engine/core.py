@@ -135,8 +135,8 @@ class EngineCore:
         # Speculation needs each step's tokens before the next schedule (proposals follow them, and a
         # verification moves num_computed_tokens back), so steps do not overlap while it is on: the
         # simplest correct rule. It is off at disable_by_batch_size requests, where overlap resumes.
-        return self.config.async_scheduling and not self.scheduler.speculation_on() and not any(
-            r.sampling_params.has_penalties for r in self.scheduler.running)
+        return (self.config.async_scheduling and not self.scheduler.speculation_on()
+                and not self.scheduler.running_has_penalties())
 
     def _finish_step(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> list[EngineCoreOutput]:
         outputs = self.scheduler.update_from_output(scheduler_output, handle.resolve())
