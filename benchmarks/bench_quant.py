@@ -413,7 +413,8 @@ def sweep_configs(method: str, m: int, k: int) -> list:
 
 
 def sweep_section(bandwidth: float, gen: torch.Generator, gate_up_only: bool = False,
-                  batches: tuple[int, ...] = GATE_UP_BATCHES) -> list[dict]:
+                  batches: tuple[int, ...] = GATE_UP_BATCHES,
+                  methods: tuple[str, ...] = ("int4", "fp8", "fp8_block")) -> list[dict]:
     """QuantGemvConfigs per method (FP8 per channel, FP8 blocks, INT4), projection and batch (1, 4, 8),
     each timed in CUDA graphs over weights cycled out of L2, as a fraction of copy bandwidth; gate_up
     runs the fused SiLU-and-mul GEMV, the others the plain one. `best` is what the default should be."""
@@ -422,7 +423,7 @@ def sweep_section(bandwidth: float, gen: torch.Generator, gate_up_only: bool = F
     from carpool.ops.triton import quant_gemv as qg
 
     rows = []
-    for method in ("int4", "fp8", "fp8_block"):
+    for method in methods:
         for name, n, k in ([GATE_UP] if gate_up_only else PROJECTIONS):
             silu = name == "gate_up"
             sets = num_sets(weight_bytes(method, n, k))
@@ -564,6 +565,7 @@ def main() -> None:
                     help="only the gate/up + SiLU-and-mul section: fused GEMV against GEMV then silu_and_mul")
     ap.add_argument("--batch-one", action="store_true",
                     help="only batch 1: the decode section, and with --sweep the GEMV sweep (both kernels)")
+    ap.add_argument("--sweep-methods", default="int4,fp8,fp8_block", help="--sweep: the GEMV sweep's methods")
     ap.add_argument("--dry-run", action="store_true", help="list the cases with bytes and FLOPs (no GPU)")
     ap.add_argument("--quality", action="store_true",
                     help="only the logit error of each method on a random-weight model (runs on CPU too)")
@@ -596,7 +598,8 @@ def main() -> None:
     if args.batch_one:
         report["decode"] = decode_section(bandwidth, (1,), gen)
         if args.sweep:
-            report["gemv_sweep"] = sweep_section(bandwidth, gen, batches=(1,))
+            report["gemv_sweep"] = sweep_section(bandwidth, gen, batches=(1,),
+                                                 methods=tuple(args.sweep_methods.split(",")))
         emit(report, args.out)
         return
     if args.gate_up_silu:

@@ -58,7 +58,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ] || [ "$mode" = one-row-short ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-min ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -230,14 +230,19 @@ if [ "$mode" = short-checks ] || [ "$mode" = open-all ]; then
   fi
   finish
 fi
-if [ "$mode" = one-row ] || [ "$mode" = one-row-short ]; then
+if [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-min ]; then
   # the batch-1 one-row GEMV kernels: their GPU tests, the batch-1 GEMV sweep (both kernels, per method and
   # projection; int4 first), the AWQ and FP8 batch-1 engine figures, then MoE batch 1 (about 480 s);
   # one-row-short: the tests, the sweep cut at 170 s and AWQ batch 1 (about 310 s)
-  step timeout -s INT -k 10 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" --tb=short -rf \
+  step timeout -s INT -k 10 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" --tb=short -rf \
     tests/test_quant_kernels.py -k "gemv or one_row"
-  step timeout $([ "$mode" = one-row ] && echo 240 || echo 170) python3 benchmarks/bench_quant.py --batch-one --sweep \
-    --out "$out/quant_batch_one.json"
+  if [ "$mode" = one-row-min ]; then  # int4 only (about 230 s in all)
+    step timeout 100 python3 benchmarks/bench_quant.py --batch-one --sweep --sweep-methods int4 \
+      --out "$out/quant_batch_one.json"
+  else
+    step timeout $([ "$mode" = one-row ] && echo 240 || echo 170) python3 benchmarks/bench_quant.py --batch-one --sweep \
+      --out "$out/quant_batch_one.json"
+  fi
   step timeout 90 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --out "$out/latency_awq.json"
   if [ "$mode" = one-row ]; then
     step timeout 75 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
