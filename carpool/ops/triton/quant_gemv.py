@@ -73,7 +73,7 @@ class QuantGemvConfig:
 
 
 def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
-    """Unmeasured on a GPU; chosen from two budgets per SM of an H100 (132 SMs, ~3 TB/s), with registers
+    """Chosen from two budgets per SM of an H100 (132 SMs, ~3 TB/s), with registers
     and instruction counts from compiling for sm_90 (scripts/quant_compile_check.py, cuobjdump):
 
     - bytes in flight: the bf16 GEMV (gemv.py) reaches copy bandwidth with 16 KiB of weights per program
@@ -90,14 +90,23 @@ def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
     SM, ~20M warp-instructions on gate_up (~22 us of issue under a 40 us roofline). More rows of x
     multiply each weight again: 16 rows x 512 columns (~126 registers, 4 programs, 32 KiB in flight), where
     at 4-8 rows the multiply-adds, not the bytes, set the time (~50 / ~90 us of issue on gate_up).
-    INT4: 16 rows x 1024 columns (8 KiB of words per step, ~180 registers, 2 programs an SM, ~28M
-    warp-instructions: ~30 us of issue against a 21 us roofline, so issue-bound); 16 x 512 above one row.
-    benchmarks/bench_quant.py --sweep times the neighbours of these per projection and batch. In the
-    interpreter (CPU tests) programs are few and wide instead."""
+    INT4 above one row: 16 rows x 512 columns.
+
+    INT4, one row of x: the one-row kernel, 8 rows x 4096 columns (16 KiB of words per step, as the bf16
+    GEMV's tile; 168 registers, no spills). Its 1-8-row kernel at 16 x 1024 (the former batch-1 default)
+    measured 1.39x bf16's ms/token on an H100 (4.6x its byte limit): compiled for sm_90 its loop had ~70
+    block barriers and ~7 instructions per weight, where the one-row kernel's has no barrier and ~4.8.
+    The one-row kernel is not yet timed on a GPU. FP8 keeps its measured 1-8-row kernel at batch 1
+    (0.67x bf16): the FP8 one-row kernel trades the loop's 8 barriers for byte permutes (~6 instructions
+    per weight against ~4.7) and waits for a measurement.
+    benchmarks/bench_quant.py --sweep (--batch-one: both kernels at batch 1) times the neighbours of these
+    per projection and batch. In the interpreter (CPU tests) programs are few and wide instead."""
     if utils.interpreting():  # CPU tests: each program costs ~10 ms of Python per op, whatever its size
-        return QuantGemvConfig(block_n=64, block_k=min(256, max(64, triton.next_power_of_2(k))))
+        return QuantGemvConfig(block_n=64, block_k=min(256, max(64, triton.next_power_of_2(k))), one_row=int4)
     if m == 1:
-        return QuantGemvConfig(block_n=8, block_k=4096) if int4 else QuantGemvConfig(block_n=8, block_k=1024)
+        if int4:
+            return QuantGemvConfig(block_n=8, block_k=4096)
+        return QuantGemvConfig(block_n=8, block_k=1024, one_row=False)
     return QuantGemvConfig(block_n=16, block_k=512)
 
 
