@@ -29,7 +29,9 @@
 # fused MoE kernels' GPU tests, the demo pair with every method's runs interleaved, MoE batch 1 profiled
 # and the FP8 KV cache offline against bf16's (in that order of priority); "short-checks" a two-minute
 # subset of it; "open-all" short-checks then quant-targets' first four figures (one full call, carry .whl);
-# "one-row" the batch-1 one-row quantized GEMVs: tests, sweep, engine figures, then MoE batch 1.
+# "one-row" the batch-1 one-row quantized GEMVs: tests, sweep, engine figures, then MoE batch 1;
+# "after-one-row" the second call of such a session: the demo pair interleaved over 3 rounds, AWQ at batch
+# 64, the quantized-MoE GPU tests and the FP8-cache decode sweep.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -58,7 +60,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-min ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-min ] || [ "$mode" = after-one-row ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -248,6 +250,16 @@ if [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-m
     step timeout 75 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
     step timeout 70 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
   fi
+  finish
+fi
+if [ "$mode" = after-one-row ]; then
+  step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --repeats 3 \
+    --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  step timeout 150 python3 benchmarks/bench_throughput.py --shape llama3-8b --load-format dummy --quant-format awq \
+    --max-num-seqs 64 --num-prompts 64 --peer-bf16 --out "$out/batch64_awq.json"
+  step timeout -s INT -k 10 140 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf \
+    tests/test_fused_moe_quantized.py tests/test_quant_moe.py tests/test_moe_fused_routing.py tests/test_moe_gpu.py
+  step timeout 140 python3 benchmarks/bench_kernels.py --parts fp8 --quick --out "$out/kernels_fp8.json"
   finish
 fi
 if [ "$mode" = train ]; then
