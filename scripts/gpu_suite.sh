@@ -245,10 +245,10 @@ if [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-m
     step timeout $([ "$mode" = one-row ] && echo 240 || echo 170) python3 benchmarks/bench_quant.py --batch-one --sweep \
       --out "$out/quant_batch_one.json"
   fi
-  step timeout 90 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --out "$out/latency_awq.json"
+  step timeout 100 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --profile --out "$out/latency_awq.json"
   if [ "$mode" = one-row ]; then
     step timeout 75 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
-    step timeout 70 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
+    step timeout 65 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
   fi
   finish
 fi
