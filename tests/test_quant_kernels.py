@@ -127,7 +127,8 @@ def test_int4_gemv_matches_reference_for_groups_that_are_not_powers_of_two(k: in
     torch.testing.assert_close(got.cpu(), ref.int4_linear(x, packed, scales, zeros, group), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("k,group,silu", [(224, 32, False), (384, 128, True), (288, 96, False), (64, 16, True)])
+@pytest.mark.parametrize("k,group,silu", [(224, 32, False), (384, 128, True), (288, 96, False), (64, 16, True),
+                                          (48, 8, False)])
 def test_int4_one_row_kernel_matches_reference_and_the_rows_kernel(k: int, group: int, silu: bool) -> None:
     """Batch 1 takes the one-row kernel (per-thread sums, next step's words loaded early): steps longer and
     shorter than a group, a partial last step, groups narrower than its 4-word slices (16 = 2 words)."""

@@ -93,12 +93,13 @@ def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
     INT4 above one row: 16 rows x 512 columns.
 
     INT4, one row of x: the one-row kernel, 8 rows x 4096 columns (16 KiB of words per step, as the bf16
-    GEMV's tile; 168 registers, no spills). Its 1-8-row kernel at 16 x 1024 (the former batch-1 default)
-    measured 1.39x bf16's ms/token on an H100 (4.6x its byte limit): compiled for sm_90 its loop had ~70
-    block barriers and ~7 instructions per weight, where the one-row kernel's has no barrier and ~4.8.
-    The one-row kernel is not yet timed on a GPU. FP8 keeps its measured 1-8-row kernel at batch 1
-    (0.67x bf16): the FP8 one-row kernel trades the loop's 8 barriers for byte permutes (~6 instructions
-    per weight against ~4.7) and waits for a measurement.
+    GEMV's tile; 184 registers with Triton 3.6, no spills). Its 1-8-row kernel at 16 x 1024 (the former
+    batch-1 default) measured 1.39x bf16's ms/token on an H100 (4.6x its byte limit): compiled for sm_90
+    with Triton 3.6 (the GPU image's) its loop has 43 block barriers and ~7.2 instructions per weight, the
+    one-row kernel's none and ~5.1 (Triton 3.9: none and ~5.1). The one-row kernel is not yet timed on a
+    GPU. FP8 keeps its measured 1-8-row kernel at batch 1 (0.67x bf16): with Triton 3.6 the FP8 one-row
+    kernel's loop costs ~7.4 instructions per weight against ~4.4 (byte permutes for the 8-byte loads),
+    for 2 barriers against 7, and waits for a measurement.
     benchmarks/bench_quant.py --sweep (--batch-one: both kernels at batch 1) times the neighbours of these
     per projection and batch. In the interpreter (CPU tests) programs are few and wide instead."""
     if utils.interpreting():  # CPU tests: each program costs ~10 ms of Python per op, whatever its size
@@ -111,16 +112,22 @@ def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
 
 
 @triton.jit
-def _program_rows(N, pair_offset, BLOCK_N: tl.constexpr, SILU_PAIR: tl.constexpr):
-    """(weight rows, which of them exist) of this program: BLOCK_N consecutive rows, or with SILU_PAIR the
-    BLOCK_N / 2 gate rows of its output columns followed by their up rows, pair_offset (= d) further."""
+def _program_rows_of(j, N, pair_offset, BLOCK_N: tl.constexpr, SILU_PAIR: tl.constexpr):
+    """(weight rows, which of them exist) of this program's local rows j (0 .. BLOCK_N - 1, any shape):
+    BLOCK_N consecutive rows, or with SILU_PAIR the BLOCK_N / 2 gate rows of its output columns followed
+    by their up rows, pair_offset (= d) further."""
     if SILU_PAIR:
         HALF_N: tl.constexpr = BLOCK_N // 2
-        j = tl.arange(0, BLOCK_N)
         out_cols = tl.program_id(0) * HALF_N + j % HALF_N
         return out_cols + (j // HALF_N) * pair_offset, out_cols < pair_offset
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + j
     return rows, rows < N
+
+
+@triton.jit
+def _program_rows(N, pair_offset, BLOCK_N: tl.constexpr, SILU_PAIR: tl.constexpr):
+    """_program_rows_of for all BLOCK_N local rows, in order."""
+    return _program_rows_of(tl.arange(0, BLOCK_N), N, pair_offset, BLOCK_N, SILU_PAIR)
 
 
 @triton.jit
@@ -328,27 +335,51 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, strid
 
 
 @triton.jit
-def _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, w0, KW, stride_sn, stride_zn,
-                   GROUP: tl.constexpr, SUBW: tl.constexpr, NSUB: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """acc [BLOCK_N, NSUB] += the products of x's columns 8 w0 .. 8 (w0 + NSUB SUBW) with the int32 words
-    [BLOCK_N, NSUB, SUBW] at those word columns, per slice of SUBW words (one group's scale and zero).
-    A thread's SUBW words of a row are consecutive, so the sum over them stays in its registers: no
-    shuffle, no shared memory, no barrier inside the loop. The nibble-to-float trick is _int4_step's."""
-    sub_w = w0 + tl.arange(0, NSUB) * SUBW  # the first word of each slice
-    sub_ok = sub_w < KW
-    g_ok = row_ok[:, None] & sub_ok[None, :]
-    group = (sub_w * 8) // GROUP
-    s = tl.load(s_ptr + rows64[:, None] * stride_sn + group[None, :], mask=g_ok, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + rows64[:, None] * stride_zn + group[None, :], mask=g_ok, other=0.0).to(tl.float32)
+def _x_slices(x_ptr, x_cols, x_ok, SUBW: tl.constexpr):
+    """x at columns x_cols + 8 j (j < SUBW, SUBW in 1, 2, 4) as [NSUB, SUBW]: one 1-D load per j, joined
+    along a new last dim, so the SUBW values sit in one thread's registers beside the words they
+    multiply (a strided 2-D load would let the compiler spread them across threads)."""
+    if SUBW == 1:
+        return tl.reshape(tl.load(x_ptr + x_cols, mask=x_ok, other=0.0).to(tl.float32), (x_cols.shape[0], 1))
+    elif SUBW == 2:
+        return tl.join(tl.load(x_ptr + x_cols, mask=x_ok, other=0.0).to(tl.float32),
+                       tl.load(x_ptr + x_cols + 8, mask=x_ok, other=0.0).to(tl.float32))
     else:
-        z = tl.full([1, NSUB], 8.0, dtype=tl.float32)
-    # [SUBW, NSUB], transposed below: a thread's SUBW words sit in its registers, and x for them must too
-    x_cols = (tl.arange(0, SUBW)[:, None] + sub_w[None, :]) * 8
-    x_ok = sub_ok[None, :]
+        # join's new dim is the last: [n, p, q] of join(join(x0, x2), join(x1, x3)) is x_{2p+q}
+        even = tl.join(tl.load(x_ptr + x_cols, mask=x_ok, other=0.0).to(tl.float32),
+                       tl.load(x_ptr + x_cols + 16, mask=x_ok, other=0.0).to(tl.float32))
+        odd = tl.join(tl.load(x_ptr + x_cols + 8, mask=x_ok, other=0.0).to(tl.float32),
+                      tl.load(x_ptr + x_cols + 24, mask=x_ok, other=0.0).to(tl.float32))
+        return tl.reshape(tl.join(even, odd), (x_cols.shape[0], 4))
+
+
+@triton.jit
+def _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows_f, row_ok_f, w0, KW, stride_sn, stride_zn,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUBW: tl.constexpr, NSUB: tl.constexpr,
+                   HAS_ZEROS: tl.constexpr):
+    """acc [BLOCK_N, NSUB, SUBW] += per word, the products of its 8 weights with x's columns, scaled by its
+    group's scale (zero subtracted): for the int32 words [BLOCK_N, NSUB, SUBW] at word columns
+    w0 .. w0 + NSUB SUBW, a slice of SUBW words lying in one group. Elementwise in each thread: no
+    shuffle, no shared memory, no barrier inside the loop. The nibble-to-float trick is _int4_step's,
+    with the exponent OR-ed into each word once, so that a nibble costs one AND with one immediate.
+    rows_f / row_ok_f: the program's rows per (row, slice) pair, flattened (see the kernel)."""
+    sub_f = tl.arange(0, BLOCK_N * NSUB) % NSUB
+    word_f = w0 + sub_f * SUBW  # the first word of each (row, slice)
+    ok_f = row_ok_f & (word_f < KW)
+    group_f = (word_f * 8) // GROUP
+    s = tl.reshape(tl.load(s_ptr + rows_f * stride_sn + group_f, mask=ok_f, other=0.0).to(tl.float32),
+                   (BLOCK_N, NSUB))[:, :, None]
+    if HAS_ZEROS:
+        z = tl.reshape(tl.load(z_ptr + rows_f * stride_zn + group_f, mask=ok_f, other=0.0).to(tl.float32),
+                       (BLOCK_N, NSUB))[:, :, None]
+    else:
+        z = 8.0
+    sub_w = w0 + tl.arange(0, NSUB) * SUBW
+    x_cols = sub_w * 8  # column of nibble 0 of each slice's first word
+    x_ok = sub_w < KW
     low = (words & 0xFFFFF) | 0x4B000000
     high = ((words >> 12) & 0xFFF00) | 0x4B000000
-    x_sum = tl.trans(tl.load(x_ptr + x_cols, mask=x_ok, other=0.0).to(tl.float32))
+    x_sum = _x_slices(x_ptr, x_cols, x_ok, SUBW)
     qx = ((low & 0x4B00000F).to(tl.float32, bitcast=True) - 8388608.0) * x_sum[None, :, :]
     for i in tl.static_range(1, 8):
         if i < 5:
@@ -357,10 +388,10 @@ def _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, w0, KW, stri
         else:
             q = (high & (0x4B000000 | (0xF << (4 * (i - 3))))).to(tl.float32, bitcast=True) - 8388608.0
             x_scale = 1.0 / (16 ** (i - 3))
-        x = tl.trans(tl.load(x_ptr + x_cols + i, mask=x_ok, other=0.0).to(tl.float32))
+        x = _x_slices(x_ptr, x_cols + i, x_ok, SUBW)
         x_sum += x
         qx += q * (x * x_scale)[None, :, :]
-    return acc + s * (tl.sum(qx, axis=2) - z * tl.sum(x_sum, axis=1)[None, :])
+    return acc + s * (qx - z * x_sum[None, :, :])
 
 
 @triton.jit
@@ -372,23 +403,32 @@ def _int4_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, 
     step across threads (shuffles and barriers in the loop), each thread keeps its own partial sums
     through the loop and the program reduces once at the end, as the bf16 GEMV does; and the next step's
     words are loaded before this step's arithmetic, so a program's loads stay in flight while it
-    computes (Triton pipelines no load that feeds no dot)."""
+    computes (Triton pipelines no load that feeds no dot).
+
+    Layout: the words are loaded as a 2-D [BLOCK_N * NSUB, SUBW] tile, (row, slice) flattened, then
+    reshaped to [BLOCK_N, NSUB, SUBW]. Triton lays out a 2-D load with threads along the flattened dim
+    and a thread's SUBW words side by side, so each thread holds the same slice of every row, and the x
+    values that slice multiplies are loaded once for all rows. (A 3-D load leaves the thread order of
+    rows and slices to the compiler: Triton 3.6 spread rows across threads, and x then crossed threads
+    through shared memory for every nibble.)"""
     BLOCK_W: tl.constexpr = NSUB * SUBW  # int32 words per row and step
     KW = K // 8
-    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
-    rows64 = rows.to(tl.int64)
-    w_rows = w_ptr + rows64[:, None, None] * stride_wn
-    offs = tl.arange(0, NSUB)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]  # a step's words, [NSUB, SUBW]
-    words = tl.load(w_rows + offs[None, :, :], mask=row_ok[:, None, None] & (offs < KW)[None, :, :], other=0)
+    f = tl.arange(0, BLOCK_N * NSUB)  # (row, slice) pairs, flattened
+    rows_f, row_ok_f = _program_rows_of(f // NSUB, N, pair_offset, BLOCK_N, SILU_PAIR)
+    rows_f = rows_f.to(tl.int64)
+    w_rows = w_ptr + rows_f[:, None] * stride_wn
+    offs = (f % NSUB)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]  # each pair's words within a step
+    words = tl.load(w_rows + offs, mask=row_ok_f[:, None] & (offs < KW), other=0)
     pdl_wait_then_release(USE_PDL)
-    acc = tl.zeros([BLOCK_N, NSUB], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, NSUB, SUBW], dtype=tl.float32)
     for w0 in range(0, KW, BLOCK_W):
         nxt = w0 + BLOCK_W + offs
-        following = tl.load(w_rows + nxt[None, :, :], mask=row_ok[:, None, None] & (nxt < KW)[None, :, :], other=0)
-        acc = _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows64, row_ok, w0, KW, stride_sn, stride_zn, GROUP,
-                             SUBW, NSUB, HAS_ZEROS)
+        following = tl.load(w_rows + nxt, mask=row_ok_f[:, None] & (nxt < KW), other=0)
+        acc = _int4_row_step(acc, tl.reshape(words, (BLOCK_N, NSUB, SUBW)), x_ptr, s_ptr, z_ptr, rows_f,
+                             row_ok_f, w0, KW, stride_sn, stride_zn, GROUP, BLOCK_N, SUBW, NSUB, HAS_ZEROS)
         words = following
-    out = tl.sum(acc, axis=1)[None, :]
+    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     _store_out(out, b_ptr, out_ptr, rows, row_ok, 1, 0, pair_offset, 1, BLOCK_N, HAS_BIAS, SILU_PAIR)
 
 
