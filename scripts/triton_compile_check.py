@@ -1,12 +1,16 @@
 """Compile every Triton kernel of carpool.ops.triton for an H100/H200 (sm_90) on a machine with no GPU,
-and report registers, spills and whether the loads are pipelined. Prints one JSON object.
+and report registers, spills, whether the loads are pipelined, and a census of each kernel's loops
+(instructions, block barriers, shared-memory accesses and shuffles per iteration, from the SASS). Prints
+one JSON object.
 
     python scripts/triton_compile_check.py [--dtype bfloat16]
 
 The ops are called on CPU tensors with TRITON_INTERPRET unset; each launch is intercepted, its
 arguments specialized as the real launcher would (16-byte alignment, divisibility by 16), compiled
 with the bundled ptxas, and not run. Catches compile errors and register spills before a GPU run.
-Uses Triton's private launch helpers (written against Triton 3.9); it is a developer tool, not a test.
+Uses Triton's private launch helpers (written against Triton 3.9, and run with 3.6 too); it is a
+developer tool, not a test. Layouts differ between Triton versions: check a kernel with the GPU image's
+Triton (a second venv with `pip install triton==<version>` beside the CPU torch) before trusting a census.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import tempfile
 
@@ -44,8 +49,33 @@ def _compile_instead_of_launch(self: JITFunction, grid: object):
         compiled[key] = dict(kernel=self.fn.__name__, constexprs=named, num_warps=options.num_warps,
                              num_stages=options.num_stages, shared_bytes=kernel.metadata.shared,
                              **_resource_usage(kernel.asm["cubin"]), cp_async="cp.async" in kernel.asm["ptx"],
-                             wgmma="wgmma" in kernel.asm["ptx"], pdl="griddepcontrol.wait" in kernel.asm["ptx"])
+                             wgmma="wgmma" in kernel.asm["ptx"], pdl="griddepcontrol.wait" in kernel.asm["ptx"],
+                             loops=loop_census(kernel.asm["cubin"]))
     return launch
+
+
+_SASS_OP = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*?(?:0x([0-9a-f]+))?\s*;", re.M)
+_EXCHANGE_OPS = ("BAR", "STS", "STSM", "LDS", "LDSM", "SHFL")
+
+
+def loop_census(cubin: bytes) -> list[dict]:
+    """Per loop of the kernel's SASS (a backward branch and the code it jumps back over): instructions
+    per iteration, and how many of them are block barriers, shared-memory accesses or shuffles. A
+    memory-bound GEMV's loop should have none of the latter: they mean the compiler moves values between
+    threads every iteration."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    ops = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_OP.finditer(text)]
+    loops = []
+    for address, op, target in ops:
+        if op == "BRA" and target is not None and int(target, 16) < address:
+            body = [o for a, o, _ in ops if int(target, 16) <= a <= address]
+            loops.append(dict(instructions=len(body),
+                              **{name.lower(): sum(o == name for o in body) for name in _EXCHANGE_OPS}))
+    return loops
 
 
 def _resource_usage(cubin: bytes) -> dict:
