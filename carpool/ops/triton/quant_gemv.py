@@ -42,8 +42,8 @@ MAX_GEMV_ROWS = 8  # rows of x above which the GEMM kernels take over
 FP8_BLOCK = 128  # the block of block-scaled FP8 weights (rows and columns)
 # int4 words a thread of the one-row kernel holds side by side (one 16-byte load), summed in its registers
 ONE_ROW_SLICE_WORDS = 4
-# e4m3 weights a thread of the FP8 one-row kernel holds side by side: 8, so that the bf16 x they multiply is
-# one 16-byte load in the same layout
+# e4m3 weights a thread of the FP8 one-row kernel holds side by side (four e4m3 pairs, one 8-byte load): 8, so
+# that the bf16 x they multiply is one 16-byte load in the same layout
 ONE_ROW_FP8_SLICE = 8
 
 
@@ -57,7 +57,8 @@ class QuantGemvConfig:
     block_k: int = 1024  # weight columns per loop step
     num_warps: int = 4
     # one row of x through the one-row kernel (partial sums per thread through the loop, the next step's
-    # weights loaded before this step's arithmetic); False: the kernel of 1-8 rows
+    # weights loaded before this step's arithmetic; FP8: bf16 x and an even K, else the kernel of 1-8 rows);
+    # False: the kernel of 1-8 rows
     one_row: bool = True
 
     def __post_init__(self) -> None:
@@ -97,9 +98,9 @@ def default_quant_gemv_config(m: int, k: int, int4: bool) -> QuantGemvConfig:
     batch-1 default) measured 1.39x bf16's ms/token on an H100 (4.6x its byte limit): compiled for sm_90
     with Triton 3.6 (the GPU image's) its loop has 43 block barriers and ~7.2 instructions per weight, the
     one-row kernel's none and ~5.1 (Triton 3.9: none and ~5.1). The one-row kernel is not yet timed on a
-    GPU. FP8 keeps its measured 1-8-row kernel at batch 1 (0.67x bf16): with Triton 3.6 the FP8 one-row
-    kernel's loop costs ~7.4 instructions per weight against ~4.4 (byte permutes for the 8-byte loads),
-    for 2 barriers against 7, and waits for a measurement.
+    GPU. FP8 keeps its measured 1-8-row kernel at batch 1 (0.67x bf16) until the FP8 one-row kernel is
+    timed: with Triton 3.6 the latter's loop costs ~4.1 instructions per weight (e4m3 pairs converted by
+    one cvt each) and has no barrier, the former's ~4.4 with 7 barriers and 21 shuffles.
     benchmarks/bench_quant.py --sweep (--batch-one: both kernels at batch 1) times the neighbours of these
     per projection and batch. In the interpreter (CPU tests) programs are few and wide instead."""
     if utils.interpreting():  # CPU tests: each program costs ~10 ms of Python per op, whatever its size
@@ -207,35 +208,66 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, st
 
 
 @triton.jit
+def _e4m3_pairs_to_float(pairs, ASM: tl.constexpr):
+    """int16 words holding two e4m3 values (the lower-addressed in the low byte) -> (low, high) float32.
+    On a GPU one cvt.rn.f16x2.e4m3x2 and two half-to-float conversions per pair (Triton's own cast of an
+    8-byte e4m3 vector unpacks every byte and repacks the pairs first: ~3 more instructions per pair);
+    the interpreter runs no inline assembly and takes Triton's cast."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b32 h; .reg .b16 l, u; cvt.rn.f16x2.e4m3x2 h, $2; mov.b32 {l, u}, h; "
+                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, u; }",
+            constraints="=r,=r,h", args=[pairs], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    low = (pairs & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    high = ((pairs >> 8) & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
 def _fp8_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn, pair_offset,
                              BLOCK_N: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr,
                              BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_PAIR: tl.constexpr,
-                             USE_PDL: tl.constexpr):
+                             ASM: tl.constexpr, USE_PDL: tl.constexpr):
     """fp8_gemv for one row of x (a batch-1 decode step), as _int4_gemv_one_row_kernel: partial sums per
     thread through the loop, one reduction at the end, the next step's weights loaded before this step's
-    arithmetic. A thread holds SUB = 8 consecutive e4m3 weights of a row and the 8 bf16 values of x they
-    multiply, each one 8- or 16-byte load in the same thread-to-column layout, so x needs no exchange
-    between threads."""
+    arithmetic, and the weights loaded as a flat [rows x slices, SUB / 2] tile of e4m3 pairs (int16) so
+    that each thread holds the same SUB = 8 consecutive columns of every row. x is read as bf16 pairs
+    (int32), one 16-byte load in the same thread-to-column layout, so it needs no exchange between
+    threads. x_ptr / w_ptr: int32 / int16 views (K even, the weight's row stride even)."""
     BLOCK_K: tl.constexpr = NSUB * SUB
-    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
-    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
-    offs = tl.arange(0, NSUB)[:, None] * SUB + tl.arange(0, SUB)[None, :]  # a step's columns, [NSUB, SUB]
-    w = tl.load(w_rows + offs[None, :, :], mask=row_ok[:, None, None] & (offs < K)[None, :, :], other=0.0)
+    HALF: tl.constexpr = SUB // 2
+    KP = K // 2  # pairs of columns
+    f = tl.arange(0, BLOCK_N * NSUB)  # (row, slice) pairs, flattened
+    rows_f, row_ok_f = _program_rows_of(f // NSUB, N, pair_offset, BLOCK_N, SILU_PAIR)
+    w_rows = w_ptr + rows_f.to(tl.int64)[:, None] * (stride_wn // 2)
+    offs = (f % NSUB)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # each pair's column pairs in a step
+    w = tl.load(w_rows + offs, mask=row_ok_f[:, None] & (offs < KP), other=0)
+    x_offs = tl.arange(0, NSUB)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [NSUB, HALF]
     pdl_wait_then_release(USE_PDL)
-    acc = tl.zeros([BLOCK_N, NSUB], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        nxt = k0 + BLOCK_K + offs
-        following = tl.load(w_rows + nxt[None, :, :], mask=row_ok[:, None, None] & (nxt < K)[None, :, :], other=0.0)
-        cols = k0 + offs
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        part = tl.sum(w.to(tl.float32) * x[None, :, :], axis=2)  # [BLOCK_N, NSUB]: within each thread
+    # per-channel scales apply to the sums, so the products accumulate weight by weight (one multiply-add
+    # each); block scales change along the row, so each step's sums are scaled before they accumulate
+    acc = tl.zeros([BLOCK_N, NSUB, 1 if BLOCK_SCALES else HALF], dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K // 2):
+        nxt = k0 + BLOCK_K // 2 + offs
+        following = tl.load(w_rows + nxt, mask=row_ok_f[:, None] & (nxt < KP), other=0)
+        cols = k0 + x_offs
+        xp = tl.load(x_ptr + cols, mask=cols < KP, other=0)  # bf16 pairs: column 2c low, 2c + 1 high
+        x_low = (xp << 16).to(tl.float32, bitcast=True)[None, :, :]
+        x_high = (xp & -65536).to(tl.float32, bitcast=True)[None, :, :]
+        w_low, w_high = _e4m3_pairs_to_float(w, ASM)
+        w_low = tl.reshape(w_low, (BLOCK_N, NSUB, HALF))
+        w_high = tl.reshape(w_high, (BLOCK_N, NSUB, HALF))
         if BLOCK_SCALES:  # an 8-column slice lies in one 128x128 block
-            starts = k0 + tl.arange(0, NSUB) * SUB
-            part *= tl.load(s_ptr + (rows // 128)[:, None] * stride_sn + (starts // 128)[None, :],
-                            mask=row_ok[:, None] & (starts < K)[None, :], other=0.0)
-        acc += part
+            starts_f = 2 * k0 + (f % NSUB) * SUB
+            s = tl.reshape(tl.load(s_ptr + (rows_f // 128) * stride_sn + starts_f // 128,
+                                   mask=row_ok_f & (starts_f < K), other=0.0), (BLOCK_N, NSUB, 1))
+            acc += tl.sum(w_low * x_low + w_high * x_high, axis=2, keep_dims=True) * s
+        else:
+            acc += w_low * x_low
+            acc += w_high * x_high
         w = following
-    out = tl.sum(acc, axis=1)
+    rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if not BLOCK_SCALES:
         out = out * tl.load(s_ptr + rows, mask=row_ok, other=0.0)
     _store_out(out[None, :], b_ptr, out_ptr, rows, row_ok, 1, 0, pair_offset, 1, BLOCK_N, HAS_BIAS, SILU_PAIR)
@@ -459,13 +491,14 @@ def _launch_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     blocks = weight_scale.dim() == 2
     config = _config(config, m, k, False, silu_pair)
     out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
-    if m == 1 and config.one_row:
+    if m == 1 and config.one_row and k % 2 == 0 and weight.stride(0) % 2 == 0 and x.dtype == torch.bfloat16:
         sub = min(ONE_ROW_FP8_SLICE, config.block_k)
         _fp8_gemv_one_row_kernel[(_num_programs(n, config, silu_pair),)](
-            x, weight, weight_scale, bias if bias is not None else weight_scale, out, n, k, weight.stride(0),
+            x.view(torch.int32), weight.view(torch.int16), weight_scale,
+            bias if bias is not None else weight_scale, out, n, k, weight.stride(0),
             weight_scale.stride(0) if blocks else 1, n // 2 if silu_pair else 0, BLOCK_N=config.block_n, SUB=sub,
             NSUB=config.block_k // sub, BLOCK_SCALES=blocks, HAS_BIAS=bias is not None, SILU_PAIR=silu_pair,
-            num_warps=config.num_warps, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+            ASM=not utils.interpreting(), num_warps=config.num_warps, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
         return out
     sub = min(FP8_BLOCK, config.block_k) if blocks else config.block_k  # columns under one scale
     _fp8_gemv_kernel[(_num_programs(n, config, silu_pair),)](
