@@ -491,7 +491,9 @@ def _launch_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     blocks = weight_scale.dim() == 2
     config = _config(config, m, k, False, silu_pair)
     out = utils.empty_output((m, n // 2 if silu_pair else n), x.dtype, x.device)
-    if m == 1 and config.one_row and k % 2 == 0 and weight.stride(0) % 2 == 0 and x.dtype == torch.bfloat16:
+    pairs = (k % 2 == 0 and weight.stride(0) % 2 == 0 and x.dtype == torch.bfloat16 and x.data_ptr() % 4 == 0
+             and weight.data_ptr() % 2 == 0)  # x and the weight viewable as bf16 / e4m3 pairs
+    if m == 1 and config.one_row and pairs:
         sub = min(ONE_ROW_FP8_SLICE, config.block_k)
         _fp8_gemv_one_row_kernel[(_num_programs(n, config, silu_pair),)](
             x.view(torch.int32), weight.view(torch.int16), weight_scale,
