@@ -63,12 +63,7 @@ def loop_census(cubin: bytes) -> list[dict]:
     per iteration, and how many of them are block barriers, shared-memory accesses or shuffles. A
     memory-bound GEMV's loop should have none of the latter: they mean the compiler moves values between
     threads every iteration."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    ops = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_OP.finditer(text)]
+    ops = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_OP.finditer(_cuobjdump(cubin, "-sass"))]
     loops = []
     for address, op, target in ops:
         if op == "BRA" and target is not None and int(target, 16) < address:
@@ -78,12 +73,17 @@ def loop_census(cubin: bytes) -> list[dict]:
     return loops
 
 
-def _resource_usage(cubin: bytes) -> dict:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """The output of Triton's bundled cuobjdump with `flag` on a compiled kernel."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    text = _cuobjdump(cubin, "--dump-resource-usage")
     fields = dict(part.split(":", 1) for line in text.splitlines() if "REG:" in line for part in line.split()
                   if ":" in part)
     return dict(registers=int(fields.get("REG", -1)), stack_bytes=int(fields.get("STACK", -1)))
