@@ -238,9 +238,10 @@ def _fp8_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_w
     HALF: tl.constexpr = SUB // 2
     KP = K // 2  # pairs of columns
     f = tl.arange(0, BLOCK_N * NSUB)  # (row, slice) pairs, flattened
+    sub_f = f % NSUB
     rows_f, row_ok_f = _program_rows_of(f // NSUB, N, pair_offset, BLOCK_N, SILU_PAIR)
     w_rows = w_ptr + rows_f.to(tl.int64)[:, None] * (stride_wn // 2)
-    offs = (f % NSUB)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # each pair's column pairs in a step
+    offs = sub_f[:, None] * HALF + tl.arange(0, HALF)[None, :]  # each pair's column pairs in a step
     w = tl.load(w_rows + offs, mask=row_ok_f[:, None] & (offs < KP), other=0)
     x_offs = tl.arange(0, NSUB)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [NSUB, HALF]
     pdl_wait_then_release(USE_PDL)
@@ -258,7 +259,7 @@ def _fp8_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_w
         w_low = tl.reshape(w_low, (BLOCK_N, NSUB, HALF))
         w_high = tl.reshape(w_high, (BLOCK_N, NSUB, HALF))
         if BLOCK_SCALES:  # an 8-column slice lies in one 128x128 block
-            starts_f = 2 * k0 + (f % NSUB) * SUB
+            starts_f = 2 * k0 + sub_f * SUB
             s = tl.reshape(tl.load(s_ptr + (rows_f // 128) * stride_sn + starts_f // 128,
                                    mask=row_ok_f & (starts_f < K), other=0.0), (BLOCK_N, NSUB, 1))
             acc += tl.sum(w_low * x_low + w_high * x_high, axis=2, keep_dims=True) * s
@@ -386,7 +387,7 @@ def _x_slices(x_ptr, x_cols, x_ok, SUBW: tl.constexpr):
 
 
 @triton.jit
-def _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows_f, row_ok_f, w0, KW, stride_sn, stride_zn,
+def _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows_f, row_ok_f, sub_f, w0, KW, stride_sn, stride_zn,
                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUBW: tl.constexpr, NSUB: tl.constexpr,
                    HAS_ZEROS: tl.constexpr):
     """acc [BLOCK_N, NSUB, SUBW] += per word, the products of its 8 weights with x's columns, scaled by its
@@ -394,8 +395,8 @@ def _int4_row_step(acc, words, x_ptr, s_ptr, z_ptr, rows_f, row_ok_f, w0, KW, st
     w0 .. w0 + NSUB SUBW, a slice of SUBW words lying in one group. Elementwise in each thread: no
     shuffle, no shared memory, no barrier inside the loop. The nibble-to-float trick is _int4_step's,
     with the exponent OR-ed into each word once, so that a nibble costs one AND with one immediate.
-    rows_f / row_ok_f: the program's rows per (row, slice) pair, flattened (see the kernel)."""
-    sub_f = tl.arange(0, BLOCK_N * NSUB) % NSUB
+    rows_f / row_ok_f / sub_f: the program's row, whether it exists, and the slice, per (row, slice) pair,
+    flattened (see the kernel)."""
     word_f = w0 + sub_f * SUBW  # the first word of each (row, slice)
     ok_f = row_ok_f & (word_f < KW)
     group_f = (word_f * 8) // GROUP
@@ -446,10 +447,11 @@ def _int4_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, 
     BLOCK_W: tl.constexpr = NSUB * SUBW  # int32 words per row and step
     KW = K // 8
     f = tl.arange(0, BLOCK_N * NSUB)  # (row, slice) pairs, flattened
+    sub_f = f % NSUB
     rows_f, row_ok_f = _program_rows_of(f // NSUB, N, pair_offset, BLOCK_N, SILU_PAIR)
     rows_f = rows_f.to(tl.int64)
     w_rows = w_ptr + rows_f[:, None] * stride_wn
-    offs = (f % NSUB)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]  # each pair's words within a step
+    offs = sub_f[:, None] * SUBW + tl.arange(0, SUBW)[None, :]  # each pair's words within a step
     words = tl.load(w_rows + offs, mask=row_ok_f[:, None] & (offs < KW), other=0)
     pdl_wait_then_release(USE_PDL)
     acc = tl.zeros([BLOCK_N, NSUB, SUBW], dtype=tl.float32)
@@ -457,7 +459,7 @@ def _int4_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, 
         nxt = w0 + BLOCK_W + offs
         following = tl.load(w_rows + nxt, mask=row_ok_f[:, None] & (nxt < KW), other=0)
         acc = _int4_row_step(acc, tl.reshape(words, (BLOCK_N, NSUB, SUBW)), x_ptr, s_ptr, z_ptr, rows_f,
-                             row_ok_f, w0, KW, stride_sn, stride_zn, GROUP, BLOCK_N, SUBW, NSUB, HAS_ZEROS)
+                             row_ok_f, sub_f, w0, KW, stride_sn, stride_zn, GROUP, BLOCK_N, SUBW, NSUB, HAS_ZEROS)
         words = following
     rows, row_ok = _program_rows(N, pair_offset, BLOCK_N, SILU_PAIR)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
