@@ -131,7 +131,7 @@ def test_int4_gemv_matches_reference_for_groups_that_are_not_powers_of_two(k: in
                                           (48, 8, False)])
 def test_int4_one_row_kernel_matches_reference_and_the_rows_kernel(k: int, group: int, silu: bool) -> None:
     """Batch 1 takes the one-row kernel (per-thread sums, next step's words loaded early): steps longer and
-    shorter than a group, a partial last step, groups narrower than its 4-word slices (16 = 2 words)."""
+    shorter than a group, a partial last step, groups narrower than its 4-word slices (16: 2 words, 8: 1)."""
     n = 38
     packed, scales, zeros = int4_weights(n, k, group, asym=True, seed=8)
     x = rand(1, k, seed=9)
