@@ -39,3 +39,32 @@ def to_e4m3(x, dst_ptr, SOFTWARE_ROUNDING: tl.constexpr):
     if SOFTWARE_ROUNDING:
         x = round_to_e4m3(x)
     return x.to(dst_ptr.dtype.element_ty)
+
+
+MIN_ACT_AMAX = tl.constexpr(1e-12)  # as ops/torch_ref/quant.py: an all-zero row still gets a finite scale
+
+
+@triton.jit
+def store_e4m3_rows(y, rows, cols, row_ok, col_ok, group0, n_groups, xq_ptr, stride_qm, scale_ptr, stride_sm,
+                    stride_sg, static_scale_ptr, GROUP: tl.constexpr, STATIC: tl.constexpr,
+                    SOFTWARE_ROUNDING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Quantize a float32 tile y [BLOCK_R, BLOCK_D] of activations to e4m3 and store it with its scales:
+    rows `rows`, columns `cols` (the tile's first column starts scale group `group0`; the row has
+    `n_groups` groups). Dynamic: one scale per row per GROUP columns, max |y| / 448 (never below
+    MIN_ACT_AMAX / 448), stored at scale_ptr + row * stride_sm + group * stride_sg; STATIC: the one scale
+    at static_scale_ptr, nothing stored. y must be zero where a row or column is out of range (it then
+    cannot raise a group's maximum). The one implementation of per-token / per-group activation
+    quantization: the standalone kernel (quant_gemm.quantize_fp8_act) and the ops that write their
+    output quantized (RMSNorm, SiLU-and-mul) call it, so all give the same bytes."""
+    if STATIC:
+        q = y / tl.load(static_scale_ptr)
+    else:
+        NG: tl.constexpr = BLOCK_D // GROUP
+        grouped = tl.reshape(y, [BLOCK_R, NG, GROUP])
+        scale = tl.maximum(tl.max(tl.abs(grouped), axis=2), MIN_ACT_AMAX) / E4M3_MAX  # [BLOCK_R, NG]
+        g = group0 + tl.arange(0, NG)
+        tl.store(scale_ptr + rows[:, None] * stride_sm + g[None, :] * stride_sg, scale,
+                 mask=row_ok[:, None] & (g < n_groups)[None, :])
+        q = tl.reshape(grouped / scale[:, :, None], [BLOCK_R, BLOCK_D])
+    tl.store(xq_ptr + rows[:, None] * stride_qm + cols[None, :], to_e4m3(q, xq_ptr, SOFTWARE_ROUNDING),
+             mask=row_ok[:, None] & col_ok[None, :])

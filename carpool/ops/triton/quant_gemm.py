@@ -48,13 +48,12 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
-from carpool.ops.triton.fp8 import E4M3_MAX, to_e4m3
+from carpool.ops.triton.fp8 import store_e4m3_rows
 from carpool.ops.triton.quant_gemv import FP8_BLOCK, check_int4
 from carpool.ops.triton.utils import pdl_enter
 
 logger = logging.getLogger(__name__)
 
-MIN_ACT_AMAX = tl.constexpr(1e-12)  # as ops/torch_ref/quant.py: an all-zero row still gets a finite scale
 H100_SMS = 132  # SM count assumed where no CUDA device is queried (the interpreter, compile checks)
 MIN_K_STEPS_PER_SPLIT = 4  # a split-K program's K steps, at least: its load pipeline needs steps to overlap
 MAX_INT4_BLOCK_K = 128
@@ -173,18 +172,53 @@ def _quant_act_kernel(x_ptr, xq_ptr, scale_ptr, M, K, stride_xm, stride_qm, stri
     x / scale saturated to e4m3's range. GROUP >= K: one group per row (per token). Rows from M on
     (padding) quantize zeros."""
     pdl_enter(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
     g = tl.program_id(1)
     cols = g * GROUP + tl.arange(0, GROUP)
     ok = cols < K
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < tl.where(row < M, K, 0), other=0.0).to(tl.float32)
-    if STATIC:
-        scale = tl.load(static_scale_ptr)
-    else:
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_ACT_AMAX) / E4M3_MAX
-        tl.store(scale_ptr + row * stride_sm + g * stride_sg, scale)
-    tl.store(xq_ptr + row * stride_qm + cols, to_e4m3(x / scale, xq_ptr, SOFTWARE_ROUNDING),
-             mask=ok)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=(rows < M)[:, None] & ok[None, :],
+                other=0.0).to(tl.float32)
+    store_e4m3_rows(x, rows, cols, rows >= 0, ok, g, g + 1, xq_ptr, stride_qm, scale_ptr, stride_sm, stride_sg,
+                    static_scale_ptr, GROUP, STATIC, SOFTWARE_ROUNDING, 1, GROUP)
+
+
+@dataclass(frozen=True)
+class Fp8ActBuffers:
+    """Outputs of an activation quantization of [rows, K], allocated, and how a kernel fills them (fp8.py
+    store_e4m3_rows): e4m3 values, float32 scales ([rows, 1] per token, [rows, groups] M-major (strides
+    (1, rows)) per group, or the static scale itself ([1])), the columns one scale covers (the next power
+    of two >= K for one per row) and the number of scale groups per row."""
+
+    xq: torch.Tensor
+    scale: torch.Tensor
+    group: int
+    n_groups: int
+
+    @property
+    def scale_strides(self) -> tuple[int, int]:
+        """(row stride, group stride) of the scales (0, 0 for a static scale)."""
+        if self.scale.dim() == 1:
+            return 0, 0
+        return self.scale.stride(0), self.scale.stride(1)
+
+
+def fp8_act_buffers(rows: int, k: int, group_size: int | None, static_scale: torch.Tensor | None,
+                    device: torch.device, what: str) -> Fp8ActBuffers:
+    """The outputs of quantizing [rows, K] activations per token (group_size None), per group_size columns
+    (a power of two) or with static_scale (one float32 value); `what` names the caller in errors."""
+    xq = utils.empty_output((rows, k), torch.float8_e4m3fn, device)
+    if static_scale is not None:
+        if static_scale.numel() != 1 or static_scale.dtype != torch.float32:
+            raise ValueError(f"{what}: static_scale must be one float32 value, got "
+                             f"{static_scale.dtype} {tuple(static_scale.shape)}")
+        return Fp8ActBuffers(xq, static_scale.reshape(1), triton.next_power_of_2(k), 1)
+    group = triton.next_power_of_2(k) if group_size is None else group_size
+    if group & (group - 1):
+        raise ValueError(f"{what}: group_size must be a power of two, got {group_size}")
+    groups = triton.cdiv(k, group)
+    scale = (utils.empty_output((rows, 1), torch.float32, device) if groups == 1
+             else utils.empty_output((groups, rows), torch.float32, device).t())
+    return Fp8ActBuffers(xq, scale, group, groups)
 
 
 def quantize_fp8_act(x: torch.Tensor, group_size: int | None = None, static_scale: torch.Tensor | None = None,
@@ -199,29 +233,16 @@ def quantize_fp8_act(x: torch.Tensor, group_size: int | None = None, static_scal
     rows = m if rows is None else rows
     if rows < m:
         raise ValueError(f"quantize_fp8_act: rows must be >= M = {m}, got {rows}")
-    xq = utils.empty_output((rows, k), torch.float8_e4m3fn, x.device)
-    if static_scale is not None:
-        if static_scale.numel() != 1 or static_scale.dtype != torch.float32:
-            raise ValueError(f"quantize_fp8_act: static_scale must be one float32 value, got "
-                             f"{static_scale.dtype} {tuple(static_scale.shape)}")
-        scale = static_scale.reshape(1)
-        group = triton.next_power_of_2(k)
-        groups = 1
-    else:
-        group = triton.next_power_of_2(k) if group_size is None else group_size
-        if group & (group - 1):
-            raise ValueError(f"quantize_fp8_act: group_size must be a power of two, got {group_size}")
-        groups = triton.cdiv(k, group)
-        scale = (utils.empty_output((rows, 1), torch.float32, x.device) if groups == 1
-                 else utils.empty_output((groups, rows), torch.float32, x.device).t())
+    out = fp8_act_buffers(rows, k, group_size, static_scale, x.device, "quantize_fp8_act")
     if rows:
-        _quant_act_kernel[(rows, groups)](x, xq, scale, m, k, x.stride(0), xq.stride(0), scale.stride(0),
-                                          scale.stride(1) if scale.dim() == 2 else 0, scale,
-                                          GROUP=group, STATIC=static_scale is not None,
-                                          SOFTWARE_ROUNDING=utils.interpreting(),
-                                          num_warps=4 if group <= 2048 else 8, USE_PDL=utils.pdl(),
-                                          launch_pdl=utils.pdl())
-    return xq, scale
+        stride_sm, stride_sg = out.scale_strides
+        _quant_act_kernel[(rows, out.n_groups)](x, out.xq, out.scale, m, k, x.stride(0), out.xq.stride(0), stride_sm,
+                                                stride_sg, out.scale, GROUP=out.group,
+                                                STATIC=static_scale is not None,
+                                                SOFTWARE_ROUNDING=utils.interpreting(),
+                                                num_warps=4 if out.group <= 2048 else 8, USE_PDL=utils.pdl(),
+                                                launch_pdl=utils.pdl())
+    return out.xq, out.scale
 
 
 # --- FP8 W8A8 GEMM ---------------------------------------------------------------------------------------------
@@ -421,25 +442,54 @@ def fp8_gemm_backend(m: int, n: int, k: int, block_scales: bool, out_dtype: torc
     return "scaled_mm"
 
 
+@dataclass(frozen=True)
+class Fp8ActivationPlan:
+    """How fp8_linear quantizes an [M, K] input for its FP8 weight, decided from M and the weight before
+    the input exists, so that the op producing the input (RMSNorm, SiLU-and-mul: ops/triton/elementwise.py)
+    can write it quantized in its own pass: the GEMM backend, the columns one scale covers (None: the
+    whole row, or the static scale), the static scale if any, the rows to write (>= M: cuBLASLt's
+    block scaling wants them padded, with zeros) and the activations' dtype, the product's."""
+
+    backend: str  # "triton" (fp8_gemm) or "scaled_mm"
+    group_size: int | None
+    static_scale: torch.Tensor | None
+    rows: int
+    dtype: torch.dtype
+
+
+def fp8_activation_plan(m: int, weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype,
+                        static_scale: torch.Tensor | None = None) -> Fp8ActivationPlan:
+    """fp8_linear's plan for M rows of dtype activations (fp8_gemm_backend picks the backend)."""
+    blocks = weight_scale.dim() == 2
+    n, k = weight.shape
+    rows_multiple = block_scaled_mm_rows(weight.device) if blocks and static_scale is None else 0
+    backend = fp8_gemm_backend(m, n, k, blocks, dtype, block_scaled_mm=rows_multiple > 0)
+    rows = triton.cdiv(m, rows_multiple) * rows_multiple if backend == "scaled_mm" and blocks else m
+    group = FP8_BLOCK if blocks and static_scale is None else None
+    return Fp8ActivationPlan(backend, group, static_scale, rows, dtype)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32, contiguous in K) times FP8 weights, the activations quantized per token
-    (per 128-column group with block weights, or with the static scale) and the product on the backend
-    fp8_gemm_backend picks. For cuBLASLt's block scaling x's rows are padded (zeros) to the multiple
-    block_scaled_mm_rows asks for, and the output is the first M rows."""
-    blocks = weight_scale.dim() == 2
-    m, k = x.shape
-    n = weight.shape[0]
-    rows_multiple = block_scaled_mm_rows(x.device) if blocks and static_scale is None else 0
-    backend = fp8_gemm_backend(m, n, k, blocks, x.dtype, block_scaled_mm=rows_multiple > 0)
-    if backend == "scaled_mm" and blocks:
-        rows = triton.cdiv(m, rows_multiple) * rows_multiple
-        xq, x_scale = quantize_fp8_act(x, FP8_BLOCK, rows=rows)
-        return fp8_scaled_mm(xq, x_scale, weight, weight_scale, x.dtype, bias)[:m]
-    xq, x_scale = quantize_fp8_act(x, FP8_BLOCK if blocks else None, static_scale)
-    if backend == "scaled_mm":
-        return fp8_scaled_mm(xq, x_scale, weight, weight_scale, x.dtype, bias)
-    return fp8_gemm(xq, x_scale, weight, weight_scale, x.dtype, bias)
+    (per 128-column group with block weights, or with the static scale) as fp8_activation_plan says,
+    then fp8_linear_quantized."""
+    plan = fp8_activation_plan(x.shape[0], weight, weight_scale, x.dtype, static_scale)
+    xq, x_scale = quantize_fp8_act(x, plan.group_size, plan.static_scale, rows=plan.rows)
+    return fp8_linear_quantized(plan, xq, x_scale, x.shape[0], weight, weight_scale, bias)
+
+
+def fp8_linear_quantized(plan: Fp8ActivationPlan, xq: torch.Tensor, x_scale: torch.Tensor, m: int,
+                         weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The product of activations already quantized as `plan` says (xq [plan.rows, K], its scales) with the
+    FP8 weights, on the plan's backend, in the plan's dtype; the first m rows."""
+    if xq.shape[0] != plan.rows:
+        raise ValueError(f"fp8_linear_quantized: the plan quantizes {plan.rows} rows, got {xq.shape[0]}")
+    if plan.backend == "scaled_mm":
+        out = fp8_scaled_mm(xq, x_scale, weight, weight_scale, plan.dtype, bias)
+        return out[:m] if plan.rows != m else out
+    return fp8_gemm(xq, x_scale, weight, weight_scale, plan.dtype, bias)
 
 
 # --- int4 W4A16 GEMM -------------------------------------------------------------------------------------------
