@@ -248,6 +248,11 @@ class KernelConfig:
     push_all_reduce: bool = True
     # TP on GPUs, batch-1 steps: the LM head's logits gathered by push instead of an NCCL all-gather
     push_logits: bool = True
+    # FP8 W8A8 layers on the GEMM path (more than 8 rows): the RMSNorm or SiLU-and-mul before the layer writes
+    # its output as FP8 activations (values and per-token or per-group scales) in its own pass, instead of
+    # writing the model dtype for a second kernel to read and quantize (ops/triton/elementwise.py
+    # rms_norm_fp8, silu_and_mul_fp8; the same bytes either way)
+    fused_act_quant: bool = True
     # mixture-of-experts layers: softmax, top-k and renormalization in Triton (ops/triton/moe.py
     # fused_moe_routed), one kernel before the expert kernels, instead of torch's five kernels (softmax,
     # topk, sum, divide, cast)

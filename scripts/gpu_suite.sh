@@ -31,7 +31,9 @@
 # subset of it; "open-all" short-checks then quant-targets' first four figures (one full call, carry .whl);
 # "one-row" the batch-1 one-row quantized GEMVs: tests, sweep, engine figures, then MoE batch 1;
 # "after-one-row" the second call of such a session: the demo pair interleaved over 3 rounds, AWQ at batch
-# 64, the quantized-MoE GPU tests and the FP8-cache decode sweep.
+# 64, the quantized-MoE GPU tests and the FP8-cache decode sweep; "fp8-prefill" the norm and SiLU kernels
+# that write FP8 activations (GPU tests) and the FP8 prefill figure with them (against bf16) and without
+# (KernelConfig.fused_act_quant off), about 200 s.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -60,7 +62,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-min ] || [ "$mode" = after-one-row ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-min ] || [ "$mode" = after-one-row ] || [ "$mode" = fp8-prefill ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -260,6 +262,15 @@ if [ "$mode" = after-one-row ]; then
   step timeout -s INT -k 10 140 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf \
     tests/test_fused_moe_quantized.py tests/test_quant_moe.py tests/test_moe_fused_routing.py tests/test_moe_gpu.py
   step timeout 140 python3 benchmarks/bench_kernels.py --parts fp8 --quick --out "$out/kernels_fp8.json"
+  finish
+fi
+if [ "$mode" = fp8-prefill ]; then
+  step timeout -s INT -k 10 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" --tb=short -rf \
+    tests/test_quant_kernels.py -k "written_as_fp8 or activation_quantization or channel_scales or block_scales"
+  step timeout 120 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
+    --quantization fp8 --peer-bf16 --out "$out/prefill_fp8.json"
+  step timeout 80 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
+    --quantization fp8 --no-fused-act-quant --out "$out/prefill_fp8_unfused.json"
   finish
 fi
 if [ "$mode" = train ]; then

@@ -125,6 +125,14 @@ def call_every_op(dtype: torch.dtype) -> None:
         tri.rms_norm(x, w, 1e-6)
         tri.fused_add_rms_norm(x, x, w, 1e-6)
         tri.silu_and_mul(torch.zeros(8, 2 * 3 * hidden, dtype=dtype))
+        if dtype != torch.float32:  # FP8 activations for a W8A8 GEMM: per token, per 128 columns, static
+            from carpool.ops.triton.quant_gemm import quantize_fp8_act
+
+            gate_up = torch.zeros(64, 2 * 7 * hidden // 2, dtype=dtype)  # (Llama-3-8B: 14,336 at 4,096)
+            for group, static in ((None, None), (128, None), (None, torch.ones(1))):
+                tri.rms_norm_fp8(x, x, w, 1e-6, group, static, 16)
+                tri.silu_and_mul_fp8(gate_up, group, static, 64)
+                quantize_fp8_act(x, group, static)
         for n, k in ((3 * hidden, hidden), (hidden, 4 * hidden)):  # batch-1 projections, short and long rows
             tri.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))
         tri.gemv_silu_and_mul(torch.zeros(1, hidden, dtype=dtype), torch.zeros(2 * 3 * hidden, hidden, dtype=dtype))

@@ -270,6 +270,53 @@ def test_fp8_activation_quantization_equals_reference_bit_for_bit(mode: str) -> 
     assert torch.equal(got_s.cpu(), expected_s)
 
 
+@pytest.mark.parametrize("op", ["norm", "add_norm", "silu"])
+@pytest.mark.parametrize("mode,d", [("token", 300), ("group", 300), ("group", 2100), ("static", 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_silu_written_as_fp8_equal_the_op_then_the_quantization(op: str, mode: str, d: int,
+                                                                          dtype: torch.dtype) -> None:
+    """rms_norm_fp8 / silu_and_mul_fp8 give the bytes and scales of the model-dtype op followed by
+    quantize_fp8_act, padding rows included: 300 columns end inside a 128-column group, 2,100 spread
+    17 groups over programs of 8, one row is all zeros, and a residual's sum comes back unchanged."""
+    from carpool.ops.triton import elementwise as ew
+
+    m, rows = 5, 8
+    x = (3 * rand(m, 2 * d if op == "silu" else d)).to(dtype)
+    x[2] = 0.0
+    residual = (rand(m, d, seed=1) if op == "add_norm" else torch.zeros(0)).to(dtype)
+    if op == "add_norm":
+        residual[2] = 0.0
+    weight = (1 + rand(d, seed=2) / 4).to(dtype)
+    group = 128 if mode == "group" else None
+    static = torch.tensor([0.02]).to(DEVICE) if mode == "static" else None
+    x, residual, weight = dev(x, residual, weight)
+    if op == "silu":
+        expected_in = ew.silu_and_mul(x)
+        got_q, got_s = ew.silu_and_mul_fp8(x, group, static, rows)
+    else:
+        res = residual if op == "add_norm" else None
+        expected_in, expected_res = ew.fused_add_rms_norm(x, res, weight, 1e-6) if res is not None else (
+            ew.rms_norm(x, weight, 1e-6), None)
+        got_q, got_s, got_res = ew.rms_norm_fp8(x, res, weight, 1e-6, group, static, rows)
+        assert (got_res is None) == (res is None)
+        if res is not None:
+            assert torch.equal(got_res, expected_res)
+    expected_q, expected_s = quantize_fp8_act(expected_in, group, static, rows)
+    assert got_q.shape == (rows, d) and torch.equal(got_q.cpu().view(torch.uint8), expected_q.cpu().view(torch.uint8))
+    assert got_s.stride() == expected_s.stride() and torch.equal(got_s.cpu(), expected_s.cpu())
+    assert torch.equal(got_q[m:].cpu().float(), torch.zeros(rows - m, d))
+
+
+def test_norm_and_silu_written_as_fp8_refuse_too_few_rows_or_a_weight_of_another_dtype() -> None:
+    from carpool.ops.triton import elementwise as ew
+
+    x, weight = dev(rand(4, 64), rand(32))
+    with pytest.raises(ValueError, match="rows must be >= N = 4"):
+        ew.silu_and_mul_fp8(x, None, None, 3)
+    with pytest.raises(ValueError, match="weight must be in x's dtype"):
+        ew.rms_norm_fp8(x[:, :32], None, weight.to(torch.bfloat16), 1e-6, None, None, 4)
+
+
 def test_fp8_rounding_matches_torch_over_the_whole_range() -> None:
     """Round to nearest even, saturating at +-448: every e4m3 interval, ties, subnormals and overflow."""
     x = torch.cat([torch.linspace(-460, 460, 9983), torch.logspace(-12, 2.66, 2000), -torch.logspace(-12, 2.66, 2000),

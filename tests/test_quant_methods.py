@@ -257,6 +257,49 @@ def test_triton_gemv_and_gemm_paths_agree_with_the_torch_path(ckpt, fmt: str) ->
         torch.testing.assert_close(got, expected, rtol=0, atol=tol, msg=f"{chunk}-token steps")
 
 
+@pytest.mark.parametrize("arch,fmt", [("llama", "ct-fp8-channel"), ("qwen2", "ct-fp8-tensor-static"),
+                                      ("qwen3", "fp8-block")])
+def test_fp8_activations_written_by_the_norms_and_silu_give_the_separate_quantizations_logits(
+        ckpt, monkeypatch, arch: str, fmt: str) -> None:
+    """KernelConfig.fused_act_quant: on the GEMM path (more than 8 rows) both norms and SiLU-and-mul of each
+    layer write the FP8 activations their projection asked for, and the logits are exactly those of the
+    model-dtype ops followed by the projections' own quantization (per token, static, 128-column
+    groups). Triton backend under the interpreter, two layers, a 12-token prefill then 1-token steps
+    (the GEMV: nothing fused)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1")
+    import carpool.ops.triton as tri
+    from carpool.config import KernelConfig
+
+    calls = {"rms_norm_fp8": 0, "silu_and_mul_fp8": 0}
+
+    def counting(name: str):
+        op = getattr(tri, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return op(*args, **kwargs)
+        return counted
+    for name in calls:
+        monkeypatch.setattr(tri, name, counting(name))
+    quantized, _ = ckpt(arch, fmt, num_hidden_layers=2)
+    config = ModelConfig.from_pretrained(quantized, dtype="float32")
+    models = {}
+    for fused in (True, False):
+        rt = runtime(config, "triton")
+        rt = ModelRuntime.for_inference("triton", rt.comm, kernels=KernelConfig(fused_act_quant=fused),
+                                        quantization=rt.quantization, packed_modules=rt.packed_modules)
+        models[fused] = load_model(config, rt, "cpu")
+    prompt = torch.randint(0, 256, (14,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = {fused: [run_prompt_logits(m, m.attention_layers(), prompt[:n], chunk, torch.float32)
+                   for n, chunk in ((12, 12), (2, 1))]
+           for fused, m in models.items()}
+    assert calls == {"rms_norm_fp8": 2 * 2, "silu_and_mul_fp8": 2}  # the 12-token step of the fused model
+    for chunked, unfused in zip(got[True], got[False], strict=True):
+        assert torch.equal(chunked, unfused)
+
+
 def fp8_gate_up(backend: str, fused_gemv_silu: bool):
     """(the method ModelRuntime gives a merged gate/up layer, a layer holding its FP8 weights [2d, K])."""
     from types import SimpleNamespace

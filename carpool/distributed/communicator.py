@@ -30,7 +30,9 @@ from carpool.distributed.group import SINGLE, TPGroup
 
 if TYPE_CHECKING:
     from carpool.distributed.push_exchange import PushExchange
+    from carpool.layers.linear_method import QuantizedActivation
     from carpool.layers.norm import RMSNorm
+    from carpool.ops.triton.quant_gemm import Fp8ActivationPlan
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,13 @@ class Communicator:
         return None if pushed is None else PartialSums(pushed[0], pushed=True)
 
     # ---- the reduction, fused with the residual add and the norm ---------------------------------------
-    def reduce_add_rms_norm(self, partial: PartialSums, residual: torch.Tensor | None, norm: "RMSNorm"
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_add_rms_norm(self, partial: PartialSums, residual: torch.Tensor | None, norm: "RMSNorm",
+                            fp8_plan: "Fp8ActivationPlan | None" = None
+                            ) -> tuple["torch.Tensor | QuantizedActivation", torch.Tensor]:
         """(norm(sum + residual), sum + residual) where sum is the partials reduced over the ranks; with no
-        residual (the first layer) the sum itself is the residual stream."""
+        residual (the first layer) the sum itself is the residual stream. fp8_plan: the next layer's input
+        quantization, which the norm may write its output as (RMSNorm.forward_fp8; not where the
+        reduction and the norm are one kernel)."""
         x = partial.value
         if partial.pushed:
             push = self._push
@@ -138,6 +143,8 @@ class Communicator:
                 return self.group.custom_all_reduce.all_reduce_add_rms_norm(  # type: ignore[union-attr]
                     x, residual, norm.weight, norm.eps)
             x = self.all_reduce(x)
+        if fp8_plan is not None:
+            return norm.forward_fp8(x, residual, fp8_plan)
         if residual is None:
             return norm(x), x
         return norm(x, residual)

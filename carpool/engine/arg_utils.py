@@ -41,6 +41,8 @@ KERNEL_FLAG_HELP: dict[str, str] = {
     "fused_all_reduce_norm": "tensor parallel: the all-reduce before each residual add + RMSNorm fused with it",
     "push_all_reduce": "tensor parallel, batch-1 steps: row-parallel GEMVs push their outputs to every rank",
     "push_logits": "tensor parallel, batch-1 steps: the LM head's logits gathered by push, not NCCL",
+    "fused_act_quant": "FP8 W8A8 layers on the GEMM path: the RMSNorm or SiLU-and-mul before the layer writes "
+                       "its output as FP8 activations, not the model dtype for a separate quantization",
     "fused_moe_routing": "mixture of experts: routing (softmax, top-k, renormalize) in one Triton kernel, not "
                          "torch's five",
     "small_batch_gemv": "steps of 2-16 rows: unquantized projections through the multi-row Triton GEMV rather "
@@ -86,6 +88,7 @@ class EngineArgs:
     fused_all_reduce_norm: bool = True
     push_all_reduce: bool = True
     push_logits: bool = True
+    fused_act_quant: bool = True
     fused_moe_routing: bool = True
     small_batch_gemv: bool = False
     short_query_decode: bool = False

@@ -12,13 +12,16 @@ the model is built: the layer decides which slice, the method decides the format
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from carpool.distributed import SINGLE_RANK, Communicator, PartialSums
-from carpool.layers.linear_method import LinearMethod, UnquantizedLinearMethod, set_weight_loader
+from carpool.layers.linear_method import LinearMethod, QuantizedActivation, UnquantizedLinearMethod, set_weight_loader
+
+if TYPE_CHECKING:
+    from carpool.ops.triton.quant_gemm import Fp8ActivationPlan
 
 
 def load_narrow(loaded: Any, dim: int, start: int, length: int) -> torch.Tensor:
@@ -64,8 +67,12 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         default_weight_loader(param, loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x, self.bias)
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)  # type: ignore[arg-type]
+
+    def input_quantization(self, num_tokens: int, dtype: torch.dtype) -> Fp8ActivationPlan | None:
+        """The method's plan for quantizing an input of num_tokens rows (LinearMethod.input_quantization)."""
+        return self.method.input_quantization(self, num_tokens, dtype)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -102,15 +109,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         param.data.narrow(0, offset, size).copy_(load_narrow(loaded, 0, self.tp_rank * size, size))
 
-    def silu_and_mul(self, x: torch.Tensor, silu_and_mul: Any) -> torch.Tensor:
+    def silu_and_mul(self, x: torch.Tensor | QuantizedActivation, silu_and_mul: Any,
+                     fp8_plan: Fp8ActivationPlan | None = None) -> torch.Tensor | QuantizedActivation:
         """silu(gate) * up of this [gate, up] projection: one kernel when the method has one for x (a
-        batch-1 GPU step), else the projection then `silu_and_mul`."""
-        if (self.bias is None and len(self.output_sizes) == 2
+        batch-1 GPU step), else the projection then `silu_and_mul` (a SiluAndMul: with fp8_plan, the next
+        layer's input quantization, it may return the result quantized so)."""
+        if (isinstance(x, torch.Tensor) and self.bias is None and len(self.output_sizes) == 2
                 and self.output_sizes[0] == self.output_sizes[1]):
             fused = self.method.apply_silu_and_mul(self, x)
             if fused is not None:
                 return fused
-        return silu_and_mul(self(x))
+        return silu_and_mul(self(x)) if fp8_plan is None else silu_and_mul(self(x), fp8_plan)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -173,11 +182,12 @@ class RowParallelLinear(LinearBase):
         size = param.shape[1]
         param.data.copy_(load_narrow(loaded, 1, self.tp_rank * size, size))
 
-    def forward(self, x: torch.Tensor) -> PartialSums:  # type: ignore[override]
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> PartialSums:  # type: ignore[override]
         if self.bias is None:
-            pushed = self.comm.push_gemv(x, self.method.dense_weight(self))  # batch-1 TP steps
-            if pushed is not None:
-                return pushed
-            return PartialSums(self.method.apply(self, x, None))
+            if isinstance(x, torch.Tensor):
+                pushed = self.comm.push_gemv(x, self.method.dense_weight(self))  # batch-1 TP steps
+                if pushed is not None:
+                    return pushed
+            return PartialSums(self.method.apply(self, x, None))  # type: ignore[arg-type]
         y = self.comm.all_reduce(self.method.apply(self, x, None))
         return PartialSums(y + self.bias, reduced=True)

@@ -8,12 +8,18 @@ A new weight format is a new LinearMethod, never a branch inside the layers.
 Invariant: `apply(layer, x, bias)` equals `x @ W.T + bias` for the layer's logical (dequantized) W, for
 any number of rows; the optional fused entry points return None whenever they do not take the input,
 and the caller then composes the plain ops, so every fast path has an exact slow twin.
+
+A method that quantizes its input (FP8 W8A8) may say how, before the input exists
+(`input_quantization`): the op producing the input (RMSNorm, SiLU-and-mul) then hands it a
+`QuantizedActivation`, the bytes the method's own quantization would have made, and `apply` takes that
+in place of x. Only a method that asked receives one; any method still takes a plain x.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +27,18 @@ from torch import nn
 
 if TYPE_CHECKING:
     from carpool.layers.linear import LinearBase
+    from carpool.ops.triton.quant_gemm import Fp8ActivationPlan
+
+
+@dataclass(frozen=True)
+class QuantizedActivation:
+    """A linear layer's input already quantized as its method asked (input_quantization's plan): e4m3
+    values [plan.rows, K] (rows past num_tokens are padding), their float32 scales, and the plan."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    num_tokens: int
+    plan: "Fp8ActivationPlan"
 
 
 class LinearMethod(ABC):
@@ -32,7 +50,14 @@ class LinearMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, input_size] -> x W^T (+ bias) [T, output_size]."""
+        """x [T, input_size] -> x W^T (+ bias) [T, output_size]. A method whose input_quantization returns
+        plans also takes a QuantizedActivation as x."""
+
+    def input_quantization(self, layer: "LinearBase", num_tokens: int,
+                           dtype: torch.dtype) -> "Fp8ActivationPlan | None":
+        """How `apply` would quantize an input of num_tokens rows of dtype, where the op producing it may
+        write it so (a QuantizedActivation); None: pass the plain tensor (the default)."""
+        return None
 
     def process_weights_after_loading(self, layer: "LinearBase") -> None:
         """Repack or check the loaded parameters (quantized formats); nothing for plain weights."""

@@ -13,7 +13,7 @@ communicator. How the model runs (kernels, attention backend, linear methods) is
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,9 +25,13 @@ from carpool.layers.activation import SiluAndMul
 from carpool.layers.attention import Attention
 from carpool.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from carpool.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from carpool.layers.linear_method import QuantizedActivation
 from carpool.layers.norm import RMSNorm
 from carpool.layers.rotary import RotaryEmbedding
 from carpool.models.runtime import ModelRuntime
+
+if TYPE_CHECKING:
+    from carpool.ops.triton.quant_gemm import Fp8ActivationPlan
 
 # A checkpoint's KV-cache scales: compressed-tensors' `self_attn.k_scale` / `v_scale`, or the
 # `self_attn.k_proj.output_scale` / `v_proj.output_scale` of older FP8 checkpoints.
@@ -58,11 +62,18 @@ class LlamaAttention(nn.Module):
         """(q weight, k weight, eps) of a per-head q/k RMSNorm before RoPE; none here (Qwen3 has one)."""
         return None, None, 0.0
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> PartialSums:
+    def input_quantization(self, num_tokens: int, dtype: torch.dtype) -> Fp8ActivationPlan | None:
+        """How the q/k/v projection would quantize its input (LinearMethod.input_quantization)."""
+        return self.qkv_proj.input_quantization(num_tokens, dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | QuantizedActivation,
+                batch: ForwardBatch) -> PartialSums:
+        """hidden: the normed residual stream, or as input_quantization asked."""
         q_norm, k_norm, eps = self.qk_norm_weights()
         cos_sin = self.rotary_emb.cos_sin_cache
         out = None
-        if q_norm is None and k_norm is None:  # a batch-1 GPU step: projection, RoPE and store in one kernel
+        # a batch-1 GPU step: projection, RoPE and store in one kernel
+        if q_norm is None and k_norm is None and isinstance(hidden, torch.Tensor):
             out = self.attn.fused_qkv_forward(self.qkv_proj, hidden, positions, cos_sin, batch)
         if out is None:
             q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -85,8 +96,18 @@ class LlamaMLP(nn.Module):
                                            comm=runtime.comm, method=runtime.linear_method(f"{prefix}.down_proj"))
         self.act_fn = SiluAndMul(runtime.ops)
 
-    def forward(self, x: torch.Tensor) -> PartialSums:
-        return self.down_proj(self.gate_up_proj.silu_and_mul(x, self.act_fn))
+    def input_quantization(self, num_tokens: int, dtype: torch.dtype) -> Fp8ActivationPlan | None:
+        """How the gate/up projection would quantize its input (LinearMethod.input_quantization)."""
+        return self.gate_up_proj.input_quantization(num_tokens, dtype)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> PartialSums:
+        """x: the normed residual stream, or as input_quantization asked."""
+        if isinstance(x, QuantizedActivation):
+            num_tokens, dtype = x.num_tokens, x.plan.dtype
+        else:
+            num_tokens, dtype = x.shape[0], x.dtype
+        down_input = self.down_proj.input_quantization(num_tokens, dtype)
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x, self.act_fn, down_input))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -104,9 +125,13 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, partial: PartialSums, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[PartialSums, torch.Tensor]:
         """partial: the previous layer's MLP output (or the embedding), unreduced; returns this layer's."""
-        hidden, residual = self.comm.reduce_add_rms_norm(partial, residual, self.input_layernorm)
+        num_tokens, dtype = partial.value.shape[0], partial.value.dtype
+        # (a projection that quantizes its input may have the norm before it write it quantized)
+        hidden, residual = self.comm.reduce_add_rms_norm(partial, residual, self.input_layernorm,
+                                                         self.self_attn.input_quantization(num_tokens, dtype))
         attn = self.self_attn(positions, hidden, batch)
-        hidden, residual = self.comm.reduce_add_rms_norm(attn, residual, self.post_attention_layernorm)
+        hidden, residual = self.comm.reduce_add_rms_norm(attn, residual, self.post_attention_layernorm,
+                                                         self.mlp.input_quantization(num_tokens, dtype))
         return self.mlp(hidden), residual
 
 

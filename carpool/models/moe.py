@@ -101,6 +101,10 @@ class SparseMoeBlock(nn.Module):
                                               f"{prefix}.shared_expert")
             self.shared_expert_gate = LinearBase(h, 1, False, dtype, runtime.unquantized_linear_method())
 
+    def input_quantization(self, num_tokens: int, dtype: torch.dtype) -> None:
+        """None: the router reads the model-dtype input (and the experts quantize their own)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> PartialSums:
         router_logits = self.gate(x)
         if self.experts.fused_moe_routed is not None:

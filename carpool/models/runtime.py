@@ -67,7 +67,7 @@ class ModelRuntime:
         from carpool.quantization.factory import quantized_linear_method
 
         method = quantized_linear_method(self.quantization, prefix, self.ops.name, self.packed_modules,
-                                         self.kernels.fused_gemv_silu)
+                                         self.kernels.fused_gemv_silu, self.kernels.fused_act_quant)
         return method if method is not None else self.unquantized_linear_method()
 
     def unquantized_linear_method(self) -> LinearMethod:

@@ -34,6 +34,11 @@ class KernelOps:
     # (ops/triton/gemv.py gemv_rows; used when KernelConfig.small_batch_gemv); None: plain matmul.
     gemv_rows: Callable | None = None
     gemv_rows_silu_and_mul: Callable | None = None
+    # rms_norm (with a residual: fused_add_rms_norm) and silu_and_mul written as FP8 activations for an FP8
+    # GEMM: (x, residual | None, weight, eps, group_size, static_scale, rows) -> (e4m3, scales, residual out |
+    # None) and (x, group_size, static_scale, rows) -> (e4m3, scales); None: the op, then the quantization.
+    rms_norm_fp8: Callable | None = None
+    silu_and_mul_fp8: Callable | None = None
     # the mixture-of-experts MLP: (hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k],
     # topk_ids [T, k]) -> [T, H]; the torch twin loops over the chosen experts (host-syncing, CPU only)
     fused_moe: Callable | None = None
@@ -59,5 +64,7 @@ def get_kernel_ops(name: str) -> KernelOps:
                      gemv_rope_and_store_kv=getattr(impl, "gemv_rope_and_store_kv", None),
                      gemv_rows=getattr(impl, "gemv_rows", None),
                      gemv_rows_silu_and_mul=getattr(impl, "gemv_rows_silu_and_mul", None),
+                     rms_norm_fp8=getattr(impl, "rms_norm_fp8", None),
+                     silu_and_mul_fp8=getattr(impl, "silu_and_mul_fp8", None),
                      fused_moe=getattr(impl, "fused_moe", None),
                      fused_moe_routed=getattr(impl, "fused_moe_routed", None))

@@ -26,16 +26,16 @@ def checkpoint_module_names(prefix: str, packed_modules: Mapping[str, tuple[str,
 
 def quantized_linear_method(scheme: QuantScheme | None, prefix: str, kernel_backend: str,
                             packed_modules: Mapping[str, tuple[str, Any]] | None = None,
-                            fused_gemv_silu: bool = False) -> LinearMethod | None:
+                            fused_gemv_silu: bool = False, fused_act_quant: bool = False) -> LinearMethod | None:
     """The method of the linear layer named `prefix`, or None where it runs unquantized (no scheme, or
-    the checkpoint's ignore list names it). fused_gemv_silu: KernelConfig's (the GEMV with SiLU-and-mul
-    for merged gate/up layers)."""
+    the checkpoint's ignore list names it). fused_gemv_silu, fused_act_quant: KernelConfig's (the GEMV
+    with SiLU-and-mul for merged gate/up layers; FP8 activations written by the op before the layer)."""
     if scheme is None:
         return None
     if is_ignored(scheme, prefix, checkpoint_module_names(prefix, packed_modules or {})):
         return None
     if isinstance(scheme, Fp8Scheme):
-        return Fp8LinearMethod(scheme, kernel_backend, fused_gemv_silu)
+        return Fp8LinearMethod(scheme, kernel_backend, fused_gemv_silu, fused_act_quant)
     return Int4WeightOnlyLinearMethod(scheme, kernel_backend, fused_gemv_silu)
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from carpool.layers.linear import LinearBase, loaded_shape
-from carpool.layers.linear_method import LinearMethod, set_weight_loader
+from carpool.layers.linear_method import LinearMethod, QuantizedActivation, set_weight_loader
 from carpool.ops.torch_ref import quant as ref
 from carpool.quantization.config import CHANNEL_GROUP, FP8_BLOCK, Fp8Scheme, Int4Scheme
 from carpool.quantization.formats import (
@@ -46,6 +46,9 @@ from carpool.quantization.sharding import (
     shard_slice,
 )
 from carpool.utils import cdiv
+
+if TYPE_CHECKING:
+    from carpool.ops.triton.quant_gemm import Fp8ActivationPlan
 
 MAX_GEMV_ROWS = 8  # rows of x up to which the Triton path takes the GEMV (ops/triton/quant_gemv.py)
 
@@ -105,6 +108,10 @@ class QuantizedLinearMethod(LinearMethod):
         """x goes through the Triton GEMV (1 to MAX_GEMV_ROWS rows), not the GEMM or the torch path."""
         return self.backend == "triton" and x.dim() == 2 and 1 <= x.shape[0] <= MAX_GEMV_ROWS
 
+    def takes_gemm(self, num_tokens: int) -> bool:
+        """An input of num_tokens rows goes through the Triton GEMM path (more than MAX_GEMV_ROWS rows)."""
+        return self.backend == "triton" and num_tokens > MAX_GEMV_ROWS
+
     def takes_fused_silu(self, x: torch.Tensor) -> bool:
         """apply_silu_and_mul takes x: the GEMV's rows, with the fused path switched on."""
         return self.fused_gemv_silu and self.takes_gemv(x)
@@ -149,10 +156,14 @@ class Fp8LinearMethod(QuantizedLinearMethod):
     """FP8 e4m3 weights with float32 scales per output channel or per 128x128 block. Triton: rows of x up
     to 8 through the FP8 weight GEMV (activations unquantized), more through activation quantization
     (per token, per 128-column group with block weights, or the checkpoint's static scale) and the W8A8
-    GEMM (torch._scaled_mm or Triton, ops/triton/quant_gemm.fp8_linear)."""
+    GEMM (torch._scaled_mm or Triton, ops/triton/quant_gemm.fp8_linear). With fused_act_quant
+    (KernelConfig's), GEMM-sized inputs may arrive quantized by the op that produced them
+    (input_quantization)."""
 
-    def __init__(self, scheme: Fp8Scheme, backend: str, fused_gemv_silu: bool = False) -> None:
+    def __init__(self, scheme: Fp8Scheme, backend: str, fused_gemv_silu: bool = False,
+                 fused_act_quant: bool = False) -> None:
         super().__init__(backend, fused_gemv_silu)
+        self.fused_act_quant = fused_act_quant
         self.scheme = scheme
         self.block = scheme.weight_strategy == "block"
         self.scale_name = "weight_scale" if scheme.checkpoint_format == "online" else scheme.scale_suffix()
@@ -229,8 +240,25 @@ class Fp8LinearMethod(QuantizedLinearMethod):
     def _scale(self, layer: LinearBase) -> torch.Tensor:
         return getattr(layer, self.scale_name)
 
-    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _static_scale(self, layer: LinearBase) -> torch.Tensor | None:
+        return getattr(layer, self.input_scale_name) if self.input_scale_name is not None else None
+
+    def input_quantization(self, layer: LinearBase, num_tokens: int, dtype: torch.dtype) -> Fp8ActivationPlan | None:
+        """fp8_linear's plan for num_tokens rows, where they take the GEMM and fused_act_quant is on."""
+        if not (self.fused_act_quant and self.takes_gemm(num_tokens)):
+            return None
+        from carpool.ops.triton import quant_gemm
+
+        return quant_gemm.fp8_activation_plan(num_tokens, layer.weight, self._scale(layer), dtype,
+                                              self._static_scale(layer))
+
+    def apply(self, layer: LinearBase, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
         weight, scale = layer.weight, self._scale(layer)
+        if isinstance(x, QuantizedActivation):  # (only where input_quantization gave its plan: Triton)
+            from carpool.ops.triton import quant_gemm
+
+            return quant_gemm.fp8_linear_quantized(x.plan, x.values, x.scale, x.num_tokens, weight, scale, bias)
         block = FP8_BLOCK if self.block else None
         if self.backend == "torch" or x.shape[0] == 0:
             return ref.fp8_linear(x, weight, scale, block, bias)
@@ -239,8 +267,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         x = x if x.stride(-1) == 1 else x.contiguous()
         if self.takes_gemv(x):
             return quant_gemv.fp8_gemv(x, weight, scale, bias)
-        static = getattr(layer, self.input_scale_name) if self.input_scale_name is not None else None
-        return quant_gemm.fp8_linear(x, weight, scale, bias, static)
+        return quant_gemm.fp8_linear(x, weight, scale, bias, self._static_scale(layer))
 
     def apply_silu_and_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
         if not self.takes_fused_silu(x):

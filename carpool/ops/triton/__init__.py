@@ -5,7 +5,14 @@ tests; compiled for CUDA GPUs otherwise.
 """
 
 from carpool.ops.triton.attention import paged_attention
-from carpool.ops.triton.elementwise import fused_add_rms_norm, rms_norm, rope_and_store_kv, silu_and_mul
+from carpool.ops.triton.elementwise import (
+    fused_add_rms_norm,
+    rms_norm,
+    rms_norm_fp8,
+    rope_and_store_kv,
+    silu_and_mul,
+    silu_and_mul_fp8,
+)
 from carpool.ops.triton.gemv import (
     gemv,
     gemv_rope_and_store_kv,
@@ -18,4 +25,4 @@ from carpool.ops.triton.sampling import sample_from_logits
 
 __all__ = ["paged_attention", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_store_kv",
            "sample_from_logits", "gemv", "gemv_silu_and_mul", "gemv_rope_and_store_kv", "gemv_rows",
-           "gemv_rows_silu_and_mul", "fused_moe", "fused_moe_routed"]
+           "gemv_rows_silu_and_mul", "fused_moe", "fused_moe_routed", "rms_norm_fp8", "silu_and_mul_fp8"]

@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
+from carpool.ops.triton.fp8 import store_e4m3_rows
 from carpool.ops.triton.paged_kv import check_kv_scales, is_fp8_cache, kv_cache_value, slot_row
+from carpool.ops.triton.quant_gemm import Fp8ActBuffers, fp8_act_buffers
 from carpool.ops.triton.utils import pdl_enter
 
 
@@ -36,14 +38,18 @@ def _rows_per_program(block_d: int) -> int:
     return max(1, min(16, 2048 // block_d))
 
 
-@triton.jit(do_not_specialize=["n_rows"])  # the row count changes every step: one compiled variant
+@triton.jit(do_not_specialize=["n_rows", "n_out_rows"])  # row counts change every step: one compiled variant
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_inner,
                      sx_outer, sx_inner, sr_outer, sr_inner, eps,
+                     scale_ptr, stride_sm, stride_sg, static_scale_ptr, n_out_rows, n_groups,
                      D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                     BLOCK_D: tl.constexpr, FP8_OUT: tl.constexpr, GROUP: tl.constexpr, STATIC: tl.constexpr,
+                     SOFTWARE_ROUNDING: tl.constexpr, USE_PDL: tl.constexpr):
     """out = weight * rms_norm(x [+ residual]); with a residual also res_out = x + residual.
 
-    Outputs are contiguous [n_rows, D]."""
+    Outputs are contiguous [n_rows, D]. FP8_OUT: out is e4m3 [n_out_rows, D] (rows from n_rows on are
+    zeros), the normalized rows rounded to x's dtype and quantized as quant_gemm.quantize_fp8_act
+    quantizes them (fp8.store_e4m3_rows, scales at scale_ptr)."""
     pdl_enter(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -64,16 +70,23 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_inne
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0)
     # Reference: weight * (x * rstd).to(x.dtype) -- round to the input dtype, then scale.
     y = (xf * rstd[:, None]).to(x.dtype).to(tl.float32) * w.to(tl.float32)[None, :]
-    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if FP8_OUT:
+        # (the unfused path stores y in x's dtype and quantizes what it stored: round the same way)
+        store_e4m3_rows(y.to(x.dtype).to(tl.float32), rows64, cols, rows < n_out_rows, cols < D, 0, n_groups,
+                        out_ptr, D, scale_ptr, stride_sm, stride_sg, static_scale_ptr, GROUP, STATIC,
+                        SOFTWARE_ROUNDING, BLOCK_R, BLOCK_D)
+    else:
+        tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-          eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+          fp8_out: Fp8ActBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     d = x.shape[-1]
     if weight.shape != (d,):
         raise ValueError(f"weight: expected shape ({d},), got {tuple(weight.shape)}")
     n_rows, n_inner, sx_o, sx_i = _rows_view(x)
-    out = utils.empty_output(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    out = (fp8_out.xq if fp8_out is not None
+           else utils.empty_output(x.shape, dtype=torch.result_type(weight, x), device=x.device))
     res_out = None
     sr_o = sr_i = 0
     if residual is not None:
@@ -82,15 +95,22 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                              f"{tuple(residual.shape)} {residual.dtype}")
         _, _, sr_o, sr_i = _rows_view(residual)
         res_out = utils.empty_output(x.shape, dtype=x.dtype, device=x.device)
-    if n_rows == 0:
+    n_out_rows = n_rows if fp8_out is None else fp8_out.xq.shape[0]
+    if n_out_rows == 0:
         return out, res_out
-    block_d = triton.next_power_of_2(d)
+    block_d = triton.next_power_of_2(d) if fp8_out is None else max(triton.next_power_of_2(d), fp8_out.group)
     block_r = _rows_per_program(block_d)
-    grid = (triton.cdiv(n_rows, block_r),)
+    grid = (triton.cdiv(n_out_rows, block_r),)
+    scale = fp8_out.scale if fp8_out is not None else weight
+    stride_sm, stride_sg = fp8_out.scale_strides if fp8_out is not None else (0, 0)
     _rms_norm_kernel[grid](x, residual if residual is not None else x, weight, out,
                            res_out if res_out is not None else out, n_rows, n_inner, sx_o, sx_i,
-                           sr_o, sr_i, eps, D=d, HAS_RESIDUAL=residual is not None, BLOCK_R=block_r,
-                           BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8,
+                           sr_o, sr_i, eps, scale, stride_sm, stride_sg, scale, n_out_rows,
+                           fp8_out.n_groups if fp8_out is not None else 1, D=d, HAS_RESIDUAL=residual is not None,
+                           BLOCK_R=block_r, BLOCK_D=block_d, FP8_OUT=fp8_out is not None,
+                           GROUP=fp8_out.group if fp8_out is not None else block_d,
+                           STATIC=fp8_out is not None and fp8_out.scale.dim() == 1,
+                           SOFTWARE_ROUNDING=utils.interpreting(), num_warps=4 if block_d <= 2048 else 8,
                            USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     return out, res_out
 
@@ -108,22 +128,55 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return out, res_out
 
 
+def rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 group_size: int | None, static_scale: torch.Tensor | None, rows: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """rms_norm(x [+ residual]) written as FP8 activations in the same pass: (e4m3 [rows, D], scales,
+    x + residual or None), the bytes and scales quant_gemm.quantize_fp8_act(rms_norm(...), group_size,
+    static_scale, rows) gives, without the model-dtype output and the second pass over it. x [N, D]
+    contiguous in D, weight in x's dtype (the unfused norm's output dtype), rows >= N."""
+    _check_fp8_out(x, rows, "rms_norm_fp8")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"rms_norm_fp8: weight must be in x's dtype {x.dtype}, got {weight.dtype}")
+    buffers = fp8_act_buffers(rows, x.shape[1], group_size, static_scale, x.device, "rms_norm_fp8")
+    _, res_out = _norm(x, residual, weight, eps, buffers)
+    return buffers.xq, buffers.scale, res_out
+
+
+def _check_fp8_out(x: torch.Tensor, rows: int, what: str) -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"{what}: x must be [N, D] contiguous in D, got {tuple(x.shape)}")
+    if rows < x.shape[0]:
+        raise ValueError(f"{what}: rows must be >= N = {x.shape[0]}, got {rows}")
+
+
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, n_rows, scale_ptr, stride_sm, stride_sg, static_scale_ptr,
+                         n_groups, BLOCK: tl.constexpr, FP8_OUT: tl.constexpr, GROUP: tl.constexpr,
+                         STATIC: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr, USE_PDL: tl.constexpr):
+    """One program per (row, BLOCK columns) of out = silu(gate) * up. FP8_OUT: out is e4m3, quantized
+    as quant_gemm.quantize_fp8_act quantizes the model-dtype result (fp8.store_e4m3_rows: BLOCK covers
+    whole scale groups, or the whole row for one scale per row); rows from n_rows on are zeros."""
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < d
+    mask = cols < tl.where(row < n_rows, d, 0)  # (rows from n_rows on: padding, all zeros)
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     # The reference rounds silu(gate) to the input dtype before the multiply; so do we.
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    tl.store(out_ptr + row * d + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    y = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    if FP8_OUT:
+        rows = row + tl.arange(0, 1)
+        store_e4m3_rows(y.to(tl.float32)[None, :], rows, cols, rows >= 0, cols < d, tl.program_id(1) * (BLOCK // GROUP),
+                        n_groups, out_ptr, d, scale_ptr, stride_sm, stride_sg, static_scale_ptr, GROUP, STATIC,
+                        SOFTWARE_ROUNDING, 1, BLOCK)
+    else:
+        tl.store(out_ptr + row * d + cols, y, mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x = [gate | up] along the last dim -> silu(gate) * up, shape [..., d]."""
+def _silu_and_mul(x: torch.Tensor, fp8_out: Fp8ActBuffers | None) -> torch.Tensor:
     two_d = x.shape[-1]
     if two_d % 2:
         raise ValueError(f"x: last dim must be even ([gate | up]), got {two_d}")
@@ -131,12 +184,43 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, two_d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = utils.empty_output((x2.shape[0], d), dtype=x.dtype, device=x.device)
-    if x2.shape[0] and d:
-        block = min(1024, triton.next_power_of_2(d))
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, d, x2.stride(0), BLOCK=block, num_warps=4, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
-    return out.view(*x.shape[:-1], d)
+    if fp8_out is None:
+        out = utils.empty_output((x2.shape[0], d), dtype=x.dtype, device=x.device)
+        block = min(1024, triton.next_power_of_2(d)) if d else 1
+        out_rows, group, n_groups, static, scale = x2.shape[0], block, 1, False, out
+    else:
+        out, scale = fp8_out.xq, fp8_out.scale
+        static = scale.dim() == 1
+        # a program's columns hold whole scale groups (the whole row for one scale per row)
+        if static:
+            block = min(1024, triton.next_power_of_2(d))
+        else:
+            block = fp8_out.group if fp8_out.n_groups == 1 else max(1024, fp8_out.group)
+        out_rows, group, n_groups = out.shape[0], fp8_out.group, fp8_out.n_groups
+    stride_sm, stride_sg = fp8_out.scale_strides if fp8_out is not None else (0, 0)
+    if out_rows and d:
+        _silu_and_mul_kernel[(out_rows, triton.cdiv(d, block))](
+            x2, out, d, x2.stride(0), x2.shape[0], scale, stride_sm, stride_sg, scale, n_groups, BLOCK=block,
+            FP8_OUT=fp8_out is not None, GROUP=group, STATIC=static, SOFTWARE_ROUNDING=utils.interpreting(),
+            num_warps=4 if block <= 2048 else min(16, block // 1024), USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] along the last dim -> silu(gate) * up, shape [..., d]."""
+    d = x.shape[-1] // 2
+    return _silu_and_mul(x, None).view(*x.shape[:-1], d)
+
+
+def silu_and_mul_fp8(x: torch.Tensor, group_size: int | None, static_scale: torch.Tensor | None, rows: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(gate) * up of x [N, 2d] written as FP8 activations in the same pass: (e4m3 [rows, d], scales),
+    the bytes and scales quant_gemm.quantize_fp8_act(silu_and_mul(x), group_size, static_scale, rows)
+    gives, without the model-dtype output and the second pass over it (rows >= N; rows past N zeros)."""
+    _check_fp8_out(x, rows, "silu_and_mul_fp8")
+    buffers = fp8_act_buffers(rows, x.shape[1] // 2, group_size, static_scale, x.device, "silu_and_mul_fp8")
+    _silu_and_mul(x, buffers)
+    return buffers.xq, buffers.scale
 
 
 @triton.jit
