@@ -31,6 +31,7 @@ import statistics
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import triton
@@ -163,8 +164,9 @@ def bench_decode_fp8(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
     both with the engine's launch (default tile config, balanced plan): `speedup` = bf16 us / fp8 us, the
     gain `--kv-cache-dtype fp8` can bring to the attention share of a decode step (at most 2: half the
     bytes). Each ratio is against copy bandwidth over that cache's own bytes. The FP8 sweep covers tile
-    configs (the default, FP8_DECODE_CONFIG, and the model-dtype default's 64-key tile) and the plan's
-    target work items, so the FP8 defaults can be tuned from one run."""
+    configs (the default, FP8_DECODE_CONFIG, the model-dtype default's 64-key tile, and the default with
+    the other e4m3 conversion) and the plan's target work items, so the FP8 defaults can be tuned from
+    one run."""
     rng = torch.Generator().manual_seed(1)
     lens = torch.randint(lo, hi + 1, (batch,), generator=rng).tolist()
     plan = balanced_decode_plan(lens, HKV)
@@ -181,13 +183,16 @@ def bench_decode_fp8(bandwidth: float, batch: int, lo: int, hi: int) -> dict:
     inp = decode_inputs(batch, lens, num_sets(nbytes(1)), torch.Generator().manual_seed(0), torch.float8_e4m3fn)
     default_config = default_decode_config(HEAD_DIM, DTYPE, kv_fp8=True)
     configs = [default_config] + [c for c in (DecodeConfig(64, 8, 2), DecodeConfig(64, 4, 2), DecodeConfig(128, 4, 2),
-                                              DecodeConfig(128, 8, 3), DecodeConfig(256, 8, 2)) if c != default_config]
+                                              DecodeConfig(128, 8, 3), DecodeConfig(256, 8, 2),
+                                              replace(default_config, e4m3_pairs=not default_config.e4m3_pairs))
+                                  if c != default_config]
     sweep = []
     for config in configs:
         for target in (DECODE_TARGET_ITEMS // 2, DECODE_TARGET_ITEMS, 2 * DECODE_TARGET_ITEMS):
             p = balanced_decode_plan(lens, HKV, target_items=target)
             sweep.append(row(time_decode(inp, p.num_splits, config, p), 1, block_n=config.block_n,
-                             num_warps=config.num_warps, num_stages=config.num_stages, target_items=target,
+                             num_warps=config.num_warps, num_stages=config.num_stages,
+                             e4m3_pairs=config.e4m3_pairs, target_items=target,
                              num_splits=p.num_splits, split_len=p.split_len))
     fp8 = next(r for r in sweep if r["target_items"] == DECODE_TARGET_ITEMS)  # configs[0]: the engine's launch
     best = min(sweep, key=lambda r: r["us"])

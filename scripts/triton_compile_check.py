@@ -119,6 +119,16 @@ def call_every_op(dtype: torch.dtype) -> None:
                               torch.arange(52))
         tri.rope_and_store_kv(torch.arange(52), q, k, k, torch.zeros(4096, d), k_cache, k_cache.clone(),
                               torch.arange(52), torch.ones(d, dtype=dtype), torch.ones(d, dtype=dtype), 1e-6)
+    if dtype != torch.float32:  # decode over an FP8 (e4m3) cache at Qwen3-0.6B's heads, one split
+        hq, hkv, d, page, seq = 16, 8, 128, 16, 2000
+        fp8_cache = torch.zeros(cdiv(seq, page), page, hkv, d, dtype=torch.float8_e4m3fn)
+        meta = AttentionMetadata(torch.arange(5, dtype=torch.int32), torch.full((4,), seq, dtype=torch.int32),
+                                 torch.zeros(4, cdiv(seq, page), dtype=torch.int32), torch.zeros(4, dtype=torch.int64),
+                                 max_query_len=1, max_seq_len=seq, query_start_loc_cpu=list(range(5)),
+                                 seq_lens_cpu=[seq] * 4)
+        meta.extra = {"num_splits": 1}
+        tri.paged_attention(torch.zeros(4, hq, d, dtype=dtype), None, None, fp8_cache, fp8_cache.clone(), meta,
+                            d ** -0.5, 0.5, 0.5)
     for hidden in (1024, 4096):
         x = torch.zeros(8, hidden, dtype=dtype)
         w = torch.zeros(hidden, dtype=dtype)

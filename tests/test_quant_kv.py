@@ -141,6 +141,41 @@ def test_fp8_cascade_decode_with_bf16_queries_matches_reference() -> None:
                                     cascade_prefix_len=CASCADE_ALIGN)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fp8_decode_reads_tiles_as_e4m3_pairs_with_the_outputs_of_the_per_tile_cast(monkeypatch, bf16: bool) -> None:
+    """DecodeConfig.e4m3_pairs (int16 pairs, each converted on its own) against Triton's cast of each tile:
+    the same output bit for bit (e4m3 values are exact in the tiles' dtype), over a head_dim whose pairs
+    fill no power-of-two tile (24: 12 pairs in a 16-pair tile) and keys past each request's end."""
+    from carpool.ops.triton import decode_attention as da
+
+    q, k, v, kc, vc, meta = fp8_batch([(s, 1) for s in (1, 70, 200)], 4, 2, 24, 16)
+    if bf16:
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    outs = []
+    for pairs in (True, False):
+        cfg = da.default_decode_config(24, q.dtype if bf16 else torch.float32, kv_fp8=True)
+        monkeypatch.setattr(da, "default_decode_config",
+                            lambda *a, _c=cfg, _p=pairs, **kw: da.replace(_c, e4m3_pairs=_p))
+        outs.append(tri.paged_attention(q, None, None, kc, vc, meta, 24 ** -0.5, K_SCALE, V_SCALE)[:3].clone())
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_e4m3_pairs_are_taken_only_where_every_row_is_whole_pairs(monkeypatch) -> None:
+    from carpool.ops.triton.paged_kv import E4M3_CAST, E4M3_PAIRS_CAST, E4M3_PAIRS_PTX, e4m3_pairs_mode
+
+    cache = torch.zeros(4, 16, 2, 24, dtype=FP8)
+    assert e4m3_pairs_mode(True, torch.float16, cache, cache) == E4M3_PAIRS_CAST.value  # (the interpreter)
+    assert e4m3_pairs_mode(False, torch.float16, cache, cache) == E4M3_CAST.value
+    assert e4m3_pairs_mode(True, torch.float16, cache, torch.zeros(4, 16, 2, 23, dtype=FP8)) == E4M3_CAST.value
+    odd_strides = torch.zeros(4, 16, 3, 25, dtype=FP8)[..., :24]
+    assert e4m3_pairs_mode(True, torch.float16, cache, odd_strides) == E4M3_CAST.value
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    for query_dtype in (torch.float16, torch.bfloat16):  # (16-bit queries: float16 tiles)
+        assert e4m3_pairs_mode(True, query_dtype, cache, cache) == E4M3_PAIRS_PTX.value
+    assert e4m3_pairs_mode(True, torch.float32, cache, cache) == E4M3_PAIRS_CAST.value
+
+
 def test_fp8_decode_matches_reference() -> None:
     check_fp8_attention([(s, 1) for s in (1, 17, 70)], num_q_heads=4, num_kv_heads=2, head_dim=24)
 

@@ -38,7 +38,14 @@ import triton.language as tl
 
 from carpool.forward_batch import CASCADE_ALIGN  # prefix kernel tile; split kernel tiles divide it
 from carpool.ops.triton import utils
-from carpool.ops.triton.paged_kv import LOG2E, attend_tile, check_kv_scales, fp8_tile_query, is_fp8_cache
+from carpool.ops.triton.paged_kv import (
+    LOG2E,
+    attend_tile,
+    check_kv_scales,
+    e4m3_pairs_mode,
+    fp8_tile_query,
+    is_fp8_cache,
+)
 from carpool.ops.triton.utils import pdl_enter, pdl_release, pdl_wait
 
 
@@ -49,15 +56,19 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     min_split_tiles: int = 1  # a split gets at least this many tiles, so short contexts use fewer splits
+    # an FP8 cache: tiles read as e4m3 pairs, one conversion each (paged_kv.E4M3_PAIRS_PTX), not Triton's
+    # cast of each tile (fewer instructions per key offline; bench_kernels.py --parts fp8 times both)
+    e4m3_pairs: bool = True
 
 
 # Over an FP8 cache a key costs half the bytes, so a tile of twice the keys moves what the model-dtype
 # tile moves per load: with the same bytes in flight per program (a load is issued a tile ahead), decode
-# stays as close to HBM bandwidth while reading half the bytes. Compiled for sm_90 at head_dim 128
-# (scripts/quant_compile_check.py), no spills: one split (large batches) 115 registers at 8 warps, two
-# programs per SM, twice the bytes in flight of 64-key tiles (108 registers, also two); several splits
-# 142 (one program per SM, as many bytes in flight as 64-key tiles at 106, two); 4 warps take 203-207.
-# Unmeasured: `benchmarks/bench_kernels.py --parts fp8` sweeps tiles, warps, stages and plans against bf16.
+# stays as close to HBM bandwidth while reading half the bytes. Compiled for sm_90 at Qwen3-0.6B's heads
+# (16 q / 8 KV, head_dim 128; Triton 3.6, tiles read as e4m3 pairs), no spills: 105 registers and 72 KiB
+# of shared memory at 8 warps, ~1,070 thread-instructions per key in the loop (4 warps: 142 registers,
+# ~920; Triton's per-tile cast: 142 and ~1,290; the bf16 cache's 64-key tile: ~770).
+# Unmeasured: `benchmarks/bench_kernels.py --parts fp8` sweeps tiles, warps, stages, the conversion and
+# plans against bf16.
 FP8_DECODE_CONFIG = DecodeConfig(block_n=128, num_warps=8)
 
 
@@ -92,7 +103,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    HAS_PREFIX: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_SPLIT_LEN: tl.constexpr,
-                   KV_FP8: tl.constexpr, USE_PDL: tl.constexpr):
+                   KV_FP8: tl.constexpr, E4M3_PAIRS: tl.constexpr, USE_PDL: tl.constexpr):
     # Until pdl_wait: only the step's metadata, complete before this layer's q/k/v projection started
     # (utils.pdl_wait).
     pdl_release(USE_PDL)
@@ -144,7 +155,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     for tile in range(tile_lo, tile_hi):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, m_i, k_cache_ptr, v_cache_ptr, bt_ptr, tile * BLOCK_N,
                                     seq_len, kv_off_k, kv_off_v, stride_kb, stride_ks, stride_vb, stride_vs,
-                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION, KV_FP8)
+                                    qk_scale, HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, 1, DOT_PRECISION, KV_FP8,
+                                    E4M3_PAIRS)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if KV_FP8:
         o = o * v_scale
@@ -336,8 +348,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         MIN_SPLIT_TILES=config.min_split_tiles, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=config.block_n,
         DOT_PRECISION=precision, HAS_PREFIX=cascade, HAS_ORDER=order is not None,
-        HAS_SPLIT_LEN=split_len is not None, KV_FP8=kv_fp8, num_warps=config.num_warps, num_stages=config.num_stages,
-        USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
+        HAS_SPLIT_LEN=split_len is not None, KV_FP8=kv_fp8,
+        E4M3_PAIRS=e4m3_pairs_mode(kv_fp8 and config.e4m3_pairs, tile_dtype, k_cache, v_cache),
+        num_warps=config.num_warps, num_stages=config.num_stages, USE_PDL=utils.pdl(), launch_pdl=utils.pdl())
     if cascade:
         assert prefix_len is not None
         block_m = 64 if tile_dtype == torch.float32 else 128
