@@ -250,7 +250,7 @@ if [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-m
   step timeout 100 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --profile --out "$out/latency_awq.json"
   if [ "$mode" = one-row ]; then
     step timeout 75 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
-    step timeout 65 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --out "$out/moe_latency.json"
+    step timeout 75 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --profile --out "$out/moe_latency.json"
   fi
   finish
 fi

@@ -291,8 +291,14 @@ class Scheduler:
                     self._trimmed.add(req_id)
             if not request.num_output_placeholders:  # proposals follow the last token: only if it is this one
                 request.spec_token_ids = runner_output.spec_token_ids.get(req_id, [])
-        for request in finished:
-            self._remove(request)
+        if finished:  # (one pass over running for the lot: a whole batch may finish in one step)
+            leaving = {request.request_id for request in finished}
+            kept = [r for r in self.running if r.request_id not in leaving]
+            self._running_with_penalties -= sum(r.sampling_params.has_penalties for r in self.running
+                                                if r.request_id in leaving)
+            self.running[:] = kept
+            for request in finished:
+                self._release(request)
         return outputs
 
     @staticmethod
@@ -341,6 +347,10 @@ class Scheduler:
     def _remove(self, request: Request) -> None:
         if request in self.running:  # (a finished request is still in running; an aborted one may not be)
             self._leave_running(request)
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Free a request that is out of running and waiting: its blocks, its runner state, its entry."""
         self.kv.free(request)
         self._forget_in_runner(request.request_id)
         self._trimmed.discard(request.request_id)
