@@ -33,7 +33,11 @@
 # "after-one-row" the second call of such a session: the demo pair interleaved over 3 rounds, AWQ at batch
 # 64, the quantized-MoE GPU tests and the FP8-cache decode sweep; "fp8-prefill" the norm and SiLU kernels
 # that write FP8 activations (GPU tests) and the FP8 prefill figure with them (against bf16) and without
-# (KernelConfig.fused_act_quant off), about 200 s.
+# (KernelConfig.fused_act_quant off), about 200 s; "next" the untimed kernels' GPU tests (one-row GEMVs,
+# FP8 activations written by the norm and SiLU, e4m3-pair KV decode), the int4 batch-1 sweep, then issue
+# 21's four engine figures and MoE batch 1 profiled (one call, about 460 s; carry .whl); "next-2" the
+# second call: the FP8 batch-1 sweep, FP8 prefill without the fused activations, the FP8-cache decode
+# sweep, the demo pair over 3 rounds and AWQ at batch 64 (about 560 s).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -62,7 +66,7 @@ base() { (cd "$here/.baseline" && PYTHONPATH="$here/.baseline" "$@"); }
 finish() { echo "=== done ($(date +%T)), status $status"; sleep 1; exit $status; }
 
 device_file="$out/device.txt"
-if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-min ] || [ "$mode" = after-one-row ] || [ "$mode" = fp8-prefill ]; then  # at most 8 files come back: the device goes into the log
+if [ "$mode" = tp ] || [ "$mode" = balance ] || [ "$mode" = check ] || [ "$mode" = seams ] || [ "$mode" = features ] || [ "$mode" = rest ] || [ "$mode" = priority ] || [ "$mode" = quant-targets ] || [ "$mode" = model-targets ] || [ "$mode" = train ] || [ "$mode" = moe-hf ] || [ "$mode" = spec-train ] || [ "$mode" = spec-verify ] || [ "$mode" = open-checks ] || [ "$mode" = open-checks-2 ] || [ "$mode" = short-checks ] || [ "$mode" = open-all ] || [ "$mode" = one-row ] || [ "$mode" = one-row-short ] || [ "$mode" = one-row-min ] || [ "$mode" = after-one-row ] || [ "$mode" = fp8-prefill ] || [ "$mode" = next ] || [ "$mode" = next-2 ]; then  # at most 8 files come back: the device goes into the log
   exec > >(tee -a "$out/suite.log") 2>&1
   device_file=/dev/null
 fi
@@ -262,6 +266,30 @@ if [ "$mode" = after-one-row ]; then
   step timeout -s INT -k 10 140 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --tb=short -rf \
     tests/test_fused_moe_quantized.py tests/test_quant_moe.py tests/test_moe_fused_routing.py tests/test_moe_gpu.py
   step timeout 140 python3 benchmarks/bench_kernels.py --parts fp8 --quick --out "$out/kernels_fp8.json"
+  finish
+fi
+if [ "$mode" = next ]; then
+  step timeout -s INT -k 10 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" --tb=short -rf \
+    tests/test_quant_kernels.py tests/test_quant_kv.py -k "gemv or one_row or written_as_fp8 or activation or pairs or fp8_decode"
+  step timeout 100 python3 benchmarks/bench_quant.py --batch-one --sweep --sweep-methods int4 --out "$out/quant_batch_one.json"
+  step timeout 75 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --out "$out/latency_awq.json"
+  step timeout 60 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
+  step timeout 70 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
+    --quantization fp8 --peer-bf16 --out "$out/prefill_fp8.json"
+  step timeout 95 python3 benchmarks/bench_throughput.py --kv-cache-dtype fp8 --peer-bf16 --out "$out/kv_fp8_offline.json"
+  step timeout 75 python3 benchmarks/bench_latency.py --shape qwen3-30b-a3b --profile --out "$out/moe_latency.json"
+  finish
+fi
+if [ "$mode" = next-2 ]; then
+  step timeout 110 python3 benchmarks/bench_quant.py --batch-one --sweep --sweep-methods fp8,fp8_block \
+    --out "$out/quant_batch_one_fp8.json"
+  step timeout 60 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
+    --quantization fp8 --no-fused-act-quant --out "$out/prefill_fp8_unfused.json"
+  step timeout 130 python3 benchmarks/bench_kernels.py --parts fp8 --quick --out "$out/kernels_fp8.json"
+  step timeout 120 python3 benchmarks/bench_spec_decode.py --skip-mechanics --repeats 3 \
+    --model carpool/demo_models/main --draft-model carpool/demo_models/draft --out "$out/spec_decode_demo.json"
+  step timeout 130 python3 benchmarks/bench_throughput.py --shape llama3-8b --load-format dummy --quant-format awq \
+    --max-num-seqs 64 --num-prompts 64 --peer-bf16 --out "$out/batch64_awq.json"
   finish
 fi
 if [ "$mode" = fp8-prefill ]; then
