@@ -34,10 +34,11 @@
 # 64, the quantized-MoE GPU tests and the FP8-cache decode sweep; "fp8-prefill" the norm and SiLU kernels
 # that write FP8 activations (GPU tests) and the FP8 prefill figure with them (against bf16) and without
 # (KernelConfig.fused_act_quant off), about 200 s; "next" the untimed kernels' GPU tests (one-row GEMVs,
-# FP8 activations written by the norm and SiLU, e4m3-pair KV decode), the int4 batch-1 sweep, then issue
-# 21's four engine figures and MoE batch 1 profiled (one call, about 460 s; carry .whl); "next-2" the
-# second call: the FP8 batch-1 sweep, FP8 prefill without the fused activations, the FP8-cache decode
-# sweep, the demo pair over 3 rounds and AWQ at batch 64 (about 560 s).
+# FP8 activations written by the norm and SiLU, e4m3-pair KV decode), the int4 and FP8 batch-1 sweeps,
+# AWQ batch 1, FP8 prefill, the FP8 KV cache offline and MoE batch 1 profiled (one call, about 480 s;
+# carry .whl); "next-2" the second call, after the sweeps have set the batch-1 GEMV defaults: FP8 batch 1,
+# FP8 prefill without the fused activations, the FP8-cache decode sweep, the demo pair over 3 rounds and
+# AWQ at batch 64 (about 520 s).
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mode=${2:-full}
@@ -269,11 +270,12 @@ if [ "$mode" = after-one-row ]; then
   finish
 fi
 if [ "$mode" = next ]; then
-  step timeout -s INT -k 10 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" --tb=short -rf \
+  step timeout -s INT -k 10 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" --tb=short -rf \
     tests/test_quant_kernels.py tests/test_quant_kv.py -k "gemv or one_row or written_as_fp8 or activation or pairs or fp8_decode"
-  step timeout 100 python3 benchmarks/bench_quant.py --batch-one --sweep --sweep-methods int4 --out "$out/quant_batch_one.json"
+  step timeout 95 python3 benchmarks/bench_quant.py --batch-one --sweep --sweep-methods int4 --out "$out/quant_batch_one.json"
+  step timeout 95 python3 benchmarks/bench_quant.py --batch-one --sweep --sweep-methods fp8 \
+    --out "$out/quant_batch_one_fp8.json"
   step timeout 75 python3 benchmarks/bench_latency.py --quant-format awq --peer-bf16 --out "$out/latency_awq.json"
-  step timeout 60 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
   step timeout 70 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
     --quantization fp8 --peer-bf16 --out "$out/prefill_fp8.json"
   step timeout 95 python3 benchmarks/bench_throughput.py --kv-cache-dtype fp8 --peer-bf16 --out "$out/kv_fp8_offline.json"
@@ -281,8 +283,7 @@ if [ "$mode" = next ]; then
   finish
 fi
 if [ "$mode" = next-2 ]; then
-  step timeout 110 python3 benchmarks/bench_quant.py --batch-one --sweep --sweep-methods fp8,fp8_block \
-    --out "$out/quant_batch_one_fp8.json"
+  step timeout 60 python3 benchmarks/bench_latency.py --quantization fp8 --peer-bf16 --out "$out/latency_fp8.json"
   step timeout 60 python3 benchmarks/bench_throughput.py --workload prefill --shape llama3-8b --load-format dummy \
     --quantization fp8 --no-fused-act-quant --out "$out/prefill_fp8_unfused.json"
   step timeout 130 python3 benchmarks/bench_kernels.py --parts fp8 --quick --out "$out/kernels_fp8.json"
