@@ -300,6 +300,34 @@ def test_fp8_activations_written_by_the_norms_and_silu_give_the_separate_quantiz
         assert torch.equal(chunked, unfused)
 
 
+def test_an_fp8_layer_asks_for_quantized_input_only_on_the_triton_gemm_path_with_fused_act_quant_on() -> None:
+    """input_quantization: a plan for more than 8 rows on the Triton backend (per token for channel scales),
+    None for the GEMV's rows, the torch path, or with KernelConfig.fused_act_quant off; a plan's rows must
+    match the activations handed to the product."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from carpool.config import KernelConfig
+    from carpool.ops.triton.quant_gemm import fp8_linear_quantized
+    from carpool.quantization.config import Fp8Scheme
+
+    scheme = Fp8Scheme("compressed-tensors", "channel", None, dynamic_activations=True)
+    weight, scale = quantize_fp8_per_channel(torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))
+    layer = SimpleNamespace(weight=weight, weight_scale=scale)
+
+    def method(backend: str, fused: bool):
+        rt = ModelRuntime.for_inference(backend, kernels=KernelConfig(fused_act_quant=fused), quantization=scheme)
+        return rt.linear_method("model.layers.0.mlp.down_proj")
+
+    plan = method("triton", True).input_quantization(layer, 9, torch.float32)
+    assert plan is not None and plan.group_size is None and plan.rows == 9 and plan.dtype == torch.float32
+    assert method("triton", True).input_quantization(layer, 8, torch.float32) is None
+    assert method("triton", False).input_quantization(layer, 9, torch.float32) is None
+    assert method("torch", True).input_quantization(layer, 9, torch.float32) is None
+    with pytest.raises(ValueError, match="the plan quantizes 9 rows, got 10"):  # (refused before any launch)
+        fp8_linear_quantized(plan, torch.zeros(10, 40, dtype=torch.float8_e4m3fn), torch.ones(10, 1), 9, weight, scale)
+
+
 def fp8_gate_up(backend: str, fused_gemv_silu: bool):
     """(the method ModelRuntime gives a merged gate/up layer, a layer holding its FP8 weights [2d, K])."""
     from types import SimpleNamespace
