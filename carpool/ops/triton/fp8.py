@@ -68,3 +68,26 @@ def store_e4m3_rows(y, rows, cols, row_ok, col_ok, group0, n_groups, xq_ptr, str
         q = tl.reshape(grouped / scale[:, :, None], [BLOCK_R, BLOCK_D])
     tl.store(xq_ptr + rows[:, None] * stride_qm + cols[None, :], to_e4m3(q, xq_ptr, SOFTWARE_ROUNDING),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def e4m3_pairs_to(pairs, dtype: tl.constexpr, ASM: tl.constexpr):
+    """int16 words holding two e4m3 values (the lower-addressed in the low byte) -> (low, high) in dtype.
+    ASM (a GPU; dtype float16 or float32): one cvt.rn.f16x2.e4m3x2 per pair, then for float32 two
+    half-to-float conversions. Triton's own cast of an e4m3 vector unpacks every byte and repacks the
+    pairs first (~3 more instructions per pair), and in front of tl.dot it is moved into the
+    dot-operand layout, where each byte is read from shared memory on its own. Without ASM (the
+    interpreter runs no inline assembly) each byte goes through Triton's cast."""
+    if ASM and dtype == tl.float16:
+        low, high = tl.inline_asm_elementwise(
+            asm="{ .reg .b32 h; cvt.rn.f16x2.e4m3x2 h, $2; mov.b32 {$0, $1}, h; }",
+            constraints="=h,=h,h", args=[pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    elif ASM:
+        low, high = tl.inline_asm_elementwise(
+            asm="{ .reg .b32 h; .reg .b16 l, u; cvt.rn.f16x2.e4m3x2 h, $2; mov.b32 {l, u}, h; "
+                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, u; }",
+            constraints="=r,=r,h", args=[pairs], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        low = (pairs & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(dtype)
+        high = ((pairs >> 8) & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(dtype)
+    return low, high

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
-from carpool.ops.triton.fp8 import to_e4m3
+from carpool.ops.triton.fp8 import e4m3_pairs_to, to_e4m3
 from carpool.ops.triton.utils import pdl_enter
 
 KV_CACHE_FP8_DTYPE = torch.float8_e4m3fn
@@ -152,21 +152,27 @@ def e4m3_pairs_mode(pairs: bool, tile_dtype: torch.dtype, *caches: torch.Tensor)
 
 
 @triton.jit
-def _load_e4m3_tile(cache_ptr, row_off, key_ok, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, MODE: tl.constexpr):
-    """The e4m3 rows at cache_ptr + row_off [BLOCK_N, 1] (key_ok: rows to read; others and columns past
-    HEAD_DIM are zero) as a [BLOCK_N, BLOCK_D] tile of dtype, read as int16 pairs (row_off even)."""
-    offs_p = tl.arange(0, BLOCK_D // 2)
-    mask = key_ok[:, None] & (offs_p < HEAD_DIM // 2)[None, :]
-    pairs = tl.load(cache_ptr.to(tl.pointer_type(tl.int16)) + row_off // 2 + offs_p[None, :], mask=mask, other=0)
-    if MODE == E4M3_PAIRS_PTX:
-        low, high = tl.inline_asm_elementwise(
-            asm="{ .reg .b32 h; cvt.rn.f16x2.e4m3x2 h, $2; mov.b32 {$0, $1}, h; }",
-            constraints="=h,=h,h", args=[pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:
-        low = (pairs & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(dtype)
-        high = ((pairs >> 8) & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(dtype)
-    return tl.interleave(low, high)
+def _kv_tile(cache_ptr, row_off, key_ok, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             KV_FP8: tl.constexpr, E4M3_PAIRS: tl.constexpr):
+    """The cache rows at cache_ptr + row_off [BLOCK_N, 1] (key_ok: rows to read; others and columns past
+    HEAD_DIM are zero) as a [BLOCK_N, BLOCK_D] tile for tl.dot: as stored in a model-dtype cache; from an
+    FP8 cache, converted to dtype by Triton's cast of the tile, or read as int16 pairs (row_off even)
+    and converted pair by pair (E4M3_PAIRS)."""
+    if KV_FP8 and E4M3_PAIRS != E4M3_CAST:
+        offs_p = tl.arange(0, BLOCK_D // 2)
+        mask = key_ok[:, None] & (offs_p < HEAD_DIM // 2)[None, :]
+        pairs = tl.load(cache_ptr.to(tl.pointer_type(tl.int16)) + row_off // 2 + offs_p[None, :], mask=mask,
+                        other=0)
+        low, high = e4m3_pairs_to(pairs, dtype, E4M3_PAIRS == E4M3_PAIRS_PTX)
+        return tl.interleave(low, high)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = key_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    tile = tl.load(cache_ptr + row_off + offs_d[None, :], mask=mask, other=0.0)
+    if KV_FP8:
+        tile = tile.to(dtype)
+    return tile
 
 
 @triton.jit
@@ -182,7 +188,6 @@ def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start
     absolute positions (used by MASK_CAUSAL only); bt_ptr points at this request's block-table row. Returns
     the updated (acc, l_i, m_i)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     if MASK == 0:
         key_ok = offs_n >= 0  # all true; keeps one code path for the masks below
     else:
@@ -190,16 +195,8 @@ def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start
     # A tile may span several pages (BLOCK_N > PAGE_SIZE): look up each key's page on its own.
     page = tl.load(bt_ptr + offs_n // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
     row = offs_n % PAGE_SIZE
-    load_mask = key_ok[:, None]
-    if BLOCK_D != HEAD_DIM:
-        load_mask = load_mask & (offs_d[None, :] < HEAD_DIM)
-    k_rows = kv_head_off_k + page[:, None] * stride_kb + row[:, None] * stride_ks
-    if KV_FP8 and E4M3_PAIRS != E4M3_CAST:
-        k = _load_e4m3_tile(k_cache_ptr, k_rows, key_ok, q.dtype, HEAD_DIM, BLOCK_D, E4M3_PAIRS)
-    else:
-        k = tl.load(k_cache_ptr + k_rows + offs_d[None, :], mask=load_mask, other=0.0)
-        if KV_FP8:
-            k = k.to(q.dtype)
+    k = _kv_tile(k_cache_ptr, kv_head_off_k + page[:, None] * stride_kb + row[:, None] * stride_ks, key_ok,
+                 q.dtype, HEAD_DIM, BLOCK_D, KV_FP8, E4M3_PAIRS)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASK == 1:
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -209,12 +206,7 @@ def attend_tile(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, start
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v_rows = kv_head_off_v + page[:, None] * stride_vb + row[:, None] * stride_vs
-    if KV_FP8 and E4M3_PAIRS != E4M3_CAST:
-        v = _load_e4m3_tile(v_cache_ptr, v_rows, key_ok, q.dtype, HEAD_DIM, BLOCK_D, E4M3_PAIRS)
-    else:
-        v = tl.load(v_cache_ptr + v_rows + offs_d[None, :], mask=load_mask, other=0.0)
-        if KV_FP8:
-            v = v.to(q.dtype)
+    v = _kv_tile(v_cache_ptr, kv_head_off_v + page[:, None] * stride_vb + row[:, None] * stride_vs, key_ok,
+                 q.dtype, HEAD_DIM, BLOCK_D, KV_FP8, E4M3_PAIRS)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from carpool.ops.triton import utils
+from carpool.ops.triton.fp8 import e4m3_pairs_to
 from carpool.ops.triton.utils import pdl_wait_then_release
 
 MAX_GEMV_ROWS = 8  # rows of x above which the GEMM kernels take over
@@ -208,22 +209,6 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, st
 
 
 @triton.jit
-def _e4m3_pairs_to_float(pairs, ASM: tl.constexpr):
-    """int16 words holding two e4m3 values (the lower-addressed in the low byte) -> (low, high) float32.
-    On a GPU one cvt.rn.f16x2.e4m3x2 and two half-to-float conversions per pair (Triton's own cast of an
-    8-byte e4m3 vector unpacks every byte and repacks the pairs first: ~3 more instructions per pair);
-    the interpreter runs no inline assembly and takes Triton's cast."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            asm="{ .reg .b32 h; .reg .b16 l, u; cvt.rn.f16x2.e4m3x2 h, $2; mov.b32 {l, u}, h; "
-                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, u; }",
-            constraints="=r,=r,h", args=[pairs], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-    low = (pairs & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    high = ((pairs >> 8) & 0xFF).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    return low, high
-
-
-@triton.jit
 def _fp8_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn, pair_offset,
                              BLOCK_N: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr,
                              BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_PAIR: tl.constexpr,
@@ -255,7 +240,7 @@ def _fp8_gemv_one_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_w
         xp = tl.load(x_ptr + cols, mask=cols < KP, other=0)  # bf16 pairs: column 2c low, 2c + 1 high
         x_low = (xp << 16).to(tl.float32, bitcast=True)[None, :, :]
         x_high = (xp & -65536).to(tl.float32, bitcast=True)[None, :, :]
-        w_low, w_high = _e4m3_pairs_to_float(w, ASM)
+        w_low, w_high = e4m3_pairs_to(w, tl.float32, ASM)
         w_low = tl.reshape(w_low, (BLOCK_N, NSUB, HALF))
         w_high = tl.reshape(w_high, (BLOCK_N, NSUB, HALF))
         if BLOCK_SCALES:  # an 8-column slice lies in one 128x128 block
