@@ -311,7 +311,7 @@ def test_norm_and_silu_written_as_fp8_refuse_too_few_rows_or_a_weight_of_another
     from carpool.ops.triton import elementwise as ew
 
     x, weight = dev(rand(4, 64), rand(32))
-    with pytest.raises(ValueError, match="rows must be >= N = 4"):
+    with pytest.raises(ValueError, match="rows must be >= M = 4"):
         ew.silu_and_mul_fp8(x, None, None, 3)
     with pytest.raises(ValueError, match="weight must be in x's dtype"):
         ew.rms_norm_fp8(x[:, :32], None, weight.to(torch.bfloat16), 1e-6, None, None, 4)

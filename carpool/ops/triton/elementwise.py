@@ -18,7 +18,7 @@ import triton.language as tl
 from carpool.ops.triton import utils
 from carpool.ops.triton.fp8 import store_e4m3_rows
 from carpool.ops.triton.paged_kv import check_kv_scales, is_fp8_cache, kv_cache_value, slot_row
-from carpool.ops.triton.quant_gemm import Fp8ActBuffers, fp8_act_buffers
+from carpool.ops.triton.quant_gemm import Fp8ActBuffers, check_fp8_act_input, fp8_act_buffers
 from carpool.ops.triton.utils import pdl_enter
 
 
@@ -135,19 +135,12 @@ def rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     x + residual or None), the bytes and scales quant_gemm.quantize_fp8_act(rms_norm(...), group_size,
     static_scale, rows) gives, without the model-dtype output and the second pass over it. x [N, D]
     contiguous in D, weight in x's dtype (the unfused norm's output dtype), rows >= N."""
-    _check_fp8_out(x, rows, "rms_norm_fp8")
+    check_fp8_act_input(x, rows, "rms_norm_fp8")
     if weight.dtype != x.dtype:
         raise ValueError(f"rms_norm_fp8: weight must be in x's dtype {x.dtype}, got {weight.dtype}")
     buffers = fp8_act_buffers(rows, x.shape[1], group_size, static_scale, x.device, "rms_norm_fp8")
     _, res_out = _norm(x, residual, weight, eps, buffers)
     return buffers.xq, buffers.scale, res_out
-
-
-def _check_fp8_out(x: torch.Tensor, rows: int, what: str) -> None:
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"{what}: x must be [N, D] contiguous in D, got {tuple(x.shape)}")
-    if rows < x.shape[0]:
-        raise ValueError(f"{what}: rows must be >= N = {x.shape[0]}, got {rows}")
 
 
 @triton.jit
@@ -217,7 +210,7 @@ def silu_and_mul_fp8(x: torch.Tensor, group_size: int | None, static_scale: torc
     """silu(gate) * up of x [N, 2d] written as FP8 activations in the same pass: (e4m3 [rows, d], scales),
     the bytes and scales quant_gemm.quantize_fp8_act(silu_and_mul(x), group_size, static_scale, rows)
     gives, without the model-dtype output and the second pass over it (rows >= N; rows past N zeros)."""
-    _check_fp8_out(x, rows, "silu_and_mul_fp8")
+    check_fp8_act_input(x, rows, "silu_and_mul_fp8")
     buffers = fp8_act_buffers(rows, x.shape[1] // 2, group_size, static_scale, x.device, "silu_and_mul_fp8")
     _silu_and_mul(x, buffers)
     return buffers.xq, buffers.scale

@@ -202,6 +202,18 @@ class Fp8ActBuffers:
         return self.scale.stride(0), self.scale.stride(1)
 
 
+def check_fp8_act_input(x: torch.Tensor, rows: int | None, what: str) -> int:
+    """The rows to write for activations x [M, K] (contiguous in K): `rows` (>= M), or M where None
+    (`what` names the caller in errors)."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"{what}: x must be [M, K] contiguous in K, got {tuple(x.shape)}")
+    if rows is None:
+        return x.shape[0]
+    if rows < x.shape[0]:
+        raise ValueError(f"{what}: rows must be >= M = {x.shape[0]}, got {rows}")
+    return rows
+
+
 def fp8_act_buffers(rows: int, k: int, group_size: int | None, static_scale: torch.Tensor | None,
                     device: torch.device, what: str) -> Fp8ActBuffers:
     """The outputs of quantizing [rows, K] activations per token (group_size None), per group_size columns
@@ -227,12 +239,8 @@ def quantize_fp8_act(x: torch.Tensor, group_size: int | None = None, static_scal
     [M, ceil(K / group_size)] per group, stored M-major (strides (1, M)), or static_scale itself ([1])).
     rows (>= M): the rows to return, those past x's quantizing zeros (cuBLASLt's block scaling wants the
     scales' leading dimension aligned: fp8_linear pads)."""
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"quantize_fp8_act: x must be [M, K] contiguous in K, got {tuple(x.shape)}")
+    rows = check_fp8_act_input(x, rows, "quantize_fp8_act")
     m, k = x.shape
-    rows = m if rows is None else rows
-    if rows < m:
-        raise ValueError(f"quantize_fp8_act: rows must be >= M = {m}, got {rows}")
     out = fp8_act_buffers(rows, k, group_size, static_scale, x.device, "quantize_fp8_act")
     if rows:
         stride_sm, stride_sg = out.scale_strides
