@@ -293,9 +293,12 @@ class Scheduler:
                 request.spec_token_ids = runner_output.spec_token_ids.get(req_id, [])
         if finished:  # (one pass over running for the lot: a whole batch may finish in one step)
             leaving = {request.request_id for request in finished}
-            kept = [r for r in self.running if r.request_id not in leaving]
-            self._running_with_penalties -= sum(r.sampling_params.has_penalties for r in self.running
-                                                if r.request_id in leaving)
+            kept = []
+            for r in self.running:
+                if r.request_id in leaving:
+                    self._running_with_penalties -= r.sampling_params.has_penalties
+                else:
+                    kept.append(r)
             self.running[:] = kept
             for request in finished:
                 self._release(request)
